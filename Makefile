@@ -1,0 +1,27 @@
+# Everything is set up into a local virtual environment (.venv) on first use; idempotent.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The CPU build of torch; on GPU machines install the CUDA build you need before `make`.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup smoke test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+smoke: setup
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m pretrain.smoke
+
+test: setup
+	$(PY) -m pytest tests -q
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

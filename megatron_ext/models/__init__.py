@@ -1,0 +1,1 @@
+"""Model building blocks: layer specs on Megatron's seams, norms, and (later) the model builder."""

@@ -1,0 +1,88 @@
+"""Initialize and destroy Megatron's ``parallel_state`` for given parallel sizes.
+
+The default process group must exist already (``torchrun`` + ``init_process_group``, or the test
+harness). Megatron's rank order ``tp-cp-ep-dp-pp`` is used, as in Megatron-LM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelSizes:
+    """Sizes of the parallel dimensions; data parallelism fills what is left of the world."""
+
+    tp: int = 1
+    """Tensor-model-parallel size."""
+    pp: int = 1
+    """Pipeline-model-parallel size."""
+    cp: int = 1
+    """Context-parallel size."""
+    ep: int = 1
+    """Expert-model-parallel size (carved out of the data-parallel ranks, as in Megatron)."""
+    etp: Optional[int] = None
+    """Expert-tensor-parallel size; None means equal to ``tp`` (Megatron's default)."""
+    vpp: Optional[int] = None
+    """Virtual pipeline stages per rank (interleaved 1F1B); None disables interleaving."""
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "cp", "ep"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"parallel size {name}={value!r} is invalid: use an integer >= 1.")
+        for name in ("etp", "vpp"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"parallel size {name}={value!r} is invalid: use None or an integer >= 1.")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP size for ``world_size`` ranks; raises ValueError when the sizes do not fit."""
+        model_parallel = self.tp * self.pp * self.cp
+        if world_size % model_parallel:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tp*pp*cp = "
+                f"{self.tp}*{self.pp}*{self.cp} = {model_parallel}: change the parallel sizes or "
+                "the number of processes."
+            )
+        dp = world_size // model_parallel
+        expert_tp = self.tp if self.etp is None else self.etp
+        if (dp * self.cp * self.tp) % (self.ep * expert_tp):
+            raise ValueError(
+                f"expert parallel size ep={self.ep} times etp={expert_tp} must divide "
+                f"dp*cp*tp = {dp * self.cp * self.tp} (the ranks of one pipeline stage)."
+            )
+        return dp
+
+
+def initialize_parallel_state(sizes: ParallelSizes, seed: int = 1234) -> None:
+    """Create Megatron's model-parallel groups and seed its RNG tracker for this rank."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialized: call init_process_group first.")
+    sizes.data_parallel_size(dist.get_world_size())
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=sizes.tp,
+        pipeline_model_parallel_size=sizes.pp,
+        virtual_pipeline_model_parallel_size=sizes.vpp,
+        context_parallel_size=sizes.cp,
+        expert_model_parallel_size=sizes.ep,
+        expert_tensor_parallel_size=sizes.etp,
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel_state() -> None:
+    """Tear down Megatron's groups and the global state that outlives a model."""
+    from megatron.core import parallel_state
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    clear_aux_losses_tracker()
+    destroy_num_microbatches_calculator()
+    parallel_state.destroy_model_parallel()

@@ -1,0 +1,1 @@
+"""One optimizer step over Megatron's pipeline schedules, shared by the training loop and tests."""

@@ -1,0 +1,51 @@
+"""Wrap model chunks in Megatron's DistributedDataParallel and wire the schedule's grad hooks."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+
+def wrap_with_ddp(
+    model_chunks: List[torch.nn.Module],
+    *,
+    overlap_grad_reduce: bool = False,
+    bucket_size: int | None = None,
+) -> List[torch.nn.Module]:
+    """Megatron DDP around each chunk, fp32 grad buffers, with ``finalize_model_grads`` hooked in.
+
+    With ``overlap_grad_reduce`` the gradient all-reduce of a bucket starts as soon as its last
+    gradient is ready, overlapping communication with the rest of backward; the schedule then
+    needs ``no_sync_func`` / ``grad_sync_func`` to defer it to the last micro-batch.
+    """
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=False,
+        bucket_size=bucket_size,
+    )
+    wrapped = [
+        DistributedDataParallel(
+            config=chunk.config,
+            ddp_config=ddp_config,
+            module=chunk,
+            # Megatron-LM: only the first chunk is bucketed when chunks are interleaved.
+            disable_bucketing=index > 0,
+        )
+        for index, chunk in enumerate(model_chunks)
+    ]
+    config = model_chunks[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    if overlap_grad_reduce:
+        no_sync = [chunk.no_sync for chunk in wrapped]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        grad_sync = [chunk.start_grad_sync for chunk in wrapped]
+        config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
+    return wrapped

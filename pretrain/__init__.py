@@ -1,0 +1,1 @@
+"""Entry points: training, evaluation, export (thin: parse, build, run, close)."""
