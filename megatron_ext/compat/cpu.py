@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from contextlib import contextmanager
 from typing import Any
 
@@ -212,6 +213,9 @@ def enable_cpu_support() -> bool:
         if _active:
             _enter_mode_on_this_thread()
             return True
+        # Expected on CPU, and printed once per import by every rank: keep logs readable.
+        warnings.filterwarnings("ignore", message=r".*(Transformer Engine and Apex|Apex is not installed)")
+        warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS")
         _check_version()
         _patch_torch_cuda()
         _patch_megatron()

@@ -127,18 +127,21 @@ def ddp_gradients(global_indices, weights, num_experts=None, shared_expert=False
     }
 
 
-def train_losses(steps, num_microbatches, weights, num_layers=2, lr=1e-2):
+def train_losses(steps, num_microbatches, weights, num_layers=2, num_experts=None, lr=1e-2):
     """``steps`` optimizer steps of AdamW with clipping from ``weights``; losses, final weights."""
-    gpt = build_gpt(num_layers=num_layers)
+    gpt = build_gpt(num_layers=num_layers, num_experts=num_experts)
     load_full_named_tensors(gpt, weights)
     model = wrap_with_ddp([gpt])
+    # adam_eps well above fp32 reduction noise: with eps=1e-8 an element whose gradient is ~0
+    # moves by +-lr on the sign of its rounding error, and layouts that sum in a different order
+    # drift apart by lr in such elements. Elements with real gradients (~1e-3) are unaffected.
     optimizer = build_optimizer(
-        OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.1, clip_grad=0.5), model
+        OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.1, clip_grad=0.5, adam_eps=1e-5), model
     )
     dp_size = parallel_state.get_data_parallel_world_size()
     losses, norms = [], []
-    for step in range(steps):
-        global_indices = list(range(step * num_microbatches * dp_size, (step + 1) * num_microbatches * dp_size))
+    global_indices = list(range(num_microbatches * dp_size))  # the same batch every step
+    for _ in range(steps):
         result = train_step(
             model,
             optimizer,
@@ -150,7 +153,11 @@ def train_losses(steps, num_microbatches, weights, num_layers=2, lr=1e-2):
         assert result.update_successful
         losses.append(result.loss)
         norms.append(result.grad_norm)
-    return {"losses": losses, "grad_norms": norms, "weights": full_named_tensors(model[0])}
+    no_decay = sorted(
+        name for name, p in model[0].module.named_parameters()
+        for g in optimizer.param_groups if any(p is q for q in g["params"]) and g["weight_decay"] == 0.0
+    )
+    return {"losses": losses, "grad_norms": norms, "weights": full_named_tensors(model[0]), "no_decay": no_decay}
 
 
 def save_checkpoint(ckpt_dir, num_experts=None):
