@@ -118,8 +118,47 @@ class CPUAdamW:
         self.zero_grad()
         return True, grad_norm, None
 
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+    def _init_state(self) -> None:
+        """Create zero moments where Adam has none yet, so a checkpoint has a place to load into."""
+        for param in self._params():
+            state = self.optimizer.state[param]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
+        """Optimizer state for ``dist_checkpointing``: each moment shards like its parameter.
+
+        As Megatron's FP32Optimizer: the per-parameter ``step`` (equal for all) is saved once as
+        ``common_step``, and moments are mapped onto the parameters' ShardedTensors, so they
+        reshard with the model.
+        """
+        from itertools import chain
+
+        from megatron.core.dist_checkpointing.optimizer import (
+            get_param_id_to_sharded_param_map,
+            optim_state_to_sharding_state,
+        )
+
+        self._init_state()
+        state_dict = self.optimizer.state_dict()
+        steps = {float(s["step"]) for s in state_dict["state"].values()}
+        if len(steps) > 1:
+            raise RuntimeError(f"parameters are at different optimizer steps {sorted(steps)}")
+        id_to_sharded_param = get_param_id_to_sharded_param_map(
+            model_sharded_state_dict, chain.from_iterable(g["params"] for g in self.optimizer.param_groups)
+        )
+        common_step = next(iter(state_dict["state"].values()))["step"].clone() if steps else None
+        optim_state_to_sharding_state(state_dict, id_to_sharded_param, exclude_keys="step")
+        if common_step is not None:
+            state_dict["state"]["common_step"] = common_step
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict, state=dict(state_dict["state"]))
+        common_step = state_dict["state"].pop("common_step", None)
+        if common_step is not None:
+            for param_state in state_dict["state"].values():
+                param_state["step"] = common_step.clone()
         self.optimizer.load_state_dict(state_dict)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 
@@ -86,3 +87,10 @@ def destroy_parallel_state() -> None:
     clear_aux_losses_tracker()
     destroy_num_microbatches_calculator()
     parallel_state.destroy_model_parallel()
+
+
+def comm_device() -> torch.device:
+    """Device for tensors that go through collectives: the GPU under NCCL, the CPU under gloo."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

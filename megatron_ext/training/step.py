@@ -15,6 +15,8 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_ext.parallel.state import comm_device
+
 
 def masked_mean_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Loss function for Megatron's schedule: masked mean of per-token losses ``[b, s]``."""
@@ -49,7 +51,7 @@ class StepResult:
 def _last_stage_mean_loss(losses_reduced: List[dict]) -> torch.Tensor:
     from megatron.core import parallel_state
 
-    value = torch.zeros(1, dtype=torch.float64)
+    value = torch.zeros(1, dtype=torch.float64, device=comm_device())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses_reduced:
         value[0] = torch.stack([d["lm loss"].double() for d in losses_reduced]).mean()
     # Mean over data-parallel ranks, then hand the last stage's value to every stage.
@@ -96,3 +98,34 @@ def train_step(
         opt_param_scheduler.step(increment=increment)
     loss = _last_stage_mean_loss(losses_reduced)
     return StepResult(loss=float(loss), grad_norm=float(grad_norm), update_successful=update_successful)
+
+
+@torch.no_grad()
+def eval_step(
+    model: List[torch.nn.Module],
+    data_iterator,
+    *,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_step_func: Callable = gpt_forward_step,
+) -> float:
+    """Mean loss of one global batch without gradients (same schedule, ``forward_only``)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in model:
+        chunk.eval()
+    try:
+        losses_reduced = get_forward_backward_func()(
+            forward_step_func=forward_step_func,
+            data_iterator=data_iterator,
+            model=model,
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+        )
+    finally:
+        for chunk in model:
+            chunk.train()
+    return float(_last_stage_mean_loss(losses_reduced))

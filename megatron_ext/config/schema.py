@@ -1,0 +1,308 @@
+"""The run configuration: one typed dataclass per section, validated on construction.
+
+Each field's docstring says what it means; ``__post_init__`` checks what can be checked within a
+section (sizes positive, choices valid) and reports every problem at once. Checks that need
+several sections or the world size live in :mod:`megatron_ext.config.checks`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+from megatron_ext.config.loader import ConfigError
+
+
+class _Checks:
+    """Collects problems of one section, then raises them together."""
+
+    def __init__(self, section: str):
+        self.section = section
+        self.problems: List[str] = []
+
+    def positive(self, obj, *names: str) -> None:
+        for name in names:
+            value = getattr(obj, name)
+            if value is not None and value <= 0:
+                self.problems.append(f"{self.section}.{name}={value!r} must be positive")
+
+    def non_negative(self, obj, *names: str) -> None:
+        for name in names:
+            value = getattr(obj, name)
+            if value is not None and value < 0:
+                self.problems.append(f"{self.section}.{name}={value!r} must be >= 0")
+
+    def require(self, condition: bool, message: str) -> None:
+        if not condition:
+            self.problems.append(f"{self.section}.{message}")
+
+    def done(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems)
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer shape (Megatron GPTModel)."""
+
+    num_layers: int = 2
+    """Number of decoder layers."""
+    hidden_size: int = 64
+    """Model width."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: Optional[int] = None
+    """KV heads (grouped-query attention); None means one per query head (MHA)."""
+    kv_channels: Optional[int] = None
+    """Head dimension; None means hidden_size / num_attention_heads."""
+    ffn_hidden_size: int = 256
+    """Dense MLP inner size (per branch for SwiGLU)."""
+    vocab_size: int = 256
+    """Vocabulary size of the embedding and output layers (padded to a multiple of the TP size)."""
+    max_position_embeddings: Optional[int] = None
+    """Longest sequence the position embedding supports; None means data.seq_length."""
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    """Norm type."""
+    norm_epsilon: float = 1e-6
+    """Norm epsilon."""
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    """MLP activation; swiglu is the gated SiLU unit."""
+    position_embedding: Literal["rope", "learned_absolute"] = "rope"
+    """Position encoding."""
+    rotary_base: int = 10000
+    """RoPE base (theta)."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output layer."""
+    qk_layernorm: bool = False
+    """Normalize queries and keys per head (Qwen3 QK-norm)."""
+    add_bias_linear: bool = False
+    """Biases in linear layers."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialization."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+
+    def __post_init__(self):
+        c = _Checks("model")
+        c.positive(self, "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                   "kv_channels", "ffn_hidden_size", "vocab_size", "max_position_embeddings",
+                   "rotary_base", "norm_epsilon", "init_method_std")
+        c.require(0.0 <= self.hidden_dropout < 1.0, f"hidden_dropout={self.hidden_dropout!r} must be in [0, 1)")
+        c.require(0.0 <= self.attention_dropout < 1.0,
+                  f"attention_dropout={self.attention_dropout!r} must be in [0, 1)")
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads > 0 and groups > 0:
+            c.require(self.num_attention_heads % groups == 0,
+                      f"num_query_groups={groups} must divide num_attention_heads={self.num_attention_heads}")
+        if self.kv_channels is None and self.num_attention_heads > 0:
+            c.require(self.hidden_size % self.num_attention_heads == 0,
+                      f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                      f"{self.num_attention_heads}: set kv_channels explicitly or change the sizes")
+        c.done()
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split over ranks; data parallelism takes the remaining ranks."""
+
+    tensor: int = 1
+    """Tensor-parallel size (TP)."""
+    pipeline: int = 1
+    """Pipeline-parallel size (PP)."""
+    virtual_pipeline: Optional[int] = None
+    """Model chunks per pipeline rank for interleaved 1F1B; None disables interleaving."""
+    context: int = 1
+    """Context-parallel size (CP)."""
+    expert: int = 1
+    """Expert-parallel size (EP), carved out of the data-parallel ranks."""
+    expert_tensor: Optional[int] = None
+    """Expert-tensor-parallel size (ETP); None means equal to ``tensor``."""
+    sequence_parallel: bool = False
+    """Shard norms / dropout along the sequence over the TP group (required for MoE with TP>1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient all-reduce with backward (Megatron DDP buckets)."""
+
+    def __post_init__(self):
+        c = _Checks("parallel")
+        c.positive(self, "tensor", "pipeline", "virtual_pipeline", "context", "expert", "expert_tensor")
+        if self.virtual_pipeline is not None:
+            c.require(self.pipeline > 1, f"virtual_pipeline={self.virtual_pipeline} needs pipeline > 1")
+        c.done()
+
+
+@dataclass
+class DataConfig:
+    """Where the training tokens come from."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    """Data source. synthetic: a deterministic stream of motifs (no files needed)."""
+    seq_length: int = 64
+    """Tokens per sample."""
+    seed: int = 1234
+    """Seed of the sample order / synthetic stream."""
+
+    def __post_init__(self):
+        c = _Checks("data")
+        c.positive(self, "seq_length")
+        c.done()
+
+
+@dataclass
+class TrainConfig:
+    """Optimization: batch sizes, steps, optimizer, LR schedule, precision, recompute."""
+
+    micro_batch_size: int = 2
+    """Samples per micro-batch per data-parallel rank."""
+    global_batch_size: int = 8
+    """Samples per optimizer step over all data-parallel ranks (micro-batches x DP x mbs)."""
+    steps: int = 20
+    """Optimizer steps of the run."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the decay."""
+    lr_schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    """Decay after warmup; wsd = warmup-stable-decay."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr."""
+    wsd_decay_steps: Optional[int] = None
+    """wsd only: length of the final decay phase."""
+    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+    """wsd only: shape of the final decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (not applied to norms and biases)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient L2 norm to this value (0 disables)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation: selective (core attention) or full (whole layers)."""
+    seed: int = 1234
+    """Seed of initialization and dropout."""
+    eval_interval: int = 0
+    """Evaluate on the validation split every this many steps (0: never)."""
+    eval_steps: int = 2
+    """Global batches per evaluation."""
+    max_consecutive_nonfinite: int = 5
+    """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
+
+    def __post_init__(self):
+        c = _Checks("train")
+        c.positive(self, "micro_batch_size", "global_batch_size", "steps", "lr", "eval_steps",
+                   "max_consecutive_nonfinite", "wsd_decay_steps", "adam_eps")
+        c.non_negative(self, "min_lr", "warmup_steps", "weight_decay", "clip_grad", "eval_interval")
+        c.require(self.min_lr <= self.lr, f"min_lr={self.min_lr} must not exceed lr={self.lr}")
+        c.require(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
+                  f"adam_beta1/adam_beta2=({self.adam_beta1}, {self.adam_beta2}) must be in [0, 1)")
+        c.require(self.warmup_steps <= self.steps,
+                  f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
+        if self.lr_schedule == "wsd":
+            c.require(self.wsd_decay_steps is not None,
+                      "wsd_decay_steps must be set when lr_schedule='wsd'")
+        c.done()
+
+
+@dataclass
+class CheckpointConfig:
+    """When and how checkpoints are written (always under <run-dir>/checkpoints)."""
+
+    save_interval: int = 0
+    """Save every this many steps (0: only at the end and on SIGTERM / SIGUSR1)."""
+    keep_last: int = 2
+    """Complete checkpoints to keep; older ones are deleted after a new one is published."""
+    save_at_end: bool = True
+    """Save when the run finishes."""
+    resume: bool = True
+    """Resume from the latest checkpoint of the run directory if there is one."""
+    load_optimizer: bool = True
+    """Restore optimizer, scheduler and RNG state (False: weights only, e.g. after changing layout)."""
+
+    def __post_init__(self):
+        c = _Checks("checkpoint")
+        c.non_negative(self, "save_interval")
+        c.positive(self, "keep_last")
+        c.done()
+
+
+@dataclass
+class LoggingConfig:
+    """What rank 0 reports."""
+
+    log_interval: int = 1
+    """Write a metrics.jsonl record and a log line every this many steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files to <run-dir>/tensorboard."""
+
+    def __post_init__(self):
+        c = _Checks("logging")
+        c.positive(self, "log_interval")
+        c.done()
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts MLPs (Megatron MoELayer with the alltoall dispatcher)."""
+
+    enabled: bool = False
+    """Replace dense MLPs by MoE layers."""
+    num_experts: int = 8
+    """Routed experts per MoE layer."""
+    top_k: int = 2
+    """Experts per token."""
+    expert_ffn_hidden_size: int = 64
+    """Inner size of each routed expert (fine-grained experts are narrow)."""
+    shared_expert_ffn_hidden_size: Optional[int] = None
+    """Inner size of the always-on shared expert(s); None: no shared expert."""
+    first_k_dense: int = 0
+    """The first k layers keep a dense MLP."""
+    layer_pattern: Optional[List[int]] = None
+    """Explicit per-layer pattern, 1 = MoE, 0 = dense (overrides first_k_dense)."""
+    capacity_factor: Optional[float] = None
+    """Token capacity per expert as a multiple of the balanced load; None: dropless."""
+    load_balancing: Literal["none", "aux_loss", "seq_aux_loss"] = "none"
+    """Auxiliary load-balancing loss (for comparison; ERNIE 5.0 uses none + expert bias)."""
+    aux_loss_coeff: float = 0.0
+    """Weight of the auxiliary load-balancing loss."""
+    z_loss_coeff: Optional[float] = None
+    """Weight of the router z-loss; None disables it."""
+    score_function: Literal["softmax", "sigmoid"] = "softmax"
+    """Router score function."""
+
+    def __post_init__(self):
+        c = _Checks("moe")
+        c.positive(self, "num_experts", "top_k", "expert_ffn_hidden_size",
+                   "shared_expert_ffn_hidden_size", "capacity_factor")
+        c.non_negative(self, "first_k_dense", "aux_loss_coeff", "z_loss_coeff")
+        c.require(self.top_k <= self.num_experts,
+                  f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.layer_pattern is not None:
+            c.require(all(v in (0, 1) for v in self.layer_pattern),
+                      f"layer_pattern={self.layer_pattern} may only hold 0 (dense) and 1 (MoE)")
+        if self.load_balancing != "none":
+            c.require(self.aux_loss_coeff > 0,
+                      f"aux_loss_coeff={self.aux_loss_coeff} must be > 0 with load_balancing="
+                      f"{self.load_balancing!r}")
+        c.done()
+
+
+@dataclass
+class RunConfig:
+    """A whole run: every section of configs/*.yaml."""
+
+    name: str = "run"
+    """Run name; the default run directory is runs/<name>."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)

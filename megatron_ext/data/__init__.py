@@ -1,0 +1,1 @@
+"""Datasets and the batch contract between data and model."""

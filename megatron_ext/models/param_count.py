@@ -1,0 +1,80 @@
+"""Parameter counts of a config, from a model built on the meta device (no memory, no init).
+
+    total         every parameter of the unsharded model
+    embedding     input embedding, plus the output layer when it is not tied
+    non_embedding total - embedding
+    active        parameters a token passes through: routed experts count top_k / num_experts
+                  of their total (shared experts and routers count fully)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from megatron_ext.config.schema import RunConfig
+from megatron_ext.models.builder import build_model
+
+
+@dataclass
+class ParamReport:
+    total: int
+    embedding: int
+    non_embedding: int
+    routed_experts: int
+    active: int
+    active_non_embedding: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def format(self) -> str:
+        def b(n: int) -> str:
+            return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+        return (
+            f"total {b(self.total)} | embedding {b(self.embedding)} | non-embedding "
+            f"{b(self.non_embedding)} | routed experts {b(self.routed_experts)} | active/token "
+            f"{b(self.active)} (non-embedding {b(self.active_non_embedding)})"
+        )
+
+
+def count_parameters(cfg: RunConfig) -> ParamReport:
+    """Counts for the whole model; needs Megatron's parallel state at TP = PP = EP = 1."""
+    from dataclasses import replace
+
+    from megatron.core import parallel_state
+
+    if (
+        parallel_state.get_tensor_model_parallel_world_size() != 1
+        or parallel_state.get_pipeline_model_parallel_world_size() != 1
+        or parallel_state.get_expert_model_parallel_world_size() != 1
+    ):
+        raise RuntimeError("count_parameters needs an unsharded parallel state (TP = PP = EP = 1)")
+    unsharded = replace(
+        cfg,
+        parallel=replace(cfg.parallel, tensor=1, pipeline=1, virtual_pipeline=None, context=1,
+                         expert=1, expert_tensor=None, sequence_parallel=False),
+    )
+    with torch.device("meta"):
+        (model,) = build_model(unsharded, cuda=False, perform_initialization=False)
+    total = embedding = routed = 0
+    for name, param in model.named_parameters():
+        n = param.numel()
+        total += n
+        if "embedding.word_embeddings" in name or name.startswith("output_layer."):
+            embedding += n
+        if ".experts." in name:
+            routed += n
+    moe = cfg.moe
+    active_routed = routed * moe.top_k // moe.num_experts if moe.enabled else 0
+    active = total - routed + active_routed
+    return ParamReport(
+        total=total,
+        embedding=embedding,
+        non_embedding=total - embedding,
+        routed_experts=routed,
+        active=active,
+        active_non_embedding=active - embedding,
+    )

@@ -1,0 +1,56 @@
+"""The one interface through which capabilities add per-step logic to the training loop.
+
+Constraint updates, expert-bias updates, sub-network sampling and growth steps are callbacks;
+the loop calls every callback at the same points and checkpoints their state, so it never
+branches on which capabilities are on. A callback's metrics go to ``metrics.jsonl`` under the
+keys it returns (prefixed by its capability, e.g. ``moe/load_cv``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List
+
+
+@dataclass
+class TrainContext:
+    """What callbacks may read (and, for the model, act on) during training."""
+
+    config: Any
+    """The RunConfig."""
+    model: List[Any]
+    """DDP-wrapped model chunks of this rank."""
+    optimizer: Any
+    run_dir: Path
+    step: int = 0
+    """Optimizer steps completed so far."""
+    consumed_samples: int = 0
+    extras: Dict[str, Any] = field(default_factory=dict)
+    """Scratch space shared between callbacks within a step."""
+
+
+class Callback:
+    """Base class: every hook is optional. ``name`` keys the callback's state in checkpoints."""
+
+    name: str = "callback"
+
+    def on_train_start(self, ctx: TrainContext) -> None:
+        """After the model, optimizer and any checkpoint are loaded, before the first step."""
+
+    def on_step_begin(self, ctx: TrainContext) -> None:
+        """Before the forward/backward of step ``ctx.step + 1`` (e.g. sample a sub-network)."""
+
+    def on_step_end(self, ctx: TrainContext, result) -> Dict[str, float]:
+        """After the optimizer update of step ``ctx.step``; return metrics to log."""
+        return {}
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        """After the last step and the final checkpoint."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        """State to checkpoint (identical on all ranks)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""

@@ -1,0 +1,188 @@
+"""Checkpoints that lose nothing and are never half-written.
+
+Layout under ``<run-dir>/checkpoints/``::
+
+    step_00000100/        a complete checkpoint (Megatron dist_checkpointing format)
+    latest                text file naming the newest complete checkpoint
+    .tmp-step_00000200/   a save in progress (ignored; removed by the next save)
+
+A save writes everything into the temporary directory, then rank 0 renames it into place and
+atomically replaces ``latest`` (write + fsync + ``os.replace``). A crash at any point leaves
+``latest`` naming the previous complete checkpoint. Only after publishing are checkpoints beyond
+the newest ``keep_last`` deleted.
+
+Contents: every model chunk's sharded state (reshardable across TP / PP / EP), the optimizer's
+sharded state (Adam moments follow their parameters' sharding), and common state from rank 0
+(step, consumed samples, LR scheduler, capability states, the parallel layout). RNG states are
+per rank (a ``ShardedObject`` per rank); they are restored only when the layout is unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+LATEST = "latest"
+_TMP_PREFIX = ".tmp-"
+
+
+def _step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def parallel_layout() -> Dict[str, int]:
+    """This job's parallel layout, stored with each checkpoint."""
+    from megatron.core import parallel_state as ps
+
+    return {
+        "world": dist.get_world_size(),
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+        "ep": ps.get_expert_model_parallel_world_size(),
+        "etp": ps.get_expert_tensor_parallel_world_size(),
+        "cp": ps.get_context_parallel_world_size(),
+    }
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every RNG this rank draws from (Python, numpy, torch CPU, CUDA, Megatron's tracker)."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _model_key(index: int, count: int) -> str:
+    return "model" if count == 1 else f"model{index}"
+
+
+class CheckpointManager:
+    """Save / find / load checkpoints of one run directory (all methods called on every rank)."""
+
+    def __init__(self, root: Path, keep_last: int):
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def latest(self) -> Optional[Path]:
+        """The newest complete checkpoint, or None."""
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        if not (path / "common.pt").is_file():
+            raise RuntimeError(
+                f"{pointer} names {path.name}, which is not a complete checkpoint: the run directory "
+                "was modified by hand. Point 'latest' at an existing step_* directory or remove it."
+            )
+        return path
+
+    def _sharded_state(self, model, optimizer, is_loading: bool) -> Dict[str, Any]:
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        state: Dict[str, Any] = {}
+        model_state: Dict[str, Any] = {}
+        for i, chunk in enumerate(model):
+            key = _model_key(i, len(model))
+            state[key] = getattr(chunk, "module", chunk).sharded_state_dict()
+            model_state.update(state[key])
+        if optimizer is not None:
+            state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        state["rng"] = ShardedObject("rng_state", rng_state() if not is_loading else None,
+                                     (world,), (rank,), replica_id=0)
+        return state
+
+    def save(self, step: int, model: List[torch.nn.Module], optimizer, common: Dict[str, Any]) -> Path:
+        """Write checkpoint ``step`` and publish it atomically; returns its directory."""
+        from megatron.core import dist_checkpointing
+
+        final = self.root / _step_dir_name(step)
+        tmp = self.root / f"{_TMP_PREFIX}{final.name}"
+        rank0 = dist.get_rank() == 0
+        if rank0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(f"{_TMP_PREFIX}*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        dist.barrier()
+        state = self._sharded_state(model, optimizer, is_loading=False)
+        state["common"] = dict(common, layout=parallel_layout(), step=step)
+        dist_checkpointing.save(state, str(tmp))
+        dist.barrier()
+        if rank0:
+            if final.exists():  # re-saving the same step (e.g. end of a resumed, finished run)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_write(self.root / LATEST, final.name)
+            self._prune(keep=final)
+        dist.barrier()
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        complete = sorted(p for p in self.root.glob("step_*") if p.is_dir())
+        for old in complete[: max(0, len(complete) - self.keep_last)]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: Path, model: List[torch.nn.Module], optimizer, load_optimizer: bool) -> Dict[str, Any]:
+        """Load ``path`` into ``model`` (and ``optimizer``); return the common state.
+
+        Model weights load at any parallel layout (dist_checkpointing reshards them). Optimizer
+        state reshards too; RNG states are restored only if the layout is unchanged.
+        """
+        from megatron.core import dist_checkpointing
+
+        common = dist_checkpointing.load_common_state_dict(str(path))["common"]
+        same_layout = common["layout"] == parallel_layout()
+        state = self._sharded_state(model, optimizer if load_optimizer else None, is_loading=True)
+        if not same_layout:
+            state.pop("rng")
+        loaded = dist_checkpointing.load(state, str(path))
+        for i, chunk in enumerate(model):
+            getattr(chunk, "module", chunk).load_state_dict(loaded[_model_key(i, len(model))])
+        if load_optimizer:
+            optimizer.load_state_dict(loaded["optimizer"])
+        if same_layout and load_optimizer:
+            set_rng_state(loaded["rng"])
+        common["restored_rng"] = same_layout and load_optimizer
+        return common

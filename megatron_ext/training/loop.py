@@ -1,0 +1,265 @@
+"""The training loop: build, (resume), step, log, evaluate, checkpoint, stop cleanly.
+
+Capability logic enters only through :class:`~megatron_ext.training.callbacks.Callback`s.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_ext.compat import enable_cpu_support
+from megatron_ext.config import RunConfig, check_run, data_parallel_size
+from megatron_ext.data.synthetic import SyntheticMotifDataset, step_micro_batches
+from megatron_ext.models.builder import build_model
+from megatron_ext.optim import build_optimizer
+from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, initialize_parallel_state
+from megatron_ext.training.callbacks import Callback, TrainContext
+from megatron_ext.training.checkpoint import CheckpointManager
+from megatron_ext.training.ddp import wrap_with_ddp
+from megatron_ext.training.rundir import RunDirectory
+from megatron_ext.training.signals import StopRequest
+from megatron_ext.training.step import eval_step, train_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+@dataclass
+class TrainSummary:
+    """What a finished (or stopped) run reports."""
+
+    final_step: int
+    stopped_by_signal: bool
+    losses: List[float] = field(default_factory=list)
+    skipped_steps: int = 0
+
+
+def _init_distributed(cuda: bool) -> None:
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # a plain `python -m pretrain.train`: one rank
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scheduler(cfg: RunConfig, optimizer):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    t = cfg.train
+    style = {"cosine": "cosine", "linear": "linear", "constant": "constant", "wsd": "WSD"}[t.lr_schedule]
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.warmup_steps,
+        lr_decay_steps=t.steps,
+        lr_decay_style=style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=t.steps,
+        wd_incr_style="constant",
+        wsd_decay_steps=t.wsd_decay_steps,
+        lr_wsd_decay_style=t.wsd_decay_style,
+    )
+
+
+def _optimizer_config(cfg: RunConfig, cuda: bool):
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megatron_ext.models.builder import params_dtype
+
+    t = cfg.train
+    bf16 = params_dtype(cfg, cuda) == torch.bfloat16
+    return OptimizerConfig(
+        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=cuda and data_parallel_size(cfg, dist.get_world_size()) > 1,
+    )
+
+
+class Trainer:
+    """One training run in one run directory. Use :meth:`run`; it resumes when it can."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, callbacks: Sequence[Callback] = (), log: Callable = print):
+        self.cfg = cfg
+        self.run_dir_path = Path(run_dir)
+        self.callbacks = list(callbacks)
+        self.log = log
+
+    def run(self) -> TrainSummary:
+        cfg = self.cfg
+        cuda = torch.cuda.is_available()
+        enable_cpu_support()
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        check_run(cfg, world_size, cuda=cuda)  # before any process group exists
+        _init_distributed(cuda)
+        p = cfg.parallel
+        initialize_parallel_state(
+            ParallelSizes(tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert, etp=p.expert_tensor,
+                          vpp=p.virtual_pipeline),
+            seed=cfg.train.seed,
+        )
+        try:
+            return self._train(cuda)
+        finally:
+            destroy_parallel_state()
+
+    def _train(self, cuda: bool) -> TrainSummary:
+        from megatron.core import parallel_state
+
+        cfg, t = self.cfg, self.cfg.train
+        rank0 = dist.get_rank() == 0
+        run_dir = RunDirectory(self.run_dir_path, is_writer=rank0)
+        run_dir.write_config(cfg)
+        dist.barrier()
+
+        model = wrap_with_ddp(build_model(cfg, cuda=cuda), overlap_grad_reduce=cfg.parallel.overlap_grad_reduce)
+        optimizer = build_optimizer(_optimizer_config(cfg, cuda), model)
+        scheduler = _scheduler(cfg, optimizer)
+        checkpoints = CheckpointManager(run_dir.checkpoints, cfg.checkpoint.keep_last)
+        ctx = TrainContext(config=cfg, model=model, optimizer=optimizer, run_dir=run_dir.path)
+        summary = TrainSummary(final_step=0, stopped_by_signal=False)
+
+        latest = checkpoints.latest() if cfg.checkpoint.resume else None
+        if latest is not None:
+            common = checkpoints.load(latest, model, optimizer, cfg.checkpoint.load_optimizer)
+            ctx.step, ctx.consumed_samples = common["step"], common["consumed_samples"]
+            summary.skipped_steps = common.get("skipped_steps", 0)
+            if cfg.checkpoint.load_optimizer:
+                scheduler.load_state_dict(common["scheduler"])
+            for cb in self.callbacks:
+                cb.load_state_dict(common["callbacks"].get(cb.name, {}))
+            if rank0:
+                self.log(f"resumed from {latest} at step {ctx.step}"
+                         + ("" if common["restored_rng"] else " (new layout: RNG streams restarted)"))
+        run_dir.start_metrics(ctx.step, cfg.logging.tensorboard)
+
+        dp_rank = parallel_state.get_data_parallel_rank()
+        dp_size = parallel_state.get_data_parallel_world_size()
+        num_micro = t.global_batch_size // (t.micro_batch_size * dp_size)
+        seq = cfg.data.seq_length
+        train_data = SyntheticMotifDataset(cfg.model.vocab_size, seq, cfg.data.seed, "train")
+        valid_data = SyntheticMotifDataset(cfg.model.vocab_size, seq, cfg.data.seed, "valid")
+
+        def micro_batches(dataset, consumed):
+            batches = list(step_micro_batches(dataset, consumed, t.global_batch_size, t.micro_batch_size,
+                                              dp_rank, dp_size))
+            return [iter(batches) for _ in model] if len(model) > 1 else iter(batches)
+
+        def common_state():
+            return {
+                "consumed_samples": ctx.consumed_samples,
+                "skipped_steps": summary.skipped_steps,
+                "scheduler": scheduler.state_dict(),
+                "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+            }
+
+        stop = StopRequest()
+        stop.install()
+        for cb in self.callbacks:
+            cb.on_train_start(ctx)
+        streak = 0
+        start_step, start_time = ctx.step, time.perf_counter()
+        try:
+            while ctx.step < t.steps:
+                for cb in self.callbacks:
+                    cb.on_step_begin(ctx)
+                step_start = time.perf_counter()
+                result = train_step(
+                    model, optimizer, micro_batches(train_data, ctx.consumed_samples),
+                    num_microbatches=num_micro, seq_length=seq, micro_batch_size=t.micro_batch_size,
+                    opt_param_scheduler=scheduler, increment=1,
+                )
+                ctx.step += 1
+                ctx.consumed_samples += t.global_batch_size
+                step_time = time.perf_counter() - step_start
+                finite = result.update_successful and math.isfinite(result.loss)
+                streak = 0 if finite else streak + 1
+                summary.skipped_steps += 0 if result.update_successful else 1
+                if streak >= t.max_consecutive_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{streak} consecutive steps (up to step {ctx.step}) had a non-finite loss or "
+                        f"gradient norm (loss {result.loss}, grad norm {result.grad_norm}); the updates "
+                        "were skipped. Lower train.lr, check the data, or resume from the last checkpoint."
+                    )
+                summary.losses.append(result.loss)
+                record = {
+                    "step": ctx.step,
+                    "loss": result.loss,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": result.grad_norm,
+                    "tokens_per_sec": t.global_batch_size * seq / step_time,
+                    "consumed_samples": ctx.consumed_samples,
+                    "skipped_steps": summary.skipped_steps,
+                }
+                for cb in self.callbacks:
+                    record.update(cb.on_step_end(ctx, result))
+                if t.eval_interval and ctx.step % t.eval_interval == 0:
+                    record["val/loss"] = sum(
+                        eval_step(model, micro_batches(valid_data, i * t.global_batch_size),
+                                  num_microbatches=num_micro, seq_length=seq,
+                                  micro_batch_size=t.micro_batch_size)
+                        for i in range(t.eval_steps)
+                    ) / t.eval_steps
+                if ctx.step % cfg.logging.log_interval == 0 or ctx.step == t.steps:
+                    run_dir.log(record)
+                    if rank0:
+                        self.log(self._progress_line(record, start_step, start_time))
+                stopping = stop.agreed()
+                interval = cfg.checkpoint.save_interval
+                if stopping or (interval and ctx.step % interval == 0 and ctx.step < t.steps):
+                    path = checkpoints.save(ctx.step, model, optimizer, common_state())
+                    if rank0:
+                        self.log(f"saved checkpoint {path}")
+                if stopping:
+                    summary.stopped_by_signal = True
+                    if rank0:
+                        self.log(f"stop signal received: checkpointed at step {ctx.step}, exiting")
+                    break
+            else:
+                if cfg.checkpoint.save_at_end:
+                    path = checkpoints.save(ctx.step, model, optimizer, common_state())
+                    if rank0:
+                        self.log(f"saved checkpoint {path}")
+            for cb in self.callbacks:
+                cb.on_train_end(ctx)
+        finally:
+            stop.uninstall()
+            run_dir.close()
+        summary.final_step = ctx.step
+        return summary
+
+    def _progress_line(self, record: dict, start_step: int, start_time: float) -> str:
+        steps = self.cfg.train.steps
+        done = record["step"] - start_step
+        elapsed = time.perf_counter() - start_time
+        eta = elapsed / max(done, 1) * (steps - record["step"])
+        extra = f" | val {record['val/loss']:.4f}" if "val/loss" in record else ""
+        return (
+            f"step {record['step']:>6}/{steps} | loss {record['loss']:.4f}{extra} | lr {record['lr']:.3e} | "
+            f"grad {record['grad_norm']:.3f} | {record['tokens_per_sec']:,.0f} tok/s | "
+            f"ETA {timedelta(seconds=int(eta))}"
+        )

@@ -1,0 +1,86 @@
+"""The run directory: resolved config, metrics.jsonl, TensorBoard events, plots (rank 0 writes).
+
+metrics.jsonl holds one JSON object per logged step. On resume, records of steps after the
+checkpoint being resumed are dropped first (they will be produced again), so the file always
+reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from megatron_ext.config import dump_yaml
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN / inf
+    return value
+
+
+class RunDirectory:
+    """Paths of a run directory and its writers (a no-op object on ranks other than 0)."""
+
+    def __init__(self, path: Path, is_writer: bool):
+        self.path = Path(path)
+        self.is_writer = is_writer
+        self.checkpoints = self.path / "checkpoints"
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.plots = self.path / "plots"
+        self._tensorboard = None
+        if is_writer:
+            for sub in (self.checkpoints, self.path / "tensorboard", self.plots):
+                sub.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, config) -> None:
+        if self.is_writer:
+            dump_yaml(config, self.path / "config.yaml")
+
+    def start_metrics(self, resumed_step: int, tensorboard: bool) -> None:
+        """Keep the records up to ``resumed_step``; open TensorBoard."""
+        if not self.is_writer:
+            return
+        if self.metrics_path.exists():
+            kept = []
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash
+                    continue
+                if record.get("step", 0) <= resumed_step:
+                    kept.append(line)
+            tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(k + "\n" for k in kept))
+            tmp.replace(self.metrics_path)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(self.path / "tensorboard"), purge_step=resumed_step + 1)
+
+    def log(self, record: Dict[str, Any]) -> None:
+        if not self.is_writer:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        if self._tensorboard is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+def read_metrics(path: Path) -> list:
+    """All records of a metrics.jsonl file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def default_run_dir(name: str, base: Optional[Path] = None) -> Path:
+    return (base or Path("runs")) / name
