@@ -18,7 +18,8 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 smoke: setup
-	$(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m pretrain.smoke
+	rm -rf runs/smoke
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m pretrain.train --config configs/smoke.yaml
 
 test: setup
 	$(PY) -m pytest tests -q

@@ -76,6 +76,12 @@ def _coerce(value: Any, tp: Any, where: str, problems: List[str]) -> Any:
         return _build(tp, value, where, problems)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads exponent floats without a dot, such as 1e-3, as strings.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, bool):
         problems.append(f"{where}={value!r} has the wrong type: expected int")
         return value

@@ -199,11 +199,13 @@ class TrainConfig:
         c.positive(self, "micro_batch_size", "global_batch_size", "steps", "lr", "eval_steps",
                    "max_consecutive_nonfinite", "wsd_decay_steps", "adam_eps")
         c.non_negative(self, "min_lr", "warmup_steps", "weight_decay", "clip_grad", "eval_interval")
-        c.require(self.min_lr <= self.lr, f"min_lr={self.min_lr} must not exceed lr={self.lr}")
+        if self.lr > 0:
+            c.require(self.min_lr <= self.lr, f"min_lr={self.min_lr} must not exceed lr={self.lr}")
         c.require(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
                   f"adam_beta1/adam_beta2=({self.adam_beta1}, {self.adam_beta2}) must be in [0, 1)")
-        c.require(self.warmup_steps <= self.steps,
-                  f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
+        if self.steps > 0:
+            c.require(self.warmup_steps <= self.steps,
+                      f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
         if self.lr_schedule == "wsd":
             c.require(self.wsd_decay_steps is not None,
                       "wsd_decay_steps must be set when lr_schedule='wsd'")

@@ -6,7 +6,10 @@ harness). Megatron's rank order ``tp-cp-ep-dp-pp`` is used, as in Megatron-LM.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -94,3 +97,21 @@ def comm_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def init_distributed(cuda: bool, timeout_minutes: int = 10) -> None:
+    """Create the default process group from torchrun's environment (NCCL on GPU, gloo on CPU).
+
+    Without torchrun's variables (a plain ``python -m ...``) this is a one-rank job.
+    """
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))

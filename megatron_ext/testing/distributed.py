@@ -73,7 +73,8 @@ def _worker_main(rank: int, world_size: int, port: int, tasks: mp.Queue, results
             break
         fn, kwargs, sizes, seed = task
         try:
-            initialize_parallel_state(sizes, seed=seed)
+            if sizes is not None:
+                initialize_parallel_state(sizes, seed=seed)
             output = fn(**kwargs)
             results.put((rank, True, _to_bytes(output)))
         except BaseException:  # report everything, including assertion failures
@@ -169,14 +170,18 @@ atexit.register(shutdown_pools)
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int = 2,
-    sizes: ParallelSizes = ParallelSizes(),
+    sizes: Optional[ParallelSizes] = ParallelSizes(),
     *,
     seed: int = 1234,
     timeout: float = 180.0,
     **kwargs: Any,
 ) -> list:
-    """Run ``fn(**kwargs)`` on ``world_size`` gloo ranks under ``sizes``; return per-rank outputs."""
-    sizes.data_parallel_size(world_size)  # fail here, not in the workers, on sizes that cannot fit
+    """Run ``fn(**kwargs)`` on ``world_size`` gloo ranks under ``sizes``; return per-rank outputs.
+
+    ``sizes=None`` leaves Megatron's parallel state to ``fn`` (e.g. a whole training run).
+    """
+    if sizes is not None:
+        sizes.data_parallel_size(world_size)  # fail here, not in the workers, on sizes that cannot fit
     pool = _pools.get(world_size)
     if pool is None or not pool.alive():
         if pool is not None:

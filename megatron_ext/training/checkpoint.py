@@ -100,6 +100,9 @@ class CheckpointManager:
     """Save / find / load checkpoints of one run directory (all methods called on every rank)."""
 
     def __init__(self, root: Path, keep_last: int):
+        from megatron_ext.compat.checkpoint_writer import use_in_process_write_results_queue
+
+        use_in_process_write_results_queue()  # saves must survive SIGTERM to the process group
         self.root = Path(root)
         self.keep_last = keep_last
 

@@ -22,6 +22,7 @@ from megatron_ext.data.synthetic import SyntheticMotifDataset, step_micro_batche
 from megatron_ext.models.builder import build_model
 from megatron_ext.optim import build_optimizer
 from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, initialize_parallel_state
+from megatron_ext.parallel.state import init_distributed
 from megatron_ext.training.callbacks import Callback, TrainContext
 from megatron_ext.training.checkpoint import CheckpointManager
 from megatron_ext.training.ddp import wrap_with_ddp
@@ -42,25 +43,6 @@ class TrainSummary:
     stopped_by_signal: bool
     losses: List[float] = field(default_factory=list)
     skipped_steps: int = 0
-
-
-def _init_distributed(cuda: bool) -> None:
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ:  # a plain `python -m pretrain.train`: one rank
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _scheduler(cfg: RunConfig, optimizer):
@@ -113,9 +95,9 @@ class Trainer:
         cfg = self.cfg
         cuda = torch.cuda.is_available()
         enable_cpu_support()
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         check_run(cfg, world_size, cuda=cuda)  # before any process group exists
-        _init_distributed(cuda)
+        init_distributed(cuda)
         p = cfg.parallel
         initialize_parallel_state(
             ParallelSizes(tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert, etp=p.expert_tensor,

@@ -1,0 +1,43 @@
+"""Parameter-count report of a config (built on the meta device: paper-scale configs fit anywhere).
+
+    python -m pretrain.params --config configs/qwen3_1p7b.yaml [--set section.key=value ...]
+"""
+
+import argparse
+import json
+import sys
+
+import torch.distributed as dist
+
+from megatron_ext.compat import enable_cpu_support
+from megatron_ext.config import ConfigError, load_config
+from megatron_ext.models.param_count import count_parameters
+from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, initialize_parallel_state
+from megatron_ext.parallel.state import init_distributed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--json", action="store_true", help="print the counts as JSON")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {args.config}: {err}", file=sys.stderr)
+        return 2
+    enable_cpu_support()
+    init_distributed(cuda=False)  # one local rank: the count is of the unsharded model
+    initialize_parallel_state(ParallelSizes())
+    try:
+        report = count_parameters(cfg)
+    finally:
+        destroy_parallel_state()
+        dist.destroy_process_group()
+    print(json.dumps(report.as_dict()) if args.json else f"{cfg.name}: {report.format()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

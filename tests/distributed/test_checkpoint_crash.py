@@ -1,0 +1,73 @@
+"""A crash (hard process exit) in the middle of a checkpoint save leaves the previous one usable."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_ext.config import RunConfig, from_dict
+from megatron_ext.models.builder import build_model
+from megatron_ext.optim import build_optimizer
+from megatron_ext.parallel import full_named_tensors
+from megatron_ext.testing.distributed import DistributedTaskError, run_distributed
+from megatron_ext.training import checkpoint
+from megatron_ext.training.ddp import wrap_with_ddp
+from megatron_ext.training.loop import _optimizer_config
+
+TINY = {"model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64,
+                  "vocab_size": 128}, "data": {"seq_length": 16}}
+
+
+def _build(seed):
+    torch.manual_seed(seed)
+    cfg = from_dict(RunConfig, TINY)
+    model = wrap_with_ddp(build_model(cfg, cuda=False))
+    return model, build_optimizer(_optimizer_config(cfg, cuda=False), model)
+
+
+def save_then_crash(root, crash_point):
+    model, optimizer = _build(seed=1)
+    manager = checkpoint.CheckpointManager(Path(root), keep_last=2)
+    manager.save(1, model, optimizer, {"consumed_samples": 8})
+    torch.save(full_named_tensors(model[0]), Path(root) / "expected.pt")
+    with torch.no_grad():
+        for param in model[0].parameters():
+            param.add_(1.0)
+
+    def die(*args, **kwargs):
+        if crash_point == "write":  # part of the files are on disk, then the process is killed
+            Path(args[1], "__0_0.distcp").write_bytes(b"partial")
+        os._exit(17)
+
+    if crash_point == "write":
+        from megatron.core import dist_checkpointing
+
+        dist_checkpointing.save = die
+    else:  # after the rename into place, before the 'latest' pointer is replaced
+        checkpoint._fsync_write = die
+    manager.save(2, model, optimizer, {"consumed_samples": 16})
+
+
+def load_latest_and_save_again(root):
+    model, optimizer = _build(seed=2)
+    manager = checkpoint.CheckpointManager(Path(root), keep_last=2)
+    latest = manager.latest()
+    common = manager.load(latest, model, optimizer, load_optimizer=True)
+    loaded = full_named_tensors(model[0])
+    manager.save(3, model, optimizer, dict(common))
+    return {"latest": latest.name, "consumed": common["consumed_samples"], "weights": loaded,
+            "after": sorted(p.name for p in Path(root).iterdir())}
+
+
+@pytest.mark.parametrize("crash_point", ["write", "publish"])
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, crash_point):
+    with pytest.raises(DistributedTaskError, match="worker process died"):
+        run_distributed(save_then_crash, 1, root=str(tmp_path), crash_point=crash_point)
+    assert (tmp_path / "latest").read_text() == "step_00000001"
+    result = run_distributed(load_latest_and_save_again, 1, root=str(tmp_path))[0]
+    assert result["latest"] == "step_00000001" and result["consumed"] == 8
+    expected = torch.load(tmp_path / "expected.pt")
+    assert all(torch.equal(result["weights"][n], expected[n]) for n in expected)
+    assert (tmp_path / "latest").read_text() == "step_00000003"
+    assert not [n for n in result["after"] if n.startswith(".tmp-")], "stale partial saves are removed"

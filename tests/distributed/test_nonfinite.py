@@ -1,0 +1,59 @@
+"""Non-finite losses: updates are skipped and counted; the run stops after M in a row."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_ext.config import RunConfig, from_dict
+from megatron_ext.testing.distributed import DistributedTaskError, run_distributed
+from megatron_ext.training.callbacks import Callback
+from megatron_ext.training.loop import Trainer
+from megatron_ext.training.rundir import read_metrics
+
+
+class PoisonWeights(Callback):
+    """Sets one weight to NaN before the given steps (then restores it)."""
+
+    name = "poison"
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+        self.saved = None
+
+    def on_step_begin(self, ctx):
+        weight = ctx.model[0].module.decoder.final_layernorm.weight  # touches every token
+        with torch.no_grad():
+            if self.saved is not None:
+                weight.copy_(self.saved)
+                self.saved = None
+            if ctx.step + 1 in self.steps:
+                self.saved = weight.detach().clone()
+                weight.view(-1)[0] = float("nan")
+
+
+def train_with_poison(run_dir, poison_steps, steps):
+    cfg = from_dict(RunConfig, {
+        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64,
+                  "vocab_size": 128},
+        "data": {"seq_length": 16},
+        "train": {"steps": steps, "max_consecutive_nonfinite": 3, "global_batch_size": 4},
+        "logging": {"tensorboard": False},
+    })
+    Trainer(cfg, Path(run_dir), callbacks=[PoisonWeights(poison_steps)], log=lambda line: None).run()
+
+
+def test_isolated_nonfinite_steps_are_skipped_and_counted(tmp_path):
+    run_distributed(train_with_poison, 1, None, run_dir=str(tmp_path), poison_steps=[3, 4], steps=6)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 2, 2, 2]
+    assert all(math.isfinite(float(r["loss"])) for r in records if r["step"] not in (3, 4))
+    assert records[-1]["loss"] < records[0]["loss"], "training continued with finite weights"
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(tmp_path):
+    with pytest.raises(DistributedTaskError, match="3 consecutive steps \\(up to step 4\\) had a non-finite"):
+        run_distributed(train_with_poison, 1, None, run_dir=str(tmp_path), poison_steps=[2, 3, 4], steps=8)
+    assert not (tmp_path / "checkpoints" / "latest").exists(), "no checkpoint of a diverged run"

@@ -1,0 +1,33 @@
+"""Meta-device parameter counts of the Qwen3-shaped configs against the published figures."""
+
+import pytest
+
+from megatron_ext.config import load_config
+from megatron_ext.models.param_count import count_parameters
+from megatron_ext.testing.distributed import run_distributed
+
+
+def count(config_path):
+    return count_parameters(load_config(config_path)).as_dict()
+
+
+@pytest.mark.parametrize(
+    "config,total,non_embedding",
+    [("configs/qwen3_0p6b.yaml", 0.6e9, 0.44e9), ("configs/qwen3_1p7b.yaml", 1.7e9, 1.4e9)],
+    ids=["qwen3-0.6b", "qwen3-1.7b"],
+)
+def test_qwen3_shapes_match_published_counts(config, total, non_embedding):
+    report = run_distributed(count, 1, config_path=config)[0]
+    print(f"[params] {config}: {report}")
+    assert abs(report["total"] - total) / total <= 0.02
+    assert abs(report["non_embedding"] - non_embedding) / non_embedding <= 0.02
+    assert report["embedding"] == 151936 * load_config(config).model.hidden_size  # tied: counted once
+    assert report["active"] == report["total"]  # dense
+
+
+def test_moe_active_parameters_count_top_k_of_routed_experts():
+    report = run_distributed(count, 1, config_path="configs/smoke.yaml")[0]
+    cfg = load_config("configs/smoke.yaml")
+    routed = report["routed_experts"]
+    assert routed > 0
+    assert report["active"] == report["total"] - routed + routed * cfg.moe.top_k // cfg.moe.num_experts

@@ -1,0 +1,111 @@
+"""Configuration loading and validation: every error names the field, the value and the fix."""
+
+import pytest
+
+from megatron_ext.config import ConfigError, RunConfig, apply_overrides, check_run, from_dict, load_config, to_dict
+
+
+def problems_of(data, world_size=None, cuda=False):
+    with pytest.raises(ConfigError) as info:
+        cfg = from_dict(RunConfig, data)
+        check_run(cfg, world_size, cuda=cuda)
+    return info.value.problems
+
+
+def moe_cfg(**parallel):
+    return {"moe": {"enabled": True, "num_experts": 8, "top_k": 2},
+            "parallel": dict(parallel), "train": {"global_batch_size": 8, "micro_batch_size": 1}}
+
+
+def test_smoke_and_paper_configs_load_and_round_trip(tmp_path):
+    for name in ("smoke", "qwen3_0p6b", "qwen3_1p7b"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert from_dict(RunConfig, to_dict(cfg)) == cfg
+
+
+def test_unknown_keys_suggest_the_closest_name():
+    (problem,) = problems_of({"model": {"num_layrs": 4}})
+    assert "unknown key 'model.num_layrs'" in problem and "did you mean 'num_layers'" in problem
+    (problem,) = problems_of({"trian": {}})
+    assert "unknown key 'trian'" in problem and "did you mean 'train'" in problem
+
+
+def test_wrong_types_name_field_value_and_expected_type():
+    problems = problems_of({"model": {"hidden_size": "wide"}, "train": {"lr": "fast"},
+                            "parallel": {"sequence_parallel": 1}})
+    assert "model.hidden_size='wide' has the wrong type: expected int" in problems
+    assert "train.lr='fast' has the wrong type: expected float" in problems
+    assert "parallel.sequence_parallel=1 has the wrong type: expected bool" in problems
+    (problem,) = problems_of({"model": {"normalization": "BatchNorm"}})
+    assert "model.normalization='BatchNorm' is not allowed: use one of 'RMSNorm' | 'LayerNorm'" == problem
+
+
+def test_zero_and_negative_sizes():
+    problems = problems_of({"model": {"num_layers": 0, "hidden_size": -8}, "parallel": {"tensor": 0}})
+    assert "model.num_layers=0 must be positive" in problems
+    assert "model.hidden_size=-8 must be positive" in problems
+    assert "parallel.tensor=0 must be positive" in problems
+
+
+def test_every_problem_is_reported_at_once():
+    problems = problems_of({"model": {"num_layers": 0}, "train": {"steps": -1}, "bogus": 1})
+    assert len(problems) == 3
+
+
+def test_world_size_must_be_tp_pp_cp_dp():
+    (problem,) = problems_of({"parallel": {"tensor": 2, "pipeline": 2}, "model": {"num_layers": 4}}, world_size=6)
+    assert "world size 6 is not divisible by parallel.tensor * parallel.pipeline * parallel.context" in problem
+    assert "TP*PP*CP*DP" in problem
+
+
+def test_expert_parallel_must_divide_experts_and_data_parallel_ranks():
+    problems = problems_of(moe_cfg(expert=3), world_size=3)
+    assert any("moe.num_experts=8 is not divisible by parallel.expert=3" in p for p in problems)
+    problems = problems_of(moe_cfg(expert=4), world_size=2)
+    assert any("parallel.expert=4 x expert_tensor=1 must divide data-parallel x context x tensor" in p
+               for p in problems)
+    (problem,) = problems_of({"parallel": {"expert": 2}}, world_size=2)
+    assert "parallel.expert=2 needs moe.enabled: true" in problem
+
+
+def test_heads_and_query_groups_must_divide_by_tp():
+    problems = problems_of({"model": {"num_attention_heads": 6, "num_query_groups": 3, "hidden_size": 96},
+                            "parallel": {"tensor": 4}}, world_size=4)
+    assert any("model.num_attention_heads=6 is not divisible by parallel.tensor=4" in p for p in problems)
+    assert any("model.num_query_groups=3 is not divisible by parallel.tensor=4" in p for p in problems)
+
+
+def test_sequence_length_must_suit_sequence_and_context_parallelism():
+    (problem,) = problems_of({"data": {"seq_length": 63}, "parallel": {"tensor": 2, "sequence_parallel": True}},
+                             world_size=2)
+    assert "data.seq_length=63 is not divisible by parallel.tensor=2" in problem
+    problems = problems_of({"data": {"seq_length": 66}, "parallel": {"context": 2}}, world_size=2, cuda=True)
+    assert any("data.seq_length=66 is not divisible by 2 * parallel.context = 4" in p for p in problems)
+
+
+def test_batch_accounting_and_precision():
+    problems = problems_of({"train": {"global_batch_size": 6, "micro_batch_size": 2, "precision": "bf16"}},
+                           world_size=2)
+    assert any("train.global_batch_size=6 is not divisible by train.micro_batch_size x data-parallel size"
+               in p for p in problems)
+    assert any("train.precision='bf16' needs a GPU" in p for p in problems)
+
+
+def test_moe_with_tensor_parallelism_needs_sequence_parallelism():
+    problems = problems_of(moe_cfg(tensor=2), world_size=2)
+    assert any("parallel.sequence_parallel must be true for MoE" in p for p in problems)
+
+
+def test_overrides_are_type_checked():
+    data = apply_overrides({}, ["train.lr=1e-3", "model.num_layers=3", "parallel.sequence_parallel=true"])
+    cfg = from_dict(RunConfig, data)
+    assert cfg.train.lr == 1e-3 and cfg.model.num_layers == 3 and cfg.parallel.sequence_parallel is True
+    with pytest.raises(ConfigError, match="model.num_layers='three' has the wrong type"):
+        from_dict(RunConfig, apply_overrides({}, ["model.num_layers=three"]))
+    with pytest.raises(ConfigError, match="is not of the form section.key=value"):
+        apply_overrides({}, ["train.lr"])
+
+
+def test_missing_config_file_is_a_clear_error():
+    with pytest.raises(ConfigError, match="config file 'configs/nope.yaml' does not exist"):
+        load_config("configs/nope.yaml")
