@@ -16,8 +16,11 @@ Every redirected point, with its reason (all observed on megatron-core 0.16.1, t
    (pipeline schedules' ``total_num_tokens``, DDP's warm-up tensor, dist_checkpointing exchange
    utils, attention-mask helpers, the rerun state machine): a
    :class:`torch.overrides.TorchFunctionMode` maps any CUDA device to ``cpu`` and drops pinning.
-   It is entered on the calling thread. A mode is off while its own handler runs, so code that
-   runs inside ``backward()`` is not under it; none of these literal sites is reached there.
+   It is entered on the calling thread. A mode is off while its own handler runs, and
+   ``torch.autograd.backward`` / ``grad`` are torch functions, so the autograd engine would run
+   Python backward code (activation recomputation re-running a layer's forward, which builds a
+   causal mask with ``device="cuda"``) without it: ``torch.autograd._engine_run_backward``, the
+   plain function that enters the C++ engine, is wrapped to run under the mode.
 3. ``torch.cuda.Stream`` / ``Event`` / ``current_stream`` / ``stream`` / ``synchronize``
    (MoELayer's shared-expert stream, the alltoall dispatcher's device-to-host stream and events,
    DDP's communication stream): CPU work is synchronous, so these become inert stand-ins.
@@ -179,6 +182,20 @@ def _patch_torch_cuda() -> None:
     cuda.random.set_rng_state = cuda.set_rng_state
 
 
+def _patch_autograd_engine(mode: TorchFunctionMode) -> None:
+    import torch.autograd
+    import torch.autograd.graph
+
+    engine_run_backward = torch.autograd.graph._engine_run_backward
+
+    def run_backward_under_mode(*args, **kwargs):
+        with mode:
+            return engine_run_backward(*args, **kwargs)
+
+    torch.autograd._engine_run_backward = run_backward_under_mode
+    torch.autograd.graph._engine_run_backward = run_backward_under_mode
+
+
 def _patch_megatron() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
@@ -220,6 +237,7 @@ def enable_cpu_support() -> bool:
         _patch_torch_cuda()
         _patch_megatron()
         _mode = _CudaToCpuMode()
+        _patch_autograd_engine(_mode)
         _active = True
         _enter_mode_on_this_thread()
     return True

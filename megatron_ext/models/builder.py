@@ -75,6 +75,10 @@ def transformer_config(cfg: RunConfig, *, cuda: bool, perform_initialization: bo
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         bias_dropout_fusion=cuda,
+        # Megatron-LM's defaults for interleaved 1F1B: overlapped, un-batched p2p. The batched
+        # form posts two sends to the same peer at PP=2 in an order the peer does not receive in.
+        overlap_p2p_comm=p.virtual_pipeline is not None,
+        batch_p2p_comm=p.virtual_pipeline is None,
     )
     if t.recompute == "selective":
         kwargs.update(recompute_granularity="selective")

@@ -70,8 +70,8 @@ def _global_named_parameters(model: torch.nn.Module, layer_offset: Optional[int]
 
     module = getattr(model, "module", model)
     config = module.config
-    if layer_offset is None:
-        layer_offset = get_transformer_layer_offset(config)
+    if layer_offset is None:  # a virtual-pipeline chunk knows its stage
+        layer_offset = get_transformer_layer_offset(config, vp_stage=getattr(module, "vp_stage", None))
     num_experts = getattr(config, "num_moe_experts", None) or 0
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     ep_size = parallel_state.get_expert_model_parallel_world_size()

@@ -122,14 +122,12 @@ class CheckpointManager:
     def _sharded_state(self, model, optimizer, is_loading: bool) -> Dict[str, Any]:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-        state: Dict[str, Any] = {}
-        model_state: Dict[str, Any] = {}
-        for i, chunk in enumerate(model):
-            key = _model_key(i, len(model))
-            state[key] = getattr(chunk, "module", chunk).sharded_state_dict()
-            model_state.update(state[key])
-        if optimizer is not None:
-            state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+        state: Dict[str, Any] = {
+            _model_key(i, len(model)): getattr(chunk, "module", chunk).sharded_state_dict()
+            for i, chunk in enumerate(model)
+        }
+        if optimizer is not None:  # the map from parameters to shards walks every chunk's dict
+            state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading)
         rank, world = dist.get_rank(), dist.get_world_size()
         state["rng"] = ShardedObject("rng_state", rng_state() if not is_loading else None,
                                      (world,), (rank,), replica_id=0)

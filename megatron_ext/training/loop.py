@@ -64,6 +64,10 @@ def _scheduler(cfg: RunConfig, optimizer):
         wd_incr_style="constant",
         wsd_decay_steps=t.wsd_decay_steps,
         lr_wsd_decay_style=t.wsd_decay_style,
+        # The config is the source of truth on resume (e.g. train.steps extended): only the
+        # step count comes from the checkpoint.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
 
 
