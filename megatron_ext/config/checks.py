@@ -89,5 +89,19 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool) -> None:
     if t.lr_schedule == "wsd" and t.wsd_decay_steps and t.wsd_decay_steps > t.steps - t.warmup_steps:
         problems.append(f"train.wsd_decay_steps={t.wsd_decay_steps} exceeds the steps after warmup "
                         f"({t.steps - t.warmup_steps})")
+    if d.kind == "indexed":
+        from megatron_ext.data.indexed import DataError, check_prefix
+
+        for prefix in d.paths:
+            try:
+                check_prefix(prefix, m.vocab_size, None if d.tokenizer is None else _identity(d.tokenizer))
+            except (DataError, FileNotFoundError, ValueError) as err:
+                problems.append(f"data.paths: {err}")
     if problems:
         raise ConfigError(problems)
+
+
+def _identity(tokenizer_spec: str) -> str:
+    from megatron_ext.data.tokenizers import load_tokenizer
+
+    return load_tokenizer(tokenizer_spec).identity

@@ -35,6 +35,8 @@ def _type_name(tp: Any) -> str:
     if origin in (list, List):
         (inner,) = typing.get_args(tp) or (Any,)
         return f"list of {_type_name(inner)}"
+    if origin in (dict, Dict):
+        return "mapping"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -69,6 +71,13 @@ def _coerce(value: Any, tp: Any, where: str, problems: List[str]) -> Any:
             return value
         (inner,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            problems.append(f"{where}={value!r} has the wrong type: expected a mapping")
+            return value
+        return {_coerce(k, key_tp, f"{where} key", problems): _coerce(v, value_tp, f"{where}.{k}", problems)
+                for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             problems.append(f"{where} must be a mapping of {tp.__name__} fields, got {value!r}")

@@ -8,7 +8,7 @@ several sections or the world size live in :mod:`megatron_ext.config.checks`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional
+from typing import Dict, List, Literal, Optional
 
 from megatron_ext.config.loader import ConfigError
 
@@ -136,16 +136,46 @@ class ParallelConfig:
 class DataConfig:
     """Where the training tokens come from."""
 
-    kind: Literal["synthetic"] = "synthetic"
-    """Data source. synthetic: a deterministic stream of motifs (no files needed)."""
+    kind: Literal["synthetic", "indexed", "default"] = "synthetic"
+    """synthetic: a deterministic motif stream (no files); indexed: preprocessed prefixes
+    (``paths``); default: the built-in multimodal corpus, built and cached on first use."""
+    paths: List[str] = field(default_factory=list)
+    """indexed: dataset prefixes written by ``python -m data.preprocess`` (P.bin, P.idx, ...)."""
+    weights: Optional[List[float]] = None
+    """Blend weights of ``paths`` (normalized); None: proportional to their sizes."""
+    split: str = "98,2,0"
+    """Train / validation / test proportions of each prefix's documents."""
     seq_length: int = 64
     """Tokens per sample."""
     seed: int = 1234
-    """Seed of the sample order / synthetic stream."""
+    """Seed of the sample order (and of the synthetic stream)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer this run expects ("bytes" or a BPE JSON file); checked against the data's
+    manifest. None: accept the data's tokenizer."""
+    cache_dir: str = "data/cache"
+    """Where sample-index caches and the built-in corpus are kept."""
+    loss_weights: Optional[Dict[str, float]] = None
+    """Per-modality weight of the loss of tokens of that modality (default 1 for all)."""
 
     def __post_init__(self):
+        from megatron_ext.data.vocab import MODALITIES
+
         c = _Checks("data")
         c.positive(self, "seq_length")
+        if self.kind == "indexed":
+            c.require(bool(self.paths), "paths is empty: kind 'indexed' needs at least one dataset prefix")
+        if self.weights is not None:
+            c.require(len(self.weights) == len(self.paths),
+                      f"weights has {len(self.weights)} entries for {len(self.paths)} paths")
+            c.require(all(w >= 0 for w in self.weights), f"weights={self.weights} must not be negative")
+            c.require(sum(self.weights) > 0, f"weights={self.weights} must not sum to zero")
+        parts = self.split.split(",")
+        ok = len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts)
+        c.require(ok and sum(float(p) for p in parts) > 0,
+                  f"split={self.split!r} must be three non-negative numbers such as '98,2,0'")
+        for name, weight in (self.loss_weights or {}).items():
+            c.require(name in MODALITIES, f"loss_weights has unknown modality {name!r} (use {MODALITIES})")
+            c.require(weight >= 0, f"loss_weights.{name}={weight} must be >= 0")
         c.done()
 
 

@@ -1,5 +1,8 @@
 """A deterministic synthetic token stream, and Megatron's sample order for (micro-)batches.
 
+Samples are dicts of ``[s]`` tensors (``tokens``, ``labels``, ``loss_mask``, ``position_ids``,
+``modality_ids``, ``label_modality_ids``), the same contract as the indexed datasets.
+
 Sample i concatenates motifs from a fixed set of eight-token motifs, chosen by a generator seeded
 with (seed, split, i): within a motif the next token is determined by the previous one, so a
 working model's loss falls quickly, and any sample can be produced from its index alone (which is
@@ -17,7 +20,7 @@ _SPLIT_OFFSET = {"train": 0, "valid": 1 << 40}
 
 
 class SyntheticMotifDataset:
-    """``dataset[i]`` -> ``seq_length + 1`` token ids (inputs and shifted labels)."""
+    """``dataset[i]`` -> a sample of ``seq_length`` inputs and their next-token labels."""
 
     def __init__(self, vocab_size: int, seq_length: int, seed: int, split: str = "train", num_motifs: int = 32):
         if split not in _SPLIT_OFFSET:
@@ -31,23 +34,24 @@ class SyntheticMotifDataset:
         order = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))
         self.motifs = order[: count * MOTIF_LENGTH].view(count, MOTIF_LENGTH)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + index)
         pieces = -(-(self.seq_length + 1) // MOTIF_LENGTH)
         choice = torch.randint(0, len(self.motifs), (pieces,), generator=g)
-        return self.motifs[choice].reshape(-1)[: self.seq_length + 1]
+        text = self.motifs[choice].reshape(-1)[: self.seq_length + 1]
+        return {
+            "tokens": text[:-1].contiguous(),
+            "labels": text[1:].contiguous(),
+            "loss_mask": torch.ones(self.seq_length),
+            "position_ids": torch.arange(self.seq_length),
+            "modality_ids": torch.zeros(self.seq_length, dtype=torch.long),  # all text
+            "label_modality_ids": torch.zeros(self.seq_length, dtype=torch.long),
+        }
 
 
-def collate(samples: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Stack samples ``[s + 1]`` into the batch contract of ``gpt_forward_step`` (``[b, s]``)."""
-    tokens = torch.stack(samples)
-    batch, seq = tokens.shape[0], tokens.shape[1] - 1
-    return {
-        "tokens": tokens[:, :-1].contiguous(),
-        "labels": tokens[:, 1:].contiguous(),
-        "loss_mask": torch.ones(batch, seq),
-        "position_ids": torch.arange(seq).unsqueeze(0).expand(batch, seq).contiguous(),
-    }
+def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Stack per-sample ``[s]`` tensors into the batch contract of ``gpt_forward_step`` (``[b, s]``)."""
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
 
 def step_micro_batches(

@@ -10,6 +10,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -18,7 +19,9 @@ import torch.distributed as dist
 
 from megatron_ext.compat import enable_cpu_support
 from megatron_ext.config import RunConfig, check_run, data_parallel_size
-from megatron_ext.data.synthetic import SyntheticMotifDataset, step_micro_batches
+from megatron_ext.data.builder import build_datasets
+from megatron_ext.data.synthetic import step_micro_batches
+from megatron_ext.data.vocab import MODALITIES
 from megatron_ext.models.builder import build_model
 from megatron_ext.optim import build_optimizer
 from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, initialize_parallel_state
@@ -28,7 +31,7 @@ from megatron_ext.training.checkpoint import CheckpointManager
 from megatron_ext.training.ddp import wrap_with_ddp
 from megatron_ext.training.rundir import RunDirectory
 from megatron_ext.training.signals import StopRequest
-from megatron_ext.training.step import eval_step, train_step
+from megatron_ext.training.step import eval_step, gpt_forward_step, train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -147,8 +150,10 @@ class Trainer:
         dp_size = parallel_state.get_data_parallel_world_size()
         num_micro = t.global_batch_size // (t.micro_batch_size * dp_size)
         seq = cfg.data.seq_length
-        train_data = SyntheticMotifDataset(cfg.model.vocab_size, seq, cfg.data.seed, "train")
-        valid_data = SyntheticMotifDataset(cfg.model.vocab_size, seq, cfg.data.seed, "valid")
+        train_data, valid_data = build_datasets(cfg)
+        weights = cfg.data.loss_weights
+        forward_step = partial(gpt_forward_step, loss_weights=None if weights is None else torch.tensor(
+            [weights.get(name, 1.0) for name in MODALITIES]))
 
         def micro_batches(dataset, consumed):
             batches = list(step_micro_batches(dataset, consumed, t.global_batch_size, t.micro_batch_size,
@@ -177,7 +182,7 @@ class Trainer:
                 result = train_step(
                     model, optimizer, micro_batches(train_data, ctx.consumed_samples),
                     num_microbatches=num_micro, seq_length=seq, micro_batch_size=t.micro_batch_size,
-                    opt_param_scheduler=scheduler, increment=1,
+                    forward_step_func=forward_step, opt_param_scheduler=scheduler, increment=1,
                 )
                 ctx.step += 1
                 ctx.consumed_samples += t.global_batch_size
@@ -200,6 +205,7 @@ class Trainer:
                     "tokens_per_sec": t.global_batch_size * seq / step_time,
                     "consumed_samples": ctx.consumed_samples,
                     "skipped_steps": summary.skipped_steps,
+                    **result.modality_losses,
                 }
                 for cb in self.callbacks:
                     record.update(cb.on_step_end(ctx, result))
@@ -207,7 +213,7 @@ class Trainer:
                     record["val/loss"] = sum(
                         eval_step(model, micro_batches(valid_data, i * t.global_batch_size),
                                   num_microbatches=num_micro, seq_length=seq,
-                                  micro_batch_size=t.micro_batch_size)
+                                  micro_batch_size=t.micro_batch_size, forward_step_func=forward_step)
                         for i in range(t.eval_steps)
                     ) / t.eval_steps
                 if ctx.step % cfg.logging.log_interval == 0 or ctx.step == t.steps:

@@ -1,7 +1,8 @@
 """A training step: Megatron's forward/backward schedule, grad finalization, optimizer update.
 
 The batch contract between data and model is a dict of ``[b, s]`` tensors: ``tokens``,
-``labels``, ``loss_mask`` and ``position_ids``. The loss of a micro-batch is the masked mean of
+``labels``, ``loss_mask``, ``position_ids``, ``modality_ids`` (of the inputs; never used for
+routing) and ``label_modality_ids`` (of the targets; used for per-modality losses). The loss of a micro-batch is the masked mean of
 the per-token cross entropy; Megatron's schedule divides it by the number of micro-batches, so
 the step's gradient is that of the mean over micro-batches (and, through DDP, over DP ranks).
 """
@@ -15,25 +16,38 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_ext.data.vocab import MODALITIES
 from megatron_ext.parallel.state import comm_device
 
 
-def masked_mean_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Loss function for Megatron's schedule: masked mean of per-token losses ``[b, s]``."""
-    losses = output_tensor.float().reshape(-1)
-    mask = loss_mask.float().reshape(-1)
-    loss = (losses * mask).sum() / mask.sum().clamp(min=1.0)
+def masked_mean_loss(batch: Dict[str, torch.Tensor], output_tensor: torch.Tensor,
+                     loss_weights: Optional[torch.Tensor] = None):
+    """Loss function for Megatron's schedule: masked mean of per-token losses ``[b, s]``.
+
+    ``loss_weights[m]`` scales the loss of tokens whose target is of modality m (default 1).
+    Also reports, per modality, the unweighted loss sum and token count of the micro-batch
+    (``[num_modalities, 2]``) for ``loss/<modality>`` metrics.
+    """
+    losses = output_tensor.float()  # [b, s]
+    mask = batch["loss_mask"].float()
+    target_modality = batch["label_modality_ids"]
+    weight = mask if loss_weights is None else mask * loss_weights[target_modality]
+    loss = (losses * weight).sum() / mask.sum().clamp(min=1.0)
+    per_modality = torch.zeros(len(MODALITIES), 2, dtype=torch.float64, device=losses.device)
+    per_modality[:, 0].index_add_(0, target_modality.reshape(-1), (losses * mask).detach().reshape(-1).double())
+    per_modality[:, 1].index_add_(0, target_modality.reshape(-1), mask.reshape(-1).double())
     # clone: the schedule divides the returned loss in place by the number of micro-batches.
-    return loss, {"lm loss": loss.detach().clone()}
+    return loss, {"lm loss": loss.detach().clone(), "modality loss": per_modality}
 
 
-def gpt_forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model):
+def gpt_forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model,
+                     loss_weights: Optional[torch.Tensor] = None):
     """Forward step for ``GPTModel``: returns per-token losses and the loss function to apply."""
     batch = next(data_iterator)
     output = model(
         batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
     )
-    return output, partial(masked_mean_loss, batch["loss_mask"])
+    return output, partial(masked_mean_loss, batch, loss_weights=loss_weights)
 
 
 @dataclass
@@ -42,27 +56,37 @@ class StepResult:
 
     loss: float
     """Mean LM loss over micro-batches (broadcast from the last pipeline stage)."""
+    modality_losses: Dict[str, float]
+    """``loss/<modality>``: mean unweighted loss of the tokens whose target is that modality."""
     grad_norm: float
     """Global gradient L2 norm before clipping."""
     update_successful: bool
     """False when the update was skipped (non-finite gradients)."""
 
 
-def _last_stage_mean_loss(losses_reduced: List[dict]) -> torch.Tensor:
+def _reduce_step_losses(losses_reduced: List[dict]) -> Dict[str, float]:
+    """``loss`` (mean over micro-batches and DP ranks) and ``loss/<modality>`` on every rank."""
     from megatron.core import parallel_state
 
-    value = torch.zeros(1, dtype=torch.float64, device=comm_device())
+    # [mean lm loss, then (sum, count) per modality]; only the last stage holds values.
+    values = torch.zeros(1 + 2 * len(MODALITIES), dtype=torch.float64, device=comm_device())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses_reduced:
-        value[0] = torch.stack([d["lm loss"].double() for d in losses_reduced]).mean()
-    # Mean over data-parallel ranks, then hand the last stage's value to every stage.
+        values[0] = torch.stack([d["lm loss"].double() for d in losses_reduced]).mean()
+        if "modality loss" in losses_reduced[0]:
+            values[1:] = torch.stack([d["modality loss"] for d in losses_reduced]).sum(0).reshape(-1)
     dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     if dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(value, group=dp_group)
-        value /= dist.get_world_size(dp_group)
+        dist.all_reduce(values, group=dp_group)
+        values[0] /= dist.get_world_size(dp_group)
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     if dist.get_world_size(pp_group) > 1:
-        dist.all_reduce(value, group=pp_group)  # only the last stage holds a non-zero value
-    return value
+        dist.all_reduce(values, group=pp_group)  # hands the last stage's values to every stage
+    result = {"loss": float(values[0])}
+    per_modality = values[1:].view(len(MODALITIES), 2)
+    for name, (total, count) in zip(MODALITIES, per_modality.tolist()):
+        if count > 0:
+            result[f"loss/{name}"] = total / count
+    return result
 
 
 def train_step(
@@ -96,8 +120,10 @@ def train_step(
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful and opt_param_scheduler is not None:
         opt_param_scheduler.step(increment=increment)
-    loss = _last_stage_mean_loss(losses_reduced)
-    return StepResult(loss=float(loss), grad_norm=float(grad_norm), update_successful=update_successful)
+    losses = _reduce_step_losses(losses_reduced)
+    loss = losses.pop("loss")
+    return StepResult(loss=loss, modality_losses=losses, grad_norm=float(grad_norm),
+                      update_successful=update_successful)
 
 
 @torch.no_grad()
@@ -128,4 +154,4 @@ def eval_step(
     finally:
         for chunk in model:
             chunk.train()
-    return float(_last_stage_mean_loss(losses_reduced))
+    return _reduce_step_losses(losses_reduced)["loss"]

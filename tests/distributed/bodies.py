@@ -88,6 +88,8 @@ def make_batch(index, micro_batch=2):
         "labels": tokens[:, 1:].contiguous(),
         "loss_mask": loss_mask,
         "position_ids": torch.arange(SEQ).unsqueeze(0).expand(micro_batch, SEQ).contiguous(),
+        "modality_ids": torch.zeros(micro_batch, SEQ, dtype=torch.long),
+        "label_modality_ids": torch.zeros(micro_batch, SEQ, dtype=torch.long),
     }
 
 

@@ -1,0 +1,1 @@
+"""Data command-line tools: tokenizer training, preprocessing, the built-in corpus."""

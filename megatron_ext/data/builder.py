@@ -1,0 +1,39 @@
+"""Build the train / validation datasets a run's ``data`` section asks for (call on every rank)."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch.distributed as dist
+
+from megatron_ext.config.schema import RunConfig
+from megatron_ext.data.synthetic import SyntheticMotifDataset
+
+
+def build_datasets(cfg: RunConfig) -> Tuple[object, object]:
+    """(train, valid): indexable datasets whose samples follow the batch contract."""
+    d, t = cfg.data, cfg.train
+    if d.kind == "synthetic":
+        return (SyntheticMotifDataset(cfg.model.vocab_size, d.seq_length, d.seed, "train"),
+                SyntheticMotifDataset(cfg.model.vocab_size, d.seq_length, d.seed, "valid"))
+    from megatron_ext.data.gpt_dataset import build_gpt_datasets
+    from megatron_ext.data.tokenizers import load_tokenizer
+
+    prefixes = list(d.paths)
+    if d.kind == "default":
+        from megatron_ext.data.default_corpus import ensure_default_corpus
+
+        if dist.get_rank() == 0:  # one rank builds the cache, the others wait for it
+            ensure_default_corpus(d.cache_dir)
+        dist.barrier()
+        prefixes = [ensure_default_corpus(d.cache_dir)]
+    evaluations = (t.steps // t.eval_interval + 1) if t.eval_interval else 0
+    sizes = [t.steps * t.global_batch_size, max(evaluations * t.eval_steps * t.global_batch_size, 1), 0]
+    identity = load_tokenizer(d.tokenizer).identity if d.tokenizer else None
+    (train, valid, _), _ = build_gpt_datasets(
+        prefixes, d.weights, d.split, d.seq_length, d.seed, sizes, d.cache_dir, cfg.model.vocab_size, identity
+    )
+    if train is None or (t.eval_interval and valid is None):
+        raise ValueError(f"data.split={d.split!r} leaves no {'training' if train is None else 'validation'} "
+                         "documents: give that split a non-zero share")
+    return train, valid
