@@ -89,6 +89,20 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool) -> None:
     if t.lr_schedule == "wsd" and t.wsd_decay_steps and t.wsd_decay_steps > t.steps - t.warmup_steps:
         problems.append(f"train.wsd_decay_steps={t.wsd_decay_steps} exceeds the steps after warmup "
                         f"({t.steps - t.warmup_steps})")
+    h = cfg.hybrid_attention
+    if h.enabled:
+        if m.attention_dropout > 0:
+            problems.append(f"model.attention_dropout={m.attention_dropout}: hybrid attention kernels have no "
+                            "attention dropout; set it to 0")
+        if p.context > 1:
+            problems.append("hybrid_attention with parallel.context > 1 is not supported")
+        if h.method == "static" and h.allocation:
+            from megatron_ext.consa.allocation import read_allocation
+
+            try:
+                read_allocation(h.allocation, m.num_layers, groups)
+            except (OSError, ValueError) as err:
+                problems.append(f"hybrid_attention.allocation: {err}")
     if d.kind == "indexed":
         from megatron_ext.data.indexed import DataError, check_prefix
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional
 
 from megatron_ext.config.loader import ConfigError
+from megatron_ext.consa.config import HybridAttentionConfig
 
 
 class _Checks:
@@ -338,3 +339,4 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    hybrid_attention: HybridAttentionConfig = field(default_factory=HybridAttentionConfig)

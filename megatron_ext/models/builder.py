@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import List, Optional
 
 import torch
@@ -103,15 +104,22 @@ def transformer_config(cfg: RunConfig, *, cuda: bool, perform_initialization: bo
 
 
 def layer_specs(cfg: RunConfig) -> list:
-    """One ModuleSpec per decoder layer of the whole model (layer i may differ from layer j)."""
-    pattern = moe_layer_pattern(cfg)
-    dense = gpt_layer_spec(num_experts=None, qk_layernorm=cfg.model.qk_layernorm)
-    moe = (
-        gpt_layer_spec(num_experts=cfg.moe.num_experts, qk_layernorm=cfg.model.qk_layernorm)
-        if cfg.moe.enabled
-        else None
-    )
-    return [moe if is_moe else dense for is_moe in pattern]
+    """One ModuleSpec per decoder layer of the whole model (layer i may differ from layer j).
+
+    Hybrid attention swaps the core attention for :class:`HybridCoreAttention`, whose mode per
+    layer (full / gated / static FA-SWA heads) the ConSA callback sets at run time.
+    """
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    core_attention = DotProductAttention
+    if cfg.hybrid_attention.enabled:
+        from megatron_ext.consa.attention import HybridCoreAttention
+
+        core_attention = partial(HybridCoreAttention, window=cfg.hybrid_attention.window)
+    common = dict(qk_layernorm=cfg.model.qk_layernorm, core_attention=core_attention)
+    dense = gpt_layer_spec(num_experts=None, **common)
+    moe = gpt_layer_spec(num_experts=cfg.moe.num_experts, **common) if cfg.moe.enabled else None
+    return [moe if is_moe else dense for is_moe in moe_layer_pattern(cfg)]
 
 
 def build_model(cfg: RunConfig, *, cuda: bool, perform_initialization: bool = True) -> List[torch.nn.Module]:

@@ -27,6 +27,7 @@ from megatron_ext.optim import build_optimizer
 from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, initialize_parallel_state
 from megatron_ext.parallel.state import init_distributed
 from megatron_ext.training.callbacks import Callback, TrainContext
+from megatron_ext.training.capabilities import capability_callbacks
 from megatron_ext.training.checkpoint import CheckpointManager
 from megatron_ext.training.ddp import wrap_with_ddp
 from megatron_ext.training.rundir import RunDirectory
@@ -95,7 +96,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, callbacks: Sequence[Callback] = (), log: Callable = print):
         self.cfg = cfg
         self.run_dir_path = Path(run_dir)
-        self.callbacks = list(callbacks)
+        self.callbacks = capability_callbacks(cfg, log) + list(callbacks)
         self.log = log
 
     def run(self) -> TrainSummary:

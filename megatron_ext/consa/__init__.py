@@ -1,0 +1,1 @@
+"""ConSA: learned full / sliding-window attention allocation."""

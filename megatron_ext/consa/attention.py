@@ -1,0 +1,137 @@
+"""Hybrid full / sliding-window core attention, as a Megatron ``core_attention`` module.
+
+Same call contract as Megatron's ``DotProductAttention``: ``forward(query, key, value,
+attention_mask, ...)`` with query ``[s, b, np, hn]`` and key / value ``[s, b, ng, hn]`` (this
+rank's heads after the TP split), returning ``[s, b, np * hn]``. Each layer is in one of three
+modes, set by the ConSA callback (default: full):
+
+* ``full``    causal attention for every head;
+* ``gated``   (mask learning) every unit mixes both outputs by its gate z, ConSA's training form
+              ``out_u = z_u * FA_u(q, k, v) + (1 - z_u) * SWA_u(q, k, v)``; a unit is the layer
+              (one z) or a KV head (its z is shared by the query heads of its group);
+* ``static``  (after binarization) each KV head runs one kernel: the FA heads and the SWA heads
+              are computed as two groups, so SWA heads really cost O(s * W).
+
+Window convention: a query at position i sees keys i - W + 1 .. i (W keys, itself included).
+Under TP a rank holds KV heads ``[tp_rank * ng_local, (tp_rank + 1) * ng_local)`` and uses the
+gates / allocation of exactly those heads, so heads and their gates are sharded together.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_ext.consa.kernels import causal_attention, sliding_window_attention
+
+MODES = ("full", "gated", "static")
+
+
+class HybridCoreAttention(MegatronModule):
+    """Core attention whose KV heads use full causal or sliding-window attention (see module doc)."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type="self",
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type=None, pg_collection=None, *, window: int):
+        super().__init__(config=config)
+        from megatron.core import parallel_state
+
+        if (attention_dropout if attention_dropout is not None else config.attention_dropout) > 0:
+            raise ValueError("hybrid attention does not implement attention dropout: set model.attention_dropout: 0")
+        if window < 1:
+            raise ValueError(f"window={window} must be >= 1")
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.layer_index = layer_number - 1  # Megatron numbers layers from 1
+        self.window = window
+        self.head_dim = config.kv_channels
+        self.num_kv_heads = config.num_query_groups  # whole layer
+        self.local_kv_heads = self.num_kv_heads // tp_size
+        self.kv_offset = tp_rank * self.local_kv_heads
+        self.queries_per_group = config.num_attention_heads // config.num_query_groups
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.mode = "full"
+        self._gate: Optional[Callable[[bool], torch.Tensor]] = None
+        self._full_heads: Optional[torch.Tensor] = None  # [local_kv_heads] bool, static mode
+
+    # -- configuration by the ConSA callback -------------------------------------------------------
+    def set_full(self) -> None:
+        self.mode, self._gate, self._full_heads = "full", None, None
+
+    def set_gated(self, gate: Callable[[bool], torch.Tensor]) -> None:
+        """``gate(training)`` -> this layer's z: [1] (layer unit) or [num_kv_heads] (whole layer)."""
+        self.mode, self._gate, self._full_heads = "gated", gate, None
+
+    def set_static(self, full_attention: Sequence[bool]) -> None:
+        """``full_attention``: one flag per KV head of the whole layer (or one for the layer)."""
+        flags = torch.as_tensor(list(full_attention), dtype=torch.bool)
+        if flags.numel() == 1:
+            flags = flags.expand(self.num_kv_heads)
+        if flags.numel() != self.num_kv_heads:
+            raise ValueError(f"layer {self.layer_index}: allocation has {flags.numel()} KV-head flags, the "
+                             f"layer has {self.num_kv_heads} KV heads")
+        self.mode, self._gate = "static", None
+        self._full_heads = flags[self.kv_offset : self.kv_offset + self.local_kv_heads].clone()
+
+    # -- compute -----------------------------------------------------------------------------------
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("hybrid attention supports neither packed sequences nor attention bias")
+        return self.forward_heads(query, key, value, list(range(self.local_kv_heads)))
+
+    def forward_heads(self, query, key, value, local_kv_heads: Sequence[int]):
+        """Attention for a subset of this rank's heads (used by looped layers, too).
+
+        query ``[s, b, len(local_kv_heads) * qpg, hn]`` holds the query heads of the listed local
+        KV heads, in order; key / value ``[s, b, len(local_kv_heads), hn]``. Returns
+        ``[s, b, nq * hn]``.
+        """
+        s, b, nq, hn = query.shape
+        q = query.permute(1, 2, 0, 3)  # [b, nq, s, hn]
+        k = key.permute(1, 2, 0, 3)  # [b, nkv, s, hn]
+        v = value.permute(1, 2, 0, 3)
+        heads = torch.as_tensor(list(local_kv_heads), dtype=torch.long)
+        if self.mode == "full":
+            out = causal_attention(q, k, v, self.softmax_scale)
+        elif self.mode == "gated":
+            out = self._gated(q, k, v, heads)
+        else:
+            out = self._static(q, k, v, self._full_heads[heads])
+        return out.permute(2, 0, 1, 3).reshape(s, b, nq * hn)
+
+    def _gated(self, q, k, v, heads):
+        z = self._gate(self.training).to(q.dtype)  # [1] or [num_kv_heads]
+        if z.numel() > 1:
+            z = z[self.kv_offset + heads].repeat_interleave(self.queries_per_group)  # [nq]
+        z = z.view(1, -1, 1, 1)
+        full = causal_attention(q, k, v, self.softmax_scale)
+        swa = sliding_window_attention(q, k, v, self.window, self.softmax_scale)
+        return z * full + (1.0 - z) * swa
+
+    def _static(self, q, k, v, full_flags):
+        if bool(full_flags.all()):
+            return causal_attention(q, k, v, self.softmax_scale)
+        if not bool(full_flags.any()):
+            return sliding_window_attention(q, k, v, self.window, self.softmax_scale)
+        # Mixed layer: two groups, each through its own kernel.
+        qpg = self.queries_per_group
+        fa_kv = full_flags.nonzero().flatten()
+        swa_kv = (~full_flags).nonzero().flatten()
+
+        def query_heads(kv):  # query heads of the given KV heads, in order
+            return (kv.unsqueeze(1) * qpg + torch.arange(qpg)).flatten()
+
+        fa_q, swa_q = query_heads(fa_kv), query_heads(swa_kv)
+        fa_out = causal_attention(q[:, fa_q], k[:, fa_kv], v[:, fa_kv], self.softmax_scale)
+        swa_out = sliding_window_attention(q[:, swa_q], k[:, swa_kv], v[:, swa_kv], self.window, self.softmax_scale)
+        out = q.new_empty(q.shape)
+        out[:, fa_q] = fa_out
+        out[:, swa_q] = swa_out
+        return out
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_index}, mode={self.mode}, window={self.window}"

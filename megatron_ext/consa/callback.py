@@ -1,0 +1,200 @@
+"""ConSA in the training loop: gates, constraint, binarization, static hybrid, metrics and plots.
+
+Gate logits ``log_alpha`` [num_layers, units] are tiny and replicated on every rank, outside the
+model (not in DDP, not in the model optimizer): they have their own Adam, as in LLM-Shearing, and
+the Lagrange multipliers their own ascent. Each layer's :class:`HybridCoreAttention` reads its row.
+
+Gradient of log_alpha after a step's backward, on every rank:
+    LM part:   each rank holds the contributions of its layers (PP) and heads (TP) for its data;
+               summed over the model-parallel group (TP x PP), averaged over data-parallel ranks.
+    constraint: L_c = sum lambda1 (rho_hat - rho_t) + lambda2 (rho_hat - rho_t)^2 with rho_hat from
+               the replicated gates, so every rank computes the same rho_hat, the same L_c and the
+               same gradient; it is added once, after the reduction.
+Every rank then applies the same update, and the gates stay identical everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_ext.consa.allocation import (
+    read_allocation,
+    rule_head_allocation,
+    rule_layer_allocation,
+    swa_fraction,
+    write_allocation,
+)
+from megatron_ext.consa.attention import HybridCoreAttention
+from megatron_ext.consa.config import HybridAttentionConfig
+from megatron_ext.consa.constraint import LagrangianConfig, LagrangianController
+from megatron_ext.consa.gates import HardConcreteGates, ScalarGates
+from megatron_ext.training.callbacks import Callback, TrainContext
+
+LEARNED = ("consa", "scalar_rank")
+
+
+class LayerGate:
+    """``gate(training)`` -> layer ``layer``'s z (a view of the shared gates; not an nn.Module,
+    so the gates do not become parameters of the model)."""
+
+    def __init__(self, gates: HardConcreteGates, layer: int):
+        self.gates = gates
+        self.layer = layer
+
+    def __call__(self, training: bool) -> torch.Tensor:
+        return (self.gates.sample() if training else self.gates.deterministic())[self.layer]
+
+
+class ConSACallback(Callback):
+    name = "consa"
+
+    def __init__(self, cfg: HybridAttentionConfig, num_layers: int, num_kv_heads: int, tokens_per_step: int,
+                 seed: int, log=print):
+        self.cfg = cfg
+        self.num_layers = num_layers
+        self.units = 1 if cfg.granularity == "layer" else num_kv_heads
+        self.num_kv_heads = num_kv_heads
+        self.log = log
+        self.learned = cfg.method in LEARNED
+        self.stage_steps = cfg.mask_learning_length(tokens_per_step) if self.learned else 0
+        self.gates: Optional[HardConcreteGates] = None
+        self.controller: Optional[LagrangianController] = None
+        self.gate_optimizer: Optional[torch.optim.Optimizer] = None
+        self.allocation: Optional[torch.Tensor] = None  # [L, units] bool once static
+        self.history: List = []  # (step, log_alpha) for the plot
+        if self.learned:
+            gate_cls = HardConcreteGates if cfg.method == "consa" else ScalarGates
+            self.gates = gate_cls(num_layers, self.units, cfg.hard_concrete,
+                                  generator=torch.Generator().manual_seed(seed))
+            self.gate_optimizer = torch.optim.Adam([self.gates.log_alpha], lr=cfg.gate_lr,
+                                                   betas=(cfg.gate_adam_beta1, 0.99))
+            if cfg.method == "consa":
+                self.controller = LagrangianController(
+                    LagrangianConfig(target=cfg.target, mode=cfg.constraint,
+                                     warmup_steps=cfg.target_warmup_steps, lambda_lr=cfg.lambda_lr),
+                    num_layers)
+        elif cfg.method == "rule_layer":
+            self.allocation = rule_layer_allocation(num_layers, cfg.layer_pattern)
+        elif cfg.method == "rule_head":
+            self.allocation = rule_head_allocation(num_layers, num_kv_heads, cfg.target)
+        else:
+            self.allocation = read_allocation(cfg.allocation, num_layers, num_kv_heads)
+
+    # -- wiring ------------------------------------------------------------------------------------
+    def on_train_start(self, ctx: TrainContext) -> None:
+        self.modules = [m for chunk in ctx.model for m in chunk.modules() if isinstance(m, HybridCoreAttention)]
+        if not self.modules:
+            raise RuntimeError("hybrid_attention is enabled but the model has no HybridCoreAttention layers")
+        self._apply()
+
+    def _apply(self) -> None:
+        for module in self.modules:
+            if self.allocation is not None:
+                module.set_static(self.allocation[module.layer_index].tolist())
+            else:
+                module.set_gated(LayerGate(self.gates, module.layer_index))
+
+    # -- per step ----------------------------------------------------------------------------------
+    def on_step_end(self, ctx: TrainContext, result) -> Dict[str, object]:
+        if self.allocation is not None:
+            return {"consa/swa_fraction": swa_fraction(self.allocation)}
+        metrics = self._update_gates(ctx.step, result.update_successful)
+        if ctx.step % max(1, self.stage_steps // 50) == 0:
+            self.history.append((ctx.step, self.gates.log_alpha.detach().clone()))
+        if ctx.step >= self.stage_steps:
+            self._binarize(ctx)
+        return metrics
+
+    def _reduced_lm_grad(self) -> torch.Tensor:
+        from megatron.core import parallel_state
+
+        log_alpha = self.gates.log_alpha
+        grad = log_alpha.grad if log_alpha.grad is not None else torch.zeros_like(log_alpha)
+        mp_group = parallel_state.get_model_parallel_group()
+        if dist.get_world_size(mp_group) > 1:
+            dist.all_reduce(grad, group=mp_group)
+        dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        if dist.get_world_size(dp_group) > 1:
+            dist.all_reduce(grad, group=dp_group)
+            grad /= dist.get_world_size(dp_group)
+        return grad
+
+    def _update_gates(self, step: int, update_successful: bool) -> Dict[str, object]:
+        grad = self._reduced_lm_grad()
+        self.last_lm_grad = grad.clone()  # kept for inspection: the LM part of this step's gradient
+        self.gate_optimizer.zero_grad(set_to_none=True)
+        mode = self.cfg.constraint if self.controller is not None else "global"
+        rho_hat = self.gates.expected_swa_fraction(mode)
+        metrics: Dict[str, object] = {"consa/expected_swa_fraction": _value(rho_hat)}
+        if self.controller is not None:
+            constraint = self.controller.constraint_loss(rho_hat, step)
+            c = self.controller
+            g_alpha, g1, g2 = torch.autograd.grad(constraint, [self.gates.log_alpha, c.lambda1, c.lambda2])
+            metrics.update({"consa/target": c.target_at(step), "consa/constraint_loss": float(constraint.detach()),
+                            "consa/lambda1": _value(c.lambda1), "consa/lambda2": _value(c.lambda2)})
+            if update_successful:
+                grad = grad + g_alpha
+                c.lambda1.grad, c.lambda2.grad = g1, g2
+                c.ascent_step()
+        if update_successful and torch.isfinite(grad).all():
+            self.gates.log_alpha.grad = grad
+            self.gate_optimizer.step()
+            self.gate_optimizer.zero_grad(set_to_none=True)
+            self.gates.clamp_()
+        return metrics
+
+    def _binarize(self, ctx: TrainContext) -> None:
+        mode = self.cfg.constraint if self.cfg.granularity == "kv_head" else "global"
+        self.allocation = self.gates.binarize(self.cfg.target, mode)
+        self._apply()
+        if dist.get_rank() == 0:
+            self._write_outputs(Path(ctx.run_dir))
+            swa = int((~self.allocation).sum())
+            self.log(f"consa: binarized at step {ctx.step}: {swa} of {self.allocation.numel()} units use "
+                     f"sliding-window attention (W={self.cfg.window}); training the static hybrid")
+
+    def _write_outputs(self, run_dir: Path) -> None:
+        from megatron_ext.consa.plots import plot_allocation, plot_log_alpha_history
+
+        log_alpha = self.gates.log_alpha.detach() if self.gates is not None else None
+        write_allocation(run_dir / "allocation.json", self.allocation, granularity=self.cfg.granularity,
+                         window=self.cfg.window, target=self.cfg.target, method=self.cfg.method,
+                         log_alpha=log_alpha)
+        plots = run_dir / "plots"
+        plots.mkdir(exist_ok=True)
+        plot_allocation(plots / "consa_allocation.png", self.allocation, log_alpha,
+                        f"{self.cfg.method}: full attention (dark) / SWA, W={self.cfg.window}")
+        plot_log_alpha_history(plots / "consa_log_alpha.png", self.history)
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        if self.allocation is not None and not self.learned and dist.get_rank() == 0:
+            self._write_outputs(Path(ctx.run_dir))  # rule / static allocations are recorded too
+
+    # -- checkpoint --------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, object]:
+        state: Dict[str, object] = {"allocation": self.allocation, "history": self.history}
+        if self.gates is not None:
+            state.update(gates=self.gates.state_dict(), gate_optimizer=self.gate_optimizer.state_dict())
+        if self.controller is not None:
+            state["controller"] = self.controller.state_dict()
+        return state
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        if not state:
+            return
+        self.allocation = state["allocation"]
+        self.history = list(state["history"])
+        if self.gates is not None:
+            self.gates.load_state_dict(state["gates"])
+            self.gate_optimizer.load_state_dict(state["gate_optimizer"])
+        if self.controller is not None:
+            self.controller.load_state_dict(state["controller"])
+
+
+def _value(t: torch.Tensor):
+    t = t.detach()
+    return float(t) if t.numel() == 1 else [round(float(x), 6) for x in t.flatten()]

@@ -1,0 +1,225 @@
+"""Hard-concrete L0 gates that choose, per unit, full attention (z = 1) or sliding-window attention (z = 0).
+
+A unit is a decoder layer (``units_per_layer = 1``) or one KV head of a layer (``units_per_layer`` =
+number of KV heads). Each unit owns one learnable location ``log_alpha``; its gate ``z`` follows the
+hard concrete distribution of Louizos, Welling & Kingma, "Learning Sparse Neural Networks through L0
+Regularization" (ICLR 2018), the section "Hard concrete distribution":
+
+    u ~ U(eps, 1 - eps)
+    s = sigmoid((ln u - ln(1 - u) + log_alpha) / beta)          binary concrete sample
+    z = clamp(s * (zeta - gamma) + gamma, 0, 1)                 stretched to (gamma, zeta), then hard-sigmoid
+
+Because the stretch puts mass beyond [0, 1], z is exactly 0 or exactly 1 with positive probability,
+and the probability that a gate is open has a closed form (the paper's expected L0 norm):
+
+    P(z != 0) = 1 - Q(s <= 0) = sigmoid(log_alpha - beta * ln(-gamma / zeta))
+
+so the expected fraction of SWA units, ``mean(1 - P(z != 0))``, is differentiable in ``log_alpha``.
+The evaluation gate and the exact-count binarization follow LLM-Shearing (Xia et al. 2024,
+``llmshearing/models/l0_module.py``): the deterministic gate scales the logit by 0.8, and the final
+mask closes exactly round(rho * N) gates, those with the lowest ``log_alpha``.
+
+The module holds one scalar per unit, so it is meant to be kept whole on every rank; a pipeline stage
+reads the rows of its own layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Literal, get_args
+
+import torch
+
+ConstraintMode = Literal["global", "per_layer"]
+"""How the SWA fraction is measured: over all units at once, or layer by layer (one value per layer)."""
+
+CONSTRAINT_MODES = get_args(ConstraintMode)
+
+
+def check_mode(mode: str) -> None:
+    """Raise ValueError unless ``mode`` is one of :data:`CONSTRAINT_MODES`."""
+    if mode not in CONSTRAINT_MODES:
+        raise ValueError(f"mode={mode!r} is not allowed: use one of {' | '.join(map(repr, CONSTRAINT_MODES))}")
+
+
+@dataclass
+class HardConcreteConfig:
+    """Constants of the hard concrete distribution and of the ``log_alpha`` initialisation.
+
+    The defaults are those of Louizos et al. (2018) and LLM-Shearing: beta = 2/3, (gamma, zeta) =
+    (-0.1, 1.1), log_alpha ~ N(5, 0.01^2) (every gate starts open, i.e. every unit uses full attention)
+    and log_alpha kept in [ln 1e-2, ln 1e2].
+    """
+
+    beta: float = 2.0 / 3.0
+    """Temperature of the binary concrete; smaller values make samples closer to Bernoulli."""
+    gamma: float = -0.1
+    """Lower end of the stretch interval (gamma, zeta); must be < 0 so that z = 0 has mass."""
+    zeta: float = 1.1
+    """Upper end of the stretch interval; must be > 1 so that z = 1 has mass."""
+    eps: float = 1e-6
+    """The uniform noise is drawn from U(eps, 1 - eps) so that ln u and ln(1 - u) stay finite."""
+    init_mean: float = 5.0
+    """Mean of the normal initialisation of log_alpha; 5 gives P(z != 0) ~ 0.999 ("all full attention")."""
+    init_std: float = 0.01
+    """Standard deviation (not variance) of the normal initialisation of log_alpha."""
+    log_alpha_min: float = math.log(1e-2)
+    """Lower bound that ``clamp_()`` applies to log_alpha after each optimizer step."""
+    log_alpha_max: float = math.log(1e2)
+    """Upper bound that ``clamp_()`` applies to log_alpha. The default init mean (5) lies above it, as in
+    LLM-Shearing: the initial values are used as drawn and the first clamp moves them to ln 100 ~ 4.61."""
+
+    def __post_init__(self) -> None:
+        problems: List[str] = []
+
+        def require(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                problems.append(f"HardConcreteConfig.{name}={getattr(self, name)!r} is not allowed: {allowed}")
+
+        finite = {name: math.isfinite(getattr(self, name)) for name in (
+            "beta", "gamma", "zeta", "eps", "init_mean", "init_std", "log_alpha_min", "log_alpha_max")}
+        require(finite["beta"] and self.beta > 0, "beta", "the temperature must be a finite number > 0")
+        require(finite["gamma"] and self.gamma < 0, "gamma", "use a finite number < 0 (P(z = 0) > 0 needs it)")
+        require(finite["zeta"] and self.zeta > 1, "zeta", "use a finite number > 1 (P(z = 1) > 0 needs it)")
+        require(0 < self.eps < 0.5, "eps", "use a number in (0, 0.5)")
+        require(finite["init_mean"], "init_mean", "use a finite number")
+        require(finite["init_std"] and self.init_std >= 0, "init_std", "use a finite number >= 0")
+        require(finite["log_alpha_min"], "log_alpha_min", "use a finite number")
+        require(finite["log_alpha_max"] and self.log_alpha_max > self.log_alpha_min, "log_alpha_max",
+                f"use a finite number > log_alpha_min={self.log_alpha_min!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+class HardConcreteGates(torch.nn.Module):
+    """One hard-concrete gate per unit: ``log_alpha`` of shape [num_layers, units_per_layer].
+
+    ``z = 1`` means the unit uses full attention, ``z = 0`` sliding-window attention. In training
+    mode ``forward()`` draws a differentiable sample, in eval mode it returns the deterministic gate.
+    The noise comes from torch's default generator of the parameter's device, so whatever seeding and
+    RNG-state tracking Megatron applies to that generator (and checkpoints) applies to the gates too.
+
+    The optimizer should not apply weight decay to ``log_alpha`` (decay would pull every gate towards
+    P(z != 0) ~ 0.83, its value at log_alpha = 0) and must call ``clamp_()`` after each step.
+    """
+
+    def __init__(self, num_layers: int, units_per_layer: int = 1, config: HardConcreteConfig | None = None,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        for name, value in (("num_layers", num_layers), ("units_per_layer", units_per_layer)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is not allowed: use an integer >= 1")
+        self.config = config if config is not None else HardConcreteConfig()
+        self.num_layers = num_layers
+        self.units_per_layer = units_per_layer
+        # [num_layers, units_per_layer]
+        self.log_alpha = torch.nn.Parameter(torch.empty(num_layers, units_per_layer))
+        with torch.no_grad():
+            # A dedicated generator lets every rank draw the same initial logits.
+            self.log_alpha.normal_(self.config.init_mean, self.config.init_std, generator=generator)
+
+    def sample(self) -> torch.Tensor:
+        """Training gate ``z`` in [0, 1], [num_layers, units_per_layer], differentiable w.r.t. log_alpha.
+
+        u ~ U(eps, 1 - eps); s = sigmoid((ln u - ln(1 - u) + log_alpha) / beta);
+        z = clamp(s * (zeta - gamma) + gamma, 0, 1).
+        """
+        c = self.config
+        # float32 whatever the parameter dtype: 1 - eps = 1 - 1e-6 is not representable in bf16/fp16.
+        log_alpha = self.log_alpha.float()
+        u = torch.empty_like(log_alpha).uniform_(c.eps, 1.0 - c.eps)  # [L, U]
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / c.beta)
+        return torch.clamp(s * (c.zeta - c.gamma) + c.gamma, 0.0, 1.0)
+
+    def deterministic(self) -> torch.Tensor:
+        """Evaluation gate, [num_layers, units_per_layer]: the LLM-Shearing estimator
+
+            z = clamp(sigmoid(log_alpha / beta * 0.8) * (zeta - gamma) + gamma, 0, 1).
+
+        The paper's test-time estimator is the same expression without the 1/beta * 0.8 logit scale.
+        """
+        c = self.config
+        s = torch.sigmoid(self.log_alpha.float() / c.beta * 0.8)
+        return torch.clamp(s * (c.zeta - c.gamma) + c.gamma, 0.0, 1.0)
+
+    def prob_nonzero(self) -> torch.Tensor:
+        """P(z != 0) = sigmoid(log_alpha - beta * ln(-gamma / zeta)), [num_layers, units_per_layer].
+
+        z = 0 exactly when the stretched sample s * (zeta - gamma) + gamma is <= 0, i.e. s <= -gamma /
+        (zeta - gamma); inverting the binary concrete CDF at that point gives this closed form.
+        """
+        c = self.config
+        return torch.sigmoid(self.log_alpha.float() - c.beta * math.log(-c.gamma / c.zeta))
+
+    def expected_swa_fraction(self, mode: ConstraintMode = "global") -> torch.Tensor:
+        """Expected fraction of units using SWA, rho_hat = mean_u (1 - P(z_u != 0)).
+
+        ``"global"``: one scalar over all units of all layers; ``"per_layer"``: [num_layers], each
+        layer's mean over its own units.
+        """
+        check_mode(mode)
+        swa = 1.0 - self.prob_nonzero()  # [L, U]
+        return swa.mean() if mode == "global" else swa.mean(dim=1)
+
+    def forward(self) -> torch.Tensor:
+        """``sample()`` in training mode, ``deterministic()`` in eval mode; [num_layers, units_per_layer]."""
+        return self.sample() if self.training else self.deterministic()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamp log_alpha in place to [log_alpha_min, log_alpha_max]; call after each optimizer step.
+
+        Without the bound a gate that is never sampled open (or never closed) keeps drifting, and
+        would take arbitrarily many steps to come back when the constraint changes. An optimizer that
+        keeps separate fp32 master weights must have those clamped, not only this parameter.
+        """
+        self.log_alpha.clamp_(self.config.log_alpha_min, self.config.log_alpha_max)
+
+    @torch.no_grad()
+    def binarize(self, rho: float, mode: ConstraintMode = "global") -> torch.Tensor:
+        """Final mask, torch.bool [num_layers, units_per_layer]: True = full attention, False = SWA.
+
+        ConSA's rule is z = 1[log_alpha > 0]. Following LLM-Shearing's evaluation mask, the number of
+        SWA units is instead made exact: the round(rho * N) units with the lowest log_alpha
+        become SWA, N being all units (``"global"``) or each layer's units (``"per_layer"``, so every
+        layer gets round(rho * units_per_layer)). ``round`` is Python's, which rounds halves to even.
+        Ties go by unit index (row-major over [layer, unit]): the lower index becomes SWA first.
+        """
+        check_mode(mode)
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"rho={rho!r} is not allowed: use a fraction in [0, 1]")
+        log_alpha = self.log_alpha.detach()
+        full = torch.ones_like(log_alpha, dtype=torch.bool)  # [L, U]
+        if mode == "global":
+            k = round(rho * log_alpha.numel())
+            # A stable ascending sort keeps equal values in index order, which is the tie rule.
+            order = torch.sort(log_alpha.flatten(), stable=True).indices  # [L * U]
+            full.view(-1)[order[:k]] = False
+        else:
+            k = round(rho * self.units_per_layer)
+            order = torch.sort(log_alpha, dim=1, stable=True).indices  # [L, U]
+            full.scatter_(1, order[:, :k], False)
+        return full
+
+    def extra_repr(self) -> str:
+        return f"num_layers={self.num_layers}, units_per_layer={self.units_per_layer}"
+
+
+class ScalarGates(HardConcreteGates):
+    """The "scalar gates + ranking" ablation: a deterministic continuous gate per unit.
+
+    z_u = sigmoid(log_alpha_u) mixes full and sliding-window attention during stage 1 (no noise, no
+    L0 penalty, no constraint, as LoZA's scalar gates); at binarization the round(rho * N)
+    lowest-ranked units become SWA (the inherited :meth:`binarize`). ``prob_nonzero`` reports the
+    mean gate, so the "expected SWA fraction" metric reads as the mean weight given to SWA.
+    """
+
+    def sample(self) -> torch.Tensor:
+        return torch.sigmoid(self.log_alpha.float())
+
+    def deterministic(self) -> torch.Tensor:
+        return self.sample()
+
+    def prob_nonzero(self) -> torch.Tensor:
+        return self.sample()

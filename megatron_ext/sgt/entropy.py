@@ -1,0 +1,208 @@
+"""Head informativeness for SGT: entropy of the last query's attention row, tracked as an EMA.
+
+SGT (Sparse Growing Transformer, arXiv 2603.23998) scores an attention head by how
+spread out the attention of the *last* query position is. With logits
+``s_j = scale * <q_last, k_j>`` over the ``T`` keys and ``p = softmax(s)``,
+
+    H = -sum_j p_j ln p_j / ln T        (in [0, 1]; 1 means uniform attention)
+
+Under a causal mask the last query sees every key, so no mask is needed and the row costs
+``O(T d)`` per head instead of the ``O(T^2 d)`` of a full attention matrix. High entropy marks a
+head (and, averaged over its heads, a layer) as informative: it is the one grown into a loop.
+
+Per optimizer step the per-head entropies are averaged over the batch and the micro-batches,
+averaged over the data-parallel ranks, and smoothed across steps by an exponential moving
+average with decay 0.5 (the released configuration's ``ema_decay``):
+
+    ema_t = decay * ema_{t-1} + (1 - decay) * h_t,      ema_1 = h_1.
+
+Reference code: ``olmo/loop_attention.py`` (``compute_entropy_from_weights``,
+``finalize_entropy``) and ``olmo/model.py`` (``_compute_last_attention_weights_for_entropy``) of
+the authors' repository (YaoChen0203/Sparse-Growing-Transformer). Relation to it:
+
+* [choice] The first observation initializes the EMA. The reference starts from zeros, which
+  scales the EMA after t updates by (1 - decay^t): harmless when every layer is observed from
+  step 1, but it would rank a layer first observed later below its true entropy.
+* [choice] Observations are averaged over data-parallel ranks *before* the EMA update; the
+  reference all-reduces the EMA afterwards. Both are the same number because the EMA is linear
+  and every rank updates the same layers at the same steps; reducing the observations takes one
+  collective per step for all layers together.
+* What to observe is the caller's choice; the reference feeds every head's entropy from the
+  layer's ordinary attention pass, except that once a layer loops, its kept heads are fed the
+  entropy of their last loop pass instead (``finalize_entropy``).
+* The entropy uses ``log_softmax`` rather than ``log(clamp(p, 1e-12))``: same value, without the
+  clamp's bias for near-zero probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["EntropyTracker", "last_query_entropy"]
+
+
+@torch.no_grad()
+def last_query_entropy(
+    q_last: torch.Tensor, k: torch.Tensor, scale: float, num_kv_groups: int = 1
+) -> torch.Tensor:
+    """Normalized entropy of the last query position's attention row, per (batch, head).
+
+    Args:
+        q_last: ``[b, h, d]`` query vectors of the last position, after RoPE (and QK-norm).
+        k: ``[b, h_kv, T, d]`` the keys the last query attends to, after RoPE: all ``T`` of them,
+            since the causal mask hides none from the last position.
+        scale: softmax scale applied to the logits (``1/sqrt(d)`` unless the model sets another).
+        num_kv_groups: query heads per KV head, ``h // h_kv`` (grouped-query attention); query
+            head ``i`` uses KV head ``i // num_kv_groups``. 1 means multi-head attention.
+
+    Returns:
+        ``[b, h]`` tensor (float32; float64 for float64 inputs) with ``-sum_j p_j ln p_j / ln T``,
+        where ``p = softmax(scale * q_last k^T)``; zeros when ``T == 1`` (a single key carries no
+        choice, and ``ln 1 = 0`` would divide by zero).
+
+    Only ``b * h * T`` logits are formed; the logits come from a matmul in the inputs' dtype (the
+    precision the attention itself uses) and the softmax and entropy are taken in at least float32.
+    """
+    if q_last.dim() != 3 or k.dim() != 4:
+        raise ValueError(f"expected q_last [b, h, d] and k [b, h_kv, T, d], got {tuple(q_last.shape)} "
+                         f"and {tuple(k.shape)}")
+    b, h, d = q_last.shape
+    kb, h_kv, t, kd = k.shape
+    if (kb, kd) != (b, d):
+        raise ValueError(f"q_last {tuple(q_last.shape)} and k {tuple(k.shape)} disagree on the batch "
+                         "size or the head dimension")
+    if num_kv_groups < 1 or h != h_kv * num_kv_groups:
+        raise ValueError(f"num_kv_groups={num_kv_groups} does not fit {h} query heads over {h_kv} KV "
+                         f"heads: it must be h // h_kv = {h / h_kv:g}")
+    if t == 1:
+        out_dtype = torch.promote_types(q_last.dtype, torch.float32)
+        return torch.zeros(b, h, dtype=out_dtype, device=q_last.device)
+    # [b, h_kv, g, d] x [b, h_kv, T, d] -> [b, h_kv, g, T]: each KV head serves its group of
+    # consecutive query heads without repeating k.
+    q = q_last.reshape(b, h_kv, num_kv_groups, d)
+    logits = torch.matmul(q, k.transpose(-1, -2))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).mul_(scale)
+    log_p = torch.log_softmax(logits, dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(dim=-1)
+    return entropy.reshape(b, h) / math.log(t)
+
+
+class EntropyTracker:
+    """Per-layer, per-head EMA of the last-query attention entropy.
+
+    Usage per optimizer step: ``accumulate(layer, entropy)`` once per micro-batch and layer (the
+    entropy already averaged over the micro-batch's sequences, shape ``[num_heads]``), then
+    ``end_step(dp_group)`` once. ``end_step`` takes, for each layer observed in the step, the mean
+    over its micro-batches, averages it over the data-parallel group, and folds it into the EMA
+    (see the module docstring). Layers not observed in a step keep their EMA.
+
+    Layers are global layer indices. The tracker does not gather across tensor- or
+    pipeline-parallel ranks: the caller hands it whichever layers it wants tracked (possibly all
+    layers on every rank). Every rank of ``dp_group`` must observe the same layers in a step,
+    since their observations are reduced as one vector in sorted layer order.
+
+    The EMA is kept on the CPU in float64: the scheduler reads it as Python numbers,
+    and the per-step device-to-host copy is one vector of ``layers * heads`` values.
+    """
+
+    def __init__(self, layers: Iterable[int], num_heads: int, decay: float = 0.5):
+        """
+        Args:
+            layers: global indices of the layers to track.
+            num_heads: attention heads per layer (the length of every observation).
+            decay: EMA decay in ``[0, 1)``; 0 keeps only the latest step.
+        """
+        self.layers: List[int] = sorted({int(layer) for layer in layers})
+        self._tracked = frozenset(self.layers)
+        if not self.layers:
+            raise ValueError("layers is empty: pass the global indices of the layers to track")
+        if num_heads < 1:
+            raise ValueError(f"num_heads={num_heads} must be a positive int")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay={decay} must be in [0, 1)")
+        self.num_heads = num_heads
+        self.decay = float(decay)
+        self._ema: Dict[int, torch.Tensor] = {}
+        self._sum: Dict[int, torch.Tensor] = {}
+        self._count: Dict[int, int] = {}
+
+    def accumulate(self, layer: int, entropy_per_head: torch.Tensor) -> None:
+        """Add one micro-batch's ``[num_heads]`` entropy of ``layer`` to the current step."""
+        if layer not in self._tracked:
+            raise KeyError(f"layer {layer} is not tracked (tracked layers: {self.layers})")
+        if tuple(entropy_per_head.shape) != (self.num_heads,):
+            raise ValueError(f"layer {layer}: expected entropy of shape ({self.num_heads},), "
+                             f"got {tuple(entropy_per_head.shape)}")
+        value = entropy_per_head.detach().float()
+        if layer in self._sum:
+            self._sum[layer] += value
+            self._count[layer] += 1
+        else:
+            self._sum[layer] = value.clone()
+            self._count[layer] = 1
+
+    def end_step(self, dp_group: Optional[dist.ProcessGroup] = None) -> None:
+        """Average the step's micro-batches, then the data-parallel ranks, and update the EMA.
+
+        Without ``dp_group``, or when ``torch.distributed`` is not initialized, no reduction is
+        made. A step with no observation leaves the EMA as it was (and makes no collective call:
+        every rank of the group must then have observed nothing).
+        """
+        observed = sorted(self._sum)
+        if not observed:
+            return
+        means = torch.stack([self._sum[layer] / self._count[layer] for layer in observed])
+        if dp_group is not None and dist.is_available() and dist.is_initialized():
+            # SUM then divide: ReduceOp.AVG is NCCL-only, and gloo is used on CPU.
+            dist.all_reduce(means, op=dist.ReduceOp.SUM, group=dp_group)
+            means /= dist.get_world_size(group=dp_group)
+        means = means.to(device="cpu", dtype=torch.float64)
+        for layer, new in zip(observed, means):
+            old = self._ema.get(layer)
+            self._ema[layer] = new.clone() if old is None else self.decay * old + (1.0 - self.decay) * new
+        self._sum.clear()
+        self._count.clear()
+
+    def layer_scores(self) -> Dict[int, float]:
+        """``{layer: mean over heads of the EMA entropy}`` for every layer observed so far."""
+        return {layer: float(ema.mean()) for layer, ema in sorted(self._ema.items())}
+
+    def head_ema(self, layer: int) -> torch.Tensor:
+        """``[num_heads]`` float64 EMA entropy of ``layer`` (a copy)."""
+        if layer not in self._ema:
+            state = "is not tracked" if layer not in self._tracked else "has no observation yet"
+            raise KeyError(f"layer {layer} {state}")
+        return self._ema[layer].clone()
+
+    def head_emas(self) -> Dict[int, torch.Tensor]:
+        """``{layer: head_ema(layer)}`` for every layer observed so far."""
+        return {layer: ema.clone() for layer, ema in sorted(self._ema.items())}
+
+    def state_dict(self) -> dict:
+        """The EMA state; call between steps (after ``end_step``), when no observation is pending."""
+        if self._sum:
+            raise RuntimeError(f"layers {sorted(self._sum)} have observations not yet folded in: call "
+                               "end_step() before state_dict()")
+        return {
+            "layers": list(self.layers),
+            "num_heads": self.num_heads,
+            "ema": {layer: ema.clone() for layer, ema in self._ema.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output; the tracked layers and head count must match."""
+        if list(state["layers"]) != self.layers or state["num_heads"] != self.num_heads:
+            raise ValueError(f"checkpoint tracks layers {list(state['layers'])} with {state['num_heads']} "
+                             f"heads; this tracker has layers {self.layers} with {self.num_heads} heads")
+        self._ema = {int(layer): ema.to(device="cpu", dtype=torch.float64).clone()
+                     for layer, ema in state["ema"].items()}
+        self._sum.clear()
+        self._count.clear()
+
+    @property
+    def _known(self) -> set:
+        return set(self.layers)

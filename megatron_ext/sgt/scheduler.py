@@ -1,0 +1,302 @@
+"""SGT growth schedule: which layers loop, how deep, and which of their heads stay.
+
+SGT (Sparse Growing Transformer, arXiv 2603.23998) starts from a plain transformer and,
+during training, grows extra attention passes ("loops") on a few informative layers, from deep to
+shallow. Informativeness is the EMA of the last query's normalized attention entropy
+(:mod:`megatron_ext.sgt.entropy`); a layer's score is the mean over its heads.
+
+Schedule (``window`` steps per phase; step numbers are 1-based and counted after the step):
+
+1. At ``first_selection_step``: rank the non-excluded layers by score, take the ``top_k_layers``
+   best and select the deepest of them (largest index). It loops once (depth 1) and a window
+   opens.
+2. When a window ends (``window`` steps after it opened), with the current top-k:
+
+   * the most recently selected layer is still in the top-k and its depth is below
+     ``max_loop_depth``: it loops once more, and a new window opens;
+   * else, fewer than ``max_selected_layers`` layers are selected and a top-k layer lies
+     shallower than every selected layer: the deepest such layer is selected (depth 1), and a
+     new window opens;
+   * else the structure freezes for good: no more events, and entropy is no longer needed.
+
+3. A selected layer keeps the ``num_keep_heads`` heads of highest EMA entropy at its selection.
+   Its other heads' loop outputs are multiplied by ``max(0, 1 - (step - s) / window)``, ``s``
+   the layer's selection step: a linear fade over one window, after which they are not computed.
+
+Reference code: ``olmo/dynamic_layer_scheduler.py`` and ``olmo/loop_attention.py``
+(``select_heads``, ``update_head_decay``) of the authors' repository
+(YaoChen0203/Sparse-Growing-Transformer), with the released configuration's values as defaults
+(``configs/OLMo-300M-...-LoopDepth_1-NumHead_2-EmaDecay_0.5_DecayWindow_250-...yaml``).
+Where that code leaves room, this module decides as follows:
+
+* [choice] Deepening considers only the most recently selected layer. The reference loops over
+  all selected layers in selection order and deepens the first one still in the top-k, so an
+  earlier (deeper) layer could be deepened after a shallower one was selected. With the released
+  ``max_loop_depth = 1`` no layer is ever deepened and the two rules agree.
+* [choice] Ranking ties (equal scores) go to the larger layer index (deeper first), matching the
+  deep-to-shallow growth; the reference's stable ``sorted`` keeps its dict order on ties
+  (shallower first). Head ties go to the lower head index (the reference's unstable
+  ``torch.sort`` leaves them unspecified).
+* [choice] The first selection happens at the first ``step`` call with
+  ``step >= first_selection_step`` and a window is evaluated at the first call with
+  ``step >= window end`` (the reference tests ``==`` for the first selection, which never fires
+  if that step is skipped, e.g. by resuming past it).
+* [choice] The freeze is an event at the window end where it is decided, as in the reference.
+  If the first selection finds no candidate (every scored layer excluded) the structure freezes
+  at once; the reference then idles forever in its "selecting" phase.
+* [choice] ``tracking_needed`` turns False as soon as no entropy value can change the remaining
+  schedule: once frozen, and already during the last window, when ``max_selected_layers`` layers
+  are selected and the latest is at ``max_loop_depth`` (the reference keeps measuring until the
+  freeze).
+* Deepening does not restart the head fade, as in the reference (``increase_loop_depth`` leaves
+  the decay window alone): the fade always runs from the layer's selection step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Mapping, Optional, Tuple
+
+import torch
+
+
+__all__ = ["Event", "GrowthConfig", "GrowthScheduler"]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class GrowthConfig:
+    """SGT growth schedule; defaults are the paper's released configuration."""
+
+    first_selection_step: int = 250
+    """Optimizer step (1-based) at which the first layer is selected; entropy EMAs warm up before."""
+    window: int = 250
+    """Steps between growth decisions, and the length of a selected layer's head fade."""
+    top_k_layers: int = 3
+    """Size of the highest-entropy layer set that candidates are drawn from."""
+    max_selected_layers: int = 3
+    """Most layers that ever loop."""
+    max_loop_depth: int = 1
+    """Most extra attention passes of one layer (1: the layer's attention runs twice)."""
+    num_keep_heads: int = 2
+    """Heads kept in a selected layer's loop; the others fade out over one window."""
+    exclude_layers: List[int] = field(default_factory=lambda: [0])
+    """Layers never selected (global indices); the first layer by default."""
+
+    def __post_init__(self) -> None:
+        problems: List[str] = []
+        for name in ("first_selection_step", "window", "top_k_layers", "max_selected_layers",
+                     "max_loop_depth", "num_keep_heads"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                problems.append(f"{name}={value!r} is not allowed: it must be an int >= 1")
+        excluded = self.exclude_layers
+        if not isinstance(excluded, (list, tuple)) or not all(_is_int(v) and v >= 0 for v in excluded):
+            problems.append(f"exclude_layers={excluded!r} is not allowed: it must be a list of layer "
+                            "indices >= 0")
+        if problems:
+            # Imported here: the run config's schema imports this module, and importing
+            # megatron_ext.config.loader at the top would run that schema first (an import cycle).
+            from megatron_ext.config.loader import ConfigError
+
+            raise ConfigError(problems)
+        self.exclude_layers = sorted(set(excluded))
+
+
+@dataclass(frozen=True)
+class Event:
+    """One change of the looped structure, as returned by :meth:`GrowthScheduler.step`."""
+
+    kind: Literal["select", "deepen", "freeze"]
+    """``select``: a new layer loops; ``deepen``: a selected layer loops once more; ``freeze``:
+    the structure is final."""
+    step: int
+    """Step at which it happened."""
+    layer: Optional[int] = None
+    """Layer selected or deepened; None for ``freeze``."""
+    depth: int = 0
+    """The layer's loop depth after the event; 0 for ``freeze``."""
+    kept_heads: Tuple[int, ...] = ()
+    """The layer's kept heads, highest entropy first; empty for ``freeze``."""
+
+
+class GrowthScheduler:
+    """Drives the SGT schedule described in the module docstring.
+
+    Call :meth:`step` once per optimizer step, after the entropy EMAs were updated for that step,
+    with the step number and the current scores; it returns the events of that step. The loop
+    structure to run at step ``t`` is :attr:`loop_depths` and :meth:`head_factors` (``t``).
+    """
+
+    def __init__(self, config: GrowthConfig, num_layers: int, num_heads: int):
+        if num_layers < 1 or num_heads < 1:
+            raise ValueError(f"num_layers={num_layers} and num_heads={num_heads} must be positive")
+        if config.num_keep_heads > num_heads:
+            raise ValueError(f"num_keep_heads={config.num_keep_heads} is not allowed: at most the "
+                             f"{num_heads} heads of a layer")
+        out_of_range = [layer for layer in config.exclude_layers if layer >= num_layers]
+        if out_of_range:
+            raise ValueError(f"exclude_layers={config.exclude_layers} is not allowed: {out_of_range} "
+                             f"not below num_layers={num_layers}")
+        self.config = config
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self._selected: List[int] = []
+        self._depth: Dict[int, int] = {}
+        self._kept: Dict[int, Tuple[int, ...]] = {}
+        self._selected_at: Dict[int, int] = {}
+        self._window_end: Optional[int] = None  # None: no window open (before the first selection, frozen)
+        self._frozen = False
+
+    # -- schedule ---------------------------------------------------------------------------
+
+    def step(self, step: int, layer_scores: Mapping[int, float],
+             head_entropy: Mapping[int, torch.Tensor]) -> List[Event]:
+        """Advance to ``step`` (1-based, after it completed) and return the events taken there.
+
+        Args:
+            step: the optimizer step just completed.
+            layer_scores: ``{layer: score}``, the mean EMA head entropy; layers absent from it are
+                not candidates. Read only at decision steps.
+            head_entropy: ``{layer: [num_heads] EMA entropy}``; read only for a layer being
+                selected, to choose its kept heads.
+        """
+        if self._frozen:
+            return []
+        if not self._selected:
+            if step < self.config.first_selection_step:
+                return []
+            top_k = self._top_k(layer_scores)
+            if not top_k:
+                return [self._freeze(step)]
+            return [self._select(max(top_k), step, head_entropy)]
+        if step < self._window_end:
+            return []
+        top_k = self._top_k(layer_scores)
+        latest = self._selected[-1]
+        if latest in top_k and self._depth[latest] < self.config.max_loop_depth:
+            self._depth[latest] += 1
+            self._window_end = step + self.config.window
+            return [Event("deepen", step, latest, self._depth[latest], self._kept[latest])]
+        if len(self._selected) < self.config.max_selected_layers:
+            shallowest = min(self._selected)
+            candidates = [layer for layer in top_k if layer < shallowest]
+            if candidates:
+                return [self._select(max(candidates), step, head_entropy)]
+        return [self._freeze(step)]
+
+    def _top_k(self, layer_scores: Mapping[int, float]) -> List[int]:
+        """The ``top_k_layers`` best non-excluded layers, by score then by depth (deeper first)."""
+        for layer, score in layer_scores.items():
+            if not 0 <= layer < self.num_layers:
+                raise ValueError(f"layer_scores has layer {layer}, outside [0, {self.num_layers})")
+            if not math.isfinite(score):
+                raise ValueError(f"layer {layer} has a non-finite score {score}: its entropy EMA is broken")
+        excluded = set(self.config.exclude_layers)
+        ranked = sorted((layer for layer in layer_scores if layer not in excluded),
+                        key=lambda layer: (layer_scores[layer], layer), reverse=True)
+        return ranked[: self.config.top_k_layers]
+
+    def _select(self, layer: int, step: int, head_entropy: Mapping[int, torch.Tensor]) -> Event:
+        if layer not in head_entropy:
+            raise KeyError(f"head_entropy has no entry for layer {layer}, which is being selected")
+        entropy = torch.as_tensor(head_entropy[layer]).detach().to("cpu", torch.float64)
+        if tuple(entropy.shape) != (self.num_heads,):
+            raise ValueError(f"head_entropy[{layer}] has shape {tuple(entropy.shape)}, expected "
+                             f"({self.num_heads},)")
+        # Stable sort of the negated values: ties go to the lower head index.
+        order = torch.sort(-entropy, stable=True).indices
+        kept = tuple(int(head) for head in order[: self.config.num_keep_heads])
+        self._selected.append(layer)
+        self._depth[layer] = 1
+        self._kept[layer] = kept
+        self._selected_at[layer] = step
+        self._window_end = step + self.config.window
+        return Event("select", step, layer, 1, kept)
+
+    def _freeze(self, step: int) -> Event:
+        self._frozen = True
+        self._window_end = None
+        return Event("freeze", step)
+
+    # -- structure --------------------------------------------------------------------------
+
+    @property
+    def loop_depths(self) -> Dict[int, int]:
+        """``{layer: extra attention passes}`` of the selected layers."""
+        return dict(self._depth)
+
+    @property
+    def selected_layers(self) -> List[int]:
+        """Selected layers in selection order (deep to shallow)."""
+        return list(self._selected)
+
+    @property
+    def frozen(self) -> bool:
+        """True once the structure is final."""
+        return self._frozen
+
+    @property
+    def tracking_needed(self) -> bool:
+        """Whether entropy still has to be measured: False once no measurement can change the
+        schedule (frozen, or in the last window when only a freeze can follow)."""
+        if self._frozen:
+            return False
+        if len(self._selected) < self.config.max_selected_layers:
+            return True
+        return self._depth[self._selected[-1]] < self.config.max_loop_depth
+
+    def kept_heads(self, layer: int) -> Tuple[int, ...]:
+        """Heads of ``layer`` that keep looping, highest entropy at selection first."""
+        self._check_selected(layer)
+        return self._kept[layer]
+
+    def head_factors(self, layer: int, step: int) -> List[float]:
+        """Per-head multiplier of ``layer``'s loop output at ``step``.
+
+        1.0 for kept heads; for the others ``max(0, 1 - (step - s) / window)`` with ``s`` the
+        layer's selection step (clamped to 1 before ``s``).
+        """
+        self._check_selected(layer)
+        fade = 1.0 - (step - self._selected_at[layer]) / self.config.window
+        fade = min(1.0, max(0.0, fade))
+        kept = set(self._kept[layer])
+        return [1.0 if head in kept else fade for head in range(self.num_heads)]
+
+    def active_heads(self, layer: int, step: int) -> Tuple[int, ...]:
+        """Heads of ``layer`` whose loop output is nonzero at ``step``: the only ones to compute."""
+        return tuple(head for head, factor in enumerate(self.head_factors(layer, step)) if factor > 0.0)
+
+    def _check_selected(self, layer: int) -> None:
+        if layer not in self._depth:
+            raise KeyError(f"layer {layer} is not selected (selected: {self._selected})")
+
+    # -- checkpointing ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Plain-Python state (ints, lists, dicts), safe for ``torch.save`` and YAML/JSON."""
+        return {
+            "selected": list(self._selected),
+            "depth": dict(self._depth),
+            "kept": {layer: list(heads) for layer, heads in self._kept.items()},
+            "selected_at": dict(self._selected_at),
+            "window_end": self._window_end,
+            "frozen": self._frozen,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (layer keys may have become strings, as in JSON)."""
+        selected = [int(layer) for layer in state["selected"]]
+        if any(not 0 <= layer < self.num_layers for layer in selected):
+            raise ValueError(f"checkpoint selects layers {selected}, not all below num_layers="
+                             f"{self.num_layers}")
+        self._selected = selected
+        self._depth = {int(layer): int(depth) for layer, depth in state["depth"].items()}
+        self._kept = {int(layer): tuple(int(h) for h in heads) for layer, heads in state["kept"].items()}
+        self._selected_at = {int(layer): int(step) for layer, step in state["selected_at"].items()}
+        self._window_end = None if state["window_end"] is None else int(state["window_end"])
+        self._frozen = bool(state["frozen"])

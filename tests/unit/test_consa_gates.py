@@ -1,0 +1,274 @@
+"""ConSA hard-concrete gates and the augmented-Lagrangian SWA-fraction controller.
+
+``pytest -s`` shows the convergence trajectory of the controller test.
+"""
+
+import io
+import math
+
+import pytest
+import torch
+
+from megatron_ext.consa.constraint import LagrangianConfig, LagrangianController
+from megatron_ext.consa.gates import HardConcreteConfig, HardConcreteGates
+
+
+def gates_with(log_alpha) -> HardConcreteGates:
+    log_alpha = torch.as_tensor(log_alpha, dtype=torch.float32)
+    gates = HardConcreteGates(*log_alpha.shape)
+    with torch.no_grad():
+        gates.log_alpha.copy_(log_alpha)
+    return gates
+
+
+# ---- (1) expected L0 against Monte Carlo ------------------------------------------------------
+
+def test_prob_nonzero_matches_monte_carlo():
+    values = [-3.0, -1.0, -0.5, 0.0, 1.0, 3.0]
+    num_samples = 200_000
+    # Each row is an independent draw of the same six gates: [num_samples, 6].
+    gates = gates_with(torch.tensor(values).expand(num_samples, -1))
+    torch.manual_seed(1234)
+    with torch.no_grad():
+        z = gates.sample()
+    assert z.min() == 0.0 and z.max() == 1.0, "the stretch must give exact zeros and ones"
+    frequency = (z != 0).double().mean(dim=0)
+    expected = gates.prob_nonzero()[0].double()
+    beta, gamma, zeta = 2 / 3, -0.1, 1.1
+    closed_form = torch.tensor([1 / (1 + math.exp(-(v - beta * math.log(-gamma / zeta)))) for v in values])
+    torch.testing.assert_close(expected, closed_form.double(), rtol=0, atol=1e-6)
+    std_error = (expected * (1 - expected) / num_samples).sqrt()
+    for v, f, p, se in zip(values, frequency.tolist(), expected.tolist(), std_error.tolist()):
+        assert abs(f - p) <= max(3 * se, 0.005), f"log_alpha={v}: Monte Carlo {f:.4f} vs P(z != 0) = {p:.4f}"
+
+
+def test_sample_is_differentiable_and_forward_follows_the_mode():
+    gates = HardConcreteGates(2, 3, HardConcreteConfig(init_mean=0.0, init_std=0.5))
+    z = gates.sample()
+    assert z.shape == (2, 3)
+    z.sum().backward()
+    assert gates.log_alpha.grad is not None and torch.isfinite(gates.log_alpha.grad).all()
+    gates.train()
+    torch.manual_seed(0)
+    first = gates()
+    torch.manual_seed(0)
+    torch.testing.assert_close(first, gates.sample(), rtol=0, atol=0)
+    gates.eval()
+    torch.testing.assert_close(gates(), gates.deterministic(), rtol=0, atol=0)
+
+
+# ---- (2) deterministic gate, clamping, initialisation, validation -----------------------------
+
+def test_deterministic_gate_formula():
+    values = [-4.0, -1.0, 0.0, 0.3, 1.0, 4.0]
+    z = gates_with([values]).deterministic()[0]
+
+    def expected(v, beta=2 / 3, gamma=-0.1, zeta=1.1):
+        s = 1 / (1 + math.exp(-v / beta * 0.8))
+        return min(1.0, max(0.0, s * (zeta - gamma) + gamma))
+
+    torch.testing.assert_close(z, torch.tensor([expected(v) for v in values]), rtol=0, atol=1e-6)
+    # sigmoid(0) = 1/2 -> 0.5 * 1.2 - 0.1 = 0.5; large |log_alpha| saturates the hard sigmoid.
+    assert z[2].item() == pytest.approx(0.5, abs=1e-7)
+    assert z[0].item() == 0.0 and z[-1].item() == 1.0
+
+
+def test_clamp_bounds_log_alpha_and_forward_does_not():
+    low, high = math.log(1e-2), math.log(1e2)
+    gates = gates_with([[-10.0, -1.0, 0.0, 2.0, 10.0]])
+    before = gates.prob_nonzero()
+    gates.clamp_()
+    torch.testing.assert_close(gates.log_alpha.detach()[0], torch.tensor([low, -1.0, 0.0, 2.0, high]),
+                               rtol=0, atol=1e-6)
+    after = gates.prob_nonzero()
+    assert after[0, 4] < before[0, 4] and after[0, 0] > before[0, 0]
+    torch.testing.assert_close(after[0, 1:4], before[0, 1:4], rtol=0, atol=0)
+
+
+def test_initialisation_is_normal_with_mean_5_and_std_0p01():
+    torch.manual_seed(7)
+    log_alpha = HardConcreteGates(500, 40).log_alpha.detach().double()  # 20k draws
+    assert log_alpha.shape == (500, 40)
+    assert abs(log_alpha.mean().item() - 5.0) < 5e-4  # standard error 7e-5
+    assert abs(log_alpha.std().item() - 0.01) < 5e-4  # relative standard error 0.5%
+    custom = HardConcreteGates(100, 100, HardConcreteConfig(init_mean=-1.0, init_std=0.1)).log_alpha.detach()
+    assert abs(custom.mean().item() + 1.0) < 0.01 and abs(custom.std().item() - 0.1) < 0.005
+
+
+def test_configs_reject_bad_values_naming_field_value_and_rule():
+    with pytest.raises(ValueError) as info:
+        HardConcreteConfig(beta=0.0, gamma=0.1, zeta=1.0, eps=0.0, init_std=-1.0, log_alpha_max=-5.0)
+    message = str(info.value)
+    for part in ("HardConcreteConfig.beta=0.0", "HardConcreteConfig.gamma=0.1", "HardConcreteConfig.zeta=1.0",
+                 "HardConcreteConfig.eps=0.0", "HardConcreteConfig.init_std=-1.0",
+                 "HardConcreteConfig.log_alpha_max=-5.0"):
+        assert part in message
+    assert "use a finite number < 0" in message
+    with pytest.raises(ValueError) as info:
+        LagrangianConfig(target=1.5, mode="both", warmup_steps=-1, lambda_lr=0.0)
+    message = str(info.value)
+    assert "LagrangianConfig.target=1.5 is not allowed: use a fraction in [0, 1]" in message
+    assert "LagrangianConfig.mode='both' is not allowed: use one of 'global' | 'per_layer'" in message
+    assert "LagrangianConfig.warmup_steps=-1" in message and "LagrangianConfig.lambda_lr=0.0" in message
+    with pytest.raises(ValueError, match="units_per_layer=0"):
+        HardConcreteGates(2, 0)
+
+
+# ---- controller arithmetic --------------------------------------------------------------------
+
+def test_target_warms_up_linearly():
+    ctrl = LagrangianController(LagrangianConfig(target=0.5, warmup_steps=100), num_layers=2)
+    assert [ctrl.target_at(s) for s in (0, 50, 100, 400)] == [0.0, 0.25, 0.5, 0.5]
+    assert LagrangianController(LagrangianConfig(target=0.5), num_layers=2).target_at(0) == 0.5
+
+
+def test_constraint_loss_value_gradients_and_ascent():
+    ctrl = LagrangianController(LagrangianConfig(target=0.5, lambda_lr=0.1), num_layers=3)
+    with torch.no_grad():
+        ctrl.lambda1.fill_(2.0)
+        ctrl.lambda2.fill_(3.0)
+    rho_hat = torch.tensor(0.7, requires_grad=True)
+    loss = ctrl.constraint_loss(rho_hat, step=10)
+    assert loss.item() == pytest.approx(2 * 0.2 + 3 * 0.04)
+    loss.backward()
+    assert rho_hat.grad.item() == pytest.approx(2 + 2 * 3 * 0.2)
+    ctrl.ascent_step()  # lambda += lr * dL/dlambda: (0.2, 0.04)
+    assert ctrl.lambda1.item() == pytest.approx(2.02) and ctrl.lambda2.item() == pytest.approx(3.004)
+    assert ctrl.lambda1.grad is None and ctrl.lambda2.grad is None
+    with pytest.raises(ValueError, match=r"needs \(\)"):
+        ctrl.constraint_loss(torch.zeros(3), step=0)
+
+    per_layer = LagrangianController(LagrangianConfig(target=0.5, mode="per_layer"), num_layers=3)
+    assert per_layer.lambda1.shape == (3,)
+    with torch.no_grad():
+        per_layer.lambda1.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    gap = torch.tensor([0.1, -0.2, 0.3])
+    loss = per_layer.constraint_loss(0.5 + gap, step=0)
+    assert loss.item() == pytest.approx(1 * 0.1 + 2 * -0.2 + 3 * 0.3)
+
+
+# ---- (3) the controller drives the expected SWA fraction to the target ------------------------
+
+@pytest.mark.parametrize("mode, rho", [("global", 0.5), ("per_layer", 0.75)])
+def test_controller_reaches_the_target_swa_fraction(mode, rho):
+    """4 layers x 4 KV-head units; the stand-in LM loss rewards open gates (full attention), some
+    units more than others, so only the constraint closes gates. AdamW descends on log_alpha,
+    ``ascent_step`` ascends on the multipliers."""
+    torch.manual_seed(0)
+    num_layers, heads, steps = 4, 4, 600
+    gates = HardConcreteGates(num_layers, heads)
+    ctrl = LagrangianController(LagrangianConfig(target=rho, mode=mode, warmup_steps=100, lambda_lr=0.5),
+                                num_layers)
+    optimizer = torch.optim.AdamW(gates.parameters(), lr=0.1, weight_decay=0.0)
+    benefit = torch.linspace(0.2, 1.0, num_layers * heads).view(num_layers, heads)  # FA gain per unit
+    print(f"\n{mode}, rho={rho}: step  rho_t  rho_hat  constraint_loss  lambda1")
+    for step in range(1, steps + 1):
+        z = gates()  # [4, 4] sample (training mode)
+        lm_loss = -(benefit * z).mean()
+        constraint = ctrl.constraint_loss(gates.expected_swa_fraction(mode), step)
+        (lm_loss + constraint).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        gates.clamp_()
+        ctrl.ascent_step()
+        if step % 50 == 0:
+            with torch.no_grad():
+                rho_hat = gates.expected_swa_fraction(mode)
+            print(f"  {step:4d}  {ctrl.target_at(step):.3f}  {fmt(rho_hat)}  {constraint.item():+.4f}  "
+                  f"{fmt(ctrl.lambda1.detach())}")
+
+    with torch.no_grad():
+        rho_hat = gates.expected_swa_fraction(mode)
+    assert rho_hat.shape == (() if mode == "global" else (num_layers,))
+    assert (rho_hat - rho).abs().max().item() <= 0.02, f"rho_hat={rho_hat.tolist()} vs target {rho}"
+    full = gates.binarize(rho, mode)
+    if mode == "global":
+        # The units that gain most from full attention keep it.
+        assert benefit[full].mean() > benefit[~full].mean()
+
+
+def fmt(t: torch.Tensor) -> str:
+    return " ".join(f"{v:.4f}" for v in t.flatten().tolist())
+
+
+# ---- (4) binarization -------------------------------------------------------------------------
+
+def swa_by_rank(log_alpha, k):
+    """Indices of the k lowest values, ties by index: an independent reference for ``binarize``."""
+    return set(sorted(range(len(log_alpha)), key=lambda i: (log_alpha[i], i))[:k])
+
+
+def test_binarize_global_takes_the_exact_count_with_the_lowest_log_alpha():
+    values = [[3.0, 1.0, 1.0, 2.0],
+              [0.5, 1.0, 4.0, -1.0],
+              [2.0, 2.0, 0.0, 3.0],
+              [1.0, 4.0, 4.0, 4.0]]
+    gates = gates_with(values)
+    full = gates.binarize(0.3, "global")  # round(0.3 * 16) = round(4.8) = 5 SWA units
+    assert full.dtype == torch.bool and full.shape == (4, 4)
+    # -1.0 (7), 0.0 (10), 0.5 (4), then the 1.0 ties by index: 1, 2 (5 and 12 stay full attention).
+    assert sorted(torch.nonzero(~full.flatten()).flatten().tolist()) == [1, 2, 4, 7, 10]
+
+    torch.manual_seed(3)
+    gates = gates_with(torch.randn(4, 4).round(decimals=1))  # rounding creates ties
+    flat = gates.log_alpha.detach().flatten().tolist()
+    for rho in [i / 10 for i in range(11)]:
+        full = gates.binarize(rho, "global").flatten()
+        k = round(rho * 16)
+        assert int((~full).sum()) == k
+        assert set(torch.nonzero(~full).flatten().tolist()) == swa_by_rank(flat, k)
+    assert gates.binarize(0.0).all() and not gates.binarize(1.0).any()
+
+
+def test_binarize_per_layer_takes_the_exact_count_in_every_layer():
+    values = [[3.0, 1.0, 2.0, 0.0],
+              [1.0, 1.0, 1.0, 1.0],
+              [-4.0, 4.0, -3.0, 0.0]]
+    full = gates_with(values).binarize(0.5, "per_layer")  # 2 SWA heads per layer
+    assert full.tolist() == [[True, False, True, False],
+                             [False, False, True, True],
+                             [False, True, False, True]]
+
+    torch.manual_seed(4)
+    gates = gates_with(torch.randn(5, 8).round(decimals=1))
+    for rho in (0.1, 0.25, 0.6, 0.9):
+        full = gates.binarize(rho, "per_layer")
+        k = round(rho * 8)
+        for layer, row in enumerate(gates.log_alpha.detach().tolist()):
+            assert set(torch.nonzero(~full[layer]).flatten().tolist()) == swa_by_rank(row, k)
+    # Python's round halves to even: 0.125 * 4 = 0.5 -> 0 and 0.375 * 4 = 1.5 -> 2.
+    gates = gates_with([[0.0, 1.0, 2.0, 3.0]])
+    assert int((~gates.binarize(0.125, "per_layer")).sum()) == 0
+    assert int((~gates.binarize(0.375, "per_layer")).sum()) == 2
+
+
+# ---- (5) state_dict round trip ----------------------------------------------------------------
+
+def round_trip(module: torch.nn.Module) -> dict:
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+@pytest.mark.parametrize("mode", ["global", "per_layer"])
+def test_state_dict_round_trip_restores_log_alpha_and_lambdas(mode):
+    torch.manual_seed(11)
+    gates = HardConcreteGates(3, 4)
+    with torch.no_grad():
+        gates.log_alpha.normal_()
+    ctrl = LagrangianController(LagrangianConfig(target=0.4, mode=mode, warmup_steps=5), num_layers=3)
+    for step in range(1, 4):
+        ctrl.constraint_loss(gates.expected_swa_fraction(mode), step).backward()
+        ctrl.ascent_step()
+    assert ctrl.lambda1.detach().abs().min() > 0 and ctrl.lambda2.detach().abs().min() > 0
+
+    torch.manual_seed(12)
+    new_gates = HardConcreteGates(3, 4)
+    new_ctrl = LagrangianController(LagrangianConfig(target=0.4, mode=mode, warmup_steps=5), num_layers=3)
+    new_gates.load_state_dict(round_trip(gates))
+    new_ctrl.load_state_dict(round_trip(ctrl))
+    assert set(new_gates.state_dict()) == {"log_alpha"}
+    assert set(new_ctrl.state_dict()) == {"lambda1", "lambda2"}
+    assert torch.equal(new_gates.log_alpha, gates.log_alpha)
+    assert torch.equal(new_ctrl.lambda1, ctrl.lambda1) and torch.equal(new_ctrl.lambda2, ctrl.lambda2)
