@@ -89,6 +89,10 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool) -> None:
     if t.lr_schedule == "wsd" and t.wsd_decay_steps and t.wsd_decay_steps > t.steps - t.warmup_steps:
         problems.append(f"train.wsd_decay_steps={t.wsd_decay_steps} exceeds the steps after warmup "
                         f"({t.steps - t.warmup_steps})")
+    if cfg.looping.enabled:
+        problems.extend(cfg.looping.problems_with_model(m.num_layers, m.num_attention_heads))
+        if p.context > 1:
+            problems.append("looping with parallel.context > 1 is not supported")
     h = cfg.hybrid_attention
     if h.enabled:
         if m.attention_dropout > 0:

@@ -12,6 +12,7 @@ from typing import Dict, List, Literal, Optional
 
 from megatron_ext.config.loader import ConfigError
 from megatron_ext.consa.config import HybridAttentionConfig
+from megatron_ext.sgt.config import LoopingConfig
 
 
 class _Checks:
@@ -340,3 +341,4 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     hybrid_attention: HybridAttentionConfig = field(default_factory=HybridAttentionConfig)
+    looping: LoopingConfig = field(default_factory=LoopingConfig)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from megatron_ext.config.loader import ConfigError
 from megatron_ext.consa.gates import HardConcreteConfig
 
 
@@ -78,6 +77,8 @@ class HybridAttentionConfig:
         if self.enabled and self.method == "static" and not self.allocation:
             problems.append("hybrid_attention.method='static' needs allocation: path/to/allocation.json")
         if problems:
+            from megatron_ext.config.loader import ConfigError  # here: the config package imports this module
+
             raise ConfigError(problems)
 
     def mask_learning_length(self, tokens_per_step: int) -> int:

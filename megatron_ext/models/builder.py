@@ -107,7 +107,8 @@ def layer_specs(cfg: RunConfig) -> list:
     """One ModuleSpec per decoder layer of the whole model (layer i may differ from layer j).
 
     Hybrid attention swaps the core attention for :class:`HybridCoreAttention`, whose mode per
-    layer (full / gated / static FA-SWA heads) the ConSA callback sets at run time.
+    layer (full / gated / static FA-SWA heads) the ConSA callback sets at run time; looping makes
+    every layer a :class:`LoopedTransformerLayer`, whose loops the SGT callback grows.
     """
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
@@ -119,7 +120,12 @@ def layer_specs(cfg: RunConfig) -> list:
     common = dict(qk_layernorm=cfg.model.qk_layernorm, core_attention=core_attention)
     dense = gpt_layer_spec(num_experts=None, **common)
     moe = gpt_layer_spec(num_experts=cfg.moe.num_experts, **common) if cfg.moe.enabled else None
-    return [moe if is_moe else dense for is_moe in moe_layer_pattern(cfg)]
+    specs = [moe if is_moe else dense for is_moe in moe_layer_pattern(cfg)]
+    if cfg.looping.enabled:  # layers that can loop their attention (SGT); the callback grows loops
+        from megatron_ext.sgt.looped_layer import looped_layer_spec
+
+        specs = [looped_layer_spec(spec) for spec in specs]
+    return specs
 
 
 def build_model(cfg: RunConfig, *, cuda: bool, perform_initialization: bool = True) -> List[torch.nn.Module]:

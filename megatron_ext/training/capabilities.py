@@ -17,4 +17,10 @@ def capability_callbacks(cfg: RunConfig, log: Callable = print) -> List[Callback
             cfg.hybrid_attention, cfg.model.num_layers,
             cfg.model.num_query_groups or cfg.model.num_attention_heads,
             tokens_per_step=cfg.train.global_batch_size * cfg.data.seq_length, seed=cfg.train.seed, log=log))
+    if cfg.looping.enabled:
+        from megatron_ext.sgt.callback import SGTCallback
+
+        callbacks.append(SGTCallback(
+            cfg.looping, cfg.model.num_layers, cfg.model.num_attention_heads,
+            num_kv_heads=cfg.model.num_query_groups or cfg.model.num_attention_heads, log=log))
     return callbacks

@@ -1,0 +1,378 @@
+"""A Megatron ``TransformerLayer`` that can loop its attention sublayer (SGT) or its whole block.
+
+SGT (Sparse Growing Transformer, arXiv 2603.23998) loops a selected layer's attention, after
+``x = x + Attn(norm(x))`` and before the MLP, ``loop_depth`` times with the same parameters:
+
+    h <- h + W_O · merge_heads(f ⊙ softmax(Q K^T / sqrt(d) + causal) V),   Q, K, V from norm(h)
+
+``f`` holds one factor per query head: 1 for the kept heads, fading linearly to 0 for the others
+(:meth:`GrowthScheduler.head_factors`). The MLP runs once, after the loops.
+
+Two implementations of one loop pass, kept side by side:
+
+* reference (:meth:`LoopedTransformerLayer._loop_all_heads`): the layer's own ``linear_qkv``,
+  norms, RoPE and ``linear_proj``; every head is computed and scaled by its factor before the
+  output projection. Used while some factor lies strictly between 0 and 1 (the fade).
+* kept heads (:meth:`LoopedTransformerLayer._loop_kept_heads`): once every factor is 0 or 1, only
+  the rows of the QKV weight that belong to the kept query heads and their KV groups, and the
+  matching columns of the output weight, are multiplied. The loop then costs the kept heads'
+  share of the attention sublayer (the 1-3 % overhead of the paper). The tensor-parallel
+  communication of ``linear_qkv`` / ``linear_proj`` is reproduced around the sliced matmuls, so a
+  rank that holds no kept head contributes zeros and still joins every collective.
+
+The loop's attention is the core attention module's ``forward_heads(query, key, value,
+local_kv_heads)`` where the module has one (so that, e.g., a hybrid full / sliding-window module
+applies its own per-head allocation inside the loop too); ``query`` then holds, for each listed
+local KV head in order, all of that head's local query heads. Without it the loop uses causal
+``scaled_dot_product_attention``.
+
+The ``block`` baseline instead re-runs the whole layer (attention and MLP) ``loop_depth`` times.
+
+Entropy (for the growth schedule) is measured on the layer's ordinary attention pass by a forward
+pre-hook on ``self_attention.core_attention``: whatever the kernel, its inputs are the post-RoPE
+query ``[s, b, np, hn]`` and key ``[s, b, ng, hn]``, from which
+:func:`~megatron_ext.sgt.entropy.last_query_entropy` takes the last query's row in ``O(T d)``.
+The row is the full causal one (every key), also for a head that a hybrid module restricts to a
+sliding window, as in the reference code (full attention only). [choice] The loop passes are not
+observed (the reference code feeds kept heads the entropy of their last loop pass); a selected
+layer's kept heads are fixed at selection, and its score only decides whether it deepens.
+Measuring is off in eval mode. Under activation recomputation a recomputed forward is observed
+again with the same values, which leaves the step's mean unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+    _yarn_get_concentration_factor_from_config,
+)
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.utils import get_pg_rank, get_pg_size
+
+from megatron_ext.sgt.entropy import last_query_entropy
+
+__all__ = ["EntropySink", "LoopedTransformerLayer", "looped_layer_spec"]
+
+EntropySink = Callable[[Tensor], None]
+"""Receives one micro-batch's ``[local query heads]`` entropy (mean over the batch) of a layer."""
+
+LOOP_METHODS = ("sgt", "block")
+
+
+class LoopedTransformerLayer(TransformerLayer):
+    """Megatron's pre-norm decoder layer plus SGT attention loops or the block-loop baseline.
+
+    Same constructor as :class:`TransformerLayer`. Runtime state, set between steps (by
+    :class:`~megatron_ext.sgt.callback.SGTCallback`):
+
+    * ``loop_depth``: extra passes, 0 = the vanilla layer (:meth:`set_loop`);
+    * ``loop_method``: ``"sgt"`` (attention sublayer) or ``"block"`` (whole layer);
+    * ``head_factors``: one factor per query head of the whole layer (all TP ranks), used by
+      ``sgt`` (:meth:`set_head_factors`); a head with factor 0 is not computed at all;
+    * entropy tracking: on while a sink is installed (:meth:`set_entropy_sink`).
+
+    ``use_kept_heads_path`` (default True) selects the kept-heads implementation whenever the
+    factors allow it; False forces the all-heads reference (for tests and debugging).
+    """
+
+    def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout: Optional[float] = None,
+                 pg_collection=None, vp_stage: Optional[int] = None):
+        super().__init__(config, submodules, layer_number=layer_number, hidden_dropout=hidden_dropout,
+                         pg_collection=pg_collection, vp_stage=vp_stage)
+        attn = self.self_attention
+        self._check_supported(config, attn)
+        self.layer_index = self.layer_number - 1
+        """Global (whole-model) index of this layer, 0-based."""
+        self.num_heads = config.num_attention_heads
+        self._tp_group = attn.pg_collection.tp
+        self._head_dim = attn.hidden_size_per_attention_head
+        self._local_heads = attn.num_attention_heads_per_partition
+        self._local_groups = attn.num_query_groups_per_partition
+        self._heads_per_group = self._local_heads // self._local_groups
+        self._head_offset = get_pg_rank(self._tp_group) * self._local_heads
+        self._softmax_scale = (config.softmax_scale if config.softmax_scale is not None
+                               else 1.0 / math.sqrt(self._head_dim))
+        self.loop_depth = 0
+        self.loop_method = "sgt"
+        self.head_factors: List[float] = [1.0] * self.num_heads
+        self.use_kept_heads_path = True
+        self._entropy_sink: Optional[EntropySink] = None
+        self._entropy_hook = None
+        self._entropy_paused = False
+
+    @staticmethod
+    def _check_supported(config, attn) -> None:
+        problems = []
+        if config.context_parallel_size > 1:
+            problems.append("context parallelism (the loop and the entropy need the whole sequence "
+                            "on one rank)")
+        if config.num_query_groups < get_pg_size(attn.pg_collection.tp):
+            problems.append(f"num_query_groups={config.num_query_groups} below the tensor-parallel size "
+                            f"{get_pg_size(attn.pg_collection.tp)} (KV heads replicated across ranks)")
+        if config.attention_output_gate:
+            problems.append("attention_output_gate")
+        if config.gradient_accumulation_fusion:
+            problems.append("gradient_accumulation_fusion (the kept-heads loop multiplies weight slices "
+                            "with plain autograd, whose gradients fused accumulation would skip)")
+        if getattr(attn, "attn_mask_type", None) != AttnMaskType.causal:
+            problems.append("a self-attention that is not causal")
+        if hasattr(attn.linear_qkv, "layer_norm_weight"):
+            problems.append("a QKV projection with a fused input norm (use the local layer spec, whose "
+                            "input norm is a module of its own)")
+        if problems:
+            raise ValueError("LoopedTransformerLayer does not support " + "; ".join(problems) + ".")
+
+    # -- runtime state -----------------------------------------------------------------------
+
+    def set_loop(self, depth: int, method: str = "sgt") -> None:
+        """Loop ``depth`` extra times (0: vanilla) with ``method`` ``"sgt"`` or ``"block"``."""
+        if not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"loop depth {depth!r} is not allowed: use an int >= 0")
+        if method not in LOOP_METHODS:
+            raise ValueError(f"loop method {method!r} is not allowed: use one of {LOOP_METHODS}")
+        self.loop_depth = depth
+        self.loop_method = method
+
+    def set_head_factors(self, factors: Sequence[float]) -> None:
+        """Per-query-head factors of the loop output, one per head of the whole layer, in [0, 1]."""
+        factors = [float(f) for f in factors]
+        if len(factors) != self.num_heads or not all(0.0 <= f <= 1.0 for f in factors):
+            raise ValueError(f"layer {self.layer_index}: expected {self.num_heads} head factors in [0, 1], "
+                             f"got {factors}")
+        self.head_factors = factors
+
+    def set_entropy_sink(self, sink: Optional[EntropySink]) -> None:
+        """Measure the last query's attention entropy of every training forward and hand the
+        ``[local query heads]`` vector to ``sink``; None removes the hook (no cost left)."""
+        if self._entropy_hook is not None:
+            self._entropy_hook.remove()
+            self._entropy_hook = None
+        self._entropy_sink = sink
+        if sink is not None:
+            self._entropy_hook = self.self_attention.core_attention.register_forward_pre_hook(
+                self._observe_entropy, with_kwargs=True)
+
+    @property
+    def local_head_range(self) -> range:
+        """Global indices of the query heads this tensor-parallel rank computes."""
+        return range(self._head_offset, self._head_offset + self._local_heads)
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
+                context: Optional[Tensor] = None, context_mask: Optional[Tensor] = None,
+                rotary_pos_emb=None, **kwargs):
+        """Megatron's layer forward; with ``loop_depth > 0`` it loops as described above."""
+        kwargs.pop("dynamic_inference_decode_only", None)
+        common = dict(attention_mask=attention_mask, context=context, context_mask=context_mask,
+                      rotary_pos_emb=rotary_pos_emb, **kwargs)
+        if self.loop_depth == 0:
+            return super().forward(hidden_states, **common)
+        if self.loop_method == "block":
+            return self._forward_block_loop(hidden_states, common)
+        self._check_loop_inputs(attention_mask, kwargs)
+        hidden_states, context = self._forward_attention(hidden_states, **common)
+        for _ in range(self.loop_depth):
+            hidden_states = self.loop_attention(hidden_states, rotary_pos_emb)
+        output = self._forward_mlp(hidden_states, kwargs.get("inference_context"),
+                                   padding_mask=kwargs.get("padding_mask"))
+        return output, context
+
+    def _forward_block_loop(self, hidden_states: Tensor, common: dict):
+        output, context = super().forward(hidden_states, **common)
+        self._entropy_paused = True  # observe the ordinary pass only
+        try:
+            for _ in range(self.loop_depth):
+                output, context = super().forward(output, **common)
+        finally:
+            self._entropy_paused = False
+        return output, context
+
+    def _check_loop_inputs(self, attention_mask: Optional[Tensor], kwargs: dict) -> None:
+        unsupported = [name for name in ("inference_context", "packed_seq_params", "attention_bias",
+                                         "rotary_pos_cos", "rotary_pos_sin", "rotary_pos_cos_sin")
+                       if kwargs.get(name) is not None]
+        if attention_mask is not None:
+            unsupported.insert(0, "attention_mask")
+        if unsupported:
+            raise ValueError(f"layer {self.layer_index}: the SGT attention loop is causal self-attention "
+                             f"over whole sequences for training; it does not take {unsupported}")
+
+    def loop_attention(self, hidden_states: Tensor, rotary_pos_emb=None) -> Tensor:
+        """One loop pass ``h + W_O · merge_heads(f ⊙ heads(norm(h)))``; ``[s, b, h]`` in and out."""
+        active = [head for head, factor in enumerate(self.head_factors) if factor > 0.0]
+        if self.use_kept_heads_path and all(self.head_factors[head] == 1.0 for head in active):
+            return self._loop_kept_heads(hidden_states, rotary_pos_emb, active)
+        return self._loop_all_heads(hidden_states, rotary_pos_emb)
+
+    def _loop_all_heads(self, hidden_states: Tensor, rotary_pos_emb) -> Tensor:
+        """Reference: every local head through the layer's own modules, scaled by its factor."""
+        attn = self.self_attention
+        residual = hidden_states
+        normed = self.input_layernorm(hidden_states)
+        # [s, b, np, hn], [s, b, ng, hn], [s, b, ng, hn] (sequence-parallel gather inside)
+        query, key, value = attn.get_query_key_value_tensors(normed)
+        query, key = self._rotate(query, key, rotary_pos_emb)
+        kv_of_query = [head // self._heads_per_group for head in range(self._local_heads)]
+        context = self._attend(query, key, value, kv_of_query, list(range(self._local_groups)))
+        factors = torch.tensor([self.head_factors[head] for head in self.local_head_range],
+                               dtype=context.dtype, device=context.device)
+        context = context * factors.view(1, 1, -1, 1)  # [s, b, np, hn]
+        output, bias = attn.linear_proj(context.flatten(2))
+        return self._add_residual(output, bias, residual)
+
+    def _loop_kept_heads(self, hidden_states: Tensor, rotary_pos_emb, kept_heads: Sequence[int]) -> Tensor:
+        """Only the kept heads: sliced QKV rows and output columns, Megatron's TP communication."""
+        attn = self.self_attention
+        hn, per_group = self._head_dim, self._heads_per_group
+        local = [head - self._head_offset for head in kept_heads if head in self.local_head_range]
+        groups = sorted({head // per_group for head in local})
+        if hasattr(attn.core_attention, "forward_heads"):
+            # forward_heads takes whole KV groups: compute their other heads too, drop them below.
+            computed = [group * per_group + i for group in groups for i in range(per_group)]
+        else:
+            computed = local
+        residual = hidden_states
+        normed = self._enter_tensor_parallel_region(self.input_layernorm(hidden_states))  # [s, b, h]
+        rows = self._qkv_rows(computed, groups, normed.device)
+        weight = attn.linear_qkv.weight.index_select(0, rows)
+        bias = attn.linear_qkv.bias
+        qkv = F.linear(normed, weight, None if bias is None else bias.index_select(0, rows))
+        num_q, num_kv = len(computed), len(groups)
+        query, key, value = qkv.split([num_q * hn, num_kv * hn, num_kv * hn], dim=-1)
+        query = query.unflatten(-1, (num_q, hn))  # [s, b, nq, hn]
+        if num_q == 0:
+            # No kept head on this rank: an empty context still links this rank's reductions below
+            # into the autograd graph, so that it joins their backward collectives as well.
+            context = query
+        else:
+            key = key.unflatten(-1, (num_kv, hn))  # [s, b, nkv, hn]
+            value = value.unflatten(-1, (num_kv, hn))
+            if attn.q_layernorm is not None:
+                query = attn.q_layernorm(query)
+            if attn.k_layernorm is not None:
+                key = attn.k_layernorm(key)
+            query, key = self._rotate(query, key, rotary_pos_emb)
+            kv_of_query = [groups.index(head // per_group) for head in computed]
+            context = self._attend(query, key, value, kv_of_query, groups)
+            if computed != local:
+                context = context[:, :, [computed.index(head) for head in local]]
+        columns = torch.tensor([head * hn + i for head in local for i in range(hn)], dtype=torch.long,
+                               device=context.device)
+        partial = F.linear(context.flatten(2), attn.linear_proj.weight.index_select(1, columns))
+        output = self._leave_tensor_parallel_region(partial)  # [s(/tp), b, h], summed over ranks
+        return self._add_residual(output, attn.linear_proj.bias, residual)
+
+    def _qkv_rows(self, query_heads: Sequence[int], groups: Sequence[int], device) -> Tensor:
+        """Rows of the local fused QKV weight: the query heads', then the groups' keys and values.
+
+        The local weight is ``[ng * (np/ng + 2) * hn, h]``, per group: its query heads, key, value.
+        """
+        hn, per_group = self._head_dim, self._heads_per_group
+        stride = (per_group + 2) * hn
+
+        def block(start: int) -> List[int]:
+            return list(range(start, start + hn))
+
+        rows = [r for head in query_heads for r in block((head // per_group) * stride + (head % per_group) * hn)]
+        rows += [r for group in groups for r in block(group * stride + per_group * hn)]
+        rows += [r for group in groups for r in block(group * stride + (per_group + 1) * hn)]
+        return torch.tensor(rows, dtype=torch.long, device=device)
+
+    def _enter_tensor_parallel_region(self, normed: Tensor) -> Tensor:
+        """What ColumnParallelLinear does to its input: gather the sequence (SP), or a copy whose
+        backward all-reduces the input gradient over the TP group."""
+        if self.config.sequence_parallel:
+            return gather_from_sequence_parallel_region(normed, group=self._tp_group)
+        return copy_to_tensor_model_parallel_region(normed, group=self._tp_group)
+
+    def _leave_tensor_parallel_region(self, partial: Tensor) -> Tensor:
+        """What RowParallelLinear does to its output: reduce-scatter (SP) or all-reduce over TP."""
+        if self.config.sequence_parallel:
+            return reduce_scatter_to_sequence_parallel_region(partial, group=self._tp_group)
+        return reduce_from_tensor_model_parallel_region(partial, group=self._tp_group)
+
+    def _rotate(self, query: Tensor, key: Tensor, rotary_pos_emb):
+        """RoPE as Megatron's attention applies it (none for layers listed in ``no_rope_freq``)."""
+        attn = self.self_attention
+        no_rope = attn.config.no_rope_freq[self.layer_number - 1] if attn.config.no_rope_freq else False
+        if rotary_pos_emb is None or no_rope:
+            return query, key
+        q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+        mscale = _yarn_get_concentration_factor_from_config(attn.config)
+        cp_group = attn.pg_collection.cp
+        query = apply_rotary_pos_emb(query, q_emb, config=attn.config, mscale=mscale, cp_group=cp_group)
+        key = apply_rotary_pos_emb(key, k_emb, config=attn.config, mscale=mscale, cp_group=cp_group)
+        return query, key
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, kv_of_query: Sequence[int],
+                local_kv_heads: Sequence[int]) -> Tensor:
+        """Causal attention of ``query [s, b, nq, hn]`` over ``key``/``value [s, b, nkv, hn]``.
+
+        ``kv_of_query[i]``: position in ``key`` of query head i's KV head; ``local_kv_heads``: the
+        local KV-head index of each position in ``key``. Returns ``[s, b, nq, hn]``.
+        """
+        core = self.self_attention.core_attention
+        if hasattr(core, "forward_heads"):
+            return core.forward_heads(query, key, value, list(local_kv_heads)).unflatten(-1, (-1, self._head_dim))
+        index = torch.tensor(list(kv_of_query), dtype=torch.long, device=key.device)
+        q = query.permute(1, 2, 0, 3)  # [b, nq, s, hn]
+        k = key.index_select(2, index).permute(1, 2, 0, 3)  # [b, nq, s, hn]: each query head's KV head
+        v = value.index_select(2, index).permute(1, 2, 0, 3)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if dropout > 0.0 and not self.config.sequence_parallel:
+            # Heads differ across TP ranks: draw their dropout from the per-rank stream, as Megatron.
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                                     scale=self._softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                                 scale=self._softmax_scale)
+        return out.permute(2, 0, 1, 3)  # [s, b, nq, hn]
+
+    def _add_residual(self, output: Tensor, bias: Optional[Tensor], residual: Tensor) -> Tensor:
+        """``residual + dropout(output + bias)``, with the layer's own bias-dropout-add."""
+        with self.bias_dropout_add_exec_handler():
+            return self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(
+                (output, bias), residual, self.hidden_dropout)
+
+    # -- entropy -----------------------------------------------------------------------------
+
+    def _observe_entropy(self, module, args, kwargs) -> None:
+        """Forward pre-hook of the core attention: the last query's entropy per local head."""
+        if self._entropy_paused or not self.training:
+            return None
+        query = args[0] if len(args) > 0 else kwargs["query"]  # [s, b, np, hn], after RoPE
+        key = args[1] if len(args) > 1 else kwargs["key"]  # [s, b, ng, hn]
+        if query.dim() != 4 or key.dim() != 4:
+            raise ValueError(f"layer {self.layer_index}: entropy tracking needs [s, b, heads, dim] query and "
+                             f"key; got {tuple(query.shape)} and {tuple(key.shape)} (packed sequences?)")
+        entropy = last_query_entropy(query[-1], key.permute(1, 2, 0, 3), self._softmax_scale,
+                                     query.size(2) // key.size(2))  # [b, np]
+        self._entropy_sink(entropy.mean(dim=0))
+        return None
+
+
+def looped_layer_spec(spec: ModuleSpec) -> ModuleSpec:
+    """A copy of a ``TransformerLayer`` spec that builds :class:`LoopedTransformerLayer` instead."""
+    if spec.module not in (TransformerLayer, LoopedTransformerLayer):
+        raise ValueError(f"looped_layer_spec needs a spec of Megatron's TransformerLayer; got {spec.module!r}, "
+                         "whose own behaviour a LoopedTransformerLayer would drop")
+    return dataclasses.replace(spec, module=LoopedTransformerLayer)
