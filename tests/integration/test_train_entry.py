@@ -98,5 +98,6 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_losses(tmp_path):
     for a, b in zip(resumed, reference):  # bitwise: dropout, data order, Adam state all restored
         assert (a["step"], a["loss"], a["grad_norm"], a["lr"]) == (b["step"], b["loss"], b["grad_norm"], b["lr"])
         assert a.get("val/loss") == b.get("val/loss")
-    print(f"[resume] stopped at step {stopped_at}; losses "
-          + " ".join(f"{r['step']}:{r['loss']:.6f}" for r in resumed[stopped_at - 2: stopped_at + 2]))
+    print(f"[resume] stopped by SIGTERM at step {stopped_at}")
+    for a, b in zip(resumed, reference):
+        print(f"[resume] step {a['step']:2d}  interrupted+resumed {a['loss']:.9f}  uninterrupted {b['loss']:.9f}")
