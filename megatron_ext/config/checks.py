@@ -75,8 +75,22 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool) -> None:
             problems.append(f"moe.layer_pattern has {len(pattern)} entries for model.num_layers={m.num_layers}")
         elif not any(pattern):
             problems.append("moe.enabled is true but no layer is an MoE layer (moe.first_k_dense / layer_pattern)")
-    elif p.expert > 1:
-        problems.append(f"parallel.expert={p.expert} needs moe.enabled: true")
+        problems.extend(cfg.routing.problems_with_model(moe.num_experts, moe.top_k, moe.score_function))
+        e = cfg.elastic
+        if e.enabled:
+            problems.extend(e.problems_with_model(m.num_layers, moe.num_experts, moe.top_k))
+            if e.depth_full_prob < 1 and p.overlap_grad_reduce:
+                problems.append("elastic depth (elastic.depth_full_prob < 1) cannot be combined with "
+                                "parallel.overlap_grad_reduce: a skipped layer's gradients never arrive, so "
+                                "its DDP bucket would never be reduced")
+        if cfg.routing.mode == "modality_isolated" and (e.enabled and e.width_full_prob < 1 or t.recompute == "full"):
+            problems.append("routing.mode='modality_isolated' cannot be combined with elastic width or "
+                            "train.recompute='full'")
+    else:
+        if p.expert > 1:
+            problems.append(f"parallel.expert={p.expert} needs moe.enabled: true")
+        if cfg.elastic.enabled:
+            problems.append("elastic.enabled needs moe.enabled: true (elastic training samples MoE sub-networks)")
 
     if dp:
         per_step = t.micro_batch_size * dp

@@ -12,6 +12,7 @@ from typing import Dict, List, Literal, Optional
 
 from megatron_ext.config.loader import ConfigError
 from megatron_ext.consa.config import HybridAttentionConfig
+from megatron_ext.moe.config import ElasticConfig, RoutingConfig
 from megatron_ext.sgt.config import LoopingConfig
 
 
@@ -307,8 +308,8 @@ class MoEConfig:
     """Weight of the auxiliary load-balancing loss."""
     z_loss_coeff: Optional[float] = None
     """Weight of the router z-loss; None disables it."""
-    score_function: Literal["softmax", "sigmoid"] = "softmax"
-    """Router score function."""
+    score_function: Literal["softmax", "sigmoid"] = "sigmoid"
+    """Router score function (sigmoid, as DeepSeek-V3: what auxiliary-loss-free expert bias needs)."""
 
     def __post_init__(self):
         c = _Checks("moe")
@@ -342,3 +343,5 @@ class RunConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     hybrid_attention: HybridAttentionConfig = field(default_factory=HybridAttentionConfig)
     looping: LoopingConfig = field(default_factory=LoopingConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)

@@ -99,6 +99,8 @@ def transformer_config(cfg: RunConfig, *, cuda: bool, perform_initialization: bo
             moe_expert_capacity_factor=moe.capacity_factor,
             moe_router_score_function=moe.score_function,
             moe_router_dtype="fp32",
+            moe_router_enable_expert_bias=cfg.routing.expert_bias,
+            moe_router_bias_update_rate=cfg.routing.bias_update_rate,
         )
     return TransformerConfig(**kwargs)
 
@@ -119,7 +121,11 @@ def layer_specs(cfg: RunConfig) -> list:
         core_attention = partial(HybridCoreAttention, window=cfg.hybrid_attention.window)
     common = dict(qk_layernorm=cfg.model.qk_layernorm, core_attention=core_attention)
     dense = gpt_layer_spec(num_experts=None, **common)
-    moe = gpt_layer_spec(num_experts=cfg.moe.num_experts, **common) if cfg.moe.enabled else None
+    moe = None
+    if cfg.moe.enabled:  # our router: elastic expert subsets / top-k, modality-isolated baseline
+        from megatron_ext.moe.router import with_router
+
+        moe = with_router(gpt_layer_spec(num_experts=cfg.moe.num_experts, **common), cfg.routing)
     specs = [moe if is_moe else dense for is_moe in moe_layer_pattern(cfg)]
     if cfg.looping.enabled:  # layers that can loop their attention (SGT); the callback grows loops
         from megatron_ext.sgt.looped_layer import looped_layer_spec

@@ -17,6 +17,11 @@ def capability_callbacks(cfg: RunConfig, log: Callable = print) -> List[Callback
             cfg.hybrid_attention, cfg.model.num_layers,
             cfg.model.num_query_groups or cfg.model.num_attention_heads,
             tokens_per_step=cfg.train.global_batch_size * cfg.data.seq_length, seed=cfg.train.seed, log=log))
+    if cfg.moe.enabled:
+        from megatron_ext.moe.callback import MoECallback
+
+        callbacks.append(MoECallback(cfg.elastic, cfg.routing, cfg.model.num_layers, cfg.moe.num_experts,
+                                     cfg.moe.top_k, seed=cfg.train.seed))
     if cfg.looping.enabled:
         from megatron_ext.sgt.callback import SGTCallback
 

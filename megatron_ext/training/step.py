@@ -1,8 +1,9 @@
 """A training step: Megatron's forward/backward schedule, grad finalization, optimizer update.
 
 The batch contract between data and model is a dict of ``[b, s]`` tensors: ``tokens``,
-``labels``, ``loss_mask``, ``position_ids``, ``modality_ids`` (of the inputs; never used for
-routing) and ``label_modality_ids`` (of the targets; used for per-modality losses). The loss of a micro-batch is the masked mean of
+``labels``, ``loss_mask``, ``position_ids``, ``modality_ids`` (of the inputs; read for routing
+only by the modality-isolated baseline, and for load statistics) and ``label_modality_ids`` (of
+the targets; used for per-modality losses). The loss of a micro-batch is the masked mean of
 the per-token cross entropy; Megatron's schedule divides it by the number of micro-batches, so
 the step's gradient is that of the mean over micro-batches (and, through DDP, over DP ranks).
 """
@@ -43,7 +44,10 @@ def masked_mean_loss(batch: Dict[str, torch.Tensor], output_tensor: torch.Tensor
 def gpt_forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model,
                      loss_weights: Optional[torch.Tensor] = None):
     """Forward step for ``GPTModel``: returns per-token losses and the loss function to apply."""
+    from megatron_ext.moe.router import set_modality_ids
+
     batch = next(data_iterator)
+    set_modality_ids(model, batch["modality_ids"])  # read only by the modality-isolated baseline router
     output = model(
         batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
     )

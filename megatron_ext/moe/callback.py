@@ -1,0 +1,227 @@
+"""ERNIE 5.0 MoE in the training loop: elastic sub-networks, expert-bias upkeep, load statistics.
+
+Per optimizer step, on every rank:
+
+1. ``on_step_begin``: with elastic training on, the step's sub-network is drawn from
+   ``(seed, step)`` and applied (:mod:`megatron_ext.moe.elastic`).
+2. Forward/backward: the :class:`~megatron_ext.moe.stats.LoadTracker` hooks count each router's
+   tokens per expert and modality; Megatron's ``finalize_model_grads`` all-reduces each router's
+   ``local_tokens_per_expert`` over TP x CP x DP, moves ``expert_bias`` by
+   ``rate * sign(mean load - load)`` and zeroes the counts.
+3. ``on_step_end``: the counts are reduced into ``[num_layers, M + 1, N]`` on every rank; the
+   full network is restored; metrics are returned; per-modality usage accumulates (checkpointed).
+
+[choice] In a width-restricted step the bias update is taken over the active experts: Megatron's
+update would see zero load on the excluded experts and raise their bias (and lower the active
+ones' against a mean diluted by the zeros). The callback instead restores the bias from before the
+step and applies ``rate * sign(mean active load - load)`` to the active experts only; excluded
+experts keep their bias. The loads are the tracker's reduced counts, which equal the ones
+Megatron reduced (same tokens, same grad-enabled forwards).
+
+Metrics: ``moe/load_cv`` and ``moe/load_ne`` (the step's mean over MoE layers that ran, over the
+active experts), ``moe/bias_abs_mean`` (mean |expert_bias| over MoE layers, when the bias is on),
+and with elastic training ``elastic/depth``, ``elastic/num_experts``, ``elastic/topk``. At the end
+rank 0 writes ``plots/moe_expert_usage.png``: experts x modalities usage of a few layers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_ext.data.vocab import MODALITIES
+from megatron_ext.moe import elastic
+from megatron_ext.moe.config import ElasticConfig, RoutingConfig
+from megatron_ext.moe.elastic import ElasticSampler, SubNetwork
+from megatron_ext.moe.router import ElasticRouter, elastic_routers
+from megatron_ext.moe.stats import LoadTracker, layer_metrics, normalized_entropy, top_experts_iou
+from megatron_ext.training.callbacks import Callback, TrainContext
+
+__all__ = ["MoECallback", "plot_expert_usage"]
+
+
+class MoECallback(Callback):
+    """Drives the :class:`~megatron_ext.moe.router.ElasticRouter`s of a model.
+
+    Args:
+        elastic_config: the ``elastic`` section.
+        routing: the ``routing`` section.
+        num_layers: decoder layers of the whole model.
+        num_experts: routed experts per MoE layer.
+        top_k: the model's default experts per token.
+        seed: the run's seed (sub-networks are drawn from it and the step).
+        plot_layers: global layer indices for the usage heatmap; None: up to 4 MoE layers.
+    """
+
+    name = "moe"
+
+    def __init__(self, elastic_config: ElasticConfig, routing: RoutingConfig, num_layers: int, num_experts: int,
+                 top_k: int, seed: int, plot_layers: Optional[Sequence[int]] = None):
+        if routing.mode == "modality_isolated" and elastic_config.enabled and elastic_config.width_full_prob < 1.0:
+            raise ValueError("elastic width (elastic.width_full_prob < 1) with routing.mode='modality_isolated' "
+                             "could leave a modality's partition with fewer than top-k active experts: set "
+                             "elastic.width_full_prob: 1 for the modality-isolated baseline")
+        self.elastic_config = elastic_config
+        self.routing = routing
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.plot_layers = None if plot_layers is None else list(plot_layers)
+        self.sampler = (ElasticSampler(elastic_config, num_layers, num_experts, top_k, seed)
+                        if elastic_config.enabled else None)
+        self.usage = torch.zeros(num_layers, len(MODALITIES), num_experts, dtype=torch.long)
+        """Cumulative tokens per layer, modality and expert over the run (checkpointed)."""
+        self.routers: List[ElasticRouter] = []
+        self.tracker: Optional[LoadTracker] = None
+        self.sub: Optional[SubNetwork] = None
+        """The sub-network of the step in progress (None: the full network)."""
+        self._bias_before: Dict[int, torch.Tensor] = {}
+        self._pp_group: Optional[dist.ProcessGroup] = None
+
+    # -- wiring --------------------------------------------------------------------------------------
+    def on_train_start(self, ctx: TrainContext) -> None:
+        from megatron.core import parallel_state
+
+        self.routers = elastic_routers(ctx.model)
+        if not self.routers:
+            raise RuntimeError("the moe callback found no ElasticRouter in the model: build the MoE layers' "
+                               "router with megatron_ext.moe.router.with_router")
+        has_bias = [r.expert_bias is not None for r in self.routers]
+        if set(has_bias) != {self.routing.expert_bias}:
+            raise RuntimeError(f"routing.expert_bias={self.routing.expert_bias} but the model's routers "
+                               f"{'have' if any(has_bias) else 'lack'} an expert bias: build the model with "
+                               "moe_router_enable_expert_bias equal to routing.expert_bias")
+        if self.sampler is not None and self.elastic_config.depth_full_prob < 1.0:
+            if any(getattr(getattr(chunk, "ddp_config", None), "overlap_grad_reduce", False) for chunk in ctx.model):
+                raise ValueError("elastic depth (elastic.depth_full_prob < 1) cannot run with "
+                                 "parallel.overlap_grad_reduce: Megatron DDP starts a bucket's reduction when "
+                                 "all of its parameters got gradients, and a skipped layer's never do; turn "
+                                 "overlap_grad_reduce off")
+        pp_group = parallel_state.get_pipeline_model_parallel_group()
+        self.tracker = LoadTracker(self.routers, self.num_layers, self.num_experts,
+                                   reduce_group=self.routers[0].tp_dp_cp_group, pp_group=pp_group)
+        self._pp_group = pp_group
+
+    # -- per step ------------------------------------------------------------------------------------
+    def on_step_begin(self, ctx: TrainContext) -> None:
+        for router in self.routers:
+            # finalize_model_grads zeroes these after its bias update (megatron-core 0.16.1); a
+            # grad-enabled forward outside a training step (a probe, a test) would leak into the
+            # next update, so each step starts from zero.
+            if router.local_tokens_per_expert is not None:
+                router.local_tokens_per_expert.zero_()
+        if self.sampler is None:
+            return
+        self.sub = self.sampler.sample(ctx.step + 1)
+        elastic.apply(ctx.model, self.sub)
+        if self.sub.experts is not None and self.routing.expert_bias:
+            self._bias_before = {id(r): r.expert_bias.detach().clone() for r in self.routers}
+
+    def on_step_end(self, ctx: TrainContext, result) -> Dict[str, float]:
+        counts = self.tracker.reduce()  # [L, M + 1, N], the same on every rank
+        totals = counts.sum(1)  # [L, N]
+        sub = self.sub
+        if sub is not None:
+            if self._bias_before:
+                self._update_bias_over_active_experts(totals, sub.experts)
+            elastic.reset(ctx.model)
+            self.sub = None
+        self.usage += counts[:, : len(MODALITIES)]
+        metrics: Dict[str, float] = {f"moe/{k}": v for k, v in
+                                     layer_metrics(totals, None if sub is None else sub.experts).items()}
+        if self.routing.expert_bias:
+            metrics["moe/bias_abs_mean"] = self._bias_abs_mean()
+        if self.sampler is not None:
+            metrics.update({"elastic/depth": len(sub.layers),
+                            "elastic/num_experts": self.num_experts if sub.experts is None else len(sub.experts),
+                            "elastic/topk": sub.top_k})
+        return metrics
+
+    def _update_bias_over_active_experts(self, totals: torch.Tensor, experts: Sequence[int]) -> None:
+        active = torch.zeros(self.num_experts, dtype=torch.bool)
+        active[list(experts)] = True
+        for router in self.routers:
+            load = totals[router.layer_index].double()
+            before = self._bias_before[id(router)]
+            step = torch.sign(load[active].mean() - load) * router.config.moe_router_bias_update_rate
+            update = torch.where(active, step, torch.zeros_like(step)).to(before)
+            router.expert_bias.copy_(before + update)
+        self._bias_before = {}
+
+    def _bias_abs_mean(self) -> float:
+        """Mean |expert_bias| over all MoE layers of the model (every stage's layers)."""
+        device = self.routers[0].expert_bias.device
+        table = torch.zeros(self.num_layers, 2, dtype=torch.float64, device=device)  # [sum |b|, count]
+        for router in self.routers:
+            table[router.layer_index, 0] += router.expert_bias.detach().abs().sum().double()
+            table[router.layer_index, 1] += router.num_experts
+        if self._pp_group is not None and dist.get_world_size(self._pp_group) > 1:
+            dist.all_reduce(table, group=self._pp_group)
+        total = table.sum(0)
+        return float(total[0] / total[1].clamp(min=1))
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        self.tracker.remove()
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        layers = self.plot_layers
+        if layers is None:
+            used = [i for i in range(self.num_layers) if self.usage[i].sum() > 0]
+            layers = [used[round(j * (len(used) - 1) / 3)] for j in range(4)] if len(used) > 4 else used
+            layers = sorted(set(layers))
+        if layers and self.usage[layers].sum() > 0:
+            plots = Path(ctx.run_dir) / "plots"
+            plots.mkdir(parents=True, exist_ok=True)
+            plot_expert_usage(plots / "moe_expert_usage.png", self.usage, layers)
+
+    # -- checkpoint ----------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, object]:
+        # The sampler has no state (the sub-network is a function of (seed, step)); the expert
+        # bias is a persistent buffer of the model and lives in the model checkpoint.
+        return {"usage": self.usage.clone()}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        if not state:  # a checkpoint written without this callback: count from zero
+            return
+        usage = torch.as_tensor(state["usage"], dtype=torch.long)
+        if usage.shape != self.usage.shape:
+            raise ValueError(f"checkpointed expert usage has shape {tuple(usage.shape)}, this model "
+                             f"{tuple(self.usage.shape)} (layers, modalities, experts): the MoE shape changed")
+        self.usage = usage.clone()
+
+
+def plot_expert_usage(path: Path, usage: torch.Tensor, layers: Sequence[int]) -> None:
+    """Heatmaps experts x modalities of ``usage [L, M, N]`` for ``layers``: each modality's share of
+    its routed tokens per expert; the title gives NE per modality and the top-25% IoUs."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    used = [m for m in range(usage.size(1)) if usage[layers, m].sum() > 0]
+    fig, axes = plt.subplots(1, len(layers), figsize=(1.0 + 1.6 * len(layers) + 0.4 * len(used),
+                                                      1.5 + 0.18 * usage.size(2)), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        counts = usage[layer, used].double()  # [m, N]
+        share = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+        image = ax.imshow(share.T.numpy(), cmap="viridis", aspect="auto", vmin=0.0)
+        ax.set_xticks(range(len(used)))
+        ax.set_xticklabels([MODALITIES[m] for m in used], rotation=45, fontsize=7)
+        ax.set_ylabel("expert")
+        lines = [f"layer {layer}"]
+        if counts.size(-1) > 1:
+            ne = normalized_entropy(counts)
+            lines.append("NE " + " ".join(f"{MODALITIES[m][:3]}={float(v):.2f}" for m, v in zip(used, ne)))
+        pairs = [(a, b) for i, a in enumerate(used) for b in used[i + 1:]]
+        if pairs:
+            lines.append("IoU " + " ".join(f"{MODALITIES[a][:3]}/{MODALITIES[b][:3]}="
+                                           f"{top_experts_iou(usage[layer, a], usage[layer, b]):.2f}"
+                                           for a, b in pairs[:3]))
+        ax.set_title("\n".join(lines), fontsize=7)
+        fig.colorbar(image, ax=ax, fraction=0.08)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,175 @@
+"""The ``elastic`` and ``routing`` sections of the run config (ERNIE 5.0 MoE, arXiv 2602.04705).
+
+Both are plain dataclasses without Megatron imports, so that the run config can import them.
+Checks that need the model's shape (layers, experts, top-k) are in ``problems_with_model``, for
+the cross-section checks; :class:`~megatron_ext.moe.elastic.ElasticSampler` applies them too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Literal, Optional, Tuple
+
+from megatron_ext.data.vocab import MODALITIES
+
+ROUTING_MODES = ("agnostic", "modality_isolated")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _raise(problems: List[str]) -> None:
+    if problems:
+        # Imported here: the run config's schema imports this module, and importing
+        # megatron_ext.config.loader at the top would run that schema first (an import cycle).
+        from megatron_ext.config.loader import ConfigError
+
+        raise ConfigError(problems)
+
+
+@dataclass
+class ElasticConfig:
+    """Elastic training (ERNIE 5.0 section 3.3): every step trains a sampled sub-network.
+
+    Per step, independently: depth (which layers run), width (which experts may be routed to) and
+    sparsity (top-k). The sub-network is drawn from ``(train.seed + seed_offset, step)`` only, so
+    every rank draws the same one without communication and a resumed run the same sequence.
+    """
+
+    enabled: bool = False
+    """Sample a sub-network every step (False: always the full network)."""
+    depth_full_prob: float = 0.75
+    """Probability of the full depth in a step. 0.75 is the paper's value; its depth ablation
+    (16 layers) reports 0.8, which is within the paper's own range of settings."""
+    width_full_prob: float = 0.8
+    """Probability that routing may use all experts in a step."""
+    topk_default_prob: float = 0.8
+    """Probability of the model's default top-k in a step."""
+    depth_min_layers: int = 1
+    """Fewest layers of a depth-reduced sub-network; its size is uniform in
+    [depth_min_layers, num_layers - 1]."""
+    width_num_experts: Optional[int] = None
+    """Experts of a width-reduced sub-network (a uniformly random subset of that size, the same in
+    every MoE layer); None: half of the experts. Must be at least the model's top-k."""
+    topk_range: Optional[List[int]] = None
+    """``[lo, hi)``: a reduced top-k is uniform in ``range(lo, hi)``; None: ``[1, top_k)``."""
+    seed_offset: int = 0
+    """Added to the run's seed for the sub-network stream (0: train.seed itself)."""
+
+    def __post_init__(self) -> None:
+        problems: List[str] = []
+        if not isinstance(self.enabled, bool):
+            problems.append(f"elastic.enabled={self.enabled!r} is not allowed: use true or false")
+        for name in ("depth_full_prob", "width_full_prob", "topk_default_prob"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value <= 1.0:
+                problems.append(f"elastic.{name}={value!r} is not allowed: it must be a probability in [0, 1]")
+        if not _is_int(self.depth_min_layers) or self.depth_min_layers < 1:
+            problems.append(f"elastic.depth_min_layers={self.depth_min_layers!r} is not allowed: "
+                            "it must be an int >= 1")
+        if self.width_num_experts is not None and (not _is_int(self.width_num_experts) or self.width_num_experts < 1):
+            problems.append(f"elastic.width_num_experts={self.width_num_experts!r} is not allowed: "
+                            "use null or an int >= 1")
+        if self.topk_range is not None:
+            r = self.topk_range
+            if (not isinstance(r, (list, tuple)) or len(r) != 2 or not all(_is_int(v) for v in r)
+                    or not 1 <= r[0] < r[1]):
+                problems.append(f"elastic.topk_range={r!r} is not allowed: use null or [lo, hi) with "
+                                "1 <= lo < hi (ints)")
+        if not _is_int(self.seed_offset) or self.seed_offset < 0:
+            problems.append(f"elastic.seed_offset={self.seed_offset!r} is not allowed: it must be an int >= 0")
+        _raise(problems)
+        if self.topk_range is not None:
+            self.topk_range = list(self.topk_range)
+
+    def width_size(self, num_experts: int) -> int:
+        """Experts of a width-reduced sub-network."""
+        return self.width_num_experts if self.width_num_experts is not None else num_experts // 2
+
+    def topk_bounds(self, top_k: int) -> Tuple[int, int]:
+        """``(lo, hi)`` of a reduced top-k, sampled from ``range(lo, hi)``."""
+        return tuple(self.topk_range) if self.topk_range is not None else (1, top_k)
+
+    def problems_with_model(self, num_layers: int, num_experts: int, top_k: int) -> List[str]:
+        """Problems that need the model's shape (for the cross-section checks); empty when none."""
+        problems: List[str] = []
+        if self.depth_full_prob < 1.0 and not self.depth_min_layers <= num_layers - 1:
+            problems.append(f"elastic.depth_min_layers={self.depth_min_layers} is not allowed with "
+                            f"model.num_layers={num_layers}: a reduced depth keeps between depth_min_layers "
+                            f"and num_layers - 1 = {num_layers - 1} layers (or set depth_full_prob: 1)")
+        width = self.width_size(num_experts)
+        if self.width_full_prob < 1.0 and not top_k <= width < num_experts:
+            problems.append(f"elastic.width_num_experts={width} (null = half of moe.num_experts={num_experts}) "
+                            f"is not allowed: a reduced width keeps between moe.top_k={top_k} and "
+                            f"{num_experts - 1} experts (or set width_full_prob: 1)")
+        lo, hi = self.topk_bounds(top_k)
+        if self.topk_default_prob < 1.0 and not (1 <= lo < hi <= top_k):
+            problems.append(f"elastic.topk_range=[{lo}, {hi}) is not allowed with moe.top_k={top_k}: a reduced "
+                            f"top-k lies in [1, top_k) (or set topk_default_prob: 1)")
+        return problems
+
+
+@dataclass
+class RoutingConfig:
+    """How tokens choose experts, and how expert load is balanced."""
+
+    mode: Literal["agnostic", "modality_isolated"] = "agnostic"
+    """``agnostic`` (ERNIE 5.0): one router over one expert pool for every token, conditioned on
+    the hidden state only. ``modality_isolated`` (the ERNIE 4.5 baseline): the experts are split
+    into equal contiguous partitions, one per modality of ``isolated_modalities``, and a token
+    may only select experts of its modality's partition."""
+    isolated_modalities: Optional[List[str]] = None
+    """``modality_isolated`` only: the modalities that get a partition, in expert order; None: all
+    of ``MODALITIES``. A token of another modality is an error."""
+    expert_bias: bool = True
+    """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the
+    top-k selection only, moved by ``bias_update_rate`` toward balance after every step. Needs
+    ``moe.score_function: sigmoid``."""
+    bias_update_rate: float = 1e-4
+    """Step of the bias update: 1e-4 in ERNIE 5.0 pre-training, 1e-5 later."""
+
+    def __post_init__(self) -> None:
+        problems: List[str] = []
+        if self.mode not in ROUTING_MODES:
+            problems.append(f"routing.mode={self.mode!r} is not allowed: use one of {ROUTING_MODES}")
+        if self.isolated_modalities is not None:
+            names = self.isolated_modalities
+            if (not isinstance(names, (list, tuple)) or not names or any(n not in MODALITIES for n in names)
+                    or len(set(names)) != len(names)):
+                problems.append(f"routing.isolated_modalities={names!r} is not allowed: use null or a non-empty "
+                                f"list of distinct names from {list(MODALITIES)}")
+        if not isinstance(self.expert_bias, bool):
+            problems.append(f"routing.expert_bias={self.expert_bias!r} is not allowed: use true or false")
+        if not _is_number(self.bias_update_rate) or self.bias_update_rate <= 0:
+            problems.append(f"routing.bias_update_rate={self.bias_update_rate!r} is not allowed: it must be a "
+                            "number > 0")
+        _raise(problems)
+        if self.isolated_modalities is not None:
+            self.isolated_modalities = list(self.isolated_modalities)
+
+    @property
+    def partition_modalities(self) -> Tuple[str, ...]:
+        """Modalities that own an expert partition (``modality_isolated``), in expert order."""
+        return tuple(self.isolated_modalities) if self.isolated_modalities is not None else MODALITIES
+
+    def problems_with_model(self, num_experts: int, top_k: int, score_function: str) -> List[str]:
+        """Problems that need the MoE section (for the cross-section checks); empty when none."""
+        problems: List[str] = []
+        if self.expert_bias and score_function != "sigmoid":
+            problems.append(f"routing.expert_bias=true needs moe.score_function='sigmoid' (got "
+                            f"{score_function!r}), as in Megatron-Core: set one or the other")
+        if self.mode == "modality_isolated":
+            parts = len(self.partition_modalities)
+            if num_experts % parts:
+                problems.append(f"routing.mode='modality_isolated' splits moe.num_experts={num_experts} into "
+                                f"{parts} equal partitions ({', '.join(self.partition_modalities)}): make "
+                                "num_experts divisible or list fewer routing.isolated_modalities")
+            elif num_experts // parts < top_k:
+                problems.append(f"routing.mode='modality_isolated': a partition of {num_experts // parts} experts "
+                                f"is smaller than moe.top_k={top_k}")
+        return problems
