@@ -93,6 +93,22 @@ def _reduce_step_losses(losses_reduced: List[dict]) -> Dict[str, float]:
     return result
 
 
+def _run_schedule(model, data_iterator, forward_step_func, num_microbatches, seq_length, micro_batch_size,
+                  forward_only: bool) -> List[dict]:
+    """Megatron's forward/backward schedule for the current parallel layout (1F1B, interleaved, ...)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterator,
+        model=model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
 def train_step(
     model: List[torch.nn.Module],
     optimizer,
@@ -106,21 +122,11 @@ def train_step(
     increment: Optional[int] = None,
 ) -> StepResult:
     """Run one step over ``num_microbatches`` micro-batches on DDP-wrapped ``model`` chunks."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    forward_backward = get_forward_backward_func()
-    losses_reduced = forward_backward(
-        forward_step_func=forward_step_func,
-        data_iterator=data_iterator,
-        model=model,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
+    losses_reduced = _run_schedule(model, data_iterator, forward_step_func, num_microbatches, seq_length,
+                                   micro_batch_size, forward_only=False)
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful and opt_param_scheduler is not None:
         opt_param_scheduler.step(increment=increment)
@@ -141,20 +147,11 @@ def eval_step(
     forward_step_func: Callable = gpt_forward_step,
 ) -> float:
     """Mean loss of one global batch without gradients (same schedule, ``forward_only``)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     for chunk in model:
         chunk.eval()
     try:
-        losses_reduced = get_forward_backward_func()(
-            forward_step_func=forward_step_func,
-            data_iterator=data_iterator,
-            model=model,
-            num_microbatches=num_microbatches,
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=True,
-        )
+        losses_reduced = _run_schedule(model, data_iterator, forward_step_func, num_microbatches, seq_length,
+                                       micro_batch_size, forward_only=True)
     finally:
         for chunk in model:
             chunk.train()

@@ -3,8 +3,6 @@ reaching its target through the real training loop, binarization, allocation.jso
 
 import copy
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -14,8 +12,9 @@ from megatron_ext.config import RunConfig, from_dict
 from megatron_ext.consa.attention import HybridCoreAttention
 from megatron_ext.consa.kernels import causal_attention, sliding_window_attention_reference
 from megatron_ext.models.builder import build_model
-from megatron_ext.parallel import ParallelSizes, full_named_tensors, load_full_named_tensors
+from megatron_ext.parallel import full_named_tensors
 from megatron_ext.testing.distributed import run_distributed
+from megatron_ext.testing.callbacks import PreemptAfter, StartFrom
 from megatron_ext.training.callbacks import Callback
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
@@ -38,26 +37,6 @@ def config(**sections):
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
     return from_dict(RunConfig, data)
-
-
-class StartFrom(Callback):
-    def __init__(self, weights):
-        self.weights = weights
-
-    def on_train_start(self, ctx):
-        if ctx.step == 0:
-            for chunk in ctx.model:
-                load_full_named_tensors(chunk, self.weights)
-
-
-class PreemptAfter(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, ctx, result):
-        if ctx.step == self.step:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return {}
 
 
 class DeterministicGates(Callback):

@@ -1,17 +1,15 @@
 """The whole training loop at different layouts: same losses as one rank; resume at a new layout."""
 
 import copy
-import os
-import signal
 from pathlib import Path
 
 import pytest
 
 from megatron_ext.config import RunConfig, from_dict
 from megatron_ext.models.builder import build_model
-from megatron_ext.parallel import full_named_tensors, load_full_named_tensors
+from megatron_ext.parallel import full_named_tensors
 from megatron_ext.testing.distributed import run_distributed
-from megatron_ext.training.callbacks import Callback
+from megatron_ext.testing.callbacks import PreemptAfter, StartFrom
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
 
@@ -24,30 +22,6 @@ BASE = {
     "checkpoint": {"save_at_end": True},
     "logging": {"tensorboard": False},
 }
-
-
-class StartFrom(Callback):
-    """Load the same full weights into any layout (pipeline stages draw different init streams)."""
-
-    def __init__(self, weights):
-        self.weights = weights
-
-    def on_train_start(self, ctx):
-        if ctx.step == 0:
-            for chunk in ctx.model:
-                load_full_named_tensors(chunk, self.weights)
-
-
-class PreemptAfter(Callback):
-    """Sends this rank SIGUSR1 after a step, as SLURM does before a time limit."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, ctx, result):
-        if ctx.step == self.step:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return {}
 
 
 def initial_weights():
