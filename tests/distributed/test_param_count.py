@@ -31,3 +31,12 @@ def test_moe_active_parameters_count_top_k_of_routed_experts():
     routed = report["routed_experts"]
     assert routed > 0
     assert report["active"] == report["total"] - routed + routed * cfg.moe.top_k // cfg.moe.num_experts
+
+
+def test_ernie_ablation_shape_matches_paper_counts():
+    """454M active / 3.2B total (METHODS.md section 3), within 5%."""
+    report = run_distributed(count, 1, config_path="configs/ernie_moe_ablation.yaml")[0]
+    print(f"[params] ernie ablation: {report}")
+    assert abs(report["active"] - 454e6) / 454e6 <= 0.05
+    assert abs(report["total"] - 3.2e9) / 3.2e9 <= 0.05
+    assert report["active"] / report["total"] < 0.15
