@@ -1,0 +1,120 @@
+"""Sub-model extraction: a standalone smaller model from an elastic MoE checkpoint.
+
+A sub-network (kept layers, kept experts, top-k) of the trained model is written as a model of
+its own: layers renumbered 0..n-1, every MoE layer keeping only the chosen experts (their MLP
+weights, the router rows and expert-bias entries, renumbered in order) and the new top-k. Because
+elastic training ran exactly these sub-networks (a skipped layer is the identity; routing
+restricted to a subset is top-k over that subset's scores), the extracted model computes the same
+function as the full model under :func:`megatron_ext.moe.elastic.apply` of the same sub-network.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_ext.config.schema import RunConfig
+from megatron_ext.models.builder import moe_layer_pattern
+from megatron_ext.moe.elastic import SubNetwork
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_EXPERT = re.compile(r"^(mlp\.experts\.local_experts\.)(\d+)\.(.*)$")
+_PER_EXPERT_ROWS = ("mlp.router.weight", "mlp.router.bias", "mlp.router.expert_bias")
+
+
+def check_subnetwork(cfg: RunConfig, sub: SubNetwork) -> None:
+    """Raise ValueError unless ``sub`` is a sub-network of ``cfg``'s model that we can extract."""
+    problems = []
+    n, e = cfg.model.num_layers, cfg.moe.num_experts
+    if not cfg.moe.enabled:
+        problems.append("the model has no MoE layers (moe.enabled is false)")
+    if not sub.layers or any(not 0 <= i < n for i in sub.layers) or list(sub.layers) != sorted(set(sub.layers)):
+        problems.append(f"layers {list(sub.layers)} must be distinct, ascending indices in [0, {n})")
+    experts = list(sub.experts) if sub.experts is not None else list(range(e))
+    if any(not 0 <= x < e for x in experts) or experts != sorted(set(experts)):
+        problems.append(f"experts {experts} must be distinct, ascending indices in [0, {e})")
+    elif not 1 <= sub.top_k <= len(experts):
+        problems.append(f"top-k {sub.top_k} must be in [1, {len(experts)}] (the kept experts)")
+    if cfg.hybrid_attention.enabled or cfg.looping.enabled:
+        problems.append("extraction keeps no hybrid-attention allocation or loop structure yet: "
+                        "it supports MoE models with hybrid_attention and looping off")
+    if problems:
+        raise ValueError("cannot extract the sub-network: " + "; ".join(problems))
+
+
+def unsharded(cfg: RunConfig) -> RunConfig:
+    """``cfg`` for one process: no parallelism, no elastic sampling, weights-only loading."""
+    single = copy.deepcopy(cfg)
+    single.parallel = type(cfg.parallel)()
+    single.elastic.enabled = False
+    single.checkpoint.load_optimizer = False
+    return single
+
+
+def subnetwork_config(cfg: RunConfig, sub: SubNetwork) -> RunConfig:
+    """The run config of the extracted model (unsharded; weights-only loading; no elastic)."""
+    small = unsharded(cfg)
+    pattern = moe_layer_pattern(cfg)
+    small.model.num_layers = len(sub.layers)
+    small.moe.layer_pattern = [pattern[i] for i in sub.layers]
+    if sub.experts is not None:
+        small.moe.num_experts = len(sub.experts)
+    small.moe.top_k = sub.top_k
+    small.name = f"{cfg.name}-sub"
+    return small
+
+
+def subnetwork_state_dict(full: Dict[str, torch.Tensor], sub: SubNetwork, num_experts: int) -> Dict[str, torch.Tensor]:
+    """Select and renumber the tensors of ``sub`` from a full model's unsharded state dict."""
+    layer_map = {old: new for new, old in enumerate(sub.layers)}
+    experts: List[int] = list(sub.experts) if sub.experts is not None else list(range(num_experts))
+    expert_map = {old: new for new, old in enumerate(experts)}
+    out: Dict[str, torch.Tensor] = {}
+    for name, tensor in full.items():
+        match = _LAYER.match(name)
+        if match is None:  # embedding, final norm, output layer
+            out[name] = tensor
+            continue
+        layer, rest = int(match.group(1)), match.group(2)
+        if layer not in layer_map:
+            continue
+        expert = _EXPERT.match(rest)
+        if expert is not None:
+            if int(expert.group(2)) not in expert_map:
+                continue
+            rest = f"{expert.group(1)}{expert_map[int(expert.group(2))]}.{expert.group(3)}"
+        elif rest in _PER_EXPERT_ROWS and tensor is not None and tensor.shape[0] == num_experts:
+            tensor = tensor[experts].clone()
+        out[f"decoder.layers.{layer_map[layer]}.{rest}"] = tensor
+    return out
+
+
+def extract_submodel(run_dir: Path, output: Path, sub: SubNetwork, step: Optional[int] = None) -> Path:
+    """Load ``run_dir``'s checkpoint (latest or ``step``), write the sub-model to ``output``."""
+    from megatron_ext.config import dump_yaml, load_config
+    from megatron_ext.models.builder import build_model
+    from megatron_ext.training.checkpoint import CheckpointManager
+
+    cfg = load_config(run_dir / "config.yaml")
+    check_subnetwork(cfg, sub)
+    small_cfg = subnetwork_config(cfg, sub)
+    manager = CheckpointManager(run_dir / "checkpoints", keep_last=1)
+    path = manager.latest() if step is None else run_dir / "checkpoints" / f"step_{step:08d}"
+    if path is None or not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {run_dir / 'checkpoints'}")
+    (full,) = build_model(unsharded(cfg), cuda=False)
+    manager.load(path, [full], None, load_optimizer=False)
+    (small,) = build_model(small_cfg, cuda=False)
+    small.load_state_dict(subnetwork_state_dict(full.state_dict(), sub, cfg.moe.num_experts), strict=True)
+    output.mkdir(parents=True, exist_ok=True)
+    if dist.get_rank() == 0:
+        dump_yaml(small_cfg, output / "config.yaml")
+    common = {"consumed_samples": 0, "skipped_steps": 0, "scheduler": None, "callbacks": {},
+              "extracted_from": {"run_dir": str(run_dir), "checkpoint": path.name, "layers": list(sub.layers),
+                                 "experts": None if sub.experts is None else list(sub.experts), "top_k": sub.top_k}}
+    return CheckpointManager(output / "checkpoints", keep_last=1).save(0, [small], None, common)

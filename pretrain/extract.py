@@ -1,0 +1,59 @@
+"""Extract a standalone sub-model (layers, experts, top-k) from an elastic MoE checkpoint.
+
+    python -m pretrain.extract --run-dir runs/NAME [--step N] --layers 0,1,2,5 \\
+        --experts 0-31 --top-k 4 --output runs/NAME-sub
+
+Writes OUTPUT/config.yaml and OUTPUT/checkpoints/ (a checkpoint at step 0 holding the weights),
+so ``python -m pretrain.train --config OUTPUT/config.yaml --run-dir OUTPUT`` continues training it
+and evaluation tools load it like any run. Runs in one process on CPU (no GPU needed).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_ext.compat import enable_cpu_support
+from megatron_ext.config import ConfigError
+from megatron_ext.moe.elastic import SubNetwork
+from megatron_ext.moe.extract import extract_submodel
+from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, initialize_parallel_state
+from megatron_ext.parallel.state import init_distributed
+
+
+def parse_indices(text: str):
+    """'0,2,5-7' -> (0, 2, 5, 6, 7)."""
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    return tuple(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--layers", required=True, help="kept layers, e.g. 0-3,6")
+    parser.add_argument("--experts", default=None, help="kept experts, e.g. 0-31 (default: all)")
+    parser.add_argument("--top-k", type=int, required=True)
+    parser.add_argument("--output", required=True, type=Path)
+    args = parser.parse_args(argv)
+    sub = SubNetwork(parse_indices(args.layers), parse_indices(args.experts) if args.experts else None, args.top_k)
+    enable_cpu_support()
+    init_distributed(cuda=False)
+    initialize_parallel_state(ParallelSizes())
+    try:
+        print(f"wrote {extract_submodel(args.run_dir, args.output, sub, args.step)}")
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_parallel_state()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
