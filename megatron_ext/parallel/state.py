@@ -77,6 +77,8 @@ def initialize_parallel_state(sizes: ParallelSizes, seed: int = 1234) -> None:
         context_parallel_size=sizes.cp,
         expert_model_parallel_size=sizes.ep,
         expert_tensor_parallel_size=sizes.etp,
+        # Megatron adds gloo twins of its NCCL groups; when the backend is gloo they are duplicates.
+        create_gloo_process_groups=dist.get_backend() != "gloo",
     )
     model_parallel_cuda_manual_seed(seed)
 
@@ -90,6 +92,13 @@ def destroy_parallel_state() -> None:
     clear_aux_losses_tracker()
     destroy_num_microbatches_calculator()
     parallel_state.destroy_model_parallel()
+    # Megatron forgets its groups but does not destroy them; each gloo group keeps threads and
+    # sockets, so a process that sets up parallel state many times (tests) would accumulate them.
+    from torch.distributed import distributed_c10d
+
+    for group in list(distributed_c10d._world.pg_map):
+        if group is not distributed_c10d.GroupMember.WORLD:
+            dist.destroy_process_group(group)
 
 
 def comm_device() -> torch.device:
