@@ -21,7 +21,7 @@ def plot_allocation(path: Path, allocation: torch.Tensor, log_alpha: torch.Tenso
     """Heatmap layers x units: full attention (dark) / SWA (light), log-alpha written in cells."""
     plt = _pyplot()
     layers, units = allocation.shape
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * units, 1.0 + 0.3 * layers))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 0.45 * units), max(2.5, 1.0 + 0.3 * layers)))
     ax.imshow(allocation.float().numpy(), cmap="Blues", vmin=-0.3, vmax=1.0, aspect="auto")
     if log_alpha is not None:
         for i in range(layers):
