@@ -1,0 +1,52 @@
+"""Validation loss of a run directory's latest checkpoint.
+
+    torchrun --nproc_per_node N -m pretrain.evaluate --run-dir runs/NAME [--batches 8] [--set ...]
+
+Uses the run's own config.yaml (overrides may change the layout: weights reshard on load).
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_ext.compat import enable_cpu_support
+from megatron_ext.config import ConfigError, check_run, load_config
+from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, initialize_parallel_state
+from megatron_ext.parallel.state import init_distributed
+from megatron_ext.training.evaluate import evaluate_checkpoint
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    enable_cpu_support()
+    try:
+        cfg = load_config(args.run_dir / "config.yaml", args.overrides)
+        check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")), cuda=cuda)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    init_distributed(cuda)
+    p = cfg.parallel
+    initialize_parallel_state(ParallelSizes(tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert,
+                                            etp=p.expert_tensor, vpp=p.virtual_pipeline), seed=cfg.train.seed)
+    try:
+        loss = evaluate_checkpoint(cfg, args.run_dir, args.batches)
+        if dist.get_rank() == 0:
+            print(f"{args.run_dir}: validation loss {loss:.4f} over {args.batches} batches")
+    finally:
+        destroy_parallel_state()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
