@@ -14,7 +14,8 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	# mpi4py (extra "mpi") is a binary wheel; it loads the system's MPI library at run time.
+	$(PY) -m pip install --quiet -e ".[test,mpi]"
 	touch $(STAMP)
 
 smoke: setup

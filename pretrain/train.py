@@ -4,7 +4,8 @@
         [--run-dir DIR] [--set section.key=value ...]
 
 Without --run-dir the run directory is runs/<config name>. Re-running the same command with the
-same run directory resumes from its latest checkpoint.
+same run directory resumes from its latest checkpoint. Ranks started by srun or mpirun instead of
+torchrun: --launcher slurm / mpi (auto-detected; see megatron_ext/launch/bootstrap.py).
 """
 
 import argparse
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 from megatron_ext.config import ConfigError, load_config
+from megatron_ext.launch.bootstrap import LAUNCHERS, LaunchError, prepare_launch
 from megatron_ext.training.loop import Trainer
 
 
@@ -21,6 +23,10 @@ def parse_args(argv=None):
     parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config field; repeatable")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="auto",
+                        help="what started the ranks: torchrun, srun tasks (slurm) or MPI (mpi); default: detect")
+    parser.add_argument("--rendezvous-timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="slurm / mpi launchers: how long ranks wait for rank 0's rendezvous (default 600)")
     return parser.parse_args(argv)
 
 
@@ -33,10 +39,14 @@ def main(argv=None) -> int:
         return 2
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
     try:
+        prepare_launch(cfg, args.launcher, args.rendezvous_timeout)
         Trainer(cfg, run_dir).run()
     except ConfigError as err:
         print(f"error: {args.config}: {err}", file=sys.stderr)
         return 2
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -1,0 +1,173 @@
+"""Launch planner: check a config against a GPU allocation, lay out its ranks, estimate memory.
+
+    python -m pretrain.plan --config configs/NAME.yaml --nodes N --gpus-per-node G \
+        [--set section.key=value ...] [--emit-sbatch]
+
+The plan is what a job of N * G ranks would do, worked out on one CPU process: the same checks
+the training entry runs (``check_run`` with world = N * G and CUDA), every rank's coordinates in
+Megatron's rank order (:mod:`megatron_ext.launch.layout`), the ranks of each group, warnings for
+groups that should stay inside a node, and a per-GPU memory estimate
+(:mod:`megatron_ext.launch.memory`). Inside a SLURM allocation the node and GPU counts are
+compared with the allocation's.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import textwrap
+from dataclasses import dataclass, replace
+from typing import Dict, List, Mapping, Optional, Sequence
+
+from megatron_ext.config import ConfigError, RunConfig, check_run
+from megatron_ext.launch.layout import INTRA_NODE_KINDS, Layout
+from megatron_ext.launch.memory import GIB, ParamInventory, StageMemory, bytes_per_parameter, estimate_memory
+
+GPU_SBATCH = "slurm/train_gpu.sbatch"
+
+
+def check_allocation(cfg: RunConfig, nodes: int, gpus_per_node: int,
+                     environ: Mapping[str, str] = os.environ) -> None:
+    """Raise ConfigError listing every reason ``cfg`` cannot run on ``nodes`` x ``gpus_per_node`` GPUs."""
+    problems: List[str] = []
+    if nodes < 1:
+        problems.append(f"--nodes {nodes} must be at least 1")
+    if gpus_per_node < 1:
+        problems.append(f"--gpus-per-node {gpus_per_node} must be at least 1")
+    slurm_nodes = environ.get("SLURM_JOB_NUM_NODES")
+    if slurm_nodes and slurm_nodes.isdigit() and int(slurm_nodes) != nodes:
+        problems.append(
+            f"--nodes {nodes} disagrees with the SLURM allocation this runs in (SLURM_JOB_NUM_NODES="
+            f"{slurm_nodes}): plan for the nodes the job has, or submit a job with --nodes={nodes}")
+    slurm_gpus = environ.get("SLURM_GPUS_ON_NODE")
+    if slurm_gpus and slurm_gpus.isdigit() and int(slurm_gpus) != gpus_per_node:
+        problems.append(
+            f"--gpus-per-node {gpus_per_node} disagrees with the SLURM allocation this runs in "
+            f"(SLURM_GPUS_ON_NODE={slurm_gpus})")
+    if problems:
+        raise ConfigError(problems)
+    try:
+        check_run(cfg, nodes * gpus_per_node, cuda=True)
+    except ConfigError as err:
+        raise ConfigError([f"on {nodes} node(s) x {gpus_per_node} GPU(s) = {nodes * gpus_per_node} ranks: {p}"
+                           for p in err.problems]) from None
+
+
+@dataclass
+class LaunchPlan:
+    """Everything the planner found for one config on one allocation."""
+
+    cfg: RunConfig
+    layout: Layout
+    memory: List[StageMemory]
+    warnings: List[str]
+    total_params: int
+    gpu_memory_gib: float
+    peak_by_recompute: Dict[str, float]
+    """Peak per-GPU bytes with each train.recompute setting (to compare the choices)."""
+
+
+def make_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, inventory: ParamInventory, *,
+              gpu_memory_gib: float = 80.0, environ: Mapping[str, str] = os.environ) -> LaunchPlan:
+    """Check the allocation, then lay out the ranks and estimate memory (raises ConfigError)."""
+    check_allocation(cfg, nodes, gpus_per_node, environ)
+    layout = Layout.from_config(cfg, nodes, gpus_per_node)
+    memory = estimate_memory(cfg, inventory, layout.world, cuda=True)
+    warnings = layout.node_warnings(INTRA_NODE_KINDS if cfg.moe.enabled else ("tp",))
+    for stage in memory:
+        if stage.total > 0.9 * gpu_memory_gib * GIB:
+            warnings.append(
+                f"pipeline stage {stage.stage} needs about {stage.total / GIB:.1f} GiB per GPU, more than 90% "
+                f"of {gpu_memory_gib:g} GiB: raise TP / PP, lower train.micro_batch_size or set "
+                "train.recompute to selective / full")
+    peaks = {
+        mode: max(s.total for s in estimate_memory(replace(cfg, train=replace(cfg.train, recompute=mode)),
+                                                   inventory, layout.world, cuda=True))
+        for mode in ("none", "selective", "full")
+    }
+    return LaunchPlan(cfg=cfg, layout=layout, memory=memory, warnings=warnings, total_params=inventory.total,
+                      gpu_memory_gib=gpu_memory_gib, peak_by_recompute=peaks)
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def _wrap_groups(groups: List[List[int]], indent: str) -> str:
+    text = " ".join("[" + ",".join(map(str, g)) + "]" for g in groups)
+    return textwrap.fill(text, width=100, initial_indent=indent, subsequent_indent=indent,
+                         break_on_hyphens=False)
+
+
+def format_plan(plan: LaunchPlan) -> str:
+    """The human-readable report printed by ``python -m pretrain.plan``."""
+    cfg, lay = plan.cfg, plan.layout
+    p, t = cfg.parallel, cfg.train
+    moe = cfg.moe.enabled
+    out = [
+        f"{cfg.name}: {lay.nodes} node(s) x {lay.gpus_per_node} GPU(s) = {lay.world} ranks, "
+        f"{_count(plan.total_params)} parameters",
+        f"  dense layers:  TP {lay.tp} x CP {lay.cp} x DP {lay.dp} x PP {lay.pp}"
+        + (f" (virtual pipeline {p.virtual_pipeline})" if p.virtual_pipeline else "")
+        + (", sequence parallel" if p.sequence_parallel and lay.tp > 1 else ""),
+    ]
+    if moe:
+        out.append(f"  expert layers: ETP {lay.etp} x EP {lay.ep} x EDP {lay.edp} x PP {lay.pp} "
+                   f"({cfg.moe.num_experts} experts, {cfg.moe.num_experts // lay.ep} per EP rank)")
+    num_micro = t.global_batch_size // (t.micro_batch_size * lay.dp)
+    out.append(f"  batch: global {t.global_batch_size} = micro-batch {t.micro_batch_size} x DP {lay.dp} x "
+               f"{num_micro} micro-batches per step, {cfg.data.seq_length} tokens per sample")
+
+    out += ["", "Ranks (Megatron order tp-cp-ep-dp-pp; node = rank // GPUs per node)",
+            "  rank  node |  TP  CP  DP  PP" + (" |  EP ETP EDP" if moe else "")]
+    for c in lay.coordinates():
+        line = f"  {c.rank:>4}  {c.node:>4} | {c.tp:>3} {c.cp:>3} {c.dp:>3} {c.pp:>3}"
+        out.append(line + (f" | {c.ep:>3} {c.etp:>3} {c.edp:>3}" if moe else ""))
+
+    kinds = [("tp", "TP"), ("cp", "CP"), ("dp", "DP"), ("dp-cp", "DP x CP (gradient reduction)"), ("pp", "PP")]
+    if moe:
+        kinds += [("ep", "EP (token all-to-all)"), ("etp", "ETP"), ("edp", "EDP (expert gradient reduction)")]
+    out += ["", "Groups (ranks that share each group)"]
+    for kind, title in kinds:
+        groups = lay.groups(kind)
+        if kind == "dp-cp" and lay.cp == 1:
+            continue
+        if len(groups[0]) == 1 and kind not in ("tp", "dp", "pp"):
+            continue
+        crossing = len(lay.cross_node_groups(kind))
+        where = f"{crossing} cross nodes" if crossing else "all inside a node"
+        out.append(f"  {title}: {len(groups)} group(s) of {len(groups[0])}, {where}")
+        out.append(_wrap_groups(groups, "    "))
+
+    weight_bytes, _, _ = bytes_per_parameter(cfg, cuda=True)
+    peak = max(plan.memory, key=lambda s: s.total)
+    unit, scale = ("GiB", GIB) if peak.total >= 0.5 * GIB else ("MiB", 1024 ** 2)
+    out += ["", f"Memory per GPU, estimate ({unit}; {'bf16' if weight_bytes == 2 else 'fp32'} weights, fp32 "
+            f"grads, Adam{' sharded over DP (distributed optimizer)' if lay.dp > 1 else ''}, "
+            f"recompute={t.recompute}; formulas in megatron_ext/launch/memory.py)",
+            "  stage  params/GPU  weights    grads  optimizer  activations    total"]
+    for s in plan.memory:
+        out.append(f"  {s.stage:>5}  {_count(s.params):>10}  {s.weights / scale:>7.2f}  {s.gradients / scale:>7.2f}  "
+                   f"{s.optimizer / scale:>9.2f}  {s.activations / scale:>11.2f}  {s.total / scale:>7.2f}")
+    out.append(f"  peak: stage {peak.stage}, {peak.total / GIB:.2f} GiB of {plan.gpu_memory_gib:g} GiB; "
+               "with train.recompute = " + ", ".join(f"{mode}: {total / GIB:.2f}"
+                                                    for mode, total in plan.peak_by_recompute.items()))
+
+    out += ["", "Warnings" if plan.warnings else "Warnings: none"]
+    out += [f"  - {w}" for w in plan.warnings]
+    return "\n".join(out)
+
+
+def sbatch_command(config: str, overrides: Sequence[str], nodes: int, gpus_per_node: int,
+                   job_name: Optional[str] = None, script: str = GPU_SBATCH) -> str:
+    """The submission command for this allocation (run from the repository root).
+
+    ``NODES`` tells the script how many nodes the plan was made for; it refuses to start on an
+    allocation of another size.
+    """
+    train_args = ["--config", config] + [item for o in overrides for item in ("--set", o)]
+    sbatch = ["sbatch", f"--nodes={nodes}", "--ntasks-per-node=1", f"--gpus-per-node={gpus_per_node}"]
+    if job_name:
+        sbatch.append(f"--job-name={job_name}")
+    sbatch += [f"--export=ALL,NODES={nodes}", script, *train_args]
+    return "mkdir -p logs && " + " ".join(shlex.quote(a) for a in sbatch)

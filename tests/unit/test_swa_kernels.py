@@ -1,0 +1,152 @@
+"""Sliding-window attention kernels: the blocked CPU kernel and the GPU path against the dense reference."""
+
+from functools import partial
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from megatron_ext.consa.kernels import (
+    causal_attention,
+    ideal_flop_ratio,
+    sliding_window_attention,
+    sliding_window_attention_blocked,
+    sliding_window_attention_reference,
+)
+
+FP32_TOL = dict(rtol=1e-5, atol=1e-5)
+NAMES = ("out", "dq", "dk", "dv")
+
+
+def make_qkv(b, hq, hkv, t, d, dtype=torch.float32, device="cpu", seed=0):
+    """q [b, hq, t, d], k and v [b, hkv, t, d] that require grad, and an output gradient [b, hq, t, d]."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, t, d, generator=gen)
+    k = torch.randn(b, hkv, t, d, generator=gen)
+    v = torch.randn(b, hkv, t, d, generator=gen)
+    grad = torch.randn(b, hq, t, d, generator=gen)
+    q, k, v = (x.to(device=device, dtype=dtype).requires_grad_() for x in (q, k, v))
+    return q, k, v, grad.to(device=device, dtype=dtype)
+
+
+def forward_backward(fn, q, k, v, grad):
+    """(out, dq, dk, dv) of ``fn(q, k, v)`` for the output gradient ``grad``."""
+    out = fn(q, k, v)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+
+def assert_all_close(got, want, what=""):
+    for name, g, w in zip(NAMES, got, want):
+        assert_close(g, w, **FP32_TOL, msg=lambda m: f"{name}{what}: {m}")
+
+
+# (b, hq, hkv, T, d, window, block_size)
+SHAPES = [
+    pytest.param(1, 2, 2, 128, 16, 24, 32, id="T-multiple-of-block"),
+    pytest.param(1, 2, 2, 100, 16, 24, 32, id="T-not-multiple-of-block"),
+    pytest.param(1, 2, 2, 70, 8, 1, 16, id="W1"),
+    pytest.param(1, 2, 2, 90, 8, 5, 16, id="W-smaller-than-block"),
+    pytest.param(1, 2, 2, 96, 8, 17, 16, id="W-one-past-block"),
+    pytest.param(2, 4, 2, 96, 16, 20, 16, id="GQA-4-2-batch2"),
+    pytest.param(1, 8, 2, 131, 8, 40, 24, id="GQA-8-2"),
+    pytest.param(1, 3, 3, 75, 8, 75, 32, id="W-equals-T"),
+    pytest.param(1, 2, 1, 50, 8, 1000, 16, id="W-beyond-T"),
+]
+
+
+@pytest.mark.parametrize("b, hq, hkv, t, d, window, block", SHAPES)
+def test_blocked_matches_reference(b, hq, hkv, t, d, window, block):
+    q, k, v, grad = make_qkv(b, hq, hkv, t, d)
+    blocked = partial(sliding_window_attention_blocked, window=window, block_size=block)
+    got = forward_backward(blocked, q, k, v, grad)
+    want = forward_backward(partial(sliding_window_attention_reference, window=window), q, k, v, grad)
+    assert_all_close(got, want)
+    if window >= t:
+        assert_all_close(got, forward_backward(causal_attention, q, k, v, grad), " vs causal")
+
+
+def test_blocked_default_block_and_custom_scale():
+    q, k, v, grad = make_qkv(1, 4, 2, 333, 32, seed=1)
+    got = forward_backward(partial(sliding_window_attention_blocked, window=100, scale=0.3), q, k, v, grad)
+    want = forward_backward(partial(sliding_window_attention_reference, window=100, scale=0.3), q, k, v, grad)
+    assert_all_close(got, want)
+
+
+def test_blocked_accepts_non_contiguous_inputs():
+    q, k, v, grad = make_qkv(1, 2, 2, 64, 8, seed=2)
+    # The same values stored as [b, s, h, d] and seen as [b, h, s, d].
+    strided = [x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v)]
+    assert not strided[0].is_contiguous()
+    got = forward_backward(partial(sliding_window_attention_blocked, window=9, block_size=16), *strided, grad)
+    want = forward_backward(partial(sliding_window_attention_reference, window=9), q, k, v, grad)
+    assert_all_close(got, want)
+
+
+@pytest.mark.parametrize("kernel", ["reference", "blocked"])
+def test_window_convention(kernel):
+    """W = 3: changing key and value j changes exactly the outputs i with i - 2 <= j <= i."""
+    window, t = 3, 12
+    fn = {
+        "reference": partial(sliding_window_attention_reference, window=window),
+        "blocked": partial(sliding_window_attention_blocked, window=window, block_size=4),
+    }[kernel]
+    q, k, v, _ = make_qkv(1, 1, 1, t, 4)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    base = fn(q, k, v)
+    for j in range(t):
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, j] += 1.0
+        v2[:, :, j] += 1.0
+        changed = (fn(q, k2, v2) - base).abs().amax(dim=(0, 1, 3)) > 1e-6  # [T]
+        expected = torch.tensor([j <= i <= j + window - 1 for i in range(t)])
+        rows = changed.nonzero().flatten().tolist()
+        assert torch.equal(changed, expected), f"perturbing position {j} changed rows {rows}"
+
+
+def test_dispatcher_on_cpu_is_blocked_kernel():
+    q, k, v, grad = make_qkv(2, 4, 2, 150, 16, seed=3)
+    got = forward_backward(partial(sliding_window_attention, window=33), q, k, v, grad)
+    want = forward_backward(partial(sliding_window_attention_blocked, window=33), q, k, v, grad)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_blocked_bf16_close_to_fp32_reference():
+    q, k, v, grad = make_qkv(1, 4, 2, 160, 32, seed=4)
+    want = forward_backward(partial(sliding_window_attention_reference, window=48), q, k, v, grad)
+    low = [x.detach().bfloat16().requires_grad_() for x in (q, k, v)]
+    blocked = partial(sliding_window_attention_blocked, window=48, block_size=32)
+    got = forward_backward(blocked, *low, grad.bfloat16())
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == torch.bfloat16
+        assert (g.float() - w).norm() <= 2e-2 * w.norm(), name
+
+
+@pytest.mark.parametrize("t, window", [(1, 1), (5, 1), (5, 2), (5, 5), (5, 9), (4096, 512), (100, 37)])
+def test_ideal_flop_ratio(t, window):
+    band = sum(min(i + 1, window) for i in range(t))
+    assert ideal_flop_ratio(t, window) == pytest.approx(band / (t * (t + 1) / 2), rel=1e-12)
+
+
+def test_input_validation():
+    q, k, v, _ = make_qkv(1, 4, 2, 8, 4)
+    with pytest.raises(ValueError, match="window"):
+        sliding_window_attention_blocked(q, k, v, 0)
+    with pytest.raises(ValueError, match="multiple"):
+        sliding_window_attention_reference(q, k[:, :1].expand(1, 3, 8, 4), v[:, :1].expand(1, 3, 8, 4), 2)
+    with pytest.raises(ValueError, match="block_size"):
+        sliding_window_attention_blocked(q, k, v, 2, block_size=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("hq, hkv, t, window", [(4, 4, 256, 64), (4, 2, 300, 100), (2, 1, 200, 500)])
+def test_flex_path_matches_reference_on_cuda(dtype, tol, hq, hkv, t, window):
+    q, k, v, grad = make_qkv(2, hq, hkv, t, 64, dtype=dtype, device="cuda", seed=5)
+    got = forward_backward(partial(sliding_window_attention, window=window), q, k, v, grad)
+    exact = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    want = forward_backward(partial(sliding_window_attention_reference, window=window), *exact, grad.float())
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == dtype
+        rel = ((g.float() - w).norm() / w.norm()).item()
+        assert rel <= tol, f"{name}: relative error {rel:.2e} > {tol:.0e}"
