@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 from megatron_ext.compat import enable_cpu_support
 from megatron_ext.config import ConfigError, check_run, load_config
-from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, initialize_parallel_state
-from megatron_ext.parallel.state import init_distributed
+from megatron_ext.parallel import ParallelSizes
+from megatron_ext.parallel.state import parallel_job
 from megatron_ext.training.evaluate import evaluate_checkpoint
 
 
@@ -34,17 +34,13 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    init_distributed(cuda)
     p = cfg.parallel
-    initialize_parallel_state(ParallelSizes(tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert,
-                                            etp=p.expert_tensor, vpp=p.virtual_pipeline), seed=cfg.train.seed)
-    try:
+    sizes = ParallelSizes(tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert, etp=p.expert_tensor,
+                          vpp=p.virtual_pipeline)
+    with parallel_job(sizes, seed=cfg.train.seed):
         loss = evaluate_checkpoint(cfg, args.run_dir, args.batches)
         if dist.get_rank() == 0:
             print(f"{args.run_dir}: validation loss {loss:.4f} over {args.batches} batches")
-    finally:
-        destroy_parallel_state()
-        dist.destroy_process_group()
     return 0
 
 

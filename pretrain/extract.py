@@ -12,14 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
-from megatron_ext.compat import enable_cpu_support
 from megatron_ext.config import ConfigError
 from megatron_ext.moe.elastic import SubNetwork
 from megatron_ext.moe.extract import extract_submodel
-from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, initialize_parallel_state
-from megatron_ext.parallel.state import init_distributed
+from megatron_ext.parallel import ParallelSizes
+from megatron_ext.parallel.state import parallel_job
 
 
 def parse_indices(text: str):
@@ -41,17 +38,12 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args(argv)
     sub = SubNetwork(parse_indices(args.layers), parse_indices(args.experts) if args.experts else None, args.top_k)
-    enable_cpu_support()
-    init_distributed(cuda=False)
-    initialize_parallel_state(ParallelSizes())
-    try:
-        print(f"wrote {extract_submodel(args.run_dir, args.output, sub, args.step)}")
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_parallel_state()
-        dist.destroy_process_group()
+    with parallel_job(ParallelSizes()):
+        try:
+            print(f"wrote {extract_submodel(args.run_dir, args.output, sub, args.step)}")
+        except (ConfigError, ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -7,13 +7,10 @@ import argparse
 import json
 import sys
 
-import torch.distributed as dist
-
-from megatron_ext.compat import enable_cpu_support
 from megatron_ext.config import ConfigError, load_config
 from megatron_ext.models.param_count import count_parameters
-from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, initialize_parallel_state
-from megatron_ext.parallel.state import init_distributed
+from megatron_ext.parallel import ParallelSizes
+from megatron_ext.parallel.state import parallel_job
 
 
 def main(argv=None) -> int:
@@ -27,14 +24,8 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {args.config}: {err}", file=sys.stderr)
         return 2
-    enable_cpu_support()
-    init_distributed(cuda=False)  # one local rank: the count is of the unsharded model
-    initialize_parallel_state(ParallelSizes())
-    try:
+    with parallel_job(ParallelSizes()):  # one local rank: the count is of the unsharded model
         report = count_parameters(cfg)
-    finally:
-        destroy_parallel_state()
-        dist.destroy_process_group()
     print(json.dumps(report.as_dict()) if args.json else f"{cfg.name}: {report.format()}")
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -124,3 +125,21 @@ def init_distributed(cuda: bool, timeout_minutes: int = 10) -> None:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+
+
+@contextmanager
+def parallel_job(sizes: ParallelSizes, seed: int = 1234):
+    """The process group and Megatron's parallel state for the body of a command-line tool.
+
+    CPU support is switched on where there is no GPU; everything is torn down on exit.
+    """
+    from megatron_ext.compat import enable_cpu_support
+
+    enable_cpu_support()
+    init_distributed(torch.cuda.is_available())
+    initialize_parallel_state(sizes, seed=seed)
+    try:
+        yield
+    finally:
+        destroy_parallel_state()
+        dist.destroy_process_group()
