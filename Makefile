@@ -25,5 +25,8 @@ smoke: setup
 test: setup
 	$(PY) -m pytest tests -q
 
+bench: setup
+	$(PY) -m benchmarks.run
+
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -58,6 +58,20 @@ def bench_one(seq_len: int, window: int, block_size: int, reps: int, heads: int 
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def run(reps: int = 5, seq_lens=(2048, 4096, 8192), window: int = 512) -> list:
+    """Rows for the benchmark report: SWA / FA time ratios beside the ideal FLOP ratio."""
+    targets = {4096: {"fwd": "<= 0.35", "fwdbwd": "<= 0.5"}}
+    rows = []
+    for seq_len in seq_lens:
+        m = bench_one(seq_len, window, DEFAULT_BLOCK_SIZE, reps)
+        for part, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
+            rows.append({"benchmark": "attention", "metric": f"SWA / FA {label}, T={seq_len}, W={window}",
+                         "value": m[f"swa_{part}"] / m[f"fa_{part}"],
+                         "target": targets.get(seq_len, {}).get(part, ""),
+                         "ideal": ideal_flop_ratio(seq_len, window)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -90,6 +104,7 @@ def main() -> None:
             columns.append(f"{fa * 1e3:>9.1f} {swa * 1e3:>10.1f} {swa / fa:>6.3f}")
         columns.append(f"{ideal_flop_ratio(seq_len, args.window):>6.3f}")
         print(" | ".join(columns))
+
 
 if __name__ == "__main__":
     main()
