@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_ext.compat import enable_cpu_support
 from megatron_ext.config import ConfigError, check_run, load_config
 from megatron_ext.parallel import ParallelSizes
 from megatron_ext.parallel.state import parallel_job
@@ -27,7 +26,6 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
-    enable_cpu_support()
     try:
         cfg = load_config(args.run_dir / "config.yaml", args.overrides)
         check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")), cuda=cuda)
