@@ -12,26 +12,21 @@ slices run). Block loop: the same 3 layers re-run whole.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Dict, List
 
 import torch
+
+from benchmarks.common import interleaved, median, ratio, row, single_process_megatron
 
 SHAPE = dict(num_layers=16, hidden_size=512, num_attention_heads=16, ffn_hidden_size=1408, vocab_size=8192)
 SEQ, LOOPED, KEPT = 1024, (15, 12, 9), (0, 1)
 
 
 def _build():
-    from megatron_ext.compat import enable_cpu_support
     from megatron_ext.config import RunConfig, from_dict
     from megatron_ext.models.builder import build_model
-    from megatron_ext.parallel import ParallelSizes, initialize_parallel_state
-    from megatron_ext.parallel.state import init_distributed
 
-    enable_cpu_support()
-    init_distributed(cuda=False)
-    initialize_parallel_state(ParallelSizes())
+    single_process_megatron()
     cfg = from_dict(RunConfig, {"model": SHAPE, "data": {"seq_length": SEQ},
                                 "looping": {"enabled": True, "num_keep_heads": len(KEPT)}})
     (model,) = build_model(cfg, cuda=False)
@@ -48,53 +43,36 @@ def _set_structure(model, method: str) -> None:
             layer.set_head_factors([1.0 if h in KEPT else 0.0 for h in range(SHAPE["num_attention_heads"])])
 
 
-def _step_time(model, tokens, reps: int) -> float:
+def _step(model, method: str, tokens: torch.Tensor) -> None:
+    """One forward + backward of ``model`` looping as ``method``."""
+    _set_structure(model, method)
     positions = torch.arange(SEQ).unsqueeze(0)
-    times = []
-    for i in range(reps + 1):  # the first run warms up
-        start = time.perf_counter()
-        loss = model(tokens, positions, None, labels=tokens).float().mean()
-        loss.backward()
-        if i:
-            times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-    return statistics.median(times)
+    model(tokens, positions, None, labels=tokens).float().mean().backward()
+    model.zero_grad(set_to_none=True)
 
 
 def run(reps: int = 5) -> List[Dict[str, object]]:
     from megatron_ext.models.builder import padded_vocab_size
     from megatron_ext.sgt.flops import GPTShape, LoopedLayer, LoopStructure, flops_overhead
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg, model = _build()
     tokens = torch.randint(0, SHAPE["vocab_size"], (1, SEQ))
-    times = {}
-    for method in ("vanilla", "sgt", "block"):  # interleaved A B C rounds: drift hits all alike
-        times[method] = []
-    for _ in range(reps):
-        for method in times:
-            _set_structure(model, method)
-            times[method].append(_step_time(model, tokens, 1))
-    median = {m: statistics.median(t) for m, t in times.items()}
+    times = interleaved({m: (lambda m: lambda: _step(model, m, tokens))(m) for m in ("vanilla", "sgt", "block")},
+                        reps)
     shape = GPTShape.from_run_config(cfg, padded_vocab_size(SHAPE["vocab_size"]))
     sgt = LoopStructure("sgt", {i: LoopedLayer(1, len(KEPT), len(KEPT)) for i in LOOPED})
     block = LoopStructure("block", {i: LoopedLayer(1, 16, 16) for i in LOOPED})
     released = GPTShape(hidden_size=1024, num_layers=16, num_heads=16, num_kv_heads=16, head_dim=64,
                         ffn_hidden_size=4096, vocab_size=50304, seq_length=4096)
     return [
-        {"benchmark": "sgt", "metric": "step time SGT / vanilla", "value": median["sgt"] / median["vanilla"],
-         "target": "<= 1.05"},
-        {"benchmark": "sgt", "metric": "step time block loop / vanilla", "value": median["block"] / median["vanilla"],
-         "target": "reference"},
-        {"benchmark": "sgt", "metric": "FLOPs overhead SGT (this model)", "value": flops_overhead(shape, sgt),
-         "target": "<= 0.03"},
-        {"benchmark": "sgt", "metric": "FLOPs overhead block loop (this model)", "value": flops_overhead(shape, block),
-         "target": "reference"},
-        {"benchmark": "sgt", "metric": "FLOPs overhead SGT (released 300M shape, T=4096)",
-         "value": flops_overhead(released, sgt), "target": "<= 0.03"},
-        {"benchmark": "sgt", "metric": "FLOPs overhead block loop (released 300M shape, T=4096)",
-         "value": flops_overhead(released, block), "target": "~0.19"},
-        {"benchmark": "sgt", "metric": "vanilla step time (s, median)", "value": median["vanilla"], "target": ""},
+        row("sgt", "step time SGT / vanilla", ratio(times, "sgt", "vanilla"), "<= 1.05"),
+        row("sgt", "step time block loop / vanilla", ratio(times, "block", "vanilla"), "reference"),
+        row("sgt", "FLOPs overhead SGT (this model)", flops_overhead(shape, sgt), "<= 0.03"),
+        row("sgt", "FLOPs overhead block loop (this model)", flops_overhead(shape, block), "reference"),
+        row("sgt", "FLOPs overhead SGT (released 300M shape, T=4096)", flops_overhead(released, sgt), "<= 0.03"),
+        row("sgt", "FLOPs overhead block loop (released 300M shape, T=4096)", flops_overhead(released, block),
+            "~0.19"),
+        row("sgt", "vanilla step time (s, median)", median(times, "vanilla"), "report"),
     ]
 
 

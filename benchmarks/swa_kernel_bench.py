@@ -1,14 +1,21 @@
-"""Wall time of the blocked sliding-window attention kernel against causal SDPA on CPU.
+"""Attention cost, measured side by side: sliding-window against full causal attention.
 
-For each sequence length T: b=1, h=8, d=64, fp32, window W (default 512). Forward (with inputs that
-require grad, as in training) and forward+backward of
+Kernels, for each sequence length T (b=1, h=8, d=64, window W, default 512), forward (inputs that
+require grad, as in training) and forward+backward:
 
-    FA   causal_attention                  (scaled_dot_product_attention, is_causal=True)
-    SWA  sliding_window_attention_blocked
+    FA   causal_attention                 (scaled_dot_product_attention, is_causal=True)
+    SWA  sliding_window_attention         (CPU: the blocked O(T*W) kernel; CUDA: FlexAttention)
 
-are timed with time.perf_counter after a warm-up, FA and SWA alternating within each repetition so
-that both see the same machine load; the table gives medians and the ratios SWA / FA next to
-ideal_flop_ratio(T, W), the fraction of the causal (query, key) pairs that the band keeps.
+next to ideal_flop_ratio(T, W), the fraction of the causal (query, key) pairs the band keeps.
+
+Layers (``HybridCoreAttention``, the core attention a hybrid model runs, T=4096 by default):
+
+    gated   stage 1 (mask learning): every KV head mixes FA and SWA by its gate z, both computed,
+            gradient to z included; ConSA's training cost, target <= 2.2x the full layer
+    mixed   static hybrid at rho = 0.5: half the KV heads FA, half SWA, as two kernel groups
+
+against the same module in full mode. Ratios are medians of per-repetition ratios, cases
+interleaved (benchmarks/common.py).
 
     python benchmarks/swa_kernel_bench.py [--T 2048 4096 8192] [--window 512] [--reps 7] [--threads 2]
 """
@@ -16,59 +23,104 @@ ideal_flop_ratio(T, W), the fraction of the causal (query, key) pairs that the b
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from typing import Callable, Dict, List, Optional
 
 import torch
 
+from benchmarks.common import interleaved, median, ratio, row, single_process_megatron
 from megatron_ext.consa.kernels import (
     DEFAULT_BLOCK_SIZE,
     causal_attention,
     ideal_flop_ratio,
+    sliding_window_attention,
     sliding_window_attention_blocked,
 )
 
-
-def seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+HEADS, HEAD_DIM = 8, 64
 
 
-def bench_one(seq_len: int, window: int, block_size: int, reps: int, heads: int = 8, head_dim: int = 64):
+def _inputs(seq_len: int, heads: int, kv_heads: int, head_dim: int, device, dtype, layout: str = "bhsd"):
+    """q, k, v requiring grad, and an output gradient; ``bhsd`` = [b, h, T, d], ``sbhd`` = [T, b, h, d]."""
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, heads, seq_len, head_dim, generator=gen).requires_grad_() for _ in range(3))
-    grad = torch.randn(1, heads, seq_len, head_dim, generator=gen)
-    kernels = {
-        "fa": lambda: causal_attention(q, k, v),
-        "swa": lambda: sliding_window_attention_blocked(q, k, v, window, block_size=block_size),
-    }
 
-    def fwd_bwd(kernel):
-        return lambda: torch.autograd.grad(kernel(), (q, k, v), grad)
+    def make(h):
+        t = torch.randn(1, h, seq_len, head_dim, generator=gen)
+        if layout == "sbhd":
+            t = t.permute(2, 0, 1, 3).contiguous()
+        return t.to(device=device, dtype=dtype).requires_grad_()
 
+    return make(heads), make(kv_heads), make(kv_heads), make(heads).detach()
+
+
+def _cases(kernels: Dict[str, Callable], wrt: Dict[str, tuple], grad: torch.Tensor) -> Dict[str, Callable]:
+    """Forward and forward+backward of each kernel; ``wrt[name]``: what its backward differentiates."""
     cases = {f"{name}_fwd": fn for name, fn in kernels.items()}
-    cases.update({f"{name}_fwdbwd": fwd_bwd(fn) for name, fn in kernels.items()})
-    for fn in cases.values():  # warm-up: first-touch allocations, thread pools
-        fn()
-    times = {name: [] for name in cases}
-    for _ in range(reps):
-        for name, fn in cases.items():
-            times[name].append(seconds(fn))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    for name, fn in kernels.items():
+        cases[f"{name}_fwdbwd"] = (lambda f, w: lambda: torch.autograd.grad(f(), w, grad))(fn, wrt[name])
+    return cases
 
 
-def run(reps: int = 5, seq_lens=(2048, 4096, 8192), window: int = 512) -> list:
-    """Rows for the benchmark report: SWA / FA time ratios beside the ideal FLOP ratio."""
+def bench_kernels(seq_len: int, window: int, reps: int, block_size: Optional[int] = None,
+                  device="cpu", dtype=torch.float32) -> Dict[str, List[float]]:
+    """Times of FA and SWA, forward and forward+backward (keys ``fa_fwd``, ``swa_fwdbwd``, ...)."""
+    q, k, v, grad = _inputs(seq_len, HEADS, HEADS, HEAD_DIM, device, dtype)
+
+    def swa():
+        if block_size is not None and not q.is_cuda:
+            return sliding_window_attention_blocked(q, k, v, window, block_size=block_size)
+        return sliding_window_attention(q, k, v, window)
+
+    kernels = {"fa": lambda: causal_attention(q, k, v), "swa": swa}
+    return interleaved(_cases(kernels, dict.fromkeys(kernels, (q, k, v)), grad), reps)
+
+
+def _hybrid_modules(window: int, device):
+    """HybridCoreAttention in full, gated (per-KV-head gates) and static rho=0.5 modes, and the
+    gates' parameter."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_ext.consa.attention import HybridCoreAttention
+
+    single_process_megatron()
+    config = TransformerConfig(num_layers=1, hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS,
+                               num_query_groups=HEADS, kv_channels=HEAD_DIM, attention_dropout=0.0,
+                               hidden_dropout=0.0)
+    modules = {name: HybridCoreAttention(config, layer_number=1, window=window).to(device)
+               for name in ("full", "gated", "mixed")}
+    log_alpha = torch.zeros(HEADS, device=device, requires_grad=True)  # gates at z = 0.5 on average
+    modules["gated"].set_gated(lambda training: torch.sigmoid(log_alpha))
+    modules["mixed"].set_static([h % 2 == 0 for h in range(HEADS)])
+    return modules, log_alpha
+
+
+def bench_layers(seq_len: int, window: int, reps: int, device="cpu", dtype=torch.float32) -> Dict[str, List[float]]:
+    """Times of the hybrid core attention in full, gated and mixed modes (fwd and fwd+bwd)."""
+    modules, log_alpha = _hybrid_modules(window, device)
+    q, k, v, grad = _inputs(seq_len, HEADS, HEADS, HEAD_DIM, device, dtype, layout="sbhd")
+    kernels = {name: (lambda m: lambda: m(q, k, v))(m) for name, m in modules.items()}
+    wrt = {"full": (q, k, v), "gated": (q, k, v, log_alpha), "mixed": (q, k, v)}
+    return interleaved(_cases(kernels, wrt, grad.flatten(2)), reps)  # the module returns [s, b, h * d]
+
+
+def run(reps: int = 5, seq_lens=(2048, 4096, 8192), window: int = 512, layer_seq_len: int = 4096) -> list:
+    """Rows for the benchmark report: SWA / FA kernel ratios beside the ideal, then the layers."""
     targets = {4096: {"fwd": "<= 0.35", "fwdbwd": "<= 0.5"}}
     rows = []
     for seq_len in seq_lens:
-        m = bench_one(seq_len, window, DEFAULT_BLOCK_SIZE, reps)
+        t = bench_kernels(seq_len, window, reps)
         for part, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
-            rows.append({"benchmark": "attention", "metric": f"SWA / FA {label}, T={seq_len}, W={window}",
-                         "value": m[f"swa_{part}"] / m[f"fa_{part}"],
-                         "target": targets.get(seq_len, {}).get(part, ""),
-                         "ideal": ideal_flop_ratio(seq_len, window)})
+            rows.append(row("attention", f"SWA / FA {label}, T={seq_len}, W={window}",
+                            ratio(t, f"swa_{part}", f"fa_{part}"),
+                            targets.get(seq_len, {}).get(part, ""), ideal_flop_ratio(seq_len, window)))
+    t = bench_layers(layer_seq_len, window, reps)
+    ideal_mixed = (1.0 + ideal_flop_ratio(layer_seq_len, window)) / 2
+    for part, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
+        rows.append(row("attention", f"gated (stage 1) / FA layer {label}, T={layer_seq_len}",
+                        ratio(t, f"gated_{part}", f"full_{part}"), "<= 2.2",
+                        1.0 + ideal_flop_ratio(layer_seq_len, window)))
+    for part, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
+        rows.append(row("attention", f"KV-head mixed rho=0.5 / FA layer {label}, T={layer_seq_len}",
+                        ratio(t, f"mixed_{part}", f"full_{part}"), "report", ideal_mixed))
     return rows
 
 
@@ -79,7 +131,7 @@ def main() -> None:
     parser.add_argument("--T", type=int, nargs="+", default=[2048, 4096, 8192], help="sequence lengths")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument(
-        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="query block of the SWA kernel"
+        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="query block of the CPU SWA kernel"
     )
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions after one warm-up")
     parser.add_argument("--threads", type=int, default=2)
@@ -87,8 +139,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     print(
-        f"b=1 h=8 d=64 fp32 W={args.window} bq={args.block_size} threads={torch.get_num_threads()} "
-        f"torch {torch.__version__}; median of {args.reps}"
+        f"b=1 h={HEADS} d={HEAD_DIM} fp32 W={args.window} bq={args.block_size} threads={torch.get_num_threads()} "
+        f"torch {torch.__version__}; medians of {args.reps}"
     )
     header = (
         f"{'T':>6} | {'FA fwd ms':>9} {'SWA fwd ms':>10} {'ratio':>6} | "
@@ -97,11 +149,11 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for seq_len in args.T:
-        m = bench_one(seq_len, args.window, args.block_size, args.reps)
+        t = bench_kernels(seq_len, args.window, args.reps, block_size=args.block_size)
         columns = [f"{seq_len:>6}"]
         for part in ("fwd", "fwdbwd"):
-            fa, swa = m[f"fa_{part}"], m[f"swa_{part}"]
-            columns.append(f"{fa * 1e3:>9.1f} {swa * 1e3:>10.1f} {swa / fa:>6.3f}")
+            columns.append(f"{median(t, f'fa_{part}') * 1e3:>9.1f} {median(t, f'swa_{part}') * 1e3:>10.1f} "
+                           f"{ratio(t, f'swa_{part}', f'fa_{part}'):>6.3f}")
         columns.append(f"{ideal_flop_ratio(seq_len, args.window):>6.3f}")
         print(" | ".join(columns))
 

@@ -12,8 +12,13 @@ def wrap_with_ddp(
     *,
     overlap_grad_reduce: bool = False,
     bucket_size: int | None = None,
+    use_distributed_optimizer: bool = False,
 ) -> List[torch.nn.Module]:
     """Megatron DDP around each chunk, fp32 grad buffers, with ``finalize_model_grads`` hooked in.
+
+    ``use_distributed_optimizer`` must match the optimizer's: Megatron's distributed optimizer
+    shards its state over the data-parallel ranks and needs DDP to reduce-scatter the gradient
+    buffers into matching shards (instead of all-reducing them).
 
     With ``overlap_grad_reduce`` the gradient all-reduce of a bucket starts as soon as its last
     gradient is ready, overlapping communication with the rest of backward; the schedule then
@@ -28,7 +33,7 @@ def wrap_with_ddp(
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
-        use_distributed_optimizer=False,
+        use_distributed_optimizer=use_distributed_optimizer,
         bucket_size=bucket_size,
     )
     wrapped = [

@@ -25,7 +25,7 @@ from megatron_ext.data.vocab import MODALITIES
 from megatron_ext.models.builder import build_model
 from megatron_ext.optim import build_optimizer
 from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, initialize_parallel_state
-from megatron_ext.parallel.state import init_distributed
+from megatron_ext.parallel.state import comm_device, init_distributed
 from megatron_ext.training.callbacks import Callback, TrainContext
 from megatron_ext.training.capabilities import capability_callbacks
 from megatron_ext.training.checkpoint import CheckpointManager
@@ -75,7 +75,9 @@ def _scheduler(cfg: RunConfig, optimizer):
     )
 
 
-def _optimizer_config(cfg: RunConfig, cuda: bool):
+def optimizer_config(cfg: RunConfig, cuda: bool):
+    """Megatron's ``OptimizerConfig`` of a run: AdamW from ``train``; on GPU with data parallelism
+    Megatron's distributed optimizer (state sharded over DP ranks, ZeRO-1)."""
     from megatron.core.optimizer import OptimizerConfig
 
     from megatron_ext.models.builder import params_dtype
@@ -88,6 +90,20 @@ def _optimizer_config(cfg: RunConfig, cuda: bool):
         clip_grad=t.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=cuda and data_parallel_size(cfg, dist.get_world_size()) > 1,
     )
+
+
+def peak_memory_gib(cuda: bool) -> float:
+    """Largest peak memory of any rank so far, GiB: the CUDA caching allocator's peak allocation on
+    GPU, the process's peak resident set on CPU. A MAX all-reduce over the world."""
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    value = torch.tensor([peak], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value.item())
 
 
 class Trainer:
@@ -126,8 +142,10 @@ class Trainer:
         run_dir.write_config(cfg)
         dist.barrier()
 
-        model = wrap_with_ddp(build_model(cfg, cuda=cuda), overlap_grad_reduce=cfg.parallel.overlap_grad_reduce)
-        optimizer = build_optimizer(_optimizer_config(cfg, cuda), model)
+        opt_config = optimizer_config(cfg, cuda)
+        model = wrap_with_ddp(build_model(cfg, cuda=cuda), overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+                              use_distributed_optimizer=opt_config.use_distributed_optimizer)
+        optimizer = build_optimizer(opt_config, model)
         scheduler = _scheduler(cfg, optimizer)
         checkpoints = CheckpointManager(run_dir.checkpoints, cfg.checkpoint.keep_last)
         ctx = TrainContext(config=cfg, model=model, optimizer=optimizer, run_dir=run_dir.path)
@@ -218,6 +236,7 @@ class Trainer:
                         for i in range(t.eval_steps)
                     ) / t.eval_steps
                 if ctx.step % cfg.logging.log_interval == 0 or ctx.step == t.steps:
+                    record["mem/peak_gib"] = peak_memory_gib(cuda)  # collective: every rank logs
                     run_dir.log(record)
                     if rank0:
                         self.log(self._progress_line(record, start_step, start_time))
@@ -254,5 +273,5 @@ class Trainer:
         return (
             f"step {record['step']:>6}/{steps} | loss {record['loss']:.4f}{extra} | lr {record['lr']:.3e} | "
             f"grad {record['grad_norm']:.3f} | {record['tokens_per_sec']:,.0f} tok/s | "
-            f"ETA {timedelta(seconds=int(eta))}"
+            f"mem {record['mem/peak_gib']:.2f} GiB | ETA {timedelta(seconds=int(eta))}"
         )

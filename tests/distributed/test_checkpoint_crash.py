@@ -13,7 +13,7 @@ from megatron_ext.parallel import full_named_tensors
 from megatron_ext.testing.distributed import DistributedTaskError, run_distributed
 from megatron_ext.training import checkpoint
 from megatron_ext.training.ddp import wrap_with_ddp
-from megatron_ext.training.loop import _optimizer_config
+from megatron_ext.training.loop import optimizer_config
 
 TINY = {"model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64,
                   "vocab_size": 128}, "data": {"seq_length": 16}}
@@ -23,7 +23,7 @@ def _build(seed):
     torch.manual_seed(seed)
     cfg = from_dict(RunConfig, TINY)
     model = wrap_with_ddp(build_model(cfg, cuda=False))
-    return model, build_optimizer(_optimizer_config(cfg, cuda=False), model)
+    return model, build_optimizer(optimizer_config(cfg, cuda=False), model)
 
 
 def save_then_crash(root, crash_point):

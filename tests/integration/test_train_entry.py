@@ -60,6 +60,8 @@ def test_two_rank_run_fills_the_run_directory(tmp_path):
     assert [r["step"] for r in records] == list(range(1, 13))
     assert all(REQUIRED_KEYS <= r.keys() for r in records)
     assert records[-1]["consumed_samples"] == 12 * 4
+    peaks = [r["mem/peak_gib"] for r in records]  # peak RSS of the largest rank: a running maximum
+    assert 0.05 < peaks[0] and peaks == sorted(peaks), peaks
     assert "val/loss" in records[11]
     assert records[-1]["loss"] < records[0]["loss"]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
