@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup smoke test bench clean
+.PHONY: setup smoke test bench gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -28,5 +28,14 @@ test: setup
 bench: setup
 	$(PY) -m benchmarks.run
 
+# Wheels that benchmarks/gpu_check.sh installs on a GPU machine without network access (the
+# machine's Python version: GPU_PYTHON_VERSION). Carry .whl/ with the tree.
+GPU_PYTHON_VERSION ?= 3.12
+gpu-wheels: setup
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --dest .whl \
+	    --python-version $(GPU_PYTHON_VERSION) --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	    "megatron-core==$$($(PY) -c 'import megatron.core; print(megatron.core.__version__)')"
+
 clean:
-	rm -rf $(VENV) runs *.egg-info
+	rm -rf $(VENV) runs *.egg-info .whl

@@ -104,9 +104,11 @@ class HybridCoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, nq * hn)
 
     def _gated(self, q, k, v, heads):
-        z = self._gate(self.training).to(q.dtype)  # [1] or [num_kv_heads]
+        # The gates live on the CPU (replicated, see ConSACallback); their gradient flows back through .to().
+        z = self._gate(self.training)  # [1] or [num_kv_heads]
         if z.numel() > 1:
             z = z[self.kv_offset + heads].repeat_interleave(self.queries_per_group)  # [nq]
+        z = z.to(device=q.device, dtype=q.dtype)
         z = z.view(1, -1, 1, 1)
         full = causal_attention(q, k, v, self.softmax_scale)
         swa = sliding_window_attention(q, k, v, self.window, self.softmax_scale)
@@ -123,8 +125,9 @@ class HybridCoreAttention(MegatronModule):
         swa_kv = (~full_flags).nonzero().flatten()
 
         def query_heads(kv):  # query heads of the given KV heads, in order
-            return (kv.unsqueeze(1) * qpg + torch.arange(qpg)).flatten()
+            return (kv.unsqueeze(1) * qpg + torch.arange(qpg, device=kv.device)).flatten()
 
+        fa_kv, swa_kv = fa_kv.to(q.device), swa_kv.to(q.device)
         fa_q, swa_q = query_heads(fa_kv), query_heads(swa_kv)
         fa_out = causal_attention(q[:, fa_q], k[:, fa_kv], v[:, fa_kv], self.softmax_scale)
         swa_out = sliding_window_attention(q[:, swa_q], k[:, swa_kv], v[:, swa_kv], self.window, self.softmax_scale)

@@ -112,8 +112,11 @@ class ConSACallback(Callback):
     def _reduced_lm_grad(self) -> torch.Tensor:
         from megatron.core import parallel_state
 
+        from megatron_ext.parallel.state import comm_device
+
         log_alpha = self.gates.log_alpha
         grad = log_alpha.grad if log_alpha.grad is not None else torch.zeros_like(log_alpha)
+        grad = grad.to(comm_device())  # NCCL reduces CUDA tensors only; the gates stay on the CPU
         mp_group = parallel_state.get_model_parallel_group()
         if dist.get_world_size(mp_group) > 1:
             dist.all_reduce(grad, group=mp_group)
@@ -121,7 +124,7 @@ class ConSACallback(Callback):
         if dist.get_world_size(dp_group) > 1:
             dist.all_reduce(grad, group=dp_group)
             grad /= dist.get_world_size(dp_group)
-        return grad
+        return grad.to(log_alpha.device)
 
     def _update_gates(self, step: int, update_successful: bool) -> Dict[str, object]:
         grad = self._reduced_lm_grad()

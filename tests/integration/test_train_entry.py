@@ -29,8 +29,8 @@ TINY = {
 }
 
 
-def launch(config: Path, run_dir: Path, *overrides: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+def launch(config: Path, run_dir: Path, *overrides: str, nproc: int = 2) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "pretrain.train", "--config", str(config), "--run-dir", str(run_dir)]
     for item in overrides:
         cmd += ["--set", item]
