@@ -86,6 +86,11 @@ class ModelConfig:
     """Dropout after attention and MLP."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
+    attention_backend: Literal["sdpa", "local"] = "sdpa"
+    """Core attention of full-attention layers: ``sdpa`` (torch's scaled_dot_product_attention:
+    flash / memory-efficient kernels on GPU, a fused kernel on CPU; causal, no padding masks) or
+    ``local`` (Megatron-Core's unfused DotProductAttention, as in its local layer spec). Hybrid
+    attention layers use their own module."""
 
     def __post_init__(self):
         c = _Checks("model")

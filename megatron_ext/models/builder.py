@@ -114,7 +114,9 @@ def layer_specs(cfg: RunConfig) -> list:
     """
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    core_attention = DotProductAttention
+    from megatron_ext.models.attention import SDPACoreAttention
+
+    core_attention = SDPACoreAttention if cfg.model.attention_backend == "sdpa" else DotProductAttention
     if cfg.hybrid_attention.enabled:
         from megatron_ext.consa.attention import HybridCoreAttention
 

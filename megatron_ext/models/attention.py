@@ -1,0 +1,69 @@
+"""Causal core attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+Megatron-Core's local ``DotProductAttention`` computes the full ``[b, np, s, s]`` score matrix
+with batched matmuls, a masked softmax and dropout: unfused, O(s^2) memory per layer. Without
+Transformer Engine (CPU, or a GPU image without it) :class:`SDPACoreAttention` is the fused
+alternative with the same call contract: query ``[s, b, np, hn]``, key / value ``[s, b, ng, hn]``
+(this rank's heads after the TP split), output ``[s, b, np * hn]``. torch picks the kernel: flash
+or memory-efficient attention on GPU, its fused flash-style kernel on CPU.
+
+Attention dropout is drawn inside Megatron's model-parallel RNG tracker fork, as
+``DotProductAttention`` does, so that ranks holding different heads draw different masks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+__all__ = ["SDPACoreAttention"]
+
+
+class SDPACoreAttention(MegatronModule):
+    """Causal self-attention core for GPT layers (no padding masks, packed sequences or biases)."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type=AttnMaskType.causal, attention_type="self",
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type=None, pg_collection=None):
+        problems = []
+        if config.context_parallel_size != 1:
+            problems.append(f"context_parallel_size={config.context_parallel_size} (use 1)")
+        if attn_mask_type != AttnMaskType.causal or attention_type != "self":
+            problems.append(f"{attention_type} attention with mask type {attn_mask_type} (causal self-attention only)")
+        if problems:
+            raise ValueError("SDPACoreAttention does not support " + "; ".join(problems)
+                             + ": set model.attention_backend: local for Megatron's DotProductAttention.")
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        self.head_dim = config.kv_channels
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("SDPACoreAttention computes causal attention over whole sequences: it takes no "
+                             "attention_mask, attention_bias or packed_seq_params (set "
+                             "model.attention_backend: local for those)")
+        if attn_mask_type is not None and attn_mask_type != AttnMaskType.causal:
+            raise ValueError(f"SDPACoreAttention is causal; got attn_mask_type={attn_mask_type}")
+        s, b, nq, hn = query.shape
+        q = query.permute(1, 2, 0, 3)  # [b, nq, s, hn]
+        k = key.permute(1, 2, 0, 3)  # [b, nkv, s, hn]
+        v = value.permute(1, 2, 0, 3)
+        dropout = self.dropout if self.training else 0.0
+        gqa = q.shape[1] != k.shape[1]
+        if dropout > 0.0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                                     scale=self.softmax_scale, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                                 scale=self.softmax_scale, enable_gqa=gqa)
+        return out.permute(2, 0, 1, 3).reshape(s, b, nq * hn)
