@@ -8,6 +8,7 @@ cancels slow drifts better than a ratio of two medians.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable, Dict, List, Mapping, Optional
@@ -70,6 +71,17 @@ def meets(value: float, target: str) -> Optional[bool]:
         return None
     bound = float(parts[1])
     return value <= bound if parts[0] == "<=" else value >= bound
+
+
+def command_line(run: Callable[[int], List[Row]], doc: str, default_reps: int = 5) -> None:
+    """The command line of one benchmark module: ``--reps N``, then its rows printed."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=default_reps, help="timed repetitions of each case")
+    args = parser.parse_args()
+    if args.reps < 1:
+        parser.error(f"--reps {args.reps}: use at least 1")
+    for r in run(args.reps):
+        print(f"{r['metric']:<82} {r['value']:>12.4f}  {r['target']}")
 
 
 def single_process_megatron() -> None:

@@ -14,7 +14,6 @@ the wall time of the whole command (start-up and checkpoints included).
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from benchmarks.common import row
+from benchmarks.common import command_line, row
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS_OFF = ["elastic.enabled=false", "routing.expert_bias=false", "hybrid_attention.enabled=false",
@@ -75,12 +74,5 @@ def run(reps: int = 1) -> list:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=1)
-    for r in run(parser.parse_args().reps):
-        print(f"{r['metric']:<70} {r['value']:.4f}  ({r['target']})")
-
-
 if __name__ == "__main__":
-    main()
+    command_line(run, __doc__, default_reps=1)

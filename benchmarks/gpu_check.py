@@ -28,7 +28,7 @@ import json
 import platform
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
 

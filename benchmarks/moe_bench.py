@@ -15,13 +15,12 @@ training step (forward, backward, gradient reduction, AdamW) on synthetic tokens
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from typing import Dict, List, Optional
 
 import torch
 
-from benchmarks.common import interleaved, median, ratio, row, single_process_megatron, training_step
+from benchmarks.common import command_line, interleaved, median, ratio, row, single_process_megatron, training_step
 
 SHAPE = dict(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=704,
              vocab_size=4096)
@@ -126,12 +125,5 @@ def run(reps: int = 5) -> list:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=5)
-    for r in run(parser.parse_args().reps):
-        print(f"{r['metric']:<50} {r['value']:.4f}  ({r['target']})")
-
-
 if __name__ == "__main__":
-    main()
+    command_line(run, __doc__)

@@ -19,12 +19,11 @@ Before timing, the first step's losses are compared: the models must compute the
 
 from __future__ import annotations
 
-import argparse
 from typing import Dict, List
 
 import torch
 
-from benchmarks.common import interleaved, median, ratio, row, single_process_megatron, training_step
+from benchmarks.common import command_line, interleaved, median, ratio, row, single_process_megatron, training_step
 
 SHAPE = dict(num_layers=8, hidden_size=512, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=1408,
              vocab_size=8192, attention_dropout=0.0, hidden_dropout=0.0)
@@ -123,12 +122,5 @@ def run(reps: int = 5) -> List[Dict[str, object]]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=5)
-    for r in run(parser.parse_args().reps):
-        print(f"{r['metric']:<75} {r['value']:.4f}  ({r['target']})")
-
-
 if __name__ == "__main__":
-    main()
+    command_line(run, __doc__)

@@ -11,12 +11,11 @@ slices run). Block loop: the same 3 layers re-run whole.
 
 from __future__ import annotations
 
-import argparse
 from typing import Dict, List
 
 import torch
 
-from benchmarks.common import interleaved, median, ratio, row, single_process_megatron
+from benchmarks.common import command_line, interleaved, median, ratio, row, single_process_megatron
 
 SHAPE = dict(num_layers=16, hidden_size=512, num_attention_heads=16, ffn_hidden_size=1408, vocab_size=8192)
 SEQ, LOOPED, KEPT = 1024, (15, 12, 9), (0, 1)
@@ -76,12 +75,5 @@ def run(reps: int = 5) -> List[Dict[str, object]]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=5)
-    for row in run(parser.parse_args().reps):
-        print(f"{row['metric']:<60} {row['value']:.4f}  (target {row['target']})")
-
-
 if __name__ == "__main__":
-    main()
+    command_line(run, __doc__)

@@ -11,7 +11,7 @@ what makes resuming from ``consumed_samples`` exact).
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
@@ -55,9 +55,11 @@ def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
 
 
 def step_micro_batches(
-    dataset, consumed_samples: int, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int
+    dataset, consumed_samples: int, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+    device: Optional[torch.device] = None,
 ) -> Iterator[Dict[str, torch.Tensor]]:
-    """This DP rank's micro-batches of the global batch starting at ``consumed_samples``.
+    """This DP rank's micro-batches of the global batch starting at ``consumed_samples``, on
+    ``device`` (the model's; None: where the dataset made them).
 
     Megatron's ``MegatronPretrainingSampler`` order: micro-step m takes the next
     ``micro_batch_size * dp_size`` samples and rank r gets its slice ``[r*mbs, (r+1)*mbs)``.
@@ -65,4 +67,7 @@ def step_micro_batches(
     per_micro_step = micro_batch_size * dp_size
     for m in range(global_batch_size // per_micro_step):
         start = consumed_samples + m * per_micro_step + dp_rank * micro_batch_size
-        yield collate([dataset[i] for i in range(start, start + micro_batch_size)])
+        batch = collate([dataset[i] for i in range(start, start + micro_batch_size)])
+        if device is not None:
+            batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+        yield batch

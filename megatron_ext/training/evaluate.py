@@ -16,6 +16,7 @@ def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, num_batches: int) -> floa
 
     from megatron_ext.data.builder import build_datasets
     from megatron_ext.data.synthetic import step_micro_batches
+    from megatron_ext.parallel.state import comm_device
     from megatron_ext.models.builder import build_model
     from megatron_ext.training.checkpoint import CheckpointManager
     from megatron_ext.training.step import eval_step
@@ -34,7 +35,7 @@ def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, num_batches: int) -> floa
     losses = []
     for i in range(num_batches):
         batches = list(step_micro_batches(valid, i * t.global_batch_size, t.global_batch_size,
-                                          t.micro_batch_size, dp_rank, dp_size))
+                                          t.micro_batch_size, dp_rank, dp_size, device=comm_device()))
         iterator = [iter(batches) for _ in model] if len(model) > 1 else iter(batches)
         losses.append(eval_step(model, iterator, num_microbatches=num_micro, seq_length=cfg.data.seq_length,
                                 micro_batch_size=t.micro_batch_size))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -171,12 +171,13 @@ class Trainer:
         seq = cfg.data.seq_length
         train_data, valid_data = build_datasets(cfg)
         weights = cfg.data.loss_weights
+        device = comm_device()  # the model's: this rank's GPU under NCCL
         forward_step = partial(gpt_forward_step, loss_weights=None if weights is None else torch.tensor(
-            [weights.get(name, 1.0) for name in MODALITIES]))
+            [weights.get(name, 1.0) for name in MODALITIES], device=device))
 
         def micro_batches(dataset, consumed):
             batches = list(step_micro_batches(dataset, consumed, t.global_batch_size, t.micro_batch_size,
-                                              dp_rank, dp_size))
+                                              dp_rank, dp_size, device=device))
             return [iter(batches) for _ in model] if len(model) > 1 else iter(batches)
 
         def common_state():

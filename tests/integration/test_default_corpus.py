@@ -1,6 +1,5 @@
 """The built-in corpus: built from installed packages, cached, and trained on with per-modality losses."""
 
-import json
 from pathlib import Path
 
 from megatron_ext.config import RunConfig, from_dict

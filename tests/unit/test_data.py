@@ -1,7 +1,6 @@
 """Preprocessing, indexed datasets, multimodal packing, blending, sample order and bad input."""
 
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
