@@ -162,4 +162,6 @@ def build_model(cfg: RunConfig, *, cuda: bool, perform_initialization: bool = Tr
                 vp_stage=vp_stage,
             )
         )
+    if cuda:  # as Megatron-LM's get_model: torch norms and buffers are built on the CPU
+        chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
     return chunks

@@ -16,8 +16,8 @@ def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, num_batches: int) -> floa
 
     from megatron_ext.data.builder import build_datasets
     from megatron_ext.data.synthetic import step_micro_batches
-    from megatron_ext.parallel.state import comm_device
     from megatron_ext.models.builder import build_model
+    from megatron_ext.parallel.state import comm_device
     from megatron_ext.training.checkpoint import CheckpointManager
     from megatron_ext.training.step import eval_step
 
