@@ -6,11 +6,16 @@ weights, the router rows and expert-bias entries, renumbered in order) and the n
 elastic training ran exactly these sub-networks (a skipped layer is the identity; routing
 restricted to a subset is top-k over that subset's scores), the extracted model computes the same
 function as the full model under :func:`megatron_ext.moe.elastic.apply` of the same sub-network.
+
+A hybrid-attention model (after binarization) keeps its kept layers' rows of the allocation: the
+sub-model is a static hybrid with its own allocation.json. Models with looping are refused (the
+loop structure is not carried over yet).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -40,9 +45,8 @@ def check_subnetwork(cfg: RunConfig, sub: SubNetwork) -> None:
         problems.append(f"experts {experts} must be distinct, ascending indices in [0, {e})")
     elif not 1 <= sub.top_k <= len(experts):
         problems.append(f"top-k {sub.top_k} must be in [1, {len(experts)}] (the kept experts)")
-    if cfg.hybrid_attention.enabled or cfg.looping.enabled:
-        problems.append("extraction keeps no hybrid-attention allocation or loop structure yet: "
-                        "it supports MoE models with hybrid_attention and looping off")
+    if cfg.looping.enabled:
+        problems.append("extraction keeps no loop structure yet: it supports MoE models with looping off")
     if problems:
         raise ValueError("cannot extract the sub-network: " + "; ".join(problems))
 
@@ -56,8 +60,12 @@ def unsharded(cfg: RunConfig) -> RunConfig:
     return single
 
 
-def subnetwork_config(cfg: RunConfig, sub: SubNetwork) -> RunConfig:
-    """The run config of the extracted model (unsharded; weights-only loading; no elastic)."""
+def subnetwork_config(cfg: RunConfig, sub: SubNetwork, allocation: Optional[Path] = None) -> RunConfig:
+    """The run config of the extracted model (unsharded; weights-only loading; no elastic).
+
+    A hybrid-attention model becomes a static hybrid that reads ``allocation`` (the kept layers'
+    rows of the trained allocation).
+    """
     small = unsharded(cfg)
     pattern = moe_layer_pattern(cfg)
     small.model.num_layers = len(sub.layers)
@@ -66,7 +74,24 @@ def subnetwork_config(cfg: RunConfig, sub: SubNetwork) -> RunConfig:
         small.moe.num_experts = len(sub.experts)
     small.moe.top_k = sub.top_k
     small.name = f"{cfg.name}-sub"
+    if cfg.hybrid_attention.enabled:
+        if allocation is None:
+            raise ValueError("a hybrid-attention model's sub-model needs the path of its allocation")
+        small.hybrid_attention = dataclasses.replace(
+            small.hybrid_attention, method="static", allocation=str(allocation), mask_learning_steps=None,
+            mask_learning_tokens=None)
     return small
+
+
+def trained_allocation(callbacks: list, checkpoint: Path) -> torch.Tensor:
+    """The ``[num_layers, units]`` allocation of a restored hybrid model; refuses one still
+    learning its mask (gated attention has no static sub-model)."""
+    (consa,) = [cb for cb in callbacks if cb.name == "consa"]
+    if consa.allocation is None:
+        raise ValueError(f"{checkpoint} is from mask learning (hybrid_attention stage 1: step <= "
+                         f"{consa.stage_steps}), whose attention is gated, not static: extract from a "
+                         "checkpoint saved after binarization")
+    return consa.allocation
 
 
 def subnetwork_state_dict(full: Dict[str, torch.Tensor], sub: SubNetwork, num_experts: int) -> Dict[str, torch.Tensor]:
@@ -97,21 +122,35 @@ def subnetwork_state_dict(full: Dict[str, torch.Tensor], sub: SubNetwork, num_ex
 def extract_submodel(run_dir: Path, output: Path, sub: SubNetwork, step: Optional[int] = None) -> Path:
     """Load ``run_dir``'s checkpoint (latest or ``step``), write the sub-model to ``output``."""
     from megatron_ext.config import dump_yaml, load_config
+    from megatron_ext.consa.allocation import write_allocation
     from megatron_ext.models.builder import build_model
+    from megatron_ext.training.capabilities import restore_capabilities
     from megatron_ext.training.checkpoint import CheckpointManager
 
     cfg = load_config(run_dir / "config.yaml")
     check_subnetwork(cfg, sub)
-    small_cfg = subnetwork_config(cfg, sub)
     manager = CheckpointManager(run_dir / "checkpoints", keep_last=1)
     path = manager.latest() if step is None else run_dir / "checkpoints" / f"step_{step:08d}"
     if path is None or not path.is_dir():
         raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {run_dir / 'checkpoints'}")
     (full,) = build_model(unsharded(cfg), cuda=False)
-    manager.load(path, [full], None, load_optimizer=False)
-    (small,) = build_model(small_cfg, cuda=False)
-    small.load_state_dict(subnetwork_state_dict(full.state_dict(), sub, cfg.moe.num_experts), strict=True)
+    common = manager.load(path, [full], None, load_optimizer=False)
+    callbacks = restore_capabilities(unsharded(cfg), [full], common, run_dir)
+    allocation_path = output.resolve() / "allocation.json"
+    kept_allocation = None
+    if cfg.hybrid_attention.enabled:
+        kept_allocation = trained_allocation(callbacks, path)[list(sub.layers)]
+    small_cfg = subnetwork_config(cfg, sub, allocation_path if kept_allocation is not None else None)
+    small_state = subnetwork_state_dict(full.state_dict(), sub, cfg.moe.num_experts)
     output.mkdir(parents=True, exist_ok=True)
+    if dist.get_rank() == 0:
+        if kept_allocation is not None:  # before the sub-model is built: its config reads it
+            h = cfg.hybrid_attention
+            write_allocation(allocation_path, kept_allocation, granularity=h.granularity, window=h.window,
+                             target=h.target, method=f"{h.method} (layers {list(sub.layers)} of {run_dir.name})")
+    dist.barrier()
+    (small,) = build_model(small_cfg, cuda=False)
+    small.load_state_dict(small_state, strict=True)
     if dist.get_rank() == 0:
         dump_yaml(small_cfg, output / "config.yaml")
     common = {"consumed_samples": 0, "skipped_steps": 0, "scheduler": None, "callbacks": {},

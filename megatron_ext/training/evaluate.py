@@ -1,4 +1,5 @@
-"""Validation loss of a run directory's latest checkpoint (weights only), on this job's layout."""
+"""Validation loss of a run directory's latest checkpoint (weights and the capabilities' model
+structure: hybrid attention allocation, grown loops), on this job's layout."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, num_batches: int) -> floa
     from megatron_ext.data.synthetic import step_micro_batches
     from megatron_ext.models.builder import build_model
     from megatron_ext.parallel.state import comm_device
+    from megatron_ext.training.capabilities import restore_capabilities
     from megatron_ext.training.checkpoint import CheckpointManager
     from megatron_ext.training.step import eval_step
 
@@ -26,7 +28,8 @@ def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, num_batches: int) -> floa
     latest = manager.latest()
     if latest is None:
         raise FileNotFoundError(f"no checkpoint in {Path(run_dir) / 'checkpoints'}")
-    manager.load(latest, model, None, load_optimizer=False)
+    common = manager.load(latest, model, None, load_optimizer=False)
+    restore_capabilities(cfg, model, common, Path(run_dir))  # hybrid allocation, grown loops
     t = cfg.train
     _, valid = build_datasets(cfg)
     dp_rank = parallel_state.get_data_parallel_rank()

@@ -2,6 +2,7 @@
 sub-network (layers skipped, experts restricted, top-k reduced)."""
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from megatron_ext.moe.elastic import SubNetwork
 from megatron_ext.moe.extract import extract_submodel, unsharded
 from megatron_ext.parallel import ParallelSizes, initialize_parallel_state
 from megatron_ext.testing.distributed import run_distributed
+from megatron_ext.training.capabilities import restore_capabilities
 from megatron_ext.training.checkpoint import CheckpointManager
 from megatron_ext.training.loop import Trainer
 
@@ -38,41 +40,80 @@ def mean_loss(model, batch):
     return float(losses.float().mean())
 
 
-def train_and_extract(run_dir):
+def load_trained(cfg, run_dir, structure=True):
+    """A run directory's latest checkpoint as a one-rank model, with its trained structure
+    (``structure=False``: the weights alone, every attention head full)."""
+    (model,) = build_model(cfg, cuda=False)
+    manager = CheckpointManager(Path(run_dir) / "checkpoints", 1)
+    common = manager.load(manager.latest(), [model], None, load_optimizer=False)
+    if structure:
+        restore_capabilities(cfg, [model], common, run_dir)
+    model.eval()
+    return model
+
+
+def train_and_extract(run_dir, config=CONFIG):
     run_dir = Path(run_dir)
-    Trainer(from_dict(RunConfig, copy.deepcopy(CONFIG)), run_dir, log=lambda line: None).run()
+    Trainer(from_dict(RunConfig, copy.deepcopy(config)), run_dir, log=lambda line: None).run()
     initialize_parallel_state(ParallelSizes())  # the trainer tore its own down
-    cfg = load_config(run_dir / "config.yaml")
-    (full,) = build_model(unsharded(cfg), cuda=False)
-    CheckpointManager(run_dir / "checkpoints", 1).load(CheckpointManager(run_dir / "checkpoints", 1).latest(),
-                                                        [full], None, load_optimizer=False)
-    full.eval()
+    cfg = unsharded(load_config(run_dir / "config.yaml"))
+    full = load_trained(cfg, run_dir)
     batch = collate([SyntheticMotifDataset(128, 16, 99, "valid")[i] for i in range(4)])
-    results = [("full", mean_loss(full, batch), None)]
+    results = [("full", mean_loss(full, batch), mean_loss(load_trained(cfg, run_dir, structure=False), batch))]
     for n, sub in enumerate(SUBNETWORKS):
         elastic.apply([full], sub)
         with_sub = mean_loss(full, batch)
         elastic.reset([full])
         out = run_dir.parent / f"sub{n}"
         extract_submodel(run_dir, out, sub)
-        small_cfg = load_config(out / "config.yaml")
-        (small,) = build_model(small_cfg, cuda=False)
-        manager = CheckpointManager(out / "checkpoints", 1)
-        manager.load(manager.latest(), [small], None, load_optimizer=False)
-        small.eval()
+        small = load_trained(load_config(out / "config.yaml"), out)
         params = sum(p.numel() for p in small.parameters())
         results.append((str(sub), with_sub, mean_loss(small, batch), params))
     return results
 
 
-def test_extracted_submodels_equal_full_model_with_that_subnetwork(tmp_path):
-    results = run_distributed(train_and_extract, 1, None, run_dir=str(tmp_path / "run"))[0]
-    print(f"[extract] full model loss {results[0][1]:.6f}")
+def check_extracted(results, label):
+    print(f"[extract{label}] full model loss {results[0][1]:.6f} (weights alone, all heads full: "
+          f"{results[0][2]:.6f})")
     for name, with_sub, extracted, params in results[1:]:
-        print(f"[extract] {name}: full model with sub-network {with_sub:.6f}, extracted ({params} params) "
+        print(f"[extract{label}] {name}: full model with sub-network {with_sub:.6f}, extracted ({params} params) "
               f"{extracted:.6f}")
         assert abs(with_sub - extracted) <= 1e-5 * abs(with_sub)
     assert len({round(r[1], 4) for r in results}) == len(results), "sub-networks must differ from each other"
+
+
+def test_extracted_submodels_equal_full_model_with_that_subnetwork(tmp_path):
+    check_extracted(run_distributed(train_and_extract, 1, None, run_dir=str(tmp_path / "run"))[0], "")
+
+
+HYBRID = {**CONFIG, "hybrid_attention": {"enabled": True, "method": "consa", "window": 4, "target": 0.5,
+                                         "mask_learning_steps": 3}}
+
+
+def test_hybrid_attention_submodels_keep_their_layers_allocation(tmp_path):
+    """After binarization (step 3 of 6) the sub-model is a static hybrid with the kept layers' rows."""
+    results = run_distributed(train_and_extract, 1, None, run_dir=str(tmp_path / "run"), config=HYBRID)[0]
+    check_extracted(results, " hybrid")
+    full = json.loads((tmp_path / "run" / "allocation.json").read_text())["layers"]
+    for n, sub in enumerate(SUBNETWORKS):
+        kept = json.loads((tmp_path / f"sub{n}" / "allocation.json").read_text())["layers"]
+        assert [r["full_attention"] for r in kept] == [full[i]["full_attention"] for i in sub.layers]
+        assert load_config(tmp_path / f"sub{n}" / "config.yaml").hybrid_attention.method == "static"
+    # The allocation matters: the same weights with every head full attention compute another loss.
+    trained, all_full = results[0][1], results[0][2]
+    assert abs(trained - all_full) > 1e-4 * abs(trained), (trained, all_full)
+
+
+def extract_during_mask_learning(run_dir):
+    config = {**HYBRID, "hybrid_attention": {**HYBRID["hybrid_attention"], "mask_learning_steps": 50}}
+    Trainer(from_dict(RunConfig, copy.deepcopy(config)), Path(run_dir), log=lambda line: None).run()
+    initialize_parallel_state(ParallelSizes())
+    with pytest.raises(ValueError, match="mask learning.*after binarization"):
+        extract_submodel(Path(run_dir), Path(run_dir).parent / "sub", SUBNETWORKS[0])
+
+
+def test_extraction_refuses_a_run_still_learning_its_mask(tmp_path):
+    run_distributed(extract_during_mask_learning, 1, None, run_dir=str(tmp_path / "run"))
 
 
 def test_bad_subnetworks_are_refused():

@@ -1,0 +1,60 @@
+"""Evaluating a checkpoint gives the trained model, not its weights alone: the validation loss of
+``evaluate_checkpoint`` equals the one the training loop logged at the same step, for a model whose
+structure lives in the capabilities' states (a binarized hybrid attention allocation, grown SGT
+loops, MoE with expert bias), also at another parallel layout."""
+
+import copy
+from pathlib import Path
+
+from megatron_ext.config import RunConfig, from_dict
+from megatron_ext.parallel import ParallelSizes
+from megatron_ext.testing.distributed import run_distributed
+from megatron_ext.training.evaluate import evaluate_checkpoint
+from megatron_ext.training.loop import Trainer
+from megatron_ext.training.rundir import read_metrics
+
+CONFIG = {
+    "model": {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
+              "ffn_hidden_size": 64, "vocab_size": 128},
+    "data": {"seq_length": 32},
+    "train": {"micro_batch_size": 2, "global_batch_size": 4, "steps": 12, "eval_interval": 12, "eval_steps": 2},
+    "logging": {"tensorboard": False},
+    "moe": {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32, "first_k_dense": 1},
+    "routing": {"expert_bias": True, "bias_update_rate": 0.01},
+    "hybrid_attention": {"enabled": True, "window": 2, "target": 0.5, "mask_learning_steps": 4},
+    "looping": {"enabled": True, "first_selection_step": 2, "window": 2, "top_k_layers": 2,
+                "max_selected_layers": 2, "num_keep_heads": 1},
+}
+
+
+def train(run_dir):
+    Trainer(from_dict(RunConfig, copy.deepcopy(CONFIG)), Path(run_dir), log=lambda line: None).run()
+    return read_metrics(Path(run_dir) / "metrics.jsonl")[-1]
+
+
+def evaluate(run_dir, tensor=1, structure=True):
+    import megatron_ext.training.capabilities as capabilities
+
+    cfg = from_dict(RunConfig, {**copy.deepcopy(CONFIG), "parallel": {"tensor": tensor}})
+    original = capabilities.restore_capabilities
+    if not structure:  # the weights alone: every head full attention, no loops
+        capabilities.restore_capabilities = lambda *args, **kwargs: []
+    try:
+        return evaluate_checkpoint(cfg, Path(run_dir), 2)
+    finally:
+        capabilities.restore_capabilities = original
+
+
+def test_evaluation_restores_the_trained_structure(tmp_path):
+    run_dir = str(tmp_path / "run")
+    last = run_distributed(train, 1, None, run_dir=run_dir)[0]
+    assert last["step"] == 12 and last["sgt/looped_layers"] >= 1 and last["consa/swa_fraction"] == 0.5
+    logged = last["val/loss"]
+    same = run_distributed(evaluate, 1, ParallelSizes(), run_dir=run_dir)[0]
+    resharded = run_distributed(evaluate, 2, ParallelSizes(tp=2), run_dir=run_dir, tensor=2)
+    bare = run_distributed(evaluate, 1, ParallelSizes(), run_dir=run_dir, structure=False)[0]
+    print(f"[evaluate] logged {logged:.6f} | evaluated {same:.6f} | at TP=2 {resharded[0]:.6f} | "
+          f"weights alone {bare:.6f}")
+    assert abs(same - logged) <= 1e-6 * abs(logged)
+    assert all(abs(loss - logged) <= 1e-5 * abs(logged) for loss in resharded)
+    assert abs(bare - logged) > 1e-4 * abs(logged), "the structure must matter in this test"
