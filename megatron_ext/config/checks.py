@@ -79,10 +79,6 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool) -> None:
         e = cfg.elastic
         if e.enabled:
             problems.extend(e.problems_with_model(m.num_layers, moe.num_experts, moe.top_k))
-            if e.depth_full_prob < 1 and p.overlap_grad_reduce:
-                problems.append("elastic depth (elastic.depth_full_prob < 1) cannot be combined with "
-                                "parallel.overlap_grad_reduce: a skipped layer's gradients never arrive, so "
-                                "its DDP bucket would never be reduced")
         if cfg.routing.mode == "modality_isolated" and (e.enabled and e.width_full_prob < 1 or t.recompute == "full"):
             problems.append("routing.mode='modality_isolated' cannot be combined with elastic width or "
                             "train.recompute='full'")

@@ -94,12 +94,6 @@ class MoECallback(Callback):
             raise RuntimeError(f"routing.expert_bias={self.routing.expert_bias} but the model's routers "
                                f"{'have' if any(has_bias) else 'lack'} an expert bias: build the model with "
                                "moe_router_enable_expert_bias equal to routing.expert_bias")
-        if self.sampler is not None and self.elastic_config.depth_full_prob < 1.0:
-            if any(getattr(getattr(chunk, "ddp_config", None), "overlap_grad_reduce", False) for chunk in ctx.model):
-                raise ValueError("elastic depth (elastic.depth_full_prob < 1) cannot run with "
-                                 "parallel.overlap_grad_reduce: Megatron DDP starts a bucket's reduction when "
-                                 "all of its parameters got gradients, and a skipped layer's never do; turn "
-                                 "overlap_grad_reduce off")
         pp_group = parallel_state.get_pipeline_model_parallel_group()
         self.tracker = LoadTracker(self.routers, self.num_layers, self.num_experts,
                                    reduce_group=self.routers[0].tp_dp_cp_group, pp_group=pp_group)

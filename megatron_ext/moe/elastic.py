@@ -29,7 +29,9 @@ parallelism: all EP ranks skip the same layers and use the same k, so the alltoa
 of the layers that run stay in step.
 
 A skipped layer's parameters get no gradient in that step (zeros in Megatron's gradient buffer);
-the optimizer still applies weight decay and momentum to them, as to any parameter.
+the optimizer still applies weight decay and momentum to them, as to any parameter. Under DDP with
+overlapped gradient reduction they get an explicit zero gradient instead, so that their buckets
+complete (:class:`_ZeroGradPassThrough`).
 """
 
 from __future__ import annotations
@@ -135,15 +137,41 @@ def _pass_through(*args, **kwargs):
     return hidden_states, context
 
 
-def _skip(layer: torch.nn.Module) -> None:
-    if "forward" in vars(layer) and vars(layer)["forward"] is not _pass_through:
+class _ZeroGradPassThrough:
+    """A skipped layer's forward under overlapped gradient reduction: its input, plus a zero that
+    depends on every parameter of the layer, so that each gets a zero gradient.
+
+    Megatron DDP with ``overlap_grad_reduce`` starts a bucket's reduction once every parameter in
+    it has reported its gradient (as often as in the first step); a layer that does not run reports
+    none, and the step's ``finish_grad_sync`` would fail. With a zero gradient its parameters report
+    as usual, their gradients stay exactly zero (``0 * x``), and the layer still computes nothing
+    else: the cost is one read of its parameters per micro-batch.
+    """
+
+    def __init__(self, layer: torch.nn.Module):
+        self.params = [p for p in layer.parameters() if p.requires_grad]
+
+    def __call__(self, *args, **kwargs):
+        hidden_states, context = _pass_through(*args, **kwargs)
+        if self.params and torch.is_grad_enabled():
+            touch = torch.stack([p.sum().to(hidden_states.dtype) for p in self.params]).sum()
+            hidden_states = hidden_states + 0.0 * touch
+        return hidden_states, context
+
+
+def _is_skip(forward) -> bool:
+    return forward is _pass_through or isinstance(forward, _ZeroGradPassThrough)
+
+
+def _skip(layer: torch.nn.Module, zero_grads: bool = False) -> None:
+    if "forward" in vars(layer) and not _is_skip(vars(layer)["forward"]):
         raise RuntimeError(f"layer {layer.layer_number} already has an instance-level forward that elastic "
                            "depth would replace")
-    layer.forward = _pass_through
+    layer.forward = _ZeroGradPassThrough(layer) if zero_grads else _pass_through
 
 
 def _unskip(layer: torch.nn.Module) -> None:
-    if vars(layer).get("forward") is _pass_through:
+    if _is_skip(vars(layer).get("forward")):
         del layer.forward
 
 
@@ -165,9 +193,11 @@ def apply(model_chunks: Iterable[torch.nn.Module], sub: SubNetwork) -> None:
             mask[list(sub.experts)] = True
             router.set_active_experts(mask)
     kept = set(sub.layers)
-    for layer in decoder_layers(model_chunks):
-        if layer.layer_number - 1 not in kept:
-            _skip(layer)
+    for chunk in model_chunks:
+        overlapped = getattr(getattr(chunk, "ddp_config", None), "overlap_grad_reduce", False)
+        for layer in decoder_layers([chunk]):
+            if layer.layer_number - 1 not in kept:
+                _skip(layer, zero_grads=overlapped)
 
 
 def reset(model_chunks: Iterable[torch.nn.Module]) -> None:

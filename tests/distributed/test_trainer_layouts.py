@@ -73,3 +73,41 @@ def test_resume_at_another_layout_continues_the_run(tmp_path, weights, single_ra
     # Weights, Adam moments (resharded from TP=2 to PP=2) and the LR schedule all carried over.
     for a, b in zip(losses, single_rank_losses):
         assert abs(a - b) <= 1e-4 * abs(b), f"{losses} vs {single_rank_losses}"
+
+
+ELASTIC_DEPTH = {  # every step drops some layers
+    "moe": {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32},
+    "routing": {"expert_bias": False},
+    "elastic": {"enabled": True, "depth_full_prob": 0.0, "width_full_prob": 1.0, "topk_default_prob": 1.0},
+    "train": {"steps": 6},
+}
+
+
+def moe_weights():
+    data = copy.deepcopy(BASE)
+    for section, values in ELASTIC_DEPTH.items():
+        data.setdefault(section, {}).update(values)
+    return full_named_tensors(build_model(from_dict(RunConfig, data), cuda=False)[0])
+
+
+def elastic_run(run_dir, overlap, weights):
+    overrides = copy.deepcopy(ELASTIC_DEPTH)
+    overrides["parallel"] = {"overlap_grad_reduce": overlap}
+    data = copy.deepcopy(BASE)
+    for section, values in overrides.items():
+        data.setdefault(section, {}).update(values)
+    Trainer(from_dict(RunConfig, data), Path(run_dir), [StartFrom(weights)], log=lambda line: None).run()
+    return [(r["loss"], r["elastic/depth"]) for r in read_metrics(Path(run_dir) / "metrics.jsonl")]
+
+
+def test_elastic_depth_with_overlapped_gradient_reduction_matches_the_synchronous_one(tmp_path):
+    """Skipped layers report zero gradients, so overlapped DDP buckets complete; same losses."""
+    weights = run_distributed(moe_weights, 1)[0]
+    plain = run_distributed(elastic_run, 2, None, run_dir=str(tmp_path / "sync"), overlap=False, weights=weights)[0]
+    overlapped = run_distributed(elastic_run, 2, None, run_dir=str(tmp_path / "overlap"), overlap=True,
+                                 weights=weights)[0]
+    print(f"[trainer] elastic depth, DP=2: synchronous {plain} | overlapped {overlapped}")
+    assert [depth for _, depth in plain] == [depth for _, depth in overlapped]
+    assert all(depth < 4 for _, depth in plain)  # every step skipped at least one layer
+    for (a, _), (b, _) in zip(overlapped, plain):
+        assert abs(a - b) <= 1e-6 * abs(b), f"{overlapped} vs {plain}"
