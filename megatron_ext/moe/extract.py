@@ -8,8 +8,8 @@ restricted to a subset is top-k over that subset's scores), the extracted model 
 function as the full model under :func:`megatron_ext.moe.elastic.apply` of the same sub-network.
 
 A hybrid-attention model (after binarization) keeps its kept layers' rows of the allocation: the
-sub-model is a static hybrid with its own allocation.json. Models with looping are refused (the
-loop structure is not carried over yet).
+sub-model is a static hybrid with its own allocation.json. A looping model keeps its kept layers'
+loops: the SGT schedule's state, renumbered, goes into the sub-model's checkpoint.
 """
 
 from __future__ import annotations
@@ -45,8 +45,6 @@ def check_subnetwork(cfg: RunConfig, sub: SubNetwork) -> None:
         problems.append(f"experts {experts} must be distinct, ascending indices in [0, {e})")
     elif not 1 <= sub.top_k <= len(experts):
         problems.append(f"top-k {sub.top_k} must be in [1, {len(experts)}] (the kept experts)")
-    if cfg.looping.enabled:
-        problems.append("extraction keeps no loop structure yet: it supports MoE models with looping off")
     if problems:
         raise ValueError("cannot extract the sub-network: " + "; ".join(problems))
 
@@ -80,7 +78,38 @@ def subnetwork_config(cfg: RunConfig, sub: SubNetwork, allocation: Optional[Path
         small.hybrid_attention = dataclasses.replace(
             small.hybrid_attention, method="static", allocation=str(allocation), mask_learning_steps=None,
             mask_learning_tokens=None)
+    if cfg.looping.enabled:
+        layer_map = {old: new for new, old in enumerate(sub.layers)}
+        small.looping = dataclasses.replace(
+            small.looping, exclude_layers=[layer_map[i] for i in cfg.looping.exclude_layers if i in layer_map])
     return small
+
+
+def subnetwork_loop_state(state: Dict, sub: SubNetwork, source_step: int) -> Dict:
+    """The SGT callback state of the sub-model: the kept layers' loops (depth, kept heads, fade)
+    renumbered, and steps shifted so that the sub-model's step 0 is the source's ``source_step``
+    (a fade in progress continues where it was). Loops of dropped layers go with them."""
+    layer_map = {old: new for new, old in enumerate(sub.layers)}
+
+    def kept(table: Dict) -> Dict:
+        return {layer_map[int(layer)]: value for layer, value in table.items() if int(layer) in layer_map}
+
+    schedule = state["scheduler"]
+    window_end = schedule["window_end"]
+    return {
+        "scheduler": {
+            "selected": [layer_map[int(layer)] for layer in schedule["selected"] if int(layer) in layer_map],
+            "depth": kept(schedule["depth"]),
+            "kept": kept(schedule["kept"]),
+            "selected_at": {layer: int(step) - source_step for layer, step in kept(schedule["selected_at"]).items()},
+            "window_end": None if window_end is None else int(window_end) - source_step,
+            "frozen": schedule["frozen"],
+        },
+        "tracker": {"layers": list(range(len(sub.layers))), "num_heads": state["tracker"]["num_heads"],
+                    "ema": kept(state["tracker"]["ema"])},
+        "history": [],
+        "events": [],
+    }
 
 
 def trained_allocation(callbacks: list, checkpoint: Path) -> torch.Tensor:
@@ -153,7 +182,11 @@ def extract_submodel(run_dir: Path, output: Path, sub: SubNetwork, step: Optiona
     small.load_state_dict(small_state, strict=True)
     if dist.get_rank() == 0:
         dump_yaml(small_cfg, output / "config.yaml")
-    common = {"consumed_samples": 0, "skipped_steps": 0, "scheduler": None, "callbacks": {},
+    loop_states = {}
+    if cfg.looping.enabled:
+        (sgt,) = [cb for cb in callbacks if cb.name == "sgt"]
+        loop_states["sgt"] = subnetwork_loop_state(sgt.state_dict(), sub, common["step"])
+    common = {"consumed_samples": 0, "skipped_steps": 0, "scheduler": None, "callbacks": loop_states,
               "extracted_from": {"run_dir": str(run_dir), "checkpoint": path.name, "layers": list(sub.layers),
                                  "experts": None if sub.experts is None else list(sub.experts), "top_k": sub.top_k}}
     return CheckpointManager(output / "checkpoints", keep_last=1).save(0, [small], None, common)

@@ -19,6 +19,7 @@ from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.training.capabilities import restore_capabilities
 from megatron_ext.training.checkpoint import CheckpointManager
 from megatron_ext.training.loop import Trainer
+from megatron_ext.training.rundir import read_metrics
 
 CONFIG = {
     "model": {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64,
@@ -102,6 +103,20 @@ def test_hybrid_attention_submodels_keep_their_layers_allocation(tmp_path):
     # The allocation matters: the same weights with every head full attention compute another loss.
     trained, all_full = results[0][1], results[0][2]
     assert abs(trained - all_full) > 1e-4 * abs(trained), (trained, all_full)
+
+
+EVERYTHING = {**HYBRID, "train": {**CONFIG["train"], "steps": 8},
+              "looping": {"enabled": True, "first_selection_step": 2, "window": 2, "top_k_layers": 2,
+                          "max_selected_layers": 2, "num_keep_heads": 2}}
+
+
+def test_submodels_of_a_model_with_every_capability_keep_their_loops(tmp_path):
+    """Elastic MoE + hybrid attention + SGT loops: a sub-model loops the kept layers it looped."""
+    results = run_distributed(train_and_extract, 1, None, run_dir=str(tmp_path / "run"), config=EVERYTHING)[0]
+    check_extracted(results, " everything")
+    last = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert last["sgt/loop_depths"] == [0, 0, 1, 1], last["sgt/loop_depths"]  # grown deep to shallow
+    assert last["consa/swa_fraction"] == 0.5
 
 
 def extract_during_mask_learning(run_dir):
