@@ -85,7 +85,7 @@ def command_line(run: Callable[[int], List[Row]], doc: str, default_reps: int = 
 
 
 def single_process_megatron() -> None:
-    """A world of one gloo rank with Megatron's parallel state of size 1 (idempotent)."""
+    """A world of one rank (gloo on CPU, NCCL on GPU) with Megatron's parallel state of size 1 (idempotent)."""
     from megatron.core import parallel_state
 
     from megatron_ext.compat import enable_cpu_support

@@ -162,9 +162,10 @@ def extract_submodel(run_dir: Path, output: Path, sub: SubNetwork, step: Optiona
     path = manager.latest() if step is None else run_dir / "checkpoints" / f"step_{step:08d}"
     if path is None or not path.is_dir():
         raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {run_dir / 'checkpoints'}")
-    (full,) = build_model(unsharded(cfg), cuda=False)
+    single = unsharded(cfg)
+    (full,) = build_model(single, cuda=False)
     common = manager.load(path, [full], None, load_optimizer=False)
-    callbacks = restore_capabilities(unsharded(cfg), [full], common, run_dir)
+    callbacks = restore_capabilities(single, [full], common, run_dir)
     allocation_path = output.resolve() / "allocation.json"
     kept_allocation = None
     if cfg.hybrid_attention.enabled:
@@ -173,7 +174,7 @@ def extract_submodel(run_dir: Path, output: Path, sub: SubNetwork, step: Optiona
     small_state = subnetwork_state_dict(full.state_dict(), sub, cfg.moe.num_experts)
     output.mkdir(parents=True, exist_ok=True)
     if dist.get_rank() == 0:
-        if kept_allocation is not None:  # before the sub-model is built: its config reads it
+        if kept_allocation is not None:  # the sub-model's config points here
             h = cfg.hybrid_attention
             write_allocation(allocation_path, kept_allocation, granularity=h.granularity, window=h.window,
                              target=h.target, method=f"{h.method} (layers {list(sub.layers)} of {run_dir.name})")
@@ -186,7 +187,8 @@ def extract_submodel(run_dir: Path, output: Path, sub: SubNetwork, step: Optiona
     if cfg.looping.enabled:
         (sgt,) = [cb for cb in callbacks if cb.name == "sgt"]
         loop_states["sgt"] = subnetwork_loop_state(sgt.state_dict(), sub, common["step"])
-    common = {"consumed_samples": 0, "skipped_steps": 0, "scheduler": None, "callbacks": loop_states,
-              "extracted_from": {"run_dir": str(run_dir), "checkpoint": path.name, "layers": list(sub.layers),
-                                 "experts": None if sub.experts is None else list(sub.experts), "top_k": sub.top_k}}
-    return CheckpointManager(output / "checkpoints", keep_last=1).save(0, [small], None, common)
+    sub_common = {"consumed_samples": 0, "skipped_steps": 0, "scheduler": None, "callbacks": loop_states,
+                  "extracted_from": {"run_dir": str(run_dir), "checkpoint": path.name, "layers": list(sub.layers),
+                                     "experts": None if sub.experts is None else list(sub.experts),
+                                     "top_k": sub.top_k}}
+    return CheckpointManager(output / "checkpoints", keep_last=1).save(0, [small], None, sub_common)
