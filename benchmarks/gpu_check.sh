@@ -51,6 +51,6 @@ timeout 240 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT
 echo "GPU tests: $((SECONDS - start)) s"
 
 start=$SECONDS
-timeout 300 "$PY" -m benchmarks.gpu_check --out "$OUT_DIR" || { echo "GPU benchmarks FAILED" >&2; status=1; }
+timeout 240 "$PY" -m benchmarks.gpu_check --out "$OUT_DIR" || { echo "GPU benchmarks FAILED" >&2; status=1; }
 echo "GPU benchmarks: $((SECONDS - start)) s"
 exit $status
