@@ -161,6 +161,16 @@ def bench_moe(tiny: bool, reps: int) -> list:
         {**r, "benchmark": "gpu"} for r in subnetwork_rows(t, " (MoE, one GPU)")]
 
 
+def write_results(out: Path, stamp: str, device: str, tiny: bool, rows: list, failures: list) -> None:
+    from benchmarks.run import markdown
+
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"date": stamp, "device": device, "torch": torch.__version__, "tiny": tiny, "rows": rows,
+              "failed": failures}
+    (out / f"gpu-{stamp}.json").write_text(json.dumps(record, indent=1))
+    (out / f"gpu-{stamp}.md").write_text(f"device: {device}\n\n" + markdown(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="toy sizes: check the code paths, on CPU too")
@@ -177,6 +187,7 @@ def main() -> None:
                "attention": lambda: bench_attention(args.tiny, args.reps),
                "moe": lambda: bench_moe(args.tiny, args.reps)}
     rows, failures = [], []
+    stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
     for name in args.only:
         try:
             part = benches[name]()
@@ -186,21 +197,14 @@ def main() -> None:
             import traceback
 
             traceback.print_exc()
-            continue
+            part = []
         for r in part:
             print(f"{r['metric']:<72} {r['value']:>12.4f}  {r['target']}", flush=True)
         rows += part
+        if args.out:  # after every part: a time limit that stops a later part keeps these figures
+            write_results(args.out, stamp, device, args.tiny, rows, failures)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    if args.out:
-        from benchmarks.run import markdown
-
-        args.out.mkdir(parents=True, exist_ok=True)
-        stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
-        record = {"date": stamp, "device": device, "torch": torch.__version__, "tiny": args.tiny, "rows": rows,
-                  "failed": failures}
-        (args.out / f"gpu-{stamp}.json").write_text(json.dumps(record, indent=1))
-        (args.out / f"gpu-{stamp}.md").write_text(f"device: {device}\n\n" + markdown(rows))
     missed = [r["metric"] for r in rows if meets(r["value"], r["target"]) is False]
     if missed:
         print(f"targets missed: {missed}", flush=True)
