@@ -99,38 +99,28 @@ def single_process_megatron() -> None:
         initialize_parallel_state(ParallelSizes())
 
 
-def synthetic_batches(vocab_size: int, seq_length: int, micro_batch_size: int, count: int, seed: int = 0) -> list:
-    """``count`` micro-batches of uniform random text tokens, in the training loop's batch format."""
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(count):
-        tokens = torch.randint(0, vocab_size, (micro_batch_size, seq_length + 1), generator=gen)
-        zeros = torch.zeros(micro_batch_size, seq_length, dtype=torch.long)
-        batches.append({
-            "tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
-            "loss_mask": torch.ones(micro_batch_size, seq_length),
-            "position_ids": torch.arange(seq_length).expand(micro_batch_size, seq_length).contiguous(),
-            "modality_ids": zeros, "label_modality_ids": zeros.clone(),
-        })
-    return batches
-
-
-def training_step(cfg, model_chunks: list, num_microbatches: int = 1, seed: int = 0) -> Callable[[], float]:
+def training_step(cfg, model_chunks: list, num_microbatches: int = 1) -> Callable[[], float]:
     """A function that runs one optimizer step of ``model_chunks`` (bare GPTModels, wrapped here in
-    Megatron DDP with the run's optimizer) on fixed synthetic micro-batches; returns the loss."""
+    Megatron DDP with the run's optimizer) on a fixed batch of the synthetic dataset (this
+    data-parallel rank's share, on the model's device); returns the loss."""
+    from megatron.core import parallel_state
+
+    from megatron_ext.data.synthetic import SyntheticMotifDataset, step_micro_batches
     from megatron_ext.optim import build_optimizer
+    from megatron_ext.parallel.state import comm_device
+    from megatron_ext.training.ddp import wrap_with_ddp
     from megatron_ext.training.loop import optimizer_config
     from megatron_ext.training.step import train_step
-    from megatron_ext.training.ddp import wrap_with_ddp
 
-    cuda = torch.cuda.is_available()
-    opt_config = optimizer_config(cfg, cuda)
+    opt_config = optimizer_config(cfg, torch.cuda.is_available())
     model = wrap_with_ddp(model_chunks, use_distributed_optimizer=opt_config.use_distributed_optimizer)
     optimizer = build_optimizer(opt_config, model)
     seq, mbs = cfg.data.seq_length, cfg.train.micro_batch_size
-    batches = synthetic_batches(cfg.model.vocab_size, seq, mbs, num_microbatches, seed)
-    if cuda:
-        batches = [{k: v.cuda() for k, v in b.items()} for b in batches]
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    dataset = SyntheticMotifDataset(cfg.model.vocab_size, seq, cfg.train.seed)
+    batches = list(step_micro_batches(dataset, 0, num_microbatches * mbs * dp_size, mbs, dp_rank, dp_size,
+                                      device=comm_device()))
 
     def step() -> float:
         result = train_step(model, optimizer, iter(batches), num_microbatches=num_microbatches,

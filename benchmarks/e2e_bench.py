@@ -46,8 +46,7 @@ def train(run_dir: Path, overrides: List[str], nproc: int = 2) -> Dict[str, floa
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}:\n{proc.stdout[-4000:]}")
     records = read_metrics(run_dir / "metrics.jsonl")
     return {"tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in records),
-            "peak_gib": max(r["mem/peak_gib"] for r in records), "wall_s": wall,
-            "final_loss": records[-1]["loss"]}
+            "peak_gib": max(r["mem/peak_gib"] for r in records), "wall_s": wall}
 
 
 def run(reps: int = 1) -> list:

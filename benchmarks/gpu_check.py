@@ -65,22 +65,22 @@ def hybrid_config(tiny: bool, seq_length: int, window: int):
     return load_config(Path(__file__).resolve().parents[1] / "configs" / "qwen3_0p6b.yaml", overrides)
 
 
-def hybrid_model_flops(cfg, swa_fraction: float, window: int, padded_vocab: int, tokens_per_step: int) -> float:
-    """Training matmul FLOPs of one step (see the module doc)."""
-    from megatron_ext.consa.kernels import ideal_flop_ratio
+def hybrid_model_flops(cfg, swa_fraction: float, window: int, padded_vocab: int, sequences: int) -> float:
+    """Training matmul FLOPs of one step of ``sequences`` sequences (see the module doc): the
+    analytic count of :mod:`megatron_ext.sgt.flops` (which charges every head the full T x T
+    scores), with the attention core charged only for the pairs each head sees."""
+    import dataclasses
 
-    m, t = cfg.model, cfg.data.seq_length
-    heads, kv = m.num_attention_heads, m.num_query_groups
-    d = m.kv_channels or m.hidden_size // heads
-    h, f = m.hidden_size, m.ffn_hidden_size
-    per_token = (2 * h * (heads + 2 * kv) * d  # QKV
-                 + 2 * heads * d * h  # output projection
-                 + 2 * h * f * (3 if m.activation == "swiglu" else 2)) * m.num_layers + 2 * h * padded_vocab
+    from megatron_ext.consa.kernels import ideal_flop_ratio
+    from megatron_ext.sgt.flops import TRAINING_MULTIPLIER, GPTShape, training_flops
+
+    shape = dataclasses.replace(GPTShape.from_run_config(cfg, padded_vocab), batch_size=sequences)
+    t, heads, d = shape.seq_length, shape.num_heads, shape.head_dim
     causal_pairs = t * (t + 1) / 2
-    pairs_per_head = (1 - swa_fraction) * causal_pairs + swa_fraction * causal_pairs * ideal_flop_ratio(t, window)
-    attention_per_sequence = 4 * d * heads * pairs_per_head * m.num_layers
-    sequences = tokens_per_step / t
-    return 3 * (per_token * tokens_per_step + attention_per_sequence * sequences)
+    pairs_per_head = causal_pairs * ((1 - swa_fraction) + swa_fraction * ideal_flop_ratio(t, window))
+    per_layer_core = 4 * d * heads * sequences  # scores + PV, per (query, key) pair of one head
+    counted, needed = per_layer_core * t * t, per_layer_core * pairs_per_head
+    return training_flops(shape) + TRAINING_MULTIPLIER * shape.num_layers * (needed - counted)
 
 
 def bench_mfu(tiny: bool, reps: int, peak: Optional[float]) -> list:
@@ -98,8 +98,9 @@ def bench_mfu(tiny: bool, reps: int, peak: Optional[float]) -> list:
     step = training_step(cfg, chunks, num_microbatches=micro_batches)
     times = interleaved({"step": step}, reps, warmup=2)  # warm-up compiles FlexAttention
     seconds = median(times, "step")
-    tokens = micro_batches * cfg.train.micro_batch_size * seq
-    flops = hybrid_model_flops(cfg, 0.5, window, padded_vocab_size(cfg.model.vocab_size), tokens)
+    sequences = micro_batches * cfg.train.micro_batch_size
+    tokens = sequences * seq
+    flops = hybrid_model_flops(cfg, 0.5, window, padded_vocab_size(cfg.model.vocab_size), sequences)
     achieved = flops / seconds / 1e12
     rows = [
         row("gpu", f"hybrid model parameters (M), rho=0.5 KV heads SWA W={window}, T={seq}", params / 1e6, "report"),

@@ -86,7 +86,7 @@ def _ep_steps(expert_parallel: int, steps: int) -> List[float]:
     from megatron_ext.models.builder import build_model
 
     cfg = run_config(world=2, expert_parallel=expert_parallel)
-    step = training_step(cfg, build_model(cfg, cuda=False), seed=dist.get_rank())
+    step = training_step(cfg, build_model(cfg, cuda=False))  # each data-parallel rank its own micro-batch
     times = []
     for i in range(steps + 1):
         dist.barrier()
