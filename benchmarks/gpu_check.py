@@ -51,7 +51,7 @@ def peak_tflops(override: Optional[float]) -> Optional[float]:
 
 
 def hybrid_config(tiny: bool, seq_length: int, window: int):
-    from megatron_ext.config import load_config
+    from megatron_ext.run import load_config
 
     overrides = [f"data.seq_length={seq_length}", "train.micro_batch_size=1", "train.global_batch_size=4",
                  "hybrid_attention.enabled=true", "hybrid_attention.granularity=kv_head",
@@ -85,7 +85,8 @@ def hybrid_model_flops(cfg, swa_fraction: float, window: int, padded_vocab: int,
 
 def bench_mfu(tiny: bool, reps: int, peak: Optional[float]) -> list:
     from megatron_ext.consa.attention import HybridCoreAttention
-    from megatron_ext.models.builder import build_model, padded_vocab_size
+    from megatron_ext.models.builder import build_model
+    from megatron_ext.models.vocab import padded_vocab_size
 
     seq, window, micro_batches = (128, 32, 2) if tiny else (4096, 512, 4)
     cfg = hybrid_config(tiny, seq, window)

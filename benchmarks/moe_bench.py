@@ -29,7 +29,8 @@ MOE = dict(enabled=True, num_experts=16, top_k=4, expert_ffn_hidden_size=256, sh
 
 def run_config(world: int = 1, expert_parallel: int = 1, shape: Optional[dict] = None, moe: Optional[dict] = None,
                seq_length: int = 512, micro_batch_size: int = 4, precision: str = "auto"):
-    from megatron_ext.config import RunConfig, from_dict
+    from megatron_ext.config import from_dict
+    from megatron_ext.run import RunConfig
 
     return from_dict(RunConfig, {
         "model": shape or SHAPE,

@@ -31,7 +31,8 @@ SEQ, MICRO_BATCH = 1024, 2
 
 
 def run_config(capabilities: bool, attention_backend: str = "sdpa"):
-    from megatron_ext.config import RunConfig, from_dict
+    from megatron_ext.config import from_dict
+    from megatron_ext.run import RunConfig
 
     sections = {"model": {**SHAPE, "attention_backend": attention_backend}, "data": {"seq_length": SEQ},
                 "train": {"micro_batch_size": MICRO_BATCH, "global_batch_size": MICRO_BATCH}}
@@ -46,7 +47,8 @@ def megatron_model(cfg):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from megatron_ext.models.builder import padded_vocab_size, transformer_config
+    from megatron_ext.models.builder import transformer_config
+    from megatron_ext.models.vocab import padded_vocab_size
 
     config = transformer_config(cfg, cuda=torch.cuda.is_available())
     spec = get_gpt_layer_local_spec(qk_layernorm=cfg.model.qk_layernorm, normalization=cfg.model.normalization)

@@ -22,7 +22,8 @@ SEQ, LOOPED, KEPT = 1024, (15, 12, 9), (0, 1)
 
 
 def _build():
-    from megatron_ext.config import RunConfig, from_dict
+    from megatron_ext.config import from_dict
+    from megatron_ext.run import RunConfig
     from megatron_ext.models.builder import build_model
 
     single_process_megatron()
@@ -51,7 +52,7 @@ def _step(model, method: str, tokens: torch.Tensor) -> None:
 
 
 def run(reps: int = 5) -> List[Dict[str, object]]:
-    from megatron_ext.models.builder import padded_vocab_size
+    from megatron_ext.models.vocab import padded_vocab_size
     from megatron_ext.sgt.flops import GPTShape, LoopedLayer, LoopStructure, flops_overhead
 
     cfg, model = _build()

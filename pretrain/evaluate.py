@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_ext.config import ConfigError, check_run, load_config
+from megatron_ext.config import ConfigError
+from megatron_ext.run import check_run, load_config
 from megatron_ext.parallel import ParallelSizes
 from megatron_ext.parallel.state import parallel_job
 from megatron_ext.training.evaluate import evaluate_checkpoint

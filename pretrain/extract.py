@@ -1,4 +1,4 @@
-"""Extract a standalone sub-model (layers, experts, top-k) from an elastic MoE checkpoint.
+"""Extract a standalone sub-model (layers; with MoE also experts and top-k) from a checkpoint.
 
     python -m pretrain.extract --run-dir runs/NAME [--step N] --layers 0,1,2,5 \\
         --experts 0-31 --top-k 4 --output runs/NAME-sub
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from megatron_ext.config import ConfigError
 from megatron_ext.moe.elastic import SubNetwork
-from megatron_ext.moe.extract import extract_submodel
+from megatron_ext.training.extract import extract_submodel
 from megatron_ext.parallel import ParallelSizes
 from megatron_ext.parallel.state import parallel_job
 
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--layers", required=True, help="kept layers, e.g. 0-3,6")
     parser.add_argument("--experts", default=None, help="kept experts, e.g. 0-31 (default: all)")
-    parser.add_argument("--top-k", type=int, required=True)
+    parser.add_argument("--top-k", type=int, default=None, help="experts per token (default: the model's)")
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args(argv)
     sub = SubNetwork(parse_indices(args.layers), parse_indices(args.experts) if args.experts else None, args.top_k)

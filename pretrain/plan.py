@@ -12,7 +12,8 @@ import argparse
 import os
 import sys
 
-from megatron_ext.config import ConfigError, load_config
+from megatron_ext.config import ConfigError
+from megatron_ext.run import load_config
 from megatron_ext.launch.memory import meta_parameter_inventory
 from megatron_ext.launch.planner import check_allocation, format_plan, make_plan, sbatch_command
 

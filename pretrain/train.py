@@ -12,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_ext.config import ConfigError, load_config
+from megatron_ext.config import ConfigError
+from megatron_ext.run import load_config
 from megatron_ext.launch.bootstrap import LAUNCHERS, LaunchError, prepare_launch
 from megatron_ext.training.loop import Trainer
 

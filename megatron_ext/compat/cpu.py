@@ -36,6 +36,12 @@ Every redirected point, with its reason (all observed on megatron-core 0.16.1, t
 6. The alltoall dispatcher turns its split sizes into numpy arrays only for CUDA tensors
    (``maybe_move_tensor_to_cpu`` checks ``is_cuda``); ``all_to_all_single`` rejects tensors as
    split sizes, so CPU tensors are converted too.
+7. ``moe_grouped_gemm`` with the local (non-TE) spec builds the legacy ``GroupedMLP``, whose
+   ``grouped_gemm`` kernel package is CUDA-only: ``grouped_gemm_util`` gets a CPU ``gmm`` (one
+   matmul per expert over its rows), so that grouped-GEMM experts, and the ``moe_act`` selective
+   recompute that only they implement, run on CPU.
+8. Selective recompute of ``layernorm`` / ``moe_act`` fails without Transformer Engine
+   (:mod:`megatron_ext.compat.recompute`, a bug in 0.16.1 on GPU too): fixed here.
 
 Megatron's optimizer wrappers check for ``torch.cuda.*Tensor`` types and are not patched here:
 the CPU path uses :mod:`megatron_ext.optim` instead.
@@ -144,6 +150,20 @@ def _stream_context(stream=None):
     yield
 
 
+def _grouped_matmul(a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = False):
+    """``grouped_gemm.ops.gmm`` on CPU (point 7): rows ``a[start_e : start_e + batch_sizes[e]]``
+    times ``b[e]`` (``b[e]^T`` with ``trans_b``), for every expert e in order."""
+    rows = a.split([int(n) for n in batch_sizes.tolist()])
+    return torch.cat([part @ (weight.t() if trans_b else weight) for part, weight in zip(rows, b)])
+
+
+class _CpuGroupedGemm:
+    """Stands in for the ``grouped_gemm`` package (point 7): ``ops.gmm`` is all Megatron calls."""
+
+    class ops:
+        gmm = staticmethod(_grouped_matmul)
+
+
 class _DropForkWarning(logging.Filter):
     """Point 4: on CPU the forked stream is the CPU generator, so it changes by design."""
 
@@ -198,7 +218,9 @@ def _patch_autograd_engine(mode: TorchFunctionMode) -> None:
 
 def _patch_megatron() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
-    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+    from megatron.core.transformer.moe import grouped_gemm_util, moe_utils, token_dispatcher
+
+    from megatron_ext.compat.recompute import fix_recompute_without_te
 
     def set_cpu_rng_state(new_state, device=-1, graph_safe=False):
         torch.set_rng_state(new_state)
@@ -215,6 +237,12 @@ def _patch_megatron() -> None:
         return tensor
 
     token_dispatcher.maybe_move_tensor_to_cpu = move_splits_to_numpy
+
+    if not grouped_gemm_util.grouped_gemm_is_available():
+        grouped_gemm_util.grouped_gemm = _CpuGroupedGemm
+        grouped_gemm_util.ops = _CpuGroupedGemm.ops
+
+    fix_recompute_without_te()
 
 
 def enable_cpu_support() -> bool:

@@ -1,26 +1,25 @@
-"""Typed run configuration: dataclass sections, YAML loading with overrides, validation."""
+"""Typed run configuration: dataclass sections, YAML loading with overrides, validation.
 
-from megatron_ext.config.checks import check_run, data_parallel_size
-from megatron_ext.config.loader import ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
-from megatron_ext.config.schema import (
+A leaf package (no torch, no other project package): capabilities build their own config sections
+from :class:`Checks` and :class:`ConfigError`, and ``megatron_ext.run`` composes the run config.
+"""
+
+from megatron_ext.config.checks import Checks, ConfigError
+from megatron_ext.config.loader import apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
+from megatron_ext.config.sections import (
+    CORE_SECTIONS,
+    MODALITIES,
     CheckpointConfig,
     DataConfig,
     LoggingConfig,
     ModelConfig,
-    MoEConfig,
     ParallelConfig,
-    RunConfig,
     TrainConfig,
+    compose_run_config,
 )
 
-
-def load_config(path, overrides=()) -> RunConfig:
-    """Read ``path``, apply ``section.key=value`` overrides, build and validate the sections."""
-    return from_dict(RunConfig, apply_overrides(load_yaml(path), overrides))
-
-
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig", "MoEConfig",
-    "ParallelConfig", "RunConfig", "TrainConfig", "apply_overrides", "check_run",
-    "data_parallel_size", "dump_yaml", "from_dict", "load_config", "load_yaml", "to_dict",
+    "CORE_SECTIONS", "CheckpointConfig", "Checks", "ConfigError", "DataConfig", "LoggingConfig", "MODALITIES",
+    "ModelConfig", "ParallelConfig", "TrainConfig", "apply_overrides", "compose_run_config", "dump_yaml",
+    "from_dict", "load_yaml", "to_dict",
 ]

@@ -17,13 +17,7 @@ from typing import Any, Dict, List, Literal, Sequence, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """One or more configuration problems; ``problems`` holds one sentence per problem."""
-
-    def __init__(self, problems: Sequence[str]):
-        self.problems = list(problems)
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+from megatron_ext.config.checks import ConfigError
 
 
 def _type_name(tp: Any) -> str:
@@ -124,10 +118,10 @@ def _build(cls, data: Dict[str, Any], where: str, problems: List[str]):
         return None
     try:
         return cls(**kwargs)
-    except ConfigError as err:
-        problems.extend(err.problems)
+    except ConfigError as err:  # the section names its fields; put its YAML path in front
+        problems.extend(err.under(where).problems)
     except (ValueError, TypeError) as err:
-        problems.append(str(err))
+        problems.append(f"{where}: {err}" if where else str(err))
     return None
 
 

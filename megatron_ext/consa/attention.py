@@ -23,7 +23,9 @@ import math
 from typing import Callable, Optional, Sequence
 
 import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron_ext.consa.kernels import causal_attention, sliding_window_attention
 
@@ -37,14 +39,13 @@ class HybridCoreAttention(MegatronModule):
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type=None, pg_collection=None, *, window: int):
         super().__init__(config=config)
-        from megatron.core import parallel_state
-
         if (attention_dropout if attention_dropout is not None else config.attention_dropout) > 0:
             raise ValueError("hybrid attention does not implement attention dropout: set model.attention_dropout: 0")
         if window < 1:
             raise ValueError(f"window={window} must be >= 1")
-        tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        if pg_collection is None:  # built outside an Attention module: this rank's groups
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        tp_size, tp_rank = get_pg_size(pg_collection.tp), get_pg_rank(pg_collection.tp)
         self.layer_index = layer_number - 1  # Megatron numbers layers from 1
         self.window = window
         self.head_dim = config.kv_channels

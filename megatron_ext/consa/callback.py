@@ -29,12 +29,12 @@ from megatron_ext.consa.allocation import (
     write_allocation,
 )
 from megatron_ext.consa.attention import HybridCoreAttention
-from megatron_ext.consa.config import HybridAttentionConfig
-from megatron_ext.consa.constraint import LagrangianConfig, LagrangianController
+from megatron_ext.consa.config import LEARNED_METHODS, HybridAttentionConfig
+from megatron_ext.consa.constraint import LagrangianController
 from megatron_ext.consa.gates import HardConcreteGates, ScalarGates
-from megatron_ext.training.callbacks import Callback, TrainContext
+from megatron_ext.capability import Callback, TrainContext
+from megatron_ext.parallel.state import comm_device
 
-LEARNED = ("consa", "scalar_rank")
 
 
 class LayerGate:
@@ -59,7 +59,7 @@ class ConSACallback(Callback):
         self.units = 1 if cfg.granularity == "layer" else num_kv_heads
         self.num_kv_heads = num_kv_heads
         self.log = log
-        self.learned = cfg.method in LEARNED
+        self.learned = cfg.method in LEARNED_METHODS
         self.stage_steps = cfg.mask_learning_length(tokens_per_step) if self.learned else 0
         self.gates: Optional[HardConcreteGates] = None
         self.controller: Optional[LagrangianController] = None
@@ -73,10 +73,7 @@ class ConSACallback(Callback):
             self.gate_optimizer = torch.optim.Adam([self.gates.log_alpha], lr=cfg.gate_lr,
                                                    betas=(cfg.gate_adam_beta1, 0.99))
             if cfg.method == "consa":
-                self.controller = LagrangianController(
-                    LagrangianConfig(target=cfg.target, mode=cfg.constraint,
-                                     warmup_steps=cfg.target_warmup_steps, lambda_lr=cfg.lambda_lr),
-                    num_layers)
+                self.controller = LagrangianController(cfg, num_layers)
         elif cfg.method == "rule_layer":
             self.allocation = rule_layer_allocation(num_layers, cfg.layer_pattern)
         elif cfg.method == "rule_head":
@@ -86,6 +83,7 @@ class ConSACallback(Callback):
 
     # -- wiring ------------------------------------------------------------------------------------
     def on_train_start(self, ctx: TrainContext) -> None:
+        self.pg_collection = ctx.pg_collection
         self.modules = [m for chunk in ctx.model for m in chunk.modules() if isinstance(m, HybridCoreAttention)]
         if not self.modules:
             raise RuntimeError("hybrid_attention is enabled but the model has no HybridCoreAttention layers")
@@ -110,17 +108,13 @@ class ConSACallback(Callback):
         return metrics
 
     def _reduced_lm_grad(self) -> torch.Tensor:
-        from megatron.core import parallel_state
-
-        from megatron_ext.parallel.state import comm_device
-
         log_alpha = self.gates.log_alpha
         grad = log_alpha.grad if log_alpha.grad is not None else torch.zeros_like(log_alpha)
         grad = grad.to(comm_device())  # NCCL reduces CUDA tensors only; the gates stay on the CPU
-        mp_group = parallel_state.get_model_parallel_group()
+        mp_group = self.pg_collection.mp  # TP x PP: each rank holds its layers' and heads' part
         if dist.get_world_size(mp_group) > 1:
             dist.all_reduce(grad, group=mp_group)
-        dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        dp_group = self.pg_collection.dp_cp
         if dist.get_world_size(dp_group) > 1:
             dist.all_reduce(grad, group=dp_group)
             grad /= dist.get_world_size(dp_group)

@@ -1,14 +1,64 @@
-"""The ``hybrid_attention`` section of the run config."""
+"""The ``hybrid_attention`` section of the run config (ConSA, arXiv 2606.18056), and its gate constants."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
-from megatron_ext.consa.gates import HardConcreteConfig
+from megatron_ext.config import Checks
+
+ConstraintMode = Literal["global", "per_layer"]
+"""How the SWA fraction is measured: over all units at once, or layer by layer (one value per layer)."""
+
+CONSTRAINT_MODES = get_args(ConstraintMode)
+
+LEARNED_METHODS = ("consa", "scalar_rank")
+"""Methods that learn the allocation in a first stage (mask learning) and then binarize it."""
 
 
-@dataclass
+@dataclass(kw_only=True)
+class HardConcreteConfig:
+    """Constants of the hard concrete distribution and of the ``log_alpha`` initialisation.
+
+    The defaults are those of Louizos et al. (2018) and LLM-Shearing: beta = 2/3, (gamma, zeta) =
+    (-0.1, 1.1), log_alpha ~ N(5, 0.01^2) (every gate starts open, i.e. every unit uses full attention)
+    and log_alpha kept in [ln 1e-2, ln 1e2].
+    """
+
+    beta: float = 2.0 / 3.0
+    """Temperature of the binary concrete; smaller values make samples closer to Bernoulli."""
+    gamma: float = -0.1
+    """Lower end of the stretch interval (gamma, zeta); must be < 0 so that z = 0 has mass."""
+    zeta: float = 1.1
+    """Upper end of the stretch interval; must be > 1 so that z = 1 has mass."""
+    eps: float = 1e-6
+    """The uniform noise is drawn from U(eps, 1 - eps) so that ln u and ln(1 - u) stay finite."""
+    init_mean: float = 5.0
+    """Mean of the normal initialisation of log_alpha; 5 gives P(z != 0) ~ 0.999 ("all full attention")."""
+    init_std: float = 0.01
+    """Standard deviation (not variance) of the normal initialisation of log_alpha."""
+    log_alpha_min: float = math.log(1e-2)
+    """Lower bound that ``clamp_()`` applies to log_alpha after each optimizer step."""
+    log_alpha_max: float = math.log(1e2)
+    """Upper bound that ``clamp_()`` applies to log_alpha. The default init mean (5) lies above it, as in
+    LLM-Shearing: the initial values are used as drawn and the first clamp moves them to ln 100 ~ 4.61."""
+
+    def __post_init__(self) -> None:
+        c = Checks(self)
+        c.finite("beta", "gamma", "zeta", "eps", "init_mean", "init_std", "log_alpha_min", "log_alpha_max")
+        c.require(not self.beta <= 0, f"beta={self.beta!r} is not allowed: the temperature must be > 0")
+        c.require(not self.gamma >= 0, f"gamma={self.gamma!r} is not allowed: use a number < 0 (P(z = 0) > 0 needs it)")
+        c.require(not self.zeta <= 1, f"zeta={self.zeta!r} is not allowed: use a number > 1 (P(z = 1) > 0 needs it)")
+        c.require(0 < self.eps < 0.5, f"eps={self.eps!r} is not allowed: use a number in (0, 0.5)")
+        c.require(not self.init_std < 0, f"init_std={self.init_std!r} is not allowed: use a number >= 0")
+        c.require(not self.log_alpha_max <= self.log_alpha_min,
+                  f"log_alpha_max={self.log_alpha_max!r} is not allowed: use a number > log_alpha_min="
+                  f"{self.log_alpha_min!r}")
+        c.done()
+
+
+@dataclass(kw_only=True)
 class HybridAttentionConfig:
     """Full / sliding-window attention per layer or per KV head: learned (ConSA) or by rule."""
 
@@ -50,36 +100,26 @@ class HybridAttentionConfig:
     """Hard-concrete constants (Louizos et al. 2018 / LLM-Shearing defaults)."""
 
     def __post_init__(self):
-        problems = []
-        if self.window < 1:
-            problems.append(f"hybrid_attention.window={self.window} must be >= 1")
-        if not 0.0 <= self.target <= 1.0:
-            problems.append(f"hybrid_attention.target={self.target} must be in [0, 1]")
-        if not 0.0 <= self.gate_adam_beta1 < 1.0:
-            problems.append(f"hybrid_attention.gate_adam_beta1={self.gate_adam_beta1} must be in [0, 1)")
-        if self.gate_lr <= 0 or self.lambda_lr <= 0:
-            problems.append(f"hybrid_attention.gate_lr={self.gate_lr} / lambda_lr={self.lambda_lr} must be > 0")
-        if self.target_warmup_steps < 0:
-            problems.append(f"hybrid_attention.target_warmup_steps={self.target_warmup_steps} must be >= 0")
-        if self.enabled and self.method in ("consa", "scalar_rank"):
+        c = Checks(self)
+        c.positive("window", "gate_lr", "lambda_lr", "mask_learning_steps", "mask_learning_tokens")
+        c.within("target", 0.0, 1.0)
+        c.within("gate_adam_beta1", 0.0, 1.0, high_open=True)
+        c.non_negative("target_warmup_steps")
+        c.one_of("constraint", CONSTRAINT_MODES)
+        if self.enabled and self.method in LEARNED_METHODS:
             given = [n for n in ("mask_learning_steps", "mask_learning_tokens") if getattr(self, n) is not None]
-            if len(given) != 1:
-                problems.append(f"hybrid_attention.method={self.method!r} needs exactly one of "
-                                "mask_learning_steps / mask_learning_tokens (the length of stage 1)")
-            for name in given:
-                if getattr(self, name) <= 0:
-                    problems.append(f"hybrid_attention.{name}={getattr(self, name)} must be positive")
-        if self.constraint == "per_layer" and self.granularity == "layer" and self.method in ("consa", "scalar_rank"):
-            problems.append("hybrid_attention.constraint='per_layer' needs granularity 'kv_head' (a layer "
-                            "unit cannot meet a fraction on its own); use constraint 'global'")
-        if self.method == "rule_layer" and (not self.layer_pattern or set(self.layer_pattern) - {"S", "F"}):
-            problems.append(f"hybrid_attention.layer_pattern={self.layer_pattern!r} must be letters S and F")
-        if self.enabled and self.method == "static" and not self.allocation:
-            problems.append("hybrid_attention.method='static' needs allocation: path/to/allocation.json")
-        if problems:
-            from megatron_ext.config.loader import ConfigError  # here: the config package imports this module
-
-            raise ConfigError(problems)
+            c.require(len(given) == 1, f"method={self.method!r} needs exactly one of mask_learning_steps / "
+                                       "mask_learning_tokens (the length of stage 1)")
+        c.require(not (self.constraint == "per_layer" and self.granularity == "layer"
+                       and self.method in LEARNED_METHODS),
+                  "constraint='per_layer' needs granularity 'kv_head' (a layer unit cannot meet a fraction on "
+                  "its own); use constraint 'global'")
+        if self.method == "rule_layer":
+            c.require(bool(self.layer_pattern) and not set(self.layer_pattern) - {"S", "F"},
+                      f"layer_pattern={self.layer_pattern!r} must be letters S and F")
+        c.require(not (self.enabled and self.method == "static" and not self.allocation),
+                  "method='static' needs allocation: path/to/allocation.json")
+        c.done()
 
     def mask_learning_length(self, tokens_per_step: int) -> int:
         """Stage-1 length in steps."""

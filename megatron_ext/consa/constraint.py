@@ -20,46 +20,9 @@ In ``"per_layer"`` mode (for KV-head units) every layer has its own rho_hat_l an
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import List
-
 import torch
 
-from megatron_ext.consa.gates import ConstraintMode, check_mode
-
-
-@dataclass
-class LagrangianConfig:
-    """Target SWA fraction and the schedule of the Lagrange multipliers."""
-
-    target: float = 0.5
-    """Target fraction rho of units that use sliding-window attention, in [0, 1]."""
-    mode: ConstraintMode = "global"
-    """``"global"``: one fraction over all units and one (lambda1, lambda2) pair; ``"per_layer"``:
-    each layer's units meet the target on their own, with one pair per layer."""
-    warmup_steps: int = 0
-    """Steps over which the target ramps linearly from 0 to ``target``; 0 applies it from the start."""
-    lambda_lr: float = 1.0
-    """Step size of the gradient ascent on lambda1 and lambda2 (plain, not Adam)."""
-
-    def __post_init__(self) -> None:
-        problems: List[str] = []
-        if not (isinstance(self.target, (int, float)) and 0.0 <= self.target <= 1.0):
-            problems.append(f"LagrangianConfig.target={self.target!r} is not allowed: use a fraction in [0, 1]")
-        try:
-            check_mode(self.mode)
-        except ValueError as err:
-            problems.append(f"LagrangianConfig.{err}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            problems.append(f"LagrangianConfig.warmup_steps={self.warmup_steps!r} is not allowed: "
-                            "use an integer >= 0")
-        lr = self.lambda_lr
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            problems.append(f"LagrangianConfig.lambda_lr={self.lambda_lr!r} is not allowed: "
-                            "use a finite number > 0")
-        if problems:
-            raise ValueError("; ".join(problems))
+from megatron_ext.consa.config import HybridAttentionConfig
 
 
 class LagrangianController(torch.nn.Module):
@@ -82,13 +45,20 @@ class LagrangianController(torch.nn.Module):
     and unscale the gradients first if the loss is scaled.
     """
 
-    def __init__(self, config: LagrangianConfig, num_layers: int):
+    def __init__(self, config: HybridAttentionConfig, num_layers: int):
         super().__init__()
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers={num_layers!r} is not allowed: use an integer >= 1")
-        self.config = config
+        self.target = config.target
+        """Target fraction rho of units that use sliding-window attention."""
+        self.mode = config.constraint
+        """``"global"``: one fraction over all units and one (lambda1, lambda2) pair; ``"per_layer"``:
+        each layer's units meet the target on their own, with one pair per layer."""
+        self.warmup_steps = config.target_warmup_steps
+        self.lambda_lr = config.lambda_lr
+        """Step size of the gradient ascent on lambda1 and lambda2 (plain, not Adam)."""
         self.num_layers = num_layers
-        shape = () if config.mode == "global" else (num_layers,)
+        shape = () if self.mode == "global" else (num_layers,)
         self.lambda1 = torch.nn.Parameter(torch.zeros(shape))
         self.lambda2 = torch.nn.Parameter(torch.zeros(shape))
 
@@ -96,10 +66,9 @@ class LagrangianController(torch.nn.Module):
         """rho_t = rho * min(1, step / warmup_steps); rho itself when warmup_steps = 0."""
         if step < 0:
             raise ValueError(f"step={step!r} is not allowed: use an integer >= 0")
-        c = self.config
-        if c.warmup_steps == 0:
-            return c.target
-        return c.target * min(1.0, step / c.warmup_steps)
+        if self.warmup_steps == 0:
+            return self.target
+        return self.target * min(1.0, step / self.warmup_steps)
 
     def constraint_loss(self, rho_hat: torch.Tensor, step: int) -> torch.Tensor:
         """Scalar sum of lambda1 * (rho_hat - rho_t) + lambda2 * (rho_hat - rho_t)^2.
@@ -110,7 +79,7 @@ class LagrangianController(torch.nn.Module):
         """
         expected = tuple(self.lambda1.shape)
         if tuple(rho_hat.shape) != expected:
-            raise ValueError(f"rho_hat has shape {tuple(rho_hat.shape)}, but mode={self.config.mode!r} "
+            raise ValueError(f"rho_hat has shape {tuple(rho_hat.shape)}, but mode={self.mode!r} "
                              f"with num_layers={self.num_layers} needs {expected}")
         gap = rho_hat - self.target_at(step)  # [] or [num_layers]
         return (self.lambda1 * gap + self.lambda2 * gap.square()).sum()
@@ -123,10 +92,9 @@ class LagrangianController(torch.nn.Module):
         """
         for param in (self.lambda1, self.lambda2):
             if param.grad is not None:
-                param.add_(param.grad, alpha=self.config.lambda_lr)
+                param.add_(param.grad, alpha=self.lambda_lr)
                 param.grad = None
 
     def extra_repr(self) -> str:
-        c = self.config
-        return (f"target={c.target}, mode={c.mode!r}, warmup_steps={c.warmup_steps}, "
-                f"lambda_lr={c.lambda_lr}, num_layers={self.num_layers}")
+        return (f"target={self.target}, mode={self.mode!r}, warmup_steps={self.warmup_steps}, "
+                f"lambda_lr={self.lambda_lr}, num_layers={self.num_layers}")

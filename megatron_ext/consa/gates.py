@@ -26,70 +26,14 @@ reads the rows of its own layers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import List, Literal, get_args
 
 import torch
 
-ConstraintMode = Literal["global", "per_layer"]
-"""How the SWA fraction is measured: over all units at once, or layer by layer (one value per layer)."""
+from megatron_ext.consa.config import CONSTRAINT_MODES, ConstraintMode, HardConcreteConfig
 
-CONSTRAINT_MODES = get_args(ConstraintMode)
-
-
-def check_mode(mode: str) -> None:
-    """Raise ValueError unless ``mode`` is one of :data:`CONSTRAINT_MODES`."""
+def _check_mode(mode: str) -> None:
     if mode not in CONSTRAINT_MODES:
         raise ValueError(f"mode={mode!r} is not allowed: use one of {' | '.join(map(repr, CONSTRAINT_MODES))}")
-
-
-@dataclass
-class HardConcreteConfig:
-    """Constants of the hard concrete distribution and of the ``log_alpha`` initialisation.
-
-    The defaults are those of Louizos et al. (2018) and LLM-Shearing: beta = 2/3, (gamma, zeta) =
-    (-0.1, 1.1), log_alpha ~ N(5, 0.01^2) (every gate starts open, i.e. every unit uses full attention)
-    and log_alpha kept in [ln 1e-2, ln 1e2].
-    """
-
-    beta: float = 2.0 / 3.0
-    """Temperature of the binary concrete; smaller values make samples closer to Bernoulli."""
-    gamma: float = -0.1
-    """Lower end of the stretch interval (gamma, zeta); must be < 0 so that z = 0 has mass."""
-    zeta: float = 1.1
-    """Upper end of the stretch interval; must be > 1 so that z = 1 has mass."""
-    eps: float = 1e-6
-    """The uniform noise is drawn from U(eps, 1 - eps) so that ln u and ln(1 - u) stay finite."""
-    init_mean: float = 5.0
-    """Mean of the normal initialisation of log_alpha; 5 gives P(z != 0) ~ 0.999 ("all full attention")."""
-    init_std: float = 0.01
-    """Standard deviation (not variance) of the normal initialisation of log_alpha."""
-    log_alpha_min: float = math.log(1e-2)
-    """Lower bound that ``clamp_()`` applies to log_alpha after each optimizer step."""
-    log_alpha_max: float = math.log(1e2)
-    """Upper bound that ``clamp_()`` applies to log_alpha. The default init mean (5) lies above it, as in
-    LLM-Shearing: the initial values are used as drawn and the first clamp moves them to ln 100 ~ 4.61."""
-
-    def __post_init__(self) -> None:
-        problems: List[str] = []
-
-        def require(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                problems.append(f"HardConcreteConfig.{name}={getattr(self, name)!r} is not allowed: {allowed}")
-
-        finite = {name: math.isfinite(getattr(self, name)) for name in (
-            "beta", "gamma", "zeta", "eps", "init_mean", "init_std", "log_alpha_min", "log_alpha_max")}
-        require(finite["beta"] and self.beta > 0, "beta", "the temperature must be a finite number > 0")
-        require(finite["gamma"] and self.gamma < 0, "gamma", "use a finite number < 0 (P(z = 0) > 0 needs it)")
-        require(finite["zeta"] and self.zeta > 1, "zeta", "use a finite number > 1 (P(z = 1) > 0 needs it)")
-        require(0 < self.eps < 0.5, "eps", "use a number in (0, 0.5)")
-        require(finite["init_mean"], "init_mean", "use a finite number")
-        require(finite["init_std"] and self.init_std >= 0, "init_std", "use a finite number >= 0")
-        require(finite["log_alpha_min"], "log_alpha_min", "use a finite number")
-        require(finite["log_alpha_max"] and self.log_alpha_max > self.log_alpha_min, "log_alpha_max",
-                f"use a finite number > log_alpha_min={self.log_alpha_min!r}")
-        if problems:
-            raise ValueError("; ".join(problems))
 
 
 class HardConcreteGates(torch.nn.Module):
@@ -158,7 +102,7 @@ class HardConcreteGates(torch.nn.Module):
         ``"global"``: one scalar over all units of all layers; ``"per_layer"``: [num_layers], each
         layer's mean over its own units.
         """
-        check_mode(mode)
+        _check_mode(mode)
         swa = 1.0 - self.prob_nonzero()  # [L, U]
         return swa.mean() if mode == "global" else swa.mean(dim=1)
 
@@ -186,7 +130,7 @@ class HardConcreteGates(torch.nn.Module):
         layer gets round(rho * units_per_layer)). ``round`` is Python's, which rounds halves to even.
         Ties go by unit index (row-major over [layer, unit]): the lower index becomes SWA first.
         """
-        check_mode(mode)
+        _check_mode(mode)
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"rho={rho!r} is not allowed: use a fraction in [0, 1]")
         log_alpha = self.log_alpha.detach()

@@ -7,19 +7,12 @@ from typing import List, Tuple
 
 import torch
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
+from megatron_ext.plotting import pyplot
 
 
 def plot_allocation(path: Path, allocation: torch.Tensor, log_alpha: torch.Tensor | None, title: str) -> None:
     """Heatmap layers x units: full attention (dark) / SWA (light), log-alpha written in cells."""
-    plt = _pyplot()
+    plt = pyplot()
     layers, units = allocation.shape
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 0.45 * units), max(2.5, 1.0 + 0.3 * layers)))
     ax.imshow(allocation.float().numpy(), cmap="Blues", vmin=-0.3, vmax=1.0, aspect="auto")
@@ -41,7 +34,7 @@ def plot_log_alpha_history(path: Path, history: List[Tuple[int, torch.Tensor]]) 
     """One line per unit: log-alpha against the training step."""
     if not history:
         return
-    plt = _pyplot()
+    plt = pyplot()
     steps = [s for s, _ in history]
     values = torch.stack([v.flatten() for _, v in history])  # [T, units]
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import TYPE_CHECKING, Tuple
 
 import torch.distributed as dist
 
-from megatron_ext.config.schema import RunConfig
 from megatron_ext.data.synthetic import SyntheticMotifDataset
+
+if TYPE_CHECKING:
+    from megatron_ext.run import RunConfig
 
 
 def build_datasets(cfg: RunConfig) -> Tuple[object, object]:

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from megatron_ext.compat.datasets import sample_span_from
 from megatron_ext.data.indexed import check_prefix
 from megatron_ext.data.vocab import VocabLayout
 
@@ -39,12 +40,7 @@ def _multimodal_dataset_class():
 
         def _modality_span(self, idx: int) -> np.ndarray:
             # The same document / sample / shuffle indices, read from the modality stream.
-            tokens_dataset, self.dataset = self.dataset, self.modality_dataset
-            try:
-                span, _ = self._query_document_sample_shuffle_indices(idx)
-            finally:
-                self.dataset = tokens_dataset
-            return span
+            return sample_span_from(self, self.modality_dataset, idx)
 
         def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
             sample = super().__getitem__(idx)

@@ -17,8 +17,9 @@ from typing import Dict, List
 
 import numpy as np
 
-MODALITIES = ("text", "image", "video", "audio")
-"""Modality ids are indices into this tuple (stored as uint8 beside every token)."""
+from megatron_ext.config.sections import MODALITIES
+
+__all__ = ["MODALITIES", "ModalityRange", "VocabLayout"]
 
 
 @dataclass

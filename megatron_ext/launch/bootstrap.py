@@ -215,7 +215,7 @@ def prepare_launch(cfg, launcher: str = "auto", rendezvous_timeout: float = 600.
     """
     import torch
 
-    from megatron_ext.config import check_run
+    from megatron_ext.run import check_run
 
     info = bootstrap_environment(launcher, environ)
     check_run(cfg, info.world_size, cuda=torch.cuda.is_available())

@@ -18,9 +18,13 @@ each group's ranks ascend, as in Megatron. Ranks are placed on nodes in blocks o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 
-from megatron_ext.config.schema import RunConfig
+from megatron_ext.parallel.sizes import layout_problems
+
+if TYPE_CHECKING:
+    from megatron_ext.run import RunConfig
+
 
 DENSE_ORDER = ("tp", "cp", "dp", "pp")
 """Digits of the dense decomposition, fastest first (Megatron's tp-cp-ep-dp-pp with EP = 1)."""
@@ -85,12 +89,10 @@ class Layout:
     gpus_per_node: int
 
     def __post_init__(self):
-        dense, expert = self.tp * self.cp * self.pp, self.etp * self.ep * self.pp
-        if self.world % dense or self.world % expert:
-            raise ValueError(
-                f"world size {self.world} is not divisible by TP*CP*PP = {dense} and ETP*EP*PP = {expert}; "
-                "check the parallel sizes first (megatron_ext.config.check_run)"
-            )
+        _, problems = layout_problems(self.world, tensor=self.tp, pipeline=self.pp, context=self.cp,
+                                      expert=self.ep, expert_tensor=self.etp)
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @classmethod
     def from_config(cls, cfg: RunConfig, nodes: int, gpus_per_node: int) -> "Layout":

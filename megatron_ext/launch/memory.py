@@ -43,12 +43,14 @@ The last stage adds the fp32 logits of the vocabulary-parallel cross entropy, 4*
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
-from typing import Dict, List, Literal, Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, List, Literal, Optional
 
 import torch
 
-from megatron_ext.config.schema import RunConfig
+if TYPE_CHECKING:
+    from megatron_ext.run import RunConfig
+
 
 Shard = Literal["tp", "replicated", "expert"]
 """How a parameter is split: over TP, not at all (replicated over TP), over EP * ETP."""
@@ -91,13 +93,9 @@ def parameter_inventory(cfg: RunConfig) -> ParamInventory:
 
     Needs Megatron's parallel state at TP = PP = EP = 1 (as ``count_parameters``).
     """
-    from megatron_ext.models.builder import build_model
+    from megatron_ext.models.builder import build_on_meta
 
-    p = cfg.parallel
-    unsharded = replace(cfg, parallel=replace(p, tensor=1, pipeline=1, virtual_pipeline=None, context=1,
-                                              expert=1, expert_tensor=None, sequence_parallel=False))
-    with torch.device("meta"):
-        (model,) = build_model(unsharded, cuda=False, perform_initialization=False)
+    model = build_on_meta(cfg)
     inventory = ParamInventory(num_layers=cfg.model.num_layers, layers=[{} for _ in range(cfg.model.num_layers)])
     for name, param in model.named_parameters():
         shard = _shard_of(name, param)
@@ -165,7 +163,7 @@ def layer_activation_bytes(cfg: RunConfig, recompute: Optional[str] = None) -> f
 
 def estimate_memory(cfg: RunConfig, inventory: ParamInventory, world: int, *, cuda: bool = True) -> List[StageMemory]:
     """Per-GPU memory of each pipeline stage for ``cfg`` on ``world`` ranks."""
-    from megatron_ext.models.builder import padded_vocab_size
+    from megatron_ext.models.vocab import padded_vocab_size
 
     p, t = cfg.parallel, cfg.train
     tp, pp, cp, ep = p.tensor, p.pipeline, p.context, p.expert

@@ -19,7 +19,8 @@ import textwrap
 from dataclasses import dataclass, replace
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from megatron_ext.config import ConfigError, RunConfig, check_run
+from megatron_ext.config import ConfigError
+from megatron_ext.run import RunConfig, check_run
 from megatron_ext.launch.layout import INTRA_NODE_KINDS, Layout
 from megatron_ext.launch.memory import GIB, ParamInventory, StageMemory, bytes_per_parameter, estimate_memory
 

@@ -1,32 +1,36 @@
-"""Config -> Megatron ``TransformerConfig`` -> per-layer ``ModuleSpec``s -> ``GPTModel`` chunks."""
+"""Config -> Megatron ``TransformerConfig`` -> per-layer ``ModuleSpec``s -> ``GPTModel`` chunks.
+
+The builder knows the core model only; every enabled capability (``cfg.capabilities``, in registry
+order) adds its ``TransformerConfig`` keywords and rewrites the per-layer specs.
+"""
 
 from __future__ import annotations
 
-from functools import partial
-from typing import List, Optional
+import copy
+import dataclasses
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.config.schema import RunConfig
 from megatron_ext.models.layer_spec import decoder_block_spec, gpt_layer_spec
+from megatron_ext.models.vocab import padded_vocab_size
 
-VOCAB_PAD_MULTIPLE = 128
-"""Megatron-LM's make-vocab-size-divisible-by default: the padded vocabulary is a multiple."""
-
-
-def padded_vocab_size(vocab_size: int) -> int:
-    """Vocabulary padded to a multiple of 128 (independent of TP, so checkpoints reshard)."""
-    return -(-vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+if TYPE_CHECKING:
+    from megatron_ext.run import RunConfig
 
 
-def moe_layer_pattern(cfg: RunConfig) -> List[int]:
-    """1 where layer i is an MoE layer, 0 where it keeps a dense MLP."""
-    if not cfg.moe.enabled:
-        return [0] * cfg.model.num_layers
-    if cfg.moe.layer_pattern is not None:
-        return list(cfg.moe.layer_pattern)
-    return [0 if i < cfg.moe.first_k_dense else 1 for i in range(cfg.model.num_layers)]
+def unsharded(cfg: RunConfig) -> RunConfig:
+    """``cfg`` for one process: every parallel size 1 (checkpoints reshard on load)."""
+    return dataclasses.replace(copy.deepcopy(cfg), parallel=type(cfg.parallel)())
+
+
+def build_on_meta(cfg: RunConfig) -> torch.nn.Module:
+    """The whole model of ``cfg`` (one unsharded chunk) on the meta device: names and shapes, no
+    memory, no initialization. Needs Megatron's parallel state at TP = PP = EP = 1."""
+    with torch.device("meta"):
+        (model,) = build_model(unsharded(cfg), cuda=False, perform_initialization=False)
+    return model
 
 
 def params_dtype(cfg: RunConfig, cuda: bool) -> torch.dtype:
@@ -37,10 +41,11 @@ def params_dtype(cfg: RunConfig, cuda: bool) -> torch.dtype:
 
 
 def transformer_config(cfg: RunConfig, *, cuda: bool, perform_initialization: bool = True):
-    """Megatron ``TransformerConfig`` for this run (parallel sizes, precision, MoE, recompute)."""
+    """Megatron ``TransformerConfig`` for this run (parallel sizes, precision, recompute, and what
+    the enabled capabilities add)."""
     from megatron.core.transformer import TransformerConfig
 
-    m, p, t, moe = cfg.model, cfg.parallel, cfg.train, cfg.moe
+    m, p, t = cfg.model, cfg.parallel, cfg.train
     dtype = params_dtype(cfg, cuda)
     kwargs = dict(
         num_layers=m.num_layers,
@@ -83,56 +88,29 @@ def transformer_config(cfg: RunConfig, *, cuda: bool, perform_initialization: bo
     )
     if t.recompute == "selective":
         kwargs.update(recompute_granularity="selective")
+        if t.recompute_modules is not None:
+            kwargs.update(recompute_modules=list(t.recompute_modules))
     elif t.recompute == "full":
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    if moe.enabled:
-        kwargs.update(
-            num_moe_experts=moe.num_experts,
-            moe_router_topk=moe.top_k,
-            moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
-            moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
-            moe_layer_freq=moe_layer_pattern(cfg),
-            moe_token_dispatcher_type="alltoall",
-            moe_router_load_balancing_type=moe.load_balancing,
-            moe_aux_loss_coeff=moe.aux_loss_coeff,
-            moe_z_loss_coeff=moe.z_loss_coeff,
-            moe_expert_capacity_factor=moe.capacity_factor,
-            moe_router_score_function=moe.score_function,
-            moe_router_dtype="fp32",
-            moe_router_enable_expert_bias=cfg.routing.expert_bias,
-            moe_router_bias_update_rate=cfg.routing.bias_update_rate,
-        )
+    for capability in cfg.capabilities:
+        kwargs.update(capability.transformer_config(cfg))
     return TransformerConfig(**kwargs)
 
 
 def layer_specs(cfg: RunConfig) -> list:
     """One ModuleSpec per decoder layer of the whole model (layer i may differ from layer j).
 
-    Hybrid attention swaps the core attention for :class:`HybridCoreAttention`, whose mode per
-    layer (full / gated / static FA-SWA heads) the ConSA callback sets at run time; looping makes
-    every layer a :class:`LoopedTransformerLayer`, whose loops the SGT callback grows.
+    The core spec (pre-norm layer, dense MLP, ``model.attention_backend``'s core attention) for
+    every layer, then each enabled capability's rewrite, in registry order.
     """
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_ext.models.attention import SDPACoreAttention
 
     core_attention = SDPACoreAttention if cfg.model.attention_backend == "sdpa" else DotProductAttention
-    if cfg.hybrid_attention.enabled:
-        from megatron_ext.consa.attention import HybridCoreAttention
-
-        core_attention = partial(HybridCoreAttention, window=cfg.hybrid_attention.window)
-    common = dict(qk_layernorm=cfg.model.qk_layernorm, core_attention=core_attention)
-    dense = gpt_layer_spec(num_experts=None, **common)
-    moe = None
-    if cfg.moe.enabled:  # our router: elastic expert subsets / top-k, modality-isolated baseline
-        from megatron_ext.moe.router import with_router
-
-        moe = with_router(gpt_layer_spec(num_experts=cfg.moe.num_experts, **common), cfg.routing)
-    specs = [moe if is_moe else dense for is_moe in moe_layer_pattern(cfg)]
-    if cfg.looping.enabled:  # layers that can loop their attention (SGT); the callback grows loops
-        from megatron_ext.sgt.looped_layer import looped_layer_spec
-
-        specs = [looped_layer_spec(spec) for spec in specs]
+    specs = [gpt_layer_spec(qk_layernorm=cfg.model.qk_layernorm, core_attention=core_attention)] * cfg.model.num_layers
+    for capability in cfg.capabilities:
+        specs = capability.layer_specs(cfg, specs)
     return specs
 
 
@@ -141,6 +119,9 @@ def build_model(cfg: RunConfig, *, cuda: bool, perform_initialization: bool = Tr
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    from megatron_ext.compat import fix_recompute_without_te
+
+    fix_recompute_without_te()  # selective recompute of norms without Transformer Engine (GPU images too)
     config = transformer_config(cfg, cuda=cuda, perform_initialization=perform_initialization)
     specs = layer_specs(cfg)
     vp_stages: List[Optional[int]] = (

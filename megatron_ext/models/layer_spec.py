@@ -8,6 +8,7 @@ sequence parallelism works without Apex / TE.
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -31,6 +32,23 @@ class LocalNormSpecProvider(LocalSpecProvider):
         return Norm
 
 
+def mlp_spec(num_experts: Optional[int] = None, moe_grouped_gemm: bool = False) -> ModuleSpec:
+    """Megatron's local MLP spec: dense (``num_experts`` None) or ``MoELayer``."""
+    return get_mlp_module_spec_for_backend(
+        backend=LocalNormSpecProvider(), num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm
+    )
+
+
+def replace_submodule(spec: ModuleSpec, path: str, value) -> ModuleSpec:
+    """A copy of ``spec`` with the submodule at dotted ``path`` (e.g. ``self_attention.core_attention``)
+    replaced by ``value``; the specs along the path are copied, everything else is shared."""
+    head, _, rest = path.partition(".")
+    out = copy.copy(spec)
+    out.submodules = copy.copy(spec.submodules)
+    setattr(out.submodules, head, replace_submodule(getattr(spec.submodules, head), rest, value) if rest else value)
+    return out
+
+
 def gpt_layer_spec(
     num_experts: Optional[int] = None,
     qk_layernorm: bool = False,
@@ -38,10 +56,7 @@ def gpt_layer_spec(
     moe_grouped_gemm: bool = False,
 ) -> ModuleSpec:
     """Spec of one pre-norm decoder layer: norm -> self-attention -> norm -> MLP or MoE."""
-    backend = LocalNormSpecProvider()
-    mlp = get_mlp_module_spec_for_backend(
-        backend=backend, num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm
-    )
+    mlp = mlp_spec(num_experts, moe_grouped_gemm)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -82,3 +97,13 @@ def decoder_block_spec(config, layer_specs: list, vp_stage: Optional[int] = None
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=layer_specs[offset : offset + count], layer_norm=Norm)
+
+
+def map_specs(specs: list, rewrite) -> list:
+    """``[rewrite(spec) for spec in specs]``, calling ``rewrite`` once per distinct spec object, so
+    that layers which shared a spec still share its rewrite."""
+    done = {}
+    for spec in specs:
+        if id(spec) not in done:
+            done[id(spec)] = rewrite(spec)
+    return [done[id(spec)] for spec in specs]

@@ -10,11 +10,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from megatron_ext.models.builder import build_on_meta
 
-from megatron_ext.config.schema import RunConfig
-from megatron_ext.models.builder import build_model
+if TYPE_CHECKING:
+    from megatron_ext.run import RunConfig
 
 
 @dataclass
@@ -42,8 +43,6 @@ class ParamReport:
 
 def count_parameters(cfg: RunConfig) -> ParamReport:
     """Counts for the whole model; needs Megatron's parallel state at TP = PP = EP = 1."""
-    from dataclasses import replace
-
     from megatron.core import parallel_state
 
     if (
@@ -52,13 +51,7 @@ def count_parameters(cfg: RunConfig) -> ParamReport:
         or parallel_state.get_expert_model_parallel_world_size() != 1
     ):
         raise RuntimeError("count_parameters needs an unsharded parallel state (TP = PP = EP = 1)")
-    unsharded = replace(
-        cfg,
-        parallel=replace(cfg.parallel, tensor=1, pipeline=1, virtual_pipeline=None, context=1,
-                         expert=1, expert_tensor=None, sequence_parallel=False),
-    )
-    with torch.device("meta"):
-        (model,) = build_model(unsharded, cuda=False, perform_initialization=False)
+    model = build_on_meta(cfg)
     total = embedding = routed = 0
     for name, param in model.named_parameters():
         n = param.numel()

@@ -37,8 +37,9 @@ from megatron_ext.moe import elastic
 from megatron_ext.moe.config import ElasticConfig, RoutingConfig
 from megatron_ext.moe.elastic import ElasticSampler, SubNetwork
 from megatron_ext.moe.router import ElasticRouter, elastic_routers
+from megatron_ext.plotting import pyplot
 from megatron_ext.moe.stats import LoadTracker, layer_metrics, normalized_entropy, top_experts_iou
-from megatron_ext.training.callbacks import Callback, TrainContext
+from megatron_ext.capability import Callback, TrainContext
 
 __all__ = ["MoECallback", "plot_expert_usage"]
 
@@ -83,8 +84,6 @@ class MoECallback(Callback):
 
     # -- wiring --------------------------------------------------------------------------------------
     def on_train_start(self, ctx: TrainContext) -> None:
-        from megatron.core import parallel_state
-
         self.routers = elastic_routers(ctx.model)
         if not self.routers:
             raise RuntimeError("the moe callback found no ElasticRouter in the model: build the MoE layers' "
@@ -94,7 +93,7 @@ class MoECallback(Callback):
             raise RuntimeError(f"routing.expert_bias={self.routing.expert_bias} but the model's routers "
                                f"{'have' if any(has_bias) else 'lack'} an expert bias: build the model with "
                                "moe_router_enable_expert_bias equal to routing.expert_bias")
-        pp_group = parallel_state.get_pipeline_model_parallel_group()
+        pp_group = ctx.pg_collection.pp
         self.tracker = LoadTracker(self.routers, self.num_layers, self.num_experts,
                                    reduce_group=self.routers[0].tp_dp_cp_group, pp_group=pp_group)
         self._pp_group = pp_group
@@ -190,11 +189,7 @@ class MoECallback(Callback):
 def plot_expert_usage(path: Path, usage: torch.Tensor, layers: Sequence[int]) -> None:
     """Heatmaps experts x modalities of ``usage [L, M, N]`` for ``layers``: each modality's share of
     its routed tokens per expert; the title gives NE per modality and the top-25% IoUs."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     used = [m for m in range(usage.size(1)) if usage[layers, m].sum() > 0]
     fig, axes = plt.subplots(1, len(layers), figsize=(1.0 + 1.6 * len(layers) + 0.4 * len(used),
                                                       1.5 + 0.18 * usage.size(2)), squeeze=False)

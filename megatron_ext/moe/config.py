@@ -1,8 +1,8 @@
-"""The ``elastic`` and ``routing`` sections of the run config (ERNIE 5.0 MoE, arXiv 2602.04705).
+"""The ``moe``, ``routing`` and ``elastic`` sections of the run config (ERNIE 5.0 MoE, arXiv 2602.04705).
 
-Both are plain dataclasses without Megatron imports, so that the run config can import them.
-Checks that need the model's shape (layers, experts, top-k) are in ``problems_with_model``, for
-the cross-section checks; :class:`~megatron_ext.moe.elastic.ElasticSampler` applies them too.
+Plain dataclasses without torch or Megatron imports. Checks that need the model's shape (layers,
+experts, top-k) are in ``problems_with_model``, for the cross-section checks;
+:class:`~megatron_ext.moe.elastic.ElasticSampler` applies them too.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Literal, Optional, Tuple
 
-from megatron_ext.data.vocab import MODALITIES
+from megatron_ext.config import MODALITIES, Checks
 
 ROUTING_MODES = ("agnostic", "modality_isolated")
 
@@ -19,20 +19,61 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+@dataclass(kw_only=True)
+class MoEConfig:
+    """Mixture-of-experts MLPs (Megatron MoELayer with the alltoall dispatcher)."""
+
+    enabled: bool = False
+    """Replace dense MLPs by MoE layers."""
+    num_experts: int = 8
+    """Routed experts per MoE layer."""
+    top_k: int = 2
+    """Experts per token."""
+    expert_ffn_hidden_size: int = 64
+    """Inner size of each routed expert (fine-grained experts are narrow)."""
+    shared_expert_ffn_hidden_size: Optional[int] = None
+    """Inner size of the always-on shared expert(s); None: no shared expert."""
+    first_k_dense: int = 0
+    """The first k layers keep a dense MLP."""
+    layer_pattern: Optional[List[int]] = None
+    """Explicit per-layer pattern, 1 = MoE, 0 = dense (overrides first_k_dense)."""
+    capacity_factor: Optional[float] = None
+    """Token capacity per expert as a multiple of the balanced load; None: dropless."""
+    load_balancing: Literal["none", "aux_loss", "seq_aux_loss"] = "none"
+    """Auxiliary load-balancing loss (for comparison; ERNIE 5.0 uses none + expert bias)."""
+    aux_loss_coeff: float = 0.0
+    """Weight of the auxiliary load-balancing loss."""
+    z_loss_coeff: Optional[float] = None
+    """Weight of the router z-loss; None disables it."""
+    score_function: Literal["softmax", "sigmoid"] = "sigmoid"
+    """Router score function (sigmoid, as DeepSeek-V3: what auxiliary-loss-free expert bias needs)."""
+
+    def __post_init__(self):
+        c = Checks(self)
+        c.positive("num_experts", "top_k", "expert_ffn_hidden_size",
+                   "shared_expert_ffn_hidden_size", "capacity_factor")
+        c.non_negative("first_k_dense", "aux_loss_coeff", "z_loss_coeff")
+        c.require(self.top_k <= self.num_experts,
+                  f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.layer_pattern is not None:
+            c.require(all(v in (0, 1) for v in self.layer_pattern),
+                      f"layer_pattern={self.layer_pattern} may only hold 0 (dense) and 1 (MoE)")
+        if self.load_balancing != "none":
+            c.require(self.aux_loss_coeff > 0,
+                      f"aux_loss_coeff={self.aux_loss_coeff} must be > 0 with load_balancing="
+                      f"{self.load_balancing!r}")
+        c.done()
+
+    def layer_pattern_for(self, num_layers: int) -> List[int]:
+        """1 where layer i is an MoE layer, 0 where it keeps a dense MLP (all 0 when disabled)."""
+        if not self.enabled:
+            return [0] * num_layers
+        if self.layer_pattern is not None:
+            return list(self.layer_pattern)
+        return [0 if i < self.first_k_dense else 1 for i in range(num_layers)]
 
 
-def _raise(problems: List[str]) -> None:
-    if problems:
-        # Imported here: the run config's schema imports this module, and importing
-        # megatron_ext.config.loader at the top would run that schema first (an import cycle).
-        from megatron_ext.config.loader import ConfigError
-
-        raise ConfigError(problems)
-
-
-@dataclass
+@dataclass(kw_only=True)
 class ElasticConfig:
     """Elastic training (ERNIE 5.0 section 3.3): every step trains a sampled sub-network.
 
@@ -62,28 +103,21 @@ class ElasticConfig:
     """Added to the run's seed for the sub-network stream (0: train.seed itself)."""
 
     def __post_init__(self) -> None:
-        problems: List[str] = []
-        if not isinstance(self.enabled, bool):
-            problems.append(f"elastic.enabled={self.enabled!r} is not allowed: use true or false")
+        c = Checks(self)
+        c.one_of("enabled", (True, False))
         for name in ("depth_full_prob", "width_full_prob", "topk_default_prob"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0.0 <= value <= 1.0:
-                problems.append(f"elastic.{name}={value!r} is not allowed: it must be a probability in [0, 1]")
-        if not _is_int(self.depth_min_layers) or self.depth_min_layers < 1:
-            problems.append(f"elastic.depth_min_layers={self.depth_min_layers!r} is not allowed: "
-                            "it must be an int >= 1")
-        if self.width_num_experts is not None and (not _is_int(self.width_num_experts) or self.width_num_experts < 1):
-            problems.append(f"elastic.width_num_experts={self.width_num_experts!r} is not allowed: "
-                            "use null or an int >= 1")
-        if self.topk_range is not None:
-            r = self.topk_range
-            if (not isinstance(r, (list, tuple)) or len(r) != 2 or not all(_is_int(v) for v in r)
-                    or not 1 <= r[0] < r[1]):
-                problems.append(f"elastic.topk_range={r!r} is not allowed: use null or [lo, hi) with "
-                                "1 <= lo < hi (ints)")
-        if not _is_int(self.seed_offset) or self.seed_offset < 0:
-            problems.append(f"elastic.seed_offset={self.seed_offset!r} is not allowed: it must be an int >= 0")
-        _raise(problems)
+            c.within(name, 0.0, 1.0)
+        c.require(_is_int(self.depth_min_layers) and self.depth_min_layers >= 1,
+                  f"depth_min_layers={self.depth_min_layers!r} is not allowed: it must be an int >= 1")
+        c.require(self.width_num_experts is None or (_is_int(self.width_num_experts) and self.width_num_experts >= 1),
+                  f"width_num_experts={self.width_num_experts!r} is not allowed: use null or an int >= 1")
+        r = self.topk_range
+        c.require(r is None or (isinstance(r, (list, tuple)) and len(r) == 2 and all(_is_int(v) for v in r)
+                                and 1 <= r[0] < r[1]),
+                  f"topk_range={r!r} is not allowed: use null or [lo, hi) with 1 <= lo < hi (ints)")
+        c.require(_is_int(self.seed_offset) and self.seed_offset >= 0,
+                  f"seed_offset={self.seed_offset!r} is not allowed: it must be an int >= 0")
+        c.done()
         if self.topk_range is not None:
             self.topk_range = list(self.topk_range)
 
@@ -114,7 +148,7 @@ class ElasticConfig:
         return problems
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RoutingConfig:
     """How tokens choose experts, and how expert load is balanced."""
 
@@ -134,21 +168,16 @@ class RoutingConfig:
     """Step of the bias update: 1e-4 in ERNIE 5.0 pre-training, 1e-5 later."""
 
     def __post_init__(self) -> None:
-        problems: List[str] = []
-        if self.mode not in ROUTING_MODES:
-            problems.append(f"routing.mode={self.mode!r} is not allowed: use one of {ROUTING_MODES}")
-        if self.isolated_modalities is not None:
-            names = self.isolated_modalities
-            if (not isinstance(names, (list, tuple)) or not names or any(n not in MODALITIES for n in names)
-                    or len(set(names)) != len(names)):
-                problems.append(f"routing.isolated_modalities={names!r} is not allowed: use null or a non-empty "
-                                f"list of distinct names from {list(MODALITIES)}")
-        if not isinstance(self.expert_bias, bool):
-            problems.append(f"routing.expert_bias={self.expert_bias!r} is not allowed: use true or false")
-        if not _is_number(self.bias_update_rate) or self.bias_update_rate <= 0:
-            problems.append(f"routing.bias_update_rate={self.bias_update_rate!r} is not allowed: it must be a "
-                            "number > 0")
-        _raise(problems)
+        c = Checks(self)
+        c.one_of("mode", ROUTING_MODES)
+        names = self.isolated_modalities
+        c.require(names is None or (isinstance(names, (list, tuple)) and bool(names)
+                                    and all(n in MODALITIES for n in names) and len(set(names)) == len(names)),
+                  f"isolated_modalities={names!r} is not allowed: use null or a non-empty list of distinct "
+                  f"names from {list(MODALITIES)}")
+        c.one_of("expert_bias", (True, False))
+        c.positive("bias_update_rate")
+        c.done()
         if self.isolated_modalities is not None:
             self.isolated_modalities = list(self.isolated_modalities)
 

@@ -16,12 +16,11 @@ sub-network without communication, and a resumed run draws the same sequence.
 Applying a sub-network to model chunks (:func:`apply`, undone by :func:`reset`):
 
 * top-k and the active experts go to every :class:`~megatron_ext.moe.router.ElasticRouter`;
-* a layer that is not kept becomes a pass-through for the step: an instance-level ``forward``
-  that returns ``(hidden_states, context)`` unchanged, removed again by :func:`reset`. An
-  instance attribute shadows the class's ``forward`` for this layer only, whatever subclass of
-  ``TransformerLayer`` it is (a looped layer, a hybrid-attention layer), without touching the
-  class or rebuilding the block; the block and activation recomputation call ``layer(...)``,
-  which dispatches to it.
+* a layer that is not kept becomes a pass-through for the step, returning ``(hidden_states,
+  context)`` unchanged, and runs again after :func:`reset`
+  (:func:`megatron_ext.compat.layers.skip_layer`: an instance-level ``forward``, which works for
+  any subclass of ``TransformerLayer``, a looped layer or a hybrid-attention layer, without
+  rebuilding the block).
 
 Pipeline parallelism: every stage applies the same sub-network to its own layers (global index
 ``layer.layer_number - 1``); a stage whose layers are all skipped passes its input on. Expert
@@ -31,7 +30,7 @@ of the layers that run stay in step.
 A skipped layer's parameters get no gradient in that step (zeros in Megatron's gradient buffer);
 the optimizer still applies weight decay and momentum to them, as to any parameter. Under DDP with
 overlapped gradient reduction they get an explicit zero gradient instead, so that their buckets
-complete (:class:`_ZeroGradPassThrough`).
+complete (``skip_layer(layer, zero_grads=True)``).
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ from typing import Iterable, List, Optional, Tuple
 import numpy as np
 import torch
 
+from megatron_ext.compat.layers import skip_layer, unskip_layer
 from megatron_ext.moe.config import ElasticConfig
 
 __all__ = ["ElasticSampler", "SubNetwork", "apply", "decoder_layers", "reset"]
@@ -55,8 +55,8 @@ class SubNetwork:
     """Kept global layer indices (0-based), ascending; never empty."""
     experts: Optional[Tuple[int, ...]]
     """Experts routing may use, ascending; None: all."""
-    top_k: int
-    """Experts per token."""
+    top_k: Optional[int]
+    """Experts per token; None: the model's default."""
 
     def is_full(self, num_layers: int, default_top_k: int) -> bool:
         return len(self.layers) == num_layers and self.experts is None and self.top_k == default_top_k
@@ -125,56 +125,6 @@ def decoder_layers(model_chunks: Iterable[torch.nn.Module]) -> List[torch.nn.Mod
     return layers
 
 
-def _pass_through(*args, **kwargs):
-    """``TransformerLayer.forward`` of a skipped layer: its input, unchanged.
-
-    The block calls ``layer(hidden_states=..., attention_mask=..., context=..., ...)``; the
-    positional form follows ``TransformerLayer._forward_attention(hidden_states, attention_mask,
-    context, ...)``.
-    """
-    hidden_states = args[0] if args else kwargs["hidden_states"]
-    context = args[2] if len(args) > 2 else kwargs.get("context")
-    return hidden_states, context
-
-
-class _ZeroGradPassThrough:
-    """A skipped layer's forward under overlapped gradient reduction: its input, plus a zero that
-    depends on every parameter of the layer, so that each gets a zero gradient.
-
-    Megatron DDP with ``overlap_grad_reduce`` starts a bucket's reduction once every parameter in
-    it has reported its gradient (as often as in the first step); a layer that does not run reports
-    none, and the step's ``finish_grad_sync`` would fail. With a zero gradient its parameters report
-    as usual, their gradients stay exactly zero (``0 * x``), and the layer still computes nothing
-    else: the cost is one read of its parameters per micro-batch.
-    """
-
-    def __init__(self, layer: torch.nn.Module):
-        self.params = [p for p in layer.parameters() if p.requires_grad]
-
-    def __call__(self, *args, **kwargs):
-        hidden_states, context = _pass_through(*args, **kwargs)
-        if self.params and torch.is_grad_enabled():
-            touch = torch.stack([p.sum().to(hidden_states.dtype) for p in self.params]).sum()
-            hidden_states = hidden_states + 0.0 * touch
-        return hidden_states, context
-
-
-def _is_skip(forward) -> bool:
-    return forward is _pass_through or isinstance(forward, _ZeroGradPassThrough)
-
-
-def _skip(layer: torch.nn.Module, zero_grads: bool = False) -> None:
-    if "forward" in vars(layer) and not _is_skip(vars(layer)["forward"]):
-        raise RuntimeError(f"layer {layer.layer_number} already has an instance-level forward that elastic "
-                           "depth would replace")
-    layer.forward = _ZeroGradPassThrough(layer) if zero_grads else _pass_through
-
-
-def _unskip(layer: torch.nn.Module) -> None:
-    if _is_skip(vars(layer).get("forward")):
-        del layer.forward
-
-
 def apply(model_chunks: Iterable[torch.nn.Module], sub: SubNetwork) -> None:
     """Make the chunks of this rank compute ``sub`` until :func:`reset`.
 
@@ -197,7 +147,7 @@ def apply(model_chunks: Iterable[torch.nn.Module], sub: SubNetwork) -> None:
         overlapped = getattr(getattr(chunk, "ddp_config", None), "overlap_grad_reduce", False)
         for layer in decoder_layers([chunk]):
             if layer.layer_number - 1 not in kept:
-                _skip(layer, zero_grads=overlapped)
+                skip_layer(layer, zero_grads=overlapped)
 
 
 def reset(model_chunks: Iterable[torch.nn.Module]) -> None:
@@ -210,4 +160,4 @@ def reset(model_chunks: Iterable[torch.nn.Module]) -> None:
         router.set_active_experts(None)
     set_router_topk(routers, None)
     for layer in decoder_layers(model_chunks):
-        _unskip(layer)
+        unskip_layer(layer)

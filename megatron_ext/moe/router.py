@@ -33,7 +33,6 @@ step must hand the ids of the tokens this rank's model consumes (the same slicin
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from functools import partial
 from typing import Iterable, List, Optional, Sequence
 
@@ -44,6 +43,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.utils import get_pg_rank
 
+from megatron_ext.compat.moe import set_topk, topk_selection_bias
 from megatron_ext.data.vocab import MODALITIES
 from megatron_ext.moe.config import RoutingConfig
 
@@ -157,19 +157,8 @@ class ElasticRouter(TopKRouter):
             return super().routing(logits, padding_mask=padding_mask)
         bias = self.expert_bias if self.expert_bias is not None else logits.new_zeros(self.num_experts)
         selection_bias = torch.where(allowed, bias.float(), float("-inf"))  # [E] or [s*b, E]
-        with self._selection_bias(selection_bias):
+        with topk_selection_bias(self, selection_bias):
             return super().routing(logits, padding_mask=padding_mask)
-
-    @contextmanager
-    def _selection_bias(self, bias: Tensor):
-        """Megatron's routing reads ``self.expert_bias`` for the top-k selection only: hand it
-        ``bias`` for one call (the learned bias, a buffer, is restored untouched)."""
-        learned = self.expert_bias
-        self.expert_bias = bias
-        try:
-            yield
-        finally:
-            self.expert_bias = learned
 
 
 class ModalityIsolatedRouter(ElasticRouter):
@@ -251,8 +240,7 @@ def set_router_topk(routers: Sequence[ElasticRouter], top_k: Optional[int]) -> N
             raise ValueError(f"top-k={k} is not allowed: use 1 <= k <= {router.num_experts} experts")
         if router.active_experts is not None and k > int(router.active_experts.sum()):
             raise ValueError(f"top-k={k} exceeds the router's {int(router.active_experts.sum())} active experts")
-        router.topk = k
-        router.config.moe_router_topk = k
+        set_topk(router, k)
 
 
 def set_modality_ids(model_chunk: torch.nn.Module, modality_ids: Tensor) -> None:
@@ -279,20 +267,14 @@ def router_builder(routing: RoutingConfig):
     return ElasticRouter
 
 
-def with_router(layer_spec: ModuleSpec, routing: RoutingConfig) -> ModuleSpec:
-    """A copy of an MoE decoder-layer spec whose MoE layer builds the router of ``routing``.
-
-    ``layer_spec`` is a ``TransformerLayer`` spec whose ``mlp`` is Megatron's MoE spec
-    (``MoELayer`` with ``MoESubmodules``); a dense layer spec is returned unchanged.
-    """
+def with_router(moe_spec: ModuleSpec, routing: RoutingConfig) -> ModuleSpec:
+    """A copy of Megatron's MoE spec (``MoELayer`` with ``MoESubmodules``) whose router is the one
+    of ``routing`` (:func:`router_builder`)."""
     from megatron.core.transformer.moe.moe_layer import MoESubmodules
 
-    mlp = layer_spec.submodules.mlp
-    if not isinstance(getattr(mlp, "submodules", None), MoESubmodules):
-        return layer_spec
-    spec = copy.copy(layer_spec)
-    spec.submodules = copy.copy(layer_spec.submodules)
-    spec.submodules.mlp = copy.copy(mlp)
-    spec.submodules.mlp.submodules = copy.copy(mlp.submodules)
-    spec.submodules.mlp.submodules.router = router_builder(routing)
+    if not isinstance(getattr(moe_spec, "submodules", None), MoESubmodules):
+        raise ValueError(f"with_router takes Megatron's MoE spec (MoELayer with MoESubmodules), got {moe_spec!r}")
+    spec = copy.copy(moe_spec)
+    spec.submodules = copy.copy(moe_spec.submodules)
+    spec.submodules.router = router_builder(routing)
     return spec

@@ -5,17 +5,18 @@ from __future__ import annotations
 from typing import List
 
 from megatron_ext.compat import cpu_support_active
+from megatron_ext.compat.optim import megatron_param_groups
 from megatron_ext.optim.cpu_optimizer import CPUAdamW
 
 
 def build_optimizer(optimizer_config, model_chunks: List):
     """Build the optimizer for ``model_chunks`` (Megatron DDP-wrapped) from an ``OptimizerConfig``.
 
-    On CPU the param groups are Megatron's own (``_get_param_groups``), so weight-decay skipping
-    and expert grouping are identical on both paths.
+    On CPU the param groups are Megatron's own (:func:`~megatron_ext.compat.optim.megatron_param_groups`),
+    so weight-decay skipping and expert grouping are identical on both paths.
     """
     from megatron.core import parallel_state
-    from megatron.core.optimizer import _get_param_groups, get_megatron_optimizer
+    from megatron.core.optimizer import get_megatron_optimizer
 
     if not cpu_support_active():
         return get_megatron_optimizer(optimizer_config, model_chunks)
@@ -23,7 +24,7 @@ def build_optimizer(optimizer_config, model_chunks: List):
         raise ValueError(
             f"optimizer={optimizer_config.optimizer!r} is not available on CPU: use 'adam' (AdamW)."
         )
-    param_groups = _get_param_groups(model_chunks, optimizer_config, None)
+    param_groups = megatron_param_groups(model_chunks, optimizer_config)
     return CPUAdamW(
         param_groups,
         lr=optimizer_config.lr,

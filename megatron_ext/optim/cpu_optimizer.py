@@ -23,6 +23,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_ext.parallel.weights import main_grad_or_grad
+
 
 def _counted_once(param: torch.nn.Parameter) -> bool:
     """True if this rank owns ``param`` for norm purposes (not a TP duplicate, not a tied copy)."""
@@ -30,11 +32,6 @@ def _counted_once(param: torch.nn.Parameter) -> bool:
     from megatron.core.transformer.module import param_is_not_shared
 
     return param_is_not_shared(param) and param_is_not_tensor_parallel_duplicate(param)
-
-
-def _grad_of(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
-    main_grad = getattr(param, "main_grad", None)
-    return main_grad if main_grad is not None else param.grad
 
 
 def global_grad_norm(
@@ -45,7 +42,7 @@ def global_grad_norm(
     """L2 norm of all gradients of the model across every model-parallel rank (see module doc)."""
     sq = torch.zeros(2, dtype=torch.float64)  # [dense, expert]
     for param in params:
-        grad = _grad_of(param)
+        grad = main_grad_or_grad(param)
         if grad is None or not _counted_once(param):
             continue
         is_expert = not getattr(param, "allreduce", True)
@@ -109,7 +106,7 @@ class CPUAdamW:
         if self.clip_grad > 0 and grad_norm > self.clip_grad:
             scale = self.clip_grad / (grad_norm + 1e-6)
         for param in params:
-            grad = _grad_of(param)
+            grad = main_grad_or_grad(param)
             if grad is None:
                 continue
             grad = grad.to(param.dtype)

@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_ext.parallel.sizes import layout_problems
+
 
 @dataclass(frozen=True)
 class ParallelSizes:
@@ -46,20 +48,10 @@ class ParallelSizes:
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP size for ``world_size`` ranks; raises ValueError when the sizes do not fit."""
-        model_parallel = self.tp * self.pp * self.cp
-        if world_size % model_parallel:
-            raise ValueError(
-                f"world size {world_size} is not divisible by tp*pp*cp = "
-                f"{self.tp}*{self.pp}*{self.cp} = {model_parallel}: change the parallel sizes or "
-                "the number of processes."
-            )
-        dp = world_size // model_parallel
-        expert_tp = self.tp if self.etp is None else self.etp
-        if (dp * self.cp * self.tp) % (self.ep * expert_tp):
-            raise ValueError(
-                f"expert parallel size ep={self.ep} times etp={expert_tp} must divide "
-                f"dp*cp*tp = {dp * self.cp * self.tp} (the ranks of one pipeline stage)."
-            )
+        dp, problems = layout_problems(world_size, tensor=self.tp, pipeline=self.pp, context=self.cp,
+                                       expert=self.ep, expert_tensor=self.etp)
+        if problems:
+            raise ValueError("; ".join(problems))
         return dp
 
 
@@ -90,16 +82,14 @@ def destroy_parallel_state() -> None:
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
+    from megatron_ext.compat.distributed import destroy_process_groups_but_world
+
     clear_aux_losses_tracker()
     destroy_num_microbatches_calculator()
     parallel_state.destroy_model_parallel()
     # Megatron forgets its groups but does not destroy them; each gloo group keeps threads and
     # sockets, so a process that sets up parallel state many times (tests) would accumulate them.
-    from torch.distributed import distributed_c10d
-
-    for group in list(distributed_c10d._world.pg_map):
-        if group is not distributed_c10d.GroupMember.WORLD:
-            dist.destroy_process_group(group)
+    destroy_process_groups_but_world()
 
 
 def comm_device() -> torch.device:
@@ -143,3 +133,16 @@ def parallel_job(sizes: ParallelSizes, seed: int = 1234):
     finally:
         destroy_parallel_state()
         dist.destroy_process_group()
+
+
+PROCESS_GROUPS = ("tp", "pp", "mp", "cp", "tp_cp", "ep", "expt_tp", "tp_ep", "tp_ep_pp", "dp", "dp_cp",
+                  "expt_dp", "tp_dp_cp")
+"""The groups of :func:`process_groups`: Megatron's names (``mp`` = TP x PP, ``dp_cp`` = DP x CP, ...)."""
+
+
+def process_groups():
+    """Megatron's ``ProcessGroupCollection`` of this rank's groups (after :func:`initialize_parallel_state`),
+    to hand to modules and callbacks explicitly instead of their reading the global parallel state."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection.use_mpu_process_groups(required_pgs=list(PROCESS_GROUPS))

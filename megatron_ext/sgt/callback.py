@@ -23,13 +23,10 @@ layer, and a vertical line in the layer's colour at each selection or deepening 
 from __future__ import annotations
 
 import math
-import struct
-import zlib
 from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -37,8 +34,9 @@ from megatron_ext.sgt.config import LoopingConfig
 from megatron_ext.sgt.entropy import EntropyTracker
 from megatron_ext.sgt.flops import GPTShape, LoopedLayer, LoopStructure, flops_overhead
 from megatron_ext.sgt.looped_layer import LoopedTransformerLayer
+from megatron_ext.sgt.plots import plot_entropy
 from megatron_ext.sgt.scheduler import Event, GrowthScheduler
-from megatron_ext.training.callbacks import Callback, TrainContext
+from megatron_ext.capability import Callback, TrainContext
 
 __all__ = ["SGTCallback"]
 
@@ -82,8 +80,6 @@ class SGTCallback(Callback):
     # -- wiring ------------------------------------------------------------------------------
 
     def on_train_start(self, ctx: TrainContext) -> None:
-        from megatron.core import parallel_state
-
         self.layers = {module.layer_index: module for chunk in ctx.model for module in chunk.modules()
                        if isinstance(module, LoopedTransformerLayer)}
         if not self.layers:
@@ -93,11 +89,10 @@ class SGTCallback(Callback):
         if heads != {self.num_heads}:
             raise ValueError(f"SGTCallback was built for {self.num_heads} heads per layer; the model's looped "
                              f"layers have {sorted(heads)}")
-        self._tp_group = parallel_state.get_tensor_model_parallel_group()
-        self._pp_group = parallel_state.get_pipeline_model_parallel_group()
-        self._dp_group = parallel_state.get_data_parallel_group()
+        groups = ctx.pg_collection
+        self._tp_group, self._pp_group, self._dp_group = groups.tp, groups.pp, groups.dp
         if self.flops_shape is None:
-            from megatron_ext.models.builder import padded_vocab_size
+            from megatron_ext.models.vocab import padded_vocab_size
 
             self.flops_shape = GPTShape.from_run_config(ctx.config, padded_vocab_size(ctx.config.model.vocab_size))
         self._apply_structure(ctx.step + 1)  # after a resume: the loaded schedule's structure
@@ -199,7 +194,7 @@ class SGTCallback(Callback):
         if dist.get_rank() == 0 and self.history:
             plots = Path(ctx.run_dir) / "plots"
             plots.mkdir(parents=True, exist_ok=True)
-            write_entropy_plot(plots / "sgt_entropy.png", self.history, self.events)
+            plot_entropy(plots / "sgt_entropy.png", self.history, self.events)
 
     # -- checkpoint --------------------------------------------------------------------------
 
@@ -231,88 +226,3 @@ def _describe(event: Event, method: str) -> str:
     what = "select" if event.kind == "select" else "deepen"
     heads = f", kept heads {list(event.kept_heads)}" if method == "sgt" else ""
     return f"sgt: step {event.step}: {what} layer {event.layer} (loop depth {event.depth}{heads})"
-
-
-# -- plot (numpy + zlib: no plotting dependency) ------------------------------------------------
-
-_GLYPHS = {  # 3 x 5 pixel digits, rows top to bottom, 3 bits per row
-    "0": (7, 5, 5, 5, 7), "1": (2, 6, 2, 2, 7), "2": (7, 1, 7, 4, 7), "3": (7, 1, 7, 1, 7), "4": (5, 5, 7, 1, 1),
-    "5": (7, 4, 7, 1, 7), "6": (7, 4, 7, 5, 7), "7": (7, 1, 1, 1, 1), "8": (7, 5, 7, 5, 7), "9": (7, 5, 7, 1, 7),
-    ".": (0, 0, 0, 0, 2),
-}
-
-
-def _palette(count: int) -> np.ndarray:
-    """``count`` distinct saturated colours (a hue wheel), uint8 ``[count, 3]``."""
-    hue = np.arange(count) / max(count, 1) * 6.0
-    rgb = np.clip(np.stack([np.abs(hue - 3.0) - 1.0, 2.0 - np.abs(hue - 2.0), 2.0 - np.abs(hue - 4.0)], 1), 0, 1)
-    return (rgb * 200).astype(np.uint8)
-
-
-def _text(canvas: np.ndarray, x: int, y: int, text: str, scale: int = 2) -> None:
-    for char in text:
-        for row, bits in enumerate(_GLYPHS.get(char, (0,) * 5)):
-            for col in range(3):
-                if bits >> (2 - col) & 1:
-                    canvas[y + row * scale: y + (row + 1) * scale, x + col * scale: x + (col + 1) * scale] = 0
-        x += 4 * scale
-
-
-def write_entropy_plot(path: Path, history: List[list], events: List[dict], width: int = 800,
-                       height: int = 420) -> None:
-    """PNG of the per-layer entropy scores over steps, with growth events as vertical lines.
-
-    Right: the legend (layer index in its colour); left: the score range; bottom: the step range.
-    """
-    steps = np.array([entry[0] for entry in history], dtype=np.float64)
-    scores = np.array([entry[1] for entry in history], dtype=np.float64)  # [steps, layers]
-    layers = scores.shape[1]
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    left, right, top, bottom = 50, width - 60, 10, height - 30
-    finite = scores[np.isfinite(scores)]
-    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if high - low < 1e-6:
-        low, high = low - 0.5e-3, high + 0.5e-3
-    first, last = float(steps[0]), float(max(steps[-1], steps[0] + 1))
-
-    def px(step: float) -> int:
-        return int(round(left + (step - first) / (last - first) * (right - left)))
-
-    def py(score: float) -> int:
-        return int(round(bottom - (score - low) / (high - low) * (bottom - top)))
-
-    colours = _palette(layers)
-    for event in events:
-        x = px(min(max(event["step"], first), last))
-        colour = (150, 150, 150) if event["layer"] is None else colours[event["layer"]]
-        canvas[top:bottom:2 if event["kind"] == "freeze" else 1, x] = colour
-    for layer in range(layers):
-        points = [(px(s), py(v)) for s, v in zip(steps, scores[:, layer]) if math.isfinite(v)]
-        for (x0, y0), (x1, y1) in zip(points, points[1:] or points):
-            for t in np.linspace(0.0, 1.0, max(abs(x1 - x0), abs(y1 - y0), 1) + 1):
-                x, y = int(round(x0 + t * (x1 - x0))), int(round(y0 + t * (y1 - y0)))
-                canvas[max(y - 1, 0): y + 1, x: x + 1] = colours[layer]
-    canvas[top:bottom + 1, [left, right]] = 0
-    canvas[[top, bottom], left:right + 1] = 0
-    _text(canvas, 4, top, f"{high:.3f}")
-    _text(canvas, 4, bottom - 10, f"{low:.3f}")
-    _text(canvas, left, bottom + 8, str(int(first)))
-    _text(canvas, right - 8 * len(str(int(last))), bottom + 8, str(int(last)))
-    row_height = max(8, min(14, (bottom - top) // max(layers, 1)))
-    for layer in range(layers):
-        y = top + layer * row_height
-        canvas[y: y + 8, right + 6: right + 14] = colours[layer]
-        _text(canvas, right + 18, y - 1, str(layer), scale=1 if row_height < 12 else 2)
-    _write_png(Path(path), canvas)
-
-
-def _write_png(path: Path, rgb: np.ndarray) -> None:
-    """Write an RGB ``uint8 [h, w, 3]`` image as a PNG (filter 0 on every row, zlib-compressed)."""
-    height, width, _ = rgb.shape
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    raw = b"".join(b"\x00" + row.tobytes() for row in np.ascontiguousarray(rgb))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))

@@ -1,14 +1,68 @@
-"""The ``looping`` section of the run config: SGT (or the whole-block baseline) and its schedule."""
+"""The ``looping`` section of the run config: SGT (arXiv 2603.23998) or the whole-block baseline,
+and its growth schedule."""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import List, Literal
 
-from megatron_ext.sgt.scheduler import GrowthConfig
+from megatron_ext.config import Checks, ConfigError
 
-@dataclass
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(kw_only=True)
+class GrowthConfig:
+    """SGT growth schedule; defaults are the paper's released configuration."""
+
+    first_selection_step: int = 250
+    """Optimizer step (1-based) at which the first layer is selected; entropy EMAs warm up before."""
+    window: int = 250
+    """Steps between growth decisions, and the length of a selected layer's head fade."""
+    top_k_layers: int = 3
+    """Size of the highest-entropy layer set that candidates are drawn from."""
+    max_selected_layers: int = 3
+    """Most layers that ever loop."""
+    max_loop_depth: int = 1
+    """Most extra attention passes of one layer (1: the layer's attention runs twice)."""
+    num_keep_heads: int = 2
+    """Heads kept in a selected layer's loop; the others fade out over one window."""
+    exclude_layers: List[int] = field(default_factory=lambda: [0])
+    """Layers never selected (global indices); the first layer by default."""
+
+    def __post_init__(self) -> None:
+        c = Checks(self)
+        for name in ("first_selection_step", "window", "top_k_layers", "max_selected_layers",
+                     "max_loop_depth", "num_keep_heads"):
+            value = getattr(self, name)
+            c.require(_is_int(value) and value >= 1, f"{name}={value!r} is not allowed: it must be an int >= 1")
+        excluded = self.exclude_layers
+        c.require(isinstance(excluded, (list, tuple)) and all(_is_int(v) and v >= 0 for v in excluded),
+                  f"exclude_layers={excluded!r} is not allowed: it must be a list of layer indices >= 0")
+        c.done()
+        self.exclude_layers = sorted(set(excluded))
+
+    def problems_with_model(self, num_layers: int, num_heads: int) -> List[str]:
+        """Problems that need the model's shape; empty when none."""
+        problems = []
+        if self.num_keep_heads > num_heads:
+            problems.append(f"num_keep_heads={self.num_keep_heads} is not allowed: at most the "
+                            f"{num_heads} attention heads of a layer")
+        out_of_range = [layer for layer in self.exclude_layers if layer >= num_layers]
+        if out_of_range:
+            problems.append(f"exclude_layers={self.exclude_layers} is not allowed: {out_of_range} "
+                            f"not below model.num_layers={num_layers}")
+        candidates = num_layers - len(set(self.exclude_layers) & set(range(num_layers)))
+        if candidates < 1:
+            problems.append(f"exclude_layers={self.exclude_layers} excludes every one of the "
+                            f"{num_layers} layers: leave at least one layer selectable")
+        return problems
+
+
+@dataclass(kw_only=True)
 class LoopingConfig(GrowthConfig):
     """Training-time looping of selected layers, grown deep to shallow (SGT, arXiv 2603.23998).
 
@@ -28,42 +82,19 @@ class LoopingConfig(GrowthConfig):
     """Decay of the per-head entropy EMA across steps, in [0, 1)."""
 
     def __post_init__(self) -> None:
-        # Imported here: the run config's schema imports this module, and importing
-        # megatron_ext.config.loader at the top would run that schema first (an import cycle).
-        from megatron_ext.config.loader import ConfigError
-
-        problems: List[str] = []
+        problems = []
         try:
             super().__post_init__()
         except ConfigError as err:
-            problems += [f"looping.{p}" for p in err.problems]
-        if not isinstance(self.enabled, bool):
-            problems.append(f"looping.enabled={self.enabled!r} is not allowed: use true or false")
-        if self.method not in ("sgt", "block"):
-            problems.append(f"looping.method={self.method!r} is not allowed: use 'sgt' or 'block'")
-        decay = self.ema_decay
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            problems.append(f"looping.ema_decay={decay!r} is not allowed: it must be a number in [0, 1)")
-        if problems:
-            raise ConfigError(problems)
-        self.ema_decay = float(decay)
+            problems += err.problems
+        c = Checks(self)
+        c.one_of("enabled", (True, False))
+        c.one_of("method", ("sgt", "block"))
+        c.within("ema_decay", 0.0, 1.0, high_open=True)
+        if problems or c.problems:
+            raise ConfigError(problems + c.problems)
+        self.ema_decay = float(self.ema_decay)
 
     def growth_config(self) -> GrowthConfig:
         """The schedule's parameters as the :class:`GrowthScheduler` takes them."""
         return GrowthConfig(**{f.name: copy.copy(getattr(self, f.name)) for f in fields(GrowthConfig)})
-
-    def problems_with_model(self, num_layers: int, num_attention_heads: int) -> List[str]:
-        """Problems that need the model's shape (for the cross-section checks); empty when none."""
-        problems = []
-        if self.num_keep_heads > num_attention_heads:
-            problems.append(f"looping.num_keep_heads={self.num_keep_heads} is not allowed: at most the "
-                            f"{num_attention_heads} attention heads of a layer")
-        out_of_range = [layer for layer in self.exclude_layers if layer >= num_layers]
-        if out_of_range:
-            problems.append(f"looping.exclude_layers={self.exclude_layers} is not allowed: {out_of_range} "
-                            f"not below model.num_layers={num_layers}")
-        candidates = num_layers - len(set(self.exclude_layers) & set(range(num_layers)))
-        if candidates < 1:
-            problems.append(f"looping.exclude_layers={self.exclude_layers} excludes every one of the "
-                            f"{num_layers} layers: leave at least one layer selectable")
-        return problems

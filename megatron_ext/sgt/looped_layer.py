@@ -52,9 +52,6 @@ from torch import Tensor
 
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
-    _yarn_get_concentration_factor_from_config,
-)
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -66,6 +63,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+from megatron_ext.compat.layers import forward_attention, forward_mlp, rope_mscale
 from megatron_ext.sgt.entropy import last_query_entropy
 
 __all__ = ["EntropySink", "LoopedTransformerLayer", "looped_layer_spec"]
@@ -188,11 +186,11 @@ class LoopedTransformerLayer(TransformerLayer):
         if self.loop_method == "block":
             return self._forward_block_loop(hidden_states, common)
         self._check_loop_inputs(attention_mask, kwargs)
-        hidden_states, context = self._forward_attention(hidden_states, **common)
+        hidden_states, context = forward_attention(self, hidden_states, **common)
         for _ in range(self.loop_depth):
             hidden_states = self.loop_attention(hidden_states, rotary_pos_emb)
-        output = self._forward_mlp(hidden_states, kwargs.get("inference_context"),
-                                   padding_mask=kwargs.get("padding_mask"))
+        output = forward_mlp(self, hidden_states, kwargs.get("inference_context"),
+                             padding_mask=kwargs.get("padding_mask"))
         return output, context
 
     def _forward_block_loop(self, hidden_states: Tensor, common: dict):
@@ -316,7 +314,7 @@ class LoopedTransformerLayer(TransformerLayer):
         if rotary_pos_emb is None or no_rope:
             return query, key
         q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
-        mscale = _yarn_get_concentration_factor_from_config(attn.config)
+        mscale = rope_mscale(attn.config)
         cp_group = attn.pg_collection.cp
         query = apply_rotary_pos_emb(query, q_emb, config=attn.config, mscale=mscale, cp_group=cp_group)
         key = apply_rotary_pos_emb(key, k_emb, config=attn.config, mscale=mscale, cp_group=cp_group)

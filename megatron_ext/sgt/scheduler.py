@@ -55,56 +55,15 @@ Where that code leaves room, this module decides as follows:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Literal, Mapping, Optional, Tuple
 
 import torch
 
+from megatron_ext.sgt.config import GrowthConfig
+
 
 __all__ = ["Event", "GrowthConfig", "GrowthScheduler"]
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass
-class GrowthConfig:
-    """SGT growth schedule; defaults are the paper's released configuration."""
-
-    first_selection_step: int = 250
-    """Optimizer step (1-based) at which the first layer is selected; entropy EMAs warm up before."""
-    window: int = 250
-    """Steps between growth decisions, and the length of a selected layer's head fade."""
-    top_k_layers: int = 3
-    """Size of the highest-entropy layer set that candidates are drawn from."""
-    max_selected_layers: int = 3
-    """Most layers that ever loop."""
-    max_loop_depth: int = 1
-    """Most extra attention passes of one layer (1: the layer's attention runs twice)."""
-    num_keep_heads: int = 2
-    """Heads kept in a selected layer's loop; the others fade out over one window."""
-    exclude_layers: List[int] = field(default_factory=lambda: [0])
-    """Layers never selected (global indices); the first layer by default."""
-
-    def __post_init__(self) -> None:
-        problems: List[str] = []
-        for name in ("first_selection_step", "window", "top_k_layers", "max_selected_layers",
-                     "max_loop_depth", "num_keep_heads"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                problems.append(f"{name}={value!r} is not allowed: it must be an int >= 1")
-        excluded = self.exclude_layers
-        if not isinstance(excluded, (list, tuple)) or not all(_is_int(v) and v >= 0 for v in excluded):
-            problems.append(f"exclude_layers={excluded!r} is not allowed: it must be a list of layer "
-                            "indices >= 0")
-        if problems:
-            # Imported here: the run config's schema imports this module, and importing
-            # megatron_ext.config.loader at the top would run that schema first (an import cycle).
-            from megatron_ext.config.loader import ConfigError
-
-            raise ConfigError(problems)
-        self.exclude_layers = sorted(set(excluded))
 
 
 @dataclass(frozen=True)
@@ -135,13 +94,9 @@ class GrowthScheduler:
     def __init__(self, config: GrowthConfig, num_layers: int, num_heads: int):
         if num_layers < 1 or num_heads < 1:
             raise ValueError(f"num_layers={num_layers} and num_heads={num_heads} must be positive")
-        if config.num_keep_heads > num_heads:
-            raise ValueError(f"num_keep_heads={config.num_keep_heads} is not allowed: at most the "
-                             f"{num_heads} heads of a layer")
-        out_of_range = [layer for layer in config.exclude_layers if layer >= num_layers]
-        if out_of_range:
-            raise ValueError(f"exclude_layers={config.exclude_layers} is not allowed: {out_of_range} "
-                             f"not below num_layers={num_layers}")
+        problems = config.problems_with_model(num_layers, num_heads)
+        if problems:
+            raise ValueError("; ".join(problems))
         self.config = config
         self.num_layers = num_layers
         self.num_heads = num_heads

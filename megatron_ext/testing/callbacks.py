@@ -4,7 +4,7 @@ import os
 import signal
 
 from megatron_ext.parallel import load_full_named_tensors
-from megatron_ext.training.callbacks import Callback
+from megatron_ext.capability import Callback
 
 
 class StartFrom(Callback):

@@ -1,6 +1,6 @@
 """The training loop: build, (resume), step, log, evaluate, checkpoint, stop cleanly.
 
-Capability logic enters only through :class:`~megatron_ext.training.callbacks.Callback`s.
+Capability logic enters only through :class:`~megatron_ext.capability.Callback`s.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
 from typing import Callable, List, Sequence
 
@@ -18,21 +17,19 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.compat import enable_cpu_support
-from megatron_ext.config import RunConfig, check_run, data_parallel_size
+from megatron_ext.run import RunConfig, check_run, data_parallel_size
+from megatron_ext.capability import Callback, TrainContext
 from megatron_ext.data.builder import build_datasets
-from megatron_ext.data.synthetic import step_micro_batches
-from megatron_ext.data.vocab import MODALITIES
-from megatron_ext.models.builder import build_model
+from megatron_ext.models.builder import build_model, params_dtype
 from megatron_ext.optim import build_optimizer
 from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, initialize_parallel_state
-from megatron_ext.parallel.state import comm_device, init_distributed
-from megatron_ext.training.callbacks import Callback, TrainContext
+from megatron_ext.parallel.state import comm_device, init_distributed, process_groups
 from megatron_ext.training.capabilities import capability_callbacks
 from megatron_ext.training.checkpoint import CheckpointManager
 from megatron_ext.training.ddp import wrap_with_ddp
 from megatron_ext.training.rundir import RunDirectory
 from megatron_ext.training.signals import StopRequest
-from megatron_ext.training.step import eval_step, gpt_forward_step, train_step
+from megatron_ext.training.step import eval_step, global_batch_iterator, run_forward_step, train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -80,8 +77,6 @@ def optimizer_config(cfg: RunConfig, cuda: bool):
     Megatron's distributed optimizer (state sharded over DP ranks, ZeRO-1)."""
     from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_ext.models.builder import params_dtype
-
     t = cfg.train
     bf16 = params_dtype(cfg, cuda) == torch.bfloat16
     return OptimizerConfig(
@@ -112,7 +107,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, callbacks: Sequence[Callback] = (), log: Callable = print):
         self.cfg = cfg
         self.run_dir_path = Path(run_dir)
-        self.callbacks = capability_callbacks(cfg, log) + list(callbacks)
+        self.callbacks = list(capability_callbacks(cfg, log).values()) + list(callbacks)
         self.log = log
 
     def run(self) -> TrainSummary:
@@ -148,7 +143,8 @@ class Trainer:
         optimizer = build_optimizer(opt_config, model)
         scheduler = _scheduler(cfg, optimizer)
         checkpoints = CheckpointManager(run_dir.checkpoints, cfg.checkpoint.keep_last)
-        ctx = TrainContext(config=cfg, model=model, optimizer=optimizer, run_dir=run_dir.path)
+        ctx = TrainContext(config=cfg, model=model, optimizer=optimizer, run_dir=run_dir.path,
+                           pg_collection=process_groups())
         summary = TrainSummary(final_step=0, stopped_by_signal=False)
 
         latest = checkpoints.latest() if cfg.checkpoint.resume else None
@@ -165,20 +161,14 @@ class Trainer:
                          + ("" if common["restored_rng"] else " (new layout: RNG streams restarted)"))
         run_dir.start_metrics(ctx.step, cfg.logging.tensorboard)
 
-        dp_rank = parallel_state.get_data_parallel_rank()
-        dp_size = parallel_state.get_data_parallel_world_size()
-        num_micro = t.global_batch_size // (t.micro_batch_size * dp_size)
+        num_micro = t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
         seq = cfg.data.seq_length
         train_data, valid_data = build_datasets(cfg)
-        weights = cfg.data.loss_weights
         device = comm_device()  # the model's: this rank's GPU under NCCL
-        forward_step = partial(gpt_forward_step, loss_weights=None if weights is None else torch.tensor(
-            [weights.get(name, 1.0) for name in MODALITIES], device=device))
+        forward_step = run_forward_step(cfg, device)
 
         def micro_batches(dataset, consumed):
-            batches = list(step_micro_batches(dataset, consumed, t.global_batch_size, t.micro_batch_size,
-                                              dp_rank, dp_size, device=device))
-            return [iter(batches) for _ in model] if len(model) > 1 else iter(batches)
+            return global_batch_iterator(dataset, consumed, cfg, len(model), device)
 
         def common_state():
             return {

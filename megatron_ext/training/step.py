@@ -1,9 +1,9 @@
 """A training step: Megatron's forward/backward schedule, grad finalization, optimizer update.
 
 The batch contract between data and model is a dict of ``[b, s]`` tensors: ``tokens``,
-``labels``, ``loss_mask``, ``position_ids``, ``modality_ids`` (of the inputs; read for routing
-only by the modality-isolated baseline, and for load statistics) and ``label_modality_ids`` (of
-the targets; used for per-modality losses). The loss of a micro-batch is the masked mean of
+``labels``, ``loss_mask``, ``position_ids``, ``modality_ids`` (of the inputs; the model never reads
+them, a capability's batch hook may hand them to its modules) and ``label_modality_ids`` (of the
+targets; used for per-modality losses). The loss of a micro-batch is the masked mean of
 the per-token cross entropy; Megatron's schedule divides it by the number of micro-batches, so
 the step's gradient is that of the mean over micro-batches (and, through DDP, over DP ranks).
 """
@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from megatron_ext.data.synthetic import step_micro_batches
 from megatron_ext.data.vocab import MODALITIES
 from megatron_ext.parallel.state import comm_device
 
@@ -42,16 +43,42 @@ def masked_mean_loss(batch: Dict[str, torch.Tensor], output_tensor: torch.Tensor
 
 
 def gpt_forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model,
-                     loss_weights: Optional[torch.Tensor] = None):
-    """Forward step for ``GPTModel``: returns per-token losses and the loss function to apply."""
-    from megatron_ext.moe.router import set_modality_ids
+                     loss_weights: Optional[torch.Tensor] = None, batch_hooks: Sequence[Callable] = ()):
+    """Forward step for ``GPTModel``: returns per-token losses and the loss function to apply.
 
+    Each of ``batch_hooks`` (the enabled capabilities', :func:`~megatron_ext.training.capabilities.batch_hooks`)
+    is called as ``hook(model, batch)`` before the forward.
+    """
     batch = next(data_iterator)
-    set_modality_ids(model, batch["modality_ids"])  # read only by the modality-isolated baseline router
+    for hook in batch_hooks:
+        hook(model, batch)
     output = model(
         batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
     )
     return output, partial(masked_mean_loss, batch, loss_weights=loss_weights)
+
+
+def run_forward_step(cfg, device: torch.device) -> Callable:
+    """The forward step of a run: :func:`gpt_forward_step` with the data section's per-modality loss
+    weights and the enabled capabilities' batch hooks."""
+    from megatron_ext.training.capabilities import batch_hooks
+
+    weights = cfg.data.loss_weights
+    loss_weights = None if weights is None else torch.tensor([weights.get(name, 1.0) for name in MODALITIES],
+                                                             device=device)
+    return partial(gpt_forward_step, loss_weights=loss_weights, batch_hooks=batch_hooks(cfg))
+
+
+def global_batch_iterator(dataset, consumed_samples: int, cfg, num_chunks: int, device: torch.device):
+    """The data iterator(s) of one global batch for Megatron's schedule: this data-parallel rank's
+    micro-batches from ``consumed_samples`` on, one iterator per model chunk when there are several."""
+    from megatron.core import parallel_state
+
+    t = cfg.train
+    batches = list(step_micro_batches(dataset, consumed_samples, t.global_batch_size, t.micro_batch_size,
+                                      parallel_state.get_data_parallel_rank(),
+                                      parallel_state.get_data_parallel_world_size(), device=device))
+    return [iter(batches) for _ in range(num_chunks)] if num_chunks > 1 else iter(batches)
 
 
 @dataclass

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_ext.config import RunConfig, from_dict
+from megatron_ext.config import from_dict
+from megatron_ext.run import RunConfig
 from megatron_ext.models.builder import build_model
 from megatron_ext.optim import build_optimizer
 from megatron_ext.parallel import full_named_tensors

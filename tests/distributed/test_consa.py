@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_ext.config import RunConfig, from_dict
+from megatron_ext.config import from_dict
+from megatron_ext.run import RunConfig
 from megatron_ext.consa.attention import HybridCoreAttention
 from megatron_ext.consa.kernels import causal_attention, sliding_window_attention_reference
 from megatron_ext.models.builder import build_model
 from megatron_ext.parallel import full_named_tensors
 from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.testing.callbacks import PreemptAfter, StartFrom
-from megatron_ext.training.callbacks import Callback
+from megatron_ext.capability import Callback
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
 

@@ -6,7 +6,8 @@ loops, MoE with expert bias), also at another parallel layout."""
 import copy
 from pathlib import Path
 
-from megatron_ext.config import RunConfig, from_dict
+from megatron_ext.config import from_dict
+from megatron_ext.run import RunConfig
 from megatron_ext.parallel import ParallelSizes
 from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.training.evaluate import evaluate_checkpoint

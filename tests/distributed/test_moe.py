@@ -15,7 +15,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 
 from megatron_ext.data.vocab import MODALITIES
-from megatron_ext.models.layer_spec import decoder_block_spec, gpt_layer_spec
+from megatron_ext.models.layer_spec import decoder_block_spec, gpt_layer_spec, mlp_spec, replace_submodule
 from megatron_ext.moe import elastic
 from megatron_ext.moe.callback import MoECallback
 from megatron_ext.moe.config import ElasticConfig, RoutingConfig
@@ -23,8 +23,9 @@ from megatron_ext.moe.elastic import ElasticSampler, SubNetwork
 from megatron_ext.moe.router import elastic_routers, set_modality_ids, with_router
 from megatron_ext.optim import build_optimizer
 from megatron_ext.parallel import ParallelSizes, full_named_tensors, load_full_named_tensors, main_grad_or_grad
+from megatron_ext.parallel.state import process_groups
 from megatron_ext.testing.distributed import run_distributed
-from megatron_ext.training.callbacks import TrainContext
+from megatron_ext.capability import TrainContext
 from megatron_ext.training.ddp import wrap_with_ddp
 from megatron_ext.training.step import gpt_forward_step, train_step
 from tests.distributed.bodies import SEQ, VOCAB, local_micro_batches, make_batch
@@ -55,7 +56,7 @@ def build_moe_gpt(seed=1234, num_layers=2, routing=RoutingConfig(expert_bias=Fal
     )
     kwargs.update(overrides)
     config = TransformerConfig(**kwargs)
-    layer = with_router(gpt_layer_spec(num_experts=EXPERTS), routing)
+    layer = replace_submodule(gpt_layer_spec(), "mlp", with_router(mlp_spec(num_experts=EXPERTS), routing))
     return GPTModel(
         config=config,
         transformer_layer_spec=decoder_block_spec(config, [layer] * num_layers),
@@ -318,7 +319,7 @@ def bias_balancing(weights, expert_bias, steps, run_dir, resume_steps=0):
     ids = torch.zeros(2, SEQ, dtype=torch.long)
     ids[:, SEQ // 2 :] = MODALITIES.index("image")
     model, optimizer, callback = fresh(1234)
-    ctx = TrainContext(config=None, model=model, optimizer=optimizer, run_dir=run_dir)
+    ctx = TrainContext(config=None, pg_collection=process_groups(), model=model, optimizer=optimizer, run_dir=run_dir)
     callback.on_train_start(ctx)
     metrics = _steps(model, optimizer, callback, ctx, steps, ids)
     out = {"metrics": metrics}
@@ -331,7 +332,8 @@ def bias_balancing(weights, expert_bias, steps, run_dir, resume_steps=0):
         resumed, resumed_opt, resumed_cb = fresh(4321)
         resumed[0].module.load_state_dict(model_state)
         resumed_cb.load_state_dict(callback_state)
-        resumed_ctx = TrainContext(config=None, model=resumed, optimizer=resumed_opt, run_dir=run_dir, step=ctx.step)
+        resumed_ctx = TrainContext(config=None, pg_collection=process_groups(), model=resumed, optimizer=resumed_opt,
+                                   run_dir=run_dir, step=ctx.step)
         resumed_cb.on_train_start(resumed_ctx)
         out["bias_after_load"] = [r.expert_bias.clone() for r in elastic_routers(resumed)]
         out["bias_saved"] = [r.expert_bias.clone() for r in elastic_routers(model)]
@@ -393,7 +395,7 @@ def bias_update_steps(weights, subs, run_dir):
     model = wrap_with_ddp([gpt])
     callback = MoECallback(ElasticConfig(enabled=True), routing, 2, EXPERTS, TOP_K, seed=1)
     callback.sampler = FixedSampler(subs)
-    ctx = TrainContext(config=None, model=model, optimizer=_moe_optimizer(model), run_dir=run_dir)
+    ctx = TrainContext(config=None, pg_collection=process_groups(), model=model, optimizer=_moe_optimizer(model), run_dir=run_dir)
     callback.on_train_start(ctx)
     routers = elastic_routers(model)
     history = [{"bias": torch.stack([r.expert_bias.clone() for r in routers]), "usage": callback.usage.clone()}]
@@ -453,7 +455,7 @@ def elastic_pipeline(weights, steps, explicit, run_dir):
     optimizer = _moe_optimizer(model)
     config = ElasticConfig(enabled=True, depth_full_prob=0.0, width_full_prob=0.5, topk_default_prob=0.5)
     callback = MoECallback(config, RoutingConfig(expert_bias=False), num_layers, EXPERTS, TOP_K, seed=5)
-    ctx = TrainContext(config=None, model=model, optimizer=optimizer, run_dir=run_dir)
+    ctx = TrainContext(config=None, pg_collection=process_groups(), model=model, optimizer=optimizer, run_dir=run_dir)
     callback.on_train_start(ctx)
     ids = torch.zeros(2, SEQ, dtype=torch.long)
     metrics = _steps(model, optimizer, callback, ctx, steps, ids)

@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_ext.config import RunConfig, from_dict, load_config
+from megatron_ext.config import from_dict
+from megatron_ext.run import RunConfig, load_config
 from megatron_ext.data.synthetic import SyntheticMotifDataset, collate
 from megatron_ext.models.builder import build_model
 from megatron_ext.moe import elastic
 from megatron_ext.moe.elastic import SubNetwork
-from megatron_ext.moe.extract import extract_submodel, unsharded
+from megatron_ext.models.builder import unsharded
+from megatron_ext.training.extract import extract_submodel
 from megatron_ext.parallel import ParallelSizes, initialize_parallel_state
 from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.training.capabilities import restore_capabilities
@@ -132,7 +134,7 @@ def test_extraction_refuses_a_run_still_learning_its_mask(tmp_path):
 
 
 def test_bad_subnetworks_are_refused():
-    from megatron_ext.moe.extract import check_subnetwork
+    from megatron_ext.training.extract import check_subnetwork
 
     cfg = from_dict(RunConfig, copy.deepcopy(CONFIG))
     for sub, message in ((SubNetwork((0, 9), None, 2), "layers"), (SubNetwork((0,), (1, 1), 2), "experts"),

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_ext.config import RunConfig, from_dict
+from megatron_ext.config import from_dict
+from megatron_ext.run import RunConfig
 from megatron_ext.testing.distributed import DistributedTaskError, run_distributed
-from megatron_ext.training.callbacks import Callback
+from megatron_ext.capability import Callback
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
 

@@ -5,7 +5,8 @@ masks differ across tensor-parallel ranks (heads differ) as Megatron's do."""
 import pytest
 import torch
 
-from megatron_ext.config import RunConfig, from_dict
+from megatron_ext.config import from_dict
+from megatron_ext.run import RunConfig
 from megatron_ext.parallel import ParallelSizes, full_named_tensors, load_full_named_tensors, main_grad_or_grad
 from megatron_ext.testing.distributed import run_distributed
 

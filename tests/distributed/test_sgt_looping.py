@@ -25,8 +25,9 @@ from megatron_ext.sgt.callback import SGTCallback
 from megatron_ext.sgt.config import LoopingConfig
 from megatron_ext.sgt.flops import GPTShape
 from megatron_ext.sgt.looped_layer import LoopedTransformerLayer, looped_layer_spec
+from megatron_ext.parallel.state import process_groups
 from megatron_ext.testing.distributed import run_distributed
-from megatron_ext.training.callbacks import TrainContext
+from megatron_ext.capability import TrainContext
 from megatron_ext.training.ddp import wrap_with_ddp
 from megatron_ext.training.step import gpt_forward_step, train_step
 from tests.distributed.bodies import SEQ, VOCAB, local_micro_batches, make_batch
@@ -205,7 +206,7 @@ def _train_with_callback(weights, callback, steps, run_dir, start_step=0, model=
         load_full_named_tensors(gpt, weights)
         model = wrap_with_ddp([gpt])
         optimizer = build_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, adam_eps=1e-5), model)
-    ctx = TrainContext(config=None, model=model, optimizer=optimizer, run_dir=run_dir, step=start_step)
+    ctx = TrainContext(config=None, pg_collection=process_groups(), model=model, optimizer=optimizer, run_dir=run_dir, step=start_step)
     callback.on_train_start(ctx)
     dp_size = parallel_state.get_data_parallel_world_size()
     metrics = []

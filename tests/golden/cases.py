@@ -74,7 +74,8 @@ def case_configs() -> Dict[str, dict]:
 def run_case(config: dict, run_dir: str) -> List[dict]:
     """Train ``config`` in ``run_dir`` (on the ranks of the calling job); the logged records
     without the volatile keys."""
-    from megatron_ext.config import RunConfig, from_dict
+    from megatron_ext.config import from_dict
+    from megatron_ext.run import RunConfig
     from megatron_ext.training.loop import Trainer
     from megatron_ext.training.rundir import read_metrics
 

@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from megatron_ext.config import RunConfig, from_dict
+from megatron_ext.config import from_dict
+from megatron_ext.run import RunConfig
 from megatron_ext.data.default_corpus import ensure_default_corpus
 from megatron_ext.data.indexed import check_prefix
 from megatron_ext.testing.distributed import run_distributed

@@ -9,7 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from megatron_ext.config import ConfigError, load_config
+from megatron_ext.config import ConfigError
+from megatron_ext.run import load_config
 from megatron_ext.launch.bootstrap import (
     LaunchError,
     LaunchInfo,

@@ -9,7 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from megatron_ext.config import ConfigError, load_config
+from megatron_ext.config import ConfigError
+from megatron_ext.run import load_config
 from megatron_ext.launch.layout import GROUP_KINDS, Layout
 from megatron_ext.launch.memory import ParamInventory, estimate_memory, layer_activation_bytes
 from megatron_ext.launch.planner import check_allocation, format_plan, make_plan, sbatch_command

@@ -2,7 +2,8 @@
 
 import pytest
 
-from megatron_ext.config import ConfigError, RunConfig, apply_overrides, check_run, from_dict, load_config, to_dict
+from megatron_ext.config import ConfigError, apply_overrides, from_dict, to_dict
+from megatron_ext.run import RunConfig, check_run, load_config
 
 
 def problems_of(data, world_size=None, cuda=False):

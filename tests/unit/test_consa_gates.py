@@ -9,8 +9,17 @@ import math
 import pytest
 import torch
 
-from megatron_ext.consa.constraint import LagrangianConfig, LagrangianController
-from megatron_ext.consa.gates import HardConcreteConfig, HardConcreteGates
+from megatron_ext.config import ConfigError, from_dict
+from megatron_ext.consa.config import HardConcreteConfig, HybridAttentionConfig
+from megatron_ext.consa.constraint import LagrangianController
+from megatron_ext.consa.gates import HardConcreteGates
+from megatron_ext.run import RunConfig
+
+
+def controller(num_layers, *, target, mode="global", warmup_steps=0, lambda_lr=1.0):
+    """A controller with the hybrid_attention section's constraint fields set explicitly."""
+    return LagrangianController(HybridAttentionConfig(target=target, constraint=mode, target_warmup_steps=warmup_steps,
+                                                      lambda_lr=lambda_lr), num_layers)
 
 
 def gates_with(log_alpha) -> HardConcreteGates:
@@ -95,21 +104,29 @@ def test_initialisation_is_normal_with_mean_5_and_std_0p01():
     assert abs(custom.mean().item() + 1.0) < 0.01 and abs(custom.std().item() - 0.1) < 0.005
 
 
-def test_configs_reject_bad_values_naming_field_value_and_rule():
-    with pytest.raises(ValueError) as info:
-        HardConcreteConfig(beta=0.0, gamma=0.1, zeta=1.0, eps=0.0, init_std=-1.0, log_alpha_max=-5.0)
+def test_configs_reject_bad_values_naming_yaml_path_value_and_rule():
+    bad_gates = dict(beta=0.0, gamma=0.1, zeta=1.0, eps=0.0, init_std=-1.0, log_alpha_max=-5.0)
+    with pytest.raises(ConfigError) as info:
+        HardConcreteConfig(**bad_gates)
+    assert {p.split("=")[0] for p in info.value.problems} == set(bad_gates)
+    with pytest.raises(ConfigError) as info:  # through the loader: problems carry their YAML path
+        from_dict(RunConfig, {"hybrid_attention": {"hard_concrete": bad_gates, "target": 1.5, "lambda_lr": 0.0,
+                                                   "target_warmup_steps": -1}})
     message = str(info.value)
-    for part in ("HardConcreteConfig.beta=0.0", "HardConcreteConfig.gamma=0.1", "HardConcreteConfig.zeta=1.0",
-                 "HardConcreteConfig.eps=0.0", "HardConcreteConfig.init_std=-1.0",
-                 "HardConcreteConfig.log_alpha_max=-5.0"):
-        assert part in message
-    assert "use a finite number < 0" in message
-    with pytest.raises(ValueError) as info:
-        LagrangianConfig(target=1.5, mode="both", warmup_steps=-1, lambda_lr=0.0)
+    for name in bad_gates:
+        assert f"hybrid_attention.hard_concrete.{name}={bad_gates[name]}" in message
+    assert "use a number < 0 (P(z = 0) > 0 needs it)" in message
+    with pytest.raises(ConfigError) as info:
+        from_dict(RunConfig, {"hybrid_attention": {"target": 1.5, "lambda_lr": 0.0, "target_warmup_steps": -1,
+                                                   "constraint": "both"}})
     message = str(info.value)
-    assert "LagrangianConfig.target=1.5 is not allowed: use a fraction in [0, 1]" in message
-    assert "LagrangianConfig.mode='both' is not allowed: use one of 'global' | 'per_layer'" in message
-    assert "LagrangianConfig.warmup_steps=-1" in message and "LagrangianConfig.lambda_lr=0.0" in message
+    assert "hybrid_attention.constraint='both' is not allowed: use one of 'global' | 'per_layer'" in message
+    with pytest.raises(ConfigError) as info:
+        from_dict(RunConfig, {"hybrid_attention": {"target": 1.5, "lambda_lr": 0.0, "target_warmup_steps": -1}})
+    message = str(info.value)
+    assert "hybrid_attention.target=1.5 must be in [0.0, 1.0]" in message
+    assert "hybrid_attention.lambda_lr=0.0 must be positive" in message
+    assert "hybrid_attention.target_warmup_steps=-1 must be >= 0" in message
     with pytest.raises(ValueError, match="units_per_layer=0"):
         HardConcreteGates(2, 0)
 
@@ -117,13 +134,13 @@ def test_configs_reject_bad_values_naming_field_value_and_rule():
 # ---- controller arithmetic --------------------------------------------------------------------
 
 def test_target_warms_up_linearly():
-    ctrl = LagrangianController(LagrangianConfig(target=0.5, warmup_steps=100), num_layers=2)
+    ctrl = controller(2, target=0.5, warmup_steps=100)
     assert [ctrl.target_at(s) for s in (0, 50, 100, 400)] == [0.0, 0.25, 0.5, 0.5]
-    assert LagrangianController(LagrangianConfig(target=0.5), num_layers=2).target_at(0) == 0.5
+    assert controller(2, target=0.5).target_at(0) == 0.5
 
 
 def test_constraint_loss_value_gradients_and_ascent():
-    ctrl = LagrangianController(LagrangianConfig(target=0.5, lambda_lr=0.1), num_layers=3)
+    ctrl = controller(3, target=0.5, lambda_lr=0.1)
     with torch.no_grad():
         ctrl.lambda1.fill_(2.0)
         ctrl.lambda2.fill_(3.0)
@@ -138,7 +155,7 @@ def test_constraint_loss_value_gradients_and_ascent():
     with pytest.raises(ValueError, match=r"needs \(\)"):
         ctrl.constraint_loss(torch.zeros(3), step=0)
 
-    per_layer = LagrangianController(LagrangianConfig(target=0.5, mode="per_layer"), num_layers=3)
+    per_layer = controller(3, target=0.5, mode="per_layer")
     assert per_layer.lambda1.shape == (3,)
     with torch.no_grad():
         per_layer.lambda1.copy_(torch.tensor([1.0, 2.0, 3.0]))
@@ -157,8 +174,7 @@ def test_controller_reaches_the_target_swa_fraction(mode, rho):
     torch.manual_seed(0)
     num_layers, heads, steps = 4, 4, 600
     gates = HardConcreteGates(num_layers, heads)
-    ctrl = LagrangianController(LagrangianConfig(target=rho, mode=mode, warmup_steps=100, lambda_lr=0.5),
-                                num_layers)
+    ctrl = controller(num_layers, target=rho, mode=mode, warmup_steps=100, lambda_lr=0.5)
     optimizer = torch.optim.AdamW(gates.parameters(), lr=0.1, weight_decay=0.0)
     benefit = torch.linspace(0.2, 1.0, num_layers * heads).view(num_layers, heads)  # FA gain per unit
     print(f"\n{mode}, rho={rho}: step  rho_t  rho_hat  constraint_loss  lambda1")
@@ -257,7 +273,7 @@ def test_state_dict_round_trip_restores_log_alpha_and_lambdas(mode):
     gates = HardConcreteGates(3, 4)
     with torch.no_grad():
         gates.log_alpha.normal_()
-    ctrl = LagrangianController(LagrangianConfig(target=0.4, mode=mode, warmup_steps=5), num_layers=3)
+    ctrl = controller(3, target=0.4, mode=mode, warmup_steps=5)
     for step in range(1, 4):
         ctrl.constraint_loss(gates.expected_swa_fraction(mode), step).backward()
         ctrl.ascent_step()
@@ -265,7 +281,7 @@ def test_state_dict_round_trip_restores_log_alpha_and_lambdas(mode):
 
     torch.manual_seed(12)
     new_gates = HardConcreteGates(3, 4)
-    new_ctrl = LagrangianController(LagrangianConfig(target=0.4, mode=mode, warmup_steps=5), num_layers=3)
+    new_ctrl = controller(3, target=0.4, mode=mode, warmup_steps=5)
     new_gates.load_state_dict(round_trip(gates))
     new_ctrl.load_state_dict(round_trip(ctrl))
     assert set(new_gates.state_dict()) == {"log_alpha"}

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_ext.config import ConfigError, RunConfig, check_run, from_dict
+from megatron_ext.config import ConfigError, from_dict
+from megatron_ext.run import RunConfig, check_run
 from megatron_ext.data.gpt_dataset import build_gpt_datasets
 from megatron_ext.data.indexed import DataError, check_prefix, paths
 from megatron_ext.data.preprocess import preprocess

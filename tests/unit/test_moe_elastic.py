@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_ext.moe.config import ElasticConfig, RoutingConfig
-from megatron_ext.moe.elastic import ElasticSampler, SubNetwork, _pass_through
+from megatron_ext.moe.elastic import ElasticSampler, SubNetwork
 from megatron_ext.moe.stats import layer_metrics, load_cv, normalized_entropy, top_experts, top_experts_iou
 
 # The paper's ablation shape: 16 layers, 64 experts, top-8.
@@ -66,15 +66,6 @@ def test_subnetworks_are_well_formed():
     assert never.full().is_full(LAYERS, TOP_K)
     tiny = ElasticSampler(ElasticConfig(enabled=True, depth_full_prob=0.0), 2, 4, 2, seed=0)
     assert all(len(tiny.sample(step).layers) == 1 for step in range(50)), "never empty"
-
-
-def test_pass_through_returns_hidden_states_and_context_unchanged():
-    hidden, context = torch.randn(4, 2, 8), torch.randn(3, 2, 8)
-    out = _pass_through(hidden_states=hidden, attention_mask=None, context=context, rotary_pos_emb=None)
-    assert out[0] is hidden and out[1] is context
-    out = _pass_through(hidden, None, context)
-    assert out[0] is hidden and out[1] is context
-    assert _pass_through(hidden_states=hidden)[1] is None
 
 
 @pytest.mark.parametrize("field,value", [

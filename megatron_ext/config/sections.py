@@ -1,50 +1,28 @@
-"""The run configuration: one typed dataclass per section, validated on construction.
+"""The core sections of the run configuration, one typed dataclass each, validated on construction.
 
 Each field's docstring says what it means; ``__post_init__`` checks what can be checked within a
-section (sizes positive, choices valid) and reports every problem at once. Checks that need
-several sections or the world size live in :mod:`megatron_ext.config.checks`.
+section (sizes positive, choices valid) and reports every problem at once, naming fields relative to
+the section (the loader adds the YAML path). The sections of a capability (hybrid attention, MoE,
+looping, ...) live in the capability's own package; :func:`compose_run_config` makes the run config
+out of these core sections and the capabilities' ones. Checks that need several sections or the
+world size run before any process group exists (``megatron_ext.run.checks``).
+
+This package is a leaf: it imports no other project package and no torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional
 
-from megatron_ext.config.loader import ConfigError
-from megatron_ext.consa.config import HybridAttentionConfig
-from megatron_ext.moe.config import ElasticConfig, RoutingConfig
-from megatron_ext.sgt.config import LoopingConfig
+from megatron_ext.config.checks import Checks
 
-
-class _Checks:
-    """Collects problems of one section, then raises them together."""
-
-    def __init__(self, section: str):
-        self.section = section
-        self.problems: List[str] = []
-
-    def positive(self, obj, *names: str) -> None:
-        for name in names:
-            value = getattr(obj, name)
-            if value is not None and value <= 0:
-                self.problems.append(f"{self.section}.{name}={value!r} must be positive")
-
-    def non_negative(self, obj, *names: str) -> None:
-        for name in names:
-            value = getattr(obj, name)
-            if value is not None and value < 0:
-                self.problems.append(f"{self.section}.{name}={value!r} must be >= 0")
-
-    def require(self, condition: bool, message: str) -> None:
-        if not condition:
-            self.problems.append(f"{self.section}.{message}")
-
-    def done(self) -> None:
-        if self.problems:
-            raise ConfigError(self.problems)
+MODALITIES = ("text", "image", "video", "audio")
+"""Modality ids are indices into this tuple (stored as uint8 beside every token)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelConfig:
     """Decoder-only transformer shape (Megatron GPTModel)."""
 
@@ -93,8 +71,8 @@ class ModelConfig:
     attention layers use their own module."""
 
     def __post_init__(self):
-        c = _Checks("model")
-        c.positive(self, "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+        c = Checks(self)
+        c.positive("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                    "kv_channels", "ffn_hidden_size", "vocab_size", "max_position_embeddings",
                    "rotary_base", "norm_epsilon", "init_method_std")
         c.require(0.0 <= self.hidden_dropout < 1.0, f"hidden_dropout={self.hidden_dropout!r} must be in [0, 1)")
@@ -111,7 +89,7 @@ class ModelConfig:
         c.done()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ParallelConfig:
     """How the model is split over ranks; data parallelism takes the remaining ranks."""
 
@@ -133,14 +111,14 @@ class ParallelConfig:
     """Overlap the data-parallel gradient all-reduce with backward (Megatron DDP buckets)."""
 
     def __post_init__(self):
-        c = _Checks("parallel")
-        c.positive(self, "tensor", "pipeline", "virtual_pipeline", "context", "expert", "expert_tensor")
+        c = Checks(self)
+        c.positive("tensor", "pipeline", "virtual_pipeline", "context", "expert", "expert_tensor")
         if self.virtual_pipeline is not None:
             c.require(self.pipeline > 1, f"virtual_pipeline={self.virtual_pipeline} needs pipeline > 1")
         c.done()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DataConfig:
     """Where the training tokens come from."""
 
@@ -166,10 +144,8 @@ class DataConfig:
     """Per-modality weight of the loss of tokens of that modality (default 1 for all)."""
 
     def __post_init__(self):
-        from megatron_ext.data.vocab import MODALITIES
-
-        c = _Checks("data")
-        c.positive(self, "seq_length")
+        c = Checks(self)
+        c.positive("seq_length")
         if self.kind == "indexed":
             c.require(bool(self.paths), "paths is empty: kind 'indexed' needs at least one dataset prefix")
         if self.weights is not None:
@@ -187,7 +163,7 @@ class DataConfig:
         c.done()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     """Optimization: batch sizes, steps, optimizer, LR schedule, precision, recompute."""
 
@@ -222,7 +198,11 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
     recompute: Literal["none", "selective", "full"] = "none"
-    """Activation recomputation: selective (core attention) or full (whole layers)."""
+    """Activation recomputation: selective (the parts in ``recompute_modules``) or full (whole layers)."""
+    recompute_modules: Optional[List[Literal["core_attn", "layernorm", "mlp", "moe", "shared_experts"]]] = None
+    """selective only: what to recompute (Megatron's ``recompute_modules``: ``core_attn`` the attention
+    core, ``layernorm`` both norms of a layer, ``mlp`` a dense MLP, ``moe`` an MoE layer,
+    ``shared_experts`` its shared expert); None: Megatron's default, ``[core_attn]``."""
     seed: int = 1234
     """Seed of initialization and dropout."""
     eval_interval: int = 0
@@ -233,10 +213,10 @@ class TrainConfig:
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
 
     def __post_init__(self):
-        c = _Checks("train")
-        c.positive(self, "micro_batch_size", "global_batch_size", "steps", "lr", "eval_steps",
+        c = Checks(self)
+        c.positive("micro_batch_size", "global_batch_size", "steps", "lr", "eval_steps",
                    "max_consecutive_nonfinite", "wsd_decay_steps", "adam_eps")
-        c.non_negative(self, "min_lr", "warmup_steps", "weight_decay", "clip_grad", "eval_interval")
+        c.non_negative("min_lr", "warmup_steps", "weight_decay", "clip_grad", "eval_interval")
         if self.lr > 0:
             c.require(self.min_lr <= self.lr, f"min_lr={self.min_lr} must not exceed lr={self.lr}")
         c.require(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
@@ -244,13 +224,17 @@ class TrainConfig:
         if self.steps > 0:
             c.require(self.warmup_steps <= self.steps,
                       f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
+        c.require(self.recompute_modules is None or self.recompute == "selective",
+                  f"recompute_modules={self.recompute_modules} needs recompute='selective' (got {self.recompute!r})")
+        c.require(self.recompute_modules is None or len(self.recompute_modules) > 0,
+                  "recompute_modules=[] recomputes nothing: list modules or use recompute='none'")
         if self.lr_schedule == "wsd":
             c.require(self.wsd_decay_steps is not None,
                       "wsd_decay_steps must be set when lr_schedule='wsd'")
         c.done()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CheckpointConfig:
     """When and how checkpoints are written (always under <run-dir>/checkpoints)."""
 
@@ -266,13 +250,13 @@ class CheckpointConfig:
     """Restore optimizer, scheduler and RNG state (False: weights only, e.g. after changing layout)."""
 
     def __post_init__(self):
-        c = _Checks("checkpoint")
-        c.non_negative(self, "save_interval")
-        c.positive(self, "keep_last")
+        c = Checks(self)
+        c.non_negative("save_interval")
+        c.positive("keep_last")
         c.done()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoggingConfig:
     """What rank 0 reports."""
 
@@ -282,71 +266,35 @@ class LoggingConfig:
     """Also write TensorBoard event files to <run-dir>/tensorboard."""
 
     def __post_init__(self):
-        c = _Checks("logging")
-        c.positive(self, "log_interval")
+        c = Checks(self)
+        c.positive("log_interval")
         c.done()
 
 
-@dataclass
-class MoEConfig:
-    """Mixture-of-experts MLPs (Megatron MoELayer with the alltoall dispatcher)."""
-
-    enabled: bool = False
-    """Replace dense MLPs by MoE layers."""
-    num_experts: int = 8
-    """Routed experts per MoE layer."""
-    top_k: int = 2
-    """Experts per token."""
-    expert_ffn_hidden_size: int = 64
-    """Inner size of each routed expert (fine-grained experts are narrow)."""
-    shared_expert_ffn_hidden_size: Optional[int] = None
-    """Inner size of the always-on shared expert(s); None: no shared expert."""
-    first_k_dense: int = 0
-    """The first k layers keep a dense MLP."""
-    layer_pattern: Optional[List[int]] = None
-    """Explicit per-layer pattern, 1 = MoE, 0 = dense (overrides first_k_dense)."""
-    capacity_factor: Optional[float] = None
-    """Token capacity per expert as a multiple of the balanced load; None: dropless."""
-    load_balancing: Literal["none", "aux_loss", "seq_aux_loss"] = "none"
-    """Auxiliary load-balancing loss (for comparison; ERNIE 5.0 uses none + expert bias)."""
-    aux_loss_coeff: float = 0.0
-    """Weight of the auxiliary load-balancing loss."""
-    z_loss_coeff: Optional[float] = None
-    """Weight of the router z-loss; None disables it."""
-    score_function: Literal["softmax", "sigmoid"] = "sigmoid"
-    """Router score function (sigmoid, as DeepSeek-V3: what auxiliary-loss-free expert bias needs)."""
-
-    def __post_init__(self):
-        c = _Checks("moe")
-        c.positive(self, "num_experts", "top_k", "expert_ffn_hidden_size",
-                   "shared_expert_ffn_hidden_size", "capacity_factor")
-        c.non_negative(self, "first_k_dense", "aux_loss_coeff", "z_loss_coeff")
-        c.require(self.top_k <= self.num_experts,
-                  f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
-        if self.layer_pattern is not None:
-            c.require(all(v in (0, 1) for v in self.layer_pattern),
-                      f"layer_pattern={self.layer_pattern} may only hold 0 (dense) and 1 (MoE)")
-        if self.load_balancing != "none":
-            c.require(self.aux_loss_coeff > 0,
-                      f"aux_loss_coeff={self.aux_loss_coeff} must be > 0 with load_balancing="
-                      f"{self.load_balancing!r}")
-        c.done()
+CORE_SECTIONS: Dict[str, type] = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+"""The sections every run has, in YAML order."""
 
 
-@dataclass
-class RunConfig:
-    """A whole run: every section of configs/*.yaml."""
-
-    name: str = "run"
-    """Run name; the default run directory is runs/<name>."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    hybrid_attention: HybridAttentionConfig = field(default_factory=HybridAttentionConfig)
-    looping: LoopingConfig = field(default_factory=LoopingConfig)
-    routing: RoutingConfig = field(default_factory=RoutingConfig)
-    elastic: ElasticConfig = field(default_factory=ElasticConfig)
+def compose_run_config(sections: Mapping[str, type], *, module: str,
+                       methods: Optional[Mapping[str, Callable]] = None) -> type:
+    """The run-config dataclass: ``name``, the :data:`CORE_SECTIONS`, then ``sections`` (each a
+    dataclass whose defaults are valid), all keyword-only. ``module`` is where the class is bound
+    (so that pickling finds it); ``methods`` are added to the class as they are."""
+    clash = sorted(set(sections) & (set(CORE_SECTIONS) | {"name"}))
+    if clash:
+        raise ValueError(f"config sections {clash} are core sections: give the capability's sections other names")
+    fields: List[Any] = [("name", str, field(default="run"))]
+    for section, cls in {**CORE_SECTIONS, **sections}.items():
+        fields.append((section, cls, field(default_factory=cls)))
+    cls = dataclasses.make_dataclass("RunConfig", fields, kw_only=True, namespace=dict(methods or {}))
+    cls.__module__ = module
+    cls.__doc__ = ("A whole run: every section of configs/*.yaml (" + ", ".join(["name", *CORE_SECTIONS, *sections])
+                   + ").")
+    return cls

@@ -1,4 +1,4 @@
-"""The one interface through which capabilities add per-step logic to the training loop.
+"""The interface through which capabilities add per-step logic to the training loop.
 
 Constraint updates, expert-bias updates, sub-network sampling and growth steps are callbacks;
 the loop calls every callback at the same points and checkpoints their state, so it never
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainContext:
     """What callbacks may read (and, for the model, act on) during training."""
 
@@ -23,6 +23,9 @@ class TrainContext:
     """DDP-wrapped model chunks of this rank."""
     optimizer: Any
     run_dir: Path
+    pg_collection: Any
+    """Megatron's ``ProcessGroupCollection`` of this rank (tp, pp, mp, dp, dp_cp, ep, ...): callbacks
+    reduce over these groups instead of reading Megatron's global parallel state."""
     step: int = 0
     """Optimizer steps completed so far."""
     consumed_samples: int = 0

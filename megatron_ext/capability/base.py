@@ -1,0 +1,95 @@
+"""The Capability seam: one registered object per method of the stack.
+
+A capability (hybrid attention, MoE / elastic training, looping, ...) is everything one method
+adds to the generic stack, in one object, so that the loop, the step, the model builder,
+evaluation and extraction iterate over the enabled capabilities and never name a method:
+
+==========================  ==================================================================
+config                       :attr:`Capability.sections`: the YAML sections it owns (dataclasses
+                             validated on construction) and :meth:`check`, the problems that need
+                             other sections or the launch, reported before any work starts
+model                        :meth:`transformer_config`: ``TransformerConfig`` keywords;
+                             :meth:`layer_specs`: a transform of the per-layer ``ModuleSpec`` list
+training                     :meth:`callback`: its per-step logic (and checkpointed state);
+                             :meth:`batch_hook`: what it must hand the model before each
+                             micro-batch's forward (if anything)
+sub-models                   :meth:`check_submodel`, :meth:`submodel_config`,
+                             :meth:`submodel_tensor`, :meth:`submodel_state`: what it contributes
+                             to a model extracted from a checkpoint (``megatron_ext.training.extract``)
+==========================  ==================================================================
+
+A new method is one package with its modules and a ``Capability`` subclass, and one line in
+``megatron_ext/run/registry.py``. The shape follows torchtitan's model converters (an object per
+transform, applied in registry order after the config is read) and Megatron-Core's ``ModuleSpec``
+(a method enters the model by rewriting specs, not by subclassing the model).
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from megatron_ext.capability.callbacks import Callback
+
+BatchHook = Callable[[Any, Dict[str, Any]], None]
+"""``hook(model_chunk, batch)``: called in the forward step before each micro-batch's forward."""
+
+
+class Capability(abc.ABC):
+    """One method of the stack. Subclasses set :attr:`name` and :attr:`sections` and override what
+    they need; every hook has a neutral default."""
+
+    name: str = ""
+    """Registry key; also the prefix of its metrics and the key of its callback's checkpoint state."""
+    sections: Mapping[str, type] = {}
+    """``{yaml section: dataclass}`` this capability owns; the run config gets one field each."""
+
+    # -- config ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def enabled(self, cfg) -> bool:
+        """Whether the run uses this capability (its hooks run only then, except :meth:`check`)."""
+
+    def check(self, cfg, *, world_size: int, data_parallel: int, cuda: bool) -> List[str]:
+        """Problems of ``cfg`` that need other sections or the launch (one sentence each, naming the
+        YAML paths); called for every registered capability, enabled or not, before any work."""
+        return []
+
+    # -- model ----------------------------------------------------------------------------------
+    def transformer_config(self, cfg) -> Dict[str, Any]:
+        """Keyword arguments this capability adds to Megatron's ``TransformerConfig``."""
+        return {}
+
+    def layer_specs(self, cfg, specs: List[Any]) -> List[Any]:
+        """The per-layer ``ModuleSpec`` list (whole model, layer i at index i) after this
+        capability's rewrite; specs are shared between layers, so copy before changing one."""
+        return specs
+
+    # -- training -------------------------------------------------------------------------------
+    def callback(self, cfg, log: Callable[[str], None]) -> Optional[Callback]:
+        """The training-loop callback of this capability (None: it has no per-step logic)."""
+        return None
+
+    def batch_hook(self, cfg) -> Optional[BatchHook]:
+        """What to call before each micro-batch's forward (None: nothing)."""
+        return None
+
+    # -- sub-models -----------------------------------------------------------------------------
+    def check_submodel(self, cfg, sub) -> List[str]:
+        """Problems with extracting the sub-network ``sub`` (kept ``layers``, ``experts``, ``top_k``);
+        called for every registered capability, enabled or not."""
+        return []
+
+    def submodel_config(self, cfg, small, sub, output: Path) -> None:
+        """Rewrite ``small`` (a copy of ``cfg`` with the kept layers only) for the sub-model."""
+
+    def submodel_tensor(self, cfg, name: str, tensor, sub) -> Optional[Tuple[str, Any]]:
+        """One tensor of a kept layer (``name`` relative to the layer, e.g. ``mlp.router.weight``):
+        the ``(name, tensor)`` the sub-model keeps, or None to drop it."""
+        return name, tensor
+
+    def submodel_state(self, cfg, callback: Optional[Callback], sub, source_step: int,
+                       output: Path, is_writer: bool) -> Optional[Dict[str, Any]]:
+        """The sub-model's state of this capability's callback (None: start afresh); may write files
+        into ``output`` (``is_writer``: this rank writes them)."""
+        return None

@@ -1,0 +1,144 @@
+"""``TransformerLayer`` internals: its two sublayer forwards, RoPE's mscale, per-step layer skipping.
+
+Written for megatron-core 0.16.1, where ``TransformerLayer.forward(*args, **kwargs)`` is
+``_forward_attention(*args, **kwargs)`` (norm, self-attention, residual; returns
+``(hidden_states, context)``) followed by ``_forward_mlp(hidden_states, inference_context,
+padding_mask=...)``, and ``TransformerBlock`` calls each layer as ``layer(hidden_states=...,
+attention_mask=..., context=..., ...)``. Each function checks, on first use, the internals it
+relies on (:mod:`megatron_ext.compat.internals`).
+
+* :func:`forward_attention` / :func:`forward_mlp`: a layer that runs something between its
+  attention and its MLP (the SGT attention loop) needs the two halves of Megatron's forward
+  separately; both are private methods.
+* :func:`rope_mscale`: Megatron's attention applies RoPE with the YaRN concentration factor of
+  the config (1.0 without YaRN), computed by a private helper; a loop pass that re-applies RoPE
+  must use the same factor.
+* :func:`skip_layer` / :func:`unskip_layer` / :func:`is_skipped`: elastic depth turns a layer into
+  a pass-through for one step by an instance-level ``forward``, which shadows the class's
+  ``forward`` for that layer only, whatever subclass of ``TransformerLayer`` it is, without
+  touching the class or rebuilding the block. The block and activation recomputation call
+  ``layer(...)``, which dispatches to it. The pass-through reads its arguments in the layout of
+  ``_forward_attention``, so that it accepts any call the real forward accepts.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_ext.compat.internals import Internal, require
+
+_FORWARD_ATTENTION = Internal(
+    "megatron.core.transformer.transformer_layer", "TransformerLayer._forward_attention",
+    parameters=("hidden_states", "attention_mask", "context"), positional=True)
+_FORWARD_MLP = Internal(
+    "megatron.core.transformer.transformer_layer", "TransformerLayer._forward_mlp",
+    parameters=("hidden_states", "inference_context", "padding_mask"), positional=True)
+_LAYER_FORWARD = Internal(
+    "megatron.core.transformer.transformer_layer", "TransformerLayer.forward",
+    source_contains=("self._forward_attention(*args, **kwargs)", "return output, context"))
+_BLOCK_CALLS_LAYER = Internal(
+    "megatron.core.transformer.transformer_block", "TransformerBlock.forward",
+    source_contains=("hidden_states=hidden_states", "context=context"))
+_YARN_MSCALE = Internal(
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",
+    "_yarn_get_concentration_factor_from_config", parameters=("config",), positional=True)
+_ATTENTION_MSCALE = Internal(
+    "megatron.core.transformer.attention", "Attention.forward",
+    source_contains=("mscale=_yarn_get_concentration_factor_from_config(self.config)",))
+
+_SUBLAYERS = (_FORWARD_ATTENTION, _FORWARD_MLP, _LAYER_FORWARD)
+_ROPE = (_YARN_MSCALE, _ATTENTION_MSCALE)
+_SKIP = (_FORWARD_ATTENTION, _LAYER_FORWARD, _BLOCK_CALLS_LAYER)
+
+INTERNALS = tuple(dict.fromkeys(_SUBLAYERS + _ROPE + _SKIP))
+"""Every Megatron-Core internal this module relies on."""
+
+
+def forward_attention(layer: torch.nn.Module, hidden_states: torch.Tensor, **kwargs):
+    """The attention half of ``layer``'s forward: ``(hidden_states, context)`` after the residual.
+
+    ``kwargs`` are those of ``TransformerLayer.forward`` (``attention_mask``, ``rotary_pos_emb``, ...).
+    """
+    require("megatron_ext.compat.layers.forward_attention", _SUBLAYERS)
+    return layer._forward_attention(hidden_states, **kwargs)
+
+
+def forward_mlp(layer: torch.nn.Module, hidden_states: torch.Tensor, inference_context=None,
+                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The MLP half of ``layer``'s forward (pre-MLP norm, MLP or MoE, residual)."""
+    require("megatron_ext.compat.layers.forward_mlp", _SUBLAYERS)
+    return layer._forward_mlp(hidden_states, inference_context, padding_mask=padding_mask)
+
+
+def rope_mscale(config) -> float:
+    """The ``mscale`` Megatron's attention hands ``apply_rotary_pos_emb`` for ``config``."""
+    require("megatron_ext.compat.layers.rope_mscale", _ROPE)
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        _yarn_get_concentration_factor_from_config,
+    )
+
+    return _yarn_get_concentration_factor_from_config(config)
+
+
+def _pass_through(*args, **kwargs):
+    """``TransformerLayer.forward`` of a skipped layer: ``(hidden_states, context)``, unchanged.
+
+    The block calls ``layer(hidden_states=..., attention_mask=..., context=..., ...)``; the
+    positional form follows ``TransformerLayer._forward_attention(hidden_states, attention_mask,
+    context, ...)``.
+    """
+    hidden_states = args[0] if args else kwargs["hidden_states"]
+    context = args[2] if len(args) > 2 else kwargs.get("context")
+    return hidden_states, context
+
+
+class _ZeroGradPassThrough:
+    """A skipped layer's forward under overlapped gradient reduction: its input, plus a zero that
+    depends on every parameter of the layer, so that each gets a zero gradient.
+
+    Megatron DDP with ``overlap_grad_reduce`` starts a bucket's reduction once every parameter in
+    it has reported its gradient (as often as in the first step); a layer that does not run reports
+    none, and the step's ``finish_grad_sync`` would fail. With a zero gradient its parameters report
+    as usual, their gradients stay exactly zero (``0 * x``), and the layer still computes nothing
+    else: the cost is one read of its parameters per micro-batch.
+    """
+
+    def __init__(self, layer: torch.nn.Module):
+        self.params = [p for p in layer.parameters() if p.requires_grad]
+
+    def __call__(self, *args, **kwargs):
+        hidden_states, context = _pass_through(*args, **kwargs)
+        if self.params and torch.is_grad_enabled():
+            touch = torch.stack([p.sum().to(hidden_states.dtype) for p in self.params]).sum()
+            hidden_states = hidden_states + 0.0 * touch
+        return hidden_states, context
+
+
+def _is_pass_through(forward) -> bool:
+    return forward is _pass_through or isinstance(forward, _ZeroGradPassThrough)
+
+
+def is_skipped(layer: torch.nn.Module) -> bool:
+    """Whether :func:`skip_layer` made ``layer`` a pass-through."""
+    return _is_pass_through(vars(layer).get("forward"))
+
+
+def skip_layer(layer: torch.nn.Module, zero_grads: bool = False) -> None:
+    """Make the ``TransformerLayer`` ``layer`` return its input unchanged until :func:`unskip_layer`.
+
+    ``zero_grads``: give each of its parameters an exact zero gradient (needed under Megatron DDP
+    with ``overlap_grad_reduce``, see :class:`_ZeroGradPassThrough`); otherwise they get none.
+    """
+    require("megatron_ext.compat.layers.skip_layer", _SKIP)
+    if "forward" in vars(layer) and not is_skipped(layer):
+        raise RuntimeError(f"layer {layer.layer_number} already has an instance-level forward that "
+                           "skip_layer would replace: remove it before skipping the layer")
+    layer.forward = _ZeroGradPassThrough(layer) if zero_grads else _pass_through
+
+
+def unskip_layer(layer: torch.nn.Module) -> None:
+    """Undo :func:`skip_layer` (nothing to do for a layer that is not skipped)."""
+    if is_skipped(layer):
+        del layer.forward

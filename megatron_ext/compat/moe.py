@@ -1,0 +1,69 @@
+"""``TopKRouter`` internals: changing top-k at run time, and a selection-only expert bias.
+
+Written for megatron-core 0.16.1. Megatron fixes a router's top-k at construction; nothing in its
+API changes it afterwards, nor lets a caller bias the top-k selection for one call. Elastic
+sparsity and elastic width (:mod:`megatron_ext.moe`) need both, and get them from what 0.16.1's
+code reads:
+
+* top-k: ``TopKRouter.routing`` selects ``self.topk`` experts (set from ``config.moe_router_topk``
+  in ``__init__``), while the alltoall dispatcher sizes its dropless output buffer from the
+  config (``num_out_tokens = tokens * config.moe_router_topk`` in ``preprocess``), which every
+  MoE layer shares: :func:`set_topk` writes both.
+* selection bias: ``TopKRouter.routing`` hands ``self.expert_bias`` to
+  ``topk_routing_with_score_function(..., expert_bias=...)``, which adds it to the scores for the
+  top-k selection only (gate weights use the unbiased scores); nothing else in ``routing`` reads
+  it. :func:`topk_selection_bias` swaps it for one call.
+
+Each function checks, on first use, the internals it relies on (:mod:`megatron_ext.compat.internals`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from megatron_ext.compat.internals import Internal, require
+
+_ROUTER = "megatron.core.transformer.moe.router"
+
+_TOPK = (
+    Internal(_ROUTER, "TopKRouter.__init__", source_contains=("self.topk = self.config.moe_router_topk",)),
+    Internal(_ROUTER, "TopKRouter.routing", source_contains=("self.topk",)),
+    Internal("megatron.core.transformer.moe.token_dispatcher", "MoEAlltoAllTokenDispatcher.preprocess",
+             source_contains=("self.config.moe_router_topk",)),
+    Internal("megatron.core.transformer.transformer_config", "TransformerConfig.moe_router_topk"),
+)
+_SELECTION_BIAS = (
+    Internal(_ROUTER, "TopKRouter.routing", parameters=("logits", "padding_mask"),
+             source_contains=("expert_bias=self.expert_bias",)),
+    Internal("megatron.core.transformer.moe.moe_utils", "topk_routing_with_score_function",
+             parameters=("logits", "topk", "score_function", "expert_bias")),
+)
+
+INTERNALS = tuple(dict.fromkeys(_TOPK + _SELECTION_BIAS))
+"""Every Megatron-Core internal this module relies on."""
+
+
+def set_topk(router: torch.nn.Module, k: int) -> None:
+    """Make ``router`` (a ``TopKRouter``) and the token dispatcher route every token to ``k`` experts.
+
+    Writes ``router.topk`` and ``router.config.moe_router_topk``; the config is shared by all MoE
+    layers of the model, so every router must be set to the same ``k`` before the next forward.
+    """
+    require("megatron_ext.compat.moe.set_topk", _TOPK)
+    router.topk = k
+    router.config.moe_router_topk = k
+
+
+@contextmanager
+def topk_selection_bias(router: torch.nn.Module, bias: torch.Tensor):
+    """Within the block, ``router.routing`` selects top-k by ``score + bias`` (``[num_experts]`` or
+    ``[tokens, num_experts]``); the learned ``expert_bias`` buffer is restored untouched after."""
+    require("megatron_ext.compat.moe.topk_selection_bias", _SELECTION_BIAS)
+    learned = router.expert_bias
+    router.expert_bias = bias
+    try:
+        yield
+    finally:
+        router.expert_bias = learned

@@ -1,0 +1,136 @@
+"""Elastic ultra-sparse MoE (ERNIE 5.0, arXiv 2602.04705) as a :class:`~megatron_ext.capability.Capability`.
+
+Config: the ``moe``, ``routing`` and ``elastic`` sections. Model: Megatron's ``MoELayer`` (alltoall
+dispatcher) in the layers of ``moe.layer_pattern`` / after ``moe.first_k_dense``, with our router
+(:mod:`megatron_ext.moe.router`). Training: :class:`MoECallback` (elastic sub-networks, expert bias,
+load statistics); the forward step hands each micro-batch's modality ids to the routers (the
+modality-isolated baseline routes by them, every router counts load by them). Sub-models: the kept
+experts of every kept MoE layer (weights, router rows, expert-bias entries), renumbered, and the new
+top-k.
+
+Modules that import torch or Megatron are imported inside the hooks, so that the run config stays
+light to load.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Dict, List
+
+from megatron_ext.capability import Capability
+from megatron_ext.moe.config import ElasticConfig, MoEConfig, RoutingConfig
+
+_EXPERT = re.compile(r"^(mlp\.experts\.local_experts\.)(\d+)\.(.*)$")
+_PER_EXPERT_ROWS = ("mlp.router.weight", "mlp.router.bias", "mlp.router.expert_bias")
+
+
+class MixtureOfExperts(Capability):
+    name = "moe"
+    sections = {"moe": MoEConfig, "routing": RoutingConfig, "elastic": ElasticConfig}
+
+    def enabled(self, cfg) -> bool:
+        return cfg.moe.enabled
+
+    def check(self, cfg, *, world_size: int, data_parallel: int, cuda: bool) -> List[str]:
+        m, p, t, moe, e = cfg.model, cfg.parallel, cfg.train, cfg.moe, cfg.elastic
+        problems = []
+        if not moe.enabled:
+            if p.expert > 1:
+                problems.append(f"parallel.expert={p.expert} needs moe.enabled: true")
+            if e.enabled:
+                problems.append("elastic.enabled needs moe.enabled: true (elastic training samples MoE sub-networks)")
+            return problems
+        if moe.num_experts % p.expert:
+            problems.append(f"moe.num_experts={moe.num_experts} is not divisible by parallel.expert={p.expert}")
+        if p.tensor > 1 and not p.sequence_parallel:
+            problems.append("parallel.sequence_parallel must be true for MoE with parallel.tensor > 1 "
+                            "(Megatron requires it)")
+        pattern = moe.layer_pattern_for(m.num_layers)
+        if len(pattern) != m.num_layers:
+            problems.append(f"moe.layer_pattern has {len(pattern)} entries for model.num_layers={m.num_layers}")
+        elif not any(pattern):
+            problems.append("moe.enabled is true but no layer is an MoE layer (moe.first_k_dense / layer_pattern)")
+        problems.extend(cfg.routing.problems_with_model(moe.num_experts, moe.top_k, moe.score_function))
+        if e.enabled:
+            problems.extend(e.problems_with_model(m.num_layers, moe.num_experts, moe.top_k))
+        if cfg.routing.mode == "modality_isolated" and (e.enabled and e.width_full_prob < 1 or t.recompute == "full"):
+            problems.append("routing.mode='modality_isolated' cannot be combined with elastic width or "
+                            "train.recompute='full'")
+        return problems
+
+    def transformer_config(self, cfg) -> Dict[str, Any]:
+        moe = cfg.moe
+        return dict(
+            num_moe_experts=moe.num_experts,
+            moe_router_topk=moe.top_k,
+            moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
+            moe_layer_freq=moe.layer_pattern_for(cfg.model.num_layers),
+            moe_token_dispatcher_type="alltoall",
+            moe_router_load_balancing_type=moe.load_balancing,
+            moe_aux_loss_coeff=moe.aux_loss_coeff,
+            moe_z_loss_coeff=moe.z_loss_coeff,
+            moe_expert_capacity_factor=moe.capacity_factor,
+            moe_router_score_function=moe.score_function,
+            moe_router_dtype="fp32",
+            moe_router_enable_expert_bias=cfg.routing.expert_bias,
+            moe_router_bias_update_rate=cfg.routing.bias_update_rate,
+        )
+
+    def layer_specs(self, cfg, specs: list) -> list:
+        from megatron_ext.models.layer_spec import map_specs, mlp_spec, replace_submodule
+        from megatron_ext.moe.router import with_router
+
+        mlp = with_router(mlp_spec(num_experts=cfg.moe.num_experts), cfg.routing)
+        as_moe = map_specs(specs, lambda spec: replace_submodule(spec, "mlp", mlp))
+        pattern = cfg.moe.layer_pattern_for(cfg.model.num_layers)
+        return [moe_spec if is_moe else spec for spec, moe_spec, is_moe in zip(specs, as_moe, pattern)]
+
+    def callback(self, cfg, log):
+        from megatron_ext.moe.callback import MoECallback
+
+        return MoECallback(cfg.elastic, cfg.routing, cfg.model.num_layers, cfg.moe.num_experts, cfg.moe.top_k,
+                           seed=cfg.train.seed)
+
+    def batch_hook(self, cfg):
+        from megatron_ext.moe.router import set_modality_ids
+
+        return lambda model_chunk, batch: set_modality_ids(model_chunk, batch["modality_ids"])
+
+    # -- sub-models: the kept experts, renumbered in order, and the new top-k ---------------------------
+    def check_submodel(self, cfg, sub) -> List[str]:
+        if not cfg.moe.enabled:
+            if sub.experts is not None or sub.top_k is not None:
+                return ["the model has no MoE layers (moe.enabled is false): kept experts and a top-k need an "
+                        "MoE model"]
+            return []
+        e = cfg.moe.num_experts
+        experts = list(sub.experts) if sub.experts is not None else list(range(e))
+        if any(not 0 <= x < e for x in experts) or experts != sorted(set(experts)):
+            return [f"experts {experts} must be distinct, ascending indices in [0, {e})"]
+        top_k = cfg.moe.top_k if sub.top_k is None else sub.top_k
+        if not 1 <= top_k <= len(experts):
+            return [f"top-k {top_k} must be in [1, {len(experts)}] (the kept experts)"]
+        return []
+
+    def submodel_config(self, cfg, small, sub, output: Path) -> None:
+        pattern = cfg.moe.layer_pattern_for(cfg.model.num_layers)
+        small.moe.layer_pattern = [pattern[i] for i in sub.layers]
+        if sub.experts is not None:
+            small.moe.num_experts = len(sub.experts)
+        if sub.top_k is not None:
+            small.moe.top_k = sub.top_k
+        small.elastic.enabled = False  # a standalone sub-model: no sub-networks of its own
+
+    def submodel_tensor(self, cfg, name: str, tensor, sub):
+        num_experts = cfg.moe.num_experts
+        experts = list(sub.experts) if sub.experts is not None else list(range(num_experts))
+        expert = _EXPERT.match(name)
+        if expert is not None:
+            if int(expert.group(2)) not in experts:
+                return None
+            return f"{expert.group(1)}{experts.index(int(expert.group(2)))}.{expert.group(3)}", tensor
+        if name in _PER_EXPERT_ROWS and tensor is not None and tensor.shape[0] == num_experts:
+            return name, tensor[experts].clone()
+        return name, tensor

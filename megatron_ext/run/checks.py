@@ -1,0 +1,81 @@
+"""Checks that need several sections or the launch: run before any process group exists."""
+
+from __future__ import annotations
+
+from megatron_ext.config import ConfigError
+from megatron_ext.models.vocab import padded_vocab_size
+from megatron_ext.parallel.sizes import layout_problems
+from megatron_ext.run.config import RunConfig
+from megatron_ext.run.registry import CAPABILITIES
+
+
+def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
+    """The data-parallel size of ``cfg`` on ``world_size`` ranks (0 when the sizes do not fit)."""
+    p = cfg.parallel
+    return layout_problems(world_size, tensor=p.tensor, pipeline=p.pipeline, context=p.context)[0]
+
+
+def check_run(cfg: RunConfig, world_size: int, *, cuda: bool) -> None:
+    """Raise ConfigError listing every problem of ``cfg`` for a job of ``world_size`` ranks: the core
+    sections' cross checks, then every registered capability's :meth:`~Capability.check`."""
+    m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
+    dp, problems = layout_problems(world_size, tensor=p.tensor, pipeline=p.pipeline, context=p.context,
+                                   expert=p.expert, expert_tensor=p.expert_tensor)
+
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.num_attention_heads % p.tensor:
+        problems.append(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+                        f"parallel.tensor={p.tensor}")
+    if groups % p.tensor:
+        problems.append(f"model.num_query_groups={groups} is not divisible by parallel.tensor={p.tensor}: "
+                        "each TP rank must hold whole KV heads")
+    if padded_vocab_size(m.vocab_size) % p.tensor:
+        problems.append(f"padded vocabulary {padded_vocab_size(m.vocab_size)} is not divisible by "
+                        f"parallel.tensor={p.tensor}")
+    stages = p.pipeline * (p.virtual_pipeline or 1)
+    if m.num_layers % stages:
+        problems.append(f"model.num_layers={m.num_layers} is not divisible by the {stages} pipeline "
+                        f"stages (parallel.pipeline={p.pipeline} x virtual_pipeline={p.virtual_pipeline or 1})")
+    if p.sequence_parallel and p.tensor > 1 and d.seq_length % p.tensor:
+        problems.append(f"data.seq_length={d.seq_length} is not divisible by parallel.tensor={p.tensor}, "
+                        "which sequence parallelism needs")
+    if p.context > 1:
+        if d.seq_length % (2 * p.context):
+            problems.append(f"data.seq_length={d.seq_length} is not divisible by 2 * parallel.context = "
+                            f"{2 * p.context} (context parallelism splits the sequence into 2*CP chunks)")
+        if not cuda:
+            problems.append(f"parallel.context={p.context}: context parallelism needs Transformer "
+                            "Engine attention on GPU; use parallel.context=1 on CPU")
+    max_pos = m.max_position_embeddings or d.seq_length
+    if max_pos < d.seq_length:
+        problems.append(f"model.max_position_embeddings={max_pos} is shorter than data.seq_length={d.seq_length}")
+
+    if dp:
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size % per_step:
+            problems.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                            f"train.micro_batch_size x data-parallel size = {t.micro_batch_size}*{dp}")
+    if t.precision == "bf16" and not cuda:
+        problems.append("train.precision='bf16' needs a GPU (the CPU optimizer keeps no fp32 master "
+                        "weights); use 'fp32' or 'auto'")
+    if t.lr_schedule == "wsd" and t.wsd_decay_steps and t.wsd_decay_steps > t.steps - t.warmup_steps:
+        problems.append(f"train.wsd_decay_steps={t.wsd_decay_steps} exceeds the steps after warmup "
+                        f"({t.steps - t.warmup_steps})")
+    if d.kind == "indexed":
+        from megatron_ext.data.indexed import DataError, check_prefix
+
+        for prefix in d.paths:
+            try:
+                check_prefix(prefix, m.vocab_size, None if d.tokenizer is None else _identity(d.tokenizer))
+            except (DataError, FileNotFoundError, ValueError) as err:
+                problems.append(f"data.paths: {err}")
+    for capability in CAPABILITIES:
+        problems.extend(capability.check(cfg, world_size=world_size, data_parallel=dp, cuda=cuda))
+    if problems:
+        raise ConfigError(problems)
+
+
+def _identity(tokenizer_spec: str) -> str:
+    from megatron_ext.data.tokenizers import load_tokenizer
+
+    return load_tokenizer(tokenizer_spec).identity

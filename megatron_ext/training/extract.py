@@ -1,0 +1,105 @@
+"""Sub-model extraction: a standalone smaller model from a checkpoint.
+
+A sub-network of the trained model (kept ``layers``; with MoE also kept ``experts`` and a
+``top_k``; see :class:`~megatron_ext.moe.elastic.SubNetwork`) is written as a model of its own:
+layers renumbered 0..n-1, and whatever each enabled capability contributes for the kept layers
+(:meth:`Capability.submodel_config`, :meth:`~Capability.submodel_tensor`,
+:meth:`~Capability.submodel_state`: MoE keeps the chosen experts' weights and router rows, hybrid
+attention the kept layers' allocation, looping their loops). Because elastic training ran exactly
+these sub-networks (a skipped layer is the identity; routing restricted to a subset is top-k over
+that subset's scores), the extracted model computes the same function as the full model under
+:func:`megatron_ext.moe.elastic.apply` of the same sub-network.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_ext.run import CAPABILITIES, RunConfig
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+
+def check_subnetwork(cfg: RunConfig, sub) -> None:
+    """Raise ValueError unless ``sub`` is a sub-network of ``cfg``'s model that can be extracted."""
+    n = cfg.model.num_layers
+    problems = []
+    if not sub.layers or any(not 0 <= i < n for i in sub.layers) or list(sub.layers) != sorted(set(sub.layers)):
+        problems.append(f"layers {list(sub.layers)} must be distinct, ascending indices in [0, {n})")
+    for capability in CAPABILITIES:
+        problems.extend(capability.check_submodel(cfg, sub))
+    if problems:
+        raise ValueError("cannot extract the sub-network: " + "; ".join(problems))
+
+
+def subnetwork_state_dict(cfg: RunConfig, full: Dict[str, torch.Tensor], sub) -> Dict[str, torch.Tensor]:
+    """Select and renumber the tensors of ``sub`` from a full model's unsharded state dict."""
+    layer_map = {old: new for new, old in enumerate(sub.layers)}
+    out: Dict[str, torch.Tensor] = {}
+    for name, tensor in full.items():
+        match = _LAYER.match(name)
+        if match is None:  # embedding, final norm, output layer
+            out[name] = tensor
+            continue
+        layer, kept = int(match.group(1)), (match.group(2), tensor)
+        if layer not in layer_map:
+            continue
+        for capability in cfg.capabilities:
+            kept = capability.submodel_tensor(cfg, kept[0], kept[1], sub)
+            if kept is None:
+                break
+        if kept is not None:
+            out[f"decoder.layers.{layer_map[layer]}.{kept[0]}"] = kept[1]
+    return out
+
+
+def extract_submodel(run_dir: Path, output: Path, sub, step: Optional[int] = None) -> Path:
+    """Load ``run_dir``'s checkpoint (latest or ``step``), write the sub-model to ``output`` (its
+    config.yaml, the files its capabilities need, and a step-0 checkpoint); returns the checkpoint."""
+    from megatron_ext.config import dump_yaml
+    from megatron_ext.models.builder import build_model, unsharded
+    from megatron_ext.run import load_config
+    from megatron_ext.training.capabilities import restore_capabilities
+    from megatron_ext.training.checkpoint import CheckpointManager
+
+    cfg = load_config(run_dir / "config.yaml")
+    check_subnetwork(cfg, sub)
+    manager = CheckpointManager(run_dir / "checkpoints", keep_last=1)
+    path = manager.latest() if step is None else run_dir / "checkpoints" / f"step_{step:08d}"
+    if path is None or not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {run_dir / 'checkpoints'}")
+    single = unsharded(cfg)
+    single.checkpoint.load_optimizer = False
+    (full,) = build_model(single, cuda=False)
+    common = manager.load(path, [full], None, load_optimizer=False)
+    callbacks = restore_capabilities(single, [full], common, run_dir)
+
+    output.mkdir(parents=True, exist_ok=True)
+    small_cfg = copy.deepcopy(single)
+    small_cfg.name = f"{cfg.name}-sub"
+    small_cfg.model.num_layers = len(sub.layers)
+    is_writer = dist.get_rank() == 0
+    states = {}
+    for capability in cfg.capabilities:
+        capability.submodel_config(cfg, small_cfg, sub, output)
+        callback = callbacks.get(capability.name)
+        state = capability.submodel_state(cfg, callback, sub, common["step"], output, is_writer)
+        if state is not None:
+            states[callback.name] = state
+    dist.barrier()  # files the sub-model's config points to are written
+    small_state = subnetwork_state_dict(cfg, full.state_dict(), sub)
+    (small,) = build_model(small_cfg, cuda=False)
+    small.load_state_dict(small_state, strict=True)
+    if is_writer:
+        dump_yaml(small_cfg, output / "config.yaml")
+    sub_common = {"consumed_samples": 0, "skipped_steps": 0, "scheduler": None, "callbacks": states,
+                  "extracted_from": {"run_dir": str(run_dir), "checkpoint": path.name, "layers": list(sub.layers),
+                                     "experts": None if sub.experts is None else list(sub.experts),
+                                     "top_k": sub.top_k}}
+    return CheckpointManager(output / "checkpoints", keep_last=1).save(0, [small], None, sub_common)
