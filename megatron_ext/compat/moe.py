@@ -13,6 +13,10 @@ code reads:
   ``topk_routing_with_score_function(..., expert_bias=...)``, which adds it to the scores for the
   top-k selection only (gate weights use the unbiased scores); nothing else in ``routing`` reads
   it. :func:`topk_selection_bias` swaps it for one call.
+* token counts: with the expert bias on, ``TopKRouter._apply_expert_bias`` adds each routed
+  forward's tokens per expert to ``self.local_tokens_per_expert`` (created in ``__init__``), which
+  ``finalize_model_grads`` reduces for the bias update and then zeroes. A grad-enabled forward
+  outside a training step would leak into the next update: :func:`reset_token_counts` zeroes them.
 
 Each function checks, on first use, the internals it relies on (:mod:`megatron_ext.compat.internals`).
 """
@@ -41,7 +45,13 @@ _SELECTION_BIAS = (
              parameters=("logits", "topk", "score_function", "expert_bias")),
 )
 
-INTERNALS = tuple(dict.fromkeys(_TOPK + _SELECTION_BIAS))
+_TOKEN_COUNTS = (
+    Internal(_ROUTER, "TopKRouter.__init__", source_contains=("self.local_tokens_per_expert",)),
+    Internal(_ROUTER, "TopKRouter._apply_expert_bias",
+             source_contains=("self.local_tokens_per_expert += routing_map.sum(dim=0)",)),
+)
+
+INTERNALS = tuple(dict.fromkeys(_TOPK + _SELECTION_BIAS + _TOKEN_COUNTS))
 """Every Megatron-Core internal this module relies on."""
 
 
@@ -67,3 +77,10 @@ def topk_selection_bias(router: torch.nn.Module, bias: torch.Tensor):
         yield
     finally:
         router.expert_bias = learned
+
+
+def reset_token_counts(router: torch.nn.Module) -> None:
+    """Zero ``router``'s per-expert token counts of the expert-bias update (no-op without the bias)."""
+    require("megatron_ext.compat.moe.reset_token_counts", _TOKEN_COUNTS)
+    if router.local_tokens_per_expert is not None:
+        router.local_tokens_per_expert.zero_()

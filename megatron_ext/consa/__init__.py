@@ -1,1 +1,1 @@
-"""ConSA: learned full / sliding-window attention allocation."""
+"""ConSA (arXiv 2606.18056): learned full / sliding-window attention allocation."""

@@ -24,7 +24,7 @@ def rule_layer_allocation(num_layers: int, pattern: str) -> torch.Tensor:
 
 
 def rule_head_allocation(num_layers: int, num_kv_heads: int, target: float) -> torch.Tensor:
-    """The same round(rho * heads) SWA KV heads (the lowest indices) in every layer."""
+    """The same round(rho * heads) SWA KV heads ([choice] the lowest indices) in every layer."""
     swa = round(target * num_kv_heads)
     row = torch.arange(num_kv_heads) >= swa
     return row.expand(num_layers, num_kv_heads).clone()

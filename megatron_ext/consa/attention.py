@@ -6,13 +6,14 @@ rank's heads after the TP split), returning ``[s, b, np * hn]``. Each layer is i
 modes, set by the ConSA callback (default: full):
 
 * ``full``    causal attention for every head;
-* ``gated``   (mask learning) every unit mixes both outputs by its gate z, ConSA's training form
+* ``gated``   (mask learning) every unit mixes both outputs by its gate z, the training form of
+              ConSA (arXiv 2606.18056) [digest]
               ``out_u = z_u * FA_u(q, k, v) + (1 - z_u) * SWA_u(q, k, v)``; a unit is the layer
               (one z) or a KV head (its z is shared by the query heads of its group);
 * ``static``  (after binarization) each KV head runs one kernel: the FA heads and the SWA heads
               are computed as two groups, so SWA heads really cost O(s * W).
 
-Window convention: a query at position i sees keys i - W + 1 .. i (W keys, itself included).
+Window convention [choice]: a query at position i sees keys i - W + 1 .. i (W keys, itself included).
 Under TP a rank holds KV heads ``[tp_rank * ng_local, (tp_rank + 1) * ng_local)`` and uses the
 gates / allocation of exactly those heads, so heads and their gates are sharded together.
 """

@@ -1,8 +1,10 @@
-"""ConSA in the training loop: gates, constraint, binarization, static hybrid, metrics and plots.
+"""ConSA (arXiv 2606.18056) in the training loop: gates, constraint, binarization, static hybrid,
+metrics and plots.
 
-Gate logits ``log_alpha`` [num_layers, units] are tiny and replicated on every rank, outside the
-model (not in DDP, not in the model optimizer): they have their own Adam, as in LLM-Shearing, and
-the Lagrange multipliers their own ascent. Each layer's :class:`HybridCoreAttention` reads its row.
+[choice] Gate logits ``log_alpha`` [num_layers, units] are tiny and replicated on every rank,
+outside the model (not in DDP, not in the model optimizer): they have their own Adam, as in
+LLM-Shearing [code], and the Lagrange multipliers their own ascent. Each layer's
+:class:`HybridCoreAttention` reads its row.
 
 Gradient of log_alpha after a step's backward, on every rank:
     LM part:   each rank holds the contributions of its layers (PP) and heads (TP) for its data;

@@ -21,9 +21,9 @@ LEARNED_METHODS = ("consa", "scalar_rank")
 class HardConcreteConfig:
     """Constants of the hard concrete distribution and of the ``log_alpha`` initialisation.
 
-    The defaults are those of Louizos et al. (2018) and LLM-Shearing: beta = 2/3, (gamma, zeta) =
-    (-0.1, 1.1), log_alpha ~ N(5, 0.01^2) (every gate starts open, i.e. every unit uses full attention)
-    and log_alpha kept in [ln 1e-2, ln 1e2].
+    The defaults are those of Louizos et al. (2018, arXiv 1712.01312) [paper] and LLM-Shearing [code]:
+    beta = 2/3, (gamma, zeta) = (-0.1, 1.1), log_alpha ~ N(5, 0.01^2) (every gate starts open, i.e.
+    every unit uses full attention) and log_alpha kept in [ln 1e-2, ln 1e2].
     """
 
     beta: float = 2.0 / 3.0
@@ -42,7 +42,8 @@ class HardConcreteConfig:
     """Lower bound that ``clamp_()`` applies to log_alpha after each optimizer step."""
     log_alpha_max: float = math.log(1e2)
     """Upper bound that ``clamp_()`` applies to log_alpha. The default init mean (5) lies above it, as in
-    LLM-Shearing: the initial values are used as drawn and the first clamp moves them to ln 100 ~ 4.61."""
+    LLM-Shearing [code]: the initial values are used as drawn and the first clamp moves them to
+    ln 100 ~ 4.61."""
 
     def __post_init__(self) -> None:
         c = Checks(self)
@@ -81,11 +82,11 @@ class HybridAttentionConfig:
     """Length of stage 1 (learned methods) in optimizer steps; then binarize and train the static
     hybrid. Alternatively give ``mask_learning_tokens``."""
     mask_learning_tokens: Optional[int] = None
-    """Length of stage 1 in tokens (the paper: 1B), converted with the global batch and sequence."""
+    """Length of stage 1 in tokens (the paper: 1B [digest]), converted with the global batch and sequence."""
     target_warmup_steps: int = 0
-    """The target rises linearly from 0 to ``target`` over this many steps."""
+    """The target rises linearly from 0 to ``target`` over this many steps (as LLM-Shearing [code])."""
     gate_lr: float = 0.1
-    """Adam learning rate of the gate logits (their own optimizer, as LLM-Shearing). [choice]"""
+    """Adam learning rate of the gate logits (their own optimizer, as LLM-Shearing [code]). [choice]"""
     gate_adam_beta1: float = 0.0
     """Adam beta1 of the gate logits. [choice] 0 (no momentum): momentum on top of the integral
     action of lambda1 made rho_hat swing between ~0 and ~0.95 for hundreds of steps in our
@@ -97,7 +98,7 @@ class HybridAttentionConfig:
     allocation: Optional[str] = None
     """static: an allocation.json written by a mask-learning run."""
     hard_concrete: HardConcreteConfig = field(default_factory=HardConcreteConfig)
-    """Hard-concrete constants (Louizos et al. 2018 / LLM-Shearing defaults)."""
+    """Hard-concrete constants (Louizos et al. 2018 [paper] / LLM-Shearing [code] defaults)."""
 
     def __post_init__(self):
         c = Checks(self)

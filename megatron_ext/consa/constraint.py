@@ -1,4 +1,4 @@
-"""Augmented-Lagrangian control of the expected SWA fraction of the ConSA gates.
+"""Augmented-Lagrangian control of the expected SWA fraction of the ConSA (arXiv 2606.18056) gates.
 
 With rho_hat the expected fraction of SWA units (:meth:`HardConcreteGates.expected_swa_fraction`)
 and rho_t the target at step t, training solves the saddle-point problem
@@ -6,12 +6,12 @@ and rho_t the target at step t, training solves the saddle-point problem
     min_{theta, log_alpha} max_{lambda1, lambda2}
         L = L_LM + lambda1 * (rho_hat - rho_t) + lambda2 * (rho_hat - rho_t)^2
 
-as in CoFi / LLM-Shearing (Xia et al. 2022, 2024): model weights and log_alpha descend on L, the
+as in CoFi / LLM-Shearing (Xia et al. 2022, 2024) [code]: model weights and log_alpha descend on L, the
 multipliers ascend on it. Ascent gives dL/dlambda1 = rho_hat - rho_t, so lambda1 keeps growing in the
 direction that penalises the current violation, and dL/dlambda2 = (rho_hat - rho_t)^2 >= 0, so lambda2
 only grows, stiffening the quadratic penalty while the constraint is violated. Both start at 0.
 
-The target warms up linearly, rho_t = rho * min(1, t / warmup_steps), so that the gates close
+The target warms up linearly [code], rho_t = rho * min(1, t / warmup_steps), so that the gates close
 gradually instead of all being pushed at once from the "all full attention" initialisation.
 
 In ``"per_layer"`` mode (for KV-head units) every layer has its own rho_hat_l and its own pair
@@ -33,7 +33,7 @@ class LagrangianController(torch.nn.Module):
     Update rule (gradient ascent, kept apart from the model's optimizer): each training step adds
     ``constraint_loss(rho_hat, step)`` to the loss once, runs backward, lets the model optimizer
     step the weights and log_alpha, and calls :meth:`ascent_step`, which applies
-    ``lambda += lambda_lr * grad`` and clears the gradients. The multipliers are deliberately not
+    ``lambda += lambda_lr * grad`` and clears the gradients. [choice] The multipliers are deliberately not
     handed to the model optimizer with a flipped gradient: AdamW would decay them and rescale
     their steps per coordinate, the model's learning-rate schedule would drive them, and a sharded
     mixed-precision optimizer would cast and shard them. So keep this module out of the model

@@ -3,20 +3,20 @@
 A unit is a decoder layer (``units_per_layer = 1``) or one KV head of a layer (``units_per_layer`` =
 number of KV heads). Each unit owns one learnable location ``log_alpha``; its gate ``z`` follows the
 hard concrete distribution of Louizos, Welling & Kingma, "Learning Sparse Neural Networks through L0
-Regularization" (ICLR 2018), the section "Hard concrete distribution":
+Regularization" (ICLR 2018, arXiv 1712.01312) [paper], the section "Hard concrete distribution":
 
     u ~ U(eps, 1 - eps)
     s = sigmoid((ln u - ln(1 - u) + log_alpha) / beta)          binary concrete sample
     z = clamp(s * (zeta - gamma) + gamma, 0, 1)                 stretched to (gamma, zeta), then hard-sigmoid
 
 Because the stretch puts mass beyond [0, 1], z is exactly 0 or exactly 1 with positive probability,
-and the probability that a gate is open has a closed form (the paper's expected L0 norm):
+and the probability that a gate is open has a closed form (the paper's expected L0 norm) [paper]:
 
     P(z != 0) = 1 - Q(s <= 0) = sigmoid(log_alpha - beta * ln(-gamma / zeta))
 
 so the expected fraction of SWA units, ``mean(1 - P(z != 0))``, is differentiable in ``log_alpha``.
-The evaluation gate and the exact-count binarization follow LLM-Shearing (Xia et al. 2024,
-``llmshearing/models/l0_module.py``): the deterministic gate scales the logit by 0.8, and the final
+The evaluation gate [code] and the exact-count binarization [choice] follow LLM-Shearing (Xia et
+al. 2024, ``llmshearing/models/l0_module.py``): the deterministic gate scales the logit by 0.8, and the final
 mask closes exactly round(rho * N) gates, those with the lowest ``log_alpha``.
 
 The module holds one scalar per unit, so it is meant to be kept whole on every rank; a pipeline stage
@@ -67,7 +67,7 @@ class HardConcreteGates(torch.nn.Module):
         """Training gate ``z`` in [0, 1], [num_layers, units_per_layer], differentiable w.r.t. log_alpha.
 
         u ~ U(eps, 1 - eps); s = sigmoid((ln u - ln(1 - u) + log_alpha) / beta);
-        z = clamp(s * (zeta - gamma) + gamma, 0, 1).
+        z = clamp(s * (zeta - gamma) + gamma, 0, 1). [paper]
         """
         c = self.config
         # float32 whatever the parameter dtype: 1 - eps = 1 - 1e-6 is not representable in bf16/fp16.
@@ -77,18 +77,19 @@ class HardConcreteGates(torch.nn.Module):
         return torch.clamp(s * (c.zeta - c.gamma) + c.gamma, 0.0, 1.0)
 
     def deterministic(self) -> torch.Tensor:
-        """Evaluation gate, [num_layers, units_per_layer]: the LLM-Shearing estimator
+        """Evaluation gate, [num_layers, units_per_layer]: the LLM-Shearing estimator [code]
 
             z = clamp(sigmoid(log_alpha / beta * 0.8) * (zeta - gamma) + gamma, 0, 1).
 
-        The paper's test-time estimator is the same expression without the 1/beta * 0.8 logit scale.
+        The paper's test-time estimator is the same expression without the 1/beta * 0.8 logit scale
+        [paper].
         """
         c = self.config
         s = torch.sigmoid(self.log_alpha.float() / c.beta * 0.8)
         return torch.clamp(s * (c.zeta - c.gamma) + c.gamma, 0.0, 1.0)
 
     def prob_nonzero(self) -> torch.Tensor:
-        """P(z != 0) = sigmoid(log_alpha - beta * ln(-gamma / zeta)), [num_layers, units_per_layer].
+        """P(z != 0) = sigmoid(log_alpha - beta * ln(-gamma / zeta)) [paper], [num_layers, units_per_layer].
 
         z = 0 exactly when the stretched sample s * (zeta - gamma) + gamma is <= 0, i.e. s <= -gamma /
         (zeta - gamma); inverting the binary concrete CDF at that point gives this closed form.
@@ -97,7 +98,7 @@ class HardConcreteGates(torch.nn.Module):
         return torch.sigmoid(self.log_alpha.float() - c.beta * math.log(-c.gamma / c.zeta))
 
     def expected_swa_fraction(self, mode: ConstraintMode = "global") -> torch.Tensor:
-        """Expected fraction of units using SWA, rho_hat = mean_u (1 - P(z_u != 0)).
+        """Expected fraction of units using SWA, rho_hat = mean_u (1 - P(z_u != 0)) [digest].
 
         ``"global"``: one scalar over all units of all layers; ``"per_layer"``: [num_layers], each
         layer's mean over its own units.
@@ -124,11 +125,12 @@ class HardConcreteGates(torch.nn.Module):
     def binarize(self, rho: float, mode: ConstraintMode = "global") -> torch.Tensor:
         """Final mask, torch.bool [num_layers, units_per_layer]: True = full attention, False = SWA.
 
-        ConSA's rule is z = 1[log_alpha > 0]. Following LLM-Shearing's evaluation mask, the number of
-        SWA units is instead made exact: the round(rho * N) units with the lowest log_alpha
-        become SWA, N being all units (``"global"``) or each layer's units (``"per_layer"``, so every
-        layer gets round(rho * units_per_layer)). ``round`` is Python's, which rounds halves to even.
-        Ties go by unit index (row-major over [layer, unit]): the lower index becomes SWA first.
+        ConSA's rule is z = 1[log_alpha > 0] [digest]. [choice] Following LLM-Shearing's evaluation
+        mask, the number of SWA units is instead made exact: the round(rho * N) units with the
+        lowest log_alpha become SWA, N being all units (``"global"``) or each layer's units
+        (``"per_layer"``, so every layer gets round(rho * units_per_layer)). ``round`` is Python's,
+        which rounds halves to even. [choice] Ties go by unit index (row-major over [layer, unit]):
+        the lower index becomes SWA first.
         """
         _check_mode(mode)
         if not 0.0 <= rho <= 1.0:

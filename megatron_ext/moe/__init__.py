@@ -1,4 +1,5 @@
-"""ERNIE 5.0 MoE: modality-agnostic routing with expert bias, elastic training, load statistics.
+"""ERNIE 5.0 MoE (arXiv 2602.04705): modality-agnostic routing with expert bias, elastic training,
+load statistics.
 
 The model-side modules import Megatron-Core and are imported from their own files:
 ``megatron_ext.moe.router`` (ElasticRouter, ModalityIsolatedRouter, with_router,

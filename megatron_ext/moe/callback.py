@@ -1,4 +1,5 @@
-"""ERNIE 5.0 MoE in the training loop: elastic sub-networks, expert-bias upkeep, load statistics.
+"""ERNIE 5.0 MoE (arXiv 2602.04705) in the training loop: elastic sub-networks, expert-bias upkeep,
+load statistics.
 
 Per optimizer step, on every rank:
 
@@ -32,6 +33,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_ext.compat.moe import reset_token_counts
 from megatron_ext.data.vocab import MODALITIES
 from megatron_ext.moe import elastic
 from megatron_ext.moe.config import ElasticConfig, RoutingConfig
@@ -101,11 +103,9 @@ class MoECallback(Callback):
     # -- per step ------------------------------------------------------------------------------------
     def on_step_begin(self, ctx: TrainContext) -> None:
         for router in self.routers:
-            # finalize_model_grads zeroes these after its bias update (megatron-core 0.16.1); a
-            # grad-enabled forward outside a training step (a probe, a test) would leak into the
-            # next update, so each step starts from zero.
-            if router.local_tokens_per_expert is not None:
-                router.local_tokens_per_expert.zero_()
+            # finalize_model_grads zeroes the counts after its bias update; a grad-enabled forward
+            # outside a training step (a probe, a test) would leak into the next update.
+            reset_token_counts(router)
         if self.sampler is None:
             return
         self.sub = self.sampler.sample(ctx.step + 1)

@@ -40,13 +40,14 @@ class MoEConfig:
     capacity_factor: Optional[float] = None
     """Token capacity per expert as a multiple of the balanced load; None: dropless."""
     load_balancing: Literal["none", "aux_loss", "seq_aux_loss"] = "none"
-    """Auxiliary load-balancing loss (for comparison; ERNIE 5.0 uses none + expert bias)."""
+    """Auxiliary load-balancing loss (for comparison; ERNIE 5.0 uses none + expert bias [paper])."""
     aux_loss_coeff: float = 0.0
     """Weight of the auxiliary load-balancing loss."""
     z_loss_coeff: Optional[float] = None
     """Weight of the router z-loss; None disables it."""
     score_function: Literal["softmax", "sigmoid"] = "sigmoid"
-    """Router score function (sigmoid, as DeepSeek-V3: what auxiliary-loss-free expert bias needs)."""
+    """Router score function (sigmoid, as DeepSeek-V3, arXiv 2412.19437: what auxiliary-loss-free
+    expert bias needs)."""
 
     def __post_init__(self):
         c = Checks(self)
@@ -75,30 +76,31 @@ class MoEConfig:
 
 @dataclass(kw_only=True)
 class ElasticConfig:
-    """Elastic training (ERNIE 5.0 section 3.3): every step trains a sampled sub-network.
+    """Elastic training (ERNIE 5.0 section 3.3) [paper]: every step trains a sampled sub-network.
 
     Per step, independently: depth (which layers run), width (which experts may be routed to) and
-    sparsity (top-k). The sub-network is drawn from ``(train.seed + seed_offset, step)`` only, so
+    sparsity (top-k). [choice] The sub-network is drawn from ``(train.seed + seed_offset, step)`` only, so
     every rank draws the same one without communication and a resumed run the same sequence.
     """
 
     enabled: bool = False
     """Sample a sub-network every step (False: always the full network)."""
     depth_full_prob: float = 0.75
-    """Probability of the full depth in a step. 0.75 is the paper's value; its depth ablation
+    """Probability of the full depth in a step. 0.75 is the paper's value [paper]; its depth ablation
     (16 layers) reports 0.8, which is within the paper's own range of settings."""
     width_full_prob: float = 0.8
-    """Probability that routing may use all experts in a step."""
+    """Probability that routing may use all experts in a step; 0.8 [paper]."""
     topk_default_prob: float = 0.8
-    """Probability of the model's default top-k in a step."""
+    """Probability of the model's default top-k in a step; 0.8 [paper]."""
     depth_min_layers: int = 1
-    """Fewest layers of a depth-reduced sub-network; its size is uniform in
+    """Fewest layers of a depth-reduced sub-network; [choice] its size is uniform in
     [depth_min_layers, num_layers - 1]."""
     width_num_experts: Optional[int] = None
-    """Experts of a width-reduced sub-network (a uniformly random subset of that size, the same in
-    every MoE layer); None: half of the experts. Must be at least the model's top-k."""
+    """Experts of a width-reduced sub-network ([choice] a uniformly random subset of that size, the
+    same in every MoE layer); [choice] None: half of the experts. Must be at least the model's top-k."""
     topk_range: Optional[List[int]] = None
-    """``[lo, hi)``: a reduced top-k is uniform in ``range(lo, hi)``; None: ``[1, top_k)``."""
+    """``[lo, hi)``: a reduced top-k is uniform in ``range(lo, hi)`` [choice]; None: ``[1, top_k)``
+    [paper]."""
     seed_offset: int = 0
     """Added to the run's seed for the sub-network stream (0: train.seed itself)."""
 
@@ -153,19 +155,19 @@ class RoutingConfig:
     """How tokens choose experts, and how expert load is balanced."""
 
     mode: Literal["agnostic", "modality_isolated"] = "agnostic"
-    """``agnostic`` (ERNIE 5.0): one router over one expert pool for every token, conditioned on
-    the hidden state only. ``modality_isolated`` (the ERNIE 4.5 baseline): the experts are split
-    into equal contiguous partitions, one per modality of ``isolated_modalities``, and a token
-    may only select experts of its modality's partition."""
+    """``agnostic`` (ERNIE 5.0) [paper]: one router over one expert pool for every token, conditioned
+    on the hidden state only. ``modality_isolated`` (the ERNIE 4.5 baseline) [paper]: the experts are
+    split ([choice]) into equal contiguous partitions, one per modality of ``isolated_modalities``,
+    and a token may only select experts of its modality's partition."""
     isolated_modalities: Optional[List[str]] = None
     """``modality_isolated`` only: the modalities that get a partition, in expert order; None: all
     of ``MODALITIES``. A token of another modality is an error."""
     expert_bias: bool = True
-    """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the
-    top-k selection only, moved by ``bias_update_rate`` toward balance after every step. Needs
+    """Auxiliary-loss-free balancing (DeepSeek-V3) [paper]: a per-expert bias added to the scores for
+    the top-k selection only, moved by ``bias_update_rate`` toward balance after every step. Needs
     ``moe.score_function: sigmoid``."""
     bias_update_rate: float = 1e-4
-    """Step of the bias update: 1e-4 in ERNIE 5.0 pre-training, 1e-5 later."""
+    """Step of the bias update: 1e-4 in ERNIE 5.0 pre-training, 1e-5 later [paper]."""
 
     def __post_init__(self) -> None:
         c = Checks(self)

@@ -1,12 +1,12 @@
 """Elastic training (ERNIE 5.0, arXiv 2602.04705, section 3.3): a sampled sub-network per step.
 
 Every step trains one sub-network with the ordinary LM loss in one backward pass (no
-distillation). Three independent draws per step:
+distillation) [paper]. Three independent draws per step:
 
     depth:    all layers with p = depth_full_prob, else a random subset of layers (order kept) of
-              a size uniform in [depth_min_layers, num_layers - 1]
+              a size uniform in [depth_min_layers, num_layers - 1] [choice]
     width:    all experts with p = width_full_prob, else routing restricted to a random subset of
-              width_num_experts experts (the same subset in every MoE layer)
+              width_num_experts experts ([choice] the same subset in every MoE layer)
     sparsity: the default top-k with p = topk_default_prob, else k uniform in [lo, hi)
 
 [choice] The draws come from a generator seeded by ``(seed, step)`` only, so that every rank that

@@ -16,10 +16,10 @@ logit only gives a score of 0, not ``-inf``; a restricted step therefore also ha
 selection bias that is ``-inf`` on the excluded experts. Gate weights keep using the unbiased
 scores, as in Megatron.
 
-:class:`ModalityIsolatedRouter` is the ERNIE 4.5 baseline: the experts are split into equal
-contiguous partitions, one per modality, and a token may only select experts of its modality's
-partition. It needs the modality ids of the micro-batch's tokens, which the forward step hands to
-every router of a model chunk with :func:`set_modality_ids` before the forward. The agnostic
+:class:`ModalityIsolatedRouter` is the ERNIE 4.5 baseline [paper]: the experts are split ([choice])
+into equal contiguous partitions, one per modality, and a token may only select experts of its
+modality's partition. It needs the modality ids of the micro-batch's tokens, which the forward
+step hands to every router of a model chunk with :func:`set_modality_ids` before the forward. The agnostic
 :class:`ElasticRouter` stores them too (for load statistics, :mod:`megatron_ext.moe.stats`) but its
 routing never reads them.
 
@@ -162,9 +162,9 @@ class ElasticRouter(TopKRouter):
 
 
 class ModalityIsolatedRouter(ElasticRouter):
-    """ERNIE 4.5's modality-isolated routing, the baseline to modality-agnostic routing.
+    """ERNIE 4.5's modality-isolated routing, the baseline to modality-agnostic routing [paper].
 
-    The experts form ``len(modalities)`` equal contiguous partitions, partition ``p`` for
+    [choice] The experts form ``len(modalities)`` equal contiguous partitions, partition ``p`` for
     ``modalities[p]``; a token of modality ``m`` may select only the experts of ``m``'s partition
     (intersected with the step's active experts). Needs :func:`set_modality_ids` before every
     forward.

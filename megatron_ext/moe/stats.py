@@ -7,8 +7,8 @@ Formulas, for one layer with ``N`` experts and ``c_i`` tokens routed to expert `
     NE = -sum_i p_i ln p_i / ln N,   p_i = c_i / sum_j c_j  (0 ln 0 = 0; 1 = perfectly balanced)
 
 NE and the IoU of two modalities' top-25% experts are the routing analysis of ERNIE 5.0
-(arXiv 2602.04705): IoU(A, B) = |T_A ∩ T_B| / |T_A ∪ T_B|, where T_m holds the ceil(N / 4)
-experts that received most tokens of modality m.
+(arXiv 2602.04705) [paper]: IoU(A, B) = |T_A ∩ T_B| / |T_A ∪ T_B|, where T_m holds the ceil(N / 4)
+experts that received most tokens of modality m (the ceil is our [choice]).
 
 :class:`LoadTracker` counts, during the forward, the tokens each router sends to each expert per
 modality, and reduces the counts at the end of the step into one ``[num_layers, M + 1, N]``
@@ -58,7 +58,7 @@ def top_experts(counts: Tensor, fraction: float = 0.25) -> List[int]:
 
 
 def top_experts_iou(counts_a: Tensor, counts_b: Tensor, fraction: float = 0.25) -> float:
-    """IoU of the top-``fraction`` experts of two modalities' counts ``[N]`` (ERNIE 5.0's overlap)."""
+    """IoU of the top-``fraction`` experts of two modalities' counts ``[N]`` (ERNIE 5.0's overlap [paper])."""
     a, b = set(top_experts(counts_a, fraction)), set(top_experts(counts_b, fraction))
     return len(a & b) / len(a | b)
 

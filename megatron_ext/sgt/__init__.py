@@ -1,4 +1,4 @@
-"""SGT: training-time sparse attention looping grown from deep to shallow layers.
+"""SGT (arXiv 2603.23998): training-time sparse attention looping grown from deep to shallow layers.
 
 The model-side modules import Megatron-Core and are imported from their own files:
 ``megatron_ext.sgt.looped_layer`` (LoopedTransformerLayer, looped_layer_spec) and

@@ -1,4 +1,5 @@
-"""SGT in the training loop: measure head entropy, grow loops on schedule, report, checkpoint.
+"""SGT (arXiv 2603.23998) in the training loop: measure head entropy, grow loops on schedule, report,
+checkpoint.
 
 Per optimizer step, on every rank:
 
@@ -10,7 +11,7 @@ Per optimizer step, on every rank:
    stage) and its heads (tensor-parallel slice), zeros elsewhere, and the matrix is summed over the
    tensor- and the pipeline-parallel group. :class:`EntropyTracker` averages it over the
    data-parallel group and folds it into the EMA; :class:`GrowthScheduler` then takes its
-   decisions, identically on every rank, and the local looped layers follow them. Once no
+   decisions, identically on every rank, and the local looped layers follow them. [choice] Once no
    measurement can change the schedule, the entropy hooks are removed (no cost left).
 
 Metrics (of the step just run): ``sgt/looped_layers``, ``sgt/loop_depths`` (one int per layer),

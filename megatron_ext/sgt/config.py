@@ -16,7 +16,7 @@ def _is_int(value) -> bool:
 
 @dataclass(kw_only=True)
 class GrowthConfig:
-    """SGT growth schedule; defaults are the paper's released configuration."""
+    """SGT growth schedule; defaults are the paper's released configuration [code]."""
 
     first_selection_step: int = 250
     """Optimizer step (1-based) at which the first layer is selected; entropy EMAs warm up before."""
@@ -68,18 +68,18 @@ class LoopingConfig(GrowthConfig):
 
     The schedule's fields (first_selection_step, window, top_k_layers, max_selected_layers,
     max_loop_depth, num_keep_heads, exclude_layers) are :class:`GrowthConfig`'s, kept flat in YAML;
-    defaults are the released configuration of the paper's 300M model.
+    defaults are the released configuration of the paper's 300M model [code].
     """
 
     enabled: bool = False
     """Build looped layers and grow loops during training."""
     method: Literal["sgt", "block"] = "sgt"
-    """``sgt``: a selected layer re-applies its attention sublayer (kept heads only, once the others
-    faded out) before its MLP. ``block``: the baseline that re-runs the whole block (attention +
+    """``sgt``: a selected layer re-applies its attention sublayer ([choice] kept heads only, once the
+    others faded out) before its MLP. ``block``: the baseline that re-runs the whole block (attention +
     MLP) of a selected layer. Both use the same entropy-driven schedule; ``block`` ignores
     num_keep_heads."""
     ema_decay: float = 0.5
-    """Decay of the per-head entropy EMA across steps, in [0, 1)."""
+    """Decay of the per-head entropy EMA across steps, in [0, 1); 0.5 [code]."""
 
     def __post_init__(self) -> None:
         problems = []

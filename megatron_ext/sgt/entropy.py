@@ -1,7 +1,7 @@
 """Head informativeness for SGT: entropy of the last query's attention row, tracked as an EMA.
 
 SGT (Sparse Growing Transformer, arXiv 2603.23998) scores an attention head by how
-spread out the attention of the *last* query position is. With logits
+spread out the attention of the *last* query position is [code]. With logits
 ``s_j = scale * <q_last, k_j>`` over the ``T`` keys and ``p = softmax(s)``,
 
     H = -sum_j p_j ln p_j / ln T        (in [0, 1]; 1 means uniform attention)
@@ -12,7 +12,7 @@ head (and, averaged over its heads, a layer) as informative: it is the one grown
 
 Per optimizer step the per-head entropies are averaged over the batch and the micro-batches,
 averaged over the data-parallel ranks, and smoothed across steps by an exponential moving
-average with decay 0.5 (the released configuration's ``ema_decay``):
+average with decay 0.5 (the released configuration's ``ema_decay``) [code]:
 
     ema_t = decay * ema_{t-1} + (1 - decay) * h_t,      ema_1 = h_1.
 
@@ -30,7 +30,7 @@ the authors' repository (YaoChen0203/Sparse-Growing-Transformer). Relation to it
 * What to observe is the caller's choice; the reference feeds every head's entropy from the
   layer's ordinary attention pass, except that once a layer loops, its kept heads are fed the
   entropy of their last loop pass instead (``finalize_entropy``).
-* The entropy uses ``log_softmax`` rather than ``log(clamp(p, 1e-12))``: same value, without the
+* [choice] The entropy uses ``log_softmax`` rather than ``log(clamp(p, 1e-12))``: same value, without the
   clamp's bias for near-zero probabilities.
 """
 

@@ -1,6 +1,6 @@
 """Analytical training FLOPs of a GPT step: vanilla, with SGT attention loops, with block loops.
 
-Convention (what ``torch.utils.flop_counter.FlopCounterMode`` counts, so that the two agree):
+Convention [choice] (what ``torch.utils.flop_counter.FlopCounterMode`` counts, so that the two agree):
 
 * Only matrix multiplications count, ``2 m n k`` each; norms, softmax, RoPE, activations, the
   embedding lookup and the loss are left out.
@@ -69,7 +69,7 @@ class GPTShape:
 
     @classmethod
     def from_run_config(cls, cfg, padded_vocab_size: int) -> "GPTShape":
-        """The shape of a run (``RunConfig``); MoE layers are counted as the dense MLP of
+        """The shape of a run (``RunConfig``); [choice] MoE layers are counted as the dense MLP of
         ``model.ffn_hidden_size`` (an approximation: the overhead of a loop is then relative to a
         dense model of the same width)."""
         m = cfg.model

@@ -1,19 +1,19 @@
 """A Megatron ``TransformerLayer`` that can loop its attention sublayer (SGT) or its whole block.
 
 SGT (Sparse Growing Transformer, arXiv 2603.23998) loops a selected layer's attention, after
-``x = x + Attn(norm(x))`` and before the MLP, ``loop_depth`` times with the same parameters:
+``x = x + Attn(norm(x))`` and before the MLP, ``loop_depth`` times with the same parameters [code]:
 
     h <- h + W_O · merge_heads(f ⊙ softmax(Q K^T / sqrt(d) + causal) V),   Q, K, V from norm(h)
 
 ``f`` holds one factor per query head: 1 for the kept heads, fading linearly to 0 for the others
-(:meth:`GrowthScheduler.head_factors`). The MLP runs once, after the loops.
+(:meth:`GrowthScheduler.head_factors`). The MLP runs once, after the loops [code].
 
 Two implementations of one loop pass, kept side by side:
 
 * reference (:meth:`LoopedTransformerLayer._loop_all_heads`): the layer's own ``linear_qkv``,
   norms, RoPE and ``linear_proj``; every head is computed and scaled by its factor before the
   output projection. Used while some factor lies strictly between 0 and 1 (the fade).
-* kept heads (:meth:`LoopedTransformerLayer._loop_kept_heads`): once every factor is 0 or 1, only
+* kept heads (:meth:`LoopedTransformerLayer._loop_kept_heads`) [choice]: once every factor is 0 or 1, only
   the rows of the QKV weight that belong to the kept query heads and their KV groups, and the
   matching columns of the output weight, are multiplied. The loop then costs the kept heads'
   share of the attention sublayer (the 1-3 % overhead of the paper). The tensor-parallel
@@ -83,7 +83,7 @@ class LoopedTransformerLayer(TransformerLayer):
     * ``loop_depth``: extra passes, 0 = the vanilla layer (:meth:`set_loop`);
     * ``loop_method``: ``"sgt"`` (attention sublayer) or ``"block"`` (whole layer);
     * ``head_factors``: one factor per query head of the whole layer (all TP ranks), used by
-      ``sgt`` (:meth:`set_head_factors`); a head with factor 0 is not computed at all;
+      ``sgt`` (:meth:`set_head_factors`); [choice] a head with factor 0 is not computed at all;
     * entropy tracking: on while a sink is installed (:meth:`set_entropy_sink`).
 
     ``use_kept_heads_path`` (default True) selects the kept-heads implementation whenever the

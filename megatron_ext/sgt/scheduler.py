@@ -5,14 +5,14 @@ during training, grows extra attention passes ("loops") on a few informative lay
 shallow. Informativeness is the EMA of the last query's normalized attention entropy
 (:mod:`megatron_ext.sgt.entropy`); a layer's score is the mean over its heads.
 
-Schedule (``window`` steps per phase; step numbers are 1-based and counted after the step):
+Schedule [code] (``window`` steps per phase; step numbers are 1-based and counted after the step):
 
 1. At ``first_selection_step``: rank the non-excluded layers by score, take the ``top_k_layers``
    best and select the deepest of them (largest index). It loops once (depth 1) and a window
    opens.
 2. When a window ends (``window`` steps after it opened), with the current top-k:
 
-   * the most recently selected layer is still in the top-k and its depth is below
+   * the most recently selected layer ([choice], see below) is still in the top-k and its depth is below
      ``max_loop_depth``: it loops once more, and a new window opens;
    * else, fewer than ``max_selected_layers`` layers are selected and a top-k layer lies
      shallower than every selected layer: the deepest such layer is selected (depth 1), and a
@@ -21,7 +21,8 @@ Schedule (``window`` steps per phase; step numbers are 1-based and counted after
 
 3. A selected layer keeps the ``num_keep_heads`` heads of highest EMA entropy at its selection.
    Its other heads' loop outputs are multiplied by ``max(0, 1 - (step - s) / window)``, ``s``
-   the layer's selection step: a linear fade over one window, after which they are not computed.
+   the layer's selection step: a linear fade over one window, after which ([choice]) they are not
+   computed.
 
 Reference code: ``olmo/dynamic_layer_scheduler.py`` and ``olmo/loop_attention.py``
 (``select_heads``, ``update_head_decay``) of the authors' repository
@@ -48,7 +49,7 @@ Where that code leaves room, this module decides as follows:
   schedule: once frozen, and already during the last window, when ``max_selected_layers`` layers
   are selected and the latest is at ``max_loop_depth`` (the reference keeps measuring until the
   freeze).
-* Deepening does not restart the head fade, as in the reference (``increase_loop_depth`` leaves
+* [code] Deepening does not restart the head fade, as in the reference (``increase_loop_depth`` leaves
   the decay window alone): the fade always runs from the layer's selection step.
 """
 
@@ -145,7 +146,7 @@ class GrowthScheduler:
         return [self._freeze(step)]
 
     def _top_k(self, layer_scores: Mapping[int, float]) -> List[int]:
-        """The ``top_k_layers`` best non-excluded layers, by score then by depth (deeper first)."""
+        """The ``top_k_layers`` best non-excluded layers, by score then by depth (deeper first, [choice])."""
         for layer, score in layer_scores.items():
             if not 0 <= layer < self.num_layers:
                 raise ValueError(f"layer_scores has layer {layer}, outside [0, {self.num_layers})")
@@ -198,7 +199,7 @@ class GrowthScheduler:
     @property
     def tracking_needed(self) -> bool:
         """Whether entropy still has to be measured: False once no measurement can change the
-        schedule (frozen, or in the last window when only a freeze can follow)."""
+        schedule (frozen, or [choice] in the last window when only a freeze can follow)."""
         if self._frozen:
             return False
         if len(self._selected) < self.config.max_selected_layers:
@@ -213,7 +214,7 @@ class GrowthScheduler:
     def head_factors(self, layer: int, step: int) -> List[float]:
         """Per-head multiplier of ``layer``'s loop output at ``step``.
 
-        1.0 for kept heads; for the others ``max(0, 1 - (step - s) / window)`` with ``s`` the
+        1.0 for kept heads; for the others ``max(0, 1 - (step - s) / window)`` [code] with ``s`` the
         layer's selection step (clamped to 1 before ``s``).
         """
         self._check_selected(layer)
@@ -223,7 +224,7 @@ class GrowthScheduler:
         return [1.0 if head in kept else fade for head in range(self.num_heads)]
 
     def active_heads(self, layer: int, step: int) -> Tuple[int, ...]:
-        """Heads of ``layer`` whose loop output is nonzero at ``step``: the only ones to compute."""
+        """Heads of ``layer`` whose loop output is nonzero at ``step``: the only ones to compute [choice]."""
         return tuple(head for head, factor in enumerate(self.head_factors(layer, step)) if factor > 0.0)
 
     def _check_selected(self, layer: int) -> None:

@@ -62,5 +62,5 @@ def test_hanging_task_times_out_and_pool_recovers():
 
 
 def test_sizes_that_do_not_fit_fail_before_spawning():
-    with pytest.raises(ValueError, match="not divisible by tp\\*pp\\*cp"):
+    with pytest.raises(ValueError, match="not divisible by parallel.tensor \\* parallel.pipeline"):
         run_distributed(report_layout, 2, ParallelSizes(tp=4))

@@ -96,6 +96,7 @@ EXPECTED_SYMBOLS = {
     "megatron.core.transformer.attention.Attention.forward",
     "megatron.core.transformer.moe.router.TopKRouter.__init__",
     "megatron.core.transformer.moe.router.TopKRouter.routing",
+    "megatron.core.transformer.moe.router.TopKRouter._apply_expert_bias",
     "megatron.core.transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher.preprocess",
     "megatron.core.transformer.transformer_config.TransformerConfig.moe_router_topk",
     "megatron.core.transformer.moe.moe_utils.topk_routing_with_score_function",
@@ -156,6 +157,7 @@ def test_every_compat_entry_point_refuses_other_megatron_core_versions():
             "layers.skip_layer": lambda: layers.skip_layer(None),
             "moe.set_topk": lambda: moe.set_topk(None, 1),
             "moe.topk_selection_bias": lambda: moe.topk_selection_bias(None, None).__enter__(),
+            "moe.reset_token_counts": lambda: moe.reset_token_counts(None),
             "optim.megatron_param_groups": lambda: optim.megatron_param_groups([], None),
             "distributed.destroy_process_groups_but_world": distributed.destroy_process_groups_but_world,
             "datasets.sample_span_from": lambda: datasets.sample_span_from(None, None, 0),
@@ -175,7 +177,7 @@ def test_every_compat_entry_point_refuses_other_megatron_core_versions():
         """
     )
     assert result.returncode == 0, result.stderr
-    assert "refused 10" in result.stdout
+    assert "refused 11" in result.stdout
 
 
 # -- the wrapped internals' behaviour -----------------------------------------------------------

@@ -6,9 +6,11 @@ from collections import Counter
 import pytest
 import torch
 
+from megatron_ext.config import ConfigError, from_dict
 from megatron_ext.moe.config import ElasticConfig, RoutingConfig
 from megatron_ext.moe.elastic import ElasticSampler, SubNetwork
 from megatron_ext.moe.stats import layer_metrics, load_cv, normalized_entropy, top_experts, top_experts_iou
+from megatron_ext.run import RunConfig
 
 # The paper's ablation shape: 16 layers, 64 experts, top-8.
 LAYERS, EXPERTS, TOP_K = 16, 64, 8
@@ -74,7 +76,9 @@ def test_subnetworks_are_well_formed():
     ("seed_offset", -1), ("enabled", "yes"),
 ])
 def test_elastic_config_rejects_bad_values_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=f"elastic.{field}="):
+    with pytest.raises(ConfigError, match=f"^invalid configuration:\n  - elastic.{field}="):
+        from_dict(RunConfig, {"elastic": {field: value}})  # the loader names the YAML path
+    with pytest.raises(ValueError, match=f"{field}="):
         ElasticConfig(**{field: value})
 
 
@@ -93,12 +97,13 @@ def test_elastic_config_checks_against_the_model_shape():
 
 
 def test_routing_config_validation():
-    with pytest.raises(ValueError, match="routing.mode="):
-        RoutingConfig(mode="isolated")
-    with pytest.raises(ValueError, match="routing.isolated_modalities="):
-        RoutingConfig(isolated_modalities=["text", "smell"])
-    with pytest.raises(ValueError, match="routing.bias_update_rate="):
-        RoutingConfig(bias_update_rate=0.0)
+    for values, field in (({"mode": "isolated"}, "mode"), ({"isolated_modalities": ["text", "smell"]},
+                                                           "isolated_modalities"),
+                          ({"bias_update_rate": 0.0}, "bias_update_rate")):
+        with pytest.raises(ConfigError, match=f"routing.{field}="):
+            from_dict(RunConfig, {"routing": values})
+        with pytest.raises(ValueError, match=f"^invalid configuration:\n  - {field}="):
+            RoutingConfig(**values)
     assert RoutingConfig().problems_with_model(8, 2, "sigmoid") == []
     assert "score_function" in RoutingConfig().problems_with_model(8, 2, "softmax")[0]
     isolated = RoutingConfig(mode="modality_isolated", expert_bias=False)
