@@ -122,9 +122,10 @@ class ParallelConfig:
 class DataConfig:
     """Where the training tokens come from."""
 
-    kind: Literal["synthetic", "indexed", "default"] = "synthetic"
-    """synthetic: a deterministic motif stream (no files); indexed: preprocessed prefixes
-    (``paths``); default: the built-in multimodal corpus, built and cached on first use."""
+    kind: Literal["synthetic", "copy", "indexed", "default"] = "synthetic"
+    """synthetic: a deterministic motif stream (no files); copy: a planted long-range task (the second
+    half of each sample repeats the first; loss on the predictable half only); indexed: preprocessed
+    prefixes (``paths``); default: the built-in multimodal corpus, built and cached on first use."""
     paths: List[str] = field(default_factory=list)
     """indexed: dataset prefixes written by ``python -m data.preprocess`` (P.bin, P.idx, ...)."""
     weights: Optional[List[float]] = None
@@ -205,6 +206,12 @@ class TrainConfig:
     ``shared_experts`` its shared expert); None: Megatron's default, ``[core_attn]``."""
     seed: int = 1234
     """Seed of initialization and dropout."""
+    init_from: Optional[str] = None
+    """Start from these model weights only: a run directory (its latest checkpoint), its
+    ``checkpoints/`` directory or one ``step_*`` checkpoint of this project, saved at any parallel
+    layout. The run starts at step 0 with a fresh optimizer, LR schedule, data position and
+    capability state; a run directory that already has a checkpoint of its own resumes from that
+    instead. The checkpoint's tensors must match the model's names and shapes."""
     eval_interval: int = 0
     """Evaluate on the validation split every this many steps (0: never)."""
     eval_steps: int = 2

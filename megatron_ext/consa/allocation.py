@@ -18,6 +18,14 @@ from typing import Optional
 import torch
 
 
+def rule_layer_pattern(num_layers: int, target: float) -> str:
+    """round(target * L) SWA layers with the full-attention layers spread evenly, the last layer full
+    (Mistral / Gemma-2 style "k SWA layers, then one FA layer"): ``SSSF`` at L = 4, rho = 0.75. [choice]"""
+    full = num_layers - round(target * num_layers)
+    fa_layers = {round(j * num_layers / full) - 1 for j in range(1, full + 1)} if full else set()
+    return "".join("F" if i in fa_layers else "S" for i in range(num_layers))
+
+
 def rule_layer_allocation(num_layers: int, pattern: str) -> torch.Tensor:
     """Layer i is full attention where ``pattern[i % len(pattern)] == 'F'``; [num_layers, 1]."""
     return torch.tensor([[pattern[i % len(pattern)] == "F"] for i in range(num_layers)])
@@ -35,8 +43,10 @@ def swa_fraction(allocation: torch.Tensor) -> float:
 
 
 def write_allocation(path: Path, allocation: torch.Tensor, *, granularity: str, window: int, target: float,
-                     method: str, log_alpha: Optional[torch.Tensor] = None) -> None:
-    """Write allocation.json atomically."""
+                     method: str, log_alpha: Optional[torch.Tensor] = None,
+                     diagnostics: Optional[dict] = None) -> None:
+    """Write allocation.json atomically; ``diagnostics`` (of a learned allocation: polarization,
+    constraint gap, ``warnings``) go in as they are."""
     layers = []
     for i, row in enumerate(allocation.tolist()):
         entry = {"layer": i, "full_attention": [int(x) for x in row]}
@@ -45,6 +55,8 @@ def write_allocation(path: Path, allocation: torch.Tensor, *, granularity: str, 
         layers.append(entry)
     record = {"granularity": granularity, "window": window, "target": target,
               "achieved_swa_fraction": swa_fraction(allocation), "method": method, "layers": layers}
+    if diagnostics is not None:
+        record["diagnostics"] = diagnostics
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, path)

@@ -12,13 +12,22 @@ Gradient of log_alpha after a step's backward, on every rank:
     constraint: L_c = sum lambda1 (rho_hat - rho_t) + lambda2 (rho_hat - rho_t)^2 with rho_hat from
                the replicated gates, so every rank computes the same rho_hat, the same L_c and the
                same gradient; it is added once, after the reduction.
-Every rank then applies the same update, and the gates stay identical everywhere.
+Every rank then applies the same update, and the gates stay identical everywhere. The gate noise
+of step s and layer l is seeded by ``(train.seed, s, l)`` (:meth:`HardConcreteGates.noise`), so every
+rank of a forward samples the same z.
+
+Stages of a learned method, by global step s (1-based): ``s <= start`` (``mask_learning_start_step``)
+dense warm-up, every layer full attention, gates untouched; ``start < s <= start + stage_steps`` mask
+learning (gated attention; the target warm-up counts from ``start``); then the static hybrid.
+``consa/stage`` reports 0 / 1 / 2. At binarization the allocation's diagnostics (decided units, the
+constraint's gap) go to the log and to allocation.json, with a WARNING when the gates had not
+polarized or the constraint had not settled: a tie broken by rank is not a learned allocation.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,6 +36,7 @@ from megatron_ext.consa.allocation import (
     read_allocation,
     rule_head_allocation,
     rule_layer_allocation,
+    rule_layer_pattern,
     swa_fraction,
     write_allocation,
 )
@@ -41,14 +51,18 @@ from megatron_ext.parallel.state import comm_device
 
 class LayerGate:
     """``gate(training)`` -> layer ``layer``'s z (a view of the shared gates; not an nn.Module,
-    so the gates do not become parameters of the model)."""
+    so the gates do not become parameters of the model). ``step()`` is the step in progress, whose
+    noise a training forward uses."""
 
-    def __init__(self, gates: HardConcreteGates, layer: int):
+    def __init__(self, gates: HardConcreteGates, layer: int, step: Callable[[], int]):
         self.gates = gates
         self.layer = layer
+        self.step = step
 
     def __call__(self, training: bool) -> torch.Tensor:
-        return (self.gates.sample() if training else self.gates.deterministic())[self.layer]
+        if training:
+            return self.gates.sample(step=self.step(), layer=self.layer)
+        return self.gates.deterministic()[self.layer]
 
 
 class ConSACallback(Callback):
@@ -63,6 +77,10 @@ class ConSACallback(Callback):
         self.log = log
         self.learned = cfg.method in LEARNED_METHODS
         self.stage_steps = cfg.mask_learning_length(tokens_per_step) if self.learned else 0
+        self.start_step = cfg.mask_learning_start_step if self.learned else 0
+        """Mask learning runs in steps ``start_step + 1 .. start_step + stage_steps``."""
+        self.current_step = 0  # the step in progress (its gate noise)
+        self.diagnosed: Optional[Dict[str, object]] = None  # of the learned allocation, at binarization
         self.gates: Optional[HardConcreteGates] = None
         self.controller: Optional[LagrangianController] = None
         self.gate_optimizer: Optional[torch.optim.Optimizer] = None
@@ -71,13 +89,14 @@ class ConSACallback(Callback):
         if self.learned:
             gate_cls = HardConcreteGates if cfg.method == "consa" else ScalarGates
             self.gates = gate_cls(num_layers, self.units, cfg.hard_concrete,
-                                  generator=torch.Generator().manual_seed(seed))
+                                  generator=torch.Generator().manual_seed(seed), noise_seed=seed)
             self.gate_optimizer = torch.optim.Adam([self.gates.log_alpha], lr=cfg.gate_lr,
                                                    betas=(cfg.gate_adam_beta1, 0.99))
             if cfg.method == "consa":
                 self.controller = LagrangianController(cfg, num_layers)
         elif cfg.method == "rule_layer":
-            self.allocation = rule_layer_allocation(num_layers, cfg.layer_pattern)
+            pattern = cfg.layer_pattern or rule_layer_pattern(num_layers, cfg.target)
+            self.allocation = rule_layer_allocation(num_layers, pattern)
         elif cfg.method == "rule_head":
             self.allocation = rule_head_allocation(num_layers, num_kv_heads, cfg.target)
         else:
@@ -89,23 +108,46 @@ class ConSACallback(Callback):
         self.modules = [m for chunk in ctx.model for m in chunk.modules() if isinstance(m, HybridCoreAttention)]
         if not self.modules:
             raise RuntimeError("hybrid_attention is enabled but the model has no HybridCoreAttention layers")
-        self._apply()
+        seq_length = ctx.config.data.seq_length if ctx.config is not None else None
+        if seq_length is not None and self.cfg.window >= seq_length and dist.get_rank() == 0:
+            self.log(f"WARNING: consa: hybrid_attention.window={self.cfg.window} >= data.seq_length={seq_length}: "
+                     "sliding-window attention sees every key, so SWA units are full attention")
+        self._apply(ctx.step + 1)
 
-    def _apply(self) -> None:
+    def stage(self, step: int) -> int:
+        """0: dense warm-up, 1: mask learning, 2: static hybrid, for step ``step`` (1-based)."""
+        if self.allocation is not None:
+            return 2
+        return 0 if step <= self.start_step else 1
+
+    def _apply(self, step: int) -> None:
+        """Every local layer's mode for step ``step``."""
+        self.current_step = step
+        stage = self.stage(step)
         for module in self.modules:
-            if self.allocation is not None:
+            if stage == 2:
                 module.set_static(self.allocation[module.layer_index].tolist())
+            elif stage == 1:
+                module.set_gated(LayerGate(self.gates, module.layer_index, lambda: self.current_step))
             else:
-                module.set_gated(LayerGate(self.gates, module.layer_index))
+                module.set_full()
 
     # -- per step ----------------------------------------------------------------------------------
+    def on_step_begin(self, ctx: TrainContext) -> None:
+        if self.allocation is None:
+            self._apply(ctx.step + 1)
+
     def on_step_end(self, ctx: TrainContext, result) -> Dict[str, object]:
-        if self.allocation is not None:
-            return {"consa/swa_fraction": swa_fraction(self.allocation)}
-        metrics = self._update_gates(ctx.step, result.update_successful)
-        if ctx.step % max(1, self.stage_steps // 50) == 0:
+        stage = self.stage(ctx.step)
+        if stage == 2:
+            return {"consa/stage": 2, "consa/swa_fraction": swa_fraction(self.allocation)}
+        if stage == 0:
+            return {"consa/stage": 0}
+        learning_step = ctx.step - self.start_step
+        metrics = {"consa/stage": 1, **self._update_gates(learning_step, result.update_successful)}
+        if learning_step % max(1, self.stage_steps // 50) == 0:
             self.history.append((ctx.step, self.gates.log_alpha.detach().clone()))
-        if ctx.step >= self.stage_steps:
+        if learning_step >= self.stage_steps:
             self._binarize(ctx)
         return metrics
 
@@ -128,7 +170,7 @@ class ConSACallback(Callback):
         self.gate_optimizer.zero_grad(set_to_none=True)
         mode = self.cfg.constraint if self.controller is not None else "global"
         rho_hat = self.gates.expected_swa_fraction(mode)
-        metrics: Dict[str, object] = {"consa/expected_swa_fraction": _value(rho_hat)}
+        metrics: Dict[str, object] = {"consa/expected_swa_fraction": _value(rho_hat), **self._gate_metrics()}
         if self.controller is not None:
             constraint = self.controller.constraint_loss(rho_hat, step)
             c = self.controller
@@ -146,23 +188,71 @@ class ConSACallback(Callback):
             self.gates.clamp_()
         return metrics
 
+    def _gate_metrics(self) -> Dict[str, object]:
+        """Per-unit log_alpha and E[z] (flat, layer-major; one TensorBoard scalar per unit) and the
+        share of decided units."""
+        log_alpha = self.gates.log_alpha.detach()
+        return {"consa/log_alpha": _value(log_alpha), "consa/expected_gate": _value(self.gates.expected_gate()),
+                "consa/polarized_fraction": self.polarized_fraction()}
+
+    def polarized_fraction(self) -> float:
+        """Share of units with |log_alpha| >= ``polarization_threshold``."""
+        decided = self.gates.log_alpha.detach().abs() >= self.cfg.polarization_threshold
+        return float(decided.float().mean())
+
+    @torch.no_grad()
+    def diagnostics(self, allocation: torch.Tensor) -> Dict[str, object]:
+        """How trustworthy the learned ``allocation`` is: decided units, the constraint's gap, warnings.
+
+        The gap is |rho_hat - rho_bound|, where rho_bound is the expected SWA fraction of
+        ``allocation`` with every gate at its clamp bound (log_alpha_max for FA units, log_alpha_min
+        for SWA units; per layer with ``per_layer``): the closest to the target that clamped gates
+        can get (rho_hat cannot reach rho itself, since P(z != 0) > 0 at log_alpha_min). [choice]
+        """
+        cfg, hc = self.cfg, self.cfg.hard_concrete
+        mode = cfg.constraint if self.controller is not None else "global"
+        bound = HardConcreteGates(self.num_layers, self.units, hc)
+        bound.log_alpha.copy_(torch.where(allocation, hc.log_alpha_max, hc.log_alpha_min))
+        rho_bound = bound.expected_swa_fraction(mode)
+        gap = float((self.gates.expected_swa_fraction(mode).detach() - rho_bound).abs().max())
+        polarized = self.polarized_fraction()
+        warnings = []
+        if polarized < cfg.min_polarized_fraction:
+            warnings.append(f"only {polarized:.0%} of the gates are decided (|log_alpha| >= "
+                            f"{cfg.polarization_threshold}, hybrid_attention.min_polarized_fraction="
+                            f"{cfg.min_polarized_fraction}): the allocation is largely ties broken by rank; "
+                            "learn the mask longer (mask_learning_steps / _tokens) or from a trained start "
+                            "(mask_learning_start_step, train.init_from)")
+        if self.controller is not None and gap > cfg.constraint_tolerance:
+            warnings.append(f"the constraint had not settled: |rho_hat - rho_bound| = {gap:.3f} > "
+                            f"hybrid_attention.constraint_tolerance={cfg.constraint_tolerance}; learn the "
+                            "mask longer or raise lambda_lr")
+        return {"polarized_fraction": polarized, "constraint_gap": gap, "warnings": warnings}
+
     def _binarize(self, ctx: TrainContext) -> None:
         mode = self.cfg.constraint if self.cfg.granularity == "kv_head" else "global"
         self.allocation = self.gates.binarize(self.cfg.target, mode)
-        self._apply()
+        self.diagnosed = self.diagnostics(self.allocation)
+        self._apply(ctx.step + 1)
         if dist.get_rank() == 0:
             self._write_outputs(Path(ctx.run_dir))
             swa = int((~self.allocation).sum())
             self.log(f"consa: binarized at step {ctx.step}: {swa} of {self.allocation.numel()} units use "
-                     f"sliding-window attention (W={self.cfg.window}); training the static hybrid")
+                     f"sliding-window attention (W={self.cfg.window}); {self.diagnosed['polarized_fraction']:.0%} "
+                     f"of the gates decided, constraint gap {self.diagnosed['constraint_gap']:.3f}; training "
+                     "the static hybrid")
+            for warning in self.diagnosed["warnings"]:
+                self.log(f"WARNING: consa: {warning}")
 
     def _write_outputs(self, run_dir: Path) -> None:
         from megatron_ext.consa.plots import plot_allocation, plot_log_alpha_history
 
         log_alpha = self.gates.log_alpha.detach() if self.gates is not None else None
+        # A static allocation's target is its own fraction (the config's target does not apply to it).
+        target = swa_fraction(self.allocation) if self.cfg.method == "static" else self.cfg.target
         write_allocation(run_dir / "allocation.json", self.allocation, granularity=self.cfg.granularity,
-                         window=self.cfg.window, target=self.cfg.target, method=self.cfg.method,
-                         log_alpha=log_alpha)
+                         window=self.cfg.window, target=target, method=self.cfg.method,
+                         log_alpha=log_alpha, diagnostics=self.diagnosed)
         plots = run_dir / "plots"
         plots.mkdir(exist_ok=True)
         plot_allocation(plots / "consa_allocation.png", self.allocation, log_alpha,

@@ -38,6 +38,15 @@ class HybridAttention(Capability):
                             "attention dropout; set it to 0")
         if cfg.parallel.context > 1:
             problems.append("hybrid_attention with parallel.context > 1 is not supported")
+        if h.method == "rule_layer" and h.layer_pattern:
+            from megatron_ext.consa.allocation import rule_layer_allocation
+
+            swa = int((~rule_layer_allocation(m.num_layers, h.layer_pattern)).sum())
+            if swa != round(h.target * m.num_layers):
+                problems.append(f"hybrid_attention.layer_pattern={h.layer_pattern!r} makes {swa} of the "
+                                f"{m.num_layers} layers SWA, hybrid_attention.target={h.target} asks for "
+                                f"{round(h.target * m.num_layers)}: change one of them, or leave layer_pattern "
+                                "unset to derive it from the target")
         if h.method == "static" and h.allocation:
             from megatron_ext.consa.allocation import read_allocation
 
@@ -71,9 +80,10 @@ class HybridAttention(Capability):
         from megatron_ext.consa.allocation import write_allocation
 
         if callback.allocation is None:
-            raise ValueError(f"the checkpoint of step {source_step} is from mask learning (hybrid_attention "
-                             f"stage 1: step <= {callback.stage_steps}), whose attention is gated, not static: "
-                             "extract from a checkpoint saved after binarization")
+            end = callback.start_step + callback.stage_steps
+            raise ValueError(f"the checkpoint of step {source_step} is from before binarization (hybrid_attention "
+                             f"stages 0-1: step <= {end}), whose attention is full or gated, not static: extract "
+                             "from a checkpoint saved after binarization")
         if is_writer:  # the sub-model's config points here
             h = cfg.hybrid_attention
             write_allocation(output / "allocation.json", callback.allocation[list(sub.layers)],

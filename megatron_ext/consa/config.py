@@ -78,6 +78,10 @@ class HybridAttentionConfig:
     """Target fraction rho of units that use SWA."""
     constraint: Literal["global", "per_layer"] = "per_layer"
     """Whether rho is met over all units at once or by every layer's KV heads on their own."""
+    mask_learning_start_step: int = 0
+    """Learned methods: the model trains as plain full attention for this many steps, then learns its
+    mask; stage 1's length and the target warm-up count from here (0: mask learning from the first
+    step). A dense warm-up lets the long-range circuits form before gates can close on them."""
     mask_learning_steps: Optional[int] = None
     """Length of stage 1 (learned methods) in optimizer steps; then binarize and train the static
     hybrid. Alternatively give ``mask_learning_tokens``."""
@@ -93,8 +97,20 @@ class HybridAttentionConfig:
     tests; without it the constraint settles within ~150 steps (beta2 is 0.99)."""
     lambda_lr: float = 5.0
     """Step size of the gradient ascent on the Lagrange multipliers. [choice]"""
-    layer_pattern: str = "SSSF"
-    """rule_layer: S = SWA layer, F = full layer, repeated over the depth (e.g. 3 SWA : 1 FA)."""
+    polarization_threshold: float = 2.0
+    """A gate counts as decided (polarized) when |log_alpha| >= this; ``consa/polarized_fraction``
+    reports the share of such units. [choice]"""
+    min_polarized_fraction: float = 0.9
+    """At binarization, fewer decided units than this fraction is reported as a WARNING (log and
+    allocation.json): the allocation is then mostly a tie broken by rank. [choice]"""
+    constraint_tolerance: float = 0.05
+    """At binarization, an expected SWA fraction this far (any layer with ``per_layer``) from the one
+    the binarized allocation has with its gates at their clamp bounds is reported as a WARNING: the
+    constraint had not settled. [choice]"""
+    layer_pattern: Optional[str] = None
+    """rule_layer: S = SWA layer, F = full layer, repeated over the depth (e.g. SSSF: 3 SWA : 1 FA);
+    it must give round(target * num_layers) SWA layers. None: derived from ``target`` (the FA layers
+    spread evenly, the last one FA)."""
     allocation: Optional[str] = None
     """static: an allocation.json written by a mask-learning run."""
     hard_concrete: HardConcreteConfig = field(default_factory=HardConcreteConfig)
@@ -102,7 +118,10 @@ class HybridAttentionConfig:
 
     def __post_init__(self):
         c = Checks(self)
-        c.positive("window", "gate_lr", "lambda_lr", "mask_learning_steps", "mask_learning_tokens")
+        c.positive("window", "gate_lr", "lambda_lr", "mask_learning_steps", "mask_learning_tokens",
+                   "polarization_threshold", "constraint_tolerance")
+        c.non_negative("mask_learning_start_step")
+        c.within("min_polarized_fraction", 0.0, 1.0)
         c.within("target", 0.0, 1.0)
         c.within("gate_adam_beta1", 0.0, 1.0, high_open=True)
         c.non_negative("target_warmup_steps")
@@ -115,7 +134,7 @@ class HybridAttentionConfig:
                        and self.method in LEARNED_METHODS),
                   "constraint='per_layer' needs granularity 'kv_head' (a layer unit cannot meet a fraction on "
                   "its own); use constraint 'global'")
-        if self.method == "rule_layer":
+        if self.method == "rule_layer" and self.layer_pattern is not None:
             c.require(bool(self.layer_pattern) and not set(self.layer_pattern) - {"S", "F"},
                       f"layer_pattern={self.layer_pattern!r} must be letters S and F")
         c.require(not (self.enabled and self.method == "static" and not self.allocation),

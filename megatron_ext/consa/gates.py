@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import math
 
+from typing import Optional
+
+import numpy as np
 import torch
 
 from megatron_ext.consa.config import CONSTRAINT_MODES, ConstraintMode, HardConcreteConfig
@@ -41,15 +44,20 @@ class HardConcreteGates(torch.nn.Module):
 
     ``z = 1`` means the unit uses full attention, ``z = 0`` sliding-window attention. In training
     mode ``forward()`` draws a differentiable sample, in eval mode it returns the deterministic gate.
-    The noise comes from torch's default generator of the parameter's device, so whatever seeding and
-    RNG-state tracking Megatron applies to that generator (and checkpoints) applies to the gates too.
+
+    Noise: ``sample(step=s)`` draws layer l's uniforms from a CPU generator seeded by
+    ``(noise_seed, s, l)`` only, so every rank that computes layer l in step s (its TP, CP and EP
+    peers, whichever pipeline stage holds it) uses the same z, on CPU and GPU alike, whatever else
+    consumed random numbers, and a resumed run draws the same z again; every micro-batch (and an
+    activation recomputation) of step s sees the same z. [choice] ``sample()`` without a step draws
+    from torch's default generator instead (standalone use).
 
     The optimizer should not apply weight decay to ``log_alpha`` (decay would pull every gate towards
     P(z != 0) ~ 0.83, its value at log_alpha = 0) and must call ``clamp_()`` after each step.
     """
 
     def __init__(self, num_layers: int, units_per_layer: int = 1, config: HardConcreteConfig | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, noise_seed: int = 0):
         super().__init__()
         for name, value in (("num_layers", num_layers), ("units_per_layer", units_per_layer)):
             if not isinstance(value, int) or value < 1:
@@ -57,24 +65,41 @@ class HardConcreteGates(torch.nn.Module):
         self.config = config if config is not None else HardConcreteConfig()
         self.num_layers = num_layers
         self.units_per_layer = units_per_layer
+        self.noise_seed = noise_seed
         # [num_layers, units_per_layer]
         self.log_alpha = torch.nn.Parameter(torch.empty(num_layers, units_per_layer))
         with torch.no_grad():
             # A dedicated generator lets every rank draw the same initial logits.
             self.log_alpha.normal_(self.config.init_mean, self.config.init_std, generator=generator)
 
-    def sample(self) -> torch.Tensor:
-        """Training gate ``z`` in [0, 1], [num_layers, units_per_layer], differentiable w.r.t. log_alpha.
+    def noise(self, step: int, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s uniforms of step ``step``, float32 ``[units_per_layer]`` in (eps, 1 - eps),
+        from a generator seeded by ``(noise_seed, step, layer)`` (the same on every rank)."""
+        seed = int(np.random.SeedSequence([self.noise_seed, step, layer]).generate_state(1)[0])
+        u = torch.rand(self.units_per_layer, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        eps = self.config.eps
+        return u * (1.0 - 2.0 * eps) + eps
+
+    def sample(self, step: Optional[int] = None, layer: Optional[int] = None) -> torch.Tensor:
+        """Training gate ``z`` in [0, 1], differentiable w.r.t. log_alpha: [num_layers, units_per_layer],
+        or ``[units_per_layer]`` of ``layer``.
 
         u ~ U(eps, 1 - eps); s = sigmoid((ln u - ln(1 - u) + log_alpha) / beta);
-        z = clamp(s * (zeta - gamma) + gamma, 0, 1). [paper]
+        z = clamp(s * (zeta - gamma) + gamma, 0, 1). [paper] The noise is :meth:`noise` of ``step``
+        (rank-consistent), or torch's default generator when ``step`` is None.
         """
         c = self.config
         # float32 whatever the parameter dtype: 1 - eps = 1 - 1e-6 is not representable in bf16/fp16.
         log_alpha = self.log_alpha.float()
-        u = torch.empty_like(log_alpha).uniform_(c.eps, 1.0 - c.eps)  # [L, U]
+        layers = range(self.num_layers) if layer is None else [layer]
+        if step is None:
+            u = torch.empty(len(layers), self.units_per_layer).uniform_(c.eps, 1.0 - c.eps)
+        else:
+            u = torch.stack([self.noise(step, i) for i in layers])  # [layers, U]
+        log_alpha = log_alpha if layer is None else log_alpha[layer : layer + 1]
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / c.beta)
-        return torch.clamp(s * (c.zeta - c.gamma) + c.gamma, 0.0, 1.0)
+        z = torch.clamp(s * (c.zeta - c.gamma) + c.gamma, 0.0, 1.0)
+        return z if layer is None else z[0]
 
     def deterministic(self) -> torch.Tensor:
         """Evaluation gate, [num_layers, units_per_layer]: the LLM-Shearing estimator [code]
@@ -87,6 +112,16 @@ class HardConcreteGates(torch.nn.Module):
         c = self.config
         s = torch.sigmoid(self.log_alpha.float() / c.beta * 0.8)
         return torch.clamp(s * (c.zeta - c.gamma) + c.gamma, 0.0, 1.0)
+
+    @torch.no_grad()
+    def expected_gate(self, points: int = 1024) -> torch.Tensor:
+        """E[z] per unit, [num_layers, units_per_layer]: the mean gate over the noise, by the midpoint
+        rule over u in (0, 1) (``points`` nodes; z is monotone in u, the error is below 1 / points)."""
+        c = self.config
+        u = (torch.arange(points, dtype=torch.float64) + 0.5) / points  # [P]
+        logit = (torch.log(u) - torch.log1p(-u)).view(1, 1, -1)
+        s = torch.sigmoid((logit + self.log_alpha.detach().double().unsqueeze(-1)) / c.beta)
+        return torch.clamp(s * (c.zeta - c.gamma) + c.gamma, 0.0, 1.0).mean(-1).float()
 
     def prob_nonzero(self) -> torch.Tensor:
         """P(z != 0) = sigmoid(log_alpha - beta * ln(-gamma / zeta)) [paper], [num_layers, units_per_layer].
@@ -166,6 +201,16 @@ class ScalarGates(HardConcreteGates):
 
     def deterministic(self) -> torch.Tensor:
         return self.sample()
+
+    @torch.no_grad()
+    def expected_gate(self, points: int = 1024) -> torch.Tensor:
+        """E[z] per unit, [num_layers, units_per_layer]: the mean gate over the noise, by the midpoint
+        rule over u in (0, 1) (``points`` nodes; z is monotone in u, the error is below 1 / points)."""
+        c = self.config
+        u = (torch.arange(points, dtype=torch.float64) + 0.5) / points  # [P]
+        logit = (torch.log(u) - torch.log1p(-u)).view(1, 1, -1)
+        s = torch.sigmoid((logit + self.log_alpha.detach().double().unsqueeze(-1)) / c.beta)
+        return torch.clamp(s * (c.zeta - c.gamma) + c.gamma, 0.0, 1.0).mean(-1).float()
 
     def prob_nonzero(self) -> torch.Tensor:
         return self.sample()

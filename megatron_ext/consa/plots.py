@@ -31,18 +31,25 @@ def plot_allocation(path: Path, allocation: torch.Tensor, log_alpha: torch.Tenso
 
 
 def plot_log_alpha_history(path: Path, history: List[Tuple[int, torch.Tensor]]) -> None:
-    """One line per unit: log-alpha against the training step."""
+    """Heat map units x steps of log alpha (diverging at 0: blue = towards full attention, red =
+    towards SWA), one labelled row per unit (``L<layer>`` or ``L<layer>H<KV head>``)."""
     if not history:
         return
     plt = pyplot()
     steps = [s for s, _ in history]
-    values = torch.stack([v.flatten() for _, v in history])  # [T, units]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, values.numpy(), linewidth=0.7)
-    ax.axhline(0.0, color="black", linewidth=0.5)
+    values = torch.stack([v for _, v in history])  # [T, L, U]
+    layers, units = values.shape[1:]
+    table = values.flatten(1).T.numpy()  # [L * U, T]
+    labels = [f"L{i}" if units == 1 else f"L{i}H{j}" for i in range(layers) for j in range(units)]
+    bound = max(float(values.abs().max()), 1e-3)
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.8 + 0.16 * len(labels))))
+    image = ax.imshow(table, aspect="auto", cmap="RdBu", vmin=-bound, vmax=bound, interpolation="nearest",
+                      extent=(steps[0] - 0.5, steps[-1] + 0.5, len(labels) - 0.5, -0.5))
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=max(4, min(8, 300 // len(labels))))
     ax.set_xlabel("step")
-    ax.set_ylabel("log alpha")
-    ax.set_title(f"gate logits of {values.shape[1]} units", fontsize=9)
+    ax.set_title(f"gate logits (log alpha) of {len(labels)} units: > 0 full attention, < 0 SWA", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Tuple
 
 import torch.distributed as dist
 
-from megatron_ext.data.synthetic import SyntheticMotifDataset
+from megatron_ext.data.synthetic import CopyTaskDataset, SyntheticMotifDataset
 
 if TYPE_CHECKING:
     from megatron_ext.run import RunConfig
@@ -15,9 +15,10 @@ if TYPE_CHECKING:
 def build_datasets(cfg: RunConfig) -> Tuple[object, object]:
     """(train, valid): indexable datasets whose samples follow the batch contract."""
     d, t = cfg.data, cfg.train
-    if d.kind == "synthetic":
-        return (SyntheticMotifDataset(cfg.model.vocab_size, d.seq_length, d.seed, "train"),
-                SyntheticMotifDataset(cfg.model.vocab_size, d.seq_length, d.seed, "valid"))
+    if d.kind in ("synthetic", "copy"):
+        cls = SyntheticMotifDataset if d.kind == "synthetic" else CopyTaskDataset
+        return (cls(cfg.model.vocab_size, d.seq_length, d.seed, "train"),
+                cls(cfg.model.vocab_size, d.seq_length, d.seed, "valid"))
     from megatron_ext.data.gpt_dataset import build_gpt_datasets
     from megatron_ext.data.tokenizers import load_tokenizer
 

@@ -49,6 +49,43 @@ class SyntheticMotifDataset:
         }
 
 
+class CopyTaskDataset:
+    """A planted long-range task: the second half of every sample repeats its first half.
+
+    Sample i is ``h = seq_length // 2`` uniformly random tokens (seeded by (seed, split, i)), then the
+    same ``h`` tokens again. The next token is predictable only from position ``h - 1`` on, and only
+    by looking ``h - 1`` positions back: the loss mask covers exactly those positions, so a model
+    whose every attention head sees fewer than ``h`` keys (sliding window ``W < h``) cannot get its
+    loss below ln(vocab), and one with a full-attention head that learned the copy gets it to ~0.
+    """
+
+    def __init__(self, vocab_size: int, seq_length: int, seed: int, split: str = "train"):
+        if split not in _SPLIT_OFFSET:
+            raise ValueError(f"split={split!r}: use one of {sorted(_SPLIT_OFFSET)}")
+        if seq_length < 4 or seq_length % 2:
+            raise ValueError(f"seq_length={seq_length}: the copy task needs an even length >= 4")
+        self.seq_length = seq_length
+        self.vocab_size = vocab_size
+        self.seed = seed
+        self.offset = _SPLIT_OFFSET[split]
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        h = self.seq_length // 2
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + index)
+        half = torch.randint(0, self.vocab_size, (h,), generator=g)
+        text = torch.cat([half, half, half[:1]])  # [2h + 1]: inputs and next-token labels
+        loss_mask = torch.zeros(self.seq_length)
+        loss_mask[h - 1:] = 1.0  # label i = text[i + 1] = text[i + 1 - h] from i = h - 1 on
+        return {
+            "tokens": text[:-1].contiguous(),
+            "labels": text[1:].contiguous(),
+            "loss_mask": loss_mask,
+            "position_ids": torch.arange(self.seq_length),
+            "modality_ids": torch.zeros(self.seq_length, dtype=torch.long),
+            "label_modality_ids": torch.zeros(self.seq_length, dtype=torch.long),
+        }
+
+
 def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     """Stack per-sample ``[s]`` tensors into the batch contract of ``gpt_forward_step`` (``[b, s]``)."""
     return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}

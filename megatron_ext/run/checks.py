@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 from megatron_ext.config import ConfigError
 from megatron_ext.models.vocab import padded_vocab_size
 from megatron_ext.parallel.sizes import layout_problems
 from megatron_ext.run.config import RunConfig
 from megatron_ext.run.registry import CAPABILITIES
+
+
+def checkpoint_dir(path) -> Optional[Path]:
+    """The checkpoint that ``path`` names: a ``step_*`` directory itself, or the one the ``latest``
+    pointer of a run directory (``path/checkpoints``) or of a checkpoints directory names; None when
+    there is none."""
+    path = Path(path)
+    if (path / "common.pt").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        pointer = root / "latest"
+        if pointer.is_file():
+            step = root / pointer.read_text().strip()
+            return step if (step / "common.pt").is_file() else None
+    return None
 
 
 def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
@@ -61,6 +79,9 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool) -> None:
     if t.lr_schedule == "wsd" and t.wsd_decay_steps and t.wsd_decay_steps > t.steps - t.warmup_steps:
         problems.append(f"train.wsd_decay_steps={t.wsd_decay_steps} exceeds the steps after warmup "
                         f"({t.steps - t.warmup_steps})")
+    if t.init_from is not None and checkpoint_dir(t.init_from) is None:
+        problems.append(f"train.init_from={t.init_from!r} is not a checkpoint of this project: give a run directory "
+                        "(its latest checkpoint), its checkpoints/ directory or a step_* checkpoint directory")
     if d.kind == "indexed":
         from megatron_ext.data.indexed import DataError, check_prefix
 

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_ext.config import ConfigError
+
 LATEST = "latest"
 _TMP_PREFIX = ".tmp-"
 
@@ -94,6 +96,36 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def _model_key(index: int, count: int) -> str:
     return "model" if count == 1 else f"model{index}"
+
+
+def load_model_weights(path: Path, model: List[torch.nn.Module]) -> None:
+    """Load only the model weights of checkpoint ``path`` (saved at any layout) into ``model``.
+
+    Before anything is read, the checkpoint's model tensors are matched against the model's (names
+    and global shapes); a mismatch raises ValueError listing what differs.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    state = {_model_key(i, len(model)): getattr(chunk, "module", chunk).sharded_state_dict()
+             for i, chunk in enumerate(model)}
+    wanted = {t.key: tuple(t.global_shape) for t in nested_values(state) if isinstance(t, ShardedTensor)}
+    saved = {key: tuple(t.global_shape) for key, t in dist_checkpointing.load_tensors_metadata(str(path)).items()}
+    # This rank's chunks hold some of the model's tensors; every rank checks its own.
+    missing = sorted(k for k in wanted if k not in saved)
+    reshaped = sorted(f"{k}: checkpoint {saved[k]}, model {wanted[k]}" for k in wanted
+                      if k in saved and saved[k] != wanted[k])
+    if missing or reshaped:
+        lines = [f"missing {k}" for k in missing[:8]] + reshaped[:8]
+        more = len(missing) + len(reshaped) - len(lines)
+        raise ConfigError([f"train.init_from: {path} does not fit this model ({len(missing)} tensors missing, "
+                           f"{len(reshaped)} of another shape): " + "; ".join(lines)
+                           + (f"; and {more} more" if more > 0 else "")
+                           + ". Use a checkpoint of the same model shape (model and moe sections)."])
+    loaded = dist_checkpointing.load(state, str(path))
+    for i, chunk in enumerate(model):
+        getattr(chunk, "module", chunk).load_state_dict(loaded[_model_key(i, len(model))])
 
 
 class CheckpointManager:

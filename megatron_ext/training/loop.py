@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megatron_ext.compat import enable_cpu_support
 from megatron_ext.run import RunConfig, check_run, data_parallel_size
+from megatron_ext.run.checks import checkpoint_dir
 from megatron_ext.capability import Callback, TrainContext
 from megatron_ext.data.builder import build_datasets
 from megatron_ext.models.builder import build_model, params_dtype
@@ -25,7 +26,7 @@ from megatron_ext.optim import build_optimizer
 from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, initialize_parallel_state
 from megatron_ext.parallel.state import comm_device, init_distributed, process_groups
 from megatron_ext.training.capabilities import capability_callbacks
-from megatron_ext.training.checkpoint import CheckpointManager
+from megatron_ext.training.checkpoint import CheckpointManager, load_model_weights
 from megatron_ext.training.ddp import wrap_with_ddp
 from megatron_ext.training.rundir import RunDirectory
 from megatron_ext.training.signals import StopRequest
@@ -159,6 +160,11 @@ class Trainer:
             if rank0:
                 self.log(f"resumed from {latest} at step {ctx.step}"
                          + ("" if common["restored_rng"] else " (new layout: RNG streams restarted)"))
+        elif t.init_from is not None:
+            source = checkpoint_dir(t.init_from)
+            load_model_weights(source, model)
+            if rank0:
+                self.log(f"initialized the model weights from {source}; starting at step 0")
         run_dir.start_metrics(ctx.step, cfg.logging.tensorboard)
 
         num_micro = t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())

@@ -68,8 +68,14 @@ class RunDirectory:
         if self._tensorboard is not None:
             step = record["step"]
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tensorboard.add_scalar(key, value, step)
+                if key == "step":
+                    continue
+                # A list-valued metric (one value per layer or unit) is one scalar per element.
+                values = ({f"{key}/{i}": v for i, v in enumerate(value)} if isinstance(value, (list, tuple))
+                          else {key: value})
+                for name, v in values.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                        self._tensorboard.add_scalar(name, v, step)
 
     def close(self) -> None:
         if self._tensorboard is not None:

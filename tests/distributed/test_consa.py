@@ -40,35 +40,43 @@ def config(**sections):
     return from_dict(RunConfig, data)
 
 
-class DeterministicGates(Callback):
-    """Gates at their deterministic value in training too (after the ConSA callback set them).
+class RecordGates(Callback):
+    """Records the z every local hybrid layer uses in its training forwards: ``(layer, z)``. Runs
+    after the ConSA callback, which hands the layers their gates at every step's start."""
 
-    The gate noise comes from Megatron's default RNG stream, which is identical on the ranks of a
-    TP group but is consumed differently by other layouts (e.g. sequence parallelism forks dropout
-    to another stream, a later pipeline stage runs no embedding dropout), so samples differ across
-    layouts by design. Parity of the gradient reduction is tested on the deterministic gate."""
+    def __init__(self):
+        self.used = []
 
-    def on_train_start(self, ctx):
+    def on_step_begin(self, ctx):
         from megatron_ext.consa.callback import LayerGate
 
         for chunk in ctx.model:
             for m in chunk.modules():
                 if isinstance(m, HybridCoreAttention) and isinstance(m._gate, LayerGate):
-                    m.set_gated(lambda training, gate=m._gate: gate(False))
+                    m.set_gated(self._recording(m._gate))
+
+    def _recording(self, gate):
+        def use(training):
+            z = gate(training)
+            if training:
+                self.used.append((gate.layer, z.detach().clone()))
+            return z
+        return use
 
 
 def initial_weights():
     return full_named_tensors(build_model(config(), cuda=False)[0])
 
 
-def train(run_dir, sections, weights=None, preempt_after=None, deterministic_gates=False):
+def train(run_dir, sections, weights=None, preempt_after=None):
+    recorder = RecordGates()
     callbacks = ([StartFrom(weights)] if weights is not None else []) + (
-        [PreemptAfter(preempt_after)] if preempt_after else []) + (
-        [DeterministicGates()] if deterministic_gates else [])
+        [PreemptAfter(preempt_after)] if preempt_after else []) + [recorder]
     trainer = Trainer(config(**sections), Path(run_dir), callbacks, log=lambda line: None)
     trainer.run()
     consa = trainer.callbacks[0]
     return {
+        "gates_used": recorder.used,
         "metrics": read_metrics(Path(run_dir) / "metrics.jsonl"),
         "log_alpha": consa.gates.log_alpha.detach().clone() if consa.gates is not None else None,
         "gate_grad": getattr(consa, "last_lm_grad", None),
@@ -84,25 +92,48 @@ def weights():
 # Gates started half open: from the default init (log_alpha 5) every sample is clamped to z = 1,
 # whose LM gradient is exactly zero, and a parity test of zeros would prove nothing.
 ONE_STEP = {"train": {"steps": 1}, "hybrid_attention": {"hard_concrete": {"init_mean": 0.0}}}
+GRANULARITY = {"kv_head": {"granularity": "kv_head", "constraint": "per_layer"},
+               "layer": {"granularity": "layer", "constraint": "global"}}
+
+
+def _sections(granularity, layout=None):
+    sections = copy.deepcopy(ONE_STEP)
+    sections["hybrid_attention"].update(GRANULARITY[granularity])
+    if layout:
+        sections["parallel"] = layout
+    return sections
 
 
 @pytest.fixture(scope="module")
 def single_rank(tmp_path_factory, weights):
-    return run_distributed(train, 1, None, run_dir=str(tmp_path_factory.mktemp("ref")), sections=ONE_STEP,
-                           weights=weights, deterministic_gates=True)[0]
+    return {g: run_distributed(train, 1, None, run_dir=str(tmp_path_factory.mktemp(f"ref-{g}")),
+                               sections=_sections(g), weights=weights)[0] for g in GRANULARITY}
 
 
+@pytest.mark.parametrize("granularity", list(GRANULARITY))
 @pytest.mark.parametrize("layout", [{"tensor": 2, "sequence_parallel": True}, {"pipeline": 2}], ids=["tp2", "pp2"])
-def test_gated_layers_match_single_rank(tmp_path, layout, weights, single_rank):
-    """Same loss and same gate gradient (LM part, reduced over TP / PP / DP) as one rank, step 1."""
-    result = run_distributed(train, 2, None, run_dir=str(tmp_path), sections={"parallel": layout, **ONE_STEP},
-                             weights=weights, deterministic_gates=True)[0]
-    a, b = result["metrics"][0], single_rank["metrics"][0]
+def test_sampled_gates_are_rank_consistent_and_match_single_rank(tmp_path, layout, granularity, weights, single_rank):
+    """Every rank of a forward samples the same z (noise seeded by (seed, step, layer)), so at TP=2 and
+    PP=2 the step's loss, the z of each layer and the gate gradient (LM part, reduced over TP / PP / DP)
+    equal one rank's."""
+    results = run_distributed(train, 2, None, run_dir=str(tmp_path), sections=_sections(granularity, layout),
+                              weights=weights)
+    ref = single_rank[granularity]
+    ref_z = {layer: z for layer, z in ref["gates_used"]}
+    for rank, result in enumerate(results):
+        assert result["gates_used"], f"rank {rank} ran no gated layer"
+        for layer, z in result["gates_used"]:
+            assert torch.equal(z, ref_z[layer]), f"rank {rank} layer {layer}: z {z} vs one rank's {ref_z[layer]}"
+    if "tensor" in layout:  # both TP ranks run every layer, with the same z
+        assert [(l, z.tolist()) for l, z in results[0]["gates_used"]] == [
+            (l, z.tolist()) for l, z in results[1]["gates_used"]]
+    a, b = results[0]["metrics"][0], ref["metrics"][0]
     assert abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"], (a, b)
-    grad, ref = result["gate_grad"], single_rank["gate_grad"]
-    scale = float(ref.abs().max())
-    diff = float((grad - ref).abs().max())
-    print(f"[consa] {layout}: gate grad max |diff| {diff:.2e} of max |grad| {scale:.2e}")
+    grad, ref_grad = results[0]["gate_grad"], ref["gate_grad"]
+    scale = float(ref_grad.abs().max())
+    diff = float((grad - ref_grad).abs().max())
+    print(f"[consa] {granularity} {layout}: z equal on every rank; gate grad max |diff| {diff:.2e} of "
+          f"max |grad| {scale:.2e}")
     assert scale > 0 and diff <= 1e-5 * scale
 
 

@@ -125,7 +125,7 @@ def extract_during_mask_learning(run_dir):
     config = {**HYBRID, "hybrid_attention": {**HYBRID["hybrid_attention"], "mask_learning_steps": 50}}
     Trainer(from_dict(RunConfig, copy.deepcopy(config)), Path(run_dir), log=lambda line: None).run()
     initialize_parallel_state(ParallelSizes())
-    with pytest.raises(ValueError, match="mask learning.*after binarization"):
+    with pytest.raises(ValueError, match="before binarization.*after binarization"):
         extract_submodel(Path(run_dir), Path(run_dir).parent / "sub", SUBNETWORKS[0])
 
 

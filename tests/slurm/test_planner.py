@@ -195,6 +195,14 @@ def test_paper_scale_dry_run():
     assert "sbatch --nodes=8 --ntasks-per-node=1 --gpus-per-node=8" in out
 
 
+@pytest.mark.parametrize("size,params", [("0p6b", "0.60B"), ("1p7b", "1.72B")])
+def test_consa_recipes_plan_at_paper_scale(size, params):
+    proc = plan_cli("--config", f"configs/consa_qwen3_{size}.yaml", "--nodes", "2", "--gpus-per-node", "8",
+                    "--set", "parallel.tensor=2")
+    assert proc.returncode == 0, proc.stderr
+    assert f"consa_qwen3_{size}: 2 node(s) x 8 GPU(s) = 16 ranks, {params} parameters" in proc.stdout
+
+
 def test_planner_cli_rejects_sizes_that_do_not_fit():
     proc = plan_cli("--config", "configs/qwen3_1p7b.yaml", "--nodes", "1", "--gpus-per-node", "6",
                     "--set", "parallel.tensor=4")

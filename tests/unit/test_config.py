@@ -19,7 +19,7 @@ def moe_cfg(**parallel):
 
 
 def test_smoke_and_paper_configs_load_and_round_trip(tmp_path):
-    for name in ("smoke", "qwen3_0p6b", "qwen3_1p7b"):
+    for name in ("smoke", "qwen3_0p6b", "qwen3_1p7b", "consa_qwen3_0p6b", "consa_qwen3_1p7b", "ernie_moe_ablation"):
         cfg = load_config(f"configs/{name}.yaml")
         assert from_dict(RunConfig, to_dict(cfg)) == cfg
 

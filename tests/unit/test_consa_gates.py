@@ -288,3 +288,46 @@ def test_state_dict_round_trip_restores_log_alpha_and_lambdas(mode):
     assert set(new_ctrl.state_dict()) == {"lambda1", "lambda2"}
     assert torch.equal(new_gates.log_alpha, gates.log_alpha)
     assert torch.equal(new_ctrl.lambda1, ctrl.lambda1) and torch.equal(new_ctrl.lambda2, ctrl.lambda2)
+
+
+# ---- rank-consistent noise, E[z], diagnostics ---------------------------------------------------
+
+def test_step_noise_depends_only_on_seed_step_and_layer():
+    gates = HardConcreteGates(3, 4, HardConcreteConfig(init_mean=0.0), noise_seed=7)
+    other = HardConcreteGates(3, 4, HardConcreteConfig(init_mean=0.0), noise_seed=7)
+    with torch.no_grad():
+        other.log_alpha.copy_(gates.log_alpha)
+    torch.rand(1000)  # whatever else consumed the default generator
+    full = gates.sample(step=5)
+    assert torch.equal(full, other.sample(step=5))
+    assert all(torch.equal(full[layer], gates.sample(step=5, layer=layer)) for layer in range(3))
+    assert not torch.equal(full, gates.sample(step=6))
+    assert not torch.equal(gates.noise(5, 0), gates.noise(5, 1))
+    assert not torch.equal(gates.noise(5, 0), HardConcreteGates(3, 4, noise_seed=8).noise(5, 0))
+    eps = gates.config.eps
+    u = torch.stack([gates.noise(s, 0) for s in range(2000)])
+    assert float(u.min()) >= eps and float(u.max()) <= 1 - eps and abs(float(u.mean()) - 0.5) < 0.01
+
+
+def test_expected_gate_matches_monte_carlo():
+    torch.manual_seed(3)
+    gates = HardConcreteGates(2, 3, HardConcreteConfig(init_mean=0.0, init_std=2.0))
+    mc = torch.stack([gates.sample() for _ in range(20000)]).mean(0).detach()
+    assert torch.allclose(gates.expected_gate(), mc, atol=0.01), (gates.expected_gate(), mc)
+
+
+def test_binarizing_undecided_gates_is_reported_as_a_warning():
+    from megatron_ext.consa.callback import ConSACallback
+
+    cfg = HybridAttentionConfig(enabled=True, mask_learning_steps=10, target=0.5, constraint="per_layer")
+    callback = ConSACallback(cfg, num_layers=2, num_kv_heads=4, tokens_per_step=64, seed=0)
+    with torch.no_grad():  # ties: every gate near log_alpha 0
+        callback.gates.log_alpha.copy_(torch.tensor([[0.01, -0.01, 0.02, 0.0], [0.0, 0.01, -0.02, 0.01]]))
+    report = callback.diagnostics(callback.gates.binarize(0.5, "per_layer"))
+    assert report["polarized_fraction"] == 0.0
+    assert any("of the gates are decided" in w for w in report["warnings"])
+    assert any("constraint had not settled" in w for w in report["warnings"])
+    with torch.no_grad():  # decided and at the bounds: no warning
+        callback.gates.log_alpha.copy_(torch.tensor([[4.6, -4.6, 4.6, -4.6], [-4.6, 4.6, -4.6, 4.6]]))
+    report = callback.diagnostics(callback.gates.binarize(0.5, "per_layer"))
+    assert report["polarized_fraction"] == 1.0 and report["warnings"] == [] and report["constraint_gap"] < 1e-3
