@@ -85,8 +85,6 @@ def learn_mask(run_dir, run_seed, overrides):
 
 def allocation_losses(run_dir, allocations, batches=4):
     """Validation loss of the run's final weights under each static allocation."""
-    from megatron.core import parallel_state
-
     from megatron_ext.data.builder import build_datasets
     from megatron_ext.models.builder import build_model
     from megatron_ext.parallel.state import comm_device
