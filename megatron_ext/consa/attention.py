@@ -28,7 +28,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from megatron_ext.consa.kernels import causal_attention, sliding_window_attention
+from megatron_ext.consa.kernels import causal_attention, sink_window_attention, sliding_window_attention
 
 MODES = ("full", "gated", "static")
 
@@ -38,7 +38,7 @@ class HybridCoreAttention(MegatronModule):
 
     def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type="self",
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type=None, pg_collection=None, *, window: int):
+                 cp_comm_type=None, pg_collection=None, *, window: int, sink: int = 0):
         super().__init__(config=config)
         if (attention_dropout if attention_dropout is not None else config.attention_dropout) > 0:
             raise ValueError("hybrid attention does not implement attention dropout: set model.attention_dropout: 0")
@@ -49,6 +49,9 @@ class HybridCoreAttention(MegatronModule):
         tp_size, tp_rank = get_pg_size(pg_collection.tp), get_pg_rank(pg_collection.tp)
         self.layer_index = layer_number - 1  # Megatron numbers layers from 1
         self.window = window
+        self.sink = sink
+        """Attention sinks of the sparse units: 0 for sliding-window attention; > 0 for LoZA's sink +
+        recent attention (the first ``sink`` keys and the last ``window``)."""
         self.head_dim = config.kv_channels
         self.num_kv_heads = config.num_query_groups  # whole layer
         self.local_kv_heads = self.num_kv_heads // tp_size
@@ -113,14 +116,20 @@ class HybridCoreAttention(MegatronModule):
         z = z.to(device=q.device, dtype=q.dtype)
         z = z.view(1, -1, 1, 1)
         full = causal_attention(q, k, v, self.softmax_scale)
-        swa = sliding_window_attention(q, k, v, self.window, self.softmax_scale)
+        swa = self._sparse(q, k, v)
         return z * full + (1.0 - z) * swa
+
+    def _sparse(self, q, k, v):
+        """The sparse units' attention: sliding window, or sink + recent (``sink > 0``)."""
+        if self.sink:
+            return sink_window_attention(q, k, v, self.window, self.sink, self.softmax_scale)
+        return sliding_window_attention(q, k, v, self.window, self.softmax_scale)
 
     def _static(self, q, k, v, full_flags):
         if bool(full_flags.all()):
             return causal_attention(q, k, v, self.softmax_scale)
         if not bool(full_flags.any()):
-            return sliding_window_attention(q, k, v, self.window, self.softmax_scale)
+            return self._sparse(q, k, v)
         # Mixed layer: two groups, each through its own kernel.
         qpg = self.queries_per_group
         fa_kv = full_flags.nonzero().flatten()
@@ -132,11 +141,11 @@ class HybridCoreAttention(MegatronModule):
         fa_kv, swa_kv = fa_kv.to(q.device), swa_kv.to(q.device)
         fa_q, swa_q = query_heads(fa_kv), query_heads(swa_kv)
         fa_out = causal_attention(q[:, fa_q], k[:, fa_kv], v[:, fa_kv], self.softmax_scale)
-        swa_out = sliding_window_attention(q[:, swa_q], k[:, swa_kv], v[:, swa_kv], self.window, self.softmax_scale)
+        swa_out = self._sparse(q[:, swa_q], k[:, swa_kv], v[:, swa_kv])
         out = q.new_empty(q.shape)
         out[:, fa_q] = fa_out
         out[:, swa_q] = swa_out
         return out
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer_index}, mode={self.mode}, window={self.window}"
+        return f"layer={self.layer_index}, mode={self.mode}, window={self.window}, sink={self.sink}"

@@ -136,6 +136,11 @@ class ConSACallback(Callback):
     def on_step_begin(self, ctx: TrainContext) -> None:
         if self.allocation is None:
             self._apply(ctx.step + 1)
+            if self.cfg.method == "loza" and self.stage(ctx.step + 1) == 1:
+                # LoZA learns its gates on a frozen model: this step updates no weight (the scheduler
+                # sets the learning rate after every step; the next one's is zeroed here again).
+                for group in ctx.optimizer.param_groups:
+                    group["lr"] = 0.0
 
     def on_step_end(self, ctx: TrainContext, result) -> Dict[str, object]:
         stage = self.stage(ctx.step)
@@ -145,6 +150,8 @@ class ConSACallback(Callback):
             return {"consa/stage": 0}
         learning_step = ctx.step - self.start_step
         metrics = {"consa/stage": 1, **self._update_gates(learning_step, result.update_successful)}
+        if self.cfg.method == "loza":
+            metrics["consa/model_frozen"] = 1  # this step updated the gates only
         if learning_step % max(1, self.stage_steps // 50) == 0:
             self.history.append((ctx.step, self.gates.log_alpha.detach().clone()))
         if learning_step >= self.stage_steps:
@@ -195,10 +202,23 @@ class ConSACallback(Callback):
         return {"consa/log_alpha": _value(log_alpha), "consa/expected_gate": _value(self.gates.expected_gate()),
                 "consa/polarized_fraction": self.polarized_fraction()}
 
-    def polarized_fraction(self) -> float:
-        """Share of units with |log_alpha| >= ``polarization_threshold``."""
-        decided = self.gates.log_alpha.detach().abs() >= self.cfg.polarization_threshold
-        return float(decided.float().mean())
+    @torch.no_grad()
+    def polarized_fraction(self, allocation: Optional[torch.Tensor] = None, side: Optional[bool] = None) -> float:
+        """Share of decided units: log_alpha on the side of 0 that ``allocation`` (default: the one
+        binarizing now would give) assigns, by at least ``polarization_threshold`` (FA units >= +t,
+        SWA units <= -t); over the FA units only (``side=True``), the SWA units only (False), or all.
+        Gates that all lean one way while the target splits them are ties, not decisions, however
+        large their |log_alpha|: their FA side is undecided."""
+        if allocation is None:
+            allocation = self.gates.binarize(self.cfg.target, self._binarize_mode())
+        log_alpha = self.gates.log_alpha.detach()
+        decided = torch.where(allocation, log_alpha, -log_alpha) >= self.cfg.polarization_threshold
+        if side is not None:
+            decided = decided[allocation == side]
+        return float(decided.float().mean()) if decided.numel() else 1.0
+
+    def _binarize_mode(self) -> str:
+        return self.cfg.constraint if self.cfg.granularity == "kv_head" else "global"
 
     @torch.no_grad()
     def diagnostics(self, allocation: torch.Tensor) -> Dict[str, object]:
@@ -215,11 +235,16 @@ class ConSACallback(Callback):
         bound.log_alpha.copy_(torch.where(allocation, hc.log_alpha_max, hc.log_alpha_min))
         rho_bound = bound.expected_swa_fraction(mode)
         gap = float((self.gates.expected_swa_fraction(mode).detach() - rho_bound).abs().max())
-        polarized = self.polarized_fraction()
+        polarized = self.polarized_fraction(allocation)
+        sides = {"full attention": self.polarized_fraction(allocation, True),
+                 "SWA": self.polarized_fraction(allocation, False)}
         warnings = []
-        if polarized < cfg.min_polarized_fraction:
-            warnings.append(f"only {polarized:.0%} of the gates are decided (|log_alpha| >= "
-                            f"{cfg.polarization_threshold}, hybrid_attention.min_polarized_fraction="
+        for side, share in sides.items():
+            if share >= cfg.min_polarized_fraction:
+                continue
+            warnings.append(f"only {share:.0%} of the {side} units' gates are decided (log_alpha on the side of 0 "
+                            f"their allocation gives, by >= {cfg.polarization_threshold}; "
+                            f"hybrid_attention.min_polarized_fraction="
                             f"{cfg.min_polarized_fraction}): the allocation is largely ties broken by rank; "
                             "learn the mask longer (mask_learning_steps / _tokens) or from a trained start "
                             "(mask_learning_start_step, train.init_from)")
@@ -227,11 +252,11 @@ class ConSACallback(Callback):
             warnings.append(f"the constraint had not settled: |rho_hat - rho_bound| = {gap:.3f} > "
                             f"hybrid_attention.constraint_tolerance={cfg.constraint_tolerance}; learn the "
                             "mask longer or raise lambda_lr")
-        return {"polarized_fraction": polarized, "constraint_gap": gap, "warnings": warnings}
+        return {"polarized_fraction": polarized, "polarized_full": sides["full attention"],
+                "polarized_swa": sides["SWA"], "constraint_gap": gap, "warnings": warnings}
 
     def _binarize(self, ctx: TrainContext) -> None:
-        mode = self.cfg.constraint if self.cfg.granularity == "kv_head" else "global"
-        self.allocation = self.gates.binarize(self.cfg.target, mode)
+        self.allocation = self.gates.binarize(self.cfg.target, self._binarize_mode())
         self.diagnosed = self.diagnostics(self.allocation)
         self._apply(ctx.step + 1)
         if dist.get_rank() == 0:

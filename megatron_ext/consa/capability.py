@@ -60,7 +60,8 @@ class HybridAttention(Capability):
         from megatron_ext.consa.attention import HybridCoreAttention
         from megatron_ext.models.layer_spec import map_specs, replace_submodule
 
-        core = partial(HybridCoreAttention, window=cfg.hybrid_attention.window)
+        h = cfg.hybrid_attention
+        core = partial(HybridCoreAttention, window=h.window, sink=h.sink_tokens)
         return map_specs(specs, lambda spec: replace_submodule(spec, "self_attention.core_attention", core))
 
     def callback(self, cfg, log):

@@ -13,7 +13,7 @@ ConstraintMode = Literal["global", "per_layer"]
 
 CONSTRAINT_MODES = get_args(ConstraintMode)
 
-LEARNED_METHODS = ("consa", "scalar_rank")
+LEARNED_METHODS = ("consa", "scalar_rank", "loza")
 """Methods that learn the allocation in a first stage (mask learning) and then binarize it."""
 
 
@@ -65,15 +65,22 @@ class HybridAttentionConfig:
 
     enabled: bool = False
     """Use hybrid attention (False: every layer uses full attention)."""
-    method: Literal["consa", "scalar_rank", "rule_layer", "rule_head", "static"] = "consa"
+    method: Literal["consa", "scalar_rank", "loza", "rule_layer", "rule_head", "static"] = "consa"
     """consa: hard-concrete L0 gates + augmented Lagrangian, then binarize (the paper's method);
     scalar_rank: the ablation with continuous scalar gates, then the lowest-ranked units become SWA;
-    rule_layer: a fixed layer pattern (``layer_pattern``, Mistral / Gemma-2 style interleave);
+    loza: the LoZA baseline [digest]: one scalar gate a per layer learned on a frozen model (the
+    model's learning rate is 0 during stage 1), out = a * dense + (1 - a) * sparse with sink +
+    recent attention as the sparse part (``sink_tokens`` > 0; LoZA uses sink 128 + recent 896), then
+    the lowest-ranked layers become sparse; rule_layer: a fixed layer pattern (``layer_pattern``, Mistral / Gemma-2 style interleave);
     rule_head: the same SWA fraction of KV heads in every layer; static: ``allocation`` file."""
     granularity: Literal["layer", "kv_head"] = "kv_head"
     """Unit of the choice: a whole layer, or one KV head (all query heads of its group follow it)."""
     window: int = 512
     """Sliding window W: query i sees keys i-W+1..i. [choice] 512: the paper does not state it."""
+    sink_tokens: int = 0
+    """Attention sinks of the sparse units: > 0 makes them attend to the first ``sink_tokens`` keys as
+    well as the last ``window`` (LoZA's sink + recent pattern; computed at dense cost [choice]);
+    0: plain sliding-window attention."""
     target: float = 0.5
     """Target fraction rho of units that use SWA."""
     constraint: Literal["global", "per_layer"] = "per_layer"
@@ -98,11 +105,13 @@ class HybridAttentionConfig:
     lambda_lr: float = 5.0
     """Step size of the gradient ascent on the Lagrange multipliers. [choice]"""
     polarization_threshold: float = 2.0
-    """A gate counts as decided (polarized) when |log_alpha| >= this; ``consa/polarized_fraction``
-    reports the share of such units. [choice]"""
+    """A gate counts as decided (polarized) when its log_alpha lies on the side of 0 that the
+    binarization gives it (FA > 0, SWA < 0) by at least this; ``consa/polarized_fraction`` reports the
+    share of such units. [choice]"""
     min_polarized_fraction: float = 0.9
-    """At binarization, fewer decided units than this fraction is reported as a WARNING (log and
-    allocation.json): the allocation is then mostly a tie broken by rank. [choice]"""
+    """At binarization, fewer decided units than this fraction among the FA units, or among the SWA
+    units, is reported as a WARNING (log and allocation.json): the allocation is then largely a tie
+    broken by rank. [choice]"""
     constraint_tolerance: float = 0.05
     """At binarization, an expected SWA fraction this far (any layer with ``per_layer``) from the one
     the binarized allocation has with its gates at their clamp bounds is reported as a WARNING: the
@@ -120,7 +129,12 @@ class HybridAttentionConfig:
         c = Checks(self)
         c.positive("window", "gate_lr", "lambda_lr", "mask_learning_steps", "mask_learning_tokens",
                    "polarization_threshold", "constraint_tolerance")
-        c.non_negative("mask_learning_start_step")
+        c.non_negative("mask_learning_start_step", "sink_tokens")
+        if self.method == "loza":
+            c.require(self.granularity == "layer", f"method='loza' learns one gate per layer: set granularity: layer "
+                                                   f"(got {self.granularity!r})")
+            c.require(self.sink_tokens > 0, "method='loza' needs sink_tokens > 0 (its sparse attention is sink + "
+                                            "recent; LoZA uses sink_tokens: 128, window: 896)")
         c.within("min_polarized_fraction", 0.0, 1.0)
         c.within("target", 0.0, 1.0)
         c.within("gate_adam_beta1", 0.0, 1.0, high_open=True)
@@ -130,8 +144,7 @@ class HybridAttentionConfig:
             given = [n for n in ("mask_learning_steps", "mask_learning_tokens") if getattr(self, n) is not None]
             c.require(len(given) == 1, f"method={self.method!r} needs exactly one of mask_learning_steps / "
                                        "mask_learning_tokens (the length of stage 1)")
-        c.require(not (self.constraint == "per_layer" and self.granularity == "layer"
-                       and self.method in LEARNED_METHODS),
+        c.require(not (self.constraint == "per_layer" and self.granularity == "layer" and self.method == "consa"),
                   "constraint='per_layer' needs granularity 'kv_head' (a layer unit cannot meet a fraction on "
                   "its own); use constraint 'global'")
         if self.method == "rule_layer" and self.layer_pattern is not None:

@@ -196,21 +196,15 @@ class ScalarGates(HardConcreteGates):
     mean gate, so the "expected SWA fraction" metric reads as the mean weight given to SWA.
     """
 
-    def sample(self) -> torch.Tensor:
-        return torch.sigmoid(self.log_alpha.float())
+    def sample(self, step: Optional[int] = None, layer: Optional[int] = None) -> torch.Tensor:
+        z = torch.sigmoid(self.log_alpha.float())
+        return z if layer is None else z[layer]
 
     def deterministic(self) -> torch.Tensor:
         return self.sample()
 
-    @torch.no_grad()
     def expected_gate(self, points: int = 1024) -> torch.Tensor:
-        """E[z] per unit, [num_layers, units_per_layer]: the mean gate over the noise, by the midpoint
-        rule over u in (0, 1) (``points`` nodes; z is monotone in u, the error is below 1 / points)."""
-        c = self.config
-        u = (torch.arange(points, dtype=torch.float64) + 0.5) / points  # [P]
-        logit = (torch.log(u) - torch.log1p(-u)).view(1, 1, -1)
-        s = torch.sigmoid((logit + self.log_alpha.detach().double().unsqueeze(-1)) / c.beta)
-        return torch.clamp(s * (c.zeta - c.gamma) + c.gamma, 0.0, 1.0).mean(-1).float()
+        return self.sample().detach()
 
     def prob_nonzero(self) -> torch.Tensor:
         return self.sample()

@@ -65,6 +65,8 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     "causal_attention",
     "ideal_flop_ratio",
+    "sink_window_attention",
+    "sink_window_attention_reference",
     "sliding_window_attention",
     "sliding_window_attention_blocked",
     "sliding_window_attention_reference",
@@ -136,6 +138,41 @@ def sliding_window_attention_reference(
     scores = torch.matmul(q, k.transpose(-1, -2)) * _scale_or_default(q, scale)  # [b, hq, T, T]
     scores = scores.masked_fill(~in_band, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def sink_window_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sink: int, scale: Optional[float] = None
+) -> torch.Tensor:
+    """Dense reference of sink + recent attention (LoZA's sparse pattern): query ``i`` sees the keys
+    ``j <= i`` with ``j < sink`` (the attention sinks) or ``j >= i - window + 1`` (the recent ones).
+
+    q: [b, hq, T, d]; k, v: [b, hkv, T, d]; returns [b, hq, T, d]. Explicit score matrix and softmax.
+    """
+    _check_inputs(q, k, v, window)
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * _scale_or_default(q, scale)  # [b, hq, T, T]
+    scores = scores.masked_fill(~_sink_window_mask(q.shape[2], window, sink, q.device), float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def _sink_window_mask(t: int, window: int, sink: int, device) -> torch.Tensor:
+    i = torch.arange(t, device=device)[:, None]
+    j = torch.arange(t, device=device)[None, :]
+    return (j <= i) & ((j < sink) | (j >= i - window + 1))  # [T, T], True = visible
+
+
+def sink_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sink: int, scale: Optional[float] = None
+) -> torch.Tensor:
+    """Sink + recent attention (see :func:`sink_window_attention_reference`) through torch's
+    ``scaled_dot_product_attention`` with the boolean mask. [choice] Dense cost: the LoZA baseline is
+    compared on quality here, and this path does not claim sparse attention's savings."""
+    _check_inputs(q, k, v, window)
+    mask = _sink_window_mask(q.shape[2], window, sink, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=_scale_or_default(q, scale),
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 # --------------------------------------------------------------------------------------------------

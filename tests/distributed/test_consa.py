@@ -13,7 +13,7 @@ from megatron_ext.run import RunConfig
 from megatron_ext.consa.attention import HybridCoreAttention
 from megatron_ext.consa.kernels import causal_attention, sliding_window_attention_reference
 from megatron_ext.models.builder import build_model
-from megatron_ext.parallel import full_named_tensors
+from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, full_named_tensors, initialize_parallel_state
 from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.testing.callbacks import PreemptAfter, StartFrom
 from megatron_ext.capability import Callback
@@ -205,3 +205,38 @@ def test_resume_in_stage_one_restores_gates_and_lambdas_exactly(tmp_path):
     keys = ("loss", "consa/expected_swa_fraction", "consa/lambda1", "consa/lambda2", "consa/constraint_loss")
     for a, b in zip(resumed["metrics"], straight["metrics"]):
         assert [a[k] for k in keys] == [b[k] for k in keys], a["step"]
+
+
+def loza_run(run_dir, weights):
+    """LoZA: 5 steps of gate learning on a frozen model, then the static hybrid with sink attention."""
+    from megatron_ext.run.checks import checkpoint_dir
+    from megatron_ext.training.checkpoint import load_model_weights
+
+    sections = {"hybrid_attention": {"method": "loza", "granularity": "layer", "constraint": "global",
+                                     "sink_tokens": 4, "mask_learning_steps": 5, "target": 0.5,
+                                     "hard_concrete": {"init_mean": 0.0}},
+                "train": {"steps": 8}, "checkpoint": {"save_interval": 5, "keep_last": 3}}
+    result = train(run_dir, sections, weights=weights)
+    initialize_parallel_state(ParallelSizes())  # the trainer tore its own down
+    try:
+        (model,) = build_model(config(**sections), cuda=False)
+        load_model_weights(checkpoint_dir(Path(run_dir) / "checkpoints" / "step_00000005"), [model])
+        result["weights_at_binarization"] = full_named_tensors(model)
+        result["sinks"] = {m.sink for m in model.modules() if isinstance(m, HybridCoreAttention)}
+    finally:
+        destroy_parallel_state()
+    return result
+
+
+def test_loza_learns_layer_gates_on_a_frozen_model_then_runs_sink_attention(tmp_path, weights):
+    result = run_distributed(loza_run, 1, None, run_dir=str(tmp_path), weights=weights)[0]
+    metrics = result["metrics"]
+    print(f"[consa] loza: stage {[m['consa/stage'] for m in metrics]}, losses {[m['loss'] for m in metrics]}")
+    assert [m["consa/stage"] for m in metrics] == [1] * 5 + [2] * 3
+    assert [m.get("consa/model_frozen") for m in metrics] == [1] * 5 + [None] * 3
+    for name, tensor in weights.items():  # stage 1 changed no weight
+        assert torch.equal(result["weights_at_binarization"][name], tensor), name
+    assert result["allocation"].shape == (4, 1) and int((~result["allocation"]).sum()) == 2
+    assert result["sinks"] == {4}
+    record = json.loads((tmp_path / "allocation.json").read_text())
+    assert record["method"] == "loza" and record["achieved_swa_fraction"] == 0.5

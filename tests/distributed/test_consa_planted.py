@@ -174,3 +174,16 @@ def test_from_scratch_with_a_dense_warm_up_consa_finds_the_best_allocation(tmp_p
     stages = {r["step"]: r["consa/stage"] for r in records}
     assert stages[300] == 0 and stages[310] == 1  # full attention until the start step, then mask learning
     _check_learned_is_best(tmp_path, f"dense warm-up, seed {run_seed}")
+
+
+def test_from_scratch_without_a_warm_up_the_tie_is_reported_not_taken_for_learned(tmp_path):
+    """Gates close before the copy forms (a closed gate gets no LM gradient): every unit leans to SWA
+    and binarization can only break a tie, which the diagnostics must say."""
+    run_distributed(learn_mask, 1, None, run_dir=str(tmp_path), run_seed=1, timeout=600,
+                    overrides={"hybrid_attention": {"mask_learning_steps": 200, "target_warmup_steps": 50},
+                               "train": {"steps": 200}})
+    learned, log_alpha, diagnostics = _learned(tmp_path)
+    print(f"[planted] no warm-up: FA units {sorted(learned)}, log_alpha {log_alpha}, diagnostics {diagnostics}")
+    assert all(value < 0 for row in log_alpha for value in row)  # nothing learned to keep FA
+    assert diagnostics["polarized_full"] == 0.0  # the two FA slots went to the least-closed of equals
+    assert any("full attention units' gates are decided" in w for w in diagnostics["warnings"])

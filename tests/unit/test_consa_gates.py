@@ -325,8 +325,13 @@ def test_binarizing_undecided_gates_is_reported_as_a_warning():
         callback.gates.log_alpha.copy_(torch.tensor([[0.01, -0.01, 0.02, 0.0], [0.0, 0.01, -0.02, 0.01]]))
     report = callback.diagnostics(callback.gates.binarize(0.5, "per_layer"))
     assert report["polarized_fraction"] == 0.0
-    assert any("of the gates are decided" in w for w in report["warnings"])
+    assert any("SWA units' gates are decided" in w for w in report["warnings"])
     assert any("constraint had not settled" in w for w in report["warnings"])
+    with torch.no_grad():  # all lean to SWA while the target keeps half FA: ties, whatever |log_alpha|
+        callback.gates.log_alpha.copy_(torch.tensor([[-3.5, -3.4, -3.6, -3.5], [-3.5, -3.49, -3.5, -3.45]]))
+    report = callback.diagnostics(callback.gates.binarize(0.5, "per_layer"))
+    assert report["polarized_fraction"] == 0.5 and report["polarized_full"] == 0.0 and report["polarized_swa"] == 1.0
+    assert any("full attention units' gates are decided" in w for w in report["warnings"])
     with torch.no_grad():  # decided and at the bounds: no warning
         callback.gates.log_alpha.copy_(torch.tensor([[4.6, -4.6, 4.6, -4.6], [-4.6, 4.6, -4.6, 4.6]]))
     report = callback.diagnostics(callback.gates.binarize(0.5, "per_layer"))

@@ -9,6 +9,8 @@ from torch.testing import assert_close
 from megatron_ext.consa.kernels import (
     causal_attention,
     ideal_flop_ratio,
+    sink_window_attention,
+    sink_window_attention_reference,
     sliding_window_attention,
     sliding_window_attention_blocked,
     sliding_window_attention_reference,
@@ -150,3 +152,46 @@ def test_flex_path_matches_reference_on_cuda(dtype, tol, hq, hkv, t, window):
         assert g.dtype == dtype
         rel = ((g.float() - w).norm() / w.norm()).item()
         assert rel <= tol, f"{name}: relative error {rel:.2e} > {tol:.0e}"
+
+
+# ---- sink + recent attention (the LoZA baseline's sparse pattern) ----------------------------------
+
+def _sink_window_by_loops(q, k, v, window, sink, scale):
+    """Query by query, over the explicit list of visible keys."""
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    for i in range(q.shape[2]):
+        keys = sorted({j for j in range(i + 1) if j < sink or j >= i - window + 1})
+        kk = k[:, :, keys].repeat_interleave(group, dim=1)
+        vv = v[:, :, keys].repeat_interleave(group, dim=1)
+        weights = torch.softmax(torch.einsum("bhd,bhkd->bhk", q[:, :, i], kk) * scale, dim=-1)
+        out[:, :, i] = torch.einsum("bhk,bhkd->bhd", weights, vv)
+    return out
+
+
+@pytest.mark.parametrize("window, sink", [(4, 2), (3, 1), (8, 5), (40, 3)])
+def test_sink_window_attention_sees_the_sinks_and_the_recent_keys(window, sink):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 24, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    k2, v2 = k[:, :2].detach().requires_grad_(), v[:, :2].detach().requires_grad_()  # GQA: 2 KV heads
+    want = _sink_window_by_loops(q, k2, v2, window, sink, 0.3)
+    ref = torch.autograd.grad(want.square().sum(), (q, k2, v2))
+    for fn in (sink_window_attention, sink_window_attention_reference):
+        got = fn(q, k2, v2, window, sink, 0.3)
+        assert_close(got, want.detach())
+        for g, r in zip(torch.autograd.grad(got.square().sum(), (q, k2, v2)), ref):
+            assert_close(g, r)
+
+
+def test_sink_window_reduces_to_sliding_window_and_to_causal():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 20, 8) for _ in range(3))
+    assert_close(sink_window_attention(q, k, v, 5, 0), sliding_window_attention_reference(q, k, v, 5))
+    assert_close(sink_window_attention(q, k, v, 20, 3), causal_attention(q, k, v))
+    # The last query sees key 0 through the sink only.
+    k_changed = k.clone()
+    k_changed[:, :, 0] += 1.0
+    assert not torch.allclose(sink_window_attention(q, k, v, 5, 1)[:, :, -1],
+                              sink_window_attention(q, k_changed, v, 5, 1)[:, :, -1])
+    assert torch.equal(sink_window_attention(q, k, v, 5, 0)[:, :, -1],
+                       sink_window_attention(q, k_changed, v, 5, 0)[:, :, -1])
