@@ -64,7 +64,8 @@ def case_configs() -> Dict[str, dict]:
     smoke = yaml.safe_load(SMOKE_CONFIG.read_text())
     return {
         "smoke": _merge(smoke, _SCHEDULE, {"train": {"steps": 16, "eval_interval": 8},
-                                           "hybrid_attention": {"mask_learning_steps": 10}}),
+                                           "hybrid_attention": {"mask_learning_start_step": 0,
+                                                                "mask_learning_steps": 10}}),
         "tp2": _merge(_TINY, _SCHEDULE, {"parallel": {"tensor": 2, "sequence_parallel": True}}),
         "pp2": _merge(_TINY, _SCHEDULE, {"parallel": {"pipeline": 2}}),
         "ep2": _merge(_TINY, _SCHEDULE, {"parallel": {"expert": 2}}),
