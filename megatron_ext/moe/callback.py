@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.compat.moe import reset_token_counts
+from megatron_ext.parallel.state import comm_device
 from megatron_ext.data.vocab import MODALITIES
 from megatron_ext.moe import elastic
 from megatron_ext.moe.config import ElasticConfig, RoutingConfig
@@ -87,17 +88,19 @@ class MoECallback(Callback):
     # -- wiring --------------------------------------------------------------------------------------
     def on_train_start(self, ctx: TrainContext) -> None:
         self.routers = elastic_routers(ctx.model)
-        if not self.routers:
+        pp_group = ctx.pg_collection.pp
+        # A pipeline stage of dense layers only (moe.first_k_dense under PP) has no router, but still
+        # joins every reduction over the pipeline group (load counts, bias statistics).
+        if not self.routers and dist.get_world_size(pp_group) == 1:
             raise RuntimeError("the moe callback found no ElasticRouter in the model: build the MoE layers' "
                                "router with megatron_ext.moe.router.with_router")
         has_bias = [r.expert_bias is not None for r in self.routers]
-        if set(has_bias) != {self.routing.expert_bias}:
+        if has_bias and set(has_bias) != {self.routing.expert_bias}:
             raise RuntimeError(f"routing.expert_bias={self.routing.expert_bias} but the model's routers "
                                f"{'have' if any(has_bias) else 'lack'} an expert bias: build the model with "
                                "moe_router_enable_expert_bias equal to routing.expert_bias")
-        pp_group = ctx.pg_collection.pp
         self.tracker = LoadTracker(self.routers, self.num_layers, self.num_experts,
-                                   reduce_group=self.routers[0].tp_dp_cp_group, pp_group=pp_group)
+                                   reduce_group=ctx.pg_collection.tp_dp_cp, pp_group=pp_group)
         self._pp_group = pp_group
 
     # -- per step ------------------------------------------------------------------------------------
@@ -146,8 +149,7 @@ class MoECallback(Callback):
 
     def _bias_abs_mean(self) -> float:
         """Mean |expert_bias| over all MoE layers of the model (every stage's layers)."""
-        device = self.routers[0].expert_bias.device
-        table = torch.zeros(self.num_layers, 2, dtype=torch.float64, device=device)  # [sum |b|, count]
+        table = torch.zeros(self.num_layers, 2, dtype=torch.float64, device=comm_device())  # [sum |b|, count]
         for router in self.routers:
             table[router.layer_index, 0] += router.expert_bias.detach().abs().sum().double()
             table[router.layer_index, 1] += router.num_experts

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megatron_ext.data.vocab import MODALITIES
+from megatron_ext.parallel.state import comm_device
 
 __all__ = ["LoadTracker", "layer_metrics", "load_cv", "normalized_entropy", "top_experts", "top_experts_iou"]
 
@@ -89,7 +90,7 @@ class LoadTracker:
         self.reduce_group = reduce_group
         self.pp_group = pp_group
         self.unknown_row = len(MODALITIES)
-        device = routers[0].weight.device if routers else torch.device("cpu")
+        device = routers[0].weight.device if routers else comm_device()  # a router-less stage still reduces
         self.counts = torch.zeros(num_layers, len(MODALITIES) + 1, num_experts, dtype=torch.long, device=device)
         """This rank's counts of the current step, ``[num_layers, M + 1, N]``."""
         self._handles = [router.register_forward_hook(self._hook) for router in routers]

@@ -134,3 +134,43 @@ def test_selective_recompute_of_norms_and_moe_through_the_trainer_matches_no_rec
     assert recomputed[0][0] == plain[0][0]  # the same forward
     for (loss, grad), (loss_ref, grad_ref) in zip(recomputed, plain):
         assert abs(loss - loss_ref) <= 1e-6 * loss_ref and abs(grad - grad_ref) <= 1e-6 * grad_ref
+
+
+DENSE_FIRST = {  # the first pipeline stage holds only dense layers: no router there
+    "moe": {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32, "first_k_dense": 2},
+    "routing": {"expert_bias": True, "bias_update_rate": 1.0e-2},
+    "train": {"steps": 4},
+}
+
+
+def dense_first_weights():
+    data = copy.deepcopy(BASE)
+    for section, values in DENSE_FIRST.items():
+        data.setdefault(section, {}).update(values)
+    return full_named_tensors(build_model(from_dict(RunConfig, data), cuda=False)[0])
+
+
+def dense_first_run(run_dir, weights, pipeline, elastic):
+    data = copy.deepcopy(BASE)
+    for section, values in DENSE_FIRST.items():
+        data.setdefault(section, {}).update(values)
+    data["parallel"] = {"pipeline": pipeline}
+    data["elastic"] = {"enabled": elastic, "depth_full_prob": 0.5, "width_full_prob": 0.5, "topk_default_prob": 0.5}
+    Trainer(from_dict(RunConfig, data), Path(run_dir), [StartFrom(weights)], log=lambda line: None).run()
+    return [(r["loss"], r["moe/load_cv"], r.get("elastic/depth")) for r in read_metrics(Path(run_dir) / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("elastic", [False, True], ids=["plain", "elastic"])
+def test_dense_first_layers_under_pipeline_parallelism_match_one_rank(tmp_path, elastic):
+    """PP=2 with moe.first_k_dense=2 of 4 layers: the router-less first stage joins the load and bias
+    reductions (no hang), and losses and load statistics equal one rank's."""
+    weights = run_distributed(dense_first_weights, 1)[0]
+    one = run_distributed(dense_first_run, 1, None, run_dir=str(tmp_path / "one"), weights=weights, pipeline=1,
+                          elastic=elastic)[0]
+    pp2 = run_distributed(dense_first_run, 2, None, run_dir=str(tmp_path / "pp2"), weights=weights, pipeline=2,
+                          elastic=elastic)[0]
+    print(f"[trainer] dense-first MoE, elastic={elastic}: PP=2 {pp2} | one rank {one}")
+    assert len(pp2) == len(one) == 4
+    for (loss, cv, depth), (loss_ref, cv_ref, depth_ref) in zip(pp2, one):
+        assert depth == depth_ref
+        assert abs(loss - loss_ref) <= 1e-5 * loss_ref and abs(cv - cv_ref) <= 1e-4 * max(cv_ref, 1e-6)
