@@ -43,6 +43,15 @@ class MixtureOfExperts(Capability):
             return problems
         if moe.num_experts % p.expert:
             problems.append(f"moe.num_experts={moe.num_experts} is not divisible by parallel.expert={p.expert}")
+        expert_tp = p.expert_tensor or p.tensor
+        if not cuda and p.expert > 1 and expert_tp > 1:
+            problems.append(f"parallel.expert={p.expert} with expert tensor parallelism {expert_tp} "
+                            "(parallel.expert_tensor, default parallel.tensor) fails on gloo: Megatron's "
+                            "variable-size all-gather of the expert-TP group needs NCCL; on CPU set "
+                            "parallel.expert_tensor: 1")
+        if moe.score_function == "softmax" and moe.top_k == 1 and not moe.router_pre_softmax:
+            problems.append("moe.top_k=1 with moe.score_function='softmax' needs moe.router_pre_softmax: true (a "
+                            "softmax over the one selected score is 1 and trains no router), or use 'sigmoid'")
         if p.tensor > 1 and not p.sequence_parallel:
             problems.append("parallel.sequence_parallel must be true for MoE with parallel.tensor > 1 "
                             "(Megatron requires it)")
@@ -73,6 +82,7 @@ class MixtureOfExperts(Capability):
             moe_z_loss_coeff=moe.z_loss_coeff,
             moe_expert_capacity_factor=moe.capacity_factor,
             moe_router_score_function=moe.score_function,
+            moe_router_pre_softmax=moe.router_pre_softmax,
             moe_router_dtype="fp32",
             moe_router_enable_expert_bias=cfg.routing.expert_bias,
             moe_router_bias_update_rate=cfg.routing.bias_update_rate,
@@ -109,6 +119,15 @@ class MixtureOfExperts(Capability):
         experts = list(sub.experts) if sub.experts is not None else list(range(e))
         if any(not 0 <= x < e for x in experts) or experts != sorted(set(experts)):
             return [f"experts {experts} must be distinct, ascending indices in [0, {e})"]
+        if cfg.routing.mode == "modality_isolated":
+            # The sub-model's partitions are again equal and contiguous: each must keep as many experts.
+            modalities = cfg.routing.partition_modalities
+            size = e // len(modalities)
+            kept = {m: sum(1 for x in experts if x // size == i) for i, m in enumerate(modalities)}
+            if len(set(kept.values())) > 1:
+                return [f"experts {experts} keep {kept} experts of the modality partitions (routing.mode="
+                        f"'modality_isolated', {size} each): keep the same number of every partition, or "
+                        "experts would change modality"]
         top_k = cfg.moe.top_k if sub.top_k is None else sub.top_k
         if not 1 <= top_k <= len(experts):
             return [f"top-k {top_k} must be in [1, {len(experts)}] (the kept experts)"]

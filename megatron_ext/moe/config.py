@@ -48,6 +48,10 @@ class MoEConfig:
     score_function: Literal["softmax", "sigmoid"] = "sigmoid"
     """Router score function (sigmoid, as DeepSeek-V3, arXiv 2412.19437: what auxiliary-loss-free
     expert bias needs)."""
+    router_pre_softmax: bool = False
+    """softmax only: select the top-k of the softmax over all experts (Megatron's
+    ``moe_router_pre_softmax``) instead of a softmax over the k selected scores; needed for
+    ``top_k: 1``, where a softmax over one score is constantly 1 and gives the router no gradient."""
 
     def __post_init__(self):
         c = Checks(self)

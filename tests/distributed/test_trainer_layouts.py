@@ -84,20 +84,22 @@ ELASTIC_DEPTH = {  # every step drops some layers
 }
 
 
-def moe_weights():
+def merged(*overrides):
+    """BASE with each of ``overrides`` (section -> values) applied in turn, as a RunConfig."""
     data = copy.deepcopy(BASE)
-    for section, values in ELASTIC_DEPTH.items():
-        data.setdefault(section, {}).update(values)
-    return full_named_tensors(build_model(from_dict(RunConfig, data), cuda=False)[0])
+    for override in overrides:
+        for section, values in override.items():
+            data.setdefault(section, {}).update(values)
+    return from_dict(RunConfig, data)
+
+
+def moe_weights(overrides=ELASTIC_DEPTH):
+    return full_named_tensors(build_model(merged(overrides), cuda=False)[0])
 
 
 def elastic_run(run_dir, overlap, weights):
-    overrides = copy.deepcopy(ELASTIC_DEPTH)
-    overrides["parallel"] = {"overlap_grad_reduce": overlap}
-    data = copy.deepcopy(BASE)
-    for section, values in overrides.items():
-        data.setdefault(section, {}).update(values)
-    Trainer(from_dict(RunConfig, data), Path(run_dir), [StartFrom(weights)], log=lambda line: None).run()
+    cfg = merged(ELASTIC_DEPTH, {"parallel": {"overlap_grad_reduce": overlap}})
+    Trainer(cfg, Path(run_dir), [StartFrom(weights)], log=lambda line: None).run()
     return [(r["loss"], r["elastic/depth"]) for r in read_metrics(Path(run_dir) / "metrics.jsonl")]
 
 
@@ -143,20 +145,11 @@ DENSE_FIRST = {  # the first pipeline stage holds only dense layers: no router t
 }
 
 
-def dense_first_weights():
-    data = copy.deepcopy(BASE)
-    for section, values in DENSE_FIRST.items():
-        data.setdefault(section, {}).update(values)
-    return full_named_tensors(build_model(from_dict(RunConfig, data), cuda=False)[0])
-
-
 def dense_first_run(run_dir, weights, pipeline, elastic):
-    data = copy.deepcopy(BASE)
-    for section, values in DENSE_FIRST.items():
-        data.setdefault(section, {}).update(values)
-    data["parallel"] = {"pipeline": pipeline}
-    data["elastic"] = {"enabled": elastic, "depth_full_prob": 0.5, "width_full_prob": 0.5, "topk_default_prob": 0.5}
-    Trainer(from_dict(RunConfig, data), Path(run_dir), [StartFrom(weights)], log=lambda line: None).run()
+    cfg = merged(DENSE_FIRST, {"parallel": {"pipeline": pipeline},
+                               "elastic": {"enabled": elastic, "depth_full_prob": 0.5, "width_full_prob": 0.5,
+                                           "topk_default_prob": 0.5}})
+    Trainer(cfg, Path(run_dir), [StartFrom(weights)], log=lambda line: None).run()
     return [(r["loss"], r["moe/load_cv"], r.get("elastic/depth")) for r in read_metrics(Path(run_dir) / "metrics.jsonl")]
 
 
@@ -164,7 +157,7 @@ def dense_first_run(run_dir, weights, pipeline, elastic):
 def test_dense_first_layers_under_pipeline_parallelism_match_one_rank(tmp_path, elastic):
     """PP=2 with moe.first_k_dense=2 of 4 layers: the router-less first stage joins the load and bias
     reductions (no hang), and losses and load statistics equal one rank's."""
-    weights = run_distributed(dense_first_weights, 1)[0]
+    weights = run_distributed(moe_weights, 1, overrides=DENSE_FIRST)[0]
     one = run_distributed(dense_first_run, 1, None, run_dir=str(tmp_path / "one"), weights=weights, pipeline=1,
                           elastic=elastic)[0]
     pp2 = run_distributed(dense_first_run, 2, None, run_dir=str(tmp_path / "pp2"), weights=weights, pipeline=2,

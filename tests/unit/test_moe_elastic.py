@@ -147,3 +147,36 @@ def test_subnetwork_is_hashable_and_comparable():
     sub = SubNetwork(layers=(0, 2), experts=(1, 3), top_k=1)
     assert sub == SubNetwork(layers=(0, 2), experts=(1, 3), top_k=1)
     assert len({sub, SubNetwork(layers=(0, 2), experts=(1, 3), top_k=1)}) == 1
+
+
+def _moe_run(**sections):
+    data = {"model": {"num_layers": 2}, "moe": {"enabled": True, "num_experts": 8, "top_k": 2},
+            "train": {"global_batch_size": 8, "micro_batch_size": 1}}
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return from_dict(RunConfig, data)
+
+
+def test_moe_layouts_and_routings_that_cannot_run_are_refused_before_work():
+    from megatron_ext.run import check_run
+
+    with pytest.raises(ConfigError, match="fails on gloo.*parallel.expert_tensor: 1"):
+        check_run(_moe_run(parallel={"tensor": 2, "expert": 2, "sequence_parallel": True}), 4, cuda=False)
+    check_run(_moe_run(parallel={"tensor": 2, "expert": 2, "expert_tensor": 1, "sequence_parallel": True}), 4,
+              cuda=False)
+    check_run(_moe_run(parallel={"tensor": 2, "expert": 2, "sequence_parallel": True}), 4, cuda=True)
+    softmax_top1 = {"top_k": 1, "score_function": "softmax"}
+    with pytest.raises(ConfigError, match="moe.router_pre_softmax: true"):
+        check_run(_moe_run(moe=softmax_top1, routing={"expert_bias": False}), 1, cuda=False)
+    check_run(_moe_run(moe={**softmax_top1, "router_pre_softmax": True}, routing={"expert_bias": False}), 1,
+              cuda=False)
+
+
+def test_extraction_keeps_the_modality_partitions_of_the_isolated_baseline_equal():
+    from megatron_ext.training.extract import check_subnetwork
+
+    cfg = _moe_run(routing={"mode": "modality_isolated", "isolated_modalities": ["text", "image"],
+                            "expert_bias": False}, moe={"score_function": "softmax"})
+    check_subnetwork(cfg, SubNetwork((0, 1), (0, 1, 4, 5), 2))  # two of each partition of 4
+    with pytest.raises(ValueError, match=r"keep \{'text': 3, 'image': 1\} experts of the modality partitions"):
+        check_subnetwork(cfg, SubNetwork((0, 1), (0, 1, 2, 4), 2))
