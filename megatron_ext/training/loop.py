@@ -1,6 +1,7 @@
 """The training loop: build, (resume), step, log, evaluate, checkpoint, stop cleanly.
 
-Capability logic enters only through :class:`~megatron_ext.capability.Callback`s.
+What the enabled capabilities add enters only through their callbacks and batch hooks
+(:mod:`megatron_ext.training.capabilities`); the loop names no method.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from typing import Callable, List, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_ext.compat import enable_cpu_support
-from megatron_ext.run import RunConfig, check_run, data_parallel_size
-from megatron_ext.run.checks import checkpoint_dir
 from megatron_ext.capability import Callback, TrainContext
+from megatron_ext.compat import enable_cpu_support
 from megatron_ext.data.builder import build_datasets
 from megatron_ext.models.builder import build_model, params_dtype
 from megatron_ext.optim import build_optimizer
 from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, initialize_parallel_state
 from megatron_ext.parallel.state import comm_device, init_distributed, process_groups
+from megatron_ext.run import RunConfig, check_run, data_parallel_size
+from megatron_ext.run.checks import checkpoint_dir
 from megatron_ext.training.capabilities import capability_callbacks
 from megatron_ext.training.checkpoint import CheckpointManager, load_model_weights
 from megatron_ext.training.ddp import wrap_with_ddp
