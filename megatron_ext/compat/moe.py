@@ -13,6 +13,9 @@ code reads:
   ``topk_routing_with_score_function(..., expert_bias=...)``, which adds it to the scores for the
   top-k selection only (gate weights use the unbiased scores); nothing else in ``routing`` reads
   it. :func:`topk_selection_bias` swaps it for one call.
+* capacity: ``TopKRouter.routing`` drops tokens beyond ``get_capacity(tokens * topk, num_experts,
+  config.moe_expert_capacity_factor)`` per expert, counting every expert, also those a restricted
+  step excludes: :func:`capacity_factor` sets the factor for one call (the config is shared).
 * token counts: with the expert bias on, ``TopKRouter._apply_expert_bias`` adds each routed
   forward's tokens per expert to ``self.local_tokens_per_expert`` (created in ``__init__``), which
   ``finalize_model_grads`` reduces for the bias update and then zeroes. A grad-enabled forward
@@ -45,13 +48,19 @@ _SELECTION_BIAS = (
              parameters=("logits", "topk", "score_function", "expert_bias")),
 )
 
+_CAPACITY = (
+    Internal(_ROUTER, "TopKRouter.routing", source_contains=("capacity_factor=self.config.moe_expert_capacity_factor",)),
+    Internal("megatron.core.transformer.moe.moe_utils", "apply_router_token_dropping",
+             parameters=("routing_probs", "routing_map", "router_topk", "capacity_factor"),
+             source_contains=("num_experts=num_experts",)),
+)
 _TOKEN_COUNTS = (
     Internal(_ROUTER, "TopKRouter.__init__", source_contains=("self.local_tokens_per_expert",)),
     Internal(_ROUTER, "TopKRouter._apply_expert_bias",
              source_contains=("self.local_tokens_per_expert += routing_map.sum(dim=0)",)),
 )
 
-INTERNALS = tuple(dict.fromkeys(_TOPK + _SELECTION_BIAS + _TOKEN_COUNTS))
+INTERNALS = tuple(dict.fromkeys(_TOPK + _SELECTION_BIAS + _CAPACITY + _TOKEN_COUNTS))
 """Every Megatron-Core internal this module relies on."""
 
 
@@ -84,3 +93,17 @@ def reset_token_counts(router: torch.nn.Module) -> None:
     require("megatron_ext.compat.moe.reset_token_counts", _TOKEN_COUNTS)
     if router.local_tokens_per_expert is not None:
         router.local_tokens_per_expert.zero_()
+
+
+@contextmanager
+def capacity_factor(router: torch.nn.Module, factor: float):
+    """Within the block, ``router.routing`` drops tokens at ``factor`` instead of the config's
+    ``moe_expert_capacity_factor`` (restored after, also on error)."""
+    require("megatron_ext.compat.moe.capacity_factor", _CAPACITY)
+    config = router.config
+    configured = config.moe_expert_capacity_factor
+    config.moe_expert_capacity_factor = factor
+    try:
+        yield
+    finally:
+        config.moe_expert_capacity_factor = configured

@@ -58,12 +58,15 @@ class MoECallback(Callback):
         top_k: the model's default experts per token.
         seed: the run's seed (sub-networks are drawn from it and the step).
         plot_layers: global layer indices for the usage heatmap; None: up to 4 MoE layers.
+        capacity_factor: ``moe.capacity_factor`` (None: dropless); with it ``moe/dropped_fraction``
+            reports the share of token-expert assignments the capacity dropped.
     """
 
     name = "moe"
 
     def __init__(self, elastic_config: ElasticConfig, routing: RoutingConfig, num_layers: int, num_experts: int,
-                 top_k: int, seed: int, plot_layers: Optional[Sequence[int]] = None):
+                 top_k: int, seed: int, plot_layers: Optional[Sequence[int]] = None,
+                 capacity_factor: Optional[float] = None):
         if routing.mode == "modality_isolated" and elastic_config.enabled and elastic_config.width_full_prob < 1.0:
             raise ValueError("elastic width (elastic.width_full_prob < 1) with routing.mode='modality_isolated' "
                              "could leave a modality's partition with fewer than top-k active experts: set "
@@ -84,6 +87,7 @@ class MoECallback(Callback):
         """The sub-network of the step in progress (None: the full network)."""
         self._bias_before: Dict[int, torch.Tensor] = {}
         self._pp_group: Optional[dist.ProcessGroup] = None
+        self.capacity_factor = capacity_factor
 
     # -- wiring --------------------------------------------------------------------------------------
     def on_train_start(self, ctx: TrainContext) -> None:
@@ -130,6 +134,9 @@ class MoECallback(Callback):
                                      layer_metrics(totals, None if sub is None else sub.experts).items()}
         if self.routing.expert_bias:
             metrics["moe/bias_abs_mean"] = self._bias_abs_mean()
+        if self.capacity_factor is not None:  # token dropping: the share of assignments capacity dropped
+            requested = int(self.tracker.step_requested.sum())
+            metrics["moe/dropped_fraction"] = 1.0 - int(totals.sum()) / requested if requested else 0.0
         if self.sampler is not None:
             metrics.update({"elastic/depth": len(sub.layers),
                             "elastic/num_experts": self.num_experts if sub.experts is None else len(sub.experts),

@@ -101,7 +101,7 @@ class MixtureOfExperts(Capability):
         from megatron_ext.moe.callback import MoECallback
 
         return MoECallback(cfg.elastic, cfg.routing, cfg.model.num_layers, cfg.moe.num_experts, cfg.moe.top_k,
-                           seed=cfg.train.seed)
+                           seed=cfg.train.seed, capacity_factor=cfg.moe.capacity_factor)
 
     def batch_hook(self, cfg):
         from megatron_ext.moe.router import set_modality_ids

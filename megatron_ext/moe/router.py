@@ -43,7 +43,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.utils import get_pg_rank
 
-from megatron_ext.compat.moe import set_topk, topk_selection_bias
+from megatron_ext.compat.moe import capacity_factor, set_topk, topk_selection_bias
 from megatron_ext.data.vocab import MODALITIES
 from megatron_ext.moe.config import RoutingConfig
 
@@ -152,6 +152,15 @@ class ElasticRouter(TopKRouter):
                              "moe_router_load_balancing_type='sinkhorn': use top-k routing")
         allowed_sbe = allowed.view(seq_length, batch_size, -1) if allowed.dim() == 2 else allowed
         logits = logits.masked_fill(~allowed_sbe, float("-inf"))  # [s, b, E]
+        factor = self.config.moe_expert_capacity_factor
+        if factor is not None and allowed.dim() == 1:
+            # [choice] Capacity of a width-restricted step over its active experts: Megatron counts all
+            # of them, so half the experts would take at most half the assignments.
+            with capacity_factor(self, factor * self.num_experts / int(allowed.sum())):
+                return self._restricted_routing(logits, allowed, padding_mask)
+        return self._restricted_routing(logits, allowed, padding_mask)
+
+    def _restricted_routing(self, logits: Tensor, allowed: Tensor, padding_mask: Optional[Tensor]):
         if self.score_function != "sigmoid":
             # softmax top-k selects among the logits (or their softmax): -inf is never selected.
             return super().routing(logits, padding_mask=padding_mask)

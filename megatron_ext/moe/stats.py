@@ -93,6 +93,9 @@ class LoadTracker:
         device = routers[0].weight.device if routers else comm_device()  # a router-less stage still reduces
         self.counts = torch.zeros(num_layers, len(MODALITIES) + 1, num_experts, dtype=torch.long, device=device)
         """This rank's counts of the current step, ``[num_layers, M + 1, N]``."""
+        self.requested = torch.zeros(num_layers, dtype=torch.long, device=device)
+        """This rank's token-expert assignments asked for (tokens x top-k) per layer in the step;
+        ``counts`` holds those kept (fewer when capacity drops some)."""
         self._handles = [router.register_forward_hook(self._hook) for router in routers]
 
     def _hook(self, router, args, output) -> None:
@@ -106,15 +109,20 @@ class LoadTracker:
                 ids = torch.full((routing_map.size(0),), self.unknown_row, dtype=torch.long,
                                  device=routing_map.device)
             self.counts[router.layer_index].index_add_(0, ids.long(), routing_map.long())
+            self.requested[router.layer_index] += routing_map.size(0) * router.topk
 
     def reduce(self) -> Tensor:
-        """The step's counts over all ranks, ``[num_layers, M + 1, N]`` on every rank; restarts counting."""
-        counts = self.counts.clone()
+        """The step's counts over all ranks, ``[num_layers, M + 1, N]`` on every rank; restarts counting.
+        The assignments asked for, reduced alike, are then in :attr:`step_requested` ``[num_layers]``."""
+        flat = torch.cat([self.counts.flatten(), self.requested])
         self.counts.zero_()
+        self.requested.zero_()
         for group in (self.reduce_group, self.pp_group):
             if group is not None and dist.get_world_size(group) > 1:
-                dist.all_reduce(counts, group=group)
-        return counts.cpu()
+                dist.all_reduce(flat, group=group)
+        flat = flat.cpu()
+        self.step_requested = flat[self.counts.numel():]
+        return flat[: self.counts.numel()].view(self.counts.shape)
 
     def remove(self) -> None:
         """Remove the hooks."""

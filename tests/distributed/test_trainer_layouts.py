@@ -167,3 +167,24 @@ def test_dense_first_layers_under_pipeline_parallelism_match_one_rank(tmp_path, 
     for (loss, cv, depth), (loss_ref, cv_ref, depth_ref) in zip(pp2, one):
         assert depth == depth_ref
         assert abs(loss - loss_ref) <= 1e-5 * loss_ref and abs(cv - cv_ref) <= 1e-4 * max(cv_ref, 1e-6)
+
+
+def capacity_run(run_dir, width_full_prob):
+    cfg = merged({"moe": {"enabled": True, "num_experts": 8, "top_k": 2, "expert_ffn_hidden_size": 32,
+                          "capacity_factor": 1.5},
+                  "routing": {"expert_bias": False},
+                  "elastic": {"enabled": True, "depth_full_prob": 1.0, "width_full_prob": width_full_prob,
+                              "topk_default_prob": 1.0},
+                  "train": {"steps": 4}})
+    Trainer(cfg, Path(run_dir), log=lambda line: None).run()
+    return [(r["elastic/num_experts"], r["moe/dropped_fraction"]) for r in read_metrics(Path(run_dir) / "metrics.jsonl")]
+
+
+def test_capacity_of_a_width_restricted_step_counts_its_active_experts(tmp_path):
+    """Capacity factor 1.5 over the 4 active of 8 experts: Megatron's capacity counts all 8, so at
+    least 25% of the assignments would be dropped; over the active experts only imbalance drops."""
+    half = run_distributed(capacity_run, 1, None, run_dir=str(tmp_path / "half"), width_full_prob=0.0)[0]
+    full = run_distributed(capacity_run, 1, None, run_dir=str(tmp_path / "full"), width_full_prob=1.0)[0]
+    print(f"[trainer] capacity 1.5: half width (experts, dropped) {half} | full width {full}")
+    assert all(experts == 4 for experts, _ in half) and all(experts == 8 for experts, _ in full)
+    assert all(0.0 <= dropped < 0.2 for _, dropped in half + full)
