@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron_ext.data.synthetic import step_micro_batches
 from megatron_ext.data.vocab import MODALITIES
 from megatron_ext.parallel.state import comm_device
+from megatron_ext.training.capabilities import batch_hooks
 
 
 def masked_mean_loss(batch: Dict[str, torch.Tensor], output_tensor: torch.Tensor,
@@ -61,8 +62,6 @@ def gpt_forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model,
 def run_forward_step(cfg, device: torch.device) -> Callable:
     """The forward step of a run: :func:`gpt_forward_step` with the data section's per-modality loss
     weights and the enabled capabilities' batch hooks."""
-    from megatron_ext.training.capabilities import batch_hooks
-
     weights = cfg.data.loss_weights
     loss_weights = None if weights is None else torch.tensor([weights.get(name, 1.0) for name in MODALITIES],
                                                              device=device)
