@@ -172,6 +172,11 @@ class RoutingConfig:
     ``moe.score_function: sigmoid``."""
     bias_update_rate: float = 1e-4
     """Step of the bias update: 1e-4 in ERNIE 5.0 pre-training, 1e-5 later [paper]."""
+    normalize_top1: bool = True
+    """Sigmoid routing: the gates of a token's selected experts are its scores divided by their sum
+    for every top-k, also k = 1 (gate 1.0), as DeepSeek-V3 normalises (arXiv 2412.19437); False keeps
+    Megatron-Core's rule, the raw score at k = 1, under which the MoE output's scale jumps whenever
+    elastic training samples k = 1. [choice]"""
 
     def __post_init__(self) -> None:
         c = Checks(self)
@@ -182,6 +187,7 @@ class RoutingConfig:
                   f"isolated_modalities={names!r} is not allowed: use null or a non-empty list of distinct "
                   f"names from {list(MODALITIES)}")
         c.one_of("expert_bias", (True, False))
+        c.one_of("normalize_top1", (True, False))
         c.positive("bias_update_rate")
         c.done()
         if self.isolated_modalities is not None:

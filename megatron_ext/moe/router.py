@@ -68,8 +68,10 @@ class ElasticRouter(TopKRouter):
     * the micro-batch's modality ids (:meth:`set_modality_ids`), for statistics only.
     """
 
-    def __init__(self, config, pg_collection=None):
+    def __init__(self, config, pg_collection=None, normalize_top1: bool = True):
         super().__init__(config=config, pg_collection=pg_collection)
+        self.normalize_top1 = normalize_top1
+        """Sigmoid scores: gate 1.0 at top-k 1 as well (``routing.normalize_top1``)."""
         self.default_topk = self.topk
         """The model's top-k (``config.moe_router_topk`` at construction)."""
         self.active_experts: Optional[Tensor] = None
@@ -136,8 +138,16 @@ class ElasticRouter(TopKRouter):
     def routing(self, logits: Tensor, padding_mask: Optional[Tensor] = None):
         """Megatron's top-k routing of ``logits`` [s, b, num_experts] restricted to the allowed experts.
 
-        Returns Megatron's ``(probs, routing_map)``, both ``[s*b, num_experts]``.
+        Returns Megatron's ``(probs, routing_map)``, both ``[s*b, num_experts]``. With sigmoid scores
+        at top-k 1, Megatron's gate is the raw score; with ``normalize_top1`` it is divided by itself
+        (1.0; 0 where capacity dropped the token), as at k > 1.
         """
+        probs, routing_map = self._routing(logits, padding_mask)
+        if self.normalize_top1 and self.topk == 1 and self.score_function == "sigmoid":
+            probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
+        return probs, routing_map
+
+    def _routing(self, logits: Tensor, padding_mask: Optional[Tensor]):
         if self.topk != self.config.moe_router_topk:
             raise RuntimeError(
                 f"router.topk={self.topk} differs from config.moe_router_topk={self.config.moe_router_topk}, "
@@ -182,8 +192,9 @@ class ModalityIsolatedRouter(ElasticRouter):
     backward, when the router may already hold the next micro-batch's ids (1F1B).
     """
 
-    def __init__(self, config, pg_collection=None, modalities: Sequence[str] = MODALITIES):
-        super().__init__(config=config, pg_collection=pg_collection)
+    def __init__(self, config, pg_collection=None, modalities: Sequence[str] = MODALITIES,
+                 normalize_top1: bool = True):
+        super().__init__(config=config, pg_collection=pg_collection, normalize_top1=normalize_top1)
         modalities = tuple(modalities)
         unknown = [m for m in modalities if m not in MODALITIES]
         if not modalities or unknown or len(set(modalities)) != len(modalities):
@@ -272,8 +283,9 @@ def set_modality_ids(model_chunk: torch.nn.Module, modality_ids: Tensor) -> None
 def router_builder(routing: RoutingConfig):
     """The router class (or partial) that ``MoESubmodules.router`` should build for ``routing``."""
     if routing.mode == "modality_isolated":
-        return partial(ModalityIsolatedRouter, modalities=routing.partition_modalities)
-    return ElasticRouter
+        return partial(ModalityIsolatedRouter, modalities=routing.partition_modalities,
+                       normalize_top1=routing.normalize_top1)
+    return partial(ElasticRouter, normalize_top1=routing.normalize_top1)
 
 
 def with_router(moe_spec: ModuleSpec, routing: RoutingConfig) -> ModuleSpec:

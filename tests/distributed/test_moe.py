@@ -6,6 +6,7 @@ seq 16. Tolerance for parity: 1e-5 of the reference's largest magnitude in fp32,
 test_parity; a wrong mask, k or reduction moves results by O(1) relative.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -99,7 +100,7 @@ def reference_routing(x, weight, allowed, k, score_function, bias):
         selection = (scores + (bias if bias is not None else 0.0)).masked_fill(~allowed, float("-inf"))
         index = selection.topk(k, dim=-1).indices
         chosen = scores.gather(1, index)
-        weights = chosen / chosen.sum(-1, keepdim=True) if k > 1 else chosen
+        weights = chosen / chosen.sum(-1, keepdim=True)  # every k: routing.normalize_top1
     probs = torch.zeros_like(logits).scatter(1, index, weights)
     return probs, torch.zeros_like(logits, dtype=torch.bool).scatter(1, index, True)
 
@@ -488,3 +489,27 @@ def test_elastic_depth_trains_under_pipeline_parallelism(tmp_path):
             assert torch.isfinite(torch.tensor(result["loss"]))
             skipped = [i for i in pp[rank]["local_layers"] if i not in kept]
             assert result["no_grad_layers"] == skipped, f"kept {kept}: rank {rank}"
+
+
+def top1_gates(normalize_top1):
+    routing = RoutingConfig(expert_bias=False, normalize_top1=normalize_top1)
+    gpt = build_moe_gpt(routing=routing, score_function="sigmoid")
+    routers = elastic_routers([gpt])
+    elastic.apply([gpt], SubNetwork(layers=(0, 1), experts=None, top_k=1))
+    record = record_routing(routers)
+    batch = make_batch(0)
+    with torch.no_grad():
+        gpt(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
+    elastic.reset([gpt])
+    layer, x, probs, routing_map = record[0]
+    scores = torch.sigmoid(x.reshape(-1, HIDDEN).float() @ routers[layer].weight.detach().float().t())
+    return probs[routing_map], scores[routing_map]
+
+
+@pytest.mark.parametrize("normalize_top1", [True, False])
+def test_sigmoid_gates_at_top1_follow_the_normalisation_choice(normalize_top1):
+    gates, scores = run_distributed(top1_gates, 1, normalize_top1=normalize_top1)[0]
+    if normalize_top1:  # as at k > 1: the selected scores divided by their sum
+        assert torch.allclose(gates, torch.ones_like(gates))
+    else:  # Megatron-Core's rule: the raw score
+        assert torch.allclose(gates, scores, atol=1e-6) and float(gates.mean()) < 0.99
