@@ -231,9 +231,8 @@ class ConSACallback(Callback):
         """
         cfg, hc = self.cfg, self.cfg.hard_concrete
         mode = cfg.constraint if self.controller is not None else "global"
-        bound = HardConcreteGates(self.num_layers, self.units, hc)
-        bound.log_alpha.copy_(torch.where(allocation, hc.log_alpha_max, hc.log_alpha_min))
-        rho_bound = bound.expected_swa_fraction(mode)
+        at_bounds = torch.where(allocation, hc.log_alpha_max, hc.log_alpha_min)
+        rho_bound = self.gates.expected_swa_fraction(mode, log_alpha=at_bounds)
         gap = float((self.gates.expected_swa_fraction(mode).detach() - rho_bound).abs().max())
         polarized = self.polarized_fraction(allocation)
         sides = {"full attention": self.polarized_fraction(allocation, True),

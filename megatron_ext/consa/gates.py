@@ -123,23 +123,27 @@ class HardConcreteGates(torch.nn.Module):
         s = torch.sigmoid((logit + self.log_alpha.detach().double().unsqueeze(-1)) / c.beta)
         return torch.clamp(s * (c.zeta - c.gamma) + c.gamma, 0.0, 1.0).mean(-1).float()
 
-    def prob_nonzero(self) -> torch.Tensor:
-        """P(z != 0) = sigmoid(log_alpha - beta * ln(-gamma / zeta)) [paper], [num_layers, units_per_layer].
+    def prob_nonzero(self, log_alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """P(z != 0) = sigmoid(log_alpha - beta * ln(-gamma / zeta)) [paper], [num_layers, units_per_layer],
+        of these gates or of the given ``log_alpha``.
 
         z = 0 exactly when the stretched sample s * (zeta - gamma) + gamma is <= 0, i.e. s <= -gamma /
         (zeta - gamma); inverting the binary concrete CDF at that point gives this closed form.
         """
         c = self.config
-        return torch.sigmoid(self.log_alpha.float() - c.beta * math.log(-c.gamma / c.zeta))
+        log_alpha = self.log_alpha if log_alpha is None else log_alpha
+        return torch.sigmoid(log_alpha.float() - c.beta * math.log(-c.gamma / c.zeta))
 
-    def expected_swa_fraction(self, mode: ConstraintMode = "global") -> torch.Tensor:
-        """Expected fraction of units using SWA, rho_hat = mean_u (1 - P(z_u != 0)) [digest].
+    def expected_swa_fraction(self, mode: ConstraintMode = "global",
+                              log_alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Expected fraction of units using SWA, rho_hat = mean_u (1 - P(z_u != 0)) [digest], of these
+        gates or of the given ``log_alpha``.
 
         ``"global"``: one scalar over all units of all layers; ``"per_layer"``: [num_layers], each
         layer's mean over its own units.
         """
         _check_mode(mode)
-        swa = 1.0 - self.prob_nonzero()  # [L, U]
+        swa = 1.0 - self.prob_nonzero(log_alpha)  # [L, U]
         return swa.mean() if mode == "global" else swa.mean(dim=1)
 
     def forward(self) -> torch.Tensor:
@@ -206,5 +210,5 @@ class ScalarGates(HardConcreteGates):
     def expected_gate(self, points: int = 1024) -> torch.Tensor:
         return self.sample().detach()
 
-    def prob_nonzero(self) -> torch.Tensor:
-        return self.sample()
+    def prob_nonzero(self, log_alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.sigmoid((self.log_alpha if log_alpha is None else log_alpha).float())

@@ -98,6 +98,17 @@ def _model_key(index: int, count: int) -> str:
     return "model" if count == 1 else f"model{index}"
 
 
+def _model_state(model: List[torch.nn.Module]) -> Dict[str, Any]:
+    """Every model chunk's sharded state dict, keyed as checkpoints store them."""
+    return {_model_key(i, len(model)): getattr(chunk, "module", chunk).sharded_state_dict()
+            for i, chunk in enumerate(model)}
+
+
+def _load_model_state(model: List[torch.nn.Module], loaded: Dict[str, Any]) -> None:
+    for i, chunk in enumerate(model):
+        getattr(chunk, "module", chunk).load_state_dict(loaded[_model_key(i, len(model))])
+
+
 def load_model_weights(path: Path, model: List[torch.nn.Module]) -> None:
     """Load only the model weights of checkpoint ``path`` (saved at any layout) into ``model``.
 
@@ -108,8 +119,7 @@ def load_model_weights(path: Path, model: List[torch.nn.Module]) -> None:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    state = {_model_key(i, len(model)): getattr(chunk, "module", chunk).sharded_state_dict()
-             for i, chunk in enumerate(model)}
+    state = _model_state(model)
     wanted = {t.key: tuple(t.global_shape) for t in nested_values(state) if isinstance(t, ShardedTensor)}
     saved = {key: tuple(t.global_shape) for key, t in dist_checkpointing.load_tensors_metadata(str(path)).items()}
     # This rank's chunks hold some of the model's tensors; every rank checks its own.
@@ -123,9 +133,7 @@ def load_model_weights(path: Path, model: List[torch.nn.Module]) -> None:
                            f"{len(reshaped)} of another shape): " + "; ".join(lines)
                            + (f"; and {more} more" if more > 0 else "")
                            + ". Use a checkpoint of the same model shape (model and moe sections)."])
-    loaded = dist_checkpointing.load(state, str(path))
-    for i, chunk in enumerate(model):
-        getattr(chunk, "module", chunk).load_state_dict(loaded[_model_key(i, len(model))])
+    _load_model_state(model, dist_checkpointing.load(state, str(path)))
 
 
 class CheckpointManager:
@@ -154,10 +162,7 @@ class CheckpointManager:
     def _sharded_state(self, model, optimizer, is_loading: bool) -> Dict[str, Any]:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-        state: Dict[str, Any] = {
-            _model_key(i, len(model)): getattr(chunk, "module", chunk).sharded_state_dict()
-            for i, chunk in enumerate(model)
-        }
+        state = _model_state(model)
         if optimizer is not None:  # the map from parameters to shards walks every chunk's dict
             state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading)
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -211,8 +216,7 @@ class CheckpointManager:
         if not same_layout:
             state.pop("rng")
         loaded = dist_checkpointing.load(state, str(path))
-        for i, chunk in enumerate(model):
-            getattr(chunk, "module", chunk).load_state_dict(loaded[_model_key(i, len(model))])
+        _load_model_state(model, loaded)
         if load_optimizer:
             optimizer.load_state_dict(loaded["optimizer"])
         if same_layout and load_optimizer:

@@ -99,12 +99,14 @@ def allocation_losses(run_dir, allocations, batches=4):
     _, valid = build_datasets(cfg)
     modules = [m for m in model[0].modules() if isinstance(m, HybridCoreAttention)]
     forward_step = run_forward_step(cfg, comm_device())
+    t = cfg.train
     losses = []
     for allocation in allocations:
         for module in modules:
             module.set_static(allocation[module.layer_index].tolist())
-        losses.append(sum(eval_step(model, global_batch_iterator(valid, i * 8, cfg, 1, comm_device()),
-                                    num_microbatches=1, seq_length=64, micro_batch_size=8,
+        losses.append(sum(eval_step(model, global_batch_iterator(valid, i * t.global_batch_size, cfg, 1, comm_device()),
+                                    num_microbatches=t.global_batch_size // t.micro_batch_size,
+                                    seq_length=cfg.data.seq_length, micro_batch_size=t.micro_batch_size,
                                     forward_step_func=forward_step) for i in range(batches)) / batches)
     return losses
 
