@@ -16,6 +16,10 @@ training                     :meth:`callback`: its per-step logic (and checkpoin
 sub-models                   :meth:`check_submodel`, :meth:`submodel_config`,
                              :meth:`submodel_tensor`, :meth:`submodel_state`: what it contributes
                              to a model extracted from a checkpoint (``megatron_ext.training.extract``)
+HF interop                   :meth:`hf_config` (export: its fields of ``config.json``, or why it
+                             cannot be represented), :meth:`hf_sections` (import: its config
+                             sections from a ``config.json``), :meth:`hf_layer_rules` (the weight
+                             mapping of the layer parts it owns; ``megatron_ext.hf``)
 ==========================  ==================================================================
 
 A new method is one package with its modules and a ``Capability`` subclass, and one line in
@@ -92,4 +96,21 @@ class Capability(abc.ABC):
                        output: Path, is_writer: bool) -> Optional[Dict[str, Any]]:
         """The sub-model's state of this capability's callback (None: start afresh); may write files
         into ``output`` (``is_writer``: this rank writes them)."""
+        return None
+
+    # -- HF interop -----------------------------------------------------------------------------
+    def hf_config(self, cfg, callback: Optional[Callback], hf: Dict[str, Any]) -> List[str]:
+        """Export: add to ``hf`` (the ``config.json`` being written; the dense decoder's fields are
+        there) what this capability changes in the model, from ``cfg`` and the trained state of its
+        ``callback``; return what no HF config can represent (one sentence each, naming the field)."""
+        return []
+
+    def hf_sections(self, hf: Mapping[str, Any], output: Path, problems: List[str]) -> Dict[str, Dict[str, Any]]:
+        """Import: the config sections (YAML form) this capability derives from the HF config ``hf``
+        (may write files they name into ``output``); append what does not map to ``problems``."""
+        return {}
+
+    def hf_layer_rules(self, cfg, layer: int) -> Optional[List[Any]]:
+        """The weight rules (:class:`megatron_ext.hf.rules.Rule`) of layer ``layer``'s MLP when this
+        capability owns it (None: the dense MLP's rules apply)."""
         return None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from functools import partial
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, List, Mapping
 
 from megatron_ext.capability import Capability
 from megatron_ext.consa.config import HybridAttentionConfig
@@ -91,3 +91,51 @@ class HybridAttention(Capability):
                              granularity=h.granularity, window=h.window, target=h.target,
                              method=f"{h.method} (layers {list(sub.layers)} of {cfg.name})")
         return None
+
+    # -- HF interop: a layer-wise hybrid as the stock classes' layer_types, a KV-head-wise one per head ------
+    def hf_config(self, cfg, callback, hf: Dict[str, Any]) -> List[str]:
+        from megatron_ext.hf.config import FULL_HEADS_KEY
+
+        h = cfg.hybrid_attention
+        if not h.enabled:
+            return []
+        problems = []
+        if h.sink_tokens:
+            problems.append(f"hybrid_attention.sink_tokens={h.sink_tokens}: sink + recent attention has no HF "
+                            "modeling file here (only sliding windows)")
+        allocation = None if callback is None else callback.allocation
+        if allocation is None:
+            problems.append("hybrid_attention: the checkpoint is from before binarization (its attention is full or "
+                            "gated, not a static hybrid): export a checkpoint saved after mask learning ended")
+            return problems
+        kv_heads = cfg.model.num_query_groups or cfg.model.num_attention_heads
+        rows = allocation.expand(-1, kv_heads) if allocation.shape[1] == 1 else allocation
+        hf["sliding_window"] = h.window
+        if all(len(set(row)) == 1 for row in rows.tolist()):
+            hf.update(use_sliding_window=True, max_window_layers=0,
+                      layer_types=["full_attention" if row[0] else "sliding_attention" for row in rows.tolist()])
+        else:
+            hf[FULL_HEADS_KEY] = rows.int().tolist()
+        return problems
+
+    def hf_sections(self, hf: Mapping[str, Any], output: Path, problems: List[str]) -> Dict[str, Dict[str, Any]]:
+        import torch
+
+        from megatron_ext.consa.allocation import swa_fraction, write_allocation
+        from megatron_ext.hf.config import FULL_HEADS_KEY, WINDOW_KEY, sliding_layers
+
+        layers = hf["num_hidden_layers"]
+        if hf.get(FULL_HEADS_KEY) is not None:
+            allocation = torch.tensor(hf[FULL_HEADS_KEY], dtype=torch.bool)
+            window = hf[WINDOW_KEY]
+            write_allocation(output / "allocation.json", allocation, granularity="kv_head", window=window,
+                             target=swa_fraction(allocation), method=f"static (imported from {hf['model_type']})")
+            return {"hybrid_attention": {"enabled": True, "method": "static", "granularity": "kv_head",
+                                         "window": window, "target": swa_fraction(allocation),
+                                         "allocation": str(output.resolve() / "allocation.json")}}
+        sliding = sliding_layers(hf)
+        if not any(sliding):
+            return {}  # full attention everywhere: a run may still learn a hybrid from it (ConSA)
+        return {"hybrid_attention": {"enabled": True, "method": "rule_layer", "granularity": "layer",
+                                     "window": hf["sliding_window"], "target": sum(sliding) / layers,
+                                     "layer_pattern": "".join("S" if s else "F" for s in sliding)}}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Mapping
 
 from megatron_ext.capability import Capability
 from megatron_ext.moe.config import ElasticConfig, MoEConfig, RoutingConfig
@@ -153,3 +153,100 @@ class MixtureOfExperts(Capability):
         if name in _PER_EXPERT_ROWS and tensor is not None and tensor.shape[0] == num_experts:
             return name, tensor[experts].clone()
         return name, tensor
+
+    # -- HF interop: softmax routing as Qwen3-MoE, sigmoid + expert bias + shared experts as dots1 ----------
+    def hf_config(self, cfg, callback, hf: Dict[str, Any]) -> List[str]:
+        moe, routing, layers = cfg.moe, cfg.routing, cfg.model.num_layers
+        if not moe.enabled:
+            return []
+        problems = []
+        if hf["model_type"] == "llama":
+            problems.append("moe.enabled=true: the HF MoE classes (Qwen3-MoE, dots1) have QK-norm; the model has "
+                            "model.qk_layernorm=false")
+        if routing.mode != "agnostic":
+            problems.append(f"routing.mode={routing.mode!r}: HF MoE classes route every token over all experts "
+                            "(no modality partitions)")
+        if moe.capacity_factor is not None:
+            problems.append(f"moe.capacity_factor={moe.capacity_factor}: HF MoE classes never drop tokens, so the "
+                            "exported model would not compute what was trained; export a dropless model")
+        pattern = moe.layer_pattern_for(layers)
+        common = dict(num_experts_per_tok=moe.top_k, moe_intermediate_size=moe.expert_ffn_hidden_size,
+                      output_router_logits=False, router_aux_loss_coef=moe.aux_loss_coeff)
+        if moe.score_function == "softmax":
+            if moe.shared_expert_ffn_hidden_size:
+                problems.append(f"moe.shared_expert_ffn_hidden_size={moe.shared_expert_ffn_hidden_size} with "
+                                "moe.score_function='softmax': Qwen3-MoE has no shared expert and dots1 routes by "
+                                "sigmoid; no HF class matches")
+            # top-k of the logits, softmax over the k = softmax over all, top-k, renormalised.
+            hf.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=moe.num_experts,
+                      norm_topk_prob=not moe.router_pre_softmax, decoder_sparse_step=1,
+                      mlp_only_layers=[i for i, p in enumerate(pattern) if not p], **common)
+            return problems
+        shared = moe.shared_expert_ffn_hidden_size or 0
+        if shared % moe.expert_ffn_hidden_size:
+            problems.append(f"moe.shared_expert_ffn_hidden_size={shared} is not a multiple of "
+                            f"moe.expert_ffn_hidden_size={moe.expert_ffn_hidden_size}: dots1 has n_shared_experts "
+                            "experts of moe_intermediate_size each")
+        dense = pattern.index(1) if 1 in pattern else layers
+        if pattern != [0] * dense + [1] * (layers - dense):
+            problems.append(f"moe.layer_pattern={pattern}: dots1 keeps dense MLPs in its first layers only "
+                            "(first_k_dense_replace)")
+        hf.update(model_type="dots1", architectures=["Dots1ForCausalLM"], n_routed_experts=moe.num_experts,
+                  n_shared_experts=shared // moe.expert_ffn_hidden_size, first_k_dense_replace=dense,
+                  # Megatron-Core normalises the k gates for k > 1; at k = 1 as routing.normalize_top1 says.
+                  norm_topk_prob=True if moe.top_k > 1 else routing.normalize_top1,
+                  routed_scaling_factor=1.0, n_group=1, topk_group=1, **common)
+        return problems
+
+    def hf_sections(self, hf: Mapping[str, Any], output: Path, problems: List[str]) -> Dict[str, Dict[str, Any]]:
+        from megatron_ext.hf.config import base_model_type
+
+        base, layers = base_model_type(hf), hf["num_hidden_layers"]
+        if base == "qwen3_moe":
+            step, dense_only = hf.get("decoder_sparse_step", 1) or 1, set(hf.get("mlp_only_layers") or [])
+            experts = hf.get("num_experts", hf.get("num_local_experts", 0))  # transformers 4 / 5 spelling
+            pattern = [int(i not in dense_only and experts > 0 and (i + 1) % step == 0) for i in range(layers)]
+            if not any(pattern):
+                return {"moe": {"enabled": False}}
+            return {"moe": {"enabled": True, "num_experts": experts, "top_k": hf["num_experts_per_tok"],
+                            "expert_ffn_hidden_size": hf["moe_intermediate_size"], "shared_expert_ffn_hidden_size": None,
+                            "layer_pattern": pattern, "capacity_factor": None, "score_function": "softmax",
+                            "router_pre_softmax": not hf.get("norm_topk_prob", False)},
+                    "routing": {"mode": "agnostic", "expert_bias": False}}
+        if base != "dots1":
+            return {"moe": {"enabled": False}}
+        for name in ("n_group", "topk_group"):
+            if (hf.get(name) or 1) != 1:
+                problems.append(f"{name}={hf[name]}: group-limited routing is not supported (use 1)")
+        if float(hf.get("routed_scaling_factor", 1.0)) != 1.0:
+            problems.append(f"routed_scaling_factor={hf['routed_scaling_factor']}: only 1.0 maps (the gates are the "
+                            "normalised sigmoid scores)")
+        top_k, normalize = hf["num_experts_per_tok"], bool(hf.get("norm_topk_prob", False))
+        if top_k > 1 and not normalize:
+            problems.append(f"norm_topk_prob=false with num_experts_per_tok={top_k}: Megatron-Core normalises the "
+                            "sigmoid gates of k > 1 experts")
+        shared = (hf.get("n_shared_experts") or 0) * hf["moe_intermediate_size"]
+        return {"moe": {"enabled": True, "num_experts": hf["n_routed_experts"], "top_k": top_k,
+                        "expert_ffn_hidden_size": hf["moe_intermediate_size"],
+                        "shared_expert_ffn_hidden_size": shared or None, "layer_pattern": None,
+                        "first_k_dense": hf.get("first_k_dense_replace") or 0, "capacity_factor": None,
+                        "score_function": "sigmoid"},
+                "routing": {"mode": "agnostic", "expert_bias": True, "normalize_top1": normalize}}
+
+    def hf_layer_rules(self, cfg, layer: int):
+        from megatron_ext.hf.rules import constant, same, swiglu_mlp
+
+        moe = cfg.moe
+        if not moe.layer_pattern_for(cfg.model.num_layers)[layer]:
+            return None
+        ours, hf = f"decoder.layers.{layer}.mlp.", f"model.layers.{layer}.mlp."
+        rules = [same(f"{ours}router.weight", f"{hf}gate.weight")]
+        if cfg.routing.expert_bias:
+            rules.append(same(f"{ours}router.expert_bias", f"{hf}gate.e_score_correction_bias"))
+        elif moe.score_function == "sigmoid":  # dots1 has the bias buffer: zeros are no bias
+            rules.append(constant(f"{hf}gate.e_score_correction_bias", [moe.num_experts]))
+        for e in range(moe.num_experts):
+            rules += swiglu_mlp(f"{ours}experts.local_experts.{e}.", f"{hf}experts.{e}.", moe.expert_ffn_hidden_size)
+        if moe.shared_expert_ffn_hidden_size:
+            rules += swiglu_mlp(f"{ours}shared_experts.", f"{hf}shared_experts.", moe.shared_expert_ffn_hidden_size)
+        return rules

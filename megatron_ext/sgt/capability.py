@@ -55,6 +55,10 @@ class Looping(Capability):
     def submodel_state(self, cfg, callback, sub, source_step: int, output: Path, is_writer: bool):
         return submodel_loop_state(callback.state_dict(), sub.layers, source_step)
 
+    def hf_config(self, cfg, callback, hf):
+        return ["looping.enabled=true: no HF modeling file runs SGT attention loops (this project's "
+                "modeling_hybrid.py runs hybrid attention only); export a model trained without looping"]
+
 
 def submodel_loop_state(state: Dict, layers, source_step: int) -> Dict:
     """The SGT callback state of a sub-model keeping ``layers``: their loops (depth, kept heads, fade)

@@ -4,10 +4,30 @@ capabilities trained into it), on this job's layout."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from megatron_ext.run import RunConfig
+
+
+def load_trained(cfg: RunConfig, run_dir: Path, step: Optional[int] = None, *, cuda: bool = False):
+    """The model chunks of ``cfg`` (this job's layout) with the weights of ``run_dir``'s checkpoint
+    (latest or ``step``) and the structure its capabilities trained into them; returns
+    ``(chunks, {capability name: callback}, common state)``. Needs the parallel state of ``cfg``."""
+    from megatron_ext.models.builder import build_model
+    from megatron_ext.training.capabilities import restore_capabilities
+    from megatron_ext.training.checkpoint import CheckpointManager
+
+    root = Path(run_dir) / "checkpoints"
+    manager = CheckpointManager(root, cfg.checkpoint.keep_last)
+    path = manager.latest() if step is None else root / f"step_{step:08d}"
+    if path is None or not (path / "common.pt").is_file():
+        raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {root}")
+    model = build_model(cfg, cuda=cuda, perform_initialization=False)
+    common = manager.load(path, model, None, load_optimizer=False)
+    callbacks = restore_capabilities(cfg, model, common, Path(run_dir))
+    return model, callbacks, common
 
 
 def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, num_batches: int) -> float:
@@ -16,19 +36,10 @@ def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, num_batches: int) -> floa
     from megatron.core import parallel_state
 
     from megatron_ext.data.builder import build_datasets
-    from megatron_ext.models.builder import build_model
     from megatron_ext.parallel.state import comm_device
-    from megatron_ext.training.capabilities import restore_capabilities
-    from megatron_ext.training.checkpoint import CheckpointManager
     from megatron_ext.training.step import eval_step, global_batch_iterator, run_forward_step
 
-    model = build_model(cfg, cuda=torch.cuda.is_available())
-    manager = CheckpointManager(Path(run_dir) / "checkpoints", cfg.checkpoint.keep_last)
-    latest = manager.latest()
-    if latest is None:
-        raise FileNotFoundError(f"no checkpoint in {Path(run_dir) / 'checkpoints'}")
-    common = manager.load(latest, model, None, load_optimizer=False)
-    restore_capabilities(cfg, model, common, Path(run_dir))  # the trained structure of every capability
+    model, _, _ = load_trained(cfg, run_dir, cuda=torch.cuda.is_available())
     t = cfg.train
     _, valid = build_datasets(cfg)
     num_micro = t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
