@@ -44,7 +44,7 @@ def _hybrid_forward(self, hidden_states, position_embeddings=None, attention_mas
     q_len, kv_len = q.shape[2], k.shape[2]
     q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device).view(-1, 1)
     k_pos = torch.arange(kv_len, device=q.device).view(1, -1)
-    full = self.hybrid_full_heads.to(q.device).repeat_interleave(groups).view(-1, 1, 1)
+    full = torch.tensor(self.hybrid_full_heads, device=q.device).repeat_interleave(groups).view(-1, 1, 1)
     allowed = (k_pos <= q_pos) & (full | (k_pos > q_pos - self.hybrid_window))  # [heads, q, kv]
     scores = torch.matmul(q, k.transpose(2, 3)).float() * self.scaling
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -63,11 +63,11 @@ def _make_hybrid(model, config):
         raise ValueError(f"full_attention_heads has {len(flags)} rows for {config.num_hidden_layers} layers")
     for layer in model.model.layers:
         attn = layer.self_attn
-        row = torch.tensor(flags[attn.layer_idx], dtype=torch.bool)
-        if row.numel() != config.num_key_value_heads:
-            raise ValueError(f"full_attention_heads[{attn.layer_idx}] has {row.numel()} flags for "
+        row = tuple(bool(x) for x in flags[attn.layer_idx])
+        if len(row) != config.num_key_value_heads:
+            raise ValueError(f"full_attention_heads[{attn.layer_idx}] has {len(row)} flags for "
                              f"{config.num_key_value_heads} KV heads")
-        attn.register_buffer("hybrid_full_heads", row, persistent=False)
+        attn.hybrid_full_heads = row  # plain flags: models are built on the meta device first
         attn.hybrid_window = int(config.hybrid_window)
         attn.forward = _hybrid_forward.__get__(attn)
 

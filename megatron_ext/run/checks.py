@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -9,6 +10,7 @@ from megatron_ext.config import ConfigError
 from megatron_ext.models.vocab import padded_vocab_size
 from megatron_ext.parallel.sizes import layout_problems
 from megatron_ext.run.config import RunConfig
+from megatron_ext.run.hf import init_from_problems, is_hf_dir
 from megatron_ext.run.registry import CAPABILITIES
 
 
@@ -79,9 +81,13 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool) -> None:
     if t.lr_schedule == "wsd" and t.wsd_decay_steps and t.wsd_decay_steps > t.steps - t.warmup_steps:
         problems.append(f"train.wsd_decay_steps={t.wsd_decay_steps} exceeds the steps after warmup "
                         f"({t.steps - t.warmup_steps})")
-    if t.init_from is not None and checkpoint_dir(t.init_from) is None:
+    if t.init_from is not None and is_hf_dir(t.init_from):
+        with tempfile.TemporaryDirectory() as scratch:
+            problems.extend(init_from_problems(cfg, t.init_from, Path(scratch)))
+    elif t.init_from is not None and checkpoint_dir(t.init_from) is None:
         problems.append(f"train.init_from={t.init_from!r} is not a checkpoint of this project: give a run directory "
-                        "(its latest checkpoint), its checkpoints/ directory or a step_* checkpoint directory")
+                        "(its latest checkpoint), its checkpoints/ directory, a step_* checkpoint directory or a HF "
+                        "model directory (config.json + safetensors)")
     if d.kind == "indexed":
         from megatron_ext.data.indexed import DataError, check_prefix
 

@@ -26,9 +26,11 @@ from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, initial
 from megatron_ext.parallel.state import comm_device, init_distributed, process_groups
 from megatron_ext.run import RunConfig, check_run, data_parallel_size
 from megatron_ext.run.checks import checkpoint_dir
+from megatron_ext.run.hf import is_hf_dir
 from megatron_ext.training.capabilities import capability_callbacks
 from megatron_ext.training.checkpoint import CheckpointManager, load_model_weights
 from megatron_ext.training.ddp import wrap_with_ddp
+from megatron_ext.training.hf import convert_for_init
 from megatron_ext.training.rundir import RunDirectory
 from megatron_ext.training.signals import StopRequest
 from megatron_ext.training.step import eval_step, global_batch_iterator, run_forward_step, train_step
@@ -162,7 +164,8 @@ class Trainer:
                 self.log(f"resumed from {latest} at step {ctx.step}"
                          + ("" if common["restored_rng"] else " (new layout: RNG streams restarted)"))
         elif t.init_from is not None:
-            source = checkpoint_dir(t.init_from)
+            source = (convert_for_init(Path(t.init_from), run_dir.path, cfg) if is_hf_dir(t.init_from)
+                      else checkpoint_dir(t.init_from))
             load_model_weights(source, model)
             if rank0:
                 self.log(f"initialized the model weights from {source}; starting at step 0")
