@@ -209,7 +209,8 @@ class TrainConfig:
     init_from: Optional[str] = None
     """Start from these model weights only: a run directory (its latest checkpoint), its
     ``checkpoints/`` directory or one ``step_*`` checkpoint of this project, saved at any parallel
-    layout. The run starts at step 0 with a fresh optimizer, LR schedule, data position and
+    layout, or a HF model directory (config.json + safetensors; its config must agree with the
+    model section; converted once into ``<run-dir>/init_from_hf/``). The run starts at step 0 with a fresh optimizer, LR schedule, data position and
     capability state; a run directory that already has a checkpoint of its own resumes from that
     instead. The checkpoint's tensors must match the model's names and shapes."""
     eval_interval: int = 0
