@@ -138,3 +138,38 @@ def test_init_from_a_hf_directory_equals_init_from_its_import(tmp_path, imported
     print(f"[hf init_from] losses from the HF directory {runs['hf']}, from its import {runs['imported']}")
     assert runs["hf"] == runs["imported"]
     assert (tmp_path / "hf" / "init_from_hf" / "run" / "config.yaml").is_file()
+
+
+def _extract(run_dir, output, layers, experts, top_k):
+    from megatron_ext.moe.elastic import SubNetwork
+    from megatron_ext.training.extract import extract_submodel
+
+    extract_submodel(Path(run_dir), Path(output), SubNetwork(tuple(layers), tuple(experts), top_k))
+
+
+def test_an_extracted_elastic_submodel_exports_and_computes_our_logits(tmp_path):
+    run_dir, sub_dir = tmp_path / "run", tmp_path / "sub"
+    run_distributed(_train, 1, None, run_dir=str(run_dir),
+                    overrides={"moe": {**MOE, "shared_expert_ffn_hidden_size": 32}, "elastic": {"enabled": True}})
+    run_distributed(_extract, 1, ParallelSizes(), run_dir=str(run_dir), output=str(sub_dir), layers=[0, 2],
+                    experts=[1, 3], top_k=1)
+    out = Path(run_distributed(_export, 1, ParallelSizes(), run_dir=str(sub_dir), output=str(tmp_path / "hf"))[0])
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["n_routed_experts"], config["num_experts_per_tok"]) == (2, 2, 1)
+    tokens = _tokens(seed=2, length=32)
+    ref = hf_logits(out, tokens)
+    ours = run_distributed(our_logits, 1, ParallelSizes(), run_dir=str(sub_dir), tokens=tokens, tp=1)[0]
+    print(f"[hf export elastic sub-model: layers 0,2, experts 1,3, top-1] max |logit diff| / max |logit|: "
+          f"{rel_diff(ours, ref):.2e}")
+    assert rel_diff(ours, ref) <= TOLERANCE
+
+
+def test_weights_larger_than_a_shard_are_written_as_indexed_shards(tmp_path):
+    from megatron_ext.training.hf import WEIGHTS_INDEX, load_hf_tensors, save_hf_tensors
+
+    tensors = {f"model.layers.{i}.mlp.down_proj.weight": torch.randn(16, 16) for i in range(5)}
+    save_hf_tensors(tensors, tmp_path, max_shard_bytes=2 * 16 * 16 * 4)
+    assert (tmp_path / WEIGHTS_INDEX).is_file() and len(list(tmp_path.glob("*.safetensors"))) == 3
+    (tmp_path / "config.json").write_text("{}")
+    loaded = load_hf_tensors(tmp_path)
+    assert sorted(loaded) == sorted(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
