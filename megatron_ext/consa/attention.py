@@ -21,7 +21,7 @@ gates / allocation of exactly those heads, so heads and their gates are sharded 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -80,6 +80,16 @@ class HybridCoreAttention(MegatronModule):
                              f"layer has {self.num_kv_heads} KV heads")
         self.mode, self._gate = "static", None
         self._full_heads = flags[self.kv_offset : self.kv_offset + self.local_kv_heads].clone()
+
+    def kv_cache_plan(self) -> List[Tuple[Optional[int], int]]:
+        """For cached decoding: per local KV head, ``(window, sink)`` of the keys its queries see
+        (window None: every earlier key; else the last ``window`` keys and the first ``sink``)."""
+        if self.mode == "gated":
+            raise ValueError(f"layer {self.layer_index} is in mask learning (gated full + sliding attention): "
+                             "decode a checkpoint saved after binarization, or one of the dense warm-up")
+        if self.mode == "full":
+            return [(None, 0)] * self.local_kv_heads
+        return [(None, 0) if full else (self.window, self.sink) for full in self._full_heads.tolist()]
 
     # -- compute -----------------------------------------------------------------------------------
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,

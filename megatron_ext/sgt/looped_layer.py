@@ -51,7 +51,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron.core import tensor_parallel
-from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -63,7 +62,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from megatron_ext.compat.layers import forward_attention, forward_mlp, rope_mscale
+from megatron_ext.compat.layers import forward_attention, forward_mlp
+from megatron_ext.models.rope import rotate_query_key
 from megatron_ext.sgt.entropy import last_query_entropy
 
 __all__ = ["EntropySink", "LoopedTransformerLayer", "looped_layer_spec"]
@@ -166,6 +166,17 @@ class LoopedTransformerLayer(TransformerLayer):
         if sink is not None:
             self._entropy_hook = self.self_attention.core_attention.register_forward_pre_hook(
                 self._observe_entropy, with_kwargs=True)
+
+    def decode_passes(self) -> List[tuple]:
+        """The layer's forward as a list of passes, for cached decoding: ``("attention", factors)``
+        (the attention sublayer with its residual; ``factors`` per query head of a loop pass, None
+        for an ordinary pass) and ``("mlp", None)``. Every attention pass attends over keys and
+        values computed from its own input, so each needs a KV cache of its own."""
+        if self.loop_depth == 0:
+            return [("attention", None), ("mlp", None)]
+        if self.loop_method == "block":
+            return [("attention", None), ("mlp", None)] * (self.loop_depth + 1)
+        return [("attention", None)] + [("attention", list(self.head_factors))] * self.loop_depth + [("mlp", None)]
 
     @property
     def local_head_range(self) -> range:
@@ -309,16 +320,7 @@ class LoopedTransformerLayer(TransformerLayer):
 
     def _rotate(self, query: Tensor, key: Tensor, rotary_pos_emb):
         """RoPE as Megatron's attention applies it (none for layers listed in ``no_rope_freq``)."""
-        attn = self.self_attention
-        no_rope = attn.config.no_rope_freq[self.layer_number - 1] if attn.config.no_rope_freq else False
-        if rotary_pos_emb is None or no_rope:
-            return query, key
-        q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
-        mscale = rope_mscale(attn.config)
-        cp_group = attn.pg_collection.cp
-        query = apply_rotary_pos_emb(query, q_emb, config=attn.config, mscale=mscale, cp_group=cp_group)
-        key = apply_rotary_pos_emb(key, k_emb, config=attn.config, mscale=mscale, cp_group=cp_group)
-        return query, key
+        return rotate_query_key(self.self_attention, self.layer_number, query, key, rotary_pos_emb)
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, kv_of_query: Sequence[int],
                 local_kv_heads: Sequence[int]) -> Tensor:

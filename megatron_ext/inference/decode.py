@@ -1,0 +1,148 @@
+"""Prefill and one-token decode steps of a ``GPTModel`` with a KV cache per attention pass.
+
+The decoder runs the model's own modules (embedding, norms, ``linear_qkv`` with its QK-norms,
+RoPE, ``linear_proj``, the dense MLP or the ``MoELayer``, the output layer) in the order of each
+layer's forward, and differs from the ordinary forward only in where attention reads its keys:
+
+* prefill: the whole prompt through the layer's core attention module (the kernels of training),
+  its keys and values written to the caches;
+* decode: one new token per sequence; its key and value join the caches and its query attends over
+  them (:class:`~megatron_ext.inference.cache.AttentionCache`: full heads every key, sliding-window
+  heads a ring buffer of their window).
+
+What a layer does comes from the layer and its core attention, not from this module: a layer with
+``decode_passes()`` (the SGT looped layer) lists its passes, ``("attention", head factors or
+None)`` and ``("mlp", None)``, each attention pass with a cache of its own because its keys are
+computed from that pass's input; a core attention with ``kv_cache_plan()`` (hybrid attention) says
+per KV head which keys it sees. MoE routing runs per token as in training (the enabled
+capabilities' batch hooks are called before each forward). One process, TP = PP = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron_ext.inference.cache import AttentionCache
+from megatron_ext.models.rope import rotate_query_key
+
+VANILLA_PASSES = [("attention", None), ("mlp", None)]
+
+
+def decode_passes(layer) -> List[Tuple[str, Optional[List[float]]]]:
+    passes = getattr(layer, "decode_passes", None)
+    return passes() if passes is not None else list(VANILLA_PASSES)
+
+
+class Decoder:
+    """Cached decoding of one ``GPTModel`` (unwrapped, eval mode, one process)."""
+
+    def __init__(self, model, batch_hooks: Sequence[Callable] = ()):
+        from megatron.core import parallel_state
+
+        if parallel_state.get_tensor_model_parallel_world_size() != 1 or \
+                parallel_state.get_pipeline_model_parallel_world_size() != 1:
+            raise ValueError("cached decoding runs the whole model in one process (TP = PP = 1)")
+        self.model = model.eval()
+        self.batch_hooks = list(batch_hooks)
+        self.layers = list(model.decoder.layers)
+        self.passes = [decode_passes(layer) for layer in self.layers]
+        config = model.config
+        self.head_dim = config.kv_channels
+        self.num_kv_heads = config.num_query_groups
+        self.queries_per_group = config.num_attention_heads // config.num_query_groups
+        self.scale = config.softmax_scale if config.softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+    # -- caches --------------------------------------------------------------------------------
+    def new_cache(self, batch: int, capacity: int) -> Dict[Tuple[int, int], AttentionCache]:
+        """Empty caches for ``batch`` sequences of up to ``capacity`` positions: one per (layer,
+        attention pass)."""
+        dtype = self.model.embedding.word_embeddings.weight.dtype
+        device = self.model.embedding.word_embeddings.weight.device
+        caches = {}
+        for i, layer in enumerate(self.layers):
+            core = layer.self_attention.core_attention
+            plan_of = getattr(core, "kv_cache_plan", None)
+            plans = plan_of() if plan_of is not None else [(None, 0)] * self.num_kv_heads
+            attention_passes = sum(1 for kind, _ in self.passes[i] if kind == "attention")
+            for p in range(attention_passes):
+                caches[(i, p)] = AttentionCache(plans, batch=batch, capacity=capacity, head_dim=self.head_dim,
+                                                queries_per_group=self.queries_per_group, dtype=dtype, device=device)
+        return caches
+
+    @staticmethod
+    def cache_bytes(caches: Dict[Tuple[int, int], AttentionCache]) -> int:
+        return sum(cache.nbytes() for cache in caches.values())
+
+    # -- forward -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, tokens: Tensor, caches) -> Tensor:
+        """Logits ``[b, s, vocab]`` of a ``[b, s]`` prompt (positions 0..s-1); fills ``caches``."""
+        return self._forward(tokens, torch.arange(tokens.shape[1], device=tokens.device), caches, prefill=True)
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor, position: int, caches) -> Tensor:
+        """Logits ``[b, vocab]`` of one new token per sequence (``[b]``) at ``position``."""
+        positions = torch.tensor([position], device=tokens.device)
+        return self._forward(tokens.view(-1, 1), positions, caches, prefill=False)[:, -1]
+
+    def _forward(self, tokens: Tensor, positions: Tensor, caches, prefill: bool) -> Tensor:
+        model = self.model
+        batch = {"tokens": tokens, "position_ids": positions.expand(tokens.shape[0], -1),
+                 "modality_ids": torch.zeros_like(tokens, dtype=torch.uint8)}
+        for hook in self.batch_hooks:
+            hook(model, batch)
+        hidden = model.embedding(input_ids=tokens, position_ids=batch["position_ids"])  # [s, b, h]
+        rope = None
+        if getattr(model, "rotary_pos_emb", None) is not None and model.position_embedding_type == "rope":
+            rope = model.rotary_pos_emb(int(positions[-1]) + 1)[positions]  # [s, 1, 1, hn]
+        for i, layer in enumerate(self.layers):
+            attention_pass = 0
+            for kind, factors in self.passes[i]:
+                if kind == "attention":
+                    hidden = self._attention(layer, hidden, rope, positions, caches[(i, attention_pass)], factors,
+                                             prefill=prefill, loop=attention_pass > 0 and factors is not None)
+                    attention_pass += 1
+                else:
+                    hidden = self._mlp(layer, hidden)
+        hidden = model.decoder.final_layernorm(hidden)
+        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+        logits, _ = model.output_layer(hidden, weight=weight)
+        return logits.transpose(0, 1).float()  # [b, s, vocab]
+
+    def _attention(self, layer, hidden: Tensor, rope, positions: Tensor, cache: AttentionCache,
+                   factors: Optional[List[float]], *, prefill: bool, loop: bool) -> Tensor:
+        attn = layer.self_attention
+        query, key, value = attn.get_query_key_value_tensors(layer.input_layernorm(hidden), None)
+        query, key = rotate_query_key(attn, layer.layer_number, query, key, rope)
+        cache.write(key, value, positions)
+        if not prefill:
+            context = cache.attend(query, int(positions[-1]), self.scale)
+        elif loop:  # a loop pass attends as the looped layer's training forward does
+            context = self._causal(attn.core_attention, query, key, value)
+        else:
+            context = attn.core_attention(query, key, value, None)
+        if factors is not None:
+            f = torch.tensor(factors, dtype=context.dtype, device=context.device).repeat_interleave(self.head_dim)
+            context = context * f
+        output, bias = attn.linear_proj(context)
+        return hidden + output + (bias if bias is not None else 0)
+
+    def _causal(self, core, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        if hasattr(core, "forward_heads"):
+            return core.forward_heads(query, key, value, list(range(key.shape[2])))
+        s, b, nq, hn = query.shape
+        q = query.permute(1, 2, 0, 3)
+        k = key.repeat_interleave(self.queries_per_group, dim=2).permute(1, 2, 0, 3)
+        v = value.repeat_interleave(self.queries_per_group, dim=2).permute(1, 2, 0, 3)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return out.permute(2, 0, 1, 3).reshape(s, b, nq * hn)
+
+    @staticmethod
+    def _mlp(layer, hidden: Tensor) -> Tensor:
+        output, bias = layer.mlp(layer.pre_mlp_layernorm(hidden))
+        return hidden + output + (bias if bias is not None else 0)

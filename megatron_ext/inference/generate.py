@@ -1,0 +1,96 @@
+"""Sampling loops: cached (:class:`~megatron_ext.inference.decode.Decoder`) and, as the reference,
+full re-computation of the prefix at every step; and the run's tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> Tensor:
+    """``[b, vocab]`` -> ``[b]``: greedy at temperature 0, else nucleus sampling (top-p) at ``temperature``."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).view(-1)
+
+
+def generate(decoder, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, stop_token: Optional[int] = None, capacity: Optional[int] = None) -> Tensor:
+    """``[b, s]`` prompt -> ``[b, new]`` tokens, with a KV cache (stops early when every sequence
+    produced ``stop_token``)."""
+    generator = torch.Generator(device=prompt.device).manual_seed(seed)
+    length = prompt.shape[1]
+    caches = decoder.new_cache(prompt.shape[0], capacity or length + max_new_tokens)
+    logits = decoder.prefill(prompt, caches)[:, -1]
+    out: List[Tensor] = []
+    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    for i in range(max_new_tokens):
+        token = sample(logits, temperature, top_p, generator)
+        out.append(token)
+        if stop_token is not None:
+            done |= token == stop_token
+            if bool(done.all()):
+                break
+        if i + 1 < max_new_tokens:
+            logits = decoder.step(token, length + i, caches)
+    return torch.stack(out, dim=1) if out else prompt.new_zeros(prompt.shape[0], 0)
+
+
+@torch.no_grad()
+def generate_by_recomputation(model, prompt: Tensor, max_new_tokens: int, batch_hooks: Sequence = ()) -> Tensor:
+    """Greedy tokens by the model's ordinary forward over the whole prefix at every step (the
+    reference the cached decoder must reproduce)."""
+    model.eval()
+    tokens = prompt
+    for _ in range(max_new_tokens):
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        batch = {"tokens": tokens, "position_ids": positions, "modality_ids": torch.zeros_like(tokens, dtype=torch.uint8)}
+        for hook in batch_hooks:
+            hook(model, batch)
+        logits = model(tokens, positions, attention_mask=None)  # [b, s, vocab]
+        tokens = torch.cat([tokens, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    return tokens[:, prompt.shape[1]:]
+
+
+class _HFTokenizer:
+    """A HF ``tokenizer.json`` (imported models) through the tokenizers library."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(path))
+        self.eod = None
+
+    def encode(self, text: str) -> List[int]:
+        return self._tok.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids))
+
+
+def run_tokenizer(cfg, run_dir: Path):
+    """The tokenizer a run's tokens came from, or None (synthetic data: prompts are token ids).
+
+    In order: the HF tokenizer of an imported model (``RUN_DIR/tokenizer/tokenizer.json``),
+    ``data.tokenizer``, the built-in corpus's tokenizer (``data.kind: default``)."""
+    from megatron_ext.data.tokenizers import load_tokenizer
+
+    imported = Path(run_dir) / "tokenizer" / "tokenizer.json"
+    if imported.is_file():
+        return _HFTokenizer(imported)
+    if cfg.data.tokenizer:
+        return load_tokenizer(cfg.data.tokenizer)
+    if cfg.data.kind == "default":
+        from megatron_ext.data.default_corpus import ensure_default_corpus
+
+        return load_tokenizer(str(Path(ensure_default_corpus(cfg.data.cache_dir)).parent / "tokenizer.json"))
+    return None
