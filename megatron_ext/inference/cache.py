@@ -59,13 +59,14 @@ class _Group:
 
     def attend(self, query: Tensor, position: int, scale: float) -> Tensor:
         """query ``[b, len(heads), qpg, hn]`` at ``position`` -> ``[b, len(heads), qpg, hn]``."""
-        pos = self.positions
+        used = position + 1 if self.window is None else self.positions.numel()  # full: slot = position
+        pos, key, value = self.positions[:used], self.key[:, :, :used], self.value[:, :, :used]
         allowed = (pos >= 0) & (pos <= position)
         if self.window is not None:
             allowed &= (pos > position - self.window) | (pos < self.sink)
-        scores = torch.matmul(query, self.key.transpose(-1, -2)) * scale  # [b, heads, qpg, slots]
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scale  # [b, heads, qpg, slots]
         scores = scores.masked_fill(~allowed, float("-inf"))
-        return torch.matmul(F.softmax(scores.float(), dim=-1).to(query.dtype), self.value)
+        return torch.matmul(F.softmax(scores.float(), dim=-1).to(query.dtype), value)
 
     def nbytes(self) -> int:
         return self.key.numel() * self.key.element_size() * 2

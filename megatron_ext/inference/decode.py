@@ -55,6 +55,7 @@ class Decoder:
         self.head_dim = config.kv_channels
         self.num_kv_heads = config.num_query_groups
         self.queries_per_group = config.num_attention_heads // config.num_query_groups
+        self._rope: Optional[Tensor] = None  # RoPE frequencies of positions 0.., [n, 1, 1, hn]
         self.scale = config.softmax_scale if config.softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
 
     # -- caches --------------------------------------------------------------------------------
@@ -99,7 +100,10 @@ class Decoder:
         hidden = model.embedding(input_ids=tokens, position_ids=batch["position_ids"])  # [s, b, h]
         rope = None
         if getattr(model, "rotary_pos_emb", None) is not None and model.position_embedding_type == "rope":
-            rope = model.rotary_pos_emb(int(positions[-1]) + 1)[positions]  # [s, 1, 1, hn]
+            needed = int(positions[-1]) + 1
+            if self._rope is None or self._rope.shape[0] < needed:  # the table grows, then is reused
+                self._rope = model.rotary_pos_emb(max(needed, 2 * (0 if self._rope is None else self._rope.shape[0])))
+            rope = self._rope[positions]  # [s, 1, 1, hn]
         for i, layer in enumerate(self.layers):
             attention_pass = 0
             for kind, factors in self.passes[i]:

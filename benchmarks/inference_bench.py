@@ -1,0 +1,137 @@
+"""Inference cost, measured side by side: KV-cache bytes, decode tokens/s and prefill time of the
+static hybrid vs full attention, and of elastic sub-models vs the full MoE.
+
+1. Hybrid attention (dense model d=256, 4 layers, 8 query / 4 KV heads of dim 32): full attention
+   vs the KV-head-wise static hybrid at rho = 0.5, W = 512 (``rule_head``: half the KV heads of
+   every layer SWA). KV-cache bytes at context T = 8192 (as allocated by the decoder; ideal ratio
+   0.5 + 0.5 W / T), decode tokens/s at T (the caches filled to T positions, then single-token
+   steps), prefill time of a 2048-token prompt (the training kernels; T = 8192 prefill takes
+   minutes on a CPU).
+2. Elastic sub-models of an MoE (4 layers, 16 experts of width 256, top-4, a shared expert; the
+   shapes ``pretrain.extract`` writes, random weights): top-k 25 %, half the experts, half the
+   layers, vs the full MoE; decode tokens/s at context 1024 and prefill of 512 tokens.
+
+    python -m benchmarks.inference_bench [--reps 5]
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from benchmarks.common import command_line, interleaved, median, ratio, row, single_process_megatron
+
+DENSE = dict(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4, kv_channels=32,
+             ffn_hidden_size=704, vocab_size=4096, qk_layernorm=True)
+WINDOW, CONTEXT, PREFILL = 512, 8192, 2048
+MOE_SHAPE = dict(DENSE, num_layers=4)
+MOE = dict(enabled=True, num_experts=16, top_k=4, expert_ffn_hidden_size=256, shared_expert_ffn_hidden_size=256)
+MOE_CONTEXT, MOE_PREFILL = 1024, 512
+DECODE_STEPS = 16
+
+
+def _config(model: dict, seq_length: int, **sections):
+    from megatron_ext.config import from_dict
+    from megatron_ext.run import RunConfig
+
+    return from_dict(RunConfig, {"model": model, "data": {"seq_length": seq_length}, **sections})
+
+
+def _decoder(cfg):
+    from pathlib import Path
+    from tempfile import TemporaryDirectory
+
+    from megatron_ext.inference.decode import Decoder
+    from megatron_ext.models.builder import build_model
+    from megatron_ext.training.capabilities import batch_hooks, restore_capabilities
+
+    torch.manual_seed(0)
+    (model,) = build_model(cfg, cuda=False)
+    with TemporaryDirectory() as run_dir:
+        restore_capabilities(cfg, [model], {"step": 0}, Path(run_dir))
+    return Decoder(model.eval(), batch_hooks(cfg))
+
+
+def _filled(decoder, context: int):
+    """Caches holding ``context`` positions of random keys (decode cost does not depend on their values)."""
+    caches = decoder.new_cache(1, context + DECODE_STEPS)
+    gen = torch.Generator().manual_seed(0)
+    for cache in caches.values():
+        kv = torch.randn(context, 1, cache.num_kv_heads, decoder.head_dim, generator=gen)
+        cache.write(kv, kv, torch.arange(context))
+    return caches
+
+
+def _decode(decoder, context: int):
+    caches = _filled(decoder, context)
+
+    def steps():
+        token = torch.zeros(1, dtype=torch.long)
+        for i in range(DECODE_STEPS):
+            token = decoder.step(token, context + i, caches).argmax(-1)
+    return steps
+
+
+def _prefill(decoder, length: int):
+    prompt = torch.randint(0, 4096, (1, length), generator=torch.Generator().manual_seed(1))
+    return lambda: decoder.prefill(prompt, decoder.new_cache(1, length))
+
+
+def bench_hybrid(reps: int) -> List[dict]:
+    full = _decoder(_config(DENSE, PREFILL))
+    hybrid = _decoder(_config(DENSE, PREFILL, hybrid_attention={"enabled": True, "method": "rule_head",
+                                                                "window": WINDOW, "target": 0.5}))
+    bytes_full = full.cache_bytes(full.new_cache(1, CONTEXT))
+    bytes_hybrid = hybrid.cache_bytes(hybrid.new_cache(1, CONTEXT))
+    decode = interleaved({"full": _decode(full, CONTEXT), "hybrid": _decode(hybrid, CONTEXT)}, reps=reps)
+    prefill = interleaved({"full": _prefill(full, PREFILL), "hybrid": _prefill(hybrid, PREFILL)}, reps=reps)
+    tps = {name: DECODE_STEPS / median(decode, name) for name in decode}
+    name = f"hybrid rho 0.5 W {WINDOW} vs full"
+    return [
+        row("inference", f"{name}: KV-cache bytes ratio at T {CONTEXT}", bytes_hybrid / bytes_full,
+            f"<= {1.05 * (0.5 + 0.5 * WINDOW / CONTEXT):.4f}", ideal=0.5 + 0.5 * WINDOW / CONTEXT),
+        row("inference", f"{name}: decode tokens/s ratio at T {CONTEXT}", 1.0 / ratio(decode, "hybrid", "full"),
+            "report"),
+        row("inference", f"full: decode tokens/s at T {CONTEXT}", tps["full"], "report"),
+        row("inference", f"{name}: prefill time ratio, {PREFILL} tokens", ratio(prefill, "hybrid", "full"), "report"),
+        row("inference", f"full: prefill seconds, {PREFILL} tokens", median(prefill, "full"), "report"),
+        row("inference", f"full: KV-cache MiB at T {CONTEXT}", bytes_full / 2**20, "report"),
+    ]
+
+
+def moe_submodels() -> Dict[str, dict]:
+    """name -> (model, moe) sections of the full MoE and its extracted sub-models."""
+    return {"full": (MOE_SHAPE, MOE),
+            "top-k 25%": (MOE_SHAPE, dict(MOE, top_k=1)),
+            "half experts": (MOE_SHAPE, dict(MOE, num_experts=8)),
+            "half layers": (dict(MOE_SHAPE, num_layers=2), MOE)}
+
+
+def bench_elastic(reps: int) -> List[dict]:
+    decoders = {name: _decoder(_config(model, MOE_PREFILL, moe=moe, routing={"expert_bias": False}))
+                for name, (model, moe) in moe_submodels().items()}
+    decode = interleaved({name: _decode(d, MOE_CONTEXT) for name, d in decoders.items()}, reps=reps)
+    prefill = interleaved({name: _prefill(d, MOE_PREFILL) for name, d in decoders.items()}, reps=reps)
+    rows = [row("inference", f"MoE full: decode tokens/s at T {MOE_CONTEXT}", DECODE_STEPS / median(decode, "full"),
+                "report")]
+    for name, d in decoders.items():
+        if name == "full":
+            continue
+        rows += [row("inference", f"MoE {name} vs full: decode tokens/s ratio at T {MOE_CONTEXT}",
+                     1.0 / ratio(decode, name, "full"), "report"),
+                 row("inference", f"MoE {name} vs full: prefill time ratio, {MOE_PREFILL} tokens",
+                     ratio(prefill, name, "full"), "report"),
+                 row("inference", f"MoE {name} vs full: KV-cache bytes ratio",
+                     d.cache_bytes(d.new_cache(1, MOE_CONTEXT))
+                     / decoders["full"].cache_bytes(decoders["full"].new_cache(1, MOE_CONTEXT)), "report")]
+    return rows
+
+
+def run(reps: int = 5) -> List[dict]:
+    single_process_megatron()
+    return bench_hybrid(reps) + bench_elastic(reps)
+
+
+if __name__ == "__main__":
+    command_line(run, __doc__)

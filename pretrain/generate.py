@@ -1,0 +1,90 @@
+"""Sample a continuation from a trained run, with a KV cache.
+
+    python -m pretrain.generate --run-dir runs/NAME [--step N] --prompt "def main(" \\
+        [--max-new-tokens 64] [--temperature 0.7] [--top-p 0.9] [--seed 0]
+
+The model is loaded with the structure training left in it (the hybrid allocation, SGT loops; an
+elastic run decodes its full network, an extracted sub-model its own), the run's tokenizer encodes
+the prompt (``--prompt-file`` reads it from a file; ``--prompt-ids "1 2 3"`` gives token ids, for
+runs on synthetic data), and the continuation is printed. Temperature 0 is greedy decoding. Full-
+attention KV heads cache every position, sliding-window heads a ring buffer of their window; SGT
+loop passes have caches of their own. One process: the CPU, or one GPU when there is one.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from megatron_ext.config import ConfigError
+from megatron_ext.parallel import ParallelSizes
+from megatron_ext.parallel.state import parallel_job
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-file", type=Path, help="file holding the prompt text")
+    prompt.add_argument("--prompt-ids", help="prompt as space-separated token ids")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    problems = []
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    if args.temperature < 0:
+        problems.append(f"--temperature={args.temperature} must be >= 0 (0: greedy)")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top-p={args.top_p} must be in (0, 1]")
+    if not (args.run_dir / "config.yaml").is_file():
+        problems.append(f"--run-dir {args.run_dir} has no config.yaml: give a run directory")
+    if args.prompt_file is not None and not args.prompt_file.is_file():
+        problems.append(f"--prompt-file {args.prompt_file} does not exist")
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
+        return 2
+
+    from megatron_ext.inference.decode import Decoder
+    from megatron_ext.inference.generate import generate, run_tokenizer
+    from megatron_ext.models.builder import unsharded
+    from megatron_ext.run import load_config
+    from megatron_ext.training.capabilities import batch_hooks
+    from megatron_ext.training.evaluate import load_trained
+
+    cfg = unsharded(load_config(args.run_dir / "config.yaml"))
+    with parallel_job(ParallelSizes()):
+        try:
+            tokenizer = run_tokenizer(cfg, args.run_dir)
+            if args.prompt_ids is not None:
+                ids = [int(x) for x in args.prompt_ids.split()]
+            elif tokenizer is None:
+                raise ValueError(f"the run's data ({cfg.data.kind}) has no text tokenizer: give --prompt-ids")
+            else:
+                ids = tokenizer.encode(args.prompt if args.prompt is not None else args.prompt_file.read_text())
+            if not ids or any(not 0 <= i < cfg.model.vocab_size for i in ids):
+                raise ValueError(f"the prompt must be 1 or more token ids in [0, {cfg.model.vocab_size})")
+            limit = cfg.model.max_position_embeddings or cfg.data.seq_length
+            if cfg.model.position_embedding != "rope" and len(ids) + args.max_new_tokens > limit:
+                raise ValueError(f"prompt + new tokens = {len(ids) + args.max_new_tokens} exceed the "
+                                 f"{limit} learned positions")
+            cuda = torch.cuda.is_available()
+            (model,), _, _ = load_trained(cfg, args.run_dir, args.step, cuda=cuda)
+            prompt_tensor = torch.tensor([ids], device=torch.device("cuda") if cuda else torch.device("cpu"))
+            out = generate(Decoder(model, batch_hooks(cfg)), prompt_tensor, args.max_new_tokens,
+                           temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                           stop_token=getattr(tokenizer, "eod", None))[0].tolist()
+        except (ConfigError, ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    print(tokenizer.decode(out) if tokenizer is not None and args.prompt_ids is None else " ".join(map(str, out)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
