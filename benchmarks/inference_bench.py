@@ -4,12 +4,11 @@ static hybrid vs full attention, and of elastic sub-models vs the full MoE.
 1. Hybrid attention (dense model d=256, 4 layers, 8 query / 4 KV heads of dim 32): full attention
    vs the KV-head-wise static hybrid at rho = 0.5, W = 512 (``rule_head``: half the KV heads of
    every layer SWA). KV-cache bytes at context T = 8192 (as allocated by the decoder; ideal ratio
-   0.5 + 0.5 W / T), decode tokens/s at T (the caches filled to T positions, then single-token
-   steps), prefill time of a 2048-token prompt (the training kernels; T = 8192 prefill takes
-   minutes on a CPU).
+   0.5 + 0.5 W / T), decode tokens/s at T (4 sequences, their caches filled to T positions, then
+   single-token steps), prefill time of a 4096-token prompt (the training kernels).
 2. Elastic sub-models of an MoE (4 layers, 16 experts of width 256, top-4, a shared expert; the
    shapes ``pretrain.extract`` writes, random weights): top-k 25 %, half the experts, half the
-   layers, vs the full MoE; decode tokens/s at context 1024 and prefill of 512 tokens.
+   layers, vs the full MoE; decode tokens/s at context 1024 (4 sequences) and prefill of 512 tokens.
 
     python -m benchmarks.inference_bench [--reps 5]
 """
@@ -24,7 +23,9 @@ from benchmarks.common import command_line, interleaved, median, ratio, row, sin
 
 DENSE = dict(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4, kv_channels=32,
              ffn_hidden_size=704, vocab_size=4096, qk_layernorm=True)
-WINDOW, CONTEXT, PREFILL = 512, 8192, 2048
+WINDOW, CONTEXT, PREFILL = 512, 8192, 4096
+DECODE_BATCH = 4
+"""Sequences decoded together: at batch 1 this tiny model's decode step is mostly per-op overhead."""
 MOE_SHAPE = dict(DENSE, num_layers=4)
 MOE = dict(enabled=True, num_experts=16, top_k=4, expert_ffn_hidden_size=256, shared_expert_ffn_hidden_size=256)
 MOE_CONTEXT, MOE_PREFILL = 1024, 512
@@ -55,10 +56,10 @@ def _decoder(cfg):
 
 def _filled(decoder, context: int):
     """Caches holding ``context`` positions of random keys (decode cost does not depend on their values)."""
-    caches = decoder.new_cache(1, context + DECODE_STEPS)
+    caches = decoder.new_cache(DECODE_BATCH, context + DECODE_STEPS)
     gen = torch.Generator().manual_seed(0)
     for cache in caches.values():
-        kv = torch.randn(context, 1, cache.num_kv_heads, decoder.head_dim, generator=gen)
+        kv = torch.randn(context, DECODE_BATCH, cache.num_kv_heads, decoder.head_dim, generator=gen)
         cache.write(kv, kv, torch.arange(context))
     return caches
 
@@ -67,7 +68,7 @@ def _decode(decoder, context: int):
     caches = _filled(decoder, context)
 
     def steps():
-        token = torch.zeros(1, dtype=torch.long)
+        token = torch.zeros(DECODE_BATCH, dtype=torch.long)
         for i in range(DECODE_STEPS):
             token = decoder.step(token, context + i, caches).argmax(-1)
     return steps
@@ -86,7 +87,7 @@ def bench_hybrid(reps: int) -> List[dict]:
     bytes_hybrid = hybrid.cache_bytes(hybrid.new_cache(1, CONTEXT))
     decode = interleaved({"full": _decode(full, CONTEXT), "hybrid": _decode(hybrid, CONTEXT)}, reps=reps)
     prefill = interleaved({"full": _prefill(full, PREFILL), "hybrid": _prefill(hybrid, PREFILL)}, reps=reps)
-    tps = {name: DECODE_STEPS / median(decode, name) for name in decode}
+    tps = {name: DECODE_BATCH * DECODE_STEPS / median(decode, name) for name in decode}
     name = f"hybrid rho 0.5 W {WINDOW} vs full"
     return [
         row("inference", f"{name}: KV-cache bytes ratio at T {CONTEXT}", bytes_hybrid / bytes_full,
@@ -96,7 +97,7 @@ def bench_hybrid(reps: int) -> List[dict]:
         row("inference", f"full: decode tokens/s at T {CONTEXT}", tps["full"], "report"),
         row("inference", f"{name}: prefill time ratio, {PREFILL} tokens", ratio(prefill, "hybrid", "full"), "report"),
         row("inference", f"full: prefill seconds, {PREFILL} tokens", median(prefill, "full"), "report"),
-        row("inference", f"full: KV-cache MiB at T {CONTEXT}", bytes_full / 2**20, "report"),
+        row("inference", f"full: KV-cache MiB per sequence at T {CONTEXT}", bytes_full / 2**20, "report"),
     ]
 
 
@@ -113,7 +114,8 @@ def bench_elastic(reps: int) -> List[dict]:
                 for name, (model, moe) in moe_submodels().items()}
     decode = interleaved({name: _decode(d, MOE_CONTEXT) for name, d in decoders.items()}, reps=reps)
     prefill = interleaved({name: _prefill(d, MOE_PREFILL) for name, d in decoders.items()}, reps=reps)
-    rows = [row("inference", f"MoE full: decode tokens/s at T {MOE_CONTEXT}", DECODE_STEPS / median(decode, "full"),
+    rows = [row("inference", f"MoE full: decode tokens/s at T {MOE_CONTEXT}",
+                DECODE_BATCH * DECODE_STEPS / median(decode, "full"),
                 "report")]
     for name, d in decoders.items():
         if name == "full":
