@@ -81,15 +81,35 @@ class HybridCoreAttention(MegatronModule):
         self.mode, self._gate = "static", None
         self._full_heads = flags[self.kv_offset : self.kv_offset + self.local_kv_heads].clone()
 
+    def attended_keys(self) -> List[Tuple[Optional[int], int]]:
+        """Per local KV head, ``(window, sink)`` of the keys its queries see (window None: every
+        earlier key; else the last ``window`` keys and the first ``sink``). A layer in mask learning
+        mixes both per unit: reported as full."""
+        if self.mode != "static":
+            return [(None, 0)] * self.local_kv_heads
+        return [(None, 0) if full else (self.window, self.sink) for full in self._full_heads.tolist()]
+
     def kv_cache_plan(self) -> List[Tuple[Optional[int], int]]:
-        """For cached decoding: per local KV head, ``(window, sink)`` of the keys its queries see
-        (window None: every earlier key; else the last ``window`` keys and the first ``sink``)."""
+        """For cached decoding: :meth:`attended_keys`; a layer in mask learning cannot be cached."""
         if self.mode == "gated":
             raise ValueError(f"layer {self.layer_index} is in mask learning (gated full + sliding attention): "
                              "decode a checkpoint saved after binarization, or one of the dense warm-up")
+        return self.attended_keys()
+
+    def attention_pairs(self, seq_length: int) -> List[int]:
+        """Per local KV head, the (query, key) score pairs per query head and sequence that its kernel
+        multiplies: ``T^2`` for full attention (the full square, as FlopCounterMode counts SDPA), the
+        blocked window kernel's for a sliding window (what it really computes; also in mask
+        learning, where both run, the full square plus the window's)."""
+        from megatron_ext.consa.kernels import window_kernel_pairs
+
+        full = seq_length * seq_length
         if self.mode == "full":
-            return [(None, 0)] * self.local_kv_heads
-        return [(None, 0) if full else (self.window, self.sink) for full in self._full_heads.tolist()]
+            return [full] * self.local_kv_heads
+        sparse = window_kernel_pairs(seq_length, self.window) if not self.sink else full
+        if self.mode == "gated":
+            return [full + sparse] * self.local_kv_heads
+        return [full if flag else sparse for flag in self._full_heads.tolist()]
 
     # -- compute -----------------------------------------------------------------------------------
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
@@ -106,23 +126,38 @@ class HybridCoreAttention(MegatronModule):
         ``[s, b, nq * hn]``.
         """
         s, b, nq, hn = query.shape
-        q = query.permute(1, 2, 0, 3)  # [b, nq, s, hn]
-        k = key.permute(1, 2, 0, 3)  # [b, nkv, s, hn]
-        v = value.permute(1, 2, 0, 3)
         heads = torch.as_tensor(list(local_kv_heads), dtype=torch.long)
-        if self.mode == "full":
-            out = causal_attention(q, k, v, self.softmax_scale)
-        elif self.mode == "gated":
-            out = self._gated(q, k, v, heads)
-        else:
-            out = self._static(q, k, v, self._full_heads[heads])
+        out = self._attend(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3), heads,
+                           self.queries_per_group)
         return out.permute(2, 0, 1, 3).reshape(s, b, nq * hn)
 
-    def _gated(self, q, k, v, heads):
+    def forward_query_heads(self, query, key, value, kv_of_query: Sequence[int], local_kv_heads: Sequence[int]):
+        """Attention for any query heads: query head ``i`` of ``query [s, b, nq, hn]`` uses the KV
+        head at position ``kv_of_query[i]`` of ``key`` / ``value [s, b, nkv, hn]``, which is local KV
+        head ``local_kv_heads[kv_of_query[i]]`` (whose allocation applies). Returns ``[s, b, nq * hn]``.
+        A loop over a few kept query heads computes only those, not their KV groups' other heads."""
+        s, b, nq, hn = query.shape
+        index = torch.as_tensor(list(kv_of_query), dtype=torch.long, device=key.device)
+        k = key.index_select(2, index).permute(1, 2, 0, 3)  # [b, nq, s, hn]: each query head's KV head
+        v = value.index_select(2, index).permute(1, 2, 0, 3)
+        heads = torch.as_tensor([local_kv_heads[i] for i in kv_of_query], dtype=torch.long)
+        out = self._attend(query.permute(1, 2, 0, 3), k, v, heads, 1)
+        return out.permute(2, 0, 1, 3).reshape(s, b, nq * hn)
+
+    def _attend(self, q, k, v, heads, qpg: int):
+        """``q [b, nq, s, hn]`` over ``k`` / ``v [b, len(heads), s, hn]`` (``qpg`` query heads per
+        KV head), ``heads`` the local KV head of each position in ``k``."""
+        if self.mode == "full":
+            return causal_attention(q, k, v, self.softmax_scale)
+        if self.mode == "gated":
+            return self._gated(q, k, v, heads, qpg)
+        return self._static(q, k, v, self._full_heads[heads], qpg)
+
+    def _gated(self, q, k, v, heads, qpg: int):
         # The gates live on the CPU (replicated, see ConSACallback); their gradient flows back through .to().
         z = self._gate(self.training)  # [1] or [num_kv_heads]
         if z.numel() > 1:
-            z = z[self.kv_offset + heads].repeat_interleave(self.queries_per_group)  # [nq]
+            z = z[self.kv_offset + heads].repeat_interleave(qpg)  # [nq]
         z = z.to(device=q.device, dtype=q.dtype)
         z = z.view(1, -1, 1, 1)
         full = causal_attention(q, k, v, self.softmax_scale)
@@ -135,13 +170,12 @@ class HybridCoreAttention(MegatronModule):
             return sink_window_attention(q, k, v, self.window, self.sink, self.softmax_scale)
         return sliding_window_attention(q, k, v, self.window, self.softmax_scale)
 
-    def _static(self, q, k, v, full_flags):
+    def _static(self, q, k, v, full_flags, qpg: int):
         if bool(full_flags.all()):
             return causal_attention(q, k, v, self.softmax_scale)
         if not bool(full_flags.any()):
             return self._sparse(q, k, v)
         # Mixed layer: two groups, each through its own kernel.
-        qpg = self.queries_per_group
         fa_kv = full_flags.nonzero().flatten()
         swa_kv = (~full_flags).nonzero().flatten()
 

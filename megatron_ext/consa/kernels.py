@@ -69,6 +69,7 @@ __all__ = [
     "sink_window_attention_reference",
     "sliding_window_attention",
     "sliding_window_attention_blocked",
+    "window_kernel_pairs",
     "sliding_window_attention_reference",
 ]
 
@@ -396,6 +397,15 @@ def _sliding_window_block_mask(seq_len: int, window: int, device: torch.device):
     return create_block_mask(
         sliding_window_causal, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device
     )
+
+
+def window_kernel_pairs(seq_len: int, window: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """(query, key) score pairs per head and sequence that :func:`sliding_window_attention_blocked`
+    multiplies: per query block ``[s, e)`` its rows times the keys ``[max(0, s - W + 1), e)`` (about
+    ``T (W + bq)``; the band itself holds ``~T W``). For FLOP counts that match the kernel."""
+    window = min(window, seq_len)
+    return sum((min(seq_len, s + block_size) - s) * (min(seq_len, s + block_size) - max(0, s - window + 1))
+               for s in range(0, seq_len, block_size))
 
 
 def sliding_window_attention(

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.sgt.config import LoopingConfig
-from megatron_ext.sgt.entropy import EntropyTracker
+from megatron_ext.sgt.entropy import EntropyTracker, merge_loop_entropy
 from megatron_ext.sgt.flops import GPTShape, LoopedLayer, LoopStructure, flops_overhead
 from megatron_ext.sgt.looped_layer import LoopedTransformerLayer
 from megatron_ext.sgt.plots import plot_entropy
@@ -97,15 +97,20 @@ class SGTCallback(Callback):
 
             self.flops_shape = GPTShape.from_run_config(ctx.config, padded_vocab_size(ctx.config.model.vocab_size))
         self._apply_structure(ctx.step + 1)  # after a resume: the loaded schedule's structure
-        self._set_tracking(self.scheduler.tracking_needed)
+        self._set_tracking(self._tracking_wanted())
 
     def _set_tracking(self, on: bool) -> None:
         for index, layer in self.layers.items():
             layer.set_entropy_sink(partial(self._observe, index) if on else None)
         self._tracking = on
 
-    def _observe(self, layer: int, entropy: torch.Tensor) -> None:
-        """Entropy sink of ``layer``: one micro-batch's ``[local heads]`` mean over the batch."""
+    def _observe(self, layer: int, entropy: torch.Tensor, last_loop: Optional[torch.Tensor] = None) -> None:
+        """Entropy sink of ``layer``: one micro-batch's ``[local heads]`` mean over the batch, of the
+        ordinary pass and of the last loop pass; a selected layer's kept heads take the latter [code]."""
+        if last_loop is not None and self.config.method == "sgt" and layer in self.scheduler.loop_depths:
+            heads = self.layers[layer].local_head_range
+            kept = [h - heads.start for h in self.scheduler.kept_heads(layer) if h in heads]
+            entropy = merge_loop_entropy(entropy, last_loop, kept)
         if layer in self._sums:
             self._sums[layer] += entropy
             self._counts[layer] += 1
@@ -147,11 +152,16 @@ class SGTCallback(Callback):
             if dist.get_rank() == 0:
                 self.log(_describe(event, self.config.method))
         self._apply_structure(ctx.step + 1)  # evaluation right after this step runs the new structure
-        if self._tracking and not self.scheduler.tracking_needed:
+        tracked = self._tracking
+        if self._tracking and not self._tracking_wanted():
             self._set_tracking(False)
         metrics = dict(self._step_metrics)
-        metrics.update({f"sgt/entropy/{layer}": score for layer, score in self.tracker.layer_scores().items()})
+        if tracked:  # a score that is no longer measured is not reported as if it were
+            metrics.update({f"sgt/entropy/{layer}": score for layer, score in self.tracker.layer_scores().items()})
         return metrics
+
+    def _tracking_wanted(self) -> bool:
+        return self.scheduler.tracking_needed or self.config.compute_entropy_after_fixed
 
     def _gather_step_entropy(self) -> Dict[int, torch.Tensor]:
         """``{layer: [num_heads] mean over this step's micro-batches}``, the same on every rank of
@@ -176,26 +186,49 @@ class SGTCallback(Callback):
         return {int(layer): matrix[layer, :-1] for layer in observed.nonzero().flatten()}
 
     def structure(self, step: int) -> LoopStructure:
-        """What the model computes at ``step``: the kept heads of an SGT layer once its fade is over,
-        every head while it runs (the all-heads reference path). With grouped-query attention and a
-        core attention that has ``forward_heads``, a loop computes whole KV groups, which this
-        count (kept query heads only) does not include."""
+        """What the model computes at ``step`` (a collective over the TP and PP groups): for an SGT
+        layer the heads its loop computes (the kept ones once the fade is over, every head while it
+        runs) and their KV groups; per layer the (query, key) pairs its kernels multiply (a hybrid
+        layer's sliding-window heads fewer) in the ordinary pass and in a loop pass; the layers this
+        step skips (elastic depth)."""
+        from megatron_ext.compat.layers import is_skipped
+        from megatron_ext.parallel.state import comm_device
+
         group_size = self.num_heads // self.num_kv_heads
-        layers = {}
-        for index, depth in self.scheduler.loop_depths.items():
+        seq = self.flops_shape.seq_length
+        computed: Dict[int, List[int]] = {}
+        for index in self.scheduler.loop_depths:
             factors = self.scheduler.head_factors(index, step)
-            if all(f in (0.0, 1.0) for f in factors):
-                heads = [head for head, factor in enumerate(factors) if factor > 0.0]
-                layers[index] = LoopedLayer(depth, len(heads), len({head // group_size for head in heads}))
-            else:
-                layers[index] = LoopedLayer(depth, self.num_heads, self.num_kv_heads)
-        return LoopStructure(self.config.method, layers)
+            settled = all(f in (0.0, 1.0) for f in factors)
+            computed[index] = [h for h, f in enumerate(factors) if f > 0.0] if settled else list(range(self.num_heads))
+        # Per layer: pairs of the ordinary pass, of one loop pass (this rank's heads), skipped (TP rank 0).
+        table = torch.zeros(self.num_layers, 3, dtype=torch.float64, device=comm_device())
+        first_tp_rank = dist.get_rank(group=self._tp_group) == 0 if self._tp_group is not None else True
+        for index, layer in self.layers.items():
+            per_kv = layer.attention_pairs(seq)
+            heads = layer.local_head_range
+            local_group = len(heads) // len(per_kv)
+            table[index, 0] = sum(per_kv[(h - heads.start) // local_group] for h in heads)
+            table[index, 1] = sum(per_kv[(h - heads.start) // local_group] for h in computed.get(index, ())
+                                  if h in heads)
+            if first_tp_rank:
+                table[index, 2] = float(is_skipped(layer))
+        for group in (self._tp_group, self._pp_group):
+            if group is not None and dist.get_world_size(group=group) > 1:
+                dist.all_reduce(table, group=group)
+        table = table.cpu()
+        layers = {index: LoopedLayer(self.scheduler.loop_depths[index], len(heads),
+                                     len({h // group_size for h in heads}), int(table[index, 1]))
+                  for index, heads in computed.items()}
+        return LoopStructure(self.config.method, layers,
+                             layer_key_pairs={i: int(table[i, 0]) for i in range(self.num_layers)},
+                             skipped=frozenset(i for i in range(self.num_layers) if table[i, 2] > 0.5))
 
     def on_train_end(self, ctx: TrainContext) -> None:
         if dist.get_rank() == 0 and self.history:
             plots = Path(ctx.run_dir) / "plots"
             plots.mkdir(parents=True, exist_ok=True)
-            plot_entropy(plots / "sgt_entropy.png", self.history, self.events)
+            plot_entropy(plots / "sgt_entropy.png", self.history, self.events, final_step=ctx.step)
 
     # -- checkpoint --------------------------------------------------------------------------
 

@@ -49,8 +49,10 @@ class Looping(Capability):
 
     def submodel_config(self, cfg, small, sub, output: Path) -> None:
         layer_map = {old: new for new, old in enumerate(sub.layers)}
-        small.looping = dataclasses.replace(
-            small.looping, exclude_layers=[layer_map[i] for i in cfg.looping.exclude_layers if i in layer_map])
+        excluded = {layer_map[i] for i in cfg.looping.exclude_layers if i in layer_map}
+        if 0 in cfg.looping.exclude_layers:  # "never the first layer" holds for the sub-model's first layer too
+            excluded.add(0)
+        small.looping = dataclasses.replace(small.looping, exclude_layers=sorted(excluded))
 
     def submodel_state(self, cfg, callback, sub, source_step: int, output: Path, is_writer: bool):
         return submodel_loop_state(callback.state_dict(), sub.layers, source_step)

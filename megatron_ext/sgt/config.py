@@ -32,6 +32,14 @@ class GrowthConfig:
     """Heads kept in a selected layer's loop; the others fade out over one window."""
     exclude_layers: List[int] = field(default_factory=lambda: [0])
     """Layers never selected (global indices); the first layer by default."""
+    deepen: Literal["any_selected", "latest"] = "any_selected"
+    """At a window end, which selected layer may loop once more: ``any_selected`` [code] the first
+    selected layer, in selection order, that is in the top-k and below ``max_loop_depth`` (so a
+    deeper layer selected earlier can deepen after a shallower one was selected); ``latest``
+    [choice] only the most recently selected layer. The two agree at ``max_loop_depth: 1``."""
+    decay_type: Literal["linear", "cosine"] = "linear"
+    """Shape of the fade of a selected layer's other heads over one window: ``linear`` 1 - p or
+    ``cosine`` (1 + cos(pi p)) / 2, p the fraction of the window elapsed [code]."""
 
     def __post_init__(self) -> None:
         c = Checks(self)
@@ -39,6 +47,8 @@ class GrowthConfig:
                      "max_loop_depth", "num_keep_heads"):
             value = getattr(self, name)
             c.require(_is_int(value) and value >= 1, f"{name}={value!r} is not allowed: it must be an int >= 1")
+        c.one_of("deepen", ("any_selected", "latest"))
+        c.one_of("decay_type", ("linear", "cosine"))
         excluded = self.exclude_layers
         c.require(isinstance(excluded, (list, tuple)) and all(_is_int(v) and v >= 0 for v in excluded),
                   f"exclude_layers={excluded!r} is not allowed: it must be a list of layer indices >= 0")
@@ -80,6 +90,9 @@ class LoopingConfig(GrowthConfig):
     num_keep_heads."""
     ema_decay: float = 0.5
     """Decay of the per-head entropy EMA across steps, in [0, 1); 0.5 [code]."""
+    compute_entropy_after_fixed: bool = False
+    """Keep measuring entropy (and logging ``sgt/entropy/*``) after the structure froze [code];
+    False stops as soon as no measurement can change the schedule (no cost left)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -90,6 +103,7 @@ class LoopingConfig(GrowthConfig):
         c = Checks(self)
         c.one_of("enabled", (True, False))
         c.one_of("method", ("sgt", "block"))
+        c.one_of("compute_entropy_after_fixed", (True, False))
         c.within("ema_decay", 0.0, 1.0, high_open=True)
         if problems or c.problems:
             raise ConfigError(problems + c.problems)

@@ -27,9 +27,14 @@ the authors' repository (YaoChen0203/Sparse-Growing-Transformer). Relation to it
   reference all-reduces the EMA afterwards. Both are the same number because the EMA is linear
   and every rank updates the same layers at the same steps; reducing the observations takes one
   collective per step for all layers together.
-* What to observe is the caller's choice; the reference feeds every head's entropy from the
-  layer's ordinary attention pass, except that once a layer loops, its kept heads are fed the
-  entropy of their last loop pass instead (``finalize_entropy``).
+* What to observe [code]: every head's entropy from the layer's ordinary attention pass, except
+  that once a layer loops, its kept heads are fed the entropy of their last loop pass instead
+  (``finalize_entropy``; :func:`merge_loop_entropy`). Since a selected layer's score also decides
+  top-k membership, it steers which layer is selected or deepened next.
+* [choice] A head that attends to a sliding window (a sparse head of a hybrid layer) is scored on
+  the row it really computes, its last ``W`` keys (and sinks), normalised by ln of their number
+  (:func:`seen_keys_entropy`); the reference has full attention only. During mask learning (gated
+  full + sliding attention) the full row is used.
 * [choice] The entropy uses ``log_softmax`` rather than ``log(clamp(p, 1e-12))``: same value, without the
   clamp's bias for near-zero probabilities.
 """
@@ -37,12 +42,16 @@ the authors' repository (YaoChen0203/Sparse-Growing-Transformer). Relation to it
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["EntropyTracker", "last_query_entropy"]
+__all__ = ["EntropyTracker", "last_query_entropy", "seen_keys_entropy", "merge_loop_entropy"]
+
+KeyPlan = Tuple[Optional[int], int]
+"""What one KV head's queries see: (window, sink); window None = every earlier key (full
+attention), else the last ``window`` keys and the first ``sink`` (a hybrid layer's sparse heads)."""
 
 
 @torch.no_grad()
@@ -64,8 +73,7 @@ def last_query_entropy(
         where ``p = softmax(scale * q_last k^T)``; zeros when ``T == 1`` (a single key carries no
         choice, and ``ln 1 = 0`` would divide by zero).
 
-    Only ``b * h * T`` logits are formed; the logits come from a matmul in the inputs' dtype (the
-    precision the attention itself uses) and the softmax and entropy are taken in at least float32.
+    Only ``b * h * T`` logits are formed, in at least float32 (matmul, softmax and entropy).
     """
     if q_last.dim() != 3 or k.dim() != 4:
         raise ValueError(f"expected q_last [b, h, d] and k [b, h_kv, T, d], got {tuple(q_last.shape)} "
@@ -83,12 +91,49 @@ def last_query_entropy(
         return torch.zeros(b, h, dtype=out_dtype, device=q_last.device)
     # [b, h_kv, g, d] x [b, h_kv, T, d] -> [b, h_kv, g, T]: each KV head serves its group of
     # consecutive query heads without repeating k.
-    q = q_last.reshape(b, h_kv, num_kv_groups, d)
-    logits = torch.matmul(q, k.transpose(-1, -2))
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).mul_(scale)
+    # At least float32 for the logits too: a bf16 matmul's rounding moves the entropy by ~3e-3.
+    dtype = torch.promote_types(q_last.dtype, torch.float32)
+    q = q_last.reshape(b, h_kv, num_kv_groups, d).to(dtype)
+    logits = torch.matmul(q, k.to(dtype).transpose(-1, -2)).mul_(scale)
     log_p = torch.log_softmax(logits, dim=-1)
     entropy = -(log_p.exp() * log_p).sum(dim=-1)
     return entropy.reshape(b, h) / math.log(t)
+
+
+@torch.no_grad()
+def seen_keys_entropy(q_last: torch.Tensor, k: torch.Tensor, scale: float, kv_of_query: Sequence[int],
+                      plans: Optional[Sequence[KeyPlan]] = None) -> torch.Tensor:
+    """Like :func:`last_query_entropy`, for any query heads and over the keys each head really
+    attends to: query head ``i`` (``q_last[:, i]``) uses KV head ``kv_of_query[i]`` of ``k``
+    ``[b, h_kv, T, d]``, whose plan (``plans[kv]``, default full) gives its keys: all ``T``, or its
+    ``sink`` first and ``window`` last ones. Normalised by ln of the number of keys seen (ln min(W, T)
+    for a plain sliding window). Returns ``[b, len(kv_of_query)]``."""
+    b, nq, d = q_last.shape
+    t = k.shape[2]
+    plans = list(plans) if plans is not None else [(None, 0)] * k.shape[1]
+    out = torch.empty(b, nq, dtype=torch.promote_types(q_last.dtype, torch.float32), device=q_last.device)
+    by_plan: Dict[KeyPlan, List[int]] = {}
+    for head, kv in enumerate(kv_of_query):
+        by_plan.setdefault(tuple(plans[kv]), []).append(head)
+    for (window, sink), heads in by_plan.items():
+        keys = k.index_select(1, torch.tensor([kv_of_query[h] for h in heads], device=k.device))
+        if window is not None and window < t:
+            first = min(sink, t)
+            keys = torch.cat([keys[:, :, :first], keys[:, :, max(first, t - window):]], dim=2)
+        out[:, heads] = last_query_entropy(q_last[:, heads], keys, scale, 1)
+    return out
+
+
+def merge_loop_entropy(first_pass: torch.Tensor, last_loop: Optional[torch.Tensor],
+                       kept: Sequence[int]) -> torch.Tensor:
+    """A looped layer's observation [code]: its kept heads (indices into the vectors) take the
+    entropy of their last loop pass, its other heads that of the ordinary pass."""
+    if last_loop is None or not kept:
+        return first_pass
+    merged = first_pass.clone()
+    index = torch.tensor(list(kept), dtype=torch.long, device=merged.device)
+    merged[index] = last_loop.to(merged.dtype)[index]
+    return merged
 
 
 class EntropyTracker:

@@ -7,7 +7,8 @@ Convention [choice] (what ``torch.utils.flop_counter.FlopCounterMode`` counts, s
 * Attention scores and the probability-value product count the full ``T x T`` square even
   under a causal mask: ``2 T T d`` each per head and sequence. FlopCounterMode does the same for
   ``scaled_dot_product_attention`` (its formula ignores ``is_causal``) and for the unfused
-  ``baddbmm`` / ``bmm`` of Megatron's ``DotProductAttention``.
+  ``baddbmm`` / ``bmm`` of Megatron's ``DotProductAttention``. (On CPU, torch's fused flash kernel
+  has no FlopCounterMode formula and counts 0: compare under SDPA's math backend.)
 * Training = forward + backward = 3 x forward: the backward of every matmul is two matmuls of the
   same size (input and weight gradients). This is what FlopCounterMode measures for unfused
   attention and SDPA's math backend. For the fused SDPA kernels (flash, memory-efficient, cuDNN)
@@ -23,13 +24,22 @@ Per layer and sequence (``h`` hidden, ``n_q`` query and ``n_kv`` KV heads of dim
     MLP                           = 2 T h F (3 if SwiGLU else 2)
 
 plus the output layer ``2 T h V``. A block loop adds the whole layer per pass; an SGT loop adds
-``attention sublayer(kept query heads, their KV heads)`` per pass (the kept-heads path).
+``attention sublayer(kept query heads, their KV heads)`` per pass (the kept-heads path; every head
+while a fade runs).
+
+Attention is charged by the (query, key) pairs its kernel multiplies: ``4 P d`` for the scores and
+PV of ``P`` pairs, ``P = T^2`` per full-attention head (the square, see above) and, for a
+sliding-window head of a hybrid layer, the blocked window kernel's ``~T (W + bq)``
+(:meth:`~megatron_ext.consa.attention.HybridCoreAttention.attention_pairs`); a structure gives the
+pairs per layer (``LoopStructure.layer_key_pairs``, ``LoopedLayer.key_pairs``), and without them
+every head is full. Layers an elastic step skips (``LoopStructure.skipped``) cost nothing, loops
+included.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Literal, Optional
+from typing import Dict, FrozenSet, Literal, Optional
 
 __all__ = ["GPTShape", "LoopStructure", "LoopedLayer", "flops_overhead", "forward_flops", "training_flops"]
 
@@ -97,6 +107,9 @@ class LoopedLayer:
     """Query heads computed per SGT pass (the kept heads; every head while a fade is running)."""
     kv_heads: int
     """KV heads computed per SGT pass: the distinct KV groups of those query heads."""
+    key_pairs: Optional[int] = None
+    """(query, key) pairs per sequence of one pass, summed over its query heads; None: each head full
+    (``query_heads * T^2``)."""
 
 
 @dataclass(frozen=True)
@@ -106,13 +119,21 @@ class LoopStructure:
     method: Literal["sgt", "block"] = "sgt"
     layers: Dict[int, LoopedLayer] = field(default_factory=dict)
     """``{global layer index: LoopedLayer}``."""
+    layer_key_pairs: Dict[int, int] = field(default_factory=dict)
+    """(query, key) pairs per sequence of a layer's ordinary attention, summed over all its query
+    heads; a layer absent here has every head full."""
+    skipped: FrozenSet[int] = frozenset()
+    """Layers not run in the step (elastic depth): neither the layer nor its loops count."""
 
 
-def attention_sublayer_flops(shape: GPTShape, query_heads: int, kv_heads: int) -> int:
-    """Forward matmul FLOPs of one attention sublayer over the step's sequences."""
+def attention_sublayer_flops(shape: GPTShape, query_heads: int, kv_heads: int,
+                             key_pairs: Optional[int] = None) -> int:
+    """Forward matmul FLOPs of one attention sublayer over the step's sequences; ``key_pairs`` per
+    sequence over its query heads (None: ``query_heads * T^2``)."""
     h, d, t = shape.hidden_size, shape.head_dim, shape.seq_length
+    pairs = query_heads * t * t if key_pairs is None else key_pairs
     per_sequence = (2 * t * h * (query_heads + 2 * kv_heads) * d  # QKV projection
-                    + 4 * t * t * query_heads * d  # scores and PV, full T x T
+                    + 4 * pairs * d  # scores and PV
                     + 2 * t * query_heads * d * h)  # output projection
     return shape.batch_size * per_sequence
 
@@ -123,9 +144,9 @@ def mlp_flops(shape: GPTShape) -> int:
     return shape.batch_size * 2 * shape.seq_length * shape.hidden_size * shape.ffn_hidden_size * matrices
 
 
-def layer_flops(shape: GPTShape) -> int:
-    """Forward matmul FLOPs of one vanilla decoder layer."""
-    return attention_sublayer_flops(shape, shape.num_heads, shape.num_kv_heads) + mlp_flops(shape)
+def layer_flops(shape: GPTShape, key_pairs: Optional[int] = None) -> int:
+    """Forward matmul FLOPs of one vanilla decoder layer (``key_pairs``: of its attention)."""
+    return attention_sublayer_flops(shape, shape.num_heads, shape.num_kv_heads, key_pairs) + mlp_flops(shape)
 
 
 def output_layer_flops(shape: GPTShape) -> int:
@@ -139,24 +160,30 @@ def loop_flops(shape: GPTShape, structure: LoopStructure) -> int:
     for index, looped in structure.layers.items():
         if not 0 <= index < shape.num_layers:
             raise ValueError(f"looped layer {index} is outside [0, {shape.num_layers})")
+        if index in structure.skipped:
+            continue
         if structure.method == "block":
-            per_pass = layer_flops(shape)
+            per_pass = layer_flops(shape, structure.layer_key_pairs.get(index))
         else:
             if not (0 <= looped.query_heads <= shape.num_heads and 0 <= looped.kv_heads <= shape.num_kv_heads):
                 raise ValueError(f"layer {index}: {looped.query_heads} query / {looped.kv_heads} KV heads do not "
                                  f"fit {shape.num_heads} / {shape.num_kv_heads}")
-            per_pass = attention_sublayer_flops(shape, looped.query_heads, looped.kv_heads)
+            per_pass = attention_sublayer_flops(shape, looped.query_heads, looped.kv_heads, looped.key_pairs)
         total += looped.depth * per_pass
     return total
 
 
-def forward_flops(shape: GPTShape, structure: Optional[LoopStructure] = None, output_layer: bool = True) -> int:
-    """Forward matmul FLOPs of one step; ``structure=None`` is the vanilla model.
-
-    ``output_layer=False`` leaves the logits out (the decoder layers only).
+def forward_flops(shape: GPTShape, structure: Optional[LoopStructure] = None, output_layer: bool = True,
+                  loops: bool = True) -> int:
+    """Forward matmul FLOPs of one step; ``structure=None`` is the vanilla model with full attention.
+    ``output_layer=False`` leaves the logits out (the decoder layers only); ``loops=False`` counts
+    ``structure``'s model without its loops (its attention pairs and skipped layers still apply).
     """
-    total = shape.num_layers * layer_flops(shape) + (output_layer_flops(shape) if output_layer else 0)
-    return total + (loop_flops(shape, structure) if structure is not None else 0)
+    structure = structure if structure is not None else LoopStructure()
+    total = sum(layer_flops(shape, structure.layer_key_pairs.get(i)) for i in range(shape.num_layers)
+                if i not in structure.skipped)
+    total += output_layer_flops(shape) if output_layer else 0
+    return total + (loop_flops(shape, structure) if loops else 0)
 
 
 def training_flops(shape: GPTShape, structure: Optional[LoopStructure] = None, output_layer: bool = True) -> int:
@@ -165,9 +192,9 @@ def training_flops(shape: GPTShape, structure: Optional[LoopStructure] = None, o
 
 
 def flops_overhead(shape: GPTShape, structure: LoopStructure, output_layer: bool = True) -> float:
-    """Training FLOPs of ``structure`` relative to the vanilla model, minus 1 (0.014 = +1.4 %).
-
-    The same for forward-only FLOPs, since both are 3 x forward. ``output_layer=False`` compares the
-    decoder layers only (then a block loop of k of L layers is exactly k / L).
+    """Training FLOPs of ``structure`` relative to the same model and step without loops, minus 1
+    (0.014 = +1.4 %). The same for forward-only FLOPs, since both are 3 x forward.
+    ``output_layer=False`` compares the decoder layers only (then a block loop of k of L full-attention
+    layers is exactly k / L).
     """
-    return loop_flops(shape, structure) / forward_flops(shape, output_layer=output_layer)
+    return loop_flops(shape, structure) / forward_flops(shape, structure, output_layer=output_layer, loops=False)

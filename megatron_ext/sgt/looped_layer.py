@@ -15,29 +15,32 @@ Two implementations of one loop pass, kept side by side:
   output projection. Used while some factor lies strictly between 0 and 1 (the fade).
 * kept heads (:meth:`LoopedTransformerLayer._loop_kept_heads`) [choice]: once every factor is 0 or 1, only
   the rows of the QKV weight that belong to the kept query heads and their KV groups, and the
-  matching columns of the output weight, are multiplied. The loop then costs the kept heads'
+  matching columns of the output weight, are multiplied, and attention runs for the kept query
+  heads only (a hybrid core attention through its ``forward_query_heads``, which applies each
+  head's allocation). The loop then costs the kept heads'
   share of the attention sublayer (the 1-3 % overhead of the paper). The tensor-parallel
   communication of ``linear_qkv`` / ``linear_proj`` is reproduced around the sliced matmuls, so a
   rank that holds no kept head contributes zeros and still joins every collective.
 
-The loop's attention is the core attention module's ``forward_heads(query, key, value,
-local_kv_heads)`` where the module has one (so that, e.g., a hybrid full / sliding-window module
-applies its own per-head allocation inside the loop too); ``query`` then holds, for each listed
-local KV head in order, all of that head's local query heads. Without it the loop uses causal
-``scaled_dot_product_attention``.
+The loop's attention is the core attention module's ``forward_heads`` (all heads) or
+``forward_query_heads`` (a subset of query heads) where the module has them, so that a hybrid full /
+sliding-window module applies its own per-head allocation inside the loop too. Without them the
+loop uses causal ``scaled_dot_product_attention``.
 
 The ``block`` baseline instead re-runs the whole layer (attention and MLP) ``loop_depth`` times.
 
 Entropy (for the growth schedule) is measured on the layer's ordinary attention pass by a forward
 pre-hook on ``self_attention.core_attention``: whatever the kernel, its inputs are the post-RoPE
 query ``[s, b, np, hn]`` and key ``[s, b, ng, hn]``, from which
-:func:`~megatron_ext.sgt.entropy.last_query_entropy` takes the last query's row in ``O(T d)``.
-The row is the full causal one (every key), also for a head that a hybrid module restricts to a
-sliding window, as in the reference code (full attention only). [choice] The loop passes are not
-observed (the reference code feeds kept heads the entropy of their last loop pass); a selected
-layer's kept heads are fixed at selection, and its score only decides whether it deepens.
-Measuring is off in eval mode. Under activation recomputation a recomputed forward is observed
-again with the same values, which leaves the step's mean unchanged.
+:func:`~megatron_ext.sgt.entropy.seen_keys_entropy` takes the last query's row in ``O(T d)``: over
+the keys each head really attends to, i.e. the last ``W`` (and sink) keys for a sliding-window head
+of a hybrid layer (``attended_keys`` of its core attention), normalised by ln of their number
+[choice]. The last loop pass of a looped layer is measured too, on the heads it computes: the
+callback feeds a selected layer's kept heads that entropy and its other heads the ordinary pass's,
+as the reference code (``finalize_entropy``) [code]. Both go to the sink once per training
+forward. The block baseline observes the ordinary pass only. Measuring is off in eval mode. Under
+activation recomputation a recomputed forward is observed again with the same values, which leaves
+the step's mean unchanged.
 """
 
 from __future__ import annotations
@@ -64,12 +67,14 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron_ext.compat.layers import forward_attention, forward_mlp
 from megatron_ext.models.rope import rotate_query_key
-from megatron_ext.sgt.entropy import last_query_entropy
+from megatron_ext.sgt.entropy import seen_keys_entropy
 
 __all__ = ["EntropySink", "LoopedTransformerLayer", "looped_layer_spec"]
 
-EntropySink = Callable[[Tensor], None]
-"""Receives one micro-batch's ``[local query heads]`` entropy (mean over the batch) of a layer."""
+EntropySink = Callable[[Tensor, Optional[Tensor]], None]
+"""Receives one micro-batch's ``[local query heads]`` entropy (mean over the batch) of a layer's
+ordinary attention pass and of its last loop pass (None when it did not loop; NaN for heads the
+pass did not compute)."""
 
 LOOP_METHODS = ("sgt", "block")
 
@@ -114,6 +119,8 @@ class LoopedTransformerLayer(TransformerLayer):
         self._entropy_sink: Optional[EntropySink] = None
         self._entropy_hook = None
         self._entropy_paused = False
+        self._first_entropy: Optional[Tensor] = None
+        self._loop_entropy: Optional[Tensor] = None
 
     @staticmethod
     def _check_supported(config, attn) -> None:
@@ -178,6 +185,12 @@ class LoopedTransformerLayer(TransformerLayer):
             return [("attention", None), ("mlp", None)] * (self.loop_depth + 1)
         return [("attention", None)] + [("attention", list(self.head_factors))] * self.loop_depth + [("mlp", None)]
 
+    def attention_pairs(self, seq_length: int) -> List[int]:
+        """Per local KV head, the (query, key) pairs per query head and sequence its core attention
+        multiplies (``attention_pairs`` of the core; the full ``T^2`` square without one)."""
+        pairs = getattr(self.self_attention.core_attention, "attention_pairs", None)
+        return pairs(seq_length) if pairs is not None else [seq_length * seq_length] * self._local_groups
+
     @property
     def local_head_range(self) -> range:
         """Global indices of the query heads this tensor-parallel rank computes."""
@@ -193,16 +206,20 @@ class LoopedTransformerLayer(TransformerLayer):
         common = dict(attention_mask=attention_mask, context=context, context_mask=context_mask,
                       rotary_pos_emb=rotary_pos_emb, **kwargs)
         if self.loop_depth == 0:
-            return super().forward(hidden_states, **common)
-        if self.loop_method == "block":
-            return self._forward_block_loop(hidden_states, common)
-        self._check_loop_inputs(attention_mask, kwargs)
-        hidden_states, context = forward_attention(self, hidden_states, **common)
-        for _ in range(self.loop_depth):
-            hidden_states = self.loop_attention(hidden_states, rotary_pos_emb)
-        output = forward_mlp(self, hidden_states, kwargs.get("inference_context"),
-                             padding_mask=kwargs.get("padding_mask"))
-        return output, context
+            out = super().forward(hidden_states, **common)
+        elif self.loop_method == "block":
+            out = self._forward_block_loop(hidden_states, common)
+        else:
+            self._check_loop_inputs(attention_mask, kwargs)
+            hidden_states, context = forward_attention(self, hidden_states, **common)
+            for index in range(self.loop_depth):
+                last = index == self.loop_depth - 1
+                hidden_states = self.loop_attention(hidden_states, rotary_pos_emb, observe=last and self._observing())
+            output = forward_mlp(self, hidden_states, kwargs.get("inference_context"),
+                                 padding_mask=kwargs.get("padding_mask"))
+            out = (output, context)
+        self._emit_entropy()
+        return out
 
     def _forward_block_loop(self, hidden_states: Tensor, common: dict):
         output, context = super().forward(hidden_states, **common)
@@ -224,14 +241,16 @@ class LoopedTransformerLayer(TransformerLayer):
             raise ValueError(f"layer {self.layer_index}: the SGT attention loop is causal self-attention "
                              f"over whole sequences for training; it does not take {unsupported}")
 
-    def loop_attention(self, hidden_states: Tensor, rotary_pos_emb=None) -> Tensor:
-        """One loop pass ``h + W_O · merge_heads(f ⊙ heads(norm(h)))``; ``[s, b, h]`` in and out."""
+    def loop_attention(self, hidden_states: Tensor, rotary_pos_emb=None, observe: bool = False) -> Tensor:
+        """One loop pass ``h + W_O · merge_heads(f ⊙ heads(norm(h)))``; ``[s, b, h]`` in and out.
+        ``observe``: measure the pass's last-query entropy of the heads it computes (the last pass
+        of a training forward while entropy is tracked)."""
         active = [head for head, factor in enumerate(self.head_factors) if factor > 0.0]
         if self.use_kept_heads_path and all(self.head_factors[head] == 1.0 for head in active):
-            return self._loop_kept_heads(hidden_states, rotary_pos_emb, active)
-        return self._loop_all_heads(hidden_states, rotary_pos_emb)
+            return self._loop_kept_heads(hidden_states, rotary_pos_emb, active, observe)
+        return self._loop_all_heads(hidden_states, rotary_pos_emb, observe)
 
-    def _loop_all_heads(self, hidden_states: Tensor, rotary_pos_emb) -> Tensor:
+    def _loop_all_heads(self, hidden_states: Tensor, rotary_pos_emb, observe: bool = False) -> Tensor:
         """Reference: every local head through the layer's own modules, scaled by its factor."""
         attn = self.self_attention
         residual = hidden_states
@@ -240,20 +259,29 @@ class LoopedTransformerLayer(TransformerLayer):
         query, key, value = attn.get_query_key_value_tensors(normed)
         query, key = self._rotate(query, key, rotary_pos_emb)
         kv_of_query = [head // self._heads_per_group for head in range(self._local_heads)]
-        context = self._attend(query, key, value, kv_of_query, list(range(self._local_groups)))
+        groups = list(range(self._local_groups))
+        if observe:
+            self._loop_entropy = self._entropy(query, key, kv_of_query, groups)
+        core = attn.core_attention
+        if hasattr(core, "forward_heads"):  # every head of every group: the module's own layout
+            context = core.forward_heads(query, key, value, groups).unflatten(-1, (-1, self._head_dim))
+        else:
+            context = self._attend(query, key, value, kv_of_query, groups)
         factors = torch.tensor([self.head_factors[head] for head in self.local_head_range],
                                dtype=context.dtype, device=context.device)
         context = context * factors.view(1, 1, -1, 1)  # [s, b, np, hn]
         output, bias = attn.linear_proj(context.flatten(2))
         return self._add_residual(output, bias, residual)
 
-    def _loop_kept_heads(self, hidden_states: Tensor, rotary_pos_emb, kept_heads: Sequence[int]) -> Tensor:
+    def _loop_kept_heads(self, hidden_states: Tensor, rotary_pos_emb, kept_heads: Sequence[int],
+                         observe: bool = False) -> Tensor:
         """Only the kept heads: sliced QKV rows and output columns, Megatron's TP communication."""
         attn = self.self_attention
         hn, per_group = self._head_dim, self._heads_per_group
         local = [head - self._head_offset for head in kept_heads if head in self.local_head_range]
         groups = sorted({head // per_group for head in local})
-        if hasattr(attn.core_attention, "forward_heads"):
+        core = attn.core_attention
+        if hasattr(core, "forward_heads") and not hasattr(core, "forward_query_heads"):
             # forward_heads takes whole KV groups: compute their other heads too, drop them below.
             computed = [group * per_group + i for group in groups for i in range(per_group)]
         else:
@@ -271,6 +299,8 @@ class LoopedTransformerLayer(TransformerLayer):
             # No kept head on this rank: an empty context still links this rank's reductions below
             # into the autograd graph, so that it joins their backward collectives as well.
             context = query
+            if observe:
+                self._loop_entropy = None
         else:
             key = key.unflatten(-1, (num_kv, hn))  # [s, b, nkv, hn]
             value = value.unflatten(-1, (num_kv, hn))
@@ -280,6 +310,11 @@ class LoopedTransformerLayer(TransformerLayer):
                 key = attn.k_layernorm(key)
             query, key = self._rotate(query, key, rotary_pos_emb)
             kv_of_query = [groups.index(head // per_group) for head in computed]
+            if observe:
+                entropy = self._entropy(query, key, kv_of_query, groups)
+                self._loop_entropy = torch.full((self._local_heads,), float("nan"), dtype=entropy.dtype,
+                                                device=entropy.device)
+                self._loop_entropy[computed] = entropy
             context = self._attend(query, key, value, kv_of_query, groups)
             if computed != local:
                 context = context[:, :, [computed.index(head) for head in local]]
@@ -327,10 +362,16 @@ class LoopedTransformerLayer(TransformerLayer):
         """Causal attention of ``query [s, b, nq, hn]`` over ``key``/``value [s, b, nkv, hn]``.
 
         ``kv_of_query[i]``: position in ``key`` of query head i's KV head; ``local_kv_heads``: the
-        local KV-head index of each position in ``key``. Returns ``[s, b, nq, hn]``.
+        local KV-head index of each position in ``key``. Returns ``[s, b, nq, hn]``. A core attention
+        with ``forward_query_heads`` (hybrid attention) computes exactly these query heads with its
+        own per-head kernels; one with ``forward_heads`` only is handed whole KV groups; otherwise
+        causal SDPA.
         """
         core = self.self_attention.core_attention
-        if hasattr(core, "forward_heads"):
+        if hasattr(core, "forward_query_heads"):
+            out = core.forward_query_heads(query, key, value, list(kv_of_query), list(local_kv_heads))
+            return out.unflatten(-1, (-1, self._head_dim))
+        if hasattr(core, "forward_heads"):  # query holds whole KV groups, in order
             return core.forward_heads(query, key, value, list(local_kv_heads)).unflatten(-1, (-1, self._head_dim))
         index = torch.tensor(list(kv_of_query), dtype=torch.long, device=key.device)
         q = query.permute(1, 2, 0, 3)  # [b, nq, s, hn]
@@ -355,19 +396,44 @@ class LoopedTransformerLayer(TransformerLayer):
 
     # -- entropy -----------------------------------------------------------------------------
 
+    def _observing(self) -> bool:
+        return self._entropy_sink is not None and self.training and not self._entropy_paused
+
+    def _key_plans(self, local_kv_heads: Sequence[int]):
+        """What each listed local KV head's queries see (``attended_keys`` of the core; full when it
+        has none)."""
+        attended = getattr(self.self_attention.core_attention, "attended_keys", None)
+        plans = attended() if attended is not None else [(None, 0)] * self._local_groups
+        return [plans[g] for g in local_kv_heads]
+
+    def _entropy(self, query: Tensor, key: Tensor, kv_of_query: Sequence[int], local_kv_heads: Sequence[int]):
+        """``[len(kv_of_query)]`` last-query entropy (mean over the batch) of ``query [s, b, nq, hn]``
+        over ``key [s, b, nkv, hn]``, each head over the keys it attends to."""
+        entropy = seen_keys_entropy(query[-1], key.permute(1, 2, 0, 3), self._softmax_scale, kv_of_query,
+                                    self._key_plans(local_kv_heads))  # [b, nq]
+        return entropy.mean(dim=0)
+
     def _observe_entropy(self, module, args, kwargs) -> None:
-        """Forward pre-hook of the core attention: the last query's entropy per local head."""
-        if self._entropy_paused or not self.training:
+        """Forward pre-hook of the core attention: the ordinary pass's last-query entropy per local head."""
+        if not self._observing():
             return None
         query = args[0] if len(args) > 0 else kwargs["query"]  # [s, b, np, hn], after RoPE
         key = args[1] if len(args) > 1 else kwargs["key"]  # [s, b, ng, hn]
         if query.dim() != 4 or key.dim() != 4:
             raise ValueError(f"layer {self.layer_index}: entropy tracking needs [s, b, heads, dim] query and "
                              f"key; got {tuple(query.shape)} and {tuple(key.shape)} (packed sequences?)")
-        entropy = last_query_entropy(query[-1], key.permute(1, 2, 0, 3), self._softmax_scale,
-                                     query.size(2) // key.size(2))  # [b, np]
-        self._entropy_sink(entropy.mean(dim=0))
+        per_group = query.size(2) // key.size(2)
+        self._first_entropy = self._entropy(query, key, [h // per_group for h in range(query.size(2))],
+                                            list(range(key.size(2))))
+        self._loop_entropy = None
         return None
+
+    def _emit_entropy(self) -> None:
+        """After a training forward: hand ``(ordinary pass, last loop pass or None)`` to the sink."""
+        first, last = getattr(self, "_first_entropy", None), getattr(self, "_loop_entropy", None)
+        self._first_entropy = self._loop_entropy = None
+        if first is not None and self._entropy_sink is not None:
+            self._entropy_sink(first, last)
 
 
 def looped_layer_spec(spec: ModuleSpec) -> ModuleSpec:

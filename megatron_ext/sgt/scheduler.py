@@ -12,17 +12,20 @@ Schedule [code] (``window`` steps per phase; step numbers are 1-based and counte
    opens.
 2. When a window ends (``window`` steps after it opened), with the current top-k:
 
-   * the most recently selected layer ([choice], see below) is still in the top-k and its depth is below
-     ``max_loop_depth``: it loops once more, and a new window opens;
+   * a selected layer still in the top-k and below ``max_loop_depth`` loops once more, and a new
+     window opens: the first such layer in selection order [code] (``deepen: any_selected``), or
+     only the most recently selected one (``deepen: latest``, [choice]);
    * else, fewer than ``max_selected_layers`` layers are selected and a top-k layer lies
      shallower than every selected layer: the deepest such layer is selected (depth 1), and a
      new window opens;
    * else the structure freezes for good: no more events, and entropy is no longer needed.
 
 3. A selected layer keeps the ``num_keep_heads`` heads of highest EMA entropy at its selection.
-   Its other heads' loop outputs are multiplied by ``max(0, 1 - (step - s) / window)``, ``s``
-   the layer's selection step: a linear fade over one window, after which ([choice]) they are not
-   computed.
+   Its other heads' loop outputs are multiplied by a fade from 1 to 0 over one window (linear
+   ``1 - p`` or cosine, ``decay_type``), ``p = (step - 1 - s) / window``, ``s`` the layer's
+   selection step [code]: the reference updates the factors when a step ends, for the next
+   step's forward, so the first looped step runs at 1 and the factors reach 0 at step
+   ``s + window + 1``. After that ([choice]) the other heads are not computed.
 
 Reference code: ``olmo/dynamic_layer_scheduler.py`` and ``olmo/loop_attention.py``
 (``select_heads``, ``update_head_decay``) of the authors' repository
@@ -30,10 +33,10 @@ Reference code: ``olmo/dynamic_layer_scheduler.py`` and ``olmo/loop_attention.py
 (``configs/OLMo-300M-...-LoopDepth_1-NumHead_2-EmaDecay_0.5_DecayWindow_250-...yaml``).
 Where that code leaves room, this module decides as follows:
 
-* [choice] Deepening considers only the most recently selected layer. The reference loops over
-  all selected layers in selection order and deepens the first one still in the top-k, so an
-  earlier (deeper) layer could be deepened after a shallower one was selected. With the released
-  ``max_loop_depth = 1`` no layer is ever deepened and the two rules agree.
+* [code] Deepening, by default, takes the first selected layer in selection order that is still in
+  the top-k and below ``max_loop_depth``, as the reference; ``deepen: latest`` [choice] restricts it
+  to the most recently selected layer. With the released ``max_loop_depth = 1`` no layer is ever
+  deepened and the two rules agree.
 * [choice] Ranking ties (equal scores) go to the larger layer index (deeper first), matching the
   deep-to-shallow growth; the reference's stable ``sorted`` keeps its dict order on ties
   (shallower first). Head ties go to the lower head index (the reference's unstable
@@ -47,8 +50,8 @@ Where that code leaves room, this module decides as follows:
   at once; the reference then idles forever in its "selecting" phase.
 * [choice] ``tracking_needed`` turns False as soon as no entropy value can change the remaining
   schedule: once frozen, and already during the last window, when ``max_selected_layers`` layers
-  are selected and the latest is at ``max_loop_depth`` (the reference keeps measuring until the
-  freeze).
+  are selected and every layer that could deepen is at ``max_loop_depth`` (the reference keeps
+  measuring until the freeze).
 * [code] Deepening does not restart the head fade, as in the reference (``increase_loop_depth`` leaves
   the decay window alone): the fade always runs from the layer's selection step.
 """
@@ -133,17 +136,20 @@ class GrowthScheduler:
         if step < self._window_end:
             return []
         top_k = self._top_k(layer_scores)
-        latest = self._selected[-1]
-        if latest in top_k and self._depth[latest] < self.config.max_loop_depth:
-            self._depth[latest] += 1
-            self._window_end = step + self.config.window
-            return [Event("deepen", step, latest, self._depth[latest], self._kept[latest])]
+        for layer in self._deepening_candidates():
+            if layer in top_k and self._depth[layer] < self.config.max_loop_depth:
+                self._depth[layer] += 1
+                self._window_end = step + self.config.window
+                return [Event("deepen", step, layer, self._depth[layer], self._kept[layer])]
         if len(self._selected) < self.config.max_selected_layers:
             shallowest = min(self._selected)
             candidates = [layer for layer in top_k if layer < shallowest]
             if candidates:
                 return [self._select(max(candidates), step, head_entropy)]
         return [self._freeze(step)]
+
+    def _deepening_candidates(self) -> List[int]:
+        return list(self._selected) if self.config.deepen == "any_selected" else self._selected[-1:]
 
     def _top_k(self, layer_scores: Mapping[int, float]) -> List[int]:
         """The ``top_k_layers`` best non-excluded layers, by score then by depth (deeper first, [choice])."""
@@ -204,7 +210,7 @@ class GrowthScheduler:
             return False
         if len(self._selected) < self.config.max_selected_layers:
             return True
-        return self._depth[self._selected[-1]] < self.config.max_loop_depth
+        return any(self._depth[layer] < self.config.max_loop_depth for layer in self._deepening_candidates())
 
     def kept_heads(self, layer: int) -> Tuple[int, ...]:
         """Heads of ``layer`` that keep looping, highest entropy at selection first."""
@@ -214,12 +220,15 @@ class GrowthScheduler:
     def head_factors(self, layer: int, step: int) -> List[float]:
         """Per-head multiplier of ``layer``'s loop output at ``step``.
 
-        1.0 for kept heads; for the others ``max(0, 1 - (step - s) / window)`` [code] with ``s`` the
-        layer's selection step (clamped to 1 before ``s``).
+        1.0 for kept heads; for the others the fade at ``p = (step - 1 - s) / window`` clamped to
+        [0, 1] [code], ``s`` the layer's selection step: ``1 - p`` (linear) or ``(1 + cos(pi p)) / 2``.
         """
         self._check_selected(layer)
-        fade = 1.0 - (step - self._selected_at[layer]) / self.config.window
-        fade = min(1.0, max(0.0, fade))
+        progress = min(1.0, max(0.0, (step - 1 - self._selected_at[layer]) / self.config.window))
+        if self.config.decay_type == "cosine":
+            fade = 0.0 if progress >= 1.0 else 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:
+            fade = 1.0 - progress
         kept = set(self._kept[layer])
         return [1.0 if head in kept else fade for head in range(self.num_heads)]
 

@@ -171,8 +171,8 @@ def entropy_body():
     """(e) the hook's entropy vs the last row of the dense attention matrix."""
     gpt = build_looped_gpt()
     layer = looped_layers(gpt)[1]
-    observed, captured = [], []
-    layer.set_entropy_sink(observed.append)
+    observed, captured, loop_passes = [], [], []
+    layer.set_entropy_sink(lambda first, last: (observed.append(first), loop_passes.append(last)))
     layer.self_attention.core_attention.register_forward_pre_hook(
         lambda module, args: captured.append((args[0].detach(), args[1].detach())))
     batch = make_batch(0)
@@ -190,6 +190,7 @@ def entropy_body():
     causal = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
     probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)[:, :, -1]  # [b, np, T]
     reference = (-(probs * probs.clamp_min(1e-300).log()).sum(-1) / math.log(SEQ)).mean(0)
+    assert loop_passes == [None]  # the layer does not loop: no loop-pass entropy
     return {"observed": observed, "reference": reference}
 
 
@@ -353,8 +354,12 @@ def test_callback_resumes_exactly_and_agrees_across_layouts(tmp_path):
     assert metrics[0]["sgt/looped_layers"] == 0 and metrics[0]["sgt/flops_overhead"] == 0.0
     assert metrics[2]["sgt/looped_layers"] == 1 and metrics[2]["sgt/flops_overhead"] > 0.0
     assert all(f"sgt/entropy/{layer}" in metrics[-1] for layer in range(4))
-    # Fading: all heads loop at step 3; kept heads only from step 4 (window 2).
-    assert metrics[2]["sgt/flops_overhead"] > metrics[3]["sgt/flops_overhead"]
+    # Fading: all heads loop at steps 3 and 4; kept heads only from step 5 (window 2: the factors
+    # reach 0 at 2 + 2 + 1).
+    # Step 5 runs two passes (deepened at 4) of the kept heads only: less than two passes of all heads.
+    assert metrics[2]["sgt/flops_overhead"] == metrics[3]["sgt/flops_overhead"]
+    assert metrics[4]["sgt/loop_depths"][2] == 2
+    assert metrics[4]["sgt/flops_overhead"] < 2 * metrics[3]["sgt/flops_overhead"]
 
     resumed = run_distributed(callback_body, 1, weights=weights, steps=steps, run_dir=str(tmp_path / "resumed"),
                               resume_at=3)[0]

@@ -73,14 +73,23 @@ def test_selected_layer_still_in_top_k_is_deepened():
     assert scheduler.loop_depths == {5: 2, 3: 1}
 
 
-def test_only_the_latest_selected_layer_is_deepened():
-    scheduler = schedule(max_loop_depth=2)
+def test_with_deepen_latest_only_the_latest_selected_layer_is_deepened():
+    scheduler = schedule(max_loop_depth=2, deepen="latest")
     script = {5: ranking(5, 3, 2), 9: ranking(6, 3, 2), 13: ranking(5, 7, 1)}
     events = drive(scheduler, lambda step: script.get(step, ranking(5, 7, 1)), steps=13)
     # At 9, 5 dropped out of the top-k: 3 is selected. At 13, 5 is back in the top-k but 3 (the
     # latest) is not, so 5 is not deepened; 1 is the only top-k layer shallower than 3.
     assert events == [Event("select", 5, 5, 1, (2, 0)), Event("select", 9, 3, 1, (2, 0)),
                       Event("select", 13, 1, 1, (2, 0))]
+
+
+def test_by_default_any_selected_layer_back_in_the_top_k_is_deepened_in_selection_order():
+    scheduler = schedule(max_loop_depth=2)
+    script = {5: ranking(5, 3, 2), 9: ranking(6, 3, 2), 13: ranking(5, 7, 1)}
+    events = drive(scheduler, lambda step: script.get(step, ranking(5, 7, 1)), steps=13)
+    # As above until 13, where 5 (selected first) is back in the top-k below max depth: it deepens.
+    assert events == [Event("select", 5, 5, 1, (2, 0)), Event("select", 9, 3, 1, (2, 0)),
+                      Event("deepen", 13, 5, 2, (2, 0))]
 
 
 def test_growth_goes_from_deep_to_shallow_only():
@@ -150,12 +159,19 @@ def test_head_factors_fade_linearly_over_one_window():
     scheduler = GrowthScheduler(GrowthConfig(first_selection_step=10, window=250), NUM_LAYERS, NUM_HEADS)
     scheduler.step(10, ranking(3, 2, 1), {3: torch.tensor([0.2, 0.9, 0.1, 0.8])})
     assert scheduler.kept_heads(3) == (1, 3)
-    for step, fade in [(10, 1.0), (11, 1 - 1 / 250), (135, 0.5), (259, 1 / 250), (260, 0.0), (900, 0.0)]:
+    # The reference sets the factors when a step ends, for the next step: the first looped step
+    # (11) runs at 1, and they reach 0 at step 10 + 250 + 1.
+    for step, fade in [(10, 1.0), (11, 1.0), (12, 1 - 1 / 250), (136, 0.5), (260, 1 / 250), (261, 0.0), (900, 0.0)]:
         factors = scheduler.head_factors(3, step)
         assert factors[1] == factors[3] == 1.0
         assert factors[0] == pytest.approx(fade, abs=1e-12) and factors[2] == factors[0]
-    assert scheduler.active_heads(3, 259) == (0, 1, 2, 3)
-    assert scheduler.active_heads(3, 260) == (1, 3)  # faded heads are not computed any more
+    assert scheduler.active_heads(3, 260) == (0, 1, 2, 3)
+    assert scheduler.active_heads(3, 261) == (1, 3)  # faded heads are not computed any more
+    cosine = GrowthScheduler(GrowthConfig(first_selection_step=10, window=250, decay_type="cosine"), NUM_LAYERS,
+                             NUM_HEADS)
+    cosine.step(10, ranking(3, 2, 1), {3: torch.tensor([0.2, 0.9, 0.1, 0.8])})
+    for step, fade in [(11, 1.0), (136, 0.5), (73.5, 0.5 * (1 + math.cos(math.pi / 4))), (261, 0.0)]:
+        assert cosine.head_factors(3, step)[0] == pytest.approx(fade, abs=1e-12)
     with pytest.raises(KeyError, match="not selected"):
         scheduler.head_factors(4, 20)
 
@@ -164,7 +180,7 @@ def test_deepening_does_not_restart_the_fade():
     scheduler = schedule(max_loop_depth=2, window=10)
     drive(scheduler, lambda step: ranking(6, 3, 2), steps=15)
     assert scheduler.loop_depths == {6: 2}
-    assert scheduler.head_factors(6, 15) == [1.0, 0.0, 1.0, 0.0]
+    assert scheduler.head_factors(6, 16) == [1.0, 0.0, 1.0, 0.0]
 
 
 def test_state_dict_round_trip_mid_schedule_gives_the_same_events():
