@@ -288,10 +288,9 @@ class LoopedTransformerLayer(TransformerLayer):
             computed = local
         residual = hidden_states
         normed = self._enter_tensor_parallel_region(self.input_layernorm(hidden_states))  # [s, b, h]
-        rows = self._qkv_rows(computed, groups, normed.device)
-        weight = attn.linear_qkv.weight.index_select(0, rows)
+        rows = self._slice_of("qkv", tuple(computed), tuple(groups), normed.device)
         bias = attn.linear_qkv.bias
-        qkv = F.linear(normed, weight, None if bias is None else bias.index_select(0, rows))
+        qkv = F.linear(normed, _take(attn.linear_qkv.weight, 0, rows), None if bias is None else _take(bias, 0, rows))
         num_q, num_kv = len(computed), len(groups)
         query, key, value = qkv.split([num_q * hn, num_kv * hn, num_kv * hn], dim=-1)
         query = query.unflatten(-1, (num_q, hn))  # [s, b, nq, hn]
@@ -318,11 +317,25 @@ class LoopedTransformerLayer(TransformerLayer):
             context = self._attend(query, key, value, kv_of_query, groups)
             if computed != local:
                 context = context[:, :, [computed.index(head) for head in local]]
-        columns = torch.tensor([head * hn + i for head in local for i in range(hn)], dtype=torch.long,
-                               device=context.device)
-        partial = F.linear(context.flatten(2), attn.linear_proj.weight.index_select(1, columns))
+        columns = self._slice_of("proj", tuple(local), (), context.device)
+        partial = F.linear(context.flatten(2), _take(attn.linear_proj.weight, 1, columns))
         output = self._leave_tensor_parallel_region(partial)  # [s(/tp), b, h], summed over ranks
         return self._add_residual(output, attn.linear_proj.bias, residual)
+
+    def _slice_of(self, which: str, heads: tuple, groups: tuple, device):
+        """The QKV rows (``qkv``) or output-projection columns (``proj``) of a kept set, built once
+        per (layer, kept set): a ``slice`` where they are contiguous (a view of the weight, whose
+        gradient is a view too), else an index tensor."""
+        key = (which, heads, groups, str(device))
+        cache = self.__dict__.setdefault("_slices", {})
+        if key not in cache:
+            hn = self._head_dim
+            index = (self._qkv_rows(heads, groups, device) if which == "qkv" else
+                     torch.tensor([h * hn + i for h in heads for i in range(hn)], dtype=torch.long, device=device))
+            values = index.tolist()
+            contiguous = bool(values) and values == list(range(values[0], values[0] + len(values)))
+            cache[key] = slice(values[0], values[0] + len(values)) if contiguous else index
+        return cache[key]
 
     def _qkv_rows(self, query_heads: Sequence[int], groups: Sequence[int], device) -> Tensor:
         """Rows of the local fused QKV weight: the query heads', then the groups' keys and values.
@@ -434,6 +447,13 @@ class LoopedTransformerLayer(TransformerLayer):
         self._first_entropy = self._loop_entropy = None
         if first is not None and self._entropy_sink is not None:
             self._entropy_sink(first, last)
+
+
+def _take(tensor: Tensor, dim: int, index) -> Tensor:
+    """``tensor``'s rows (dim 0) or columns (dim 1) at ``index``: a view for a slice."""
+    if isinstance(index, slice):
+        return tensor.narrow(dim, index.start, index.stop - index.start)
+    return tensor.index_select(dim, index)
 
 
 def looped_layer_spec(spec: ModuleSpec) -> ModuleSpec:
