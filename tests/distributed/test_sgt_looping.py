@@ -221,14 +221,14 @@ def _train_with_callback(weights, callback, steps, run_dir, start_step=0, model=
     return metrics, model, optimizer, ctx
 
 
-def callback_body(weights, steps, run_dir, resume_at=None):
+def callback_body(weights, steps, run_dir, resume_at=None, overrides=None):
     """(d) SGTCallback over ``steps`` training steps of a 4-layer model; with ``resume_at``, the
     callback is checkpointed there (through torch.save) and a fresh one continues from the state."""
     shape = GPTShape(hidden_size=64, num_layers=4, num_heads=HEADS, num_kv_heads=2, head_dim=16,
                      ffn_hidden_size=128, vocab_size=VOCAB, seq_length=SEQ, batch_size=8)
 
     def new_callback():
-        return SGTCallback(looping_config(), num_layers=4, num_heads=HEADS, num_kv_heads=2, flops_shape=shape)
+        return SGTCallback(looping_config(**(overrides or {})), num_layers=4, num_heads=HEADS, num_kv_heads=2, flops_shape=shape)
 
     callback = new_callback()
     first = steps if resume_at is None else resume_at
@@ -374,3 +374,15 @@ def test_callback_resumes_exactly_and_agrees_across_layouts(tmp_path):
             _assert_same_callback_state(rank["state"], state, rtol=1e-4)
         looped = {layer: depth_factors for rank in par for layer, depth_factors in rank["layer_state"].items()}
         assert looped == ref["layer_state"], sizes
+
+
+def test_entropy_stops_with_the_schedule_unless_asked_to_go_on(tmp_path):
+    weights = peaked_attention(run_distributed(initial_weights, 1, num_layers=4)[0], 4)
+    small = {"max_selected_layers": 1, "max_loop_depth": 1}  # frozen at the first window end (step 4)
+    stop = run_distributed(callback_body, 1, weights=weights, steps=7, run_dir=str(tmp_path / "a"), overrides=small)[0]
+    go_on = run_distributed(callback_body, 1, weights=weights, steps=7, run_dir=str(tmp_path / "b"),
+                            overrides={**small, "compute_entropy_after_fixed": True})[0]
+    logged = [any(k.startswith("sgt/entropy/") for k in m) for m in stop["metrics"]]
+    assert logged[0] and not logged[-1]  # no stale scores once nothing is measured
+    assert all(any(k.startswith("sgt/entropy/") for k in m) for m in go_on["metrics"])
+    assert [e["kind"] for e in go_on["state"]["events"]] == [e["kind"] for e in stop["state"]["events"]]
