@@ -98,6 +98,11 @@ class Capability(abc.ABC):
         into ``output`` (``is_writer``: this rank writes them)."""
         return None
 
+    def apply_subnetwork(self, cfg, model_chunks: List[Any], sub) -> bool:
+        """Make the loaded ``model_chunks`` compute the sub-network ``sub`` (evaluation of the full
+        model under a sub-network); True when this capability applied all of it (layers included)."""
+        return False
+
     # -- HF interop -----------------------------------------------------------------------------
     def hf_config(self, cfg, callback: Optional[Callback], hf: Dict[str, Any]) -> List[str]:
         """Export: add to ``hf`` (the ``config.json`` being written; the dense decoder's fields are

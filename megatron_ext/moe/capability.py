@@ -133,6 +133,12 @@ class MixtureOfExperts(Capability):
             return [f"top-k {top_k} must be in [1, {len(experts)}] (the kept experts)"]
         return []
 
+    def apply_subnetwork(self, cfg, model_chunks, sub) -> bool:
+        from megatron_ext.moe import elastic
+
+        elastic.apply(model_chunks, sub)  # what elastic training ran: skipped layers, expert subset, top-k
+        return True
+
     def submodel_config(self, cfg, small, sub, output: Path) -> None:
         pattern = cfg.moe.layer_pattern_for(cfg.model.num_layers)
         small.moe.layer_pattern = [pattern[i] for i in sub.layers]

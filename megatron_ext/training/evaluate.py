@@ -30,9 +30,26 @@ def load_trained(cfg: RunConfig, run_dir: Path, step: Optional[int] = None, *, c
     return model, callbacks, common
 
 
-def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, num_batches: int) -> float:
+def apply_subnetwork(cfg: RunConfig, model_chunks: list, sub) -> None:
+    """Make the full model compute the sub-network ``sub`` (kept layers; with MoE kept experts and a
+    top-k): by the capability that owns it (elastic MoE), else by skipping the other layers."""
+    from megatron_ext.compat.layers import skip_layer
+    from megatron_ext.training.extract import check_subnetwork
+
+    check_subnetwork(cfg, sub)
+    if any(capability.apply_subnetwork(cfg, model_chunks, sub) for capability in cfg.capabilities):
+        return
+    kept = set(sub.layers)
+    for chunk in model_chunks:
+        for layer in getattr(chunk, "module", chunk).decoder.layers:
+            if layer.layer_number - 1 not in kept:
+                skip_layer(layer)
+
+
+def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, num_batches: int, sub=None) -> float:
     """Mean loss over ``num_batches`` global validation batches (needs the parallel state of
-    ``cfg.parallel`` to be initialized)."""
+    ``cfg.parallel`` to be initialized); with ``sub``, of the full model under that sub-network,
+    which equals the loss of the sub-model ``pretrain.extract`` writes for it."""
     from megatron.core import parallel_state
 
     from megatron_ext.data.builder import build_datasets
@@ -40,6 +57,8 @@ def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, num_batches: int) -> floa
     from megatron_ext.training.step import eval_step, global_batch_iterator, run_forward_step
 
     model, _, _ = load_trained(cfg, run_dir, cuda=torch.cuda.is_available())
+    if sub is not None:
+        apply_subnetwork(cfg, model, sub)
     t = cfg.train
     _, valid = build_datasets(cfg)
     num_micro = t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())

@@ -59,3 +59,30 @@ def test_evaluation_restores_the_trained_structure(tmp_path):
     assert abs(same - logged) <= 1e-6 * abs(logged)
     assert all(abs(loss - logged) <= 1e-5 * abs(logged) for loss in resharded)
     assert abs(bare - logged) > 1e-4 * abs(logged), "the structure must matter in this test"
+
+
+def full_model_under_subnetwork_and_extracted(run_dir, sub_dir):
+    from megatron_ext.moe.elastic import SubNetwork
+    from megatron_ext.parallel import initialize_parallel_state
+    from megatron_ext.run import load_config
+    from megatron_ext.training.extract import extract_submodel
+
+    data = copy.deepcopy(CONFIG)
+    data["elastic"] = {"enabled": True}
+    Trainer(from_dict(RunConfig, data), Path(run_dir), log=lambda line: None).run()
+    initialize_parallel_state(ParallelSizes())  # the trainer tore its parallel state down
+    sub = SubNetwork((0, 2, 3), (1, 3), 1)
+    extract_submodel(Path(run_dir), Path(sub_dir), sub)
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    return {"full": evaluate_checkpoint(cfg, Path(run_dir), 2),
+            "under_sub": evaluate_checkpoint(cfg, Path(run_dir), 2, sub),
+            "extracted": evaluate_checkpoint(load_config(Path(sub_dir) / "config.yaml"), Path(sub_dir), 2)}
+
+
+def test_full_model_under_a_subnetwork_equals_the_extracted_submodel(tmp_path):
+    out = run_distributed(full_model_under_subnetwork_and_extracted, 1, None,
+                          run_dir=str(tmp_path / "run"), sub_dir=str(tmp_path / "sub"))[0]
+    print(f"[evaluate] full {out['full']:.6f} | under layers 0,2,3, experts 1,3, top-1 {out['under_sub']:.6f} | "
+          f"extracted {out['extracted']:.6f}")
+    assert abs(out["under_sub"] - out["extracted"]) <= 1e-5 * out["extracted"]
+    assert abs(out["under_sub"] - out["full"]) > 1e-3  # the sub-network is another function
