@@ -16,6 +16,10 @@ code reads:
 * capacity: ``TopKRouter.routing`` drops tokens beyond ``get_capacity(tokens * topk, num_experts,
   config.moe_expert_capacity_factor)`` per expert, counting every expert, also those a restricted
   step excludes: :func:`capacity_factor` sets the factor for one call (the config is shared).
+* auxiliary losses: the routers add every micro-batch's load-balancing and z-loss values (without
+  their coefficients) per layer to ``moe_utils``' layer-wise logging tracker, which Megatron-LM's
+  training loop reads and zeroes in ``track_moe_metrics`` (its reduction uses ``ReduceOp.AVG``,
+  which gloo lacks): :func:`take_aux_losses` reads and zeroes it.
 * token counts: with the expert bias on, ``TopKRouter._apply_expert_bias`` adds each routed
   forward's tokens per expert to ``self.local_tokens_per_expert`` (created in ``__init__``), which
   ``finalize_model_grads`` reduces for the bias update and then zeroes. A grad-enabled forward
@@ -60,7 +64,13 @@ _TOKEN_COUNTS = (
              source_contains=("self.local_tokens_per_expert += routing_map.sum(dim=0)",)),
 )
 
-INTERNALS = tuple(dict.fromkeys(_TOPK + _SELECTION_BIAS + _CAPACITY + _TOKEN_COUNTS))
+_AUX_LOSSES = (
+    Internal("megatron.core.transformer.moe.moe_utils", "get_moe_layer_wise_logging_tracker"),
+    Internal("megatron.core.transformer.moe.moe_utils", "save_to_aux_losses_tracker",
+             source_contains=('tracker[name]["values"][layer_number - 1] += loss.detach()',)),
+)
+
+INTERNALS = tuple(dict.fromkeys(_TOPK + _SELECTION_BIAS + _CAPACITY + _TOKEN_COUNTS + _AUX_LOSSES))
 """Every Megatron-Core internal this module relies on."""
 
 
@@ -107,3 +117,17 @@ def capacity_factor(router: torch.nn.Module, factor: float):
         yield
     finally:
         config.moe_expert_capacity_factor = configured
+
+
+def take_aux_losses() -> dict:
+    """``{name: [layers] values}`` the routers logged since the last call (this rank's sums over
+    its micro-batches: load-balancing losses and ``z_loss``, without their coefficients); the
+    tracker is zeroed."""
+    require("megatron_ext.compat.moe.take_aux_losses", _AUX_LOSSES)
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    out = {}
+    for name, entry in get_moe_layer_wise_logging_tracker().items():
+        out[name] = entry["values"].detach().clone()
+        entry["values"].zero_()
+    return out

@@ -20,7 +20,11 @@ experts keep their bias. The loads are the tracker's reduced counts, which equal
 Megatron reduced (same tokens, same grad-enabled forwards).
 
 Metrics: ``moe/load_cv`` and ``moe/load_ne`` (the step's mean over MoE layers that ran, over the
-active experts), ``moe/bias_abs_mean`` (mean |expert_bias| over MoE layers, when the bias is on),
+active experts); routing statistics of the step (:func:`~megatron_ext.moe.stats.routing_statistics`):
+``moe/ne/<layer>``, ``moe/ne/<modality>``, ``moe/iou/<a>_<b>``, ``moe/load_max_over_mean``;
+``moe/dropped_fraction`` in capacity mode; ``moe/load_balancing_loss`` (or ``seq_...``) and
+``moe/z_loss`` when those losses are on (values without their coefficients);
+``moe/bias_abs_mean`` (mean |expert_bias| over MoE layers, when the bias is on),
 and with elastic training ``elastic/depth``, ``elastic/num_experts``, ``elastic/topk``. At the end
 rank 0 writes ``plots/moe_expert_usage.png``: experts x modalities usage of a few layers.
 """
@@ -41,7 +45,8 @@ from megatron_ext.moe.config import ElasticConfig, RoutingConfig
 from megatron_ext.moe.elastic import ElasticSampler, SubNetwork
 from megatron_ext.moe.router import ElasticRouter, elastic_routers
 from megatron_ext.plotting import pyplot
-from megatron_ext.moe.stats import LoadTracker, layer_metrics, normalized_entropy, top_experts_iou
+from megatron_ext.compat.moe import take_aux_losses
+from megatron_ext.moe.stats import LoadTracker, layer_metrics, normalized_entropy, routing_statistics, top_experts_iou
 from megatron_ext.capability import Callback, TrainContext
 
 __all__ = ["MoECallback", "plot_expert_usage"]
@@ -66,7 +71,7 @@ class MoECallback(Callback):
 
     def __init__(self, elastic_config: ElasticConfig, routing: RoutingConfig, num_layers: int, num_experts: int,
                  top_k: int, seed: int, plot_layers: Optional[Sequence[int]] = None,
-                 capacity_factor: Optional[float] = None):
+                 capacity_factor: Optional[float] = None, aux_losses: Sequence[str] = ()):
         if routing.mode == "modality_isolated" and elastic_config.enabled and elastic_config.width_full_prob < 1.0:
             raise ValueError("elastic width (elastic.width_full_prob < 1) with routing.mode='modality_isolated' "
                              "could leave a modality's partition with fewer than top-k active experts: set "
@@ -88,6 +93,10 @@ class MoECallback(Callback):
         self._bias_before: Dict[int, torch.Tensor] = {}
         self._pp_group: Optional[dist.ProcessGroup] = None
         self.capacity_factor = capacity_factor
+        self.aux_losses = list(aux_losses)
+        """Megatron's names of the router losses that are on (``load_balancing_loss``, ``z_loss``, ...)."""
+        self._tp_dp_cp_group: Optional[dist.ProcessGroup] = None
+        self._num_microbatches = 1
 
     # -- wiring --------------------------------------------------------------------------------------
     def on_train_start(self, ctx: TrainContext) -> None:
@@ -106,6 +115,11 @@ class MoECallback(Callback):
         self.tracker = LoadTracker(self.routers, self.num_layers, self.num_experts,
                                    reduce_group=ctx.pg_collection.tp_dp_cp, pp_group=pp_group)
         self._pp_group = pp_group
+        self._tp_dp_cp_group = ctx.pg_collection.tp_dp_cp
+        t = getattr(ctx.config, "train", None)
+        if t is not None:
+            self._num_microbatches = max(1, t.global_batch_size
+                                         // (t.micro_batch_size * dist.get_world_size(ctx.pg_collection.dp)))
 
     # -- per step ------------------------------------------------------------------------------------
     def on_step_begin(self, ctx: TrainContext) -> None:
@@ -132,6 +146,9 @@ class MoECallback(Callback):
         self.usage += counts[:, : len(MODALITIES)]
         metrics: Dict[str, float] = {f"moe/{k}": v for k, v in
                                      layer_metrics(totals, None if sub is None else sub.experts).items()}
+        metrics.update({f"moe/{k}": v for k, v in
+                        routing_statistics(counts, None if sub is None else sub.experts).items()})
+        metrics.update(self._aux_loss_metrics())
         if self.routing.expert_bias:
             metrics["moe/bias_abs_mean"] = self._bias_abs_mean()
         if self.capacity_factor is not None:  # token dropping: the share of assignments capacity dropped
@@ -153,6 +170,30 @@ class MoECallback(Callback):
             update = torch.where(active, step, torch.zeros_like(step)).to(before)
             router.expert_bias.copy_(before + update)
         self._bias_before = {}
+
+    def _aux_loss_metrics(self) -> Dict[str, float]:
+        """``moe/<name>`` of every router loss that is on: its value without coefficient, mean over the
+        MoE layers that ran, over micro-batches and over the ranks that saw different tokens."""
+        values = take_aux_losses()  # read (and zeroed) on every rank, also with nothing to report
+        if not self.aux_losses:
+            return {}
+        table = torch.zeros(len(self.aux_losses), self.num_layers, dtype=torch.float64, device=comm_device())
+        for i, name in enumerate(self.aux_losses):
+            if name in values:  # a router-less stage has none: zeros, it still joins the reductions
+                table[i] = values[name][: self.num_layers].double().to(table.device)
+        if self._pp_group is not None and dist.get_world_size(self._pp_group) > 1:
+            dist.all_reduce(table, group=self._pp_group)
+        group = self._tp_dp_cp_group
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(table, group=group)
+            table /= dist.get_world_size(group)
+        table = table.cpu() / self._num_microbatches
+        out = {}
+        for i, name in enumerate(self.aux_losses):
+            ran = table[i] != 0
+            if ran.any():
+                out[f"moe/{name}"] = float(table[i][ran].mean())
+        return out
 
     def _bias_abs_mean(self) -> float:
         """Mean |expert_bias| over all MoE layers of the model (every stage's layers)."""

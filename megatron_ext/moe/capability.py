@@ -100,8 +100,11 @@ class MixtureOfExperts(Capability):
     def callback(self, cfg, log):
         from megatron_ext.moe.callback import MoECallback
 
-        return MoECallback(cfg.elastic, cfg.routing, cfg.model.num_layers, cfg.moe.num_experts, cfg.moe.top_k,
-                           seed=cfg.train.seed, capacity_factor=cfg.moe.capacity_factor)
+        moe = cfg.moe
+        aux = {"aux_loss": ["load_balancing_loss"], "seq_aux_loss": ["seq_load_balancing_loss"]}.get(moe.load_balancing, [])
+        aux += ["z_loss"] if moe.z_loss_coeff else []
+        return MoECallback(cfg.elastic, cfg.routing, cfg.model.num_layers, moe.num_experts, moe.top_k,
+                           seed=cfg.train.seed, capacity_factor=moe.capacity_factor, aux_losses=aux)
 
     def batch_hook(self, cfg):
         from megatron_ext.moe.router import set_modality_ids

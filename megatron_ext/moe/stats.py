@@ -140,3 +140,39 @@ def layer_metrics(counts: Tensor, active_experts: Optional[Sequence[int]] = None
         return {}
     counts = counts[routed]
     return {"load_cv": float(load_cv(counts).mean()), "load_ne": float(normalized_entropy(counts).mean())}
+
+
+def routing_statistics(counts: Tensor, active_experts: Optional[Sequence[int]] = None,
+                       fraction: float = 0.25) -> Dict[str, float]:
+    """Per-step routing statistics of ``counts [L, M + 1, N]`` (layers x modalities + unknown x
+    experts; :class:`LoadTracker`), over the active experts, for the layers that routed tokens:
+
+    * ``ne/<layer>``: normalised entropy of the layer's expert load (1 = balanced);
+    * ``ne/<modality>``: of each modality's load, mean over layers;
+    * ``iou/<a>_<b>``: IoU of two modalities' top-``fraction`` experts, mean over layers (ERNIE 5.0's
+      overlap measure [paper]; modality-agnostic routing lets modalities share experts);
+    * ``load_max_over_mean``: the busiest expert's load over the mean load, mean over layers.
+    """
+    if active_experts is not None:
+        counts = counts[..., list(active_experts)]
+    totals = counts.sum(1)  # [L, N]
+    routed = [layer for layer in range(counts.shape[0]) if totals[layer].sum() > 0]
+    out: Dict[str, float] = {}
+    if not routed:
+        return out
+    for layer in routed:
+        out[f"ne/{layer}"] = float(normalized_entropy(totals[layer]))
+    loads = totals[routed].double()
+    out["load_max_over_mean"] = float((loads.max(-1).values / loads.mean(-1)).mean())
+    present = {m: [layer for layer in routed if counts[layer, m].sum() > 0] for m in range(len(MODALITIES))}
+    for m, layers in present.items():
+        if layers:
+            out[f"ne/{MODALITIES[m]}"] = float(normalized_entropy(counts[layers, m]).mean())
+    names = [m for m, layers in present.items() if layers]
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            both = [layer for layer in present[a] if layer in present[b]]
+            if both:
+                iou = [top_experts_iou(counts[layer, a], counts[layer, b], fraction) for layer in both]
+                out[f"iou/{MODALITIES[a]}_{MODALITIES[b]}"] = sum(iou) / len(iou)
+    return out

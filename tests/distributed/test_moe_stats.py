@@ -1,0 +1,58 @@
+"""MoE routing statistics: per-layer / per-modality load entropy, modality overlap (IoU), load
+peaks, and the router losses, reduced to the same values at one rank and at DP = 2."""
+
+import copy
+from pathlib import Path
+
+import torch
+
+from megatron_ext.config import from_dict
+from megatron_ext.moe.stats import routing_statistics
+from megatron_ext.run import RunConfig
+from megatron_ext.testing.distributed import run_distributed
+from megatron_ext.training.loop import Trainer
+from megatron_ext.training.rundir import read_metrics
+
+CONFIG = {
+    "model": {"num_layers": 3, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
+              "ffn_hidden_size": 64, "vocab_size": 128},
+    "data": {"seq_length": 16},
+    "train": {"micro_batch_size": 2, "global_batch_size": 4, "steps": 3},
+    "logging": {"tensorboard": False},
+    "moe": {"enabled": True, "num_experts": 8, "top_k": 2, "expert_ffn_hidden_size": 16, "first_k_dense": 1,
+            "load_balancing": "aux_loss", "aux_loss_coeff": 0.01, "z_loss_coeff": 0.001},
+}
+
+
+def test_routing_statistics_of_planted_counts():
+    counts = torch.zeros(2, 5, 4, dtype=torch.long)  # layers x (4 modalities + unknown) x experts
+    counts[1, 0] = torch.tensor([10, 10, 0, 0])  # text on experts 0, 1
+    counts[1, 1] = torch.tensor([0, 5, 5, 0])  # image on experts 1, 2
+    out = routing_statistics(counts)
+    assert set(out) == {"ne/1", "ne/text", "ne/image", "iou/text_image", "load_max_over_mean"}  # layer 0 idle
+    assert out["ne/text"] == out["ne/image"] == 0.5  # two of four experts, evenly
+    assert out["iou/text_image"] == 0.0  # top-25 % (one expert each): 0 and 1 (tie: lower index) vs 1 and 2
+    assert abs(out["load_max_over_mean"] - 15 / 7.5) < 1e-12
+    balanced = torch.zeros(1, 5, 4, dtype=torch.long)
+    balanced[0, 0] = 3
+    assert routing_statistics(balanced)["ne/0"] == 1.0
+
+
+def train(run_dir, tensor=1):
+    data = copy.deepcopy(CONFIG)
+    Trainer(from_dict(RunConfig, data), Path(run_dir), log=lambda line: None).run()
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
+
+
+def test_router_losses_and_statistics_agree_at_one_rank_and_dp2(tmp_path):
+    one = run_distributed(train, 1, None, run_dir=str(tmp_path / "one"))[0]
+    two = run_distributed(train, 2, None, run_dir=str(tmp_path / "two"))[0]
+    first = one[0]
+    print("[moe stats] step 1:", {k: round(v, 5) for k, v in first.items() if k.startswith("moe/")})
+    for key in ("moe/load_balancing_loss", "moe/z_loss", "moe/ne/1", "moe/ne/2", "moe/ne/text",
+                "moe/load_max_over_mean"):
+        assert key in first, key
+        assert abs(first[key] - two[0][key]) <= 1e-5 * abs(first[key]), (key, first[key], two[0][key])
+    assert first["moe/load_balancing_loss"] >= 0.99  # E * sum f_i P_i >= 1, equality when balanced
+    assert first["moe/z_loss"] > 0.0
+    assert "moe/ne/0" not in first  # the dense first layer routes nothing
