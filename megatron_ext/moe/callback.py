@@ -127,6 +127,9 @@ class MoECallback(Callback):
             # finalize_model_grads zeroes the counts after its bias update; a grad-enabled forward
             # outside a training step (a probe, a test) would leak into the next update.
             reset_token_counts(router)
+        if self.routing.expert_bias and self.routing.bias_update_rate_schedule is not None:
+            for router in self.routers:  # read by the bias update after this step's backward
+                router.config.moe_router_bias_update_rate = self.routing.bias_rate_at(ctx.step + 1)
         if self.sampler is None:
             return
         self.sub = self.sampler.sample(ctx.step + 1)

@@ -172,6 +172,11 @@ class RoutingConfig:
     ``moe.score_function: sigmoid``."""
     bias_update_rate: float = 1e-4
     """Step of the bias update: 1e-4 in ERNIE 5.0 pre-training, 1e-5 later [paper]."""
+    bias_update_rate_schedule: Optional[List[List[float]]] = None
+    """Piecewise-constant rate: ``[[step, rate], ...]`` with ascending steps, the rate of the last
+    entry whose step is <= the current step (``bias_update_rate`` before the first), e.g.
+    ``[[100000, 1.0e-5]]`` for ERNIE 5.0's 1e-4 -> 1e-5 [paper; the switch step is a choice].
+    None: ``bias_update_rate`` throughout."""
     normalize_top1: bool = True
     """Sigmoid routing: the gates of a token's selected experts are its scores divided by their sum
     for every top-k, also k = 1 (gate 1.0), as DeepSeek-V3 normalises (arXiv 2412.19437); False keeps
@@ -189,9 +194,27 @@ class RoutingConfig:
         c.one_of("expert_bias", (True, False))
         c.one_of("normalize_top1", (True, False))
         c.positive("bias_update_rate")
+        schedule = self.bias_update_rate_schedule
+        ok = schedule is None or (isinstance(schedule, (list, tuple)) and all(
+            isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], (int, float))
+            and not isinstance(e[0], bool) and float(e[0]).is_integer() and e[0] >= 0
+            and isinstance(e[1], (int, float)) and not isinstance(e[1], bool) and e[1] > 0 for e in schedule)
+            and [e[0] for e in schedule] == sorted({e[0] for e in schedule}))
+        c.require(ok, f"bias_update_rate_schedule={schedule!r} is not allowed: use null or [[step, rate], ...] "
+                      "with distinct ascending int steps >= 0 and rates > 0")
         c.done()
+        if schedule is not None:
+            self.bias_update_rate_schedule = [[int(a), float(b)] for a, b in schedule]
         if self.isolated_modalities is not None:
             self.isolated_modalities = list(self.isolated_modalities)
+
+    def bias_rate_at(self, step: int) -> float:
+        """The bias update rate of step ``step`` (1-based)."""
+        rate = self.bias_update_rate
+        for start, value in self.bias_update_rate_schedule or ():
+            if step >= start:
+                rate = value
+        return rate
 
     @property
     def partition_modalities(self) -> Tuple[str, ...]:

@@ -56,3 +56,29 @@ def test_router_losses_and_statistics_agree_at_one_rank_and_dp2(tmp_path):
     assert first["moe/load_balancing_loss"] >= 0.99  # E * sum f_i P_i >= 1, equality when balanced
     assert first["moe/z_loss"] > 0.0
     assert "moe/ne/0" not in first  # the dense first layer routes nothing
+
+
+def train_with_rate_schedule(run_dir):
+    data = copy.deepcopy(CONFIG)
+    data["train"]["steps"] = 4
+    data["routing"] = {"expert_bias": True, "bias_update_rate": 0.1, "bias_update_rate_schedule": [[3, 1.0e-6]]}
+    Trainer(from_dict(RunConfig, data), Path(run_dir), log=lambda line: None).run()
+    return [r["moe/bias_abs_mean"] for r in read_metrics(Path(run_dir) / "metrics.jsonl")]
+
+
+def test_bias_update_rate_follows_its_schedule(tmp_path):
+    from megatron_ext.config import ConfigError
+    from megatron_ext.moe.config import RoutingConfig
+
+    routing = RoutingConfig(bias_update_rate=1e-4, bias_update_rate_schedule=[[100, 1e-5], [200, 1e-6]])
+    assert [routing.bias_rate_at(s) for s in (1, 99, 100, 199, 200, 10**6)] == [1e-4, 1e-4, 1e-5, 1e-5, 1e-6, 1e-6]
+    try:
+        RoutingConfig(bias_update_rate_schedule=[[200, 1e-5], [100, 1e-6]])
+    except ConfigError as err:
+        assert "bias_update_rate_schedule" in str(err)
+    else:
+        raise AssertionError("a descending schedule was accepted")
+    bias = run_distributed(train_with_rate_schedule, 1, None, run_dir=str(tmp_path))[0]
+    print(f"[moe bias schedule] mean |bias| per step (rate 0.1, then 1e-6 from step 3): {bias}")
+    assert 0.05 < bias[0] <= 0.1 + 1e-9  # one step of 0.1 (experts at the mean load do not move)
+    assert all(abs(b - a) <= 1e-6 + 1e-9 for a, b in zip(bias[1:], bias[2:]))  # steps 3, 4: 1e-6 at most

@@ -40,3 +40,12 @@ def test_ernie_ablation_shape_matches_paper_counts():
     assert abs(report["active"] - 454e6) / 454e6 <= 0.05
     assert abs(report["total"] - 3.2e9) / 3.2e9 <= 0.05
     assert report["active"] / report["total"] < 0.15
+
+
+def test_ultra_sparse_recipe_activates_under_3_percent_and_fits_its_layout():
+    from megatron_ext.run import check_run
+
+    report = run_distributed(count, 1, config_path="configs/ultra_sparse_moe.yaml")[0]
+    print(f"[params] ultra-sparse: {report}, active {report['active'] / report['total']:.2%}")
+    assert report["active"] / report["total"] < 0.03
+    check_run(load_config("configs/ultra_sparse_moe.yaml"), 64, cuda=True)  # PP 4 x DP 16 (EP 16)
