@@ -5,6 +5,7 @@ Layout under ``<run-dir>/checkpoints/``::
     step_00000100/        a complete checkpoint (Megatron dist_checkpointing format)
     latest                text file naming the newest complete checkpoint
     .tmp-step_00000200/   a save in progress (ignored; removed by the next save)
+    .old-step_00000100/   a checkpoint being re-saved, set aside until its replacement is published
 
 A save writes everything into the temporary directory, then rank 0 renames it into place and
 atomically replaces ``latest`` (write + fsync + ``os.replace``). A crash at any point leaves
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -33,6 +35,7 @@ from megatron_ext.config import ConfigError
 
 LATEST = "latest"
 _TMP_PREFIX = ".tmp-"
+_OLD_PREFIX = ".old-"
 
 
 def _step_dir_name(step: int) -> str:
@@ -147,17 +150,26 @@ class CheckpointManager:
         self.keep_last = keep_last
 
     def latest(self) -> Optional[Path]:
-        """The newest complete checkpoint, or None."""
+        """The newest complete checkpoint, or None.
+
+        Normally the one ``latest`` names. If that one is not complete (the pointer was edited, or a
+        crash interrupted a re-save of the same step between its two renames), the newest complete
+        ``step_*`` directory is used instead, with a warning."""
         pointer = self.root / LATEST
         if not pointer.is_file():
             return None
         path = self.root / pointer.read_text().strip()
-        if not (path / "common.pt").is_file():
-            raise RuntimeError(
-                f"{pointer} names {path.name}, which is not a complete checkpoint: the run directory "
-                "was modified by hand. Point 'latest' at an existing step_* directory or remove it."
-            )
-        return path
+        if (path / "common.pt").is_file():
+            return path
+        candidates = list(self.root.glob("step_*")) + list(self.root.glob(f"{_OLD_PREFIX}step_*"))
+        complete = sorted((p for p in candidates if (p / "common.pt").is_file()),
+                          key=lambda p: p.name[len(_OLD_PREFIX):] if p.name.startswith(_OLD_PREFIX) else p.name)
+        if not complete:
+            raise RuntimeError(f"{pointer} names {path.name}, which is not a complete checkpoint, and no other "
+                               f"complete step_* checkpoint is in {self.root}: remove 'latest' to start afresh")
+        warnings.warn(f"{pointer} names {path.name}, which is not a complete checkpoint; using the newest "
+                      f"complete one, {complete[-1].name}")
+        return complete[-1]
 
     def _sharded_state(self, model, optimizer, is_loading: bool) -> Dict[str, Any]:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -181,6 +193,13 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(f"{_TMP_PREFIX}*"):
                 shutil.rmtree(stale, ignore_errors=True)
+            for stale in self.root.glob(f"{_OLD_PREFIX}*"):  # a re-save interrupted by a crash
+                original = self.root / stale.name[len(_OLD_PREFIX):]
+                if (original / "common.pt").is_file():  # its replacement is in place: drop the old one
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:  # it never was: put the old one back
+                    shutil.rmtree(original, ignore_errors=True)
+                    os.replace(stale, original)
             tmp.mkdir()
         dist.barrier()
         state = self._sharded_state(model, optimizer, is_loading=False)
@@ -188,10 +207,17 @@ class CheckpointManager:
         dist_checkpointing.save(state, str(tmp))
         dist.barrier()
         if rank0:
+            old = None
             if final.exists():  # re-saving the same step (e.g. end of a resumed, finished run)
-                shutil.rmtree(final)
+                # Set aside by a rename, removed only after the new one is in place and published:
+                # a crash in between leaves the old one (or, from latest(), the newest complete one).
+                old = self.root / f"{_OLD_PREFIX}{final.name}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
             _fsync_write(self.root / LATEST, final.name)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
             self._prune(keep=final)
         dist.barrier()
         return final

@@ -45,6 +45,18 @@ def save_then_crash(root, crash_point):
         from megatron.core import dist_checkpointing
 
         dist_checkpointing.save = die
+    elif crash_point == "resave":  # re-saving step 1: after setting the old one aside, before the new is in
+        renames = []
+        original_replace = os.replace
+
+        def replace(src, dst):
+            renames.append((src, dst))
+            if len(renames) == 2:
+                die()
+            original_replace(src, dst)
+
+        checkpoint.os.replace = replace
+        manager.save(1, model, optimizer, {"consumed_samples": 16})
     else:  # after the rename into place, before the 'latest' pointer is replaced
         checkpoint._fsync_write = die
     manager.save(2, model, optimizer, {"consumed_samples": 16})
@@ -61,14 +73,18 @@ def load_latest_and_save_again(root):
             "after": sorted(p.name for p in Path(root).iterdir())}
 
 
-@pytest.mark.parametrize("crash_point", ["write", "publish"])
+@pytest.mark.parametrize("crash_point", ["write", "publish", "resave"])
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, crash_point):
     with pytest.raises(DistributedTaskError, match="worker process died"):
         run_distributed(save_then_crash, 1, root=str(tmp_path), crash_point=crash_point)
     assert (tmp_path / "latest").read_text() == "step_00000001"
     result = run_distributed(load_latest_and_save_again, 1, root=str(tmp_path))[0]
-    assert result["latest"] == "step_00000001" and result["consumed"] == 8
+    # A crashed re-save leaves the old step 1 set aside: loaded from there (with a warning), then restored.
+    assert result["latest"] == (".old-step_00000001" if crash_point == "resave" else "step_00000001")
+    assert result["consumed"] == 8
     expected = torch.load(tmp_path / "expected.pt")
     assert all(torch.equal(result["weights"][n], expected[n]) for n in expected)
     assert (tmp_path / "latest").read_text() == "step_00000003"
-    assert not [n for n in result["after"] if n.startswith(".tmp-")], "stale partial saves are removed"
+    assert not [n for n in result["after"] if n.startswith((".tmp-", ".old-"))], "stale saves are cleaned up"
+    if crash_point == "resave":
+        assert "step_00000001" in result["after"]
