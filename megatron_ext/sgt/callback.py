@@ -141,9 +141,20 @@ class SGTCallback(Callback):
 
     def on_step_end(self, ctx: TrainContext, result) -> Dict[str, object]:
         if self._tracking:
-            for layer, entropy in self._gather_step_entropy().items():
-                self.tracker.accumulate(layer, entropy)
-            self.tracker.end_step(self._dp_group)
+            observed = self._gather_step_entropy()  # a collective: every rank, also in a skipped step
+            # A step whose update was skipped (non-finite loss or gradients) or whose entropy is not
+            # finite leaves the EMAs as they were, as the optimizer leaves the weights.
+            finite = torch.tensor([float(all(bool(torch.isfinite(e).all()) for e in observed.values()))])
+            if self._dp_group is not None and dist.get_world_size(group=self._dp_group) > 1:
+                from megatron_ext.parallel.state import comm_device
+
+                finite = finite.to(comm_device())
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self._dp_group)  # one decision for all
+            usable = getattr(result, "update_successful", True) and bool(finite.item() > 0)
+            if usable:
+                for layer, entropy in observed.items():
+                    self.tracker.accumulate(layer, entropy)
+            self.tracker.end_step(self._dp_group if usable else None)
             scores = self.tracker.layer_scores()
             self.history.append([ctx.step, [scores.get(layer, math.nan) for layer in range(self.num_layers)]])
         events = self.scheduler.step(ctx.step, self.tracker.layer_scores(), self.tracker.head_emas())
