@@ -69,6 +69,11 @@ class Capability(abc.ABC):
         capability's rewrite; specs are shared between layers, so copy before changing one."""
         return specs
 
+    def gpt_model_kwargs(self, cfg, config, core_spec, vp_stage) -> Dict[str, Any]:
+        """Keyword arguments this capability adds to ``GPTModel(...)`` of one chunk (``core_spec``: the
+        core layer spec, before any capability's rewrite)."""
+        return {}
+
     # -- training -------------------------------------------------------------------------------
     def callback(self, cfg, log: Callable[[str], None]) -> Optional[Callback]:
         """The training-loop callback of this capability (None: it has no per-step logic)."""

@@ -20,6 +20,8 @@ code reads:
   their coefficients) per layer to ``moe_utils``' layer-wise logging tracker, which Megatron-LM's
   training loop reads and zeroes in ``track_moe_metrics`` (its reduction uses ``ReduceOp.AVG``,
   which gloo lacks): :func:`take_aux_losses` reads and zeroes it.
+* MTP losses: ``GPTModel`` adds each MTP layer's loss (mean over the micro-batch's tokens) to
+  ``MTPLossLoggingHelper.tracker["values"]``, read and zeroed by :func:`take_mtp_losses`.
 * token counts: with the expert bias on, ``TopKRouter._apply_expert_bias`` adds each routed
   forward's tokens per expert to ``self.local_tokens_per_expert`` (created in ``__init__``), which
   ``finalize_model_grads`` reduces for the bias update and then zeroes. A grad-enabled forward
@@ -70,7 +72,12 @@ _AUX_LOSSES = (
              source_contains=('tracker[name]["values"][layer_number - 1] += loss.detach()',)),
 )
 
-INTERNALS = tuple(dict.fromkeys(_TOPK + _SELECTION_BIAS + _CAPACITY + _TOKEN_COUNTS + _AUX_LOSSES))
+_MTP_LOSSES = (
+    Internal("megatron.core.transformer.multi_token_prediction", "MTPLossLoggingHelper.save_loss_to_tracker",
+             source_contains=('tracker["values"][layer_number] += loss.detach()',)),
+)
+
+INTERNALS = tuple(dict.fromkeys(_TOPK + _SELECTION_BIAS + _CAPACITY + _TOKEN_COUNTS + _AUX_LOSSES + _MTP_LOSSES))
 """Every Megatron-Core internal this module relies on."""
 
 
@@ -130,4 +137,18 @@ def take_aux_losses() -> dict:
     for name, entry in get_moe_layer_wise_logging_tracker().items():
         out[name] = entry["values"].detach().clone()
         entry["values"].zero_()
+    return out
+
+
+def take_mtp_losses(num_layers: int) -> torch.Tensor:
+    """``[num_layers]`` MTP losses the model logged since the last call (this rank's sums over its
+    micro-batches; zeros where it computed none, e.g. a stage without the MTP block); zeroed."""
+    require("megatron_ext.compat.moe.take_mtp_losses", _MTP_LOSSES)
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    values = MTPLossLoggingHelper.tracker.get("values")
+    if values is None:
+        return torch.zeros(num_layers)
+    out = values.detach().clone().cpu()
+    values.zero_()
     return out

@@ -64,6 +64,10 @@ class ModelConfig:
     """Dropout after attention and MLP."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
+    mtp_num_layers: Optional[int] = None
+    """Multi-token prediction (Megatron-Core's MTP block, DeepSeek-V3 style; ERNIE 5.0 trains with a
+    next-group-of-tokens objective): this many extra layers on top of the model, layer k predicting
+    the token k + 1 positions ahead; None: off. See ``train.mtp_weight``."""
     attention_backend: Literal["sdpa", "local"] = "sdpa"
     """Core attention of full-attention layers: ``sdpa`` (torch's scaled_dot_product_attention:
     flash / memory-efficient kernels on GPU, a fused kernel on CPU; causal, no padding masks) or
@@ -74,7 +78,7 @@ class ModelConfig:
         c = Checks(self)
         c.positive("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                    "kv_channels", "ffn_hidden_size", "vocab_size", "max_position_embeddings",
-                   "rotary_base", "norm_epsilon", "init_method_std")
+                   "rotary_base", "norm_epsilon", "init_method_std", "mtp_num_layers")
         c.require(0.0 <= self.hidden_dropout < 1.0, f"hidden_dropout={self.hidden_dropout!r} must be in [0, 1)")
         c.require(0.0 <= self.attention_dropout < 1.0,
                   f"attention_dropout={self.attention_dropout!r} must be in [0, 1)")
@@ -213,6 +217,13 @@ class TrainConfig:
     model section; converted once into ``<run-dir>/init_from_hf/``). The run starts at step 0 with a fresh optimizer, LR schedule, data position and
     capability state; a run directory that already has a checkpoint of its own resumes from that
     instead. The checkpoint's tensors must match the model's names and shapes."""
+    mtp_weight: float = 0.1
+    """Weight of the multi-token-prediction loss (mean over the MTP layers) in the gradient, with
+    ``model.mtp_num_layers``; ``loss`` stays the next-token loss alone (the MTP losses are logged as
+    ``mtp/loss_<k>``). ERNIE 5.0: 0.3 early, 0.1 later [paper]."""
+    mtp_weight_final: Optional[float] = None
+    """The MTP weight falls linearly from ``mtp_weight`` at step 1 to this at the last step; None:
+    constant."""
     eval_interval: int = 0
     """Evaluate on the validation split every this many steps (0: never)."""
     eval_steps: int = 2
@@ -224,7 +235,8 @@ class TrainConfig:
         c = Checks(self)
         c.positive("micro_batch_size", "global_batch_size", "steps", "lr", "eval_steps",
                    "max_consecutive_nonfinite", "wsd_decay_steps", "adam_eps")
-        c.non_negative("min_lr", "warmup_steps", "weight_decay", "clip_grad", "eval_interval")
+        c.non_negative("min_lr", "warmup_steps", "weight_decay", "clip_grad", "eval_interval", "mtp_weight",
+                       "mtp_weight_final")
         if self.lr > 0:
             c.require(self.min_lr <= self.lr, f"min_lr={self.min_lr} must not exceed lr={self.lr}")
         c.require(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,

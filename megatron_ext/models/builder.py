@@ -97,18 +97,23 @@ def transformer_config(cfg: RunConfig, *, cuda: bool, perform_initialization: bo
     return TransformerConfig(**kwargs)
 
 
+def core_layer_spec(cfg: RunConfig):
+    """The core spec of a decoder layer: pre-norm, dense MLP, ``model.attention_backend``'s core attention."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_ext.models.attention import SDPACoreAttention
+
+    core_attention = SDPACoreAttention if cfg.model.attention_backend == "sdpa" else DotProductAttention
+    return gpt_layer_spec(qk_layernorm=cfg.model.qk_layernorm, core_attention=core_attention)
+
+
 def layer_specs(cfg: RunConfig) -> list:
     """One ModuleSpec per decoder layer of the whole model (layer i may differ from layer j).
 
     The core spec (pre-norm layer, dense MLP, ``model.attention_backend``'s core attention) for
     every layer, then each enabled capability's rewrite, in registry order.
     """
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-    from megatron_ext.models.attention import SDPACoreAttention
-
-    core_attention = SDPACoreAttention if cfg.model.attention_backend == "sdpa" else DotProductAttention
-    specs = [gpt_layer_spec(qk_layernorm=cfg.model.qk_layernorm, core_attention=core_attention)] * cfg.model.num_layers
+    specs = [core_layer_spec(cfg)] * cfg.model.num_layers
     for capability in cfg.capabilities:
         specs = capability.layer_specs(cfg, specs)
     return specs
@@ -129,6 +134,9 @@ def build_model(cfg: RunConfig, *, cuda: bool, perform_initialization: bool = Tr
     )
     chunks = []
     for vp_stage in vp_stages:
+        extra = {}
+        for capability in cfg.capabilities:
+            extra.update(capability.gpt_model_kwargs(cfg, config, core_layer_spec(cfg), vp_stage))
         chunks.append(
             GPTModel(
                 config=config,
@@ -141,6 +149,7 @@ def build_model(cfg: RunConfig, *, cuda: bool, perform_initialization: bool = Tr
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
                 vp_stage=vp_stage,
+                **extra,
             )
         )
     if cuda:  # as Megatron-LM's get_model: torch norms and buffers are built on the CPU

@@ -4,10 +4,12 @@ one line here."""
 
 from megatron_ext.consa.capability import HybridAttention
 from megatron_ext.moe.capability import MixtureOfExperts
+from megatron_ext.mtp.capability import MultiTokenPrediction
 from megatron_ext.sgt.capability import Looping
 
 CAPABILITIES = (
     HybridAttention(),
     MixtureOfExperts(),
     Looping(),
+    MultiTokenPrediction(),
 )

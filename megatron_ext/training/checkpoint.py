@@ -103,8 +103,17 @@ def _model_key(index: int, count: int) -> str:
 
 def _model_state(model: List[torch.nn.Module]) -> Dict[str, Any]:
     """Every model chunk's sharded state dict, keyed as checkpoints store them."""
-    return {_model_key(i, len(model)): getattr(chunk, "module", chunk).sharded_state_dict()
-            for i, chunk in enumerate(model)}
+    return {_model_key(i, len(model)): _chunk_state(getattr(chunk, "module", chunk)) for i, chunk in enumerate(model)}
+
+
+def _chunk_state(chunk: torch.nn.Module) -> Dict[str, Any]:
+    if getattr(chunk, "mtp_process", False) and not getattr(chunk, "pre_process", True):
+        # A last stage with the MTP block holds a copy of the embedding, tied to the first stage's
+        # in the checkpoint over the data-parallel group (Megatron reads it from the metadata).
+        from megatron_ext.parallel.state import process_groups
+
+        return chunk.sharded_state_dict(metadata={"dp_cp_group": process_groups().dp_cp})
+    return chunk.sharded_state_dict()
 
 
 def _load_model_state(model: List[torch.nn.Module], loaded: Dict[str, Any]) -> None:

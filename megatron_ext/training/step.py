@@ -53,8 +53,9 @@ def gpt_forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model,
     batch = next(data_iterator)
     for hook in batch_hooks:
         hook(model, batch)
-    output = model(
-        batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
+    output = model(  # loss_mask: what multi-token prediction's losses average over (unused without it)
+        batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"],
+        loss_mask=batch["loss_mask"]
     )
     return output, partial(masked_mean_loss, batch, loss_weights=loss_weights)
 

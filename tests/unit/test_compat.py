@@ -103,6 +103,7 @@ EXPECTED_SYMBOLS = {
     "megatron.core.transformer.moe.moe_utils.apply_router_token_dropping",
     "megatron.core.transformer.moe.moe_utils.get_moe_layer_wise_logging_tracker",
     "megatron.core.transformer.moe.moe_utils.save_to_aux_losses_tracker",
+    "megatron.core.transformer.multi_token_prediction.MTPLossLoggingHelper.save_loss_to_tracker",
     "megatron.core.optimizer._get_param_groups",
     "torch.distributed.distributed_c10d._world.pg_map",
     "torch.distributed.distributed_c10d.GroupMember.WORLD",
@@ -163,6 +164,7 @@ def test_every_compat_entry_point_refuses_other_megatron_core_versions():
             "moe.reset_token_counts": lambda: moe.reset_token_counts(None),
             "moe.capacity_factor": lambda: moe.capacity_factor(None, 1.0).__enter__(),
             "moe.take_aux_losses": moe.take_aux_losses,
+            "moe.take_mtp_losses": lambda: moe.take_mtp_losses(1),
             "optim.megatron_param_groups": lambda: optim.megatron_param_groups([], None),
             "distributed.destroy_process_groups_but_world": distributed.destroy_process_groups_but_world,
             "datasets.sample_span_from": lambda: datasets.sample_span_from(None, None, 0),
@@ -182,7 +184,7 @@ def test_every_compat_entry_point_refuses_other_megatron_core_versions():
         """
     )
     assert result.returncode == 0, result.stderr
-    assert "refused 13" in result.stdout
+    assert "refused 14" in result.stdout
 
 
 # -- the wrapped internals' behaviour -----------------------------------------------------------

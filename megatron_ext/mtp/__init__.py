@@ -1,0 +1,1 @@
+"""Multi-token prediction (Megatron-Core's MTP block) as a capability."""
