@@ -120,6 +120,11 @@ class Capability(abc.ABC):
         (may write files they name into ``output``); append what does not map to ``problems``."""
         return {}
 
+    def hf_unexported(self, cfg) -> Tuple[str, ...]:
+        """Prefixes of tensors (unsharded state-dict names) that an HF export leaves out: training-only
+        parts no HF class has (e.g. multi-token prediction layers)."""
+        return ()
+
     def hf_layer_rules(self, cfg, layer: int) -> Optional[List[Any]]:
         """The weight rules (:class:`megatron_ext.hf.rules.Rule`) of layer ``layer``'s MLP when this
         capability owns it (None: the dense MLP's rules apply)."""

@@ -53,6 +53,7 @@ class MultiTokenPrediction(Capability):
         return MTPCallback(cfg.model.mtp_num_layers, cfg.train.mtp_weight, cfg.train.mtp_weight_final,
                            cfg.train.steps)
 
-    def hf_config(self, cfg, callback, hf) -> List[str]:
-        return ["model.mtp_num_layers is set: the exported HF classes have no MTP layers; export the model "
-                "without them is not implemented"]
+    def hf_unexported(self, cfg):
+        # A training aid: the HF classes predict the next token only (DeepSeek-V3's HF model, too,
+        # ignores its MTP layer); an imported model's MTP layers start from their initialisation.
+        return ("mtp.",)

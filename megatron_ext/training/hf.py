@@ -79,7 +79,8 @@ def to_hf_tensors(cfg: RunConfig, state: Dict[str, object]) -> Dict[str, torch.T
             claimed.add(rule.ours)
         parts = rule.to_hf(ours[rule.ours] if rule.ours else None)
         out.update({name: t.detach().contiguous().clone() for name, t in zip(rule.hf, parts)})
-    left = sorted(set(ours) - claimed)
+    dropped = tuple(prefix for c in cfg.capabilities for prefix in c.hf_unexported(cfg))
+    left = sorted(name for name in set(ours) - claimed if not name.startswith(dropped))
     if left:
         raise ValueError(f"no HF name for {len(left)} tensors of the model: {left[:6]}")
     return out

@@ -65,6 +65,14 @@ def our_logits(run_dir: str, tokens: torch.Tensor, tp: int) -> torch.Tensor:
     cfg.parallel.sequence_parallel = tp > 1
     (model,), _, _ = load_trained(cfg, Path(run_dir))
     model.eval()
+    if cfg.model.mtp_num_layers is not None:
+        # megatron-core 0.16.1's GPTModel with MTP layers needs labels in forward; the cached
+        # decoder computes the logits from the same modules (one rank).
+        from megatron_ext.inference.decode import Decoder
+        from megatron_ext.training.capabilities import batch_hooks
+
+        decoder = Decoder(model, batch_hooks(cfg))
+        return decoder.prefill(tokens, decoder.new_cache(*tokens.shape))[..., : cfg.model.vocab_size]
     positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
     with torch.no_grad():
         logits = gather_from_tensor_model_parallel_region(model(tokens, positions, attention_mask=None))

@@ -90,6 +90,7 @@ BASE = {
 MOE = {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32, "first_k_dense": 1}
 TRAINED = {
     "dense": {},
+    "dense_mtp": {"model": {"mtp_num_layers": 1}},  # the MTP layer stays behind
     "moe_softmax": {"moe": {**MOE, "score_function": "softmax"}, "routing": {"expert_bias": False}},
     "moe_sigmoid_shared": {"moe": {**MOE, "shared_expert_ffn_hidden_size": 64}, "routing": {"bias_update_rate": 0.05}},
     "layerwise": {"hybrid_attention": {"enabled": True, "method": "rule_layer", "granularity": "layer", "window": 8,
@@ -100,6 +101,7 @@ TRAINED = {
                             "moe": {**MOE, "score_function": "softmax"}, "routing": {"expert_bias": False}},
 }
 REMOTE = {"kv_head", "kv_head_moe_softmax"}
+ONE_RANK = {"dense_mtp"}  # logits through the cached decoder (see tests/hf/models.py)
 
 
 def _train(run_dir, overrides):
@@ -120,9 +122,10 @@ def test_trained_model_exported_to_hf_computes_our_logits(kind, tmp_path):
     tokens = _tokens(seed=1, length=32)
     ref = hf_logits(out, tokens, remote=kind in REMOTE)
     tp1 = run_distributed(our_logits, 1, ParallelSizes(), run_dir=str(run_dir), tokens=tokens, tp=1)[0]
-    tp2 = run_distributed(our_logits, 2, ParallelSizes(tp=2), run_dir=str(run_dir), tokens=tokens, tp=2)[0]
+    tp2 = tp1 if kind in ONE_RANK else \
+        run_distributed(our_logits, 2, ParallelSizes(tp=2), run_dir=str(run_dir), tokens=tokens, tp=2)[0]
     print(f"[hf export {kind} as {config['architectures'][0]}] max |logit diff| / max |logit|: "
-          f"TP=1 {rel_diff(tp1, ref):.2e}, TP=2 {rel_diff(tp2, ref):.2e}")
+          f"TP=1 {rel_diff(tp1, ref):.2e}, TP=2 {'(one rank only)' if kind in ONE_RANK else f'{rel_diff(tp2, ref):.2e}'}")
     assert rel_diff(tp1, ref) <= TOLERANCE and rel_diff(tp2, ref) <= TOLERANCE
 
 
