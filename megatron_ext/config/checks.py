@@ -40,8 +40,8 @@ class Checks:
             value = getattr(self.obj, name)
             if value is None:
                 continue
-            if not _is_number(value) or (isinstance(value, float) and math.isnan(value)):
-                self.problems.append(f"{name}={value!r} must be a number")
+            if not _is_number(value) or (isinstance(value, float) and not math.isfinite(value)):
+                self.problems.append(f"{name}={value!r} must be a finite number")
                 continue
             yield name, value
 

@@ -177,10 +177,31 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
     if not path.is_file():
         raise ConfigError([f"config file {str(path)!r} does not exist"])
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise ConfigError([f"config file {str(path)!r} is not valid YAML: {err}"]) from None
+    if data is None:
+        raise ConfigError([f"config file {str(path)!r} is empty: give at least the name and the sections to set "
+                           "(see configs/smoke.yaml)"])
+    if not isinstance(data, dict):
+        raise ConfigError([f"config file {str(path)!r} holds a {type(data).__name__}, not a mapping of sections "
+                           "(model:, train:, ...)"])
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def dump_yaml(obj, path: str | Path) -> None:

@@ -241,9 +241,10 @@ class TrainConfig:
             c.require(self.min_lr <= self.lr, f"min_lr={self.min_lr} must not exceed lr={self.lr}")
         c.require(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
                   f"adam_beta1/adam_beta2=({self.adam_beta1}, {self.adam_beta2}) must be in [0, 1)")
-        if self.steps > 0:
-            c.require(self.warmup_steps <= self.steps,
-                      f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
+        if self.steps > 0 and self.warmup_steps > 0:
+            c.require(self.warmup_steps < self.steps,
+                      f"warmup_steps={self.warmup_steps} must be below steps={self.steps} (the schedule needs "
+                      "at least one step after warmup)")
         c.require(self.recompute_modules is None or self.recompute == "selective",
                   f"recompute_modules={self.recompute_modules} needs recompute='selective' (got {self.recompute!r})")
         c.require(self.recompute_modules is None or len(self.recompute_modules) > 0,

@@ -88,6 +88,10 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool) -> None:
         problems.append(f"train.init_from={t.init_from!r} is not a checkpoint of this project: give a run directory "
                         "(its latest checkpoint), its checkpoints/ directory, a step_* checkpoint directory or a HF "
                         "model directory (config.json + safetensors)")
+    if d.kind in ("indexed", "default") and t.eval_interval and float(d.split.split(",")[1]) == 0:
+        problems.append(f"train.eval_interval={t.eval_interval} needs validation documents, but data.split="
+                        f"{d.split!r} gives the validation part none: give it a share (e.g. '98,2,0') or set "
+                        "train.eval_interval: 0")
     if d.kind == "indexed":
         from megatron_ext.data.indexed import DataError, check_prefix
 

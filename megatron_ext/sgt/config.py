@@ -65,6 +65,9 @@ class GrowthConfig:
         if out_of_range:
             problems.append(f"exclude_layers={self.exclude_layers} is not allowed: {out_of_range} "
                             f"not below model.num_layers={num_layers}")
+        if self.top_k_layers > num_layers:
+            problems.append(f"top_k_layers={self.top_k_layers} is not allowed: at most the model's {num_layers} "
+                            "layers (model.num_layers)")
         candidates = num_layers - len(set(self.exclude_layers) & set(range(num_layers)))
         if candidates < 1:
             problems.append(f"exclude_layers={self.exclude_layers} excludes every one of the "

@@ -1,5 +1,7 @@
 """Configuration loading and validation: every error names the field, the value and the fix."""
 
+import re
+
 import pytest
 
 from megatron_ext.config import ConfigError, apply_overrides, from_dict, to_dict
@@ -110,3 +112,25 @@ def test_overrides_are_type_checked():
 def test_missing_config_file_is_a_clear_error():
     with pytest.raises(ConfigError, match="config file 'configs/nope.yaml' does not exist"):
         load_config("configs/nope.yaml")
+
+
+def test_config_files_that_are_empty_lists_or_repeat_a_key_are_refused(tmp_path):
+    cases = {"empty.yaml": ("", "is empty"), "list.yaml": ("- model\n- train\n", "holds a list, not a mapping"),
+             "twice.yaml": ("train:\n  lr: 0.1\n  lr: 0.2\n", "key 'lr' is given twice (line 3)")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(tmp_path / name)
+
+
+def test_infinite_numbers_short_warmup_oversized_top_k_and_missing_validation_are_refused():
+    with pytest.raises(ConfigError, match=r"train.lr=inf must be a finite number"):
+        from_dict(RunConfig, {"train": {"lr": float("inf")}})
+    with pytest.raises(ConfigError, match=r"warmup_steps=20 must be below steps=20"):
+        from_dict(RunConfig, {"train": {"steps": 20, "warmup_steps": 20}})
+    cfg = from_dict(RunConfig, {"model": {"num_layers": 2}, "looping": {"enabled": True}})
+    with pytest.raises(ConfigError, match=r"looping.top_k_layers=3 is not allowed: at most the model's 2 layers"):
+        check_run(cfg, 1, cuda=False)
+    cfg = from_dict(RunConfig, {"data": {"kind": "default", "split": "100,0,0"}, "train": {"eval_interval": 10}})
+    with pytest.raises(ConfigError, match=r"train.eval_interval=10 needs validation documents"):
+        check_run(cfg, 1, cuda=False)
