@@ -233,7 +233,7 @@ def write_tiny_config(directory: Path, steps: int) -> Path:
                   "ffn_hidden_size": 64, "vocab_size": 256},
         "parallel": {"tensor": 1, "pipeline": 1, "expert": 2},
         "data": {"kind": "synthetic", "seq_length": 32},
-        "train": {"micro_batch_size": 2, "global_batch_size": 4, "steps": steps, "lr": 3.0e-3, "warmup_steps": 2},
+        "train": {"micro_batch_size": 2, "global_batch_size": 4, "steps": steps, "lr": 3.0e-3, "warmup_steps": min(2, steps - 1)},
         "checkpoint": {"save_interval": 0, "keep_last": 2},
         "logging": {"log_interval": 1, "tensorboard": False},
         "moe": {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32},
