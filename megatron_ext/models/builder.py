@@ -132,11 +132,12 @@ def build_model(cfg: RunConfig, *, cuda: bool, perform_initialization: bool = Tr
     vp_stages: List[Optional[int]] = (
         list(range(cfg.parallel.virtual_pipeline)) if cfg.parallel.virtual_pipeline else [None]
     )
+    core = core_layer_spec(cfg)
     chunks = []
     for vp_stage in vp_stages:
         extra = {}
         for capability in cfg.capabilities:
-            extra.update(capability.gpt_model_kwargs(cfg, config, core_layer_spec(cfg), vp_stage))
+            extra.update(capability.gpt_model_kwargs(cfg, config, core, vp_stage))
         chunks.append(
             GPTModel(
                 config=config,

@@ -65,20 +65,14 @@ def extract_submodel(run_dir: Path, output: Path, sub, step: Optional[int] = Non
     from megatron_ext.config import dump_yaml
     from megatron_ext.models.builder import build_model, unsharded
     from megatron_ext.run import load_config
-    from megatron_ext.training.capabilities import restore_capabilities
     from megatron_ext.training.checkpoint import CheckpointManager
+    from megatron_ext.training.evaluate import load_trained
 
     cfg = load_config(run_dir / "config.yaml")
     check_subnetwork(cfg, sub)
-    manager = CheckpointManager(run_dir / "checkpoints", keep_last=1)
-    path = manager.latest() if step is None else run_dir / "checkpoints" / f"step_{step:08d}"
-    if path is None or not path.is_dir():
-        raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {run_dir / 'checkpoints'}")
     single = unsharded(cfg)
     single.checkpoint.load_optimizer = False
-    (full,) = build_model(single, cuda=False)
-    common = manager.load(path, [full], None, load_optimizer=False)
-    callbacks = restore_capabilities(single, [full], common, run_dir)
+    (full,), callbacks, common = load_trained(single, run_dir, step)
 
     output.mkdir(parents=True, exist_ok=True)
     small_cfg = copy.deepcopy(single)
@@ -99,7 +93,7 @@ def extract_submodel(run_dir: Path, output: Path, sub, step: Optional[int] = Non
     if is_writer:
         dump_yaml(small_cfg, output / "config.yaml")
     sub_common = {"consumed_samples": 0, "skipped_steps": 0, "scheduler": None, "callbacks": states,
-                  "extracted_from": {"run_dir": str(run_dir), "checkpoint": path.name, "layers": list(sub.layers),
+                  "extracted_from": {"run_dir": str(run_dir), "checkpoint": f"step_{common['step']:08d}", "layers": list(sub.layers),
                                      "experts": None if sub.experts is None else list(sub.experts),
                                      "top_k": sub.top_k}}
     return CheckpointManager(output / "checkpoints", keep_last=1).save(0, [small], None, sub_common)
