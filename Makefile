@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 smoke: setup
 	rm -rf runs/smoke
-	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m pretrain.train --config configs/smoke.yaml
+	$(PY) -m pretrain.launch --standalone --nproc-per-node 2 -m pretrain.train --config configs/smoke.yaml
 
 test: setup
 	$(PY) -m pytest tests -q

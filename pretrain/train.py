@@ -1,7 +1,10 @@
 """Training entry point.
 
-    torchrun --nproc_per_node N -m pretrain.train --config configs/NAME.yaml \
+    python -m pretrain.launch --nproc-per-node N -m pretrain.train --config configs/NAME.yaml \
         [--run-dir DIR] [--set section.key=value ...]
+
+(``torchrun`` in place of ``python -m pretrain.launch`` works too; the launcher checks the config
+before the ranks start and reports a failure without a traceback.)
 
 Without --run-dir the run directory is runs/<config name>. Re-running the same command with the
 same run directory resumes from its latest checkpoint. Ranks started by srun or mpirun instead of
@@ -9,6 +12,7 @@ torchrun: --launcher slurm / mpi (auto-detected; see megatron_ext/launch/bootstr
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -31,19 +35,29 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def _report(message: str) -> None:
+    """Every rank finds the same problem: one of them (the first, or a process without a rank) says it."""
+    for name in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if name in os.environ:
+            if os.environ[name] != "0":
+                return
+            break
+    print(message, file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"error: {args.config}: {err}", file=sys.stderr)
+        _report(f"error: {args.config}: {err}")
         return 2
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
     try:
         prepare_launch(cfg, args.launcher, args.rendezvous_timeout)
         Trainer(cfg, run_dir).run()
     except ConfigError as err:
-        print(f"error: {args.config}: {err}", file=sys.stderr)
+        _report(f"error: {args.config}: {err}")
         return 2
     except LaunchError as err:
         print(f"error: {err}", file=sys.stderr)

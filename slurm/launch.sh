@@ -1,7 +1,9 @@
 # shellcheck shell=bash
 # Shared body of slurm/train_gpu.sbatch and slurm/train_cpu.sbatch (sourced, not run): one srun
-# task per node runs torchrun, which starts NPROC_PER_NODE ranks of `python -m pretrain.train`;
-# the torchruns meet in a c10d rendezvous on the first node of the allocation.
+# task per node runs the project's launcher (`python -m pretrain.launch`: torchrun's elastic agent,
+# after checking the config; a bad config ends the job with one error block), which starts
+# NPROC_PER_NODE ranks of `python -m pretrain.train`; the launchers meet in a c10d rendezvous on the
+# first node of the allocation.
 #
 # Expects from the sourcing script: REPO_DIR (the repository root), NPROC_PER_NODE, and the
 # training arguments in "$@".
@@ -12,12 +14,12 @@
 #   MASTER_ADDR   rendezvous host (default: first node of the allocation)
 #   MASTER_PORT   rendezvous port (default: 20000 + job id mod 20000)
 #   PYTHON        interpreter (default: .venv/bin/python if present, else python3)
-#   STOP_TIMEOUT  seconds torchrun gives its ranks to checkpoint and exit after a stop signal
+#   STOP_TIMEOUT  seconds the launcher gives its ranks to checkpoint and exit after a stop signal
 #                 (default 110: less than the 120 s of --signal=B:USR1@120)
 #   REQUEUE       1 (default): after a time-limit stop (SIGUSR1), requeue the job so it resumes
 #
 # Stop and resume. SIGUSR1 from `--signal=B:USR1@T` reaches this batch shell only; the trap passes
-# it to srun, srun to each torchrun, torchrun to its ranks (--signals-to-handle), and every rank
+# it to srun, srun to each launcher, the launcher to its ranks (--signals-to-handle), and every rank
 # checkpoints after its current step and exits 0; then the job requeues itself. `scontrol requeue`,
 # `scancel` and preemption send SIGTERM to every process of the job instead: the ranks checkpoint
 # the same way (within the cluster's KillWait, after which SLURM sends SIGKILL), and this shell
@@ -72,7 +74,7 @@ trap on_usr1 USR1
 trap on_term TERM
 
 srun --nodes="${NNODES}" --ntasks-per-node=1 --kill-on-bad-exit=1 \
-    "${PYTHON}" -m torch.distributed.run \
+    "${PYTHON}" -m pretrain.launch \
         --nnodes="${NNODES}" --nproc-per-node="${NPROC_PER_NODE}" \
         --rdzv-backend=c10d --rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT}" --rdzv-id="${SLURM_JOB_ID}" \
         --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="${STOP_TIMEOUT}" \

@@ -44,6 +44,11 @@ class Callback:
     def on_step_begin(self, ctx: TrainContext) -> None:
         """Before the forward/backward of step ``ctx.step + 1`` (e.g. sample a sub-network)."""
 
+    def adjust_cost(self, ctx: TrainContext, cost) -> None:
+        """Change the :class:`~megatron_ext.models.flops.ModelCost` of step ``ctx.step``, which has
+        just run (before :meth:`on_step_end`), by what this capability computed differently from the
+        dense full-attention model: the ``model_flops_per_token`` / ``mfu`` metrics. No collectives."""
+
     def on_step_end(self, ctx: TrainContext, result) -> Dict[str, float]:
         """After the optimizer update of step ``ctx.step``; return metrics to log."""
         return {}

@@ -285,10 +285,13 @@ class LoggingConfig:
     """Write a metrics.jsonl record and a log line every this many steps."""
     tensorboard: bool = True
     """Also write TensorBoard event files to <run-dir>/tensorboard."""
+    peak_tflops_per_rank: Optional[float] = None
+    """The peak ``mfu`` divides by, TFLOP/s per rank; None: a known GPU's data-sheet dense bf16 peak,
+    else measured (a large matmul) at the start of the run (:mod:`megatron_ext.training.throughput`)."""
 
     def __post_init__(self):
         c = Checks(self)
-        c.positive("log_interval")
+        c.positive("log_interval", "peak_tflops_per_rank")
         c.done()
 
 

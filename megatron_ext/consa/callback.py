@@ -133,6 +133,26 @@ class ConSACallback(Callback):
                 module.set_full()
 
     # -- per step ----------------------------------------------------------------------------------
+    def adjust_cost(self, ctx: TrainContext, cost) -> None:
+        """Keys per query of the step's kernels (as ``HybridCoreAttention.attention_pairs``): every unit
+        full in the dense warm-up; full and the window kernel both during mask learning; per unit of
+        the allocation once static."""
+        from megatron_ext.consa.kernels import window_kernel_pairs
+
+        stage = self.stage(ctx.step)
+        if stage == 0:
+            return
+        seq = cost.seq_length
+        window_keys = seq if self.cfg.sink_tokens else window_kernel_pairs(seq, self.cfg.window) / seq
+        for index, layer in enumerate(cost.layers):
+            per_group = layer.query_heads // layer.kv_heads
+            if stage == 1:
+                layer.attention_keys = layer.query_heads * (seq + window_keys)
+            else:
+                units = self.allocation[index].tolist()
+                full = [units[h * len(units) // layer.kv_heads] for h in range(layer.kv_heads)]
+                layer.attention_keys = per_group * sum(seq if f else window_keys for f in full)
+
     def on_step_begin(self, ctx: TrainContext) -> None:
         if self.allocation is None:
             self._apply(ctx.step + 1)

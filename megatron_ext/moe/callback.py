@@ -137,6 +137,26 @@ class MoECallback(Callback):
         if self.sub.experts is not None and self.routing.expert_bias:
             self._bias_before = {id(r): r.expert_bias.detach().clone() for r in self.routers}
 
+    def adjust_cost(self, ctx: TrainContext, cost) -> None:
+        """MoE layers: the router over every expert, the step's top-k routed experts and the shared
+        expert per token; the layers an elastic step skipped cost nothing."""
+        from megatron_ext.models.flops import mlp_flops_per_token
+
+        moe, m = ctx.config.moe, ctx.config.model
+        top_k = self.top_k if self.sub is None or self.sub.top_k is None else self.sub.top_k
+        swiglu = m.activation == "swiglu"
+        per_token = (2 * m.hidden_size * moe.num_experts
+                     + top_k * mlp_flops_per_token(m.hidden_size, moe.expert_ffn_hidden_size, swiglu)
+                     + (mlp_flops_per_token(m.hidden_size, moe.shared_expert_ffn_hidden_size, swiglu)
+                        if moe.shared_expert_ffn_hidden_size else 0))
+        for layer, is_moe in zip(cost.layers, moe.layer_pattern_for(m.num_layers)):
+            if is_moe:
+                layer.mlp = per_token
+        if self.sub is not None:
+            kept = set(self.sub.layers)
+            for index, layer in enumerate(cost.layers):
+                layer.skipped = layer.skipped or index not in kept
+
     def on_step_end(self, ctx: TrainContext, result) -> Dict[str, float]:
         counts = self.tracker.reduce()  # [L, M + 1, N], the same on every rank
         totals = counts.sum(1)  # [L, N]

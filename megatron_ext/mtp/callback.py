@@ -40,6 +40,13 @@ class MTPCallback(Callback):
         for config in self._configs:  # read by GPTModel's MTP loss scaling in this step's forwards
             config.mtp_loss_scaling_factor = self.weight_at(ctx.step + 1)
 
+    def adjust_cost(self, ctx: TrainContext, cost) -> None:
+        """Each MTP depth: one decoder layer of the core spec (dense MLP, full attention), its
+        projection and an output layer (:meth:`ModelCost.forward_flops_per_token`)."""
+        from megatron_ext.models.flops import dense_layer_cost
+
+        cost.mtp_layers = [dense_layer_cost(ctx.config) for _ in range(self.num_layers)]
+
     def on_step_end(self, ctx: TrainContext, result) -> Dict[str, float]:
         from megatron_ext.compat.moe import take_mtp_losses
         from megatron_ext.parallel.state import comm_device

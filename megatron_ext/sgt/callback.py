@@ -133,11 +133,27 @@ class SGTCallback(Callback):
         step = ctx.step + 1
         self._apply_structure(step)
         depths = self.scheduler.loop_depths
+        self._step_structure = self.structure(step)
         self._step_metrics = {
             "sgt/looped_layers": len(depths),
             "sgt/loop_depths": [depths.get(layer, 0) for layer in range(self.num_layers)],
-            "sgt/flops_overhead": flops_overhead(self.flops_shape, self.structure(step)),
+            "sgt/flops_overhead": flops_overhead(self.flops_shape, self._step_structure),
         }
+
+    def adjust_cost(self, ctx: TrainContext, cost) -> None:
+        """The step's loops: an SGT pass adds the attention of the heads it computed, a block-loop pass
+        the whole layer."""
+        structure = getattr(self, "_step_structure", None)
+        if structure is None:
+            return
+        for index, looped in structure.layers.items():
+            layer = cost.layers[index]
+            if structure.method == "block":
+                layer.passes += looped.depth
+                continue
+            keys = (looped.query_heads * cost.seq_length if looped.key_pairs is None
+                    else looped.key_pairs / cost.seq_length)
+            layer.extra_attention.extend([(looped.query_heads, looped.kv_heads, keys)] * looped.depth)
 
     def on_step_end(self, ctx: TrainContext, result) -> Dict[str, object]:
         if self._tracking:

@@ -21,6 +21,8 @@ from megatron_ext.capability import Callback, TrainContext
 from megatron_ext.compat import enable_cpu_support
 from megatron_ext.data.builder import build_datasets
 from megatron_ext.models.builder import build_model, params_dtype
+from megatron_ext.models.flops import ModelCost
+from megatron_ext.models.vocab import padded_vocab_size
 from megatron_ext.optim import build_optimizer
 from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, initialize_parallel_state
 from megatron_ext.parallel.state import comm_device, init_distributed, process_groups
@@ -34,6 +36,7 @@ from megatron_ext.training.hf import convert_for_init
 from megatron_ext.training.rundir import RunDirectory
 from megatron_ext.training.signals import StopRequest
 from megatron_ext.training.step import eval_step, global_batch_iterator, run_forward_step, train_step
+from megatron_ext.training.throughput import peak_flops_per_rank
 
 
 class NonFiniteLossError(RuntimeError):
@@ -188,11 +191,19 @@ class Trainer:
                 "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
             }
 
+        peak, peak_source = peak_flops_per_rank(cuda, params_dtype(cfg, cuda), cfg.logging.peak_tflops_per_rank,
+                                                comm_device=device)
+        if rank0:
+            self.log(f"mfu against {peak / 1e12:.3g} TFLOP/s per rank ({peak_source})")
+        world = dist.get_world_size()
+        vocab_rows = padded_vocab_size(cfg.model.vocab_size)
+
         stop = StopRequest()
         stop.install()
         for cb in self.callbacks:
             cb.on_train_start(ctx)
         streak = 0
+        interval_losses: List[float] = []  # finite losses since the last logged step
         start_step, start_time = ctx.step, time.perf_counter()
         try:
             while ctx.step < t.steps:
@@ -217,14 +228,25 @@ class Trainer:
                         "were skipped. Lower train.lr, check the data, or resume from the last checkpoint."
                     )
                 summary.losses.append(result.loss)
+                if finite:
+                    interval_losses.append(result.loss)
+                cost = ModelCost.from_config(cfg, vocab_rows)
+                for cb in self.callbacks:
+                    cb.adjust_cost(ctx, cost)
+                tokens_per_sec = t.global_batch_size * seq / step_time
+                flops_per_token = cost.training_flops_per_token()
+                rank_flops = flops_per_token * tokens_per_sec / world
                 record = {
                     "step": ctx.step,
                     "loss": result.loss,
                     "lr": optimizer.param_groups[0]["lr"],
                     "grad_norm": result.grad_norm,
-                    "tokens_per_sec": t.global_batch_size * seq / step_time,
+                    "tokens_per_sec": tokens_per_sec,
                     "consumed_samples": ctx.consumed_samples,
                     "skipped_steps": summary.skipped_steps,
+                    "model_flops_per_token": flops_per_token,
+                    "tflops_per_rank": rank_flops / 1e12,
+                    "mfu": rank_flops / peak,
                     **result.modality_losses,
                 }
                 for cb in self.callbacks:
@@ -238,6 +260,9 @@ class Trainer:
                     ) / t.eval_steps
                 if ctx.step % cfg.logging.log_interval == 0 or ctx.step == t.steps:
                     record["mem/peak_gib"] = peak_memory_gib(cuda)  # collective: every rank logs
+                    record["loss/interval_mean"] = (sum(interval_losses) / len(interval_losses)
+                                                    if interval_losses else float("nan"))
+                    interval_losses.clear()
                     run_dir.log(record)
                     if rank0:
                         self.log(self._progress_line(record, start_step, start_time))
@@ -266,13 +291,17 @@ class Trainer:
         return summary
 
     def _progress_line(self, record: dict, start_step: int, start_time: float) -> str:
+        """One line per logged step. ``loss``: the mean over the steps since the previous line (as
+        Megatron-LM prints it); with elastic training each step's loss is of its sampled sub-network.
+        ``val``: the full network's, at evaluation steps."""
         steps = self.cfg.train.steps
         done = record["step"] - start_step
         elapsed = time.perf_counter() - start_time
         eta = elapsed / max(done, 1) * (steps - record["step"])
         extra = f" | val {record['val/loss']:.4f}" if "val/loss" in record else ""
         return (
-            f"step {record['step']:>6}/{steps} | loss {record['loss']:.4f}{extra} | lr {record['lr']:.3e} | "
-            f"grad {record['grad_norm']:.3f} | {record['tokens_per_sec']:,.0f} tok/s | "
+            f"step {record['step']:>6}/{steps} | loss {record['loss/interval_mean']:.4f}{extra} | "
+            f"lr {record['lr']:.3e} | grad {record['grad_norm']:.3f} | {record['tokens_per_sec']:,.0f} tok/s | "
+            f"{record['tflops_per_rank']:.3g} TFLOP/s/rank | MFU {100 * record['mfu']:.1f}% | "
             f"mem {record['mem/peak_gib']:.2f} GiB | ETA {timedelta(seconds=int(eta))}"
         )
