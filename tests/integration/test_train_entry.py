@@ -1,4 +1,6 @@
-"""The training entry point end to end: run directory contract, and exact resume after SIGTERM."""
+"""The training entry point end to end through the project launcher (``pretrain.launch``): run
+directory contract, exact resume after a stop signal sent to the launcher, bad configs refused before
+any rank starts, a failing rank reported in one line; and plain torchrun still works."""
 
 import os
 import signal
@@ -7,12 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from megatron_ext.training.rundir import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
-REQUIRED_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "consumed_samples"}
+REQUIRED_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "consumed_samples", "model_flops_per_token",
+                 "mfu", "tflops_per_rank"}
 
 TINY = {
     "name": "tiny",
@@ -29,12 +33,13 @@ TINY = {
 }
 
 
-def launch(config: Path, run_dir: Path, *overrides: str, nproc: int = 2) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+def launch(config: Path, run_dir: Path, *overrides: str, nproc: int = 2, launcher: str = "pretrain.launch",
+           cwd: Path = REPO) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", launcher, "--standalone", "--nproc-per-node", str(nproc),
            "-m", "pretrain.train", "--config", str(config), "--run-dir", str(run_dir)]
     for item in overrides:
         cmd += ["--set", item]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 
@@ -70,7 +75,8 @@ def test_two_rank_run_fills_the_run_directory(tmp_path):
     assert "step     12/12" in out
 
 
-def test_resume_after_sigterm_reproduces_the_uninterrupted_losses(tmp_path):
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGUSR1"])
+def test_resume_after_a_stop_signal_reproduces_the_uninterrupted_losses(stop, tmp_path):
     config = write_config(tmp_path)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     proc = launch(config, straight)
@@ -85,9 +91,11 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_losses(tmp_path):
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 13:
             break
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGTERM)  # torchrun forwards it to both ranks
+    os.kill(proc.pid, getattr(signal, stop))  # to the launcher only: it forwards the signal to both ranks
     out = finish(proc)
     assert "stop signal received: checkpointed at step" in out, out
+    assert proc.returncode == (0 if stop == "SIGUSR1" else 128 + signal.SIGTERM), out
+    assert "Traceback" not in out, out
     stopped_at = int((interrupted / "checkpoints" / "latest").read_text().split("_")[1])
     assert 13 <= stopped_at < 24, stopped_at
 
@@ -100,6 +108,41 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_losses(tmp_path):
     for a, b in zip(resumed, reference):  # bitwise: dropout, data order, Adam state all restored
         assert (a["step"], a["loss"], a["grad_norm"], a["lr"]) == (b["step"], b["loss"], b["grad_norm"], b["lr"])
         assert a.get("val/loss") == b.get("val/loss")
-    print(f"[resume] stopped by SIGTERM at step {stopped_at}")
+    print(f"[resume] stopped by {stop} at step {stopped_at}")
     for a, b in zip(resumed, reference):
         print(f"[resume] step {a['step']:2d}  interrupted+resumed {a['loss']:.9f}  uninterrupted {b['loss']:.9f}")
+
+
+def test_plain_torchrun_still_trains_from_another_directory(tmp_path):
+    config, run_dir = write_config(tmp_path), tmp_path / "run"
+    proc = launch(config, run_dir, "train.steps=2", "train.eval_interval=0", launcher="torch.distributed.run",
+                  cwd=tmp_path)
+    out = finish(proc)
+    assert proc.returncode == 0, out
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_bad_config_is_one_error_block_before_any_rank_starts(tmp_path):
+    config, run_dir = write_config(tmp_path), tmp_path / "run"
+    proc = launch(config, run_dir, "train.lr=-1", "parallel.expert=3")
+    out = finish(proc, timeout=120)
+    assert proc.returncode == 2, out
+    assert out.startswith("error: ") and "train.lr=-1.0 must be positive" in out, out
+    assert "Traceback" not in out and "ChildFailedError" not in out, out
+    assert not run_dir.exists()  # no rank ran
+    proc = launch(config, run_dir, "parallel.expert=3")  # a layout problem: found by the world-size check
+    out = finish(proc, timeout=120)
+    assert proc.returncode == 2 and "parallel.expert" in out and "Traceback" not in out, out
+    assert not run_dir.exists()
+
+
+def test_a_failing_rank_is_reported_in_one_line(tmp_path):
+    config = write_config(tmp_path)
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("a file where the run directory should be")
+    proc = launch(config, blocker)
+    out = finish(proc, timeout=120)
+    assert proc.returncode != 0, out
+    launcher_lines = [line for line in out.splitlines() if "rank(s) failed" in line]
+    assert len(launcher_lines) == 1 and launcher_lines[0].startswith("error: "), out
+    assert "ChildFailedError" not in out and "torch/distributed/elastic" not in out, out
