@@ -19,6 +19,8 @@ from pathlib import Path
 from megatron_ext.config import ConfigError
 from megatron_ext.run import load_config
 from megatron_ext.launch.bootstrap import LAUNCHERS, LaunchError, prepare_launch
+from megatron_ext.compat.safe_load import UntrustedFileError
+from megatron_ext.training.checkpoint import CheckpointError
 from megatron_ext.training.loop import Trainer
 
 
@@ -62,6 +64,9 @@ def main(argv=None) -> int:
     except LaunchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except (CheckpointError, UntrustedFileError) as err:
+        _report(f"error: {err}")
+        return 2
     return 0
 
 

@@ -14,6 +14,9 @@ if TYPE_CHECKING:
 
 def build_datasets(cfg: RunConfig) -> Tuple[object, object]:
     """(train, valid): indexable datasets whose samples follow the batch contract."""
+    from megatron_ext.compat.safe_load import enable_safe_loading
+
+    enable_safe_loading()  # Megatron's cached sample indices are read without unpickling
     d, t = cfg.data, cfg.train
     if d.kind in ("synthetic", "copy"):
         cls = SyntheticMotifDataset if d.kind == "synthetic" else CopyTaskDataset

@@ -7,6 +7,12 @@ Layout under ``<run-dir>/checkpoints/``::
     .tmp-step_00000200/   a save in progress (ignored; removed by the next save)
     .old-step_00000100/   a checkpoint being re-saved, set aside until its replacement is published
 
+Every checkpoint holds ``manifest.json``: the size and SHA-256 of each of its files, computed
+before it is published (the ranks hash disjoint subsets). A resume verifies it (the ranks again
+share the work) and falls back, with a warning, to the newest checkpoint that verifies when a file
+is missing, truncated or altered; it refuses, naming the damage, only when none does. Reading a
+checkpoint never unpickles code (:mod:`megatron_ext.compat.safe_load`).
+
 A save writes everything into the temporary directory, then rank 0 renames it into place and
 atomically replaces ``latest`` (write + fsync + ``os.replace``). A crash at any point leaves
 ``latest`` naming the previous complete checkpoint. Only after publishing are checkpoints beyond
@@ -20,6 +26,8 @@ per rank (a ``ShardedObject`` per rank); they are restored only when the layout 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
@@ -34,6 +42,7 @@ import torch.distributed as dist
 from megatron_ext.config import ConfigError
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
 
@@ -54,6 +63,64 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _share(items: List[str]) -> List[str]:
+    """This rank's share of ``items`` (every ``world``-th, from its rank)."""
+    if not dist.is_initialized():
+        return items
+    return items[dist.get_rank()::dist.get_world_size()]
+
+
+def _gather(part: Any) -> List[Any]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [part]
+    parts: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return parts
+
+
+def write_manifest(directory: Path) -> None:
+    """Hash every file of a written checkpoint (collective: each rank hashes a share) and let rank 0
+    write ``manifest.json``."""
+    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    mine = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+            for name in _share(names)}
+    files = {k: v for part in _gather(mine) for k, v in part.items()}
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        _fsync_write(directory / MANIFEST, json.dumps({"files": dict(sorted(files.items()))}, indent=1))
+
+
+def verify_checkpoint(directory: Path) -> Optional[str]:
+    """None when every file of ``directory`` matches its manifest, else what does not (the same
+    answer on every rank; collective). A checkpoint without a manifest (written before manifests
+    existed) is accepted."""
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{manifest} is not a readable manifest"
+    problems = []
+    for name in _share(sorted(files)):
+        path, want = directory / name, files[name]
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != want["bytes"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, not {want['bytes']}")
+        elif _sha256(path) != want["sha256"]:
+            problems.append(f"{name} does not match its checksum")
+    problems = sorted(p for part in _gather(problems) for p in part)
+    return "; ".join(problems) if problems else None
 
 
 def parallel_layout() -> Dict[str, int]:
@@ -131,9 +198,16 @@ def load_model_weights(path: Path, model: List[torch.nn.Module]) -> None:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    from megatron_ext.compat.safe_load import enable_safe_loading, refusals_reported
+
+    enable_safe_loading()
+    problem = verify_checkpoint(Path(path))
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
     state = _model_state(model)
     wanted = {t.key: tuple(t.global_shape) for t in nested_values(state) if isinstance(t, ShardedTensor)}
-    saved = {key: tuple(t.global_shape) for key, t in dist_checkpointing.load_tensors_metadata(str(path)).items()}
+    with refusals_reported():
+        saved = {key: tuple(t.global_shape) for key, t in dist_checkpointing.load_tensors_metadata(str(path)).items()}
     # This rank's chunks hold some of the model's tensors; every rank checks its own.
     missing = sorted(k for k in wanted if k not in saved)
     reshaped = sorted(f"{k}: checkpoint {saved[k]}, model {wanted[k]}" for k in wanted
@@ -145,7 +219,13 @@ def load_model_weights(path: Path, model: List[torch.nn.Module]) -> None:
                            f"{len(reshaped)} of another shape): " + "; ".join(lines)
                            + (f"; and {more} more" if more > 0 else "")
                            + ". Use a checkpoint of the same model shape (model and moe sections)."])
-    _load_model_state(model, dist_checkpointing.load(state, str(path)))
+    with refusals_reported():
+        loaded = dist_checkpointing.load(state, str(path))
+    _load_model_state(model, loaded)
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint: every candidate is damaged."""
 
 
 class CheckpointManager:
@@ -179,6 +259,28 @@ class CheckpointManager:
         warnings.warn(f"{pointer} names {path.name}, which is not a complete checkpoint; using the newest "
                       f"complete one, {complete[-1].name}")
         return complete[-1]
+
+    def latest_verified(self, log=warnings.warn) -> Optional[Path]:
+        """The newest complete checkpoint whose files match their manifest (collective), or None when
+        the run has none. Skipping a damaged one is reported through ``log``; raises
+        :class:`CheckpointError` when checkpoints exist but none verifies."""
+        first = self.latest()
+        if first is None:
+            return None
+        older = sorted((p for p in self.root.glob("step_*") if (p / "common.pt").is_file() and p.name < first.name),
+                       reverse=True)
+        damaged = []
+        for path in [first, *older]:
+            problem = verify_checkpoint(path)
+            if problem is None:
+                if damaged:
+                    log(f"checkpoint {damaged[-1][0].name} is damaged ({damaged[-1][1]}); resuming from {path.name}, "
+                        "the newest checkpoint that verifies")
+                return path
+            damaged.append((path, problem))
+        raise CheckpointError(f"no checkpoint in {self.root} verifies: "
+                              + "; ".join(f"{p.name}: {problem}" for p, problem in damaged)
+                              + ". Restore the files, or start afresh in a new run directory")
 
     def _sharded_state(self, model, optimizer, is_loading: bool) -> Dict[str, Any]:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -215,6 +317,8 @@ class CheckpointManager:
         state["common"] = dict(common, layout=parallel_layout(), step=step)
         dist_checkpointing.save(state, str(tmp))
         dist.barrier()
+        write_manifest(tmp)
+        dist.barrier()
         if rank0:
             old = None
             if final.exists():  # re-saving the same step (e.g. end of a resumed, finished run)
@@ -245,12 +349,17 @@ class CheckpointManager:
         """
         from megatron.core import dist_checkpointing
 
-        common = dist_checkpointing.load_common_state_dict(str(path))["common"]
+        from megatron_ext.compat.safe_load import enable_safe_loading, refusals_reported
+
+        enable_safe_loading()
+        with refusals_reported():
+            common = dist_checkpointing.load_common_state_dict(str(path))["common"]
         same_layout = common["layout"] == parallel_layout()
         state = self._sharded_state(model, optimizer if load_optimizer else None, is_loading=True)
         if not same_layout:
             state.pop("rng")
-        loaded = dist_checkpointing.load(state, str(path))
+        with refusals_reported():
+            loaded = dist_checkpointing.load(state, str(path))
         _load_model_state(model, loaded)
         if load_optimizer:
             optimizer.load_state_dict(loaded["optimizer"])

@@ -17,13 +17,16 @@ def load_trained(cfg: RunConfig, run_dir: Path, step: Optional[int] = None, *, c
     ``(chunks, {capability name: callback}, common state)``. Needs the parallel state of ``cfg``."""
     from megatron_ext.models.builder import build_model
     from megatron_ext.training.capabilities import restore_capabilities
-    from megatron_ext.training.checkpoint import CheckpointManager
+    from megatron_ext.training.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
 
     root = Path(run_dir) / "checkpoints"
     manager = CheckpointManager(root, cfg.checkpoint.keep_last)
-    path = manager.latest() if step is None else root / f"step_{step:08d}"
+    path = manager.latest_verified() if step is None else root / f"step_{step:08d}"
     if path is None or not (path / "common.pt").is_file():
         raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {root}")
+    problem = verify_checkpoint(path) if step is not None else None
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
     model = build_model(cfg, cuda=cuda, perform_initialization=False)
     common = manager.load(path, model, None, load_optimizer=False)
     callbacks = restore_capabilities(cfg, model, common, Path(run_dir))

@@ -154,7 +154,8 @@ class Trainer:
                            pg_collection=process_groups())
         summary = TrainSummary(final_step=0, stopped_by_signal=False)
 
-        latest = checkpoints.latest() if cfg.checkpoint.resume else None
+        latest = (checkpoints.latest_verified(log=(self.log if rank0 else lambda line: None))
+                  if cfg.checkpoint.resume else None)
         if latest is not None:
             common = checkpoints.load(latest, model, optimizer, cfg.checkpoint.load_optimizer)
             ctx.step, ctx.consumed_samples = common["step"], common["consumed_samples"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_ext.compat import SUPPORTED_MEGATRON_CORE, MegatronInternalError
-from megatron_ext.compat import datasets, distributed, layers, moe, optim, recompute
+from megatron_ext.compat import datasets, distributed, layers, moe, optim, recompute, safe_load
 from megatron_ext.compat.internals import Internal
 
 
@@ -83,11 +83,15 @@ def test_cuda_requests_land_on_cpu_and_cuda_rng_is_the_cpu_generator():
 
 # -- the version gate of the Megatron-Core internals (megatron_ext.compat.internals) --------------
 
-COMPAT_MODULES = (layers, moe, optim, distributed, datasets, recompute)
+COMPAT_MODULES = (layers, moe, optim, distributed, datasets, recompute, safe_load)
 DECLARED = [internal for module in COMPAT_MODULES for internal in module.INTERNALS]
 
 # What each compat module reaches into; a symbol dropped from its declarations would go unchecked.
 EXPECTED_SYMBOLS = {
+    "torch.distributed.checkpoint.filesystem.FileSystemReader.read_metadata",
+    "torch.distributed.checkpoint.default_planner.DefaultLoadPlanner.load_bytes",
+    "megatron.core.datasets.gpt_dataset.GPTDataset._build_document_sample_shuffle_indices",
+    "megatron.core.datasets.blended_dataset.BlendedDataset._build_indices",
     "megatron.core.transformer.transformer_layer.TransformerLayer._forward_attention",
     "megatron.core.transformer.transformer_layer.TransformerLayer._forward_mlp",
     "megatron.core.transformer.transformer_layer.TransformerLayer.forward",
@@ -153,8 +157,9 @@ def test_every_compat_entry_point_refuses_other_megatron_core_versions():
         from megatron.core import package_info
         package_info.__version__ = "0.17.0"
         from megatron_ext.compat import MegatronInternalError, fix_recompute_without_te
-        from megatron_ext.compat import datasets, distributed, layers, moe, optim
+        from megatron_ext.compat import datasets, distributed, layers, moe, optim, safe_load
         calls = {
+            "safe_load.enable_safe_loading": safe_load.enable_safe_loading,
             "layers.forward_attention": lambda: layers.forward_attention(None, None),
             "layers.forward_mlp": lambda: layers.forward_mlp(None, None),
             "layers.rope_mscale": lambda: layers.rope_mscale(None),
@@ -184,7 +189,7 @@ def test_every_compat_entry_point_refuses_other_megatron_core_versions():
         """
     )
     assert result.returncode == 0, result.stderr
-    assert "refused 14" in result.stdout
+    assert "refused 15" in result.stdout
 
 
 # -- the wrapped internals' behaviour -----------------------------------------------------------
