@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from megatron_ext.config import from_dict
 from megatron_ext.run import RunConfig

@@ -115,11 +115,11 @@ def test_resume_after_a_stop_signal_reproduces_the_uninterrupted_losses(stop, tm
 
 def test_plain_torchrun_still_trains_from_another_directory(tmp_path):
     config, run_dir = write_config(tmp_path), tmp_path / "run"
-    proc = launch(config, run_dir, "train.steps=2", "train.eval_interval=0", launcher="torch.distributed.run",
+    proc = launch(config, run_dir, "train.steps=3", "train.eval_interval=0", launcher="torch.distributed.run",
                   cwd=tmp_path)
     out = finish(proc)
     assert proc.returncode == 0, out
-    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]
 
 
 def test_a_bad_config_is_one_error_block_before_any_rank_starts(tmp_path):
