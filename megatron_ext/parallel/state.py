@@ -6,6 +6,7 @@ harness). Megatron's rank order ``tp-cp-ep-dp-pp`` is used, as in Megatron-LM.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from contextlib import contextmanager
@@ -90,6 +91,9 @@ def destroy_parallel_state() -> None:
     # Megatron forgets its groups but does not destroy them; each gloo group keeps threads and
     # sockets, so a process that sets up parallel state many times (tests) would accumulate them.
     destroy_process_groups_but_world()
+    # A destroyed gloo group's threads end only when its last reference goes; the models, DDP
+    # buckets and callbacks of a finished run hold theirs in reference cycles.
+    gc.collect()
 
 
 def comm_device() -> torch.device:

@@ -54,3 +54,24 @@ def wrap_with_ddp(
         grad_sync = [chunk.start_grad_sync for chunk in wrapped]
         config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
     return wrapped
+
+
+def release_ddp(model: List[torch.nn.Module]) -> None:
+    """Let a finished run's model (and the process groups it holds) be freed.
+
+    Megatron's DDP keeps each parameter's gradient-accumulator node in ``grad_accs`` and registers on
+    it a hook that refers back to the DDP module; and modules keep tensors of the last step with
+    their autograd graph (the all-to-all token dispatcher's ``probs``), whose graph reaches those
+    nodes. Both are cycles through C++ objects, which Python's garbage collector cannot see through:
+    model, buffers and gloo groups (with their threads) would outlive the run. Dropping the nodes
+    and the graph-holding attributes breaks them; the model cannot train afterwards.
+    """
+    for chunk in model:
+        accumulators = getattr(chunk, "grad_accs", None)
+        if accumulators is not None:
+            accumulators.clear()
+        for module in chunk.modules():
+            for holder in (module, getattr(module, "token_dispatcher", None)):  # (a dispatcher is no Module)
+                for name, value in list(vars(holder).items()) if holder is not None else ():
+                    if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                        setattr(holder, name, None)

@@ -31,7 +31,7 @@ from megatron_ext.run.checks import checkpoint_dir
 from megatron_ext.run.hf import is_hf_dir
 from megatron_ext.training.capabilities import capability_callbacks
 from megatron_ext.training.checkpoint import CheckpointManager, load_model_weights
-from megatron_ext.training.ddp import wrap_with_ddp
+from megatron_ext.training.ddp import release_ddp, wrap_with_ddp
 from megatron_ext.training.hf import convert_for_init
 from megatron_ext.training.rundir import RunDirectory
 from megatron_ext.training.signals import StopRequest
@@ -288,6 +288,7 @@ class Trainer:
         finally:
             stop.uninstall()
             run_dir.close()
+            release_ddp(model)
         summary.final_step = ctx.step
         return summary
 
