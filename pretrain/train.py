@@ -20,6 +20,7 @@ from megatron_ext.config import ConfigError
 from megatron_ext.run import load_config
 from megatron_ext.launch.bootstrap import LAUNCHERS, LaunchError, prepare_launch
 from megatron_ext.compat.safe_load import UntrustedFileError
+from megatron_ext.data.indexed import DataError
 from megatron_ext.training.checkpoint import CheckpointError
 from megatron_ext.training.loop import Trainer
 
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     except LaunchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except (CheckpointError, UntrustedFileError) as err:
+    except (CheckpointError, UntrustedFileError, DataError) as err:
         _report(f"error: {err}")
         return 2
     return 0

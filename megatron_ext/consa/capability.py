@@ -38,6 +38,10 @@ class HybridAttention(Capability):
                             "attention dropout; set it to 0")
         if cfg.parallel.context > 1:
             problems.append("hybrid_attention with parallel.context > 1 is not supported")
+        if h.window >= cfg.data.seq_length:
+            problems.append(f"hybrid_attention.window={h.window} >= data.seq_length={cfg.data.seq_length}: a "
+                            "sliding window that long sees every key, so no unit would attend less; use a window "
+                            "shorter than the sequence")
         if h.method == "rule_layer" and h.layer_pattern:
             from megatron_ext.consa.allocation import rule_layer_allocation
 

@@ -81,6 +81,14 @@ def _records() -> Iterator[Tuple[str, int, dict]]:
         yield record
 
 
+def default_vocab_size() -> int:
+    """The vocabulary a model needs for the built-in corpus (its ids: BPE text, then the image
+    codebook with its segment markers), known without building it."""
+    from megatron_ext.data.vocab import VocabLayout
+
+    return VocabLayout.build("", TEXT_VOCAB, 0, {"image": IMAGE_CODEBOOK}).size
+
+
 def ensure_default_corpus(cache_dir: str | Path, workers: int = 1) -> str:
     """Build the corpus once (idempotent); return its dataset prefix."""
     root = Path(cache_dir) / VERSION

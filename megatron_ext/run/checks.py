@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from megatron_ext.config import ConfigError
 from megatron_ext.models.vocab import padded_vocab_size
@@ -92,6 +92,13 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool) -> None:
         problems.append(f"train.eval_interval={t.eval_interval} needs validation documents, but data.split="
                         f"{d.split!r} gives the validation part none: give it a share (e.g. '98,2,0') or set "
                         "train.eval_interval: 0")
+    if d.kind == "default":
+        from megatron_ext.data.default_corpus import default_vocab_size
+
+        if m.vocab_size < default_vocab_size():
+            problems.append(f"model.vocab_size={m.vocab_size} is smaller than the built-in corpus's "
+                            f"{default_vocab_size()} ids (data.kind='default'): set model.vocab_size >= "
+                            f"{default_vocab_size()}")
     if d.kind == "indexed":
         from megatron_ext.data.indexed import DataError, check_prefix
 
@@ -100,10 +107,43 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool) -> None:
                 check_prefix(prefix, m.vocab_size, None if d.tokenizer is None else _identity(d.tokenizer))
             except (DataError, FileNotFoundError, ValueError) as err:
                 problems.append(f"data.paths: {err}")
+    problems.extend(_validation_size_problems(cfg))
     for capability in CAPABILITIES:
         problems.extend(capability.check(cfg, world_size=world_size, data_parallel=dp, cuda=cuda))
     if problems:
         raise ConfigError(problems)
+
+
+def _validation_size_problems(cfg: RunConfig) -> List[str]:
+    """An evaluation must fit in one pass over the validation split (Megatron would otherwise build
+    and run epoch after epoch of it): checked from the datasets' manifests, where they exist."""
+    import json
+
+    d, t = cfg.data, cfg.train
+    if not t.eval_interval or d.kind not in ("indexed", "default"):
+        return []
+    if d.kind == "default":
+        from megatron_ext.data.default_corpus import VERSION
+
+        manifests = [Path(d.cache_dir) / VERSION / "corpus.manifest.json"]
+    else:
+        manifests = [Path(f"{prefix}.manifest.json") for prefix in d.paths]
+    if not all(path.is_file() for path in manifests):
+        return []  # built on first use / reported by the data checks
+    try:
+        total = sum(json.loads(path.read_text())["tokens"] for path in manifests)
+        shares = [float(x) for x in d.split.split(",")]
+    except (ValueError, KeyError, TypeError):
+        return []
+    valid_tokens = int(total * shares[1] / sum(shares))
+    per_batch = t.global_batch_size * d.seq_length
+    if t.eval_steps * per_batch <= valid_tokens:
+        return []
+    fits = valid_tokens // per_batch
+    return [f"train.eval_steps={t.eval_steps} evaluates {t.eval_steps * per_batch:,} tokens per evaluation, but the "
+            f"validation split holds about {valid_tokens:,} (data.split={d.split!r}): "
+            + (f"set train.eval_steps <= {fits}" if fits else "give validation a larger share of data.split")
+            + " (an evaluation must not repeat validation data)"]
 
 
 def _identity(tokenizer_spec: str) -> str:

@@ -134,3 +134,25 @@ def test_infinite_numbers_short_warmup_oversized_top_k_and_missing_validation_ar
     cfg = from_dict(RunConfig, {"data": {"kind": "default", "split": "100,0,0"}, "train": {"eval_interval": 10}})
     with pytest.raises(ConfigError, match=r"train.eval_interval=10 needs validation documents"):
         check_run(cfg, 1, cuda=False)
+
+
+def test_a_window_as_long_as_the_sequence_a_vocabulary_below_the_data_and_oversized_evaluations_are_refused(
+        tmp_path):
+    cfg = from_dict(RunConfig, {"data": {"seq_length": 64}, "hybrid_attention": {"enabled": True, "window": 64,
+                                                                              "mask_learning_steps": 5}})
+    with pytest.raises(ConfigError, match=r"hybrid_attention.window=64 >= data.seq_length=64"):
+        check_run(cfg, 1, cuda=False)
+    cfg = from_dict(RunConfig, {"model": {"vocab_size": 1000}, "data": {"kind": "default"}})
+    with pytest.raises(ConfigError, match=r"model.vocab_size=1000 is smaller than the built-in corpus's 2067 ids"):
+        check_run(cfg, 1, cuda=False)
+    from megatron_ext.data.preprocess import preprocess
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join('{"text": "%s"}\n' % ("word " * 50) for _ in range(100)))
+    preprocess([str(docs)], str(tmp_path / "corpus"), "bytes", {}, 1, "text")
+    data = {"kind": "indexed", "paths": [str(tmp_path / "corpus")], "seq_length": 32, "split": "90,10,0"}
+    base = {"model": {"vocab_size": 384}, "data": data, "train": {"eval_interval": 5, "global_batch_size": 4}}
+    check_run(from_dict(RunConfig, {**base, "train": {**base["train"], "eval_steps": 2}}), 1, cuda=False)
+    with pytest.raises(ConfigError, match=r"train.eval_steps=1000 evaluates 128,000 tokens per evaluation, but the "
+                                          r"validation split holds about 2,\d+ .*set train.eval_steps <= \d+"):
+        check_run(from_dict(RunConfig, {**base, "train": {**base["train"], "eval_steps": 1000}}), 1, cuda=False)
