@@ -41,6 +41,8 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool) -> None:
     m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
     dp, problems = layout_problems(world_size, tensor=p.tensor, pipeline=p.pipeline, context=p.context,
                                    expert=p.expert, expert_tensor=p.expert_tensor)
+    if problems:
+        problems.append(_launch_hint(cfg, world_size))
 
     groups = m.num_query_groups or m.num_attention_heads
     if m.num_attention_heads % p.tensor:
@@ -112,6 +114,20 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool) -> None:
         problems.extend(capability.check(cfg, world_size=world_size, data_parallel=dp, cuda=cuda))
     if problems:
         raise ConfigError(problems)
+
+
+def _launch_hint(cfg: RunConfig, world_size: int) -> str:
+    """What to do when the layout does not fit the ranks: the fewest ranks it runs on, and the
+    overrides that fit it to the ranks there are (checkpoints reshard on load)."""
+    p = cfg.parallel
+    fewest = next(n for n in range(1, 1 << 20)
+                  if not layout_problems(n, tensor=p.tensor, pipeline=p.pipeline, context=p.context,
+                                         expert=p.expert, expert_tensor=p.expert_tensor)[1])
+    one_rank = ("--set parallel.tensor=1 --set parallel.pipeline=1 --set parallel.context=1 "
+                "--set parallel.expert=1 --set parallel.expert_tensor=1 --set parallel.sequence_parallel=false")
+    return (f"this layout runs on a multiple of {fewest} ranks and this job has {world_size}: start it with "
+            f"`python -m pretrain.launch --nproc-per-node {fewest} -m <tool> ...` (or torchrun), or fit the layout "
+            f"to {world_size} rank(s), e.g. for one process {one_rank} (a checkpoint loads at any layout)")
 
 
 def _validation_size_problems(cfg: RunConfig) -> List[str]:

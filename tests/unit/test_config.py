@@ -56,7 +56,8 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_world_size_must_be_tp_pp_cp_dp():
-    (problem,) = problems_of({"parallel": {"tensor": 2, "pipeline": 2}, "model": {"num_layers": 4}}, world_size=6)
+    problem, hint = problems_of({"parallel": {"tensor": 2, "pipeline": 2}, "model": {"num_layers": 4}}, world_size=6)
+    assert "runs on a multiple of 4 ranks and this job has 6" in hint
     assert "world size 6 is not divisible by parallel.tensor * parallel.pipeline * parallel.context" in problem
     assert "TP*PP*CP*DP" in problem
 
@@ -156,3 +157,12 @@ def test_a_window_as_long_as_the_sequence_a_vocabulary_below_the_data_and_oversi
     with pytest.raises(ConfigError, match=r"train.eval_steps=1000 evaluates 128,000 tokens per evaluation, but the "
                                           r"validation split holds about 2,\d+ .*set train.eval_steps <= \d+"):
         check_run(from_dict(RunConfig, {**base, "train": {**base["train"], "eval_steps": 1000}}), 1, cuda=False)
+
+
+def test_a_layout_that_does_not_fit_the_ranks_says_how_to_run_it():
+    cfg = from_dict(RunConfig, {"parallel": {"tensor": 2, "expert": 2, "expert_tensor": 1}})
+    with pytest.raises(ConfigError) as err:
+        check_run(cfg, 1, cuda=False)
+    message = str(err.value)
+    assert "runs on a multiple of 2 ranks and this job has 1" in message, message
+    assert "--nproc-per-node 2" in message and "--set parallel.tensor=1" in message, message
