@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from megatron_ext.compat.datasets import sample_span_from
-from megatron_ext.data.indexed import check_prefix
-from megatron_ext.data.vocab import VocabLayout
+from megatron_ext.data.indexed import DataError, check_prefix
+from megatron_ext.data.vocab import MODALITIES, VocabLayout
 
 
 class TokenizerInfo:
@@ -46,6 +46,16 @@ def _multimodal_dataset_class():
             sample = super().__getitem__(idx)
             span = torch.from_numpy(np.asarray(self._modality_span(0 if idx is None else idx), dtype=np.int64))
             span[span < 0] = 0  # padding (pad id -1) counts as text; its loss is masked anyway
+            # A .bin that does not match its manifest (replaced, or written by another tool) would
+            # index past the embedding or the modality tables: one max per sample says so instead.
+            vocab = self.config.tokenizer.vocab_size
+            for name, values, limit in (("token", sample["tokens"], vocab), ("token", sample["labels"], vocab),
+                                        ("modality", span, len(MODALITIES))):
+                top = int(values.max()) if values.numel() else 0
+                if top >= limit:
+                    raise DataError(f"{self.dataset_path}: sample {idx} holds {name} id {top}, outside the "
+                                    f"{limit} its manifest allows: the .bin files do not match the manifest; "
+                                    "preprocess the data again")
             sample["modality_ids"] = span[:-1].contiguous()
             sample["label_modality_ids"] = span[1:].contiguous()
             return sample

@@ -188,3 +188,18 @@ def test_vocab_layout_ranges_are_disjoint():
     assert (audio.offset, audio.end) == (275, 284) and layout.size == 285
     table = layout.modality_of_ids()
     assert table[256] == 0 and table[257] == table[274] == 1 and table[275] == table[284] == 3
+
+
+@pytest.mark.parametrize("stream", ["tokens", "modality"])
+def test_ids_in_a_bin_beyond_its_manifest_are_reported_not_indexed(stream, tmp_path):
+    src = write_jsonl(tmp_path / "mm.jsonl", multimodal_records())
+    preprocess([src], tmp_path / "mm", "bytes", codebooks={"image": 16, "audio": 8}, progress=False)
+    p = paths(tmp_path / "mm")
+    target = p["bin"] if stream == "tokens" else p["modality_bin"]
+    dtype = np.uint16 if stream == "tokens" else np.uint8
+    data = np.fromfile(target, dtype=dtype)
+    data[:] = 60000 if stream == "tokens" else 9  # same size, ids the manifest does not allow
+    data.tofile(target)
+    train, _ = build([str(tmp_path / "mm")], tmp=tmp_path / "cache")
+    with pytest.raises(DataError, match=r"sample 0 holds (token|modality) id \d+, outside the \d+ its manifest allows"):
+        train[0]
