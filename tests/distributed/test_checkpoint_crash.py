@@ -50,9 +50,10 @@ def save_then_crash(root, crash_point):
         original_replace = os.replace
 
         def replace(src, dst):
-            renames.append((src, dst))
-            if len(renames) == 2:
-                die()
+            if Path(src).is_dir():  # the directory renames (file replaces write the manifest, latest)
+                renames.append((src, dst))
+                if len(renames) == 2:
+                    die()
             original_replace(src, dst)
 
         checkpoint.os.replace = replace
