@@ -294,7 +294,7 @@ class Trainer:
 
     def _progress_line(self, record: dict, start_step: int, start_time: float) -> str:
         """One line per logged step. ``loss``: the mean over the steps since the previous line (as
-        Megatron-LM prints it); with elastic training each step's loss is of its sampled sub-network.
+        Megatron-LM prints it); a step that trains a sampled sub-network logs that sub-network's loss.
         ``val``: the full network's, at evaluation steps."""
         steps = self.cfg.train.steps
         done = record["step"] - start_step
