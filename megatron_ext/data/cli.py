@@ -59,7 +59,7 @@ TRAIN_TOKENIZER_USAGE = """Train a byte-level BPE tokenizer on your corpus.
 
 def _texts(files, json_key):
     for _, _, record in iter_documents(files, json_key):
-        for seg in record.get("segments") or [{"modality": "text", "text": record[json_key]}]:
+        for seg in record.get("segments") or [{"modality": "text", "text": record.get(json_key, "")}]:
             if seg.get("modality", "text") == "text":
                 yield seg.get("text", "")
 
