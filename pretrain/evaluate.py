@@ -11,6 +11,7 @@ evaluating the sub-model ``pretrain.extract`` writes for it.
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 from megatron_ext.config import ConfigError
 from megatron_ext.run import check_run, load_config
+from megatron_ext.run.checks import launch_hint
 from megatron_ext.parallel import ParallelSizes
 from megatron_ext.parallel.state import parallel_job
 from megatron_ext.training.evaluate import evaluate_checkpoint
@@ -34,10 +36,18 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, default=None, help="sub-network: experts per token")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     sub = None
     try:
         cfg = load_config(args.run_dir / "config.yaml", args.overrides)
-        check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")), cuda=cuda)
+        # A layout that does not fit the ranks gets one line naming the launch command (with this
+        # command's own arguments) or the overrides, instead of the full list of problems.
+        command = "-m pretrain.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
+        hint = launch_hint(cfg, world_size, command)
+        if hint is not None:
+            print(f"error: {args.run_dir}: {hint}", file=sys.stderr)
+            return 2
+        check_run(cfg, world_size, cuda=cuda)
         if args.layers is not None or args.experts is not None or args.top_k is not None:
             from megatron_ext.moe.elastic import SubNetwork
             from megatron_ext.training.extract import check_subnetwork

@@ -2,7 +2,10 @@
 node-crossing warnings and a per-GPU memory estimate (logic in megatron_ext.launch.planner).
 
     python -m pretrain.plan --config configs/qwen3_1p7b.yaml --nodes 8 --gpus-per-node 8 \
-        --set parallel.tensor=2 --set parallel.pipeline=2 [--emit-sbatch]
+        --set parallel.tensor=2 --set parallel.pipeline=2 [--summary] [--emit-sbatch]
+
+--summary leaves out the per-rank and per-group listings (over a thousand lines at a thousand
+GPUs) and prints the sizes, one line per group kind, the peak memory and the warnings.
 
 Runs on any machine (the model is built on the meta device). Inside a SLURM allocation --nodes
 and --gpus-per-node default to the allocation's and must agree with it.
@@ -15,7 +18,8 @@ import sys
 from megatron_ext.config import ConfigError
 from megatron_ext.run import load_config
 from megatron_ext.launch.memory import meta_parameter_inventory
-from megatron_ext.launch.planner import check_allocation, format_plan, make_plan, sbatch_command
+from megatron_ext.launch.planner import (check_allocation, format_plan, format_plan_summary, make_plan,
+                                         sbatch_command)
 
 
 def _env_int(name):
@@ -33,6 +37,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config field; repeatable")
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
+    parser.add_argument("--summary", action="store_true",
+                        help="print sizes, group kinds, memory and warnings, not every rank and group")
     parser.add_argument("--emit-sbatch", action="store_true", help="print the sbatch command for this allocation")
     args = parser.parse_args(argv)
     if args.nodes is None or args.gpus_per_node is None:
@@ -45,7 +51,7 @@ def main(argv=None) -> int:
         return 2
     plan = make_plan(cfg, args.nodes, args.gpus_per_node, meta_parameter_inventory(cfg),
                      gpu_memory_gib=args.gpu_memory_gib)
-    print(format_plan(plan))
+    print(format_plan_summary(plan) if args.summary else format_plan(plan))
     if args.emit_sbatch:
         print("\nSubmit from the repository root:\n  "
               + sbatch_command(args.config, args.overrides, args.nodes, args.gpus_per_node, job_name=cfg.name))

@@ -17,7 +17,7 @@ import os
 import shlex
 import textwrap
 from dataclasses import dataclass, replace
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from megatron_ext.config import ConfigError
 from megatron_ext.run import RunConfig, check_run
@@ -74,7 +74,10 @@ def make_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, inventory: ParamIn
     check_allocation(cfg, nodes, gpus_per_node, environ)
     layout = Layout.from_config(cfg, nodes, gpus_per_node)
     memory = estimate_memory(cfg, inventory, layout.world, cuda=True)
-    warnings = layout.node_warnings(INTRA_NODE_KINDS if cfg.moe.enabled else ("tp",))
+    warnings = []
+    for kind in INTRA_NODE_KINDS if cfg.moe.enabled else ("tp",):
+        warnings += [warning + (_expert_fix(cfg, layout, kind) if kind in ("ep", "etp") else "")
+                     for warning in layout.node_warnings([kind])]
     for stage in memory:
         if stage.total > 0.9 * gpu_memory_gib * GIB:
             warnings.append(
@@ -90,6 +93,49 @@ def make_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, inventory: ParamIn
                       gpu_memory_gib=gpu_memory_gib, peak_by_recompute=peaks)
 
 
+def _expert_fix(cfg: RunConfig, lay: Layout, kind: str) -> str:
+    """Why the EP or ETP groups of ``lay`` cross nodes and which ``parallel`` fields bring them inside one.
+
+    An expert-layer rank is ``etp + ETP * (ep + EP * ...)``: an EP group takes every ETP-th rank of a
+    block of ETP x EP consecutive ranks, an ETP group a block of ETP, so both stay on one node only
+    when ETP x EP divides the GPUs per node. ETP follows ``parallel.tensor`` while
+    ``parallel.expert_tensor`` is unset, which stretches the EP groups of a TP > 1 model. Each fix
+    named is checked: the sizes fit the world, the experts divide evenly, no EP / ETP group crosses.
+    """
+    p = cfg.parallel
+
+    def fits(etp: int, ep: int) -> bool:
+        if cfg.moe.num_experts % ep:
+            return False
+        try:
+            candidate = replace(lay, etp=etp, ep=ep)
+        except ValueError:  # the sizes do not fit the world
+            return False
+        return not candidate.cross_node_groups("ep") and not candidate.cross_node_groups("etp")
+
+    def smaller_ep(etp: int) -> Optional[int]:
+        return next((ep for ep in range(lay.ep - 1, 0, -1) if fits(etp, ep)), None)
+
+    fixes = []
+    if lay.etp > 1 and fits(1, lay.ep):
+        fixes.append(f"parallel.expert_tensor=1 (ETP x EP = {lay.ep} ranks)")
+    ep = smaller_ep(lay.etp)
+    if ep is not None:
+        fixes.append(f"parallel.expert={ep} (ETP x EP = {lay.etp * ep} ranks)")
+    unsharded_ep = smaller_ep(1) if lay.etp > 1 and not fits(1, lay.ep) else None
+    if unsharded_ep is not None and (ep is None or unsharded_ep > ep):
+        fixes.append(f"parallel.expert_tensor=1 with parallel.expert={unsharded_ep} "
+                     f"(ETP x EP = {unsharded_ep} ranks)")
+    block = (f"each EP group spans ETP x EP = {lay.etp} x {lay.ep} = {lay.etp * lay.ep} consecutive ranks"
+             if kind == "ep" else f"each ETP group spans ETP = {lay.etp} consecutive ranks")
+    if p.expert_tensor is None and lay.etp > 1:
+        block += f" (parallel.expert_tensor is unset, so ETP follows parallel.tensor={p.tensor})"
+    if not fixes:
+        return (f"; {block}, and no smaller parallel.expert or parallel.expert_tensor fits into one node of "
+                f"{lay.gpus_per_node} GPUs with these sizes: use nodes with more GPUs")
+    return f"; {block}: set " + ", or ".join(fixes) + f" to keep them inside a node of {lay.gpus_per_node} GPUs"
+
+
 def _count(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
@@ -100,11 +146,10 @@ def _wrap_groups(groups: List[List[int]], indent: str) -> str:
                          break_on_hyphens=False)
 
 
-def format_plan(plan: LaunchPlan) -> str:
-    """The human-readable report printed by ``python -m pretrain.plan``."""
+def _size_lines(plan: LaunchPlan) -> List[str]:
+    """The allocation, the parallel sizes with the derived DP / EDP, and the batch split."""
     cfg, lay = plan.cfg, plan.layout
     p, t = cfg.parallel, cfg.train
-    moe = cfg.moe.enabled
     out = [
         f"{cfg.name}: {lay.nodes} node(s) x {lay.gpus_per_node} GPU(s) = {lay.world} ranks, "
         f"{_count(plan.total_params)} parameters",
@@ -112,23 +157,24 @@ def format_plan(plan: LaunchPlan) -> str:
         + (f" (virtual pipeline {p.virtual_pipeline})" if p.virtual_pipeline else "")
         + (", sequence parallel" if p.sequence_parallel and lay.tp > 1 else ""),
     ]
-    if moe:
+    if cfg.moe.enabled:
         out.append(f"  expert layers: ETP {lay.etp} x EP {lay.ep} x EDP {lay.edp} x PP {lay.pp} "
                    f"({cfg.moe.num_experts} experts, {cfg.moe.num_experts // lay.ep} per EP rank)")
     num_micro = t.global_batch_size // (t.micro_batch_size * lay.dp)
     out.append(f"  batch: global {t.global_batch_size} = micro-batch {t.micro_batch_size} x DP {lay.dp} x "
                f"{num_micro} micro-batches per step, {cfg.data.seq_length} tokens per sample")
+    return out
 
-    out += ["", "Ranks (Megatron order tp-cp-ep-dp-pp; node = rank // GPUs per node)",
-            "  rank  node |  TP  CP  DP  PP" + (" |  EP ETP EDP" if moe else "")]
-    for c in lay.coordinates():
-        line = f"  {c.rank:>4}  {c.node:>4} | {c.tp:>3} {c.cp:>3} {c.dp:>3} {c.pp:>3}"
-        out.append(line + (f" | {c.ep:>3} {c.etp:>3} {c.edp:>3}" if moe else ""))
 
+def _group_kinds(plan: LaunchPlan) -> List[Tuple[str, str, List[List[int]]]]:
+    """``(title, line, groups)`` for each group kind worth showing: TP, DP and PP always, the others
+    where their groups hold more than one rank (DP x CP only with CP > 1, expert kinds only with
+    MoE). ``line`` gives the count, the size and whether the groups cross nodes."""
+    cfg, lay = plan.cfg, plan.layout
     kinds = [("tp", "TP"), ("cp", "CP"), ("dp", "DP"), ("dp-cp", "DP x CP (gradient reduction)"), ("pp", "PP")]
-    if moe:
+    if cfg.moe.enabled:
         kinds += [("ep", "EP (token all-to-all)"), ("etp", "ETP"), ("edp", "EDP (expert gradient reduction)")]
-    out += ["", "Groups (ranks that share each group)"]
+    rows = []
     for kind, title in kinds:
         groups = lay.groups(kind)
         if kind == "dp-cp" and lay.cp == 1:
@@ -137,25 +183,59 @@ def format_plan(plan: LaunchPlan) -> str:
             continue
         crossing = len(lay.cross_node_groups(kind))
         where = f"{crossing} cross nodes" if crossing else "all inside a node"
-        out.append(f"  {title}: {len(groups)} group(s) of {len(groups[0])}, {where}")
-        out.append(_wrap_groups(groups, "    "))
+        rows.append((title, f"  {title}: {len(groups)} group(s) of {len(groups[0])}, {where}", groups))
+    return rows
 
+
+def _memory_lines(plan: LaunchPlan, stages: Sequence[StageMemory]) -> List[str]:
+    """The memory estimate: a title, one row per stage of ``stages``, the peak and its recompute choices."""
+    cfg, lay = plan.cfg, plan.layout
     weight_bytes, _, _ = bytes_per_parameter(cfg, cuda=True)
     peak = max(plan.memory, key=lambda s: s.total)
     unit, scale = ("GiB", GIB) if peak.total >= 0.5 * GIB else ("MiB", 1024 ** 2)
-    out += ["", f"Memory per GPU, estimate ({unit}; {'bf16' if weight_bytes == 2 else 'fp32'} weights, fp32 "
-            f"grads, Adam{' sharded over DP (distributed optimizer)' if lay.dp > 1 else ''}, "
-            f"recompute={t.recompute}; formulas in megatron_ext/launch/memory.py)",
-            "  stage  params/GPU  weights    grads  optimizer  activations    total"]
-    for s in plan.memory:
+    out = [f"Memory per GPU, estimate ({unit}; {'bf16' if weight_bytes == 2 else 'fp32'} weights, fp32 "
+           f"grads, Adam{' sharded over DP (distributed optimizer)' if lay.dp > 1 else ''}, "
+           f"recompute={cfg.train.recompute}; formulas in megatron_ext/launch/memory.py)",
+           "  stage  params/GPU  weights    grads  optimizer  activations    total"]
+    for s in stages:
         out.append(f"  {s.stage:>5}  {_count(s.params):>10}  {s.weights / scale:>7.2f}  {s.gradients / scale:>7.2f}  "
                    f"{s.optimizer / scale:>9.2f}  {s.activations / scale:>11.2f}  {s.total / scale:>7.2f}")
     out.append(f"  peak: stage {peak.stage}, {peak.total / GIB:.2f} GiB of {plan.gpu_memory_gib:g} GiB; "
                "with train.recompute = " + ", ".join(f"{mode}: {total / GIB:.2f}"
                                                     for mode, total in plan.peak_by_recompute.items()))
+    return out
 
-    out += ["", "Warnings" if plan.warnings else "Warnings: none"]
-    out += [f"  - {w}" for w in plan.warnings]
+
+def _warning_lines(plan: LaunchPlan) -> List[str]:
+    return ["Warnings" if plan.warnings else "Warnings: none"] + [f"  - {w}" for w in plan.warnings]
+
+
+def format_plan(plan: LaunchPlan) -> str:
+    """The human-readable report printed by ``python -m pretrain.plan``: sizes, every rank's
+    coordinates, every group's ranks, the memory of every stage, the warnings."""
+    lay, moe = plan.layout, plan.cfg.moe.enabled
+    out = _size_lines(plan)
+    out += ["", "Ranks (Megatron order tp-cp-ep-dp-pp; node = rank // GPUs per node)",
+            "  rank  node |  TP  CP  DP  PP" + (" |  EP ETP EDP" if moe else "")]
+    for c in lay.coordinates():
+        line = f"  {c.rank:>4}  {c.node:>4} | {c.tp:>3} {c.cp:>3} {c.dp:>3} {c.pp:>3}"
+        out.append(line + (f" | {c.ep:>3} {c.etp:>3} {c.edp:>3}" if moe else ""))
+    out += ["", "Groups (ranks that share each group)"]
+    for _, line, groups in _group_kinds(plan):
+        out += [line, _wrap_groups(groups, "    ")]
+    out += ["", *_memory_lines(plan, plan.memory), "", *_warning_lines(plan)]
+    return "\n".join(out)
+
+
+def format_plan_summary(plan: LaunchPlan) -> str:
+    """The report of :func:`format_plan` without the per-rank and per-group listings, whose length
+    grows with the GPU count: sizes, one line per group kind, the peak stage's memory, the warnings
+    (``python -m pretrain.plan --summary``)."""
+    peak = max(plan.memory, key=lambda s: s.total)
+    out = _size_lines(plan)
+    out += ["", f"Groups (node = rank // {plan.layout.gpus_per_node}; the ranks of each: run without --summary)"]
+    out += [line for _, line, _ in _group_kinds(plan)]
+    out += ["", *_memory_lines(plan, [peak]), "", *_warning_lines(plan)]
     return "\n".join(out)
 
 

@@ -42,7 +42,7 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool) -> None:
     dp, problems = layout_problems(world_size, tensor=p.tensor, pipeline=p.pipeline, context=p.context,
                                    expert=p.expert, expert_tensor=p.expert_tensor)
     if problems:
-        problems.append(_launch_hint(cfg, world_size))
+        problems.append(launch_hint(cfg, world_size))
 
     groups = m.num_query_groups or m.num_attention_heads
     if m.num_attention_heads % p.tensor:
@@ -116,18 +116,27 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool) -> None:
         raise ConfigError(problems)
 
 
-def _launch_hint(cfg: RunConfig, world_size: int) -> str:
-    """What to do when the layout does not fit the ranks: the fewest ranks it runs on, and the
-    overrides that fit it to the ranks there are (checkpoints reshard on load)."""
+def launch_hint(cfg: RunConfig, world_size: int, command: str = "-m <tool> ...") -> Optional[str]:
+    """What to do when the parallel layout of ``cfg`` does not fit ``world_size`` ranks, in one
+    sentence: the fewest ranks it runs on with the ``torchrun`` line that starts them (``command``:
+    the module and its arguments), or the ``--set`` overrides that fit it to the ranks there are
+    (checkpoints reshard on load, so any layout loads them); None when the layout fits."""
     p = cfg.parallel
-    fewest = next(n for n in range(1, 1 << 20)
-                  if not layout_problems(n, tensor=p.tensor, pipeline=p.pipeline, context=p.context,
-                                         expert=p.expert, expert_tensor=p.expert_tensor)[1])
-    one_rank = ("--set parallel.tensor=1 --set parallel.pipeline=1 --set parallel.context=1 "
-                "--set parallel.expert=1 --set parallel.expert_tensor=1 --set parallel.sequence_parallel=false")
-    return (f"this layout runs on a multiple of {fewest} ranks and this job has {world_size}: start it with "
-            f"`python -m pretrain.launch --nproc-per-node {fewest} -m <tool> ...` (or torchrun), or fit the layout "
-            f"to {world_size} rank(s), e.g. for one process {one_rank} (a checkpoint loads at any layout)")
+    sizes = {"tensor": p.tensor, "pipeline": p.pipeline, "context": p.context, "expert": p.expert,
+             "expert_tensor": p.expert_tensor}
+    if not layout_problems(world_size, **sizes)[1]:
+        return None
+    most = p.tensor * p.pipeline * p.context * p.expert * (p.expert_tensor or p.tensor)  # always fits
+    fewest = next(n for n in range(1, most + 1) if not layout_problems(n, **sizes)[1])
+    split = {name: size for name, size in sizes.items() if size not in (None, 1)}
+    overrides = [f"--set parallel.{name}=1" for name in split]
+    if p.virtual_pipeline is not None:  # interleaving needs pipeline > 1
+        overrides.append("--set parallel.virtual_pipeline=null")
+    layout = ", ".join(f"parallel.{name}={size}" for name, size in split.items())
+    return (f"the layout {layout} runs on a multiple of {fewest} ranks and this job has {world_size}: start it "
+            f"with `torchrun --nproc-per-node {fewest} {command}` (python -m pretrain.launch takes the same "
+            f"options), or fit the layout to {world_size} rank(s) with `{' '.join(overrides)}` (a checkpoint "
+            "loads at any layout)")
 
 
 def _validation_size_problems(cfg: RunConfig) -> List[str]:

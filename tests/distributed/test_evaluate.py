@@ -1,10 +1,16 @@
 """Evaluating a checkpoint gives the trained model, not its weights alone: the validation loss of
 ``evaluate_checkpoint`` equals the one the training loop logged at the same step, for a model whose
 structure lives in the capabilities' states (a binarized hybrid attention allocation, grown SGT
-loops, MoE with expert bias), also at another parallel layout."""
+loops, MoE with expert bias), also at another parallel layout; a run whose layout does not fit the
+ranks names the override that evaluates it."""
 
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import yaml
 
 from megatron_ext.config import from_dict
 from megatron_ext.run import RunConfig
@@ -13,6 +19,9 @@ from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.training.evaluate import evaluate_checkpoint
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 CONFIG = {
     "model": {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
@@ -86,3 +95,33 @@ def test_full_model_under_a_subnetwork_equals_the_extracted_submodel(tmp_path):
           f"extracted {out['extracted']:.6f}")
     assert abs(out["under_sub"] - out["extracted"]) <= 1e-5 * out["extracted"]
     assert abs(out["under_sub"] - out["full"]) > 1e-3  # the sub-network is another function
+
+
+def train_dense(run_dir):
+    data = {key: copy.deepcopy(CONFIG[key]) for key in ("model", "data", "train", "logging")}
+    data["train"].update(steps=2, eval_interval=2)
+    Trainer(from_dict(RunConfig, data), Path(run_dir), log=lambda line: None).run()
+    return read_metrics(Path(run_dir) / "metrics.jsonl")[-1]
+
+
+def test_a_layout_that_does_not_fit_one_process_evaluates_with_the_override_it_names(tmp_path):
+    run_dir = tmp_path / "run"
+    logged = run_distributed(train_dense, 1, None, run_dir=str(run_dir))[0]["val/loss"]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["parallel"]["tensor"] = 2  # as if trained at TP=2
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}  # one plain process
+
+    def evaluate_cli(*extra):
+        return subprocess.run([sys.executable, "-m", "pretrain.evaluate", "--run-dir", str(run_dir), "--batches",
+                               "2", *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    refused = evaluate_cli()
+    assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.count("\n") == 1, refused.stderr
+    assert "`torchrun --nproc-per-node 2 -m pretrain.evaluate" in refused.stderr
+    override = refused.stderr.split("with `--set ")[1].split("`")[0]
+    assert override == "parallel.tensor=1", refused.stderr
+    done = evaluate_cli("--set", override)
+    assert done.returncode == 0, done.stderr
+    evaluated = float(done.stdout.split("validation loss ")[1].split()[0])
+    assert abs(evaluated - logged) <= 1e-4 * abs(logged), (evaluated, logged)

@@ -13,7 +13,7 @@ from megatron_ext.config import ConfigError
 from megatron_ext.run import load_config
 from megatron_ext.launch.layout import GROUP_KINDS, Layout
 from megatron_ext.launch.memory import ParamInventory, estimate_memory, layer_activation_bytes
-from megatron_ext.launch.planner import check_allocation, format_plan, make_plan, sbatch_command
+from megatron_ext.launch.planner import check_allocation, format_plan, format_plan_summary, make_plan, sbatch_command
 from tests.slurm.cluster import REPO
 
 # (TP, PP, CP, EP, ETP, world): dense, MoE with EP inside TP x DP, CP, expert TP != TP.
@@ -149,6 +149,59 @@ def test_plan_warns_only_about_groups_the_model_uses():
     assert "peak: stage 0" in report
 
 
+def moe_config(**parallel):
+    cfg = load_config(REPO / "configs" / "ultra_sparse_moe.yaml")  # TP 1, PP 4, EP 16
+    return replace(cfg, parallel=replace(cfg.parallel, **parallel))
+
+
+def moe_inventory(layers=32):
+    return ParamInventory(num_layers=layers,
+                          layers=[{"tp": 30_000_000, "replicated": 4_000, "expert": 2_400_000_000}] * layers,
+                          first_stage={"tp": 300_000_000}, last_stage={"replicated": 2048}, tied_embedding=300_000_000)
+
+
+def test_the_summary_of_a_1024_gpu_layout_is_short():
+    plan = make_plan(moe_config(), 128, 8, moe_inventory(), environ={})
+    full, summary = format_plan(plan).splitlines(), format_plan_summary(plan).splitlines()
+    print("\n".join(summary))
+    assert len(full) > 1000 and len(summary) < 60
+    assert "ultra_sparse_moe: 128 node(s) x 8 GPU(s) = 1024 ranks, 78.06B parameters" in summary
+    assert "  dense layers:  TP 1 x CP 1 x DP 256 x PP 4" in summary
+    assert "  expert layers: ETP 1 x EP 16 x EDP 16 x PP 4 (768 experts, 48 per EP rank)" in summary
+    assert "  TP: 1024 group(s) of 1, all inside a node" in summary
+    assert "  DP: 4 group(s) of 256, 4 cross nodes" in summary
+    assert "  EP (token all-to-all): 64 group(s) of 16, 64 cross nodes" in summary
+    assert plan.warnings and all(f"  - {w}" in summary for w in plan.warnings)
+    assert any(line.startswith("  peak: stage ") for line in summary)
+    # the same lines as the full report, without its rank and group listings
+    assert [line for line in summary if line not in full] == [
+        "Groups (node = rank // 8; the ranks of each: run without --summary)"]
+    assert len(format_plan_summary(make_plan(moe_config(), 32, 8, moe_inventory(), environ={})).splitlines()) \
+        == len(summary)  # independent of the GPU count
+
+
+def test_the_cross_node_expert_warning_names_the_fix():
+    def ep_warnings(nodes, **parallel):
+        plan = make_plan(moe_config(**parallel), nodes, 8, moe_inventory(), environ={})
+        return [w for w in plan.warnings if w.startswith("EP groups cross")]
+
+    # TP 2 without parallel.expert_tensor: ETP = 2 strides each EP group of 8 over 16 ranks, two nodes
+    tp2 = {"tensor": 2, "pipeline": 1, "expert": 8, "sequence_parallel": True}
+    (warning,) = ep_warnings(4, **tp2)
+    assert "each EP group spans ETP x EP = 2 x 8 = 16 consecutive ranks (parallel.expert_tensor is unset, so " \
+           "ETP follows parallel.tensor=2): set parallel.expert_tensor=1 (ETP x EP = 8 ranks), or " \
+           "parallel.expert=4 (ETP x EP = 8 ranks) to keep them inside a node of 8 GPUs" in warning, warning
+    assert ep_warnings(4, **tp2, expert_tensor=1) == []
+    assert ep_warnings(4, **{**tp2, "expert": 4}) == []
+    (warning,) = ep_warnings(128)  # EP 16 on nodes of 8
+    assert warning.endswith("each EP group spans ETP x EP = 1 x 16 = 16 consecutive ranks: set "
+                            "parallel.expert=8 (ETP x EP = 8 ranks) to keep them inside a node of 8 GPUs"), warning
+    assert ep_warnings(128, expert=8) == []
+    (warning,) = ep_warnings(4, **{**tp2, "expert": 16})  # neither field alone fits EP 16; both do
+    assert "set parallel.expert=4 (ETP x EP = 8 ranks), or parallel.expert_tensor=1 with parallel.expert=8" in warning
+    assert ep_warnings(4, **{**tp2, "expert": 8}, expert_tensor=1) == []
+
+
 def test_sizes_that_do_not_fit_the_allocation():
     cfg = dense_config(tensor=3)
     with pytest.raises(ConfigError) as err:
@@ -193,6 +246,17 @@ def test_paper_scale_dry_run():
     assert "TP: 32 group(s) of 2, all inside a node" in out
     assert "PP: 32 group(s) of 2, 32 cross nodes" in out
     assert "sbatch --nodes=8 --ntasks-per-node=1 --gpus-per-node=8" in out
+
+
+def test_summary_cli_at_1024_gpus():
+    proc = plan_cli("--config", "configs/qwen3_1p7b.yaml", "--nodes", "128", "--gpus-per-node", "8",
+                    "--set", "train.global_batch_size=1024", "--summary")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) < 60, proc.stdout
+    assert "  dense layers:  TP 1 x CP 1 x DP 1024 x PP 1" in lines
+    assert "  DP: 1 group(s) of 1024, 1 cross nodes" in lines
+    assert any(line.startswith("  - pipeline stage 0 needs about") for line in lines)
 
 
 @pytest.mark.parametrize("size,params", [("0p6b", "0.60B"), ("1p7b", "1.72B")])
