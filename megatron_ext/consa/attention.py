@@ -16,6 +16,11 @@ modes, set by the ConSA callback (default: full):
 Window convention [choice]: a query at position i sees keys i - W + 1 .. i (W keys, itself included).
 Under TP a rank holds KV heads ``[tp_rank * ng_local, (tp_rank + 1) * ng_local)`` and uses the
 gates / allocation of exactly those heads, so heads and their gates are sharded together.
+Under context parallelism (CP) a rank holds two chunks of the sequence
+(:mod:`megatron_ext.parallel.context`): full-attention heads all-gather their keys and values,
+sliding-window heads fetch only a halo of ``W - 1`` positions per chunk
+(:func:`~megatron_ext.models.context_attention.context_parallel_attention`); a static mixed layer
+exchanges each group's heads by its own scheme, so its SWA heads keep their smaller traffic.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron_ext.consa.kernels import causal_attention, sink_window_attention, sliding_window_attention
+from megatron_ext.models.context_attention import context_parallel_attention
+from megatron_ext.parallel.context import context_parallel_of
 
 MODES = ("full", "gated", "static")
 
@@ -45,7 +52,11 @@ class HybridCoreAttention(MegatronModule):
         if window < 1:
             raise ValueError(f"window={window} must be >= 1")
         if pg_collection is None:  # built outside an Attention module: this rank's groups
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        self.cp = context_parallel_of(pg_collection)
+        if self.cp is not None and sink:
+            raise ValueError("sink + recent attention (LoZA, hybrid_attention.sink_tokens > 0) has no context-parallel "
+                             "form: use parallel.context: 1")
         tp_size, tp_rank = get_pg_size(pg_collection.tp), get_pg_rank(pg_collection.tp)
         self.layer_index = layer_number - 1  # Megatron numbers layers from 1
         self.window = window
@@ -148,7 +159,7 @@ class HybridCoreAttention(MegatronModule):
         """``q [b, nq, s, hn]`` over ``k`` / ``v [b, len(heads), s, hn]`` (``qpg`` query heads per
         KV head), ``heads`` the local KV head of each position in ``k``."""
         if self.mode == "full":
-            return causal_attention(q, k, v, self.softmax_scale)
+            return self._full(q, k, v)
         if self.mode == "gated":
             return self._gated(q, k, v, heads, qpg)
         return self._static(q, k, v, self._full_heads[heads], qpg)
@@ -160,19 +171,27 @@ class HybridCoreAttention(MegatronModule):
             z = z[self.kv_offset + heads].repeat_interleave(qpg)  # [nq]
         z = z.to(device=q.device, dtype=q.dtype)
         z = z.view(1, -1, 1, 1)
-        full = causal_attention(q, k, v, self.softmax_scale)
+        full = self._full(q, k, v)
         swa = self._sparse(q, k, v)
         return z * full + (1.0 - z) * swa
 
+    def _full(self, q, k, v):
+        """The full units' causal attention (over every CP rank's keys under CP)."""
+        if self.cp is not None:
+            return context_parallel_attention(q, k, v, self.cp, self.softmax_scale)
+        return causal_attention(q, k, v, self.softmax_scale)
+
     def _sparse(self, q, k, v):
-        """The sparse units' attention: sliding window, or sink + recent (``sink > 0``)."""
+        """The sparse units' attention: sliding window (with the halo under CP), or sink + recent (``sink > 0``)."""
         if self.sink:
             return sink_window_attention(q, k, v, self.window, self.sink, self.softmax_scale)
+        if self.cp is not None:
+            return context_parallel_attention(q, k, v, self.cp, self.softmax_scale, window=self.window)
         return sliding_window_attention(q, k, v, self.window, self.softmax_scale)
 
     def _static(self, q, k, v, full_flags, qpg: int):
         if bool(full_flags.all()):
-            return causal_attention(q, k, v, self.softmax_scale)
+            return self._full(q, k, v)
         if not bool(full_flags.any()):
             return self._sparse(q, k, v)
         # Mixed layer: two groups, each through its own kernel.
@@ -184,7 +203,7 @@ class HybridCoreAttention(MegatronModule):
 
         fa_kv, swa_kv = fa_kv.to(q.device), swa_kv.to(q.device)
         fa_q, swa_q = query_heads(fa_kv), query_heads(swa_kv)
-        fa_out = causal_attention(q[:, fa_q], k[:, fa_kv], v[:, fa_kv], self.softmax_scale)
+        fa_out = self._full(q[:, fa_q], k[:, fa_kv], v[:, fa_kv])
         swa_out = self._sparse(q[:, swa_q], k[:, swa_kv], v[:, swa_kv])
         out = q.new_empty(q.shape)
         out[:, fa_q] = fa_out

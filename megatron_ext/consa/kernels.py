@@ -10,6 +10,10 @@ Conventions
       out_i = sum_j p_ij v_j,   p_ij = softmax_j(scale * q_i . k_j)   over j in [max(0, i - W + 1), i]
 
   ``W >= T`` is plain causal attention; ``W = 1`` returns ``v`` itself.
+* ``k`` and ``v`` may hold more positions than ``q`` (``Tk >= Tq``): the queries are then the last
+  ``Tq`` of the ``Tk`` key positions, query ``i`` sitting at key position ``i + Tk - Tq``. This is a
+  sequence chunk with the keys before it (its whole prefix for full attention, a halo of ``W - 1``
+  for a window), as context parallelism hands it over; ``Tk == Tq`` is the whole sequence.
 * GQA: ``q`` has ``hq`` heads, ``k`` and ``v`` have ``hkv`` heads with ``hq % hkv == 0``; query head
   ``h`` reads kv head ``h // (hq // hkv)``.
 * ``scale`` defaults to ``1 / sqrt(d)``. There is no dropout.
@@ -86,12 +90,19 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Opt
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
     b, hq, t, d = q.shape
-    if k.shape[0] != b or k.shape[2] != t or k.shape[3] != d:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, sequence or head dim")
+    if k.shape[0] != b or k.shape[2] < t or k.shape[3] != d:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head dim, or k holds "
+                         "fewer positions than q")
     if hq % k.shape[1] != 0:
         raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({k.shape[1]})")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be an integer >= 1; got {window!r}")
+
+
+def _check_whole_sequence(q: torch.Tensor, k: torch.Tensor, what: str) -> None:
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"{what} takes whole sequences (as many keys as queries); got {q.shape[2]} queries "
+                         f"and {k.shape[2]} keys")
 
 
 def _scale_or_default(q: torch.Tensor, scale: Optional[float]) -> float:
@@ -114,11 +125,25 @@ def ideal_flop_ratio(seq_len: int, window: int) -> float:
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None
 ) -> torch.Tensor:
-    """Full causal attention ``[b, hq, s, d]`` through ``scaled_dot_product_attention(is_causal=True)``."""
+    """Full causal attention ``[b, hq, Tq, d]`` through ``scaled_dot_product_attention``: ``is_causal``
+    when ``Tk == Tq``; for the last ``Tq`` queries of ``Tk`` keys, the causal mask aligned to the
+    bottom right (query ``i`` sees keys ``j <= i + Tk - Tq``), which ``is_causal`` (top left) is not."""
     _check_inputs(q, k, v, None)
+    tq, tk = q.shape[2], k.shape[2]
+    mask = None if tq == tk else _band_mask(tq, tk, None, q.device)
     return F.scaled_dot_product_attention(
-        q, k, v, is_causal=True, scale=_scale_or_default(q, scale), enable_gqa=q.shape[1] != k.shape[1]
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=_scale_or_default(q, scale),
+        enable_gqa=q.shape[1] != k.shape[1]
     )
+
+
+def _band_mask(tq: int, tk: int, window: Optional[int], device) -> torch.Tensor:
+    """``[Tq, Tk]`` True where query ``i`` (at key position ``i + Tk - Tq``) sees key ``j``: causal, and
+    within the last ``window`` keys unless ``window`` is None."""
+    i = torch.arange(tk - tq, tk, device=device)[:, None]
+    j = torch.arange(tk, device=device)[None, :]
+    visible = j <= i
+    return visible if window is None else visible & (j >= i - window + 1)
 
 
 def sliding_window_attention_reference(
@@ -126,17 +151,15 @@ def sliding_window_attention_reference(
 ) -> torch.Tensor:
     """Dense O(T^2) reference: full score matrix, explicit band mask, softmax, weighted sum of ``v``.
 
-    q: [b, hq, T, d]; k, v: [b, hkv, T, d]; returns [b, hq, T, d]. Differentiable through autograd.
+    q: [b, hq, Tq, d]; k, v: [b, hkv, Tk, d] (``Tk >= Tq``, see the module doc); returns [b, hq, Tq, d].
+    Differentiable through autograd.
     """
     _check_inputs(q, k, v, window)
     group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)  # [b, hq, T, d]: query head h reads kv head h // group
+    k = k.repeat_interleave(group, dim=1)  # [b, hq, Tk, d]: query head h reads kv head h // group
     v = v.repeat_interleave(group, dim=1)
-    t = q.shape[2]
-    i = torch.arange(t, device=q.device)[:, None]
-    j = torch.arange(t, device=q.device)[None, :]
-    in_band = (j <= i) & (j >= i - window + 1)  # [T, T]
-    scores = torch.matmul(q, k.transpose(-1, -2)) * _scale_or_default(q, scale)  # [b, hq, T, T]
+    in_band = _band_mask(q.shape[2], k.shape[2], window, q.device)  # [Tq, Tk]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * _scale_or_default(q, scale)  # [b, hq, Tq, Tk]
     scores = scores.masked_fill(~in_band, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
@@ -150,6 +173,7 @@ def sink_window_attention_reference(
     q: [b, hq, T, d]; k, v: [b, hkv, T, d]; returns [b, hq, T, d]. Explicit score matrix and softmax.
     """
     _check_inputs(q, k, v, window)
+    _check_whole_sequence(q, k, "sink + recent attention")
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
@@ -171,6 +195,7 @@ def sink_window_attention(
     ``scaled_dot_product_attention`` with the boolean mask. [choice] Dense cost: the LoZA baseline is
     compared on quality here, and this path does not claim sparse attention's savings."""
     _check_inputs(q, k, v, window)
+    _check_whole_sequence(q, k, "sink + recent attention")
     mask = _sink_window_mask(q.shape[2], window, sink, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=_scale_or_default(q, scale),
                                           enable_gqa=q.shape[1] != k.shape[1])
@@ -199,28 +224,32 @@ def _band_template(
 
 
 class _Block(NamedTuple):
-    """One query block [start, stop) and the keys [key_start, stop) it reads."""
+    """One query block [start, stop) and the keys [key_start, key_stop) it reads."""
 
     start: int
     stop: int
     key_start: int
+    key_stop: int
     mask: Tuple[Tuple[slice, torch.Tensor], ...]  # (score columns, additive bias [rows, columns]) to add
 
 
-def _block_plan(seq_len: int, window: int, block: int, group: int, template: torch.Tensor) -> List[_Block]:
+def _block_plan(seq_len: int, window: int, block: int, group: int, template: torch.Tensor,
+                q_offset: int = 0) -> List[_Block]:
     """Query blocks with their key ranges and the pieces of the band mask their scores need.
 
-    Template column ``c`` of block ``[s, e)`` is key ``s - window + 1 + c``; keys before 0 are not read,
-    which cuts ``offset`` columns off the front. Only two column slabs can hold masked entries: the
-    oldest ``e - s - 1`` keys, which the first rows reach and the last no longer do, and the keys from
+    ``seq_len`` queries, query ``i`` at key position ``i + q_offset``. Template column ``c`` of block
+    ``[s, e)`` is key ``s + q_offset - window + 1 + c``; keys before 0 are not read, which cuts
+    ``offset`` columns off the front. Only two column slabs can hold masked entries: the oldest
+    ``e - s - 1`` keys, which the first rows reach and the last no longer do, and the keys from
     template column ``window`` on, past the first rows' own positions. Interior blocks share one set
     of bias views.
     """
     plan, masks = [], {}
     for s in range(0, seq_len, block):
         e = min(seq_len, s + block)
-        ks = max(0, s - window + 1)
-        n_query, offset, n_key = e - s, ks - (s - window + 1), e - ks
+        first = s + q_offset - window + 1  # key of template column 0
+        ks = max(0, first)
+        n_query, offset, n_key = e - s, ks - first, e + q_offset - ks
         key = (n_query, offset, n_key)
         if key not in masks:
             bias = template[: n_query * group, offset : offset + n_key]
@@ -233,7 +262,7 @@ def _block_plan(seq_len: int, window: int, block: int, group: int, template: tor
                 if right < n_key:
                     pieces.append((slice(right, n_key), bias[:, right:]))
             masks[key] = tuple(pieces)
-        plan.append(_Block(s, e, ks, masks[key]))
+        plan.append(_Block(s, e, ks, e + q_offset, masks[key]))
     return plan
 
 
@@ -285,27 +314,28 @@ class _BlockedSlidingWindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, window: int, scale: float, block: int):
         b, hq, t, d = q.shape
-        kv_heads = k.shape[1]
+        kv_heads, tk = k.shape[1], k.shape[2]
         group = hq // kv_heads
-        q_rows = _to_rows(q, kv_heads, scale)  # [B, T*g, d], pre-scaled so the scores need no extra pass
-        k_rows = k.contiguous().view(b * kv_heads, t, d)  # [B, T, d]
-        v_rows = v.contiguous().view(b * kv_heads, t, d)
+        q_rows = _to_rows(q, kv_heads, scale)  # [B, Tq*g, d], pre-scaled so the scores need no extra pass
+        k_rows = k.contiguous().view(b * kv_heads, tk, d)  # [B, Tk, d]
+        v_rows = v.contiguous().view(b * kv_heads, tk, d)
         n_batch = q_rows.shape[0]
-        plan = _block_plan(t, window, block, group, _band_template(block, window, group, q.dtype, q.device))
-        max_rows, max_keys = block * group, min(block + window - 1, t)
+        plan = _block_plan(t, window, block, group, _band_template(block, window, group, q.dtype, q.device),
+                           q_offset=tk - t)
+        max_rows, max_keys = block * group, min(block + window - 1, tk)
         scores_buf = q.new_empty(n_batch * max_rows * max_keys)
         out_buf = q.new_empty(n_batch * max_rows * d)
         out_rows = torch.empty_like(q_rows)
         for blk in plan:
             rows = slice(blk.start * group, blk.stop * group)
-            shape = (n_batch, rows.stop - rows.start, blk.stop - blk.key_start)  # [B, r, L]
-            k_win = k_rows[:, blk.key_start : blk.stop]  # [B, L, d], a view
+            shape = (n_batch, rows.stop - rows.start, blk.key_stop - blk.key_start)  # [B, r, L]
+            k_win = k_rows[:, blk.key_start : blk.key_stop]  # [B, L, d], a view
             scores = torch.bmm(q_rows[:, rows], k_win.transpose(1, 2), out=_workspace(scores_buf, *shape))
             _add_band_mask_(scores, blk)
             # In place: along the last dim each output element only replaces the score it is computed
             # from (after the row max is known), and one buffer instead of two keeps the block in cache.
             probs = torch.softmax(scores, dim=-1, out=scores)
-            v_win = v_rows[:, blk.key_start : blk.stop]
+            v_win = v_rows[:, blk.key_start : blk.key_stop]
             out_rows[:, rows] = torch.bmm(probs, v_win, out=_workspace(out_buf, *shape[:2], d))
         out = _from_rows(out_rows, b, hq)
         ctx.save_for_backward(q_rows, k_rows, v_rows, out)
@@ -316,7 +346,8 @@ class _BlockedSlidingWindowAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         q_rows, k_rows, v_rows, out = ctx.saved_tensors
-        b, hq, t, d = out.shape
+        b, hq, _, d = out.shape
+        tk = k_rows.shape[1]
         n_batch = k_rows.shape[0]
         kv_heads = n_batch // b
         group = hq // kv_heads
@@ -331,23 +362,23 @@ class _BlockedSlidingWindowAttention(torch.autograd.Function):
         dv_rows = torch.zeros_like(v_rows)
         for blk in ctx.plan:
             rows = slice(blk.start * group, blk.stop * group)
-            n_rows, n_keys = rows.stop - rows.start, blk.stop - blk.key_start
+            n_rows, n_keys = rows.stop - rows.start, blk.key_stop - blk.key_start
+            keys = slice(blk.key_start, blk.key_stop)
             q_blk, dout_blk = q_rows[:, rows], dout_rows[:, rows]  # [B, r, d]
-            k_win = k_rows[:, blk.key_start : blk.stop]  # [B, L, d]
-            v_win = v_rows[:, blk.key_start : blk.stop]
+            k_win, v_win = k_rows[:, keys], v_rows[:, keys]  # [B, L, d]
             scores_out = _workspace(scores_buf, n_batch, n_rows, n_keys)
             scores = torch.bmm(q_blk, k_win.transpose(1, 2), out=scores_out)
             _add_band_mask_(scores, blk)
             probs = torch.softmax(scores, dim=-1, out=_workspace(probs_buf, n_batch, n_rows, n_keys))
             dv_win = torch.bmm(probs.transpose(1, 2), dout_blk, out=_workspace(kv_buf, n_batch, n_keys, d))
-            dv_rows[:, blk.key_start : blk.stop].add_(dv_win)
+            dv_rows[:, keys].add_(dv_win)
             dprobs = torch.bmm(dout_blk, v_win.transpose(1, 2), out=scores)
             dscores = dprobs.sub_(delta[:, rows]).mul_(probs)  # softmax backward, in place
             dq_rows[:, rows] = torch.bmm(dscores, k_win, out=_workspace(q_buf, n_batch, n_rows, d))
             dk_win = torch.bmm(dscores.transpose(1, 2), q_blk, out=_workspace(kv_buf, n_batch, n_keys, d))
-            dk_rows[:, blk.key_start : blk.stop].add_(dk_win)
+            dk_rows[:, keys].add_(dk_win)
         grad_q = _from_rows(dq_rows, b, hq, scale=ctx.scale)  # dS was taken w.r.t. the pre-scaled q
-        return grad_q, dk_rows.view(b, kv_heads, t, d), dv_rows.view(b, kv_heads, t, d), None, None, None
+        return grad_q, dk_rows.view(b, kv_heads, tk, d), dv_rows.view(b, kv_heads, tk, d), None, None, None
 
 
 def sliding_window_attention_blocked(
@@ -361,16 +392,16 @@ def sliding_window_attention_blocked(
 ) -> torch.Tensor:
     """Causal sliding-window attention in O(T * W) time and memory, forward and backward (CPU training path).
 
-    q: [b, hq, T, d]; k, v: [b, hkv, T, d]; returns [b, hq, T, d]. ``block_size`` is the query block
-    ``bq``; each block costs ``bq * (bq + W - 1)`` scores. Matches ``sliding_window_attention_reference``.
+    q: [b, hq, Tq, d]; k, v: [b, hkv, Tk, d] (``Tk >= Tq``: the queries are the last ``Tq`` positions);
+    returns [b, hq, Tq, d]. ``block_size`` is the query block ``bq``; each block costs
+    ``bq * (bq + W - 1)`` scores. Matches ``sliding_window_attention_reference``.
     """
     _check_inputs(q, k, v, window)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1; got {block_size}")
-    t = q.shape[2]
-    # A window past the sequence changes nothing and would only widen the mask template.
+    # A window past the keys changes nothing and would only widen the mask template.
     scale = _scale_or_default(q, scale)
-    return _BlockedSlidingWindowAttention.apply(q, k, v, min(window, t), scale, block_size)
+    return _BlockedSlidingWindowAttention.apply(q, k, v, min(window, k.shape[2]), scale, block_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,14 +419,16 @@ def _compiled_flex_attention():
 
 
 @functools.lru_cache(maxsize=64)
-def _sliding_window_block_mask(seq_len: int, window: int, device: torch.device):
+def _sliding_window_block_mask(q_len: int, kv_len: int, window: int, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
 
+    offset = kv_len - q_len  # query i sits at key position i + offset
+
     def sliding_window_causal(batch, head, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+        return (kv_idx <= q_idx + offset) & (q_idx + offset - kv_idx < window)
 
     return create_block_mask(
-        sliding_window_causal, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device
+        sliding_window_causal, B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device
     )
 
 
@@ -413,17 +446,18 @@ def sliding_window_attention(
 ) -> torch.Tensor:
     """Causal sliding-window attention on whichever device the tensors live.
 
-    q: [b, hq, T, d]; k, v: [b, hkv, T, d]; returns [b, hq, T, d].
+    q: [b, hq, Tq, d]; k, v: [b, hkv, Tk, d] (``Tk >= Tq``: the queries are the last ``Tq`` positions);
+    returns [b, hq, Tq, d].
 
     * CUDA: ``torch.nn.attention.flex_attention`` (compiled) with a block mask for
-      ``kv_idx <= q_idx and q_idx - kv_idx < window``, cached per (T, window, device); GQA through
+      ``kv_idx <= q_idx + Tk - Tq < kv_idx + window``, cached per (Tq, Tk, window, device); GQA through
       ``enable_gqa``.
     * CPU: ``sliding_window_attention_blocked``. FlexAttention has no CPU backward in torch 2.13 (its
       CPU path is inference only), so training on CPU needs the blocked kernel with its own backward.
     """
     _check_inputs(q, k, v, window)
     if q.is_cuda:
-        mask = _sliding_window_block_mask(q.shape[2], window, q.device)
+        mask = _sliding_window_block_mask(q.shape[2], k.shape[2], window, q.device)
         flex = _compiled_flex_attention()
         gqa = q.shape[1] != k.shape[1]
         return flex(q, k, v, block_mask=mask, scale=_scale_or_default(q, scale), enable_gqa=gqa)

@@ -9,6 +9,10 @@ or memory-efficient attention on GPU, its fused flash-style kernel on CPU.
 
 Attention dropout is drawn inside Megatron's model-parallel RNG tracker fork, as
 ``DotProductAttention`` does, so that ranks holding different heads draw different masks.
+
+Under context parallelism the rank's two sequence chunks attend over the all-gathered keys and
+values (:func:`~megatron_ext.models.context_attention.context_parallel_attention`); attention dropout
+is not supported there.
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ from typing import Optional
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
+
+from megatron_ext.models.context_attention import context_parallel_attention
+from megatron_ext.parallel.context import context_parallel_of
 
 __all__ = ["SDPACoreAttention"]
 
@@ -30,15 +38,18 @@ class SDPACoreAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type=AttnMaskType.causal, attention_type="self",
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type=None, pg_collection=None):
-        problems = []
-        if config.context_parallel_size != 1:
-            problems.append(f"context_parallel_size={config.context_parallel_size} (use 1)")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if config.context_parallel_size != 1 and dropout > 0:
+            raise ValueError(f"SDPACoreAttention has no attention dropout under context parallelism (dropout {dropout}, "
+                             f"context_parallel_size={config.context_parallel_size}): set model.attention_dropout: 0")
         if attn_mask_type != AttnMaskType.causal or attention_type != "self":
-            problems.append(f"{attention_type} attention with mask type {attn_mask_type} (causal self-attention only)")
-        if problems:
-            raise ValueError("SDPACoreAttention does not support " + "; ".join(problems)
-                             + ": set model.attention_backend: local for Megatron's DotProductAttention.")
+            raise ValueError(f"SDPACoreAttention does not support {attention_type} attention with mask type "
+                             f"{attn_mask_type} (causal self-attention only): set model.attention_backend: local for "
+                             "Megatron's DotProductAttention.")
         super().__init__(config=config)
+        if pg_collection is None and config.context_parallel_size > 1:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["cp"])
+        self.cp = context_parallel_of(pg_collection)
         self.layer_number = layer_number
         self.head_dim = config.kv_channels
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
@@ -56,6 +67,9 @@ class SDPACoreAttention(MegatronModule):
         q = query.permute(1, 2, 0, 3)  # [b, nq, s, hn]
         k = key.permute(1, 2, 0, 3)  # [b, nkv, s, hn]
         v = value.permute(1, 2, 0, 3)
+        if self.cp is not None:
+            out = context_parallel_attention(q, k, v, self.cp, self.softmax_scale)
+            return out.permute(2, 0, 1, 3).reshape(s, b, nq * hn)
         dropout = self.dropout if self.training else 0.0
         gqa = q.shape[1] != k.shape[1]
         if dropout > 0.0 and not self.config.sequence_parallel:

@@ -65,9 +65,18 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool) -> None:
         if d.seq_length % (2 * p.context):
             problems.append(f"data.seq_length={d.seq_length} is not divisible by 2 * parallel.context = "
                             f"{2 * p.context} (context parallelism splits the sequence into 2*CP chunks)")
-        if not cuda:
-            problems.append(f"parallel.context={p.context}: context parallelism needs Transformer "
-                            "Engine attention on GPU; use parallel.context=1 on CPU")
+        elif p.sequence_parallel and p.tensor > 1 and (d.seq_length // p.context) % p.tensor:
+            problems.append(f"data.seq_length={d.seq_length} / parallel.context={p.context} is not divisible by "
+                            f"parallel.tensor={p.tensor}, which sequence parallelism needs on each CP rank")
+        if m.attention_backend == "local":
+            problems.append(f"parallel.context={p.context} with model.attention_backend='local': Megatron's "
+                            "DotProductAttention has no context parallelism here; use model.attention_backend: sdpa")
+        if m.attention_dropout > 0:
+            problems.append(f"parallel.context={p.context} with model.attention_dropout={m.attention_dropout}: the "
+                            "context-parallel attention has no dropout; set model.attention_dropout: 0")
+        if m.mtp_num_layers:
+            problems.append(f"parallel.context={p.context} with model.mtp_num_layers={m.mtp_num_layers}: multi-token "
+                            "prediction is not tested under context parallelism; use parallel.context: 1")
     max_pos = m.max_position_embeddings or d.seq_length
     if max_pos < d.seq_length:
         problems.append(f"model.max_position_embeddings={max_pos} is shorter than data.seq_length={d.seq_length}")

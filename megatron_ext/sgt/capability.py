@@ -31,8 +31,6 @@ class Looping(Capability):
             return []
         problems = [f"looping.{p}" for p in
                     cfg.looping.problems_with_model(cfg.model.num_layers, cfg.model.num_attention_heads)]
-        if cfg.parallel.context > 1:
-            problems.append("looping with parallel.context > 1 is not supported")
         return problems
 
     def layer_specs(self, cfg, specs: list) -> list:

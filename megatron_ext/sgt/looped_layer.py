@@ -29,6 +29,9 @@ loop uses causal ``scaled_dot_product_attention``.
 
 The ``block`` baseline instead re-runs the whole layer (attention and MLP) ``loop_depth`` times.
 
+Under context parallelism the loop passes run the core attention's CP form, and the entropy takes
+the last query from the CP rank that holds it and the keys of every rank (:meth:`_entropy`).
+
 Entropy (for the growth schedule) is measured on the layer's ordinary attention pass by a forward
 pre-hook on ``self_attention.core_attention``: whatever the kernel, its inputs are the post-RoPE
 query ``[s, b, np, hn]`` and key ``[s, b, ng, hn]``, from which
@@ -66,7 +69,9 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron_ext.compat.layers import forward_attention, forward_mlp
+from megatron_ext.models.context_attention import context_parallel_attention
 from megatron_ext.models.rope import rotate_query_key
+from megatron_ext.parallel.context import context_parallel_of
 from megatron_ext.sgt.entropy import seen_keys_entropy
 
 __all__ = ["EntropySink", "LoopedTransformerLayer", "looped_layer_spec"]
@@ -110,6 +115,7 @@ class LoopedTransformerLayer(TransformerLayer):
         self._local_groups = attn.num_query_groups_per_partition
         self._heads_per_group = self._local_heads // self._local_groups
         self._head_offset = get_pg_rank(self._tp_group) * self._local_heads
+        self._cp = context_parallel_of(attn.pg_collection)
         self._softmax_scale = (config.softmax_scale if config.softmax_scale is not None
                                else 1.0 / math.sqrt(self._head_dim))
         self.loop_depth = 0
@@ -125,9 +131,6 @@ class LoopedTransformerLayer(TransformerLayer):
     @staticmethod
     def _check_supported(config, attn) -> None:
         problems = []
-        if config.context_parallel_size > 1:
-            problems.append("context parallelism (the loop and the entropy need the whole sequence "
-                            "on one rank)")
         if config.num_query_groups < get_pg_size(attn.pg_collection.tp):
             problems.append(f"num_query_groups={config.num_query_groups} below the tensor-parallel size "
                             f"{get_pg_size(attn.pg_collection.tp)} (KV heads replicated across ranks)")
@@ -390,6 +393,8 @@ class LoopedTransformerLayer(TransformerLayer):
         q = query.permute(1, 2, 0, 3)  # [b, nq, s, hn]
         k = key.index_select(2, index).permute(1, 2, 0, 3)  # [b, nq, s, hn]: each query head's KV head
         v = value.index_select(2, index).permute(1, 2, 0, 3)
+        if self._cp is not None:  # no attention dropout under CP (refused by the config checks)
+            return context_parallel_attention(q, k, v, self._cp, self._softmax_scale).permute(2, 0, 1, 3)
         dropout = self.config.attention_dropout if self.training else 0.0
         if dropout > 0.0 and not self.config.sequence_parallel:
             # Heads differ across TP ranks: draw their dropout from the per-rank stream, as Megatron.
@@ -421,8 +426,14 @@ class LoopedTransformerLayer(TransformerLayer):
 
     def _entropy(self, query: Tensor, key: Tensor, kv_of_query: Sequence[int], local_kv_heads: Sequence[int]):
         """``[len(kv_of_query)]`` last-query entropy (mean over the batch) of ``query [s, b, nq, hn]``
-        over ``key [s, b, nkv, hn]``, each head over the keys it attends to."""
-        entropy = seen_keys_entropy(query[-1], key.permute(1, 2, 0, 3), self._softmax_scale, kv_of_query,
+        over ``key [s, b, nkv, hn]``, each head over the keys it attends to. Under CP the last query
+        lives on CP rank 0 and the keys on every rank: each rank takes the broadcast query and the
+        all-gathered keys, so all of them compute the same entropy."""
+        q_last, keys = query[-1], key
+        if self._cp is not None:
+            q_last = self._cp.last_position(query, 0)  # [b, nq, hn]
+            keys = self._cp.gather_sequence(key.detach(), 0, "entropy")  # [T, b, nkv, hn], global order
+        entropy = seen_keys_entropy(q_last, keys.permute(1, 2, 0, 3), self._softmax_scale, kv_of_query,
                                     self._key_plans(local_kv_heads))  # [b, nq]
         return entropy.mean(dim=0)
 

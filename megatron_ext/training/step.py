@@ -6,6 +6,11 @@ them, a capability's batch hook may hand them to its modules) and ``label_modali
 targets; used for per-modality losses). The loss of a micro-batch is the masked mean of
 the per-token cross entropy; Megatron's schedule divides it by the number of micro-batches, so
 the step's gradient is that of the mean over micro-batches (and, through DDP, over DP ranks).
+
+Under context parallelism (CP) each rank of a CP group holds two chunks of every sequence
+(Megatron's ``get_batch_on_this_cp_rank``) and its loss is its tokens' loss sum over the token
+count of the whole CP group; Megatron's schedule multiplies it by the CP size and DDP averages
+over DP x CP, which gives the same gradient as the mean over whole sequences on one rank.
 """
 
 from __future__ import annotations
@@ -24,23 +29,34 @@ from megatron_ext.training.capabilities import batch_hooks
 
 
 def masked_mean_loss(batch: Dict[str, torch.Tensor], output_tensor: torch.Tensor,
-                     loss_weights: Optional[torch.Tensor] = None):
+                     loss_weights: Optional[torch.Tensor] = None, cp_group: Optional[dist.ProcessGroup] = None):
     """Loss function for Megatron's schedule: masked mean of per-token losses ``[b, s]``.
 
     ``loss_weights[m]`` scales the loss of tokens whose target is of modality m (default 1).
     Also reports, per modality, the unweighted loss sum and token count of the micro-batch
-    (``[num_modalities, 2]``) for ``loss/<modality>`` metrics.
+    (``[num_modalities, 2]``) for ``loss/<modality>`` metrics. With a ``cp_group`` of more than one
+    rank, the tokens are this rank's part of the sequences: the sum is divided by the group's token
+    count (the schedule multiplies by the CP size), and the reported loss is the whole sequences'.
     """
     losses = output_tensor.float()  # [b, s]
     mask = batch["loss_mask"].float()
     target_modality = batch["label_modality_ids"]
     weight = mask if loss_weights is None else mask * loss_weights[target_modality]
-    loss = (losses * weight).sum() / mask.sum().clamp(min=1.0)
+    weighted_sum, count = (losses * weight).sum(), mask.sum()
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        totals = torch.stack([weighted_sum.detach(), count]).double()
+        dist.all_reduce(totals, group=cp_group)
+        total_sum, total_count = totals[0].float(), totals[1].float().clamp(min=1.0)
+        loss = weighted_sum / total_count
+        reported = total_sum / total_count
+    else:
+        loss = weighted_sum / count.clamp(min=1.0)
+        reported = loss.detach()
     per_modality = torch.zeros(len(MODALITIES), 2, dtype=torch.float64, device=losses.device)
     per_modality[:, 0].index_add_(0, target_modality.reshape(-1), (losses * mask).detach().reshape(-1).double())
     per_modality[:, 1].index_add_(0, target_modality.reshape(-1), mask.reshape(-1).double())
-    # clone: the schedule divides the returned loss in place by the number of micro-batches.
-    return loss, {"lm loss": loss.detach().clone(), "modality loss": per_modality}
+    # clone: the schedule scales the returned loss in place (micro-batches, CP size).
+    return loss, {"lm loss": reported.clone(), "modality loss": per_modality}
 
 
 def gpt_forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model,
@@ -50,14 +66,20 @@ def gpt_forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model,
     Each of ``batch_hooks`` (the enabled capabilities', :func:`~megatron_ext.training.capabilities.batch_hooks`)
     is called as ``hook(model, batch)`` before the forward.
     """
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
     batch = next(data_iterator)
+    cp_group = parallel_state.get_context_parallel_group(check_initialized=False)
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        batch = get_batch_on_this_cp_rank(dict(batch), cp_group=cp_group)  # this rank's two chunks
     for hook in batch_hooks:
         hook(model, batch)
     output = model(  # loss_mask: what multi-token prediction's losses average over (unused without it)
         batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"],
         loss_mask=batch["loss_mask"]
     )
-    return output, partial(masked_mean_loss, batch, loss_weights=loss_weights)
+    return output, partial(masked_mean_loss, batch, loss_weights=loss_weights, cp_group=cp_group)
 
 
 def run_forward_step(cfg, device: torch.device) -> Callable:

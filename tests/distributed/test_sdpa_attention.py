@@ -91,8 +91,9 @@ def test_sdpa_refuses_what_it_does_not_compute():
 
     from megatron_ext.models.attention import SDPACoreAttention
 
-    cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, context_parallel_size=2)
-    with pytest.raises(ValueError, match="context_parallel_size=2.*attention_backend: local"):
+    cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, context_parallel_size=2,
+                            attention_dropout=0.1)
+    with pytest.raises(ValueError, match="no attention dropout under context parallelism.*attention_dropout: 0"):
         SDPACoreAttention(cfg, 1, AttnMaskType.causal)
     cfg.context_parallel_size = 1
     with pytest.raises(ValueError, match="padding"):

@@ -1,0 +1,44 @@
+"""Causal attention over a context-parallel rank's two sequence chunks (layout and exchanges:
+:mod:`megatron_ext.parallel.context`).
+
+Query ``[b, hq, 2L, d]`` and key / value ``[b, hkv, 2L, d]`` hold this rank's chunks ``c0 < c1`` of
+length ``L``. Each chunk's queries attend over the keys that end with the chunk itself, with the
+causal mask aligned to its last key (the kernels' ``Tk >= Tq`` form, :mod:`megatron_ext.consa.kernels`):
+
+* full: the keys ``[0, (c + 1) L)`` of the all-gathered sequence;
+* sliding window ``W``: the fetched halo of ``min(W - 1, cL)`` keys, then the chunk's own ``L``.
+
+Either way a query sees exactly the keys it sees without CP, so the outputs and gradients equal the
+single-rank attention's up to the order of floating-point sums.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_ext.consa.kernels import causal_attention, sliding_window_attention
+from megatron_ext.parallel.context import ContextParallel
+
+__all__ = ["context_parallel_attention"]
+
+
+def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: ContextParallel,
+                               scale: Optional[float] = None, window: Optional[int] = None) -> torch.Tensor:
+    """Causal (``window`` None) or sliding-window attention of this rank's two chunks; ``[b, hq, 2L, d]``."""
+    length = cp.chunk_length(q.shape[2])
+    chunks = [slice(0, length), slice(length, 2 * length)]
+    outputs = []
+    if window is None:
+        k_all, v_all = cp.gather_sequence(k, 2, "full"), cp.gather_sequence(v, 2, "full")  # [b, hkv, T, d]
+        for chunk, local in zip(cp.chunks, chunks):
+            end = (chunk + 1) * length
+            outputs.append(causal_attention(q[:, :, local], k_all[:, :, :end], v_all[:, :, :end], scale))
+    else:
+        k_halos, v_halos = cp.fetch_halo(k, 2, window), cp.fetch_halo(v, 2, window)
+        for local, k_halo, v_halo in zip(chunks, k_halos, v_halos):
+            k_keys = torch.cat([k_halo, k[:, :, local]], dim=2)  # [b, hkv, halo + L, d]
+            v_keys = torch.cat([v_halo, v[:, :, local]], dim=2)
+            outputs.append(sliding_window_attention(q[:, :, local], k_keys, v_keys, window, scale))
+    return torch.cat(outputs, dim=2)
