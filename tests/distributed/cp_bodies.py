@@ -108,7 +108,8 @@ def model_gradients(sections, weights, structure, num_microbatches=2, entropy=Fa
         num_microbatches=num_microbatches, seq_length=cfg.data.seq_length, micro_batch_size=2, forward_only=False)
     loss = torch.stack([d["lm loss"] for d in losses]).mean() if losses else torch.tensor(float("nan"))
     return {"loss": loss, "grads": full_named_tensors(model[0], main_grad_or_grad),
-            "entropy": {layer: torch.stack(values) for layer, values in observed.items()}, "dp_size": dp_size}
+            "entropy": {layer: torch.stack(values) for layer, values in observed.items()}, "dp_size": dp_size,
+            "tp_rank": parallel_state.get_tensor_model_parallel_rank()}
 
 
 def train_metrics(run_dir, sections, weights):
