@@ -87,6 +87,30 @@ def test_sequence_length_must_suit_sequence_and_context_parallelism():
     assert any("data.seq_length=66 is not divisible by 2 * parallel.context = 4" in p for p in problems)
 
 
+@pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "gpu"])
+def test_context_parallelism_accepts_what_it_computes_and_names_the_rest(cuda):
+    every_method = {"data": {"seq_length": 64}, "parallel": {"context": 2, "tensor": 2, "sequence_parallel": True},
+                    "hybrid_attention": {"enabled": True, "window": 8, "mask_learning_steps": 10},
+                    "looping": {"enabled": True, "top_k_layers": 1}, "model": {"num_layers": 2},
+                    "moe": {"enabled": True, "num_experts": 4, "top_k": 2}}
+    check_run(from_dict(RunConfig, every_method), 4, cuda=cuda)  # accepted on CPU and GPU alike
+    problems = problems_of({"parallel": {"context": 2}, "data": {"seq_length": 64},
+                            "model": {"attention_backend": "local", "attention_dropout": 0.1, "mtp_num_layers": 1}},
+                           world_size=2, cuda=cuda)
+    assert any("model.attention_backend='local': Megatron's DotProductAttention has no context parallelism" in p
+               for p in problems)
+    assert any("model.attention_dropout=0.1: the context-parallel attention has no dropout" in p for p in problems)
+    assert any("model.mtp_num_layers=1: multi-token prediction is not tested under context parallelism" in p
+               for p in problems)
+    (problem,) = problems_of({"parallel": {"context": 2}, "data": {"seq_length": 64},
+                              "hybrid_attention": {"enabled": True, "method": "loza", "granularity": "layer",
+                                                   "window": 8, "sink_tokens": 4, "mask_learning_steps": 10}}, world_size=2, cuda=cuda)
+    assert "sink_tokens=4 with parallel.context=2: sink + recent attention (LoZA) has no context-parallel form" in problem
+    problems = problems_of({"parallel": {"context": 2, "tensor": 4, "sequence_parallel": True},
+                            "data": {"seq_length": 12}}, world_size=8, cuda=cuda)
+    assert any("data.seq_length=12 / parallel.context=2 is not divisible by parallel.tensor=4" in p for p in problems)
+
+
 def test_batch_accounting_and_precision():
     problems = problems_of({"train": {"global_batch_size": 6, "micro_batch_size": 2, "precision": "bf16"}},
                            world_size=2)
