@@ -1,6 +1,6 @@
 """Run the benchmarks and write benchmarks/results/<date>.json and a Markdown table.
 
-    python -m benchmarks.run [--reps 5] [--only attention sgt moe overhead inference e2e]
+    python -m benchmarks.run [--reps 5] [--only attention sgt moe overhead inference e2e cp_comm]
 
 Every target is on a ratio of two measurements taken side by side in the same process or run
 (cases interleaved, medians over repetitions, public timers only), so machine speed cancels out;
@@ -27,6 +27,7 @@ BENCHMARKS = {  # name -> module with run(reps) -> rows; run in this order
     "overhead": "benchmarks.overhead_bench",
     "inference": "benchmarks.inference_bench",
     "e2e": "benchmarks.e2e_bench",
+    "cp_comm": "benchmarks.cp_comm_bench",
 }
 E2E_REPS = 1  # two whole training runs a repetition (~40 s each on 2 CPU cores)
 
