@@ -71,7 +71,7 @@ def hybrid_model_flops(cfg, swa_fraction: float, window: int, padded_vocab: int,
     scores), with the attention core charged only for the pairs each head sees."""
     import dataclasses
 
-    from megatron_ext.consa.kernels import ideal_flop_ratio
+    from megatron_ext.models.kernels import ideal_flop_ratio
     from megatron_ext.sgt.flops import TRAINING_MULTIPLIER, GPTShape, training_flops
 
     shape = dataclasses.replace(GPTShape.from_run_config(cfg, padded_vocab), batch_size=sequences)
@@ -122,7 +122,7 @@ def bench_mfu(tiny: bool, reps: int, peak: Optional[float]) -> list:
 
 def bench_attention(tiny: bool, reps: int) -> list:
     from benchmarks.swa_kernel_bench import bench_kernels, bench_layers
-    from megatron_ext.consa.kernels import ideal_flop_ratio
+    from megatron_ext.models.kernels import ideal_flop_ratio
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)

@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from benchmarks.common import interleaved, median, ratio, row, single_process_megatron
-from megatron_ext.consa.kernels import (
+from megatron_ext.models.kernels import (
     DEFAULT_BLOCK_SIZE,
     causal_attention,
     ideal_flop_ratio,

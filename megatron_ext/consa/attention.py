@@ -33,7 +33,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from megatron_ext.consa.kernels import causal_attention, sink_window_attention, sliding_window_attention
+from megatron_ext.models.kernels import causal_attention, sink_window_attention, sliding_window_attention
 from megatron_ext.models.context_attention import context_parallel_attention
 from megatron_ext.parallel.context import context_parallel_of
 
@@ -112,7 +112,7 @@ class HybridCoreAttention(MegatronModule):
         multiplies: ``T^2`` for full attention (the full square, as FlopCounterMode counts SDPA), the
         blocked window kernel's for a sliding window (what it really computes; also in mask
         learning, where both run, the full square plus the window's)."""
-        from megatron_ext.consa.kernels import window_kernel_pairs
+        from megatron_ext.models.kernels import window_kernel_pairs
 
         full = seq_length * seq_length
         if self.mode == "full":

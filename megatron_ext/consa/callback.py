@@ -137,7 +137,7 @@ class ConSACallback(Callback):
         """Keys per query of the step's kernels (as ``HybridCoreAttention.attention_pairs``): every unit
         full in the dense warm-up; full and the window kernel both during mask learning; per unit of
         the allocation once static."""
-        from megatron_ext.consa.kernels import window_kernel_pairs
+        from megatron_ext.models.kernels import window_kernel_pairs
 
         stage = self.stage(ctx.step)
         if stage == 0:

@@ -3,7 +3,7 @@
 
 Query ``[b, hq, 2L, d]`` and key / value ``[b, hkv, 2L, d]`` hold this rank's chunks ``c0 < c1`` of
 length ``L``. Each chunk's queries attend over the keys that end with the chunk itself, with the
-causal mask aligned to its last key (the kernels' ``Tk >= Tq`` form, :mod:`megatron_ext.consa.kernels`):
+causal mask aligned to its last key (the kernels' ``Tk >= Tq`` form, :mod:`megatron_ext.models.kernels`):
 
 * full: the keys ``[0, (c + 1) L)`` of the all-gathered sequence;
 * sliding window ``W``: the fetched halo of ``min(W - 1, cL)`` keys, then the chunk's own ``L``.
@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from megatron_ext.consa.kernels import causal_attention, sliding_window_attention
+from megatron_ext.models.kernels import causal_attention, sliding_window_attention
 from megatron_ext.parallel.context import ContextParallel
 
 __all__ = ["context_parallel_attention"]

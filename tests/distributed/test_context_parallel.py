@@ -8,7 +8,7 @@ averaged per rank instead of over the group's tokens, moves results by far more.
 import pytest
 import torch
 
-from megatron_ext.consa.kernels import sliding_window_attention_reference
+from megatron_ext.models.kernels import sliding_window_attention_reference
 from megatron_ext.parallel import ParallelSizes
 from megatron_ext.testing.distributed import run_distributed
 from tests.distributed import cp_bodies

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from megatron_ext.consa.kernels import (
+from megatron_ext.models.kernels import (
     causal_attention,
     ideal_flop_ratio,
     sink_window_attention,
