@@ -125,13 +125,14 @@ EVERY_METHOD = {
                 "max_selected_layers": 1, "num_keep_heads": 1},
     "moe": {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32},
     "routing": {"expert_bias": True},
+    "elastic": {"enabled": True},
     "train": {"steps": 6},
 }
 
 
 def test_training_with_every_method_matches_one_rank(tmp_path):
     """The training loop at CP=2: ConSA mask learning (gated), binarization and the static hybrid,
-    SGT loop growth from the entropy, MoE with expert bias; every logged metric of CP=2 equals one rank's."""
+    SGT loop growth from the entropy, elastic MoE with expert bias; every logged metric of CP=2 equals one rank's."""
     weights = run_distributed(cp_bodies.initial_weights, 1, sections=EVERY_METHOD)[0]
     ref = run_distributed(cp_bodies.train_metrics, 1, None, run_dir=str(tmp_path / "one"), sections=EVERY_METHOD,
                           weights=weights)[0]
