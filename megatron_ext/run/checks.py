@@ -76,7 +76,8 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool) -> None:
                             "context-parallel attention has no dropout; set model.attention_dropout: 0")
         if m.mtp_num_layers:
             problems.append(f"parallel.context={p.context} with model.mtp_num_layers={m.mtp_num_layers}: multi-token "
-                            "prediction is not tested under context parallelism; use parallel.context: 1")
+                            "prediction's shifted inputs and targets cross the CP chunks, which is not supported here; "
+                            "use parallel.context: 1")
     max_pos = m.max_position_embeddings or d.seq_length
     if max_pos < d.seq_length:
         problems.append(f"model.max_position_embeddings={max_pos} is shorter than data.seq_length={d.seq_length}")

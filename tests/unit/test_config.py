@@ -100,7 +100,7 @@ def test_context_parallelism_accepts_what_it_computes_and_names_the_rest(cuda):
     assert any("model.attention_backend='local': Megatron's DotProductAttention has no context parallelism" in p
                for p in problems)
     assert any("model.attention_dropout=0.1: the context-parallel attention has no dropout" in p for p in problems)
-    assert any("model.mtp_num_layers=1: multi-token prediction is not tested under context parallelism" in p
+    assert any("model.mtp_num_layers=1: multi-token prediction's shifted inputs and targets cross the CP chunks" in p
                for p in problems)
     (problem,) = problems_of({"parallel": {"context": 2}, "data": {"seq_length": 64},
                               "hybrid_attention": {"enabled": True, "method": "loza", "granularity": "layer",
