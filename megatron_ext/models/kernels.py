@@ -127,10 +127,14 @@ def causal_attention(
 ) -> torch.Tensor:
     """Full causal attention ``[b, hq, Tq, d]`` through ``scaled_dot_product_attention``: ``is_causal``
     when ``Tk == Tq``; for the last ``Tq`` queries of ``Tk`` keys, the causal mask aligned to the
-    bottom right (query ``i`` sees keys ``j <= i + Tk - Tq``), which ``is_causal`` (top left) is not."""
+    bottom right (query ``i`` sees keys ``j <= i + Tk - Tq``), which ``is_causal`` (top left) is not:
+    torch's ``causal_lower_right`` bias, which runs the flash / memory-efficient kernels on GPU
+    without a materialized mask (on CPU it becomes the boolean mask)."""
+    from torch.nn.attention.bias import causal_lower_right
+
     _check_inputs(q, k, v, None)
     tq, tk = q.shape[2], k.shape[2]
-    mask = None if tq == tk else _band_mask(tq, tk, None, q.device)
+    mask = None if tq == tk else causal_lower_right(tq, tk)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, scale=_scale_or_default(q, scale),
         enable_gqa=q.shape[1] != k.shape[1]

@@ -67,6 +67,30 @@ def test_blocked_matches_reference(b, hq, hkv, t, d, window, block):
         assert_all_close(got, forward_backward(causal_attention, q, k, v, grad), " vs causal")
 
 
+# (Tq, window, block): the last Tq queries of 60 keys, as a context-parallel chunk with the keys before it
+CHUNKS = [(12, 5, 4), (12, 20, 8), (12, 60, 5), (20, 1, 3), (7, 13, 80)]
+
+
+@pytest.mark.parametrize("tq, window, block", CHUNKS)
+def test_a_chunk_with_its_earlier_keys_equals_those_rows_of_the_whole_sequence(tq, window, block):
+    """Tk > Tq: queries are the last Tq positions, the causal (and window) mask aligned bottom right.
+    Outputs and gradients equal the whole-sequence attention's at those rows."""
+    t = 60
+    q, k, v, grad = make_qkv(2, 4, 2, t, 8, seed=5)
+    rows = slice(t - tq, t)
+    grad = grad.clone()
+    grad[:, :, : t - tq] = 0  # the whole sequence's rows before the chunk contribute no gradient
+    kernels = {"causal": causal_attention,
+               "blocked": partial(sliding_window_attention_blocked, window=window, block_size=block),
+               "reference": partial(sliding_window_attention_reference, window=window)}
+    for name, kernel in kernels.items():
+        whole = forward_backward(kernel, q, k, v, grad)  # Tq == Tk: the plain causal / window mask
+        chunk_q = q.detach()[:, :, rows].clone().requires_grad_()
+        out, dq, dk, dv = forward_backward(kernel, chunk_q, k, v, grad[:, :, rows])
+        assert_all_close((out, dq, dk, dv), (whole[0][:, :, rows], whole[1][:, :, rows], whole[2], whole[3]),
+                         f" ({name})")
+
+
 def test_blocked_default_block_and_custom_scale():
     q, k, v, grad = make_qkv(1, 4, 2, 333, 32, seed=1)
     got = forward_backward(partial(sliding_window_attention_blocked, window=100, scale=0.3), q, k, v, grad)
@@ -138,6 +162,10 @@ def test_input_validation():
         sliding_window_attention_reference(q, k[:, :1].expand(1, 3, 8, 4), v[:, :1].expand(1, 3, 8, 4), 2)
     with pytest.raises(ValueError, match="block_size"):
         sliding_window_attention_blocked(q, k, v, 2, block_size=0)
+    with pytest.raises(ValueError, match="fewer positions than q"):
+        causal_attention(q, k[:, :, :4], v[:, :, :4])
+    with pytest.raises(ValueError, match="whole sequences"):
+        sink_window_attention(q[:, :, 4:], k, v, 2, 1)
 
 
 @pytest.mark.gpu
