@@ -117,3 +117,18 @@ def train_metrics(run_dir, sections, weights):
     Trainer(run_config(sections), Path(run_dir), [StartFrom(weights)], log=lambda line: None).run()
     return read_metrics(Path(run_dir) / "metrics.jsonl")
 
+
+
+def train_and_evaluate_config(run_dir, sections, context):
+    """Train ``sections`` at ``parallel.context = context`` (the training loop, its own init) and return
+    the last metrics record (with its validation loss)."""
+    cfg = run_config({**sections, "parallel": {"context": context}})
+    Trainer(cfg, Path(run_dir), log=lambda line: None).run()
+    return read_metrics(Path(run_dir) / "metrics.jsonl")[-1]
+
+
+def evaluate_at(run_dir, sections, context, batches):
+    """Validation loss of the run's checkpoint at ``parallel.context = context``."""
+    from megatron_ext.training.evaluate import evaluate_checkpoint
+
+    return evaluate_checkpoint(run_config({**sections, "parallel": {"context": context}}), Path(run_dir), batches)

@@ -150,3 +150,22 @@ def test_training_with_every_method_matches_one_rank(tmp_path):
             worst = max(worst, diff)
     print(f"[cp] training, every method: losses {[round(r['loss'], 6) for r in cp]} vs "
           f"{[round(r['loss'], 6) for r in ref]}; {len(ref[0])} metrics per step, max rel difference {worst:.2e}")
+
+
+def test_a_context_parallel_checkpoint_evaluates_alike_at_any_context_size(tmp_path):
+    """Train at CP=2 with every method (the binarized allocation and grown loops are in the
+    checkpoint), then evaluate at CP=1 and CP=2: both equal the validation loss the run logged."""
+    sections = {**EVERY_METHOD, "train": {"steps": 6, "eval_interval": 6, "eval_steps": 2},
+                "checkpoint": {"save_at_end": True}}
+    run_dir = str(tmp_path / "run")
+    last = run_distributed(cp_bodies.train_and_evaluate_config, 2, None, run_dir=run_dir, sections=sections,
+                           context=2)[0]
+    assert last["consa/stage"] == 2 and last["sgt/looped_layers"] >= 1
+    logged = last["val/loss"]
+    one = run_distributed(cp_bodies.evaluate_at, 1, ParallelSizes(), run_dir=run_dir, sections=sections, context=1,
+                          batches=2)[0]
+    two = run_distributed(cp_bodies.evaluate_at, 2, ParallelSizes(cp=2), run_dir=run_dir, sections=sections,
+                          context=2, batches=2)
+    print(f"[cp] checkpoint of a CP=2 run: logged val {logged:.6f}, at CP=1 {one:.6f}, at CP=2 {two[0]:.6f}")
+    assert abs(one - logged) <= RTOL * abs(logged)
+    assert all(abs(loss - logged) <= RTOL * abs(logged) for loss in two)
