@@ -58,6 +58,11 @@ class ContextParallel:
             raise ValueError(f"a context-parallel rank holds two chunks of equal length; got {local_length} positions")
         return local_length // 2
 
+    def positions(self, local_length: int, device=None) -> torch.Tensor:
+        """Global positions ``[2L]`` of this rank's local sequence of ``local_length = 2L`` positions."""
+        chunk = self.chunk_length(local_length)
+        return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in self.chunks])
+
     def global_order(self, chunk: int, device) -> torch.Tensor:
         """Index into the rank-ordered gather (rank ``o`` contributes its two chunks) of every
         position in global order: ``[2 * CP * L]`` for ``L = chunk``."""
@@ -86,7 +91,16 @@ class ContextParallel:
         halos = received.split(list(plan.halo_lengths), dim=0)
         return [h.movedim(0, dim) for h in halos]
 
-    # -- the last query, for attention entropy ----------------------------------------------------
+    # -- small statistics, for attention entropy ---------------------------------------------------
+
+    @torch.no_grad()
+    def gather_stats(self, x: torch.Tensor, kind: str = "entropy") -> torch.Tensor:
+        """Every rank's ``x`` (the same shape on each), stacked: ``[CP, *x.shape]``. No gradient."""
+        flat = x.reshape(-1).contiguous()
+        out = flat.new_empty(self.size * flat.numel())
+        _all_gather(out, flat, group=self.group)
+        self.received_bytes[f"{kind}/forward"] += (self.size - 1) * x.numel() * x.element_size()
+        return out.view(self.size, *x.shape)
 
     @torch.no_grad()
     def last_position(self, x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -47,7 +47,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["EntropyTracker", "last_query_entropy", "seen_keys_entropy", "merge_loop_entropy"]
+__all__ = ["EntropyTracker", "last_query_entropy", "seen_keys_entropy", "seen_keys_entropy_context_parallel",
+           "merge_loop_entropy"]
 
 KeyPlan = Tuple[Optional[int], int]
 """What one KV head's queries see: (window, sink); window None = every earlier key (full
@@ -122,6 +123,48 @@ def seen_keys_entropy(q_last: torch.Tensor, k: torch.Tensor, scale: float, kv_of
             keys = torch.cat([keys[:, :, :first], keys[:, :, max(first, t - window):]], dim=2)
         out[:, heads] = last_query_entropy(q_last[:, heads], keys, scale, 1)
     return out
+
+
+@torch.no_grad()
+def seen_keys_entropy_context_parallel(q_last: torch.Tensor, k_local: torch.Tensor, positions: torch.Tensor,
+                                       seq_length: int, scale: float, kv_of_query: Sequence[int],
+                                       plans: Optional[Sequence[KeyPlan]], cp) -> torch.Tensor:
+    """:func:`seen_keys_entropy` when the keys are spread over a context-parallel group ``cp``
+    (:class:`~megatron_ext.parallel.context.ContextParallel`): ``q_last [b, nq, d]`` is the last
+    query (the same on every rank), ``k_local [b, h_kv, S, d]`` this rank's keys at global
+    ``positions [S]`` of a ``seq_length`` sequence. Each rank reduces its own keys to two numbers per
+    (batch, head), the log-sum-exp ``l_r`` of its visible logits and their softmax mean ``e_r``; with
+    ``l = logsumexp_r l_r`` the entropy is ``H = l - sum_r exp(l_r - l) e_r`` (from
+    ``H = -sum_j p_j (s_j - l)``), so only ``2 b nq`` numbers per rank are exchanged, not the keys.
+    Returns ``[b, nq]``, equal on every rank."""
+    b, nq, _ = q_last.shape
+    dtype = torch.promote_types(q_last.dtype, torch.float32)
+    plans = list(plans) if plans is not None else [(None, 0)] * k_local.shape[1]
+    index = torch.tensor(list(kv_of_query), dtype=torch.long, device=k_local.device)
+    keys = k_local.index_select(1, index).to(dtype)  # [b, nq, S, d]: each query head's KV head
+    logits = torch.einsum("bhd,bhsd->bhs", q_last.to(dtype), keys).mul_(scale)  # [b, nq, S]
+    seen = torch.empty(nq, dtype=torch.float64)
+    visible = torch.ones(nq, positions.numel(), dtype=torch.bool, device=logits.device)
+    for head, kv in enumerate(kv_of_query):
+        window, sink = plans[kv]
+        if window is not None and window < seq_length:
+            first = min(sink, seq_length)
+            start = max(first, seq_length - window)
+            visible[head] = (positions < first) | (positions >= start)
+            seen[head] = first + seq_length - start
+        else:
+            seen[head] = seq_length
+    logits.masked_fill_(~visible, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # [b, nq], -inf where this rank sees none of a head's keys
+    has_keys = torch.isfinite(lse)
+    probs = torch.exp(logits - torch.where(has_keys, lse, 0.0).unsqueeze(-1))
+    mean_logit = torch.where(has_keys, (probs * torch.nan_to_num(logits, neginf=0.0)).sum(-1), 0.0)
+    stats = cp.gather_stats(torch.stack([lse, mean_logit]))  # [CP, 2, b, nq]
+    total = torch.logsumexp(stats[:, 0], dim=0)  # [b, nq]
+    weights = torch.exp(stats[:, 0] - total)  # 0 for ranks without keys
+    entropy = total - (weights * stats[:, 1]).sum(0)
+    norm = torch.log(seen).to(device=entropy.device, dtype=entropy.dtype)
+    return torch.where(norm > 0, entropy / norm.clamp(min=1e-30), torch.zeros_like(entropy))
 
 
 def merge_loop_entropy(first_pass: torch.Tensor, last_loop: Optional[torch.Tensor],

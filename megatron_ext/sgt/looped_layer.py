@@ -30,7 +30,8 @@ loop uses causal ``scaled_dot_product_attention``.
 The ``block`` baseline instead re-runs the whole layer (attention and MLP) ``loop_depth`` times.
 
 Under context parallelism the loop passes run the core attention's CP form, and the entropy takes
-the last query from the CP rank that holds it and the keys of every rank (:meth:`_entropy`).
+the last query from the CP rank that holds it and combines every rank's log-sum-exp statistics over
+its own keys (:meth:`_entropy`): a few numbers per head cross the group, not the keys.
 
 Entropy (for the growth schedule) is measured on the layer's ordinary attention pass by a forward
 pre-hook on ``self_attention.core_attention``: whatever the kernel, its inputs are the post-RoPE
@@ -72,7 +73,7 @@ from megatron_ext.compat.layers import forward_attention, forward_mlp
 from megatron_ext.models.context_attention import context_parallel_attention
 from megatron_ext.models.rope import rotate_query_key
 from megatron_ext.parallel.context import context_parallel_of
-from megatron_ext.sgt.entropy import seen_keys_entropy
+from megatron_ext.sgt.entropy import seen_keys_entropy, seen_keys_entropy_context_parallel
 
 __all__ = ["EntropySink", "LoopedTransformerLayer", "looped_layer_spec"]
 
@@ -427,14 +428,17 @@ class LoopedTransformerLayer(TransformerLayer):
     def _entropy(self, query: Tensor, key: Tensor, kv_of_query: Sequence[int], local_kv_heads: Sequence[int]):
         """``[len(kv_of_query)]`` last-query entropy (mean over the batch) of ``query [s, b, nq, hn]``
         over ``key [s, b, nkv, hn]``, each head over the keys it attends to. Under CP the last query
-        lives on CP rank 0 and the keys on every rank: each rank takes the broadcast query and the
-        all-gathered keys, so all of them compute the same entropy."""
-        q_last, keys = query[-1], key
-        if self._cp is not None:
+        lives on CP rank 0 and the keys on every rank: each rank takes the broadcast query, reduces its
+        own keys to log-sum-exp statistics and combines every rank's, so all compute the same entropy."""
+        plans = self._key_plans(local_kv_heads)
+        if self._cp is None:
+            entropy = seen_keys_entropy(query[-1], key.permute(1, 2, 0, 3), self._softmax_scale, kv_of_query, plans)
+        else:
             q_last = self._cp.last_position(query, 0)  # [b, nq, hn]
-            keys = self._cp.gather_sequence(key.detach(), 0, "entropy")  # [T, b, nkv, hn], global order
-        entropy = seen_keys_entropy(q_last, keys.permute(1, 2, 0, 3), self._softmax_scale, kv_of_query,
-                                    self._key_plans(local_kv_heads))  # [b, nq]
+            local = key.shape[0]
+            entropy = seen_keys_entropy_context_parallel(
+                q_last, key.permute(1, 2, 0, 3), self._cp.positions(local, key.device), local * self._cp.size,
+                self._softmax_scale, kv_of_query, plans, self._cp)  # [b, nq]
         return entropy.mean(dim=0)
 
     def _observe_entropy(self, module, args, kwargs) -> None:
