@@ -54,9 +54,6 @@ class HybridCoreAttention(MegatronModule):
         if pg_collection is None:  # built outside an Attention module: this rank's groups
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         self.cp = context_parallel_of(pg_collection)
-        if self.cp is not None and sink:
-            raise ValueError("sink + recent attention (LoZA, hybrid_attention.sink_tokens > 0) has no context-parallel "
-                             "form: use parallel.context: 1")
         tp_size, tp_rank = get_pg_size(pg_collection.tp), get_pg_rank(pg_collection.tp)
         self.layer_index = layer_number - 1  # Megatron numbers layers from 1
         self.window = window
@@ -183,10 +180,10 @@ class HybridCoreAttention(MegatronModule):
 
     def _sparse(self, q, k, v):
         """The sparse units' attention: sliding window (with the halo under CP), or sink + recent (``sink > 0``)."""
+        if self.cp is not None:
+            return context_parallel_attention(q, k, v, self.cp, self.softmax_scale, window=self.window, sink=self.sink)
         if self.sink:
             return sink_window_attention(q, k, v, self.window, self.sink, self.softmax_scale)
-        if self.cp is not None:
-            return context_parallel_attention(q, k, v, self.cp, self.softmax_scale, window=self.window)
         return sliding_window_attention(q, k, v, self.window, self.softmax_scale)
 
     def _static(self, q, k, v, full_flags, qpg: int):

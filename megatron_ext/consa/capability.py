@@ -36,9 +36,6 @@ class HybridAttention(Capability):
         if m.attention_dropout > 0:
             problems.append(f"model.attention_dropout={m.attention_dropout}: hybrid attention kernels have no "
                             "attention dropout; set it to 0")
-        if cfg.parallel.context > 1 and h.sink_tokens:
-            problems.append(f"hybrid_attention.sink_tokens={h.sink_tokens} with parallel.context={cfg.parallel.context}: "
-                            "sink + recent attention (LoZA) has no context-parallel form; use parallel.context: 1")
         if h.window >= cfg.data.seq_length:
             problems.append(f"hybrid_attention.window={h.window} >= data.seq_length={cfg.data.seq_length}: a "
                             "sliding window that long sees every key, so no unit would attend less; use a window "

@@ -6,7 +6,9 @@ length ``L``. Each chunk's queries attend over the keys that end with the chunk 
 causal mask aligned to its last key (the kernels' ``Tk >= Tq`` form, :mod:`megatron_ext.models.kernels`):
 
 * full: the keys ``[0, (c + 1) L)`` of the all-gathered sequence;
-* sliding window ``W``: the fetched halo of ``min(W - 1, cL)`` keys, then the chunk's own ``L``.
+* sliding window ``W``: the fetched halo of ``min(W - 1, cL)`` keys, then the chunk's own ``L``;
+* sink + recent (LoZA's sparse units, ``sink > 0``): the all-gathered keys as for full attention, under
+  the sink + window mask (dense cost, as without CP).
 
 Either way a query sees exactly the keys it sees without CP, so the outputs and gradients equal the
 single-rank attention's up to the order of floating-point sums.
@@ -18,23 +20,27 @@ from typing import Optional
 
 import torch
 
-from megatron_ext.models.kernels import causal_attention, sliding_window_attention
+from megatron_ext.models.kernels import causal_attention, sink_window_attention, sliding_window_attention
 from megatron_ext.parallel.context import ContextParallel
 
 __all__ = ["context_parallel_attention"]
 
 
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: ContextParallel,
-                               scale: Optional[float] = None, window: Optional[int] = None) -> torch.Tensor:
-    """Causal (``window`` None) or sliding-window attention of this rank's two chunks; ``[b, hq, 2L, d]``."""
+                               scale: Optional[float] = None, window: Optional[int] = None,
+                               sink: int = 0) -> torch.Tensor:
+    """Causal (``window`` None), sliding-window or sink + recent (``sink > 0``) attention of this
+    rank's two chunks; ``[b, hq, 2L, d]``."""
     length = cp.chunk_length(q.shape[2])
     chunks = [slice(0, length), slice(length, 2 * length)]
     outputs = []
-    if window is None:
+    if window is None or sink:
         k_all, v_all = cp.gather_sequence(k, 2, "full"), cp.gather_sequence(v, 2, "full")  # [b, hkv, T, d]
         for chunk, local in zip(cp.chunks, chunks):
             end = (chunk + 1) * length
-            outputs.append(causal_attention(q[:, :, local], k_all[:, :, :end], v_all[:, :, :end], scale))
+            keys, values = k_all[:, :, :end], v_all[:, :, :end]
+            outputs.append(causal_attention(q[:, :, local], keys, values, scale) if window is None else
+                           sink_window_attention(q[:, :, local], keys, values, window, sink, scale))
     else:
         k_halos, v_halos = cp.fetch_halo(k, 2, window), cp.fetch_halo(v, 2, window)
         for local, k_halo, v_halo in zip(chunks, k_halos, v_halos):

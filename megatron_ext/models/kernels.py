@@ -99,12 +99,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Opt
         raise ValueError(f"window must be an integer >= 1; got {window!r}")
 
 
-def _check_whole_sequence(q: torch.Tensor, k: torch.Tensor, what: str) -> None:
-    if k.shape[2] != q.shape[2]:
-        raise ValueError(f"{what} takes whole sequences (as many keys as queries); got {q.shape[2]} queries "
-                         f"and {k.shape[2]} keys")
-
-
 def _scale_or_default(q: torch.Tensor, scale: Optional[float]) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
@@ -141,13 +135,13 @@ def causal_attention(
     )
 
 
-def _band_mask(tq: int, tk: int, window: Optional[int], device) -> torch.Tensor:
+def _band_mask(tq: int, tk: int, window: Optional[int], device, sink: int = 0) -> torch.Tensor:
     """``[Tq, Tk]`` True where query ``i`` (at key position ``i + Tk - Tq``) sees key ``j``: causal, and
-    within the last ``window`` keys unless ``window`` is None."""
+    within the last ``window`` keys or among the first ``sink`` unless ``window`` is None."""
     i = torch.arange(tk - tq, tk, device=device)[:, None]
     j = torch.arange(tk, device=device)[None, :]
     visible = j <= i
-    return visible if window is None else visible & (j >= i - window + 1)
+    return visible if window is None else visible & ((j >= i - window + 1) | (j < sink))
 
 
 def sliding_window_attention_reference(
@@ -174,22 +168,16 @@ def sink_window_attention_reference(
     """Dense reference of sink + recent attention (LoZA's sparse pattern): query ``i`` sees the keys
     ``j <= i`` with ``j < sink`` (the attention sinks) or ``j >= i - window + 1`` (the recent ones).
 
-    q: [b, hq, T, d]; k, v: [b, hkv, T, d]; returns [b, hq, T, d]. Explicit score matrix and softmax.
+    q: [b, hq, Tq, d]; k, v: [b, hkv, Tk, d] (``Tk >= Tq``: the queries are the last ``Tq`` positions);
+    returns [b, hq, Tq, d]. Explicit score matrix and softmax.
     """
     _check_inputs(q, k, v, window)
-    _check_whole_sequence(q, k, "sink + recent attention")
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * _scale_or_default(q, scale)  # [b, hq, T, T]
-    scores = scores.masked_fill(~_sink_window_mask(q.shape[2], window, sink, q.device), float("-inf"))
+    scores = torch.matmul(q, k.transpose(-1, -2)) * _scale_or_default(q, scale)  # [b, hq, Tq, Tk]
+    scores = scores.masked_fill(~_band_mask(q.shape[2], k.shape[2], window, q.device, sink), float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), v)
-
-
-def _sink_window_mask(t: int, window: int, sink: int, device) -> torch.Tensor:
-    i = torch.arange(t, device=device)[:, None]
-    j = torch.arange(t, device=device)[None, :]
-    return (j <= i) & ((j < sink) | (j >= i - window + 1))  # [T, T], True = visible
 
 
 def sink_window_attention(
@@ -197,10 +185,10 @@ def sink_window_attention(
 ) -> torch.Tensor:
     """Sink + recent attention (see :func:`sink_window_attention_reference`) through torch's
     ``scaled_dot_product_attention`` with the boolean mask. [choice] Dense cost: the LoZA baseline is
-    compared on quality here, and this path does not claim sparse attention's savings."""
+    compared on quality here, and this path does not claim sparse attention's savings. ``Tk >= Tq`` as
+    for the other kernels."""
     _check_inputs(q, k, v, window)
-    _check_whole_sequence(q, k, "sink + recent attention")
-    mask = _sink_window_mask(q.shape[2], window, sink, q.device)
+    mask = _band_mask(q.shape[2], k.shape[2], window, q.device, sink)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=_scale_or_default(q, scale),
                                           enable_gqa=q.shape[1] != k.shape[1])
 

@@ -30,12 +30,12 @@ def zigzag(x: torch.Tensor, dim: int, size: int, rank: int) -> torch.Tensor:
     return torch.cat([chunks[rank], chunks[2 * size - 1 - rank]], dim=dim)
 
 
-def attention_grads(q, k, v, grad_out, window):
+def attention_grads(q, k, v, grad_out, window, sink=0):
     """Output and q / k / v gradients of CP attention on this rank's chunks of the full tensors."""
     cp = ContextParallel(parallel_state.get_context_parallel_group())
     q, k, v, grad_out = (zigzag(x, 2, cp.size, cp.rank) for x in (q, k, v, grad_out))
     q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
-    out = context_parallel_attention(q, k, v, cp, window=window)
+    out = context_parallel_attention(q, k, v, cp, window=window, sink=sink)
     out.backward(grad_out)
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad, "bytes": dict(cp.received_bytes)}
 

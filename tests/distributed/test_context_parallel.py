@@ -8,7 +8,7 @@ averaged per rank instead of over the group's tokens, moves results by far more.
 import pytest
 import torch
 
-from megatron_ext.models.kernels import sliding_window_attention_reference
+from megatron_ext.models.kernels import sink_window_attention_reference, sliding_window_attention_reference
 from megatron_ext.parallel import ParallelSizes
 from megatron_ext.testing.distributed import run_distributed
 from tests.distributed import cp_bodies
@@ -19,20 +19,23 @@ RTOL = 1e-5
 T = 32  # CP=2: four chunks of L = 8
 
 
-@pytest.mark.parametrize("cp,window", [(2, None), (2, 3), (2, 8), (2, 9), (2, 13), (2, 40), (4, 11)],
-                         ids=["cp2-full", "cp2-w3", "cp2-w8=L", "cp2-w9=L+1", "cp2-w13", "cp2-w40>T", "cp4-w11"])
-def test_attention_and_its_gradients_match_one_rank(cp, window):
+@pytest.mark.parametrize("cp,window,sink", [(2, None, 0), (2, 3, 0), (2, 8, 0), (2, 9, 0), (2, 13, 0), (2, 40, 0),
+                                            (4, 11, 0), (2, 5, 3)],
+                         ids=["cp2-full", "cp2-w3", "cp2-w8=L", "cp2-w9=L+1", "cp2-w13", "cp2-w40>T", "cp4-w11",
+                              "cp2-w5-sink3"])
+def test_attention_and_its_gradients_match_one_rank(cp, window, sink):
     """The CP kernels alone, W below, at and above a chunk's length (the halo then spans chunks on
-    several ranks: at CP=4, L=4 and W=11 a halo reaches three chunks back)."""
+    several ranks: at CP=4, L=4 and W=11 a halo reaches three chunks back), and LoZA's sink + recent."""
     g = torch.Generator().manual_seed(7)
     q, grad_out = torch.randn(2, 4, T, 8, generator=g), torch.randn(2, 4, T, 8, generator=g)
     k, v = torch.randn(2, 2, T, 8, generator=g), torch.randn(2, 2, T, 8, generator=g)
     qr, kr, vr = (x.clone().requires_grad_(True) for x in (q, k, v))
-    ref = sliding_window_attention_reference(qr, kr, vr, window or T)
+    ref = (sink_window_attention_reference(qr, kr, vr, window, sink) if sink else
+           sliding_window_attention_reference(qr, kr, vr, window or T))
     ref.backward(grad_out)
     expected = {"out": ref.detach(), "dq": qr.grad, "dk": kr.grad, "dv": vr.grad}
     results = run_distributed(cp_bodies.attention_grads, cp, ParallelSizes(cp=cp), q=q, k=k, v=v,
-                              grad_out=grad_out, window=window)
+                              grad_out=grad_out, window=window, sink=sink)
     worst = 0.0
     for rank, result in enumerate(results):
         for name, full in expected.items():
@@ -42,7 +45,7 @@ def test_attention_and_its_gradients_match_one_rank(cp, window):
     row = 2 * 2 * 8 * 4  # bytes of one position of k (or v): batch x KV heads x head dim x fp32
     received = [r["bytes"] for r in results]
     print(f"[cp] CP={cp} W={window}: max relative difference {worst:.2e}; bytes received per rank {received}")
-    if window is None:
+    if window is None or sink:
         assert all(b == {"full/forward": 2 * (cp - 1) * (T // cp) * row, "full/backward": 2 * (cp - 1) * (T // cp) * row}
                    for b in received)
     elif cp == 2 and window <= T // 4 + 1:
@@ -62,6 +65,9 @@ MODELS = {
     "gated": (HYBRID, {"gates": [[0.3, 0.8], [0.5, 0.1]]}),
     "kv-head-mixed": (HYBRID, {"allocation": [[True, False], [False, True]]}),
     "looped": (HYBRID, {"allocation": [[True, False], [False, False]], "loop": (1, 1, [2])}),
+    "loza-sink": ({"hybrid_attention": {"enabled": True, "method": "loza", "granularity": "layer", "window": 5,
+                                        "sink_tokens": 3, "mask_learning_steps": 2}, "looping": {"enabled": True}},
+                  {"allocation": [[False], [True]], "loop": (1, 1, [1])}),
 }
 
 
