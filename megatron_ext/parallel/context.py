@@ -208,7 +208,7 @@ class _Exchange(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         plan, cp = ctx.plan, ctx.cp
-        arrived = torch.zeros_like(grad).index_copy_(0, plan.need_order.to(grad.device), grad)  # arrival order
+        arrived = torch.empty_like(grad).index_copy_(0, plan.need_order.to(grad.device), grad)  # arrival order
         back = grad.new_empty((sum(plan.send_splits), *grad.shape[1:]))
         dist.all_to_all_single(back, arrived.contiguous(), plan.send_splits, plan.recv_splits, group=cp.group)
         cp.received_bytes[f"{ctx.kind}/backward"] += plan.remote_sent_rows * _row_bytes(back)
