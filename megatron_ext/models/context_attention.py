@@ -35,7 +35,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     chunks = [slice(0, length), slice(length, 2 * length)]
     outputs = []
     if window is None or sink:
-        k_all, v_all = cp.gather_sequence(k, 2, "full"), cp.gather_sequence(v, 2, "full")  # [b, hkv, T, d]
+        k_all, v_all = cp.gather_sequence(k, 2), cp.gather_sequence(v, 2)  # [b, hkv, T, d]
         for chunk, local in zip(cp.chunks, chunks):
             end = (chunk + 1) * length
             keys, values = k_all[:, :, :end], v_all[:, :, :end]

@@ -46,7 +46,9 @@ class ContextParallel:
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.received_bytes: Counter = Counter()
-        """``"<kind>/forward"`` and ``"<kind>/backward"`` -> bytes received from the other ranks."""
+        """``"<kind>/forward"`` and ``"<kind>/backward"`` -> bytes received from the other ranks; kinds:
+        ``full`` (the all-gather), ``window`` (the halo exchange), ``entropy`` (the last query and the
+        entropy statistics)."""
 
     @property
     def chunks(self) -> Tuple[int, int]:
@@ -63,43 +65,38 @@ class ContextParallel:
         chunk = self.chunk_length(local_length)
         return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in self.chunks])
 
-    def global_order(self, chunk: int, device) -> torch.Tensor:
-        """Index into the rank-ordered gather (rank ``o`` contributes its two chunks) of every
-        position in global order: ``[2 * CP * L]`` for ``L = chunk``."""
-        return _global_order(self.size, chunk).to(device)
-
     # -- full attention: all-gather ---------------------------------------------------------------
 
-    def gather_sequence(self, x: torch.Tensor, dim: int, kind: str = "full") -> torch.Tensor:
+    def gather_sequence(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """The whole sequence of ``x`` (this rank's ``2L`` positions along ``dim``) in global order:
         ``T = 2 * CP * L`` positions along ``dim``. Differentiable: the backward sums every rank's
         gradient of each position and returns this rank's share."""
-        gathered = _GatherSequence.apply(x.movedim(dim, 0), self, kind)  # [CP * 2L, ...], rank order
-        chunk = self.chunk_length(x.shape[dim])
-        return gathered.index_select(0, self.global_order(chunk, x.device)).movedim(0, dim)
+        gathered = _GatherSequence.apply(x.movedim(dim, 0), self)  # [CP * 2L, ...], rank order
+        order = _global_order(self.size, self.chunk_length(x.shape[dim])).to(x.device)
+        return gathered.index_select(0, order).movedim(0, dim)
 
     # -- sliding window: halo exchange ------------------------------------------------------------
 
-    def fetch_halo(self, x: torch.Tensor, dim: int, window: int, kind: str = "window") -> List[torch.Tensor]:
+    def fetch_halo(self, x: torch.Tensor, dim: int, window: int) -> List[torch.Tensor]:
         """For each local chunk ``c`` (see :attr:`chunks`), the ``min(window - 1, cL)`` positions of ``x``
         just before it, in order (empty for chunk 0 or ``window == 1``), gathered from whichever ranks
         hold them by one all-to-all. Differentiable (the backward is the reverse all-to-all)."""
         chunk = self.chunk_length(x.shape[dim])
         plan = _halo_plan(self.size, self.rank, chunk, window)
         rows = x.movedim(dim, 0)  # [2L, ...]
-        received = _Exchange.apply(rows, plan, self, kind)  # [sum of halos, ...], in halo order
+        received = _Exchange.apply(rows, plan, self)  # [sum of halos, ...], in halo order
         halos = received.split(list(plan.halo_lengths), dim=0)
         return [h.movedim(0, dim) for h in halos]
 
     # -- small statistics, for attention entropy ---------------------------------------------------
 
     @torch.no_grad()
-    def gather_stats(self, x: torch.Tensor, kind: str = "entropy") -> torch.Tensor:
+    def gather_stats(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's ``x`` (the same shape on each), stacked: ``[CP, *x.shape]``. No gradient."""
         flat = x.reshape(-1).contiguous()
         out = flat.new_empty(self.size * flat.numel())
         _all_gather(out, flat, group=self.group)
-        self.received_bytes[f"{kind}/forward"] += (self.size - 1) * x.numel() * x.element_size()
+        self.received_bytes["entropy/forward"] += (self.size - 1) * x.numel() * x.element_size()
         return out.view(self.size, *x.shape)
 
     @torch.no_grad()
@@ -115,6 +112,8 @@ class ContextParallel:
 
 @functools.lru_cache(maxsize=64)
 def _global_order(size: int, chunk: int) -> torch.Tensor:
+    """Index into the rank-ordered gather (each rank contributes its two chunks of ``chunk``
+    positions) of every position in global order."""
     index = []
     for c in range(2 * size):
         owner, slot = _owner(size, c)
@@ -174,12 +173,12 @@ class _GatherSequence(torch.autograd.Function):
     """All-gather along dim 0 over the CP group; backward: reduce-scatter (sum of every rank's gradient)."""
 
     @staticmethod
-    def forward(ctx, rows, cp: ContextParallel, kind: str):
+    def forward(ctx, rows, cp: ContextParallel):
         rows = rows.contiguous()
         out = rows.new_empty((cp.size * rows.shape[0], *rows.shape[1:]))
         _all_gather(out, rows, group=cp.group)
-        cp.received_bytes[f"{kind}/forward"] += (cp.size - 1) * rows.numel() * rows.element_size()
-        ctx.cp, ctx.kind = cp, kind
+        cp.received_bytes["full/forward"] += (cp.size - 1) * rows.numel() * rows.element_size()
+        ctx.cp = cp
         return out
 
     @staticmethod
@@ -188,8 +187,8 @@ class _GatherSequence(torch.autograd.Function):
         grad = grad.contiguous()
         out = grad.new_empty((grad.shape[0] // cp.size, *grad.shape[1:]))
         _reduce_scatter(out, grad, group=cp.group)
-        cp.received_bytes[f"{ctx.kind}/backward"] += (cp.size - 1) * out.numel() * out.element_size()
-        return out, None, None
+        cp.received_bytes["full/backward"] += (cp.size - 1) * out.numel() * out.element_size()
+        return out, None
 
 
 class _Exchange(torch.autograd.Function):
@@ -197,12 +196,12 @@ class _Exchange(torch.autograd.Function):
     (in the backward, the received rows' gradients return to their owners and are summed there)."""
 
     @staticmethod
-    def forward(ctx, rows, plan: _HaloPlan, cp: ContextParallel, kind: str):
+    def forward(ctx, rows, plan: _HaloPlan, cp: ContextParallel):
         send = rows.index_select(0, plan.send_index.to(rows.device)).contiguous()
         received = rows.new_empty((sum(plan.recv_splits), *rows.shape[1:]))
         dist.all_to_all_single(received, send, plan.recv_splits, plan.send_splits, group=cp.group)
-        cp.received_bytes[f"{kind}/forward"] += plan.remote_rows * _row_bytes(rows)
-        ctx.plan, ctx.cp, ctx.kind, ctx.length = plan, cp, kind, rows.shape[0]
+        cp.received_bytes["window/forward"] += plan.remote_rows * _row_bytes(rows)
+        ctx.plan, ctx.cp, ctx.length = plan, cp, rows.shape[0]
         return received.index_select(0, plan.need_order.to(rows.device))
 
     @staticmethod
@@ -211,10 +210,10 @@ class _Exchange(torch.autograd.Function):
         arrived = torch.empty_like(grad).index_copy_(0, plan.need_order.to(grad.device), grad)  # arrival order
         back = grad.new_empty((sum(plan.send_splits), *grad.shape[1:]))
         dist.all_to_all_single(back, arrived.contiguous(), plan.send_splits, plan.recv_splits, group=cp.group)
-        cp.received_bytes[f"{ctx.kind}/backward"] += plan.remote_sent_rows * _row_bytes(back)
+        cp.received_bytes["window/backward"] += plan.remote_sent_rows * _row_bytes(back)
         grad_rows = grad.new_zeros((ctx.length, *grad.shape[1:]))
         grad_rows.index_add_(0, plan.send_index.to(grad.device), back)
-        return grad_rows, None, None, None
+        return grad_rows, None, None
 
 
 def context_parallel_of(pg_collection) -> Optional[ContextParallel]:
