@@ -224,15 +224,30 @@ class ConSACallback(Callback):
 
     @torch.no_grad()
     def polarized_fraction(self, allocation: Optional[torch.Tensor] = None, side: Optional[bool] = None) -> float:
-        """Share of decided units: log_alpha on the side of 0 that ``allocation`` (default: the one
-        binarizing now would give) assigns, by at least ``polarization_threshold`` (FA units >= +t,
-        SWA units <= -t); over the FA units only (``side=True``), the SWA units only (False), or all.
-        Gates that all lean one way while the target splits them are ties, not decisions, however
-        large their |log_alpha|: their FA side is undecided."""
+        """Share of decided units under ``allocation`` (default: the one binarizing now would give);
+        over the FA units only (``side=True``), the SWA units only (False), or all.
+
+        A unit is decided when its log_alpha clears, by at least ``polarization_threshold`` t, every
+        unit that the allocation puts on the other side of its constraint group (a layer's units with
+        ``per_layer``, all units otherwise): an FA unit lies >= t above the group's highest SWA unit, an
+        SWA unit >= t below the group's lowest FA unit. In a group whose units all take one side, the
+        sign decides, by t (FA >= +t, SWA <= -t).
+        [choice] A margin, not the sign: with the constraint met, the FA gates settle where rho_hat
+        equals the target, which can be below any fixed +t (at rho = 0.5 with the SWA gates at the
+        lower clamp, P(z != 0) = 0.047, the FA gates sit at log_alpha 1.41), while gates that all lean
+        one way, however far from 0, are ties broken by rank and not decisions.
+        """
         if allocation is None:
             allocation = self.gates.binarize(self.cfg.target, self._binarize_mode())
         log_alpha = self.gates.log_alpha.detach()
-        decided = torch.where(allocation, log_alpha, -log_alpha) >= self.cfg.polarization_threshold
+        rows = 1 if self._binarize_mode() == "global" else log_alpha.shape[0]
+        groups, full = log_alpha.reshape(rows, -1), allocation.reshape(rows, -1)
+        lowest_full = torch.where(full, groups, torch.inf).amin(dim=1, keepdim=True)
+        highest_swa = torch.where(full, -torch.inf, groups).amax(dim=1, keepdim=True)
+        lowest_full = torch.where(lowest_full.isinf(), 0.0, lowest_full)  # a group without FA units
+        highest_swa = torch.where(highest_swa.isinf(), 0.0, highest_swa)  # ... or without SWA units
+        margin = torch.where(full, groups - highest_swa, lowest_full - groups)
+        decided = (margin >= self.cfg.polarization_threshold).reshape(allocation.shape)
         if side is not None:
             decided = decided[allocation == side]
         return float(decided.float().mean()) if decided.numel() else 1.0
@@ -261,8 +276,8 @@ class ConSACallback(Callback):
         for side, share in sides.items():
             if share >= cfg.min_polarized_fraction:
                 continue
-            warnings.append(f"only {share:.0%} of the {side} units' gates are decided (log_alpha on the side of 0 "
-                            f"their allocation gives, by >= {cfg.polarization_threshold}; "
+            warnings.append(f"only {share:.0%} of the {side} units' gates are decided (log_alpha >= "
+                            f"{cfg.polarization_threshold} beyond the other side's units of their constraint group; "
                             f"hybrid_attention.min_polarized_fraction="
                             f"{cfg.min_polarized_fraction}): the allocation is largely ties broken by rank; "
                             "learn the mask longer (mask_learning_steps / _tokens) or from a trained start "

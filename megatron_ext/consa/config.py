@@ -105,9 +105,10 @@ class HybridAttentionConfig:
     lambda_lr: float = 5.0
     """Step size of the gradient ascent on the Lagrange multipliers. [choice]"""
     polarization_threshold: float = 2.0
-    """A gate counts as decided (polarized) when its log_alpha lies on the side of 0 that the
-    binarization gives it (FA > 0, SWA < 0) by at least this; ``consa/polarized_fraction`` reports the
-    share of such units. [choice]"""
+    """A gate counts as decided (polarized) when its log_alpha lies at least this far beyond every unit
+    that the binarization puts on the other side of its constraint group (FA units above the group's
+    SWA units, SWA units below its FA units; by the sign when the group has one side only);
+    ``consa/polarized_fraction`` reports the share of such units. [choice]"""
     min_polarized_fraction: float = 0.9
     """At binarization, fewer decided units than this fraction among the FA units, or among the SWA
     units, is reported as a WARNING (log and allocation.json): the allocation is then largely a tie

@@ -330,9 +330,41 @@ def test_binarizing_undecided_gates_is_reported_as_a_warning():
     with torch.no_grad():  # all lean to SWA while the target keeps half FA: ties, whatever |log_alpha|
         callback.gates.log_alpha.copy_(torch.tensor([[-3.5, -3.4, -3.6, -3.5], [-3.5, -3.49, -3.5, -3.45]]))
     report = callback.diagnostics(callback.gates.binarize(0.5, "per_layer"))
-    assert report["polarized_fraction"] == 0.5 and report["polarized_full"] == 0.0 and report["polarized_swa"] == 1.0
+    assert report["polarized_fraction"] == 0.0 and report["polarized_full"] == 0.0 and report["polarized_swa"] == 0.0
     assert any("full attention units' gates are decided" in w for w in report["warnings"])
+    assert any("SWA units' gates are decided" in w for w in report["warnings"])
     with torch.no_grad():  # decided and at the bounds: no warning
         callback.gates.log_alpha.copy_(torch.tensor([[4.6, -4.6, 4.6, -4.6], [-4.6, 4.6, -4.6, 4.6]]))
     report = callback.diagnostics(callback.gates.binarize(0.5, "per_layer"))
     assert report["polarized_fraction"] == 1.0 and report["warnings"] == [] and report["constraint_gap"] < 1e-3
+
+
+def test_gates_at_the_constraints_equilibrium_count_as_decided():
+    """At rho = 0.5 with the SWA gates at the lower clamp, the constraint met exactly pins the FA gates
+    at log_alpha ~ 1.41, below any sign threshold of 2: decided is a margin between the sides."""
+    from megatron_ext.consa.callback import ConSACallback
+
+    cfg = HybridAttentionConfig(enabled=True, mask_learning_steps=10, target=0.5, constraint="per_layer")
+    callback = ConSACallback(cfg, num_layers=2, num_kv_heads=4, tokens_per_step=64, seed=0)
+    low = cfg.hard_concrete.log_alpha_min
+    hc = cfg.hard_concrete
+    p_low = float(callback.gates.prob_nonzero(torch.tensor(low)))  # P(z != 0) of an SWA gate at the clamp
+    fa = math.log((1 - p_low) / p_low) + hc.beta * math.log(-hc.gamma / hc.zeta)  # P(z != 0) = 1 - p_low
+    with torch.no_grad():
+        callback.gates.log_alpha.copy_(torch.tensor([[fa, low, fa, low], [low, fa, low, fa]]))
+    rho_hat = callback.gates.expected_swa_fraction("per_layer")
+    assert torch.allclose(rho_hat, torch.full((2,), 0.5), atol=1e-4) and 1.3 < fa < 1.5
+    report = callback.diagnostics(callback.gates.binarize(0.5, "per_layer"))
+    assert report["polarized_fraction"] == 1.0 and report["warnings"] == [], report
+    with torch.no_grad():  # one layer decided, the other a tie at the same level: only the tie is undecided
+        callback.gates.log_alpha.copy_(torch.tensor([[fa, low, fa, low], [0.3, 0.31, 0.29, 0.3]]))
+    report = callback.diagnostics(callback.gates.binarize(0.5, "per_layer"))
+    assert report["polarized_fraction"] == 0.5 and report["polarized_full"] == 0.5 and report["polarized_swa"] == 0.5
+    global_cfg = HybridAttentionConfig(enabled=True, mask_learning_steps=10, target=0.75, constraint="global")
+    callback = ConSACallback(global_cfg, num_layers=2, num_kv_heads=4, tokens_per_step=64, seed=0)
+    with torch.no_grad():  # global groups: the margin runs across layers
+        callback.gates.log_alpha.copy_(torch.tensor([[0.5, -2.0, -4.6, -4.6], [-4.6, 0.4, -4.6, -1.0]]))
+    # FA: 0.5 and 0.4; the highest SWA unit is -1.0: FA margins 1.5 and 1.4 (undecided), SWA margins
+    # 0.4 - (-2.0) = 2.4 and 5.0 (decided), 0.4 - (-1.0) = 1.4 (undecided)
+    assert callback.polarized_fraction(side=True) == 0.0
+    assert callback.polarized_fraction(side=False) == pytest.approx(5 / 6)
