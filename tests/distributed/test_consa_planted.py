@@ -84,18 +84,17 @@ def learn_mask(run_dir, run_seed, overrides):
 
 
 def allocation_losses(run_dir, allocations, batches=4):
-    """Validation loss of the run's final weights under each static allocation."""
+    """Validation loss of the run's final weights (and the structure its capabilities trained, such
+    as SGT loops) under each static allocation, on one rank whatever the run's layout."""
     from megatron_ext.data.builder import build_datasets
-    from megatron_ext.models.builder import build_model
+    from megatron_ext.models.builder import unsharded
     from megatron_ext.parallel.state import comm_device
     from megatron_ext.run import load_config
-    from megatron_ext.run.checks import checkpoint_dir
-    from megatron_ext.training.checkpoint import load_model_weights
+    from megatron_ext.training.evaluate import load_trained
     from megatron_ext.training.step import eval_step, global_batch_iterator, run_forward_step
 
-    cfg = load_config(Path(run_dir) / "config.yaml")
-    model = build_model(cfg, cuda=False)
-    load_model_weights(checkpoint_dir(run_dir), model)
+    cfg = unsharded(load_config(Path(run_dir) / "config.yaml"))
+    model, _, _ = load_trained(cfg, Path(run_dir))
     _, valid = build_datasets(cfg)
     modules = [m for m in model[0].modules() if isinstance(m, HybridCoreAttention)]
     forward_step = run_forward_step(cfg, comm_device())
