@@ -9,6 +9,10 @@ attention modules: every head full):
   or ``sink + (p - sink) % window``, overwriting the one ``window`` positions older, which no later
   query sees.
 
+* heads whose plan is None are not cached at all, and their output is zero: a loop pass of an SGT
+  layer computes only its kept query heads (the others' factor is 0), so it caches only their KV
+  heads.
+
 Keys are stored after RoPE, so a ring's slot order does not matter (attention is a sum over
 keys); each slot records its position and the mask is built from positions. Heads with the same
 plan form one group and one buffer.
@@ -22,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Plan = Tuple[Optional[int], int]
-"""(window, sink) of one KV head: window None = full attention."""
+Plan = Optional[Tuple[Optional[int], int]]
+"""(window, sink) of one KV head: window None = full attention; the plan None = not cached."""
 
 
 class _Group:
@@ -79,7 +83,8 @@ class AttentionCache:
                  queries_per_group: int, dtype=torch.float32, device="cpu"):
         by_plan: Dict[Plan, List[int]] = {}
         for head, plan in enumerate(plans):
-            by_plan.setdefault(tuple(plan), []).append(head)
+            if plan is not None:
+                by_plan.setdefault(tuple(plan), []).append(head)
         self.groups = [_Group(heads, plan, batch, capacity, head_dim, dtype, device) for plan, heads in by_plan.items()]
         self.num_kv_heads = len(plans)
         self.queries_per_group = queries_per_group
@@ -94,7 +99,8 @@ class AttentionCache:
         written) -> ``[1, b, query heads * hn]``."""
         b, hn, qpg = query.shape[1], query.shape[3], self.queries_per_group
         q = query[0].view(b, self.num_kv_heads, qpg, hn)  # query heads grouped by their KV head
-        out = torch.empty_like(q)
+        cached = sum(len(group.heads) for group in self.groups)
+        out = torch.empty_like(q) if cached == self.num_kv_heads else torch.zeros_like(q)
         for group in self.groups:
             out[:, group.heads] = group.attend(q[:, group.heads], position, scale)
         return out.reshape(1, b, -1)

@@ -69,11 +69,20 @@ class Decoder:
             core = layer.self_attention.core_attention
             plan_of = getattr(core, "kv_cache_plan", None)
             plans = plan_of() if plan_of is not None else [(None, 0)] * self.num_kv_heads
-            attention_passes = sum(1 for kind, _ in self.passes[i] if kind == "attention")
-            for p in range(attention_passes):
-                caches[(i, p)] = AttentionCache(plans, batch=batch, capacity=capacity, head_dim=self.head_dim,
-                                                queries_per_group=self.queries_per_group, dtype=dtype, device=device)
+            attention_factors = [factors for kind, factors in self.passes[i] if kind == "attention"]
+            for p, factors in enumerate(attention_factors):
+                caches[(i, p)] = AttentionCache(self._needed(plans, factors), batch=batch, capacity=capacity,
+                                                head_dim=self.head_dim, queries_per_group=self.queries_per_group,
+                                                dtype=dtype, device=device)
         return caches
+
+    def _needed(self, plans: List, factors: Optional[List[float]]) -> List:
+        """``plans`` with None for the KV heads a pass never reads: those whose query heads all have
+        the factor 0 in a loop pass (the output of such a head is multiplied by 0)."""
+        if factors is None:
+            return plans
+        read = {head // self.queries_per_group for head, factor in enumerate(factors) if factor != 0}
+        return [plan if kv in read else None for kv, plan in enumerate(plans)]
 
     @staticmethod
     def cache_bytes(caches: Dict[Tuple[int, int], AttentionCache]) -> int:

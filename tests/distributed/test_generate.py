@@ -52,9 +52,9 @@ def _model(case, run_dir):
     torch.manual_seed(0)
     (model,) = build_model(cfg, cuda=False)
     restore_capabilities(cfg, [model], {"step": 0}, Path(run_dir))
-    if case == "sgt_loops":  # layer 2 loops twice on heads 1 and 3 (one fading), layer 1 once on all
+    if case == "sgt_loops":  # layer 2 loops twice on heads 0 and 1 (one fading, both of KV head 0), layer 1 once on all
         model.decoder.layers[2].set_loop(2)
-        model.decoder.layers[2].set_head_factors([0.0, 1.0, 0.0, 0.5])
+        model.decoder.layers[2].set_head_factors([0.5, 1.0, 0.0, 0.0])
         model.decoder.layers[1].set_loop(1)
     if case == "block_loops":
         model.decoder.layers[1].set_loop(1, "block")
@@ -87,6 +87,9 @@ def decode_against_recomputation(case, run_dir, prompt_length=6, new_tokens=26):
     again = generate(Decoder(model, hooks), prompt, new_tokens)  # the sampling loop, greedy
     return {"tokens_equal": bool(torch.equal(cached, reference)), "loop_equal": bool(torch.equal(again, cached)),
             "diff": diff, "bytes": Decoder.cache_bytes(caches),
+            "kv_heads_per_pass": {f"{layer}.{p}": sorted(h for group in cache.groups for h in group.heads)
+                                  for (layer, p), cache in caches.items()},
+            "bytes_per_pass": {f"{layer}.{p}": cache.nbytes() for (layer, p), cache in caches.items()},
             "plans": [len(c.groups) for c in caches.values()]}
 
 
@@ -97,6 +100,11 @@ def test_cached_greedy_decoding_equals_recomputation(case, tmp_path):
           f"max |logit| {out['diff']:.2e}, cache {out['bytes']} bytes")
     assert out["tokens_equal"] and out["loop_equal"]
     assert out["diff"] <= 1e-5
+    if case == "sgt_loops":  # a loop pass caches the KV heads of its kept query heads only
+        heads, per_pass = out["kv_heads_per_pass"], out["bytes_per_pass"]
+        assert heads["2.0"] == [0, 1] and heads["2.1"] == heads["2.2"] == [0], heads
+        assert per_pass["2.1"] == per_pass["2.2"] < per_pass["2.0"], per_pass
+        assert heads["1.1"] == heads["1.0"] == [0, 1] and per_pass["1.1"] == per_pass["1.0"], per_pass
 
 
 def test_ring_buffer_keeps_sink_and_last_window_positions():
