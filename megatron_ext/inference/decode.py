@@ -130,6 +130,8 @@ class Decoder:
     def _attention(self, layer, hidden: Tensor, rope, positions: Tensor, cache: AttentionCache,
                    factors: Optional[List[float]], *, prefill: bool, loop: bool) -> Tensor:
         attn = layer.self_attention
+        if loop and set(factors) <= {0.0, 1.0} and hasattr(layer, "kept_heads_qkv"):
+            return self._kept_heads_attention(layer, hidden, rope, positions, cache, factors, prefill=prefill)
         query, key, value = attn.get_query_key_value_tensors(layer.input_layernorm(hidden), None)
         query, key = rotate_query_key(attn, layer.layer_number, query, key, rope)
         cache.write(key, value, positions)
@@ -143,6 +145,36 @@ class Decoder:
             f = torch.tensor(factors, dtype=context.dtype, device=context.device).repeat_interleave(self.head_dim)
             context = context * f
         output, bias = attn.linear_proj(context)
+        return hidden + output + (bias if bias is not None else 0)
+
+    def _kept_heads_attention(self, layer, hidden: Tensor, rope, positions: Tensor, cache: AttentionCache,
+                              factors: List[float], *, prefill: bool) -> Tensor:
+        """A loop pass whose factors are all 0 or 1, as the looped layer's training forward computes
+        it: the QKV rows and output columns of the kept query heads and their KV groups only."""
+        attn, hn = layer.self_attention, self.head_dim
+        kept = [head for head, factor in enumerate(factors) if factor == 1.0]
+        groups = sorted({head // self.queries_per_group for head in kept})
+        q, k, v = layer.kept_heads_qkv(layer.input_layernorm(hidden), kept, groups)
+        s, b = q.shape[:2]
+        q, k, v = (t.unflatten(-1, (-1, hn)) for t in (q, k, v))
+        if attn.q_layernorm is not None:
+            q = attn.q_layernorm(q)
+        if attn.k_layernorm is not None:
+            k = attn.k_layernorm(k)
+        # Every head in its place, zeros elsewhere: the cache holds the kept groups only (_needed).
+        query = q.new_zeros(s, b, len(factors), hn)
+        key = k.new_zeros(s, b, self.num_kv_heads, hn)
+        value = torch.zeros_like(key)
+        query[:, :, kept], key[:, :, groups], value[:, :, groups] = q, k, v
+        query, key = rotate_query_key(attn, layer.layer_number, query, key, rope)
+        cache.write(key, value, positions)
+        if prefill:
+            context = self._causal(attn.core_attention, query, key, value)
+        else:
+            context = cache.attend(query, int(positions[-1]), self.scale)
+        context = context.unflatten(-1, (-1, hn))[:, :, kept].flatten(2)
+        output = layer.kept_heads_proj(context, kept)
+        bias = attn.linear_proj.bias
         return hidden + output + (bias if bias is not None else 0)
 
     def _causal(self, core, query: Tensor, key: Tensor, value: Tensor) -> Tensor:

@@ -292,11 +292,8 @@ class LoopedTransformerLayer(TransformerLayer):
             computed = local
         residual = hidden_states
         normed = self._enter_tensor_parallel_region(self.input_layernorm(hidden_states))  # [s, b, h]
-        rows = self._slice_of("qkv", tuple(computed), tuple(groups), normed.device)
-        bias = attn.linear_qkv.bias
-        qkv = F.linear(normed, _take(attn.linear_qkv.weight, 0, rows), None if bias is None else _take(bias, 0, rows))
+        query, key, value = self.kept_heads_qkv(normed, computed, groups)
         num_q, num_kv = len(computed), len(groups)
-        query, key, value = qkv.split([num_q * hn, num_kv * hn, num_kv * hn], dim=-1)
         query = query.unflatten(-1, (num_q, hn))  # [s, b, nq, hn]
         if num_q == 0:
             # No kept head on this rank: an empty context still links this rank's reductions below
@@ -321,10 +318,25 @@ class LoopedTransformerLayer(TransformerLayer):
             context = self._attend(query, key, value, kv_of_query, groups)
             if computed != local:
                 context = context[:, :, [computed.index(head) for head in local]]
-        columns = self._slice_of("proj", tuple(local), (), context.device)
-        partial = F.linear(context.flatten(2), _take(attn.linear_proj.weight, 1, columns))
+        partial = self.kept_heads_proj(context.flatten(2), local)
         output = self._leave_tensor_parallel_region(partial)  # [s(/tp), b, h], summed over ranks
         return self._add_residual(output, attn.linear_proj.bias, residual)
+
+    def kept_heads_qkv(self, normed: Tensor, query_heads: Sequence[int], groups: Sequence[int]):
+        """The fused QKV projection of ``normed [s, b, h]`` for these local query heads and KV groups
+        only (the weight's rows of them): query ``[s, b, nq * hn]``, key and value ``[s, b, ng * hn]``,
+        before the QK norms and RoPE."""
+        attn, hn = self.self_attention, self._head_dim
+        rows = self._slice_of("qkv", tuple(query_heads), tuple(groups), normed.device)
+        bias = attn.linear_qkv.bias
+        qkv = F.linear(normed, _take(attn.linear_qkv.weight, 0, rows), None if bias is None else _take(bias, 0, rows))
+        return qkv.split([len(query_heads) * hn, len(groups) * hn, len(groups) * hn], dim=-1)
+
+    def kept_heads_proj(self, context: Tensor, query_heads: Sequence[int]) -> Tensor:
+        """The output projection of ``context [s, b, nq * hn]`` of these local query heads (the
+        weight's columns of them), without the bias and without the tensor-parallel reduction."""
+        columns = self._slice_of("proj", tuple(query_heads), (), context.device)
+        return F.linear(context, _take(self.self_attention.linear_proj.weight, 1, columns))
 
     def _slice_of(self, which: str, heads: tuple, groups: tuple, device):
         """The QKV rows (``qkv``) or output-projection columns (``proj``) of a kept set, built once

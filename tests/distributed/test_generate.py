@@ -30,6 +30,8 @@ CASES = {
     "moe_softmax": {"moe": {**MOE, "score_function": "softmax"}, "routing": {"expert_bias": False}},
     "sgt_loops": {"looping": {"enabled": True}, "hybrid_attention": {"enabled": True, "method": "rule_head",
                                                                      "window": 4, "target": 0.5}},
+    "sgt_kept_heads": {"looping": {"enabled": True}, "hybrid_attention": {"enabled": True, "method": "rule_head",
+                                                                          "window": 4, "target": 0.5}},
     "block_loops": {"looping": {"enabled": True, "method": "block"}},
 }
 
@@ -56,6 +58,11 @@ def _model(case, run_dir):
         model.decoder.layers[2].set_loop(2)
         model.decoder.layers[2].set_head_factors([0.5, 1.0, 0.0, 0.0])
         model.decoder.layers[1].set_loop(1)
+    if case == "sgt_kept_heads":  # after the fade: layer 2 loops on head 1 alone, layer 1 on heads 1 and 2
+        model.decoder.layers[2].set_loop(1)
+        model.decoder.layers[2].set_head_factors([0.0, 1.0, 0.0, 0.0])
+        model.decoder.layers[1].set_loop(2)
+        model.decoder.layers[1].set_head_factors([0.0, 1.0, 1.0, 0.0])
     if case == "block_loops":
         model.decoder.layers[1].set_loop(1, "block")
     return cfg, model.eval(), batch_hooks(cfg)
@@ -105,6 +112,9 @@ def test_cached_greedy_decoding_equals_recomputation(case, tmp_path):
         assert heads["2.0"] == [0, 1] and heads["2.1"] == heads["2.2"] == [0], heads
         assert per_pass["2.1"] == per_pass["2.2"] < per_pass["2.0"], per_pass
         assert heads["1.1"] == heads["1.0"] == [0, 1] and per_pass["1.1"] == per_pass["1.0"], per_pass
+    if case == "sgt_kept_heads":
+        heads = out["kv_heads_per_pass"]
+        assert heads["2.1"] == [0] and heads["1.1"] == heads["1.2"] == [0, 1], heads
 
 
 def test_ring_buffer_keeps_sink_and_last_window_positions():
