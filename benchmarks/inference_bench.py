@@ -6,7 +6,11 @@ static hybrid vs full attention, and of elastic sub-models vs the full MoE.
    every layer SWA). KV-cache bytes at context T = 8192 (as allocated by the decoder; ideal ratio
    0.5 + 0.5 W / T), decode tokens/s at T (4 sequences, their caches filled to T positions, then
    single-token steps), prefill time of a 4096-token prompt (the training kernels).
-2. Elastic sub-models of an MoE (4 layers, 16 experts of width 256, top-4, a shared expert; the
+2. SGT loops (the dense model): loops of depth 1 on 2 kept query heads (one KV group) in the 2
+   deepest layers, as SGT grows them, vs the same model without loops. KV-cache bytes at T = 8192
+   (ideal ratio 1 + 2 * (1/4) / 4: a loop pass caches its kept heads' KV group only), decode
+   tokens/s at T, prefill time.
+3. Elastic sub-models of an MoE (4 layers, 16 experts of width 256, top-4, a shared expert; the
    shapes ``pretrain.extract`` writes, random weights): top-k 25 %, half the experts, half the
    layers, vs the full MoE; decode tokens/s at context 1024 (4 sequences) and prefill of 512 tokens.
 
@@ -39,7 +43,9 @@ def _config(model: dict, seq_length: int, **sections):
     return from_dict(RunConfig, {"model": model, "data": {"seq_length": seq_length}, **sections})
 
 
-def _decoder(cfg):
+def _decoder(cfg, structure=None):
+    """The decoder of ``cfg``'s model (random weights); ``structure(model)`` sets what training would
+    have grown (e.g. loops) before the decoder reads the layers."""
     from pathlib import Path
     from tempfile import TemporaryDirectory
 
@@ -51,6 +57,8 @@ def _decoder(cfg):
     (model,) = build_model(cfg, cuda=False)
     with TemporaryDirectory() as run_dir:
         restore_capabilities(cfg, [model], {"step": 0}, Path(run_dir))
+    if structure is not None:
+        structure(model)
     return Decoder(model.eval(), batch_hooks(cfg))
 
 
@@ -101,6 +109,34 @@ def bench_hybrid(reps: int) -> List[dict]:
     ]
 
 
+LOOPED_LAYERS, KEPT_HEADS = (2, 3), (0, 1)
+
+
+def bench_loops(reps: int) -> List[dict]:
+    def grow_loops(model):
+        for index in LOOPED_LAYERS:
+            layer = model.decoder.layers[index]
+            layer.set_loop(1)
+            layer.set_head_factors([1.0 if head in KEPT_HEADS else 0.0 for head in range(DENSE["num_attention_heads"])])
+
+    plain = _decoder(_config(DENSE, PREFILL))
+    looped = _decoder(_config(DENSE, PREFILL, looping={"enabled": True}), grow_loops)
+    bytes_plain = plain.cache_bytes(plain.new_cache(1, CONTEXT))
+    bytes_looped = looped.cache_bytes(looped.new_cache(1, CONTEXT))
+    decode = interleaved({"plain": _decode(plain, CONTEXT), "looped": _decode(looped, CONTEXT)}, reps=reps)
+    prefill = interleaved({"plain": _prefill(plain, PREFILL), "looped": _prefill(looped, PREFILL)}, reps=reps)
+    groups = DENSE["num_query_groups"]
+    ideal = 1 + len(LOOPED_LAYERS) * (1 / groups) / DENSE["num_layers"]
+    name = f"SGT loops on {len(KEPT_HEADS)} heads in {len(LOOPED_LAYERS)} layers vs none"
+    return [
+        row("inference", f"{name}: KV-cache bytes ratio at T {CONTEXT}", bytes_looped / bytes_plain,
+            f"<= {1.001 * ideal:.4f}", ideal=ideal),
+        row("inference", f"{name}: decode tokens/s ratio at T {CONTEXT}", 1.0 / ratio(decode, "looped", "plain"),
+            "report"),
+        row("inference", f"{name}: prefill time ratio, {PREFILL} tokens", ratio(prefill, "looped", "plain"), "report"),
+    ]
+
+
 def moe_submodels() -> Dict[str, dict]:
     """name -> (model, moe) sections of the full MoE and its extracted sub-models."""
     return {"full": (MOE_SHAPE, MOE),
@@ -132,7 +168,7 @@ def bench_elastic(reps: int) -> List[dict]:
 
 def run(reps: int = 5) -> List[dict]:
     single_process_megatron()
-    return bench_hybrid(reps) + bench_elastic(reps)
+    return bench_hybrid(reps) + bench_loops(reps) + bench_elastic(reps)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,9 @@ class Decoder:
     def _attention(self, layer, hidden: Tensor, rope, positions: Tensor, cache: AttentionCache,
                    factors: Optional[List[float]], *, prefill: bool, loop: bool) -> Tensor:
         attn = layer.self_attention
-        if loop and set(factors) <= {0.0, 1.0} and hasattr(layer, "kept_heads_qkv"):
+        core = attn.core_attention
+        whole_groups = hasattr(core, "forward_heads") and not hasattr(core, "forward_query_heads")
+        if loop and set(factors) <= {0.0, 1.0} and hasattr(layer, "kept_heads_qkv") and not whole_groups:
             return self._kept_heads_attention(layer, hidden, rope, positions, cache, factors, prefill=prefill)
         query, key, value = attn.get_query_key_value_tensors(layer.input_layernorm(hidden), None)
         query, key = rotate_query_key(attn, layer.layer_number, query, key, rope)
@@ -161,18 +163,19 @@ class Decoder:
             q = attn.q_layernorm(q)
         if attn.k_layernorm is not None:
             k = attn.k_layernorm(k)
-        # Every head in its place, zeros elsewhere: the cache holds the kept groups only (_needed).
-        query = q.new_zeros(s, b, len(factors), hn)
+        q, k = rotate_query_key(attn, layer.layer_number, q, k, rope)
+        # The cache takes every KV head in its place (zeros elsewhere) and holds the kept groups only (_needed).
         key = k.new_zeros(s, b, self.num_kv_heads, hn)
         value = torch.zeros_like(key)
-        query[:, :, kept], key[:, :, groups], value[:, :, groups] = q, k, v
-        query, key = rotate_query_key(attn, layer.layer_number, query, key, rope)
+        key[:, :, groups], value[:, :, groups] = k, v
         cache.write(key, value, positions)
-        if prefill:
-            context = self._causal(attn.core_attention, query, key, value)
+        if prefill:  # the kept query heads over their groups' keys, with the layer's own kernels
+            context = layer.attend_heads(q, k, v, [groups.index(head // self.queries_per_group) for head in kept],
+                                         groups).flatten(2)
         else:
-            context = cache.attend(query, int(positions[-1]), self.scale)
-        context = context.unflatten(-1, (-1, hn))[:, :, kept].flatten(2)
+            query = q.new_zeros(s, b, len(factors), hn)
+            query[:, :, kept] = q
+            context = cache.attend(query, int(positions[-1]), self.scale).unflatten(-1, (-1, hn))[:, :, kept].flatten(2)
         output = layer.kept_heads_proj(context, kept)
         bias = attn.linear_proj.bias
         return hidden + output + (bias if bias is not None else 0)

@@ -270,7 +270,7 @@ class LoopedTransformerLayer(TransformerLayer):
         if hasattr(core, "forward_heads"):  # every head of every group: the module's own layout
             context = core.forward_heads(query, key, value, groups).unflatten(-1, (-1, self._head_dim))
         else:
-            context = self._attend(query, key, value, kv_of_query, groups)
+            context = self.attend_heads(query, key, value, kv_of_query, groups)
         factors = torch.tensor([self.head_factors[head] for head in self.local_head_range],
                                dtype=context.dtype, device=context.device)
         context = context * factors.view(1, 1, -1, 1)  # [s, b, np, hn]
@@ -315,7 +315,7 @@ class LoopedTransformerLayer(TransformerLayer):
                 self._loop_entropy = torch.full((self._local_heads,), float("nan"), dtype=entropy.dtype,
                                                 device=entropy.device)
                 self._loop_entropy[computed] = entropy
-            context = self._attend(query, key, value, kv_of_query, groups)
+            context = self.attend_heads(query, key, value, kv_of_query, groups)
             if computed != local:
                 context = context[:, :, [computed.index(head) for head in local]]
         partial = self.kept_heads_proj(context.flatten(2), local)
@@ -386,7 +386,7 @@ class LoopedTransformerLayer(TransformerLayer):
         """RoPE as Megatron's attention applies it (none for layers listed in ``no_rope_freq``)."""
         return rotate_query_key(self.self_attention, self.layer_number, query, key, rotary_pos_emb)
 
-    def _attend(self, query: Tensor, key: Tensor, value: Tensor, kv_of_query: Sequence[int],
+    def attend_heads(self, query: Tensor, key: Tensor, value: Tensor, kv_of_query: Sequence[int],
                 local_kv_heads: Sequence[int]) -> Tensor:
         """Causal attention of ``query [s, b, nq, hn]`` over ``key``/``value [s, b, nkv, hn]``.
 
