@@ -132,7 +132,8 @@ class Decoder:
         attn = layer.self_attention
         core = attn.core_attention
         whole_groups = hasattr(core, "forward_heads") and not hasattr(core, "forward_query_heads")
-        if loop and set(factors) <= {0.0, 1.0} and hasattr(layer, "kept_heads_qkv") and not whole_groups:
+        if loop and 1.0 in factors and set(factors) <= {0.0, 1.0} and hasattr(layer, "kept_heads_qkv") \
+                and not whole_groups:
             return self._kept_heads_attention(layer, hidden, rope, positions, cache, factors, prefill=prefill)
         query, key, value = attn.get_query_key_value_tensors(layer.input_layernorm(hidden), None)
         query, key = rotate_query_key(attn, layer.layer_number, query, key, rope)

@@ -58,7 +58,9 @@ def _model(case, run_dir):
         model.decoder.layers[2].set_loop(2)
         model.decoder.layers[2].set_head_factors([0.5, 1.0, 0.0, 0.0])
         model.decoder.layers[1].set_loop(1)
-    if case == "sgt_kept_heads":  # after the fade: layer 2 loops on head 1 alone, layer 1 on heads 1 and 2
+    if case == "sgt_kept_heads":  # after the fade: layer 2 loops on head 1 alone, layer 1 twice on heads 1 and 2
+        model.decoder.layers[0].set_loop(1)  # and layer 0 with every factor 0: the pass adds nothing
+        model.decoder.layers[0].set_head_factors([0.0, 0.0, 0.0, 0.0])
         model.decoder.layers[2].set_loop(1)
         model.decoder.layers[2].set_head_factors([0.0, 1.0, 0.0, 0.0])
         model.decoder.layers[1].set_loop(2)
@@ -114,7 +116,7 @@ def test_cached_greedy_decoding_equals_recomputation(case, tmp_path):
         assert heads["1.1"] == heads["1.0"] == [0, 1] and per_pass["1.1"] == per_pass["1.0"], per_pass
     if case == "sgt_kept_heads":
         heads = out["kv_heads_per_pass"]
-        assert heads["2.1"] == [0] and heads["1.1"] == heads["1.2"] == [0, 1], heads
+        assert heads["2.1"] == [0] and heads["1.1"] == heads["1.2"] == [0, 1] and heads["0.1"] == [], heads
 
 
 def test_ring_buffer_keeps_sink_and_last_window_positions():
