@@ -88,6 +88,8 @@ class AttentionCache:
         self.groups = [_Group(heads, plan, batch, capacity, head_dim, dtype, device) for plan, heads in by_plan.items()]
         self.num_kv_heads = len(plans)
         self.queries_per_group = queries_per_group
+        self.complete = all(plan is not None for plan in plans)
+        """Every KV head cached; otherwise the uncached heads' outputs are zeros."""
 
     def write(self, key: Tensor, value: Tensor, positions: Tensor) -> None:
         """key / value ``[s, b, kv heads, hn]`` (after RoPE) of ``positions``."""
@@ -99,8 +101,7 @@ class AttentionCache:
         written) -> ``[1, b, query heads * hn]``."""
         b, hn, qpg = query.shape[1], query.shape[3], self.queries_per_group
         q = query[0].view(b, self.num_kv_heads, qpg, hn)  # query heads grouped by their KV head
-        cached = sum(len(group.heads) for group in self.groups)
-        out = torch.empty_like(q) if cached == self.num_kv_heads else torch.zeros_like(q)
+        out = torch.empty_like(q) if self.complete else torch.zeros_like(q)
         for group in self.groups:
             out[:, group.heads] = group.attend(q[:, group.heads], position, scale)
         return out.reshape(1, b, -1)
