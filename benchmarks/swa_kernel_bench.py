@@ -4,14 +4,14 @@ Kernels, for each sequence length T (b=1, h=8, d=64, window W, default 512), for
 require grad, as in training) and forward+backward:
 
     FA   causal_attention                 (scaled_dot_product_attention, is_causal=True)
-    SWA  sliding_window_attention         (CPU: the blocked O(T*W) kernel; CUDA: FlexAttention)
+    SWA  sliding_window_attention         (CPU: the fused O(T*W) C++ kernel; CUDA: FlexAttention)
 
 next to ideal_flop_ratio(T, W), the fraction of the causal (query, key) pairs the band keeps.
 
 Layers (``HybridCoreAttention``, the core attention a hybrid model runs, T=4096 by default):
 
     gated   stage 1 (mask learning): every KV head mixes FA and SWA by its gate z, both computed,
-            gradient to z included; ConSA's training cost, target <= 2.2x the full layer
+            gradient to z included; ConSA's training cost, target <= 1.28x the full layer
     mixed   static hybrid at rho = 0.5: half the KV heads FA, half SWA, as two kernel groups
 
 against the same module in full mode. Ratios are medians of per-repetition ratios, cases
@@ -102,25 +102,33 @@ def bench_layers(seq_len: int, window: int, reps: int, device="cpu", dtype=torch
     return interleaved(_cases(kernels, wrt, grad.flatten(2)), reps)  # the module returns [s, b, h * d]
 
 
+# Within 15% of the FLOP ideal: SWA / FA at T = 4096 (0.27) and 8192, the hybrid layers at 4096.
+FLOP_IDEAL_MARGIN = 1.15
+
+
+def _within_ideal(ideal: float) -> str:
+    return f"<= {FLOP_IDEAL_MARGIN * ideal:.3f}"
+
+
 def run(reps: int = 5, seq_lens=(2048, 4096, 8192), window: int = 512, layer_seq_len: int = 4096) -> list:
     """Rows for the benchmark report: SWA / FA kernel ratios beside the ideal, then the layers."""
-    targets = {4096: {"fwd": "<= 0.35", "fwdbwd": "<= 0.5"}}
     rows = []
     for seq_len in seq_lens:
         t = bench_kernels(seq_len, window, reps)
+        ideal = ideal_flop_ratio(seq_len, window)
         for part, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
             rows.append(row("attention", f"SWA / FA {label}, T={seq_len}, W={window}",
                             ratio(t, f"swa_{part}", f"fa_{part}"),
-                            targets.get(seq_len, {}).get(part, ""), ideal_flop_ratio(seq_len, window)))
+                            _within_ideal(ideal) if seq_len >= 4096 else "", ideal))
     t = bench_layers(layer_seq_len, window, reps)
+    ideal_gated = 1.0 + ideal_flop_ratio(layer_seq_len, window)
     ideal_mixed = (1.0 + ideal_flop_ratio(layer_seq_len, window)) / 2
     for part, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
         rows.append(row("attention", f"gated (stage 1) / FA layer {label}, T={layer_seq_len}",
-                        ratio(t, f"gated_{part}", f"full_{part}"), "<= 2.2",
-                        1.0 + ideal_flop_ratio(layer_seq_len, window)))
+                        ratio(t, f"gated_{part}", f"full_{part}"), "<= 1.28", ideal_gated))
     for part, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
         rows.append(row("attention", f"KV-head mixed rho=0.5 / FA layer {label}, T={layer_seq_len}",
-                        ratio(t, f"mixed_{part}", f"full_{part}"), "report", ideal_mixed))
+                        ratio(t, f"mixed_{part}", f"full_{part}"), "<= 0.66", ideal_mixed))
     return rows
 
 

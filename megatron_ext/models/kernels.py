@@ -66,6 +66,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from megatron_ext.models import fused_swa
+
 __all__ = [
     "causal_attention",
     "ideal_flop_ratio",
@@ -78,9 +80,11 @@ __all__ = [
 ]
 
 DEFAULT_BLOCK_SIZE = 80
-"""Query block ``bq`` of the CPU kernel. A block computes ``bq - 1`` more key columns than its rows can
-see (~15% at ``W = 512``); smaller blocks save that but lose more to per-block overhead and smaller
-matmuls. 80 measured best or tied among 16-128 for ``W`` from 32 to 2048 (T = 4096, 2 threads)."""
+"""Query block ``bq`` of the CPU kernels (blocked and fused). A block computes ``bq - 1`` more key
+columns than its rows can see (~15% at ``W = 512``); smaller blocks save that but lose more to
+per-block overhead and smaller matmuls. For the blocked kernel 80 measured best or tied among 16-128
+for ``W`` from 32 to 2048 (T = 4096, 2 threads); the fused kernel measured within noise from 48 to 128
+at T = 4096 and 8192, W = 512."""
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[int]) -> None:
@@ -444,8 +448,10 @@ def sliding_window_attention(
     * CUDA: ``torch.nn.attention.flex_attention`` (compiled) with a block mask for
       ``kv_idx <= q_idx + Tk - Tq < kv_idx + window``, cached per (Tq, Tk, window, device); GQA through
       ``enable_gqa``.
-    * CPU: ``sliding_window_attention_blocked``. FlexAttention has no CPU backward in torch 2.13 (its
-      CPU path is inference only), so training on CPU needs the blocked kernel with its own backward.
+    * CPU, float32: the fused C++ kernel (:mod:`megatron_ext.models.fused_swa`), built on first use;
+      other dtypes, or where it cannot be built: ``sliding_window_attention_blocked``. FlexAttention
+      has no CPU backward in torch 2.13 (its CPU path is inference only), so training on CPU needs a
+      kernel with its own backward.
     """
     _check_inputs(q, k, v, window)
     if q.is_cuda:
@@ -453,4 +459,7 @@ def sliding_window_attention(
         flex = _compiled_flex_attention()
         gqa = q.shape[1] != k.shape[1]
         return flex(q, k, v, block_mask=mask, scale=_scale_or_default(q, scale), enable_gqa=gqa)
+    if q.dtype == k.dtype == v.dtype == torch.float32 and fused_swa.available():
+        return fused_swa.fused_sliding_window_attention(q, k, v, window, _scale_or_default(q, scale),
+                                                        DEFAULT_BLOCK_SIZE)
     return sliding_window_attention_blocked(q, k, v, window, scale)

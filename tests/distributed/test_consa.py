@@ -169,6 +169,37 @@ def test_static_fast_path_matches_masked_reference(full_heads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
+def gated_layer_outputs():
+    """HybridCoreAttention in mask learning (per-KV-head gates) vs. z * causal + (1 - z) * masked dense
+    sliding window per head: values and gradients, the gates' included."""
+    cfg = config()
+    (model,) = build_model(cfg, cuda=False)
+    attn = next(m for m in model.modules() if isinstance(m, HybridCoreAttention))
+    z = torch.tensor([0.9, 0.2, 0.5, 0.0], requires_grad=True)
+    attn.set_gated(lambda training: z)
+    g = torch.Generator().manual_seed(1)
+    s, b, nq, nkv, hn = 32, 2, 8, 4, 8
+    q, k, v = (torch.randn(s, b, n, hn, generator=g, requires_grad=True) for n in (nq, nkv, nkv))
+    out = attn(q, k, v, None)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, z))
+    ref_heads = []
+    qt, kt, vt = (x.permute(1, 2, 0, 3) for x in (q, k, v))
+    for h in range(nq):
+        kv = h // (nq // nkv)
+        args = (qt[:, h:h + 1], kt[:, kv:kv + 1], vt[:, kv:kv + 1])
+        ref_heads.append(z[kv] * causal_attention(*args) + (1 - z[kv]) * sliding_window_attention_reference(*args, window=8))
+    ref = torch.cat(ref_heads, dim=1).permute(2, 0, 1, 3).reshape(s, b, nq * hn)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v, z))
+    return out.detach(), ref.detach(), grads, ref_grads
+
+
+def test_gated_layer_matches_the_mixture_of_both_references():
+    out, ref, grads, ref_grads = run_distributed(gated_layer_outputs, 1)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for name, g, r in zip(("q", "k", "v", "z"), grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+
+
 @pytest.mark.parametrize("constraint", ["per_layer", "global"])
 def test_controller_reaches_target_then_static_hybrid_trains(tmp_path, constraint):
     sections = {"train": {"steps": 170, "lr": 1.0e-3}, "logging": {"log_interval": 10},

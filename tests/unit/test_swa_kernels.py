@@ -1,4 +1,5 @@
-"""Sliding-window attention kernels: the blocked CPU kernel and the GPU path against the dense reference."""
+"""Sliding-window attention kernels: the fused and blocked CPU kernels and the GPU path against the dense
+reference."""
 
 from functools import partial
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from megatron_ext.models import fused_swa
 from megatron_ext.models.kernels import (
     causal_attention,
     ideal_flop_ratio,
@@ -56,10 +58,25 @@ SHAPES = [
 ]
 
 
+def fused(q, k, v, window, scale=None, block_size=16):
+    """The fused C++ kernel with the dispatcher's defaults (built on first use)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return fused_swa.fused_sliding_window_attention(q, k, v, window, scale, block_size)
+
+
+BLOCK_KERNELS = {"blocked": sliding_window_attention_blocked, "fused": fused}
+
+
+def test_the_fused_kernel_builds_here():
+    """The project's machines have a C++ compiler and ninja: the fused kernel must build, not fall back."""
+    assert fused_swa.fused_kernel_error() is None
+
+
+@pytest.mark.parametrize("kernel", BLOCK_KERNELS)
 @pytest.mark.parametrize("b, hq, hkv, t, d, window, block", SHAPES)
-def test_blocked_matches_reference(b, hq, hkv, t, d, window, block):
+def test_block_kernels_match_reference(kernel, b, hq, hkv, t, d, window, block):
     q, k, v, grad = make_qkv(b, hq, hkv, t, d)
-    blocked = partial(sliding_window_attention_blocked, window=window, block_size=block)
+    blocked = partial(BLOCK_KERNELS[kernel], window=window, block_size=block)
     got = forward_backward(blocked, q, k, v, grad)
     want = forward_backward(partial(sliding_window_attention_reference, window=window), q, k, v, grad)
     assert_all_close(got, want)
@@ -82,6 +99,7 @@ def test_a_chunk_with_its_earlier_keys_equals_those_rows_of_the_whole_sequence(t
     grad[:, :, : t - tq] = 0  # the whole sequence's rows before the chunk contribute no gradient
     kernels = {"causal": causal_attention,
                "blocked": partial(sliding_window_attention_blocked, window=window, block_size=block),
+               "fused": partial(fused, window=window, block_size=block),
                "reference": partial(sliding_window_attention_reference, window=window),
                "sink": partial(sink_window_attention, window=window, sink=3),
                "sink-reference": partial(sink_window_attention_reference, window=window, sink=3)}
@@ -93,30 +111,37 @@ def test_a_chunk_with_its_earlier_keys_equals_those_rows_of_the_whole_sequence(t
                          f" ({name})")
 
 
-def test_blocked_default_block_and_custom_scale():
+def test_dispatcher_default_block_and_custom_scale():
     q, k, v, grad = make_qkv(1, 4, 2, 333, 32, seed=1)
-    got = forward_backward(partial(sliding_window_attention_blocked, window=100, scale=0.3), q, k, v, grad)
+    got = forward_backward(partial(sliding_window_attention, window=100, scale=0.3), q, k, v, grad)
     want = forward_backward(partial(sliding_window_attention_reference, window=100, scale=0.3), q, k, v, grad)
     assert_all_close(got, want)
-
-
-def test_blocked_accepts_non_contiguous_inputs():
-    q, k, v, grad = make_qkv(1, 2, 2, 64, 8, seed=2)
-    # The same values stored as [b, s, h, d] and seen as [b, h, s, d].
-    strided = [x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v)]
-    assert not strided[0].is_contiguous()
-    got = forward_backward(partial(sliding_window_attention_blocked, window=9, block_size=16), *strided, grad)
-    want = forward_backward(partial(sliding_window_attention_reference, window=9), q, k, v, grad)
+    got = forward_backward(partial(sliding_window_attention_blocked, window=100, scale=0.3), q, k, v, grad)
     assert_all_close(got, want)
 
 
-@pytest.mark.parametrize("kernel", ["reference", "blocked"])
+@pytest.mark.parametrize("kernel", BLOCK_KERNELS)
+def test_block_kernels_accept_non_contiguous_inputs(kernel):
+    q, k, v, grad = make_qkv(1, 2, 2, 64, 8, seed=2)
+    # The same values stored as [b, s, h, d] and seen as [b, h, s, d]; the output gradient too.
+    strided = [x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v)]
+    strided_grad = grad.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not strided[0].is_contiguous() and not strided_grad.is_contiguous()
+    got = forward_backward(partial(BLOCK_KERNELS[kernel], window=9, block_size=16), *strided, strided_grad)
+    want = forward_backward(partial(sliding_window_attention_reference, window=9), q, k, v, grad)
+    assert_all_close(got, want)
+    if kernel == "fused":  # read in place, written in the inputs' layout: the caller's permutes stay views
+        assert got[0].stride() == strided[0].stride() and got[2].stride() == strided[1].stride()
+
+
+@pytest.mark.parametrize("kernel", ["reference", "blocked", "fused"])
 def test_window_convention(kernel):
     """W = 3: changing key and value j changes exactly the outputs i with i - 2 <= j <= i."""
     window, t = 3, 12
     fn = {
         "reference": partial(sliding_window_attention_reference, window=window),
         "blocked": partial(sliding_window_attention_blocked, window=window, block_size=4),
+        "fused": partial(fused, window=window, block_size=4),
     }[kernel]
     q, k, v, _ = make_qkv(1, 1, 1, t, 4)
     q, k, v = q.detach(), k.detach(), v.detach()
@@ -131,12 +156,36 @@ def test_window_convention(kernel):
         assert torch.equal(changed, expected), f"perturbing position {j} changed rows {rows}"
 
 
-def test_dispatcher_on_cpu_is_blocked_kernel():
+def test_dispatcher_on_cpu_takes_the_fused_kernel_for_fp32_and_the_blocked_one_otherwise(monkeypatch):
     q, k, v, grad = make_qkv(2, 4, 2, 150, 16, seed=3)
     got = forward_backward(partial(sliding_window_attention, window=33), q, k, v, grad)
+    want = forward_backward(partial(fused, window=33, block_size=80), q, k, v, grad)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    low = [x.detach().bfloat16().requires_grad_() for x in (q, k, v)]
+    got = forward_backward(partial(sliding_window_attention, window=33), *low, grad.bfloat16())
+    want = forward_backward(partial(sliding_window_attention_blocked, window=33), *low, grad.bfloat16())
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    # Where the extension cannot be built: one warning naming the reason, then the blocked kernel.
+    monkeypatch.setattr(fused_swa, "_load", lambda: (None, "OSError: no compiler"))
+    fused_swa._warn_fallback.cache_clear()
+    with pytest.warns(RuntimeWarning, match="could not be built .OSError: no compiler.*g\\+\\+") as record:
+        got = forward_backward(partial(sliding_window_attention, window=33), q, k, v, grad)
+        sliding_window_attention(q, k, v, window=33)
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
     want = forward_backward(partial(sliding_window_attention_blocked, window=33), q, k, v, grad)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+    fused_swa._warn_fallback.cache_clear()
+
+
+def test_fused_kernel_refuses_what_it_does_not_compute():
+    q, k, v, _ = make_qkv(1, 2, 2, 16, 8)
+    with pytest.raises(ValueError, match="float32 CPU"):
+        fused(q.bfloat16(), k.bfloat16(), v.bfloat16(), 4)
+    with pytest.raises(ValueError, match="block_size"):
+        fused(q, k, v, 4, block_size=0)
 
 
 def test_blocked_bf16_close_to_fp32_reference():

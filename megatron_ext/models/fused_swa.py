@@ -1,0 +1,131 @@
+"""The fused CPU sliding-window attention kernel: a C++ extension, built on first use.
+
+``csrc/sliding_window_attention.cpp`` computes each query block as two BLAS GEMMs over the block's
+contiguous key slice with the row softmax fused between them, in one pass over each row's band while
+the block's scores are in cache, and parallelizes over (batch, KV head) with torch's thread pool. The
+forward saves each row's log-sum-exp, so the backward recomputes the probabilities block by block
+(FlashAttention-2's recurrences); nothing of size ``T x W`` outlives a block. It is the CPU training
+kernel of :func:`~megatron_ext.models.kernels.sliding_window_attention` for float32; the blocked
+kernel (torch ops per block) is the fallback where the extension cannot be built, and for other
+dtypes. Both match the masked reference (``tests/unit/test_swa_kernels.py``).
+
+Build [choice]: ``torch.utils.cpp_extension.load`` compiles it once per machine into torch's extension
+cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), about 40 s, under a file lock
+so that ranks starting together build it once. The SIMD level is torch's own
+(``torch.backends.cpu.get_cpu_capability()``): it names the build, so nodes of a cluster with
+different CPUs sharing a home directory each get a build for their instruction set. GEMMs go to the
+BLAS of the torch build through its exported ``sgemm_`` (MKL in the x86-64 wheels).
+
+If the build or the load fails (no C++ compiler, a torch build without an exported ``sgemm_``), one
+warning says why and the blocked kernel runs instead; :func:`fused_kernel_error` tells.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import warnings
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = ["available", "fused_kernel_error", "fused_sliding_window_attention"]
+
+_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "sliding_window_attention.cpp")
+
+# torch's CPU capability -> compiler flags that enable the matching at::vec implementation.
+_SIMD_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+}
+
+
+def _ninja_on_path() -> None:
+    """torch builds with ninja; the ``ninja`` wheel puts it beside the interpreter, which is not on
+    ``PATH`` when a virtual environment's python runs without activation."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """(module, None) or (None, why it could not be built or loaded)."""
+    from torch.utils import cpp_extension
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    simd = _SIMD_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
+    name = f"megatron_ext_swa_cpu_{capability.lower() if capability in _SIMD_FLAGS else 'default'}"
+    _ninja_on_path()
+    try:
+        module = cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=["-O3", "-fopenmp", *simd],
+                                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as exc:  # compiler missing, link error, ...: the blocked kernel still works
+        reason = str(exc).strip().splitlines()
+        return None, f"{type(exc).__name__}: {reason[-1] if reason else ''}"
+    return module, None
+
+
+def fused_kernel_error() -> Optional[str]:
+    """None when the fused kernel is usable here, else why not (builds it on first call)."""
+    return _load()[1]
+
+
+def available() -> bool:
+    """Whether the fused kernel is built and loaded; warns once (with the reason) when it is not."""
+    module, error = _load()
+    if module is None:
+        _warn_fallback(error)
+    return module is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(error: str) -> None:
+    warnings.warn(f"the fused CPU sliding-window attention kernel could not be built ({error}); using the "
+                  "blocked kernel, about 1.5x slower: install a C++ compiler (g++) and the project's "
+                  "dependencies (ninja)", RuntimeWarning, stacklevel=3)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the kernel reads it: any strides with a contiguous last dimension and rows at least a
+    row apart (a permuted ``[T, B, H, D]`` tensor stays a view); anything else is copied."""
+    if x.stride(-1) != 1 or (x.shape[2] > 1 and x.stride(2) < x.shape[-1]):
+        return x.contiguous()
+    return x
+
+
+class _FusedSlidingWindowAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, window: int, scale: float, block: int):
+        q, k, v = _rows(q), _rows(k), _rows(v)
+        out, lse = _load()[0].forward(q, k, v, window, scale, block)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.params = (window, scale, block)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _load()[0].backward(_rows(grad_out), q, k, v, out, lse, *ctx.params)
+        return dq, dk, dv, None, None, None
+
+
+def fused_sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float,
+                                   block_size: int) -> torch.Tensor:
+    """Causal sliding-window attention through the fused kernel; float32 CPU tensors, shapes and window
+    convention of :mod:`megatron_ext.models.kernels` (``q [b, hq, Tq, d]``, ``k, v [b, hkv, Tk, d]``,
+    ``Tk >= Tq``), ``block_size`` query rows per block. Call :func:`available` first."""
+    if q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32 or q.is_cuda:
+        raise ValueError(f"the fused kernel takes float32 CPU tensors; got {q.dtype} on {q.device}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1; got {block_size}")
+    return _FusedSlidingWindowAttention.apply(q, k, v, min(window, k.shape[2]), float(scale), block_size)
