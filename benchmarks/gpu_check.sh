@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check: one prepared script for one H100 / H200, under 8 minutes.
+# The GPU check: one prepared script for one H100 / H200, under 10 minutes.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (default OUT_DIR: benchmarks/results)
 #
 # 1. the GPU tests (pytest -m gpu: FlexAttention SWA against the reference, a bf16 training run
-#    with every capability on, resumed);
-# 2. python -m benchmarks.gpu_check: MFU of the ~0.6B hybrid model (bf16, FlexAttention + SDPA),
-#    the SWA / FA kernel ratio at T=8192, MoE throughput without expert parallelism.
+#    with every capability on, resumed; where Transformer Engine imports, the TE backend: its
+#    kernels against the reference, a TE model against the local one with the same weights, bf16
+#    and FP8 training runs that binarize, resume and evaluate on the local backend);
+# 2. python -m benchmarks.gpu_check: MFU of the ~0.6B hybrid model (local bf16; TE bf16, target
+#    >= 0.45; TE FP8), the SWA / FA kernel ratio at T=8192, MoE throughput without expert
+#    parallelism (one GEMM per expert, and TE's grouped GEMM).
 # Results: OUT_DIR/gpu-tests.log, OUT_DIR/gpu-<date>.json and .md.
 #
 # The GPU machine may have no network. It needs torch (CUDA), triton, numpy, pyyaml, psutil,
@@ -46,7 +49,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 
 status=0
 start=$SECONDS
-timeout 240 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu-tests.log"
+"$PY" -c 'from megatron_ext.models.backend import te_import_error as e; print("Transformer Engine:", e() or "imports")'
+timeout 330 "$PY" -m pytest tests -m gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu-tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "GPU tests FAILED" >&2; status=1; }
 echo "GPU tests: $((SECONDS - start)) s"
 

@@ -60,6 +60,11 @@ class Capability(abc.ABC):
         return []
 
     # -- model ----------------------------------------------------------------------------------
+    def te_unsupported(self, cfg) -> List[str]:
+        """Why this (enabled) capability cannot run on ``model.backend: te`` (Transformer Engine modules),
+        one phrase each naming the YAML path; empty: it can. ``auto`` then resolves to ``local``."""
+        return []
+
     def transformer_config(self, cfg) -> Dict[str, Any]:
         """Keyword arguments this capability adds to Megatron's ``TransformerConfig``."""
         return {}

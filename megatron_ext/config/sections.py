@@ -68,6 +68,13 @@ class ModelConfig:
     """Multi-token prediction (Megatron-Core's MTP block, DeepSeek-V3 style; ERNIE 5.0 trains with a
     next-group-of-tokens objective): this many extra layers on top of the model, layer k predicting
     the token k + 1 positions ahead; None: off. See ``train.mtp_weight``."""
+    backend: Literal["auto", "local", "te"] = "auto"
+    """Module backend. ``local``: Megatron-Core's local modules with this project's norms and attention
+    kernels (what runs on CPU). ``te``: Transformer Engine, on GPU: fused norm + linear layers, TE's
+    attention for full and sliding-window heads (``window_size``; a KV-head-mixed layer as two calls),
+    MoE experts as TE grouped GEMMs; ``train.precision: fp8`` needs it. ``auto``: ``te`` on a GPU where
+    Transformer Engine imports and every enabled capability supports it, else ``local``. Checkpoints
+    are interchangeable: a TE model saves its fused norms under the local names."""
     attention_backend: Literal["sdpa", "local"] = "sdpa"
     """Core attention of full-attention layers: ``sdpa`` (torch's scaled_dot_product_attention:
     flash / memory-efficient kernels on GPU, a fused kernel on CPU; causal, no padding masks) or
@@ -200,8 +207,9 @@ class TrainConfig:
     """AdamW epsilon."""
     clip_grad: float = 1.0
     """Clip the global gradient L2 norm to this value (0 disables)."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 on GPU, fp32 on CPU."""
+    precision: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU. fp8: bf16 weights and Transformer Engine FP8 GEMMs (the
+    ``hybrid`` format: E4M3 forward, E5M2 gradients; delayed scaling), GPU with ``model.backend: te``."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: selective (the parts in ``recompute_modules``) or full (whole layers)."""
     recompute_modules: Optional[List[Literal["core_attn", "layernorm", "mlp", "moe", "shared_experts"]]] = None

@@ -35,6 +35,7 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron_ext.models.kernels import causal_attention, sink_window_attention, sliding_window_attention
 from megatron_ext.models.context_attention import context_parallel_attention
+from megatron_ext.models.te_attention import TEKernels
 from megatron_ext.parallel.context import context_parallel_of
 
 MODES = ("full", "gated", "static")
@@ -45,7 +46,7 @@ class HybridCoreAttention(MegatronModule):
 
     def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type="self",
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type=None, pg_collection=None, *, window: int, sink: int = 0):
+                 cp_comm_type=None, pg_collection=None, *, window: int, sink: int = 0, backend: str = "local"):
         super().__init__(config=config)
         if (attention_dropout if attention_dropout is not None else config.attention_dropout) > 0:
             raise ValueError("hybrid attention does not implement attention dropout: set model.attention_dropout: 0")
@@ -66,6 +67,16 @@ class HybridCoreAttention(MegatronModule):
         self.kv_offset = tp_rank * self.local_kv_heads
         self.queries_per_group = config.num_attention_heads // config.num_query_groups
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.te: Optional[TEKernels] = None
+        """The ``te`` backend's kernels (full and sliding-window units through Transformer Engine); None:
+        this project's kernels. Sink + recent units (LoZA) always use this project's."""
+        if backend == "te":
+            if self.cp is not None:
+                raise ValueError("hybrid attention with model.backend='te' has no context parallelism: set "
+                                 "model.backend: local for parallel.context > 1")
+            self.te = TEKernels(self.head_dim, self.softmax_scale, layer_number)
+        elif backend != "local":
+            raise ValueError(f"backend {backend!r} is not 'local' or 'te'")
         self.mode = "full"
         self._gate: Optional[Callable[[bool], torch.Tensor]] = None
         self._full_heads: Optional[torch.Tensor] = None  # [local_kv_heads] bool, static mode
@@ -176,6 +187,8 @@ class HybridCoreAttention(MegatronModule):
         """The full units' causal attention (over every CP rank's keys under CP)."""
         if self.cp is not None:
             return context_parallel_attention(q, k, v, self.cp, self.softmax_scale)
+        if self.te is not None:
+            return self.te(q, k, v)
         return causal_attention(q, k, v, self.softmax_scale)
 
     def _sparse(self, q, k, v):
@@ -184,6 +197,8 @@ class HybridCoreAttention(MegatronModule):
             return context_parallel_attention(q, k, v, self.cp, self.softmax_scale, window=self.window, sink=self.sink)
         if self.sink:
             return sink_window_attention(q, k, v, self.window, self.sink, self.softmax_scale)
+        if self.te is not None:
+            return self.te(q, k, v, self.window)
         return sliding_window_attention(q, k, v, self.window, self.softmax_scale)
 
     def _static(self, q, k, v, full_flags, qpg: int):
@@ -206,7 +221,8 @@ class HybridCoreAttention(MegatronModule):
         return _MergeHeads.apply(self._full(q_fa, k_fa, v_fa), self._sparse(q_swa, k_swa, v_swa), fa_q, swa_q)
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer_index}, mode={self.mode}, window={self.window}, sink={self.sink}"
+        backend = "te" if self.te is not None else "local"
+        return f"layer={self.layer_index}, mode={self.mode}, window={self.window}, sink={self.sink}, backend={backend}"
 
 
 # A static mixed layer runs its FA heads and its SWA heads as two groups. Both moves below copy whole heads

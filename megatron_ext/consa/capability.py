@@ -60,10 +60,11 @@ class HybridAttention(Capability):
 
     def layer_specs(self, cfg, specs: list) -> list:
         from megatron_ext.consa.attention import HybridCoreAttention
+        from megatron_ext.models.builder import model_backend
         from megatron_ext.models.layer_spec import map_specs, replace_submodule
 
         h = cfg.hybrid_attention
-        core = partial(HybridCoreAttention, window=h.window, sink=h.sink_tokens)
+        core = partial(HybridCoreAttention, window=h.window, sink=h.sink_tokens, backend=model_backend(cfg))
         return map_specs(specs, lambda spec: replace_submodule(spec, "self_attention.core_attention", core))
 
     def callback(self, cfg, log):

@@ -48,7 +48,7 @@ def check_allocation(cfg: RunConfig, nodes: int, gpus_per_node: int,
     if problems:
         raise ConfigError(problems)
     try:
-        check_run(cfg, nodes * gpus_per_node, cuda=True)
+        check_run(cfg, nodes * gpus_per_node, cuda=True, te_installed=True)  # the GPU nodes, not this one
     except ConfigError as err:
         raise ConfigError([f"on {nodes} node(s) x {gpus_per_node} GPU(s) = {nodes * gpus_per_node} ranks: {p}"
                            for p in err.problems]) from None

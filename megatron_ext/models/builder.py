@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, List, Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_ext.models.backend import fp8_config, resolve
 from megatron_ext.models.layer_spec import decoder_block_spec, gpt_layer_spec
 from megatron_ext.models.vocab import padded_vocab_size
 
@@ -37,7 +38,7 @@ def params_dtype(cfg: RunConfig, cuda: bool) -> torch.dtype:
     precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if cuda else "fp32"
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    return torch.bfloat16 if precision in ("bf16", "fp8") else torch.float32
 
 
 def transformer_config(cfg: RunConfig, *, cuda: bool, perform_initialization: bool = True):
@@ -85,7 +86,9 @@ def transformer_config(cfg: RunConfig, *, cuda: bool, perform_initialization: bo
         # form posts two sends to the same peer at PP=2 in an order the peer does not receive in.
         overlap_p2p_comm=p.virtual_pipeline is not None,
         batch_p2p_comm=p.virtual_pipeline is None,
+        **fp8_config(cfg),
     )
+
     if t.recompute == "selective":
         kwargs.update(recompute_granularity="selective")
         if t.recompute_modules is not None:
@@ -97,14 +100,25 @@ def transformer_config(cfg: RunConfig, *, cuda: bool, perform_initialization: bo
     return TransformerConfig(**kwargs)
 
 
+def model_backend(cfg: RunConfig) -> str:
+    """``model.backend`` of a resolved config (:func:`~megatron_ext.models.backend.resolve`); ``auto``
+    not resolved yet counts as ``local`` (what a CPU build gets)."""
+    return "te" if cfg.model.backend == "te" else "local"
+
+
 def core_layer_spec(cfg: RunConfig):
-    """The core spec of a decoder layer: pre-norm, dense MLP, ``model.attention_backend``'s core attention."""
+    """The core spec of a decoder layer: pre-norm, dense MLP, and the core attention of full-attention
+    layers: TE's attention under the ``te`` backend, else ``model.attention_backend``'s."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_ext.models.attention import SDPACoreAttention
 
-    core_attention = SDPACoreAttention if cfg.model.attention_backend == "sdpa" else DotProductAttention
-    return gpt_layer_spec(qk_layernorm=cfg.model.qk_layernorm, core_attention=core_attention)
+    backend = model_backend(cfg)
+    if backend == "te":
+        core_attention = None  # the backend's: TEDotProductAttention
+    else:
+        core_attention = SDPACoreAttention if cfg.model.attention_backend == "sdpa" else DotProductAttention
+    return gpt_layer_spec(qk_layernorm=cfg.model.qk_layernorm, core_attention=core_attention, backend=backend)
 
 
 def layer_specs(cfg: RunConfig) -> list:
@@ -127,6 +141,7 @@ def build_model(cfg: RunConfig, *, cuda: bool, perform_initialization: bool = Tr
     from megatron_ext.compat import fix_recompute_without_te
 
     fix_recompute_without_te()  # selective recompute of norms without Transformer Engine (GPU images too)
+    cfg = resolve(cfg, cuda)  # model.backend: local or te from here on
     config = transformer_config(cfg, cuda=cuda, perform_initialization=perform_initialization)
     specs = layer_specs(cfg)
     vp_stages: List[Optional[int]] = (
@@ -141,7 +156,7 @@ def build_model(cfg: RunConfig, *, cuda: bool, perform_initialization: bool = Tr
         chunks.append(
             GPTModel(
                 config=config,
-                transformer_layer_spec=decoder_block_spec(config, specs, vp_stage),
+                transformer_layer_spec=decoder_block_spec(config, specs, vp_stage, backend=model_backend(cfg)),
                 vocab_size=padded_vocab_size(cfg.model.vocab_size),
                 max_sequence_length=cfg.model.max_position_embeddings or cfg.data.seq_length,
                 position_embedding_type=cfg.model.position_embedding,

@@ -86,14 +86,18 @@ class MixtureOfExperts(Capability):
             moe_router_dtype="fp32",
             moe_router_enable_expert_bias=cfg.routing.expert_bias,
             moe_router_bias_update_rate=cfg.routing.bias_update_rate,
+            # The TE backend runs the experts as grouped GEMMs (TEGroupedMLP).
+            moe_grouped_gemm=cfg.model.backend == "te",
         )
 
     def layer_specs(self, cfg, specs: list) -> list:
-        from megatron_ext.models.layer_spec import map_specs, mlp_spec, replace_submodule
+        from megatron_ext.models.builder import model_backend
+        from megatron_ext.models.layer_spec import map_specs, mlp_spec, replace_mlp
         from megatron_ext.moe.router import with_router
 
-        mlp = with_router(mlp_spec(num_experts=cfg.moe.num_experts), cfg.routing)
-        as_moe = map_specs(specs, lambda spec: replace_submodule(spec, "mlp", mlp))
+        backend = model_backend(cfg)
+        mlp = with_router(mlp_spec(num_experts=cfg.moe.num_experts, backend=backend), cfg.routing)
+        as_moe = map_specs(specs, lambda spec: replace_mlp(spec, mlp, backend))
         pattern = cfg.moe.layer_pattern_for(cfg.model.num_layers)
         return [moe_spec if is_moe else spec for spec, moe_spec, is_moe in zip(specs, as_moe, pattern)]
 

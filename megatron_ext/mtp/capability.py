@@ -42,10 +42,11 @@ class MultiTokenPrediction(Capability):
     def gpt_model_kwargs(self, cfg, config, core_spec, vp_stage) -> Dict[str, Any]:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec_for_backend
 
-        from megatron_ext.models.layer_spec import LocalNormSpecProvider
+        from megatron_ext.models.builder import model_backend
+        from megatron_ext.models.layer_spec import spec_provider
 
-        return {"mtp_block_spec": get_gpt_mtp_block_spec_for_backend(config, core_spec, LocalNormSpecProvider(),
-                                                                     vp_stage=vp_stage)}
+        provider = spec_provider(model_backend(cfg))
+        return {"mtp_block_spec": get_gpt_mtp_block_spec_for_backend(config, core_spec, provider, vp_stage=vp_stage)}
 
     def callback(self, cfg, log):
         from megatron_ext.mtp.callback import MTPCallback

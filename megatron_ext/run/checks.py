@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from megatron_ext.config import ConfigError
+from megatron_ext.models.backend import backend_problems
 from megatron_ext.models.vocab import padded_vocab_size
 from megatron_ext.parallel.sizes import layout_problems
 from megatron_ext.run.config import RunConfig
@@ -35,9 +36,10 @@ def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
     return layout_problems(world_size, tensor=p.tensor, pipeline=p.pipeline, context=p.context)[0]
 
 
-def check_run(cfg: RunConfig, world_size: int, *, cuda: bool) -> None:
+def check_run(cfg: RunConfig, world_size: int, *, cuda: bool, te_installed: Optional[bool] = None) -> None:
     """Raise ConfigError listing every problem of ``cfg`` for a job of ``world_size`` ranks: the core
-    sections' cross checks, then every registered capability's :meth:`~Capability.check`."""
+    sections' cross checks, then every registered capability's :meth:`~Capability.check`.
+    ``te_installed``: whether Transformer Engine imports where the job runs (None: check here)."""
     m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
     dp, problems = layout_problems(world_size, tensor=p.tensor, pipeline=p.pipeline, context=p.context,
                                    expert=p.expert, expert_tensor=p.expert_tensor)
@@ -90,6 +92,7 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool) -> None:
     if t.precision == "bf16" and not cuda:
         problems.append("train.precision='bf16' needs a GPU (the CPU optimizer keeps no fp32 master "
                         "weights); use 'fp32' or 'auto'")
+    problems.extend(backend_problems(cfg, cuda, te_installed=te_installed))
     if t.lr_schedule == "wsd" and t.wsd_decay_steps and t.wsd_decay_steps > t.steps - t.warmup_steps:
         problems.append(f"train.wsd_decay_steps={t.wsd_decay_steps} exceeds the steps after warmup "
                         f"({t.steps - t.warmup_steps})")

@@ -33,6 +33,10 @@ class Looping(Capability):
                     cfg.looping.problems_with_model(cfg.model.num_layers, cfg.model.num_attention_heads)]
         return problems
 
+    def te_unsupported(self, cfg) -> List[str]:
+        return ["looping.enabled (the looped layer multiplies slices of an unfused QKV projection and runs its "
+                "own attention over a few heads; the TE layer fuses the input norm into that projection)"]
+
     def layer_specs(self, cfg, specs: list) -> list:
         from megatron_ext.models.layer_spec import map_specs
         from megatron_ext.sgt.looped_layer import looped_layer_spec

@@ -183,9 +183,44 @@ def _chunk_state(chunk: torch.nn.Module) -> Dict[str, Any]:
     return chunk.sharded_state_dict()
 
 
+EXTRA_STATE = "._extra_state"
+
+
+def _drop_absent_extra_state(state: Dict[str, Any], path: Path) -> Dict[str, Any]:
+    """``state`` without the module extra states (``*._extra_state`` objects) that checkpoint ``path``
+    does not hold. Transformer Engine modules keep their FP8 scaling history there; a checkpoint of the
+    local backend has none for some of them (TE's attention, norms), and those start afresh, as in a
+    new run. Everything else must be in the checkpoint (dist_checkpointing says what is missing)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    saved = None
+
+    def keep(value) -> bool:
+        nonlocal saved
+        if not (isinstance(value, ShardedObject) and value.key.endswith(EXTRA_STATE)):
+            return True
+        if saved is None:
+            saved = set(load_sharded_metadata(str(path)))
+        return value.key in saved
+
+    def walk(node):
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items() if keep(v)}
+        return node
+
+    return walk(state)
+
+
 def _load_model_state(model: List[torch.nn.Module], loaded: Dict[str, Any]) -> None:
     for i, chunk in enumerate(model):
-        getattr(chunk, "module", chunk).load_state_dict(loaded[_model_key(i, len(model))])
+        module = getattr(chunk, "module", chunk)
+        result = module.load_state_dict(loaded[_model_key(i, len(model))], strict=False)
+        # Only extra states the checkpoint lacked (see _drop_absent_extra_state) may be missing.
+        missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE)]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(f"checkpoint does not match the model: missing {missing[:8]}, unexpected "
+                                  f"{result.unexpected_keys[:8]}")
 
 
 def load_model_weights(path: Path, model: List[torch.nn.Module]) -> None:
@@ -220,7 +255,7 @@ def load_model_weights(path: Path, model: List[torch.nn.Module]) -> None:
                            + (f"; and {more} more" if more > 0 else "")
                            + ". Use a checkpoint of the same model shape (model and moe sections)."])
     with refusals_reported():
-        loaded = dist_checkpointing.load(state, str(path))
+        loaded = dist_checkpointing.load(_drop_absent_extra_state(state, Path(path)), str(path))
     _load_model_state(model, loaded)
 
 
@@ -359,7 +394,7 @@ class CheckpointManager:
         if not same_layout:
             state.pop("rng")
         with refusals_reported():
-            loaded = dist_checkpointing.load(state, str(path))
+            loaded = dist_checkpointing.load(_drop_absent_extra_state(state, Path(path)), str(path))
         _load_model_state(model, loaded)
         if load_optimizer:
             optimizer.load_state_dict(loaded["optimizer"])
