@@ -230,6 +230,13 @@ class HybridCoreAttention(MegatronModule):
 # backward, and gathering each group separately would add a zero-filled gradient per group).
 
 
+def _copy_heads(dst: torch.Tensor, heads: List[int], src: torch.Tensor) -> None:
+    """``dst[:, heads[j]] = src[:, j]``: one strided copy per head, about twice as fast on CPU as
+    ``index_copy_`` into the ``[s, b, h, d]`` layout (whose head rows are strided)."""
+    for j, head in enumerate(heads):
+        dst[:, head].copy_(src[:, j])
+
+
 def _select_heads(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[:, index]`` for ``x [b, h, s, d]``, gathered in ``x``'s memory order: a ``[s, b, h, d]`` tensor
     seen as ``[b, h, s, d]`` (the core attention's inputs) copies runs of whole head rows, about 4x faster
@@ -259,7 +266,7 @@ class _SplitHeads(torch.autograd.Function):
             if part is None:
                 grad.index_fill_(1, index, 0.0)
             else:
-                grad.index_copy_(1, index, part)
+                _copy_heads(grad, index.tolist(), part)
         return grad, None, None
 
 
@@ -272,8 +279,8 @@ class _MergeHeads(torch.autograd.Function):
         ctx.save_for_backward(first, second)
         batch, _, seq, dim = a.shape
         out = a.new_empty(seq, batch, first.numel() + second.numel(), dim).permute(1, 2, 0, 3)
-        out.index_copy_(1, first, a)
-        out.index_copy_(1, second, b)
+        _copy_heads(out, first.tolist(), a)
+        _copy_heads(out, second.tolist(), b)
         return out
 
     @staticmethod

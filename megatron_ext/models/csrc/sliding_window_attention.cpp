@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -102,6 +103,29 @@ inline void zero_outside(float* row, int64_t lo, int64_t hi, int64_t n) {
   if (hi < n) std::fill(row + hi, row + n, 0.f);
 }
 
+// One head's rows as a contiguous [rows, D] matrix: its own memory when the rows are D apart, else a
+// copy into buf. Strided heads (a [T, B, H, D] tensor seen as [B, H, T, D] has rows B * H * D apart)
+// are copied once per head: GEMMs that read them in place run about 20 % slower.
+inline const float* stage(const float* src, int64_t ld, int64_t rows, int64_t D, std::vector<float>& buf) {
+  if (ld == D) return src;
+  buf.resize(rows * D);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(buf.data() + r * D, src + r * ld, D * sizeof(float));
+  return buf.data();
+}
+
+// Where a head's [rows, D] result is computed: in place when its rows are D apart, else in buf (then
+// unstage copies it out).
+inline float* staging(float* dst, int64_t ld, int64_t rows, int64_t D, std::vector<float>& buf) {
+  if (ld == D) return dst;
+  buf.resize(rows * D);
+  return buf.data();
+}
+
+inline void unstage(float* dst, int64_t ld, const float* src, int64_t rows, int64_t D) {
+  if (dst == src) return;
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ld, src + r * D, D * sizeof(float));
+}
+
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 4 && t.scalar_type() == at::kFloat && t.device().is_cpu(), name,
               " must be a [B, H, T, D] float32 CPU tensor");
@@ -135,22 +159,22 @@ std::tuple<at::Tensor, at::Tensor> swa_forward(const at::Tensor& q, const at::Te
   float* lp = lse.data_ptr<float>();
   const int64_t D = g.dim, ld = g.max_keys();
   at::parallel_for(0, g.batch * g.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(g.block * ld), inv_sum(g.block);
+    std::vector<float> scores(g.block * ld), inv_sum(g.block), kbuf, vbuf, qbuf, obuf;
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / g.kv_heads, kvh = unit % g.kv_heads;
-      const float* kh = K.head(b, kvh);
-      const float* vh = V.head(b, kvh);
+      const float* kh = stage(K.head(b, kvh), K.ld, g.kv_len, D, kbuf);
+      const float* vh = stage(V.head(b, kvh), V.ld, g.kv_len, D, vbuf);
       for (int64_t j = 0; j < g.group(); ++j) {
         const int64_t h = kvh * g.group() + j;
-        const float* qh = Q.head(b, h);
-        float* oh = O.head(b, h);
+        const float* qh = stage(Q.head(b, h), Q.ld, g.q_len, D, qbuf);
+        float* oh = staging(O.head(b, h), O.ld, g.q_len, D, obuf);
         float* lh = lp + (b * g.q_heads + h) * g.q_len;
         for (int64_t s = 0; s < g.q_len; s += g.block) {
           const int64_t rows = std::min(g.block, g.q_len - s);
           const int64_t ks = std::max<int64_t>(0, s + g.offset() - g.window + 1), ke = s + rows + g.offset();
           const int64_t L = ke - ks;
-          gemm_rm(false, true, rows, L, D, static_cast<float>(scale), qh + s * Q.ld, Q.ld, kh + ks * K.ld, K.ld,
-                  0.f, scores.data(), ld);
+          gemm_rm(false, true, rows, L, D, static_cast<float>(scale), qh + s * D, D, kh + ks * D, D, 0.f,
+                  scores.data(), ld);
           for (int64_t r = 0; r < rows; ++r) {
             float* row = scores.data() + r * ld;
             int64_t lo, hi;
@@ -162,13 +186,14 @@ std::tuple<at::Tensor, at::Tensor> swa_forward(const at::Tensor& q, const at::Te
             lh[s + r] = m + std::log(sum);
           }
           // O = (exp(S - m) V) / sum: normalizing the D outputs of a row is cheaper than its band.
-          float* ob = oh + s * O.ld;
-          gemm_rm(false, false, rows, D, L, 1.f, scores.data(), ld, vh + ks * V.ld, V.ld, 0.f, ob, O.ld);
+          float* ob = oh + s * D;
+          gemm_rm(false, false, rows, D, L, 1.f, scores.data(), ld, vh + ks * D, D, 0.f, ob, D);
           for (int64_t r = 0; r < rows; ++r) {
             const Vec inv(inv_sum[r]);
-            at::vec::map([&](Vec x) { return x * inv; }, ob + r * O.ld, ob + r * O.ld, D);
+            at::vec::map([&](Vec x) { return x * inv; }, ob + r * D, ob + r * D, D);
           }
         }
+        unstage(O.head(b, h), O.ld, oh, g.q_len, D);
       }
     }
   });
@@ -185,8 +210,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_backward(const at::Tensor& gr
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out and out must be shaped like q");
   TORCH_CHECK(lse.is_contiguous() && lse.numel() == g.batch * g.q_heads * g.q_len, "lse must be [B, Hq, Tq]");
   auto dq = at::empty_like(q);
-  auto dk = at::zeros_like(k);
-  auto dv = at::zeros_like(v);
+  auto dk = at::empty_like(k);  // zeroed per (batch, KV head) below, by the thread that accumulates it
+  auto dv = at::empty_like(v);
   for (const auto* t : {&dq, &dk, &dv}) check_rows(*t, "a gradient");
   const Heads<const float> Q(q), K(k), V(v), G(grad_out), O(out);
   const Heads<float> DQ(dq), DK(dk), DV(dv);
@@ -195,32 +220,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_backward(const at::Tensor& gr
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, g.batch * g.kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> probs(g.block * ld), dprobs(g.block * ld), delta(g.block);
+    std::vector<float> kbuf, vbuf, dkbuf, dvbuf, qbuf, gbuf, obuf, dqbuf;
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / g.kv_heads, kvh = unit % g.kv_heads;
-      const float* kh = K.head(b, kvh);
-      const float* vh = V.head(b, kvh);
-      float* dkh = DK.head(b, kvh);
-      float* dvh = DV.head(b, kvh);
+      const float* kh = stage(K.head(b, kvh), K.ld, g.kv_len, D, kbuf);
+      const float* vh = stage(V.head(b, kvh), V.ld, g.kv_len, D, vbuf);
+      float* dkh = staging(DK.head(b, kvh), DK.ld, g.kv_len, D, dkbuf);
+      float* dvh = staging(DV.head(b, kvh), DV.ld, g.kv_len, D, dvbuf);
+      std::fill(dkh, dkh + g.kv_len * D, 0.f);
+      std::fill(dvh, dvh + g.kv_len * D, 0.f);
       for (int64_t j = 0; j < g.group(); ++j) {
         const int64_t h = kvh * g.group() + j;
-        const float* qh = Q.head(b, h);
-        const float* gh = G.head(b, h);
-        const float* oh = O.head(b, h);
+        const float* qh = stage(Q.head(b, h), Q.ld, g.q_len, D, qbuf);
+        const float* gh = stage(G.head(b, h), G.ld, g.q_len, D, gbuf);
+        const float* oh = stage(O.head(b, h), O.ld, g.q_len, D, obuf);
         const float* lh = lp + (b * g.q_heads + h) * g.q_len;
-        float* dqh = DQ.head(b, h);
+        float* dqh = staging(DQ.head(b, h), DQ.ld, g.q_len, D, dqbuf);
         for (int64_t s = 0; s < g.q_len; s += g.block) {
           const int64_t rows = std::min(g.block, g.q_len - s);
           const int64_t ks = std::max<int64_t>(0, s + g.offset() - g.window + 1), ke = s + rows + g.offset();
           const int64_t L = ke - ks;
-          const float* go = gh + s * G.ld;
-          const float* qb = qh + s * Q.ld;
+          const float* go = gh + s * D;
+          const float* qb = qh + s * D;
           for (int64_t r = 0; r < rows; ++r) {
             delta[r] = at::vec::map2_reduce_all<float>([](Vec a, Vec b) { return a * b; },
-                                                      [](Vec& a, Vec& b) { return a + b; }, go + r * G.ld,
-                                                      oh + (s + r) * O.ld, D);
+                                                      [](Vec& a, Vec& b) { return a + b; }, go + r * D,
+                                                      oh + (s + r) * D, D);
           }
           // P = exp(scale Q K^T - lse) on each row's band, 0 elsewhere.
-          gemm_rm(false, true, rows, L, D, sc, qb, Q.ld, kh + ks * K.ld, K.ld, 0.f, probs.data(), ld);
+          gemm_rm(false, true, rows, L, D, sc, qb, D, kh + ks * D, D, 0.f, probs.data(), ld);
           for (int64_t r = 0; r < rows; ++r) {
             float* row = probs.data() + r * ld;
             int64_t lo, hi;
@@ -228,19 +256,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_backward(const at::Tensor& gr
             exp_shift_sum(row + lo, hi - lo, lh[s + r]);
             zero_outside(row, lo, hi, L);
           }
-          gemm_rm(true, false, L, D, rows, 1.f, probs.data(), ld, go, G.ld, 1.f, dvh + ks * DV.ld, DV.ld);  // dV += P^T dO
-          gemm_rm(false, true, rows, L, D, 1.f, go, G.ld, vh + ks * V.ld, V.ld, 0.f, dprobs.data(), ld);  // dP = dO V^T
+          gemm_rm(true, false, L, D, rows, 1.f, probs.data(), ld, go, D, 1.f, dvh + ks * D, D);  // dV += P^T dO
+          gemm_rm(false, true, rows, L, D, 1.f, go, D, vh + ks * D, D, 0.f, dprobs.data(), ld);  // dP = dO V^T
           for (int64_t r = 0; r < rows; ++r) {  // dS = P (dP - delta), in place of dP
             const Vec d(delta[r]);
             at::vec::map2([&](Vec p, Vec dp) { return p * (dp - d); }, dprobs.data() + r * ld,
                           probs.data() + r * ld, dprobs.data() + r * ld, L);
           }
-          gemm_rm(false, false, rows, D, L, sc, dprobs.data(), ld, kh + ks * K.ld, K.ld, 0.f, dqh + s * DQ.ld,
-                  DQ.ld);  // dQ = scale dS K
-          gemm_rm(true, false, L, D, rows, sc, dprobs.data(), ld, qb, Q.ld, 1.f, dkh + ks * DK.ld,
-                  DK.ld);  // dK += scale dS^T Q
+          gemm_rm(false, false, rows, D, L, sc, dprobs.data(), ld, kh + ks * D, D, 0.f, dqh + s * D, D);  // dQ
+          gemm_rm(true, false, L, D, rows, sc, dprobs.data(), ld, qb, D, 1.f, dkh + ks * D, D);  // dK += scale dS^T Q
         }
+        unstage(DQ.head(b, h), DQ.ld, dqh, g.q_len, D);
       }
+      unstage(DK.head(b, kvh), DK.ld, dkh, g.kv_len, D);
+      unstage(DV.head(b, kvh), DV.ld, dvh, g.kv_len, D);
     }
   });
   return {dq, dk, dv};
