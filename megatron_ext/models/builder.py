@@ -88,7 +88,6 @@ def transformer_config(cfg: RunConfig, *, cuda: bool, perform_initialization: bo
         batch_p2p_comm=p.virtual_pipeline is None,
         **fp8_config(cfg),
     )
-
     if t.recompute == "selective":
         kwargs.update(recompute_granularity="selective")
         if t.recompute_modules is not None:
