@@ -11,7 +11,8 @@ dtypes. Both match the masked reference (``tests/unit/test_swa_kernels.py``).
 
 Build [choice]: ``torch.utils.cpp_extension.load`` compiles it once per machine into torch's extension
 cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), about 40 s, under a file lock
-so that ranks starting together build it once. The SIMD level is torch's own
+so that ranks starting together build it once (a lock left by a killed build is removed after
+``STALE_LOCK_SECONDS``). The SIMD level is torch's own
 (``torch.backends.cpu.get_cpu_capability()``): it names the build, so nodes of a cluster with
 different CPUs sharing a home directory each get a build for their instruction set. GEMMs go to the
 BLAS of the torch build through its exported ``sgemm_`` (MKL in the x86-64 wheels).
@@ -25,11 +26,14 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
+import time
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils.flop_counter import register_flop_formula
 
 __all__ = ["available", "fused_kernel_error", "fused_sliding_window_attention"]
 
@@ -56,6 +60,26 @@ def _ninja_on_path() -> None:
         pass
 
 
+STALE_LOCK_SECONDS = 600
+"""A build takes about 40 s; torch's build lock older than this was left by a killed build (torch
+would wait for it forever) and is removed."""
+
+
+def _remove_stale_lock(build_dir: str) -> None:
+    lock = os.path.join(build_dir, "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:
+        return  # no lock
+    if age > STALE_LOCK_SECONDS:
+        warnings.warn(f"removing {lock}, left {age:.0f} s ago by a build of the CPU sliding-window kernel that "
+                      "did not finish", RuntimeWarning, stacklevel=3)
+        try:
+            os.remove(lock)
+        except FileNotFoundError:
+            pass
+
+
 @functools.lru_cache(maxsize=None)
 def _load():
     """(module, None) or (None, why it could not be built or loaded)."""
@@ -64,10 +88,14 @@ def _load():
     capability = torch.backends.cpu.get_cpu_capability()
     simd = _SIMD_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
     name = f"megatron_ext_swa_cpu_{capability.lower() if capability in _SIMD_FLAGS else 'default'}"
+    build_dir = os.path.join(cpp_extension.get_default_build_root(), f"py{sys.version_info[0]}{sys.version_info[1]}_cpu",
+                             name)
     _ninja_on_path()
     try:
+        os.makedirs(build_dir, exist_ok=True)
+        _remove_stale_lock(build_dir)
         module = cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=["-O3", "-fopenmp", *simd],
-                                    extra_ldflags=["-fopenmp"], verbose=False)
+                                    extra_ldflags=["-fopenmp"], build_directory=build_dir, verbose=False)
     except Exception as exc:  # compiler missing, link error, ...: the blocked kernel still works
         reason = str(exc).strip().splitlines()
         return None, f"{type(exc).__name__}: {reason[-1] if reason else ''}"
@@ -102,11 +130,62 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# The kernel's two entry points as torch operators, so that the dispatcher (and FlopCounterMode, through
+# the FLOP formulas below) sees them as it sees torch's own attention kernels.
+
+
+@torch.library.custom_op("megatron_ext::sliding_window_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float,
+                block: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _load()[0].forward(q, k, v, window, scale, block)
+    return out, lse
+
+
+@_forward_op.register_fake
+def _(q, k, v, window, scale, block):
+    return torch.empty_like(q), q.new_empty(q.shape[:3])
+
+
+@torch.library.custom_op("megatron_ext::sliding_window_backward", mutates_args=())
+def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, window: int, scale: float, block: int
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _load()[0].backward(grad_out, q, k, v, out, lse, window, scale, block)
+    return dq, dk, dv
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, window, scale, block):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _block_pairs(q_len: int, kv_len: int, window: int, block: int) -> int:
+    """(query, key) scores a head computes: per query block its rows times its key slice."""
+    offset, pairs = kv_len - q_len, 0
+    for start in range(0, q_len, block):
+        rows = min(block, q_len - start)
+        pairs += rows * (start + rows + offset - max(0, start + offset - window + 1))
+    return pairs
+
+
+@register_flop_formula(torch.ops.megatron_ext.sliding_window_forward)
+def _forward_flops(q_shape, k_shape, v_shape, window, scale, block, *args, out_shape=None, **kwargs) -> int:
+    b, h, t, d = q_shape
+    return 2 * 2 * b * h * d * _block_pairs(t, k_shape[2], window, block)  # S = Q K^T, O = P V
+
+
+@register_flop_formula(torch.ops.megatron_ext.sliding_window_backward)
+def _backward_flops(grad_shape, q_shape, k_shape, v_shape, out_shape_, lse_shape, window, scale, block, *args,
+                    out_shape=None, **kwargs) -> int:
+    b, h, t, d = q_shape
+    return 5 * 2 * b * h * d * _block_pairs(t, k_shape[2], window, block)  # S again, dV, dP, dQ, dK
+
+
 class _FusedSlidingWindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, window: int, scale: float, block: int):
         q, k, v = _rows(q), _rows(k), _rows(v)
-        out, lse = _load()[0].forward(q, k, v, window, scale, block)
+        out, lse = _forward_op(q, k, v, window, scale, block)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.params = (window, scale, block)
         return out
@@ -115,7 +194,7 @@ class _FusedSlidingWindowAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _load()[0].backward(_rows(grad_out), q, k, v, out, lse, *ctx.params)
+        dq, dk, dv = _backward_op(_rows(grad_out), q, k, v, out, lse, *ctx.params)
         return dq, dk, dv, None, None, None
 
 

@@ -273,3 +273,20 @@ def test_sink_window_reduces_to_sliding_window_and_to_causal():
                               sink_window_attention(q, k_changed, v, 5, 1)[:, :, -1])
     assert torch.equal(sink_window_attention(q, k, v, 5, 0)[:, :, -1],
                        sink_window_attention(q, k_changed, v, 5, 0)[:, :, -1])
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path):
+    """torch waits forever on its build lock; one older than any build is a killed build's."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    fused_swa._remove_stale_lock(str(tmp_path))
+    assert lock.exists()  # a build may be running
+    old = time.time() - fused_swa.STALE_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="did not finish"):
+        fused_swa._remove_stale_lock(str(tmp_path))
+    assert not lock.exists()
+    fused_swa._remove_stale_lock(str(tmp_path))  # no lock: nothing to do
