@@ -200,9 +200,9 @@ def _drop_absent_extra_state(state: Dict[str, Any], path: Path) -> Dict[str, Any
         nonlocal saved
         if not (isinstance(value, ShardedObject) and value.key.endswith(EXTRA_STATE)):
             return True
-        if saved is None:
+        if saved is None:  # objects are listed by their unique key: name, shard offset and count
             saved = set(load_sharded_metadata(str(path)))
-        return value.key in saved
+        return value.unique_key in saved
 
     def walk(node):
         if isinstance(node, dict):

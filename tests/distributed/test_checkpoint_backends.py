@@ -32,7 +32,7 @@ class AttentionWithExtraState(SDPACoreAttention):
         self.amax_history = state["amax_history"]
 
 
-def _build(seed, extra_state: bool):
+def _build(seed, extra_state: str = ""):
     torch.manual_seed(seed)
     cfg = from_dict(RunConfig, TINY)
     model = wrap_with_ddp(build_model(cfg, cuda=False))
@@ -40,17 +40,17 @@ def _build(seed, extra_state: bool):
         for module in model[0].modules():
             if isinstance(module, SDPACoreAttention):
                 module.__class__ = AttentionWithExtraState
-                module.amax_history = "fresh"
+                module.amax_history = extra_state
     return model, build_optimizer(optimizer_config(cfg, cuda=False), model)
 
 
-def save_then_load_with_extra_states(root, drop: str):
-    model, optimizer = _build(seed=1, extra_state=False)
+def save_then_load_with_extra_states(root, drop: str, saved_extra_state: str = ""):
+    model, optimizer = _build(seed=1, extra_state=saved_extra_state)
     manager = checkpoint.CheckpointManager(Path(root), keep_last=2)
     path = manager.save(1, model, optimizer, {"consumed_samples": 8})
     saved = {k: v.clone() for k, v in full_named_tensors(model[0]).items()}
 
-    other, other_optimizer = _build(seed=2, extra_state=True)
+    other, other_optimizer = _build(seed=2, extra_state="fresh")
     if drop:  # a weight the checkpoint does not have
         original = other[0].module.sharded_state_dict
 
@@ -64,18 +64,26 @@ def save_then_load_with_extra_states(root, drop: str):
     weights_only = {k: torch.equal(v, saved[k]) for k, v in full_named_tensors(other[0]).items()}
     extra = [m.amax_history for m in other[0].modules() if isinstance(m, AttentionWithExtraState)]
 
-    resumed, resumed_optimizer = _build(seed=3, extra_state=True)
+    resumed, resumed_optimizer = _build(seed=3, extra_state="fresh")
     manager.load(path, resumed, resumed_optimizer, load_optimizer=True)
     resumed_equal = all(torch.equal(v, saved[k]) for k, v in full_named_tensors(resumed[0]).items())
-    return weights_only, extra, resumed_equal
+    resumed_extra = [m.amax_history for m in resumed[0].modules() if isinstance(m, AttentionWithExtraState)]
+    return weights_only, extra, resumed_equal, resumed_extra
 
 
 def test_extra_states_the_checkpoint_lacks_start_afresh_and_every_weight_loads(tmp_path):
-    weights_only, extra, resumed_equal = run_distributed(save_then_load_with_extra_states, 1,
-                                                         root=str(tmp_path), drop="")[0]
+    weights_only, extra, resumed_equal, resumed_extra = run_distributed(
+        save_then_load_with_extra_states, 1, root=str(tmp_path), drop="")[0]
     assert weights_only and all(weights_only.values()), weights_only
-    assert extra == ["fresh", "fresh"]  # one per layer, untouched
+    assert extra == resumed_extra == ["fresh", "fresh"]  # one per layer, untouched
     assert resumed_equal
+
+
+def test_extra_states_the_checkpoint_has_are_restored(tmp_path):
+    weights_only, extra, resumed_equal, resumed_extra = run_distributed(
+        save_then_load_with_extra_states, 1, root=str(tmp_path), drop="", saved_extra_state="trained")[0]
+    assert all(weights_only.values()) and resumed_equal
+    assert extra == resumed_extra == ["trained", "trained"]
 
 
 def test_a_weight_the_checkpoint_lacks_is_still_an_error(tmp_path):
