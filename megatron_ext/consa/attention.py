@@ -254,14 +254,15 @@ class _SplitHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, first, second):
         ctx.save_for_backward(first, second)
-        ctx.like = x
+        ctx.like = torch.empty_like(x, device="meta")  # x's shape and layout, no memory
         return _select_heads(x, first), _select_heads(x, second)
 
     @staticmethod
     def backward(ctx, grad_first, grad_second):
         first, second = ctx.saved_tensors
-        grad = torch.empty_like(ctx.like)
-        ctx.like = None
+        like = ctx.like
+        grad_any = grad_first if grad_first is not None else grad_second
+        grad = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=grad_any.device)
         for index, part in ((first, grad_first), (second, grad_second)):
             if part is None:
                 grad.index_fill_(1, index, 0.0)
