@@ -43,6 +43,19 @@ def te_unsupported(cfg: RunConfig) -> List[str]:
     return reasons
 
 
+FP8_MULTIPLE = 16
+"""FP8 GEMMs (Transformer Engine) need both matrix dimensions divisible by 16."""
+
+
+def fp8_size_problems(sizes: dict) -> List[str]:
+    """For ``train.precision: fp8``: the ``{YAML path: size}`` entries not divisible by 16."""
+    odd = [f"{name}={value}" for name, value in sizes.items() if value and value % FP8_MULTIPLE]
+    if not odd:
+        return []
+    return [f"train.precision='fp8': FP8 GEMMs need dimensions divisible by {FP8_MULTIPLE}; {', '.join(odd)} "
+            f"{'is' if len(odd) == 1 else 'are'} not"]
+
+
 def fp8_config(cfg: RunConfig) -> dict:
     """``TransformerConfig`` keywords of ``train.precision: fp8`` [choice]: Transformer Engine's ``hybrid``
     format (E4M3 weights and activations, E5M2 gradients) with delayed scaling over a 1024-step amax
@@ -73,7 +86,10 @@ def backend_problems(cfg: RunConfig, cuda: bool, *, te_installed: Optional[bool]
     """Problems of ``model.backend`` / ``train.precision: fp8`` for a run on GPU (``cuda``) or CPU.
     ``te_installed``: whether Transformer Engine imports where the job runs (default: here)."""
     problems = []
-    te_error = None if te_installed else te_import_error() if te_installed is None else "not installed"
+    if te_installed is None:
+        te_error = te_import_error()
+    else:
+        te_error = None if te_installed else "not installed"
     fp8 = cfg.train.precision == "fp8"
     if cfg.model.backend == "te":
         if not cuda:
@@ -93,11 +109,5 @@ def backend_problems(cfg: RunConfig, cuda: bool, *, te_installed: Optional[bool]
                             f"(here the backend is local{why})")
         m = cfg.model
         sizes = {"model.hidden_size": m.hidden_size, "model.ffn_hidden_size": m.ffn_hidden_size}
-        moe = getattr(cfg, "moe", None)
-        if moe is not None and moe.enabled and moe.expert_ffn_hidden_size:
-            sizes["moe.expert_ffn_hidden_size"] = moe.expert_ffn_hidden_size
-        odd = [f"{name}={value}" for name, value in sizes.items() if value % 16]
-        if odd:
-            problems.append(f"train.precision='fp8': FP8 GEMMs need dimensions divisible by 16; {', '.join(odd)} "
-                            "are not")
+        problems.extend(fp8_size_problems(sizes))
     return problems

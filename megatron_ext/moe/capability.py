@@ -43,6 +43,11 @@ class MixtureOfExperts(Capability):
             return problems
         if moe.num_experts % p.expert:
             problems.append(f"moe.num_experts={moe.num_experts} is not divisible by parallel.expert={p.expert}")
+        if t.precision == "fp8":
+            from megatron_ext.models.backend import fp8_size_problems
+
+            problems.extend(fp8_size_problems({"moe.expert_ffn_hidden_size": moe.expert_ffn_hidden_size,
+                                               "moe.shared_expert_ffn_hidden_size": moe.shared_expert_ffn_hidden_size}))
         expert_tp = p.expert_tensor or p.tensor
         if not cuda and p.expert > 1 and expert_tp > 1:
             problems.append(f"parallel.expert={p.expert} with expert tensor parallelism {expert_tp} "

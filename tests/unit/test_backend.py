@@ -78,7 +78,7 @@ def test_fp8_needs_a_gpu_the_te_backend_and_dimensions_divisible_by_16(te_import
     text = problems(run_config(model={"backend": "local"}, train={"precision": "fp8"}), cuda=True)
     assert "needs model.backend 'te'" in text
     odd = run_config(model={"backend": "te", "ffn_hidden_size": 120}, train={"precision": "fp8"})
-    assert "model.ffn_hidden_size=120" in problems(odd, cuda=True)
+    assert "model.ffn_hidden_size=120 is not" in problems(odd, cuda=True)
     check_run(run_config(model={"backend": "te"}, train={"precision": "fp8"}), 1, cuda=True)  # accepted
     check_run(run_config(train={"precision": "fp8"}), 1, cuda=True)  # auto resolves to te here
 
@@ -139,3 +139,11 @@ def test_te_layer_specs_fuse_norms_keep_local_checkpoint_names_and_group_the_exp
     # The local backend is untouched by all this.
     local = layer_specs(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backend="local")))
     assert local[0].submodules.input_layernorm is not IdentityOp and not local[0].submodules.sharded_state_dict_keys_map
+
+
+def test_fp8_checks_the_expert_sizes_too(te_imports):
+    moe = {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 40}
+    text = problems(run_config(model={"backend": "te"}, train={"precision": "fp8"}, moe=moe), cuda=True)
+    assert "moe.expert_ffn_hidden_size=40 is not" in text
+    check_run(run_config(model={"backend": "te"}, train={"precision": "fp8"},
+                         moe={**moe, "expert_ffn_hidden_size": 48}), 1, cuda=True)
