@@ -66,10 +66,15 @@ def fp8_config(cfg: RunConfig) -> dict:
 
 
 def resolve_backend(cfg: RunConfig, cuda: bool) -> str:
-    """``local`` or ``te`` for a model built on GPU (``cuda``) or CPU."""
+    """``local`` or ``te`` for a model built here, on GPU (``cuda``) or CPU."""
+    return _resolve_backend(cfg, cuda, te_import_error() if cfg.model.backend == "auto" else None)
+
+
+def _resolve_backend(cfg: RunConfig, cuda: bool, te_error: Optional[str]) -> str:
+    """:func:`resolve_backend` where Transformer Engine imports (``te_error`` None) or fails to."""
     if cfg.model.backend != "auto":
         return cfg.model.backend
-    if cuda and te_import_error() is None and not te_unsupported(cfg):
+    if cuda and te_error is None and not te_unsupported(cfg):
         return "te"
     return "local"
 
@@ -103,7 +108,7 @@ def backend_problems(cfg: RunConfig, cuda: bool, *, te_installed: Optional[bool]
     if fp8:
         if not cuda:
             problems.append("train.precision='fp8' needs a GPU with Transformer Engine: use 'fp32' or 'auto' on CPU")
-        elif cfg.model.backend == "local" or (cfg.model.backend == "auto" and (te_error or te_unsupported(cfg))):
+        elif _resolve_backend(cfg, cuda, te_error) == "local":
             why = f" ({te_error})" if cfg.model.backend == "auto" and te_error else ""
             problems.append(f"train.precision='fp8' runs Transformer Engine's FP8 GEMMs: it needs model.backend 'te' "
                             f"(here the backend is local{why})")

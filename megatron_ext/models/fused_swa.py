@@ -160,12 +160,9 @@ def _(grad_out, q, k, v, out, lse, window, scale, block):
 
 
 def _block_pairs(q_len: int, kv_len: int, window: int, block: int) -> int:
-    """(query, key) scores a head computes: per query block its rows times its key slice."""
-    offset, pairs = kv_len - q_len, 0
-    for start in range(0, q_len, block):
-        rows = min(block, q_len - start)
-        pairs += rows * (start + rows + offset - max(0, start + offset - window + 1))
-    return pairs
+    from megatron_ext.models.kernels import window_kernel_pairs  # kernels imports this module
+
+    return window_kernel_pairs(q_len, window, block, kv_len=kv_len)
 
 
 @register_flop_formula(torch.ops.megatron_ext.sliding_window_forward)

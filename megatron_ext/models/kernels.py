@@ -428,13 +428,19 @@ def _sliding_window_block_mask(q_len: int, kv_len: int, window: int, device: tor
     )
 
 
-def window_kernel_pairs(seq_len: int, window: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
-    """(query, key) score pairs per head and sequence that :func:`sliding_window_attention_blocked`
-    multiplies: per query block ``[s, e)`` its rows times the keys ``[max(0, s - W + 1), e)`` (about
-    ``T (W + bq)``; the band itself holds ``~T W``). For FLOP counts that match the kernel."""
-    window = min(window, seq_len)
-    return sum((min(seq_len, s + block_size) - s) * (min(seq_len, s + block_size) - max(0, s - window + 1))
-               for s in range(0, seq_len, block_size))
+def window_kernel_pairs(seq_len: int, window: int, block_size: int = DEFAULT_BLOCK_SIZE,
+                        kv_len: Optional[int] = None) -> int:
+    """(query, key) score pairs per head and sequence that the CPU window kernels (blocked and fused)
+    multiply: per query block ``[s, e)`` its rows times the keys ``[max(0, s + o - W + 1), e + o)``,
+    ``o = kv_len - seq_len`` (about ``T (W + bq)``; the band itself holds ``~T W``). For FLOP counts
+    that match the kernels."""
+    offset = (seq_len if kv_len is None else kv_len) - seq_len
+    window = min(window, seq_len + offset)
+    pairs = 0
+    for start in range(0, seq_len, block_size):
+        rows = min(block_size, seq_len - start)
+        pairs += rows * (start + rows + offset - max(0, start + offset - window + 1))
+    return pairs
 
 
 def sliding_window_attention(
