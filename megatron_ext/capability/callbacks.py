@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 
 @dataclass(kw_only=True)
@@ -31,6 +31,10 @@ class TrainContext:
     consumed_samples: int = 0
     extras: Dict[str, Any] = field(default_factory=dict)
     """Scratch space shared between callbacks within a step."""
+    evaluate: Optional[Callable[[], float]] = None
+    """Validation loss of the model as it is now: the periodic evaluation's batches and forward
+    (``train.eval_steps`` global batches, eval mode, no gradients). A collective: every rank calls it
+    at the same point. None outside the training loop."""
 
 
 class Callback:

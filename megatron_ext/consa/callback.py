@@ -86,6 +86,10 @@ class ConSACallback(Callback):
         self.gate_optimizer: Optional[torch.optim.Optimizer] = None
         self.allocation: Optional[torch.Tensor] = None  # [L, units] bool once static
         self.history: List = []  # (step, log_alpha) for the plot
+        self.window_cost: Optional[Dict[str, float]] = None
+        """Validation losses of the weights mask learning starts from, when they are trained: every
+        unit on full attention (``full``), every unit on SWA (``swa``) and ``cost = swa - full``."""
+        self._event_metrics: Dict[str, object] = {}  # measured in on_step_begin, logged by on_step_end
         if self.learned:
             gate_cls = HardConcreteGates if cfg.method == "consa" else ScalarGates
             self.gates = gate_cls(num_layers, self.units, cfg.hard_concrete,
@@ -155,6 +159,8 @@ class ConSACallback(Callback):
 
     def on_step_begin(self, ctx: TrainContext) -> None:
         if self.allocation is None:
+            if self._starts_from_trained_weights(ctx):
+                self._measure_window_cost(ctx)
             self._apply(ctx.step + 1)
             if self.cfg.method == "loza" and self.stage(ctx.step + 1) == 1:
                 # LoZA learns its gates on a frozen model: this step updates no weight (the scheduler
@@ -162,7 +168,38 @@ class ConSACallback(Callback):
                 for group in ctx.optimizer.param_groups:
                     group["lr"] = 0.0
 
+    def _starts_from_trained_weights(self, ctx: TrainContext) -> bool:
+        """Whether step ``ctx.step + 1`` is the first of mask learning and the weights it starts from
+        were trained: by a dense warm-up, or loaded by ``train.init_from``."""
+        if not self.learned or self.window_cost is not None or ctx.evaluate is None or ctx.step != self.start_step:
+            return False
+        return self.start_step > 0 or (ctx.config is not None and ctx.config.train.init_from is not None)
+
+    @torch.no_grad()
+    def _measure_window_cost(self, ctx: TrainContext) -> None:
+        """How much the trained weights use keys beyond the window: the validation loss with every unit
+        on SWA minus the one with full attention (the same batches). Runs in on_step_begin, before
+        the later capabilities' (registry order) per-step changes such as an elastic sub-network: both
+        losses are the full network's, and the one with full attention is the periodic evaluation's."""
+        for module in self.modules:
+            module.set_full()
+        full = ctx.evaluate()
+        for module in self.modules:
+            module.set_static([False] * self.units)
+        swa = ctx.evaluate()
+        self.window_cost = {"full": full, "swa": swa, "cost": swa - full}
+        self._event_metrics = {"consa/val_loss_full_attention": full, "consa/val_loss_all_swa": swa,
+                               "consa/window_cost": swa - full}
+        if dist.get_rank() == 0:
+            self.log(f"consa: mask learning starts at step {ctx.step + 1}: validation loss {full:.4f} with full "
+                     f"attention, {swa:.4f} with every unit on SWA (W={self.cfg.window}): window cost "
+                     f"{swa - full:+.4f}")
+
     def on_step_end(self, ctx: TrainContext, result) -> Dict[str, object]:
+        event, self._event_metrics = self._event_metrics, {}
+        return {**event, **self._step_metrics(ctx, result)}
+
+    def _step_metrics(self, ctx: TrainContext, result) -> Dict[str, object]:
         stage = self.stage(ctx.step)
         if stage == 2:
             return {"consa/stage": 2, "consa/swa_fraction": swa_fraction(self.allocation)}
@@ -272,22 +309,29 @@ class ConSACallback(Callback):
         polarized = self.polarized_fraction(allocation)
         sides = {"full attention": self.polarized_fraction(allocation, True),
                  "SWA": self.polarized_fraction(allocation, False)}
+        cost = None if self.window_cost is None else self.window_cost["cost"]
+        harmless = cost is not None and cost <= cfg.window_cost_tolerance
+        if cost is None:
+            advice = ("learn the mask longer (mask_learning_steps / _tokens) or from a trained start "
+                      "(mask_learning_start_step, train.init_from)")
+        else:
+            advice = (f"learn the mask longer (mask_learning_steps / _tokens): at its start, every unit on SWA "
+                      f"cost {cost:+.4f} validation loss")
         warnings = []
         for side, share in sides.items():
-            if share >= cfg.min_polarized_fraction:
+            if share >= cfg.min_polarized_fraction or harmless:
                 continue
             warnings.append(f"only {share:.0%} of the {side} units' gates are decided (log_alpha >= "
                             f"{cfg.polarization_threshold} beyond the other side's units of their constraint group; "
                             f"hybrid_attention.min_polarized_fraction="
-                            f"{cfg.min_polarized_fraction}): the allocation is largely ties broken by rank; "
-                            "learn the mask longer (mask_learning_steps / _tokens) or from a trained start "
-                            "(mask_learning_start_step, train.init_from)")
+                            f"{cfg.min_polarized_fraction}): the allocation is largely ties broken by rank; {advice}")
         if self.controller is not None and gap > cfg.constraint_tolerance:
             warnings.append(f"the constraint had not settled: |rho_hat - rho_bound| = {gap:.3f} > "
                             f"hybrid_attention.constraint_tolerance={cfg.constraint_tolerance}; learn the "
                             "mask longer or raise lambda_lr")
         return {"polarized_fraction": polarized, "polarized_full": sides["full attention"],
-                "polarized_swa": sides["SWA"], "constraint_gap": gap, "warnings": warnings}
+                "polarized_swa": sides["SWA"], "constraint_gap": gap, "window_cost": cost,
+                "harmless_ties": harmless and min(sides.values()) < cfg.min_polarized_fraction, "warnings": warnings}
 
     def _binarize(self, ctx: TrainContext) -> None:
         self.allocation = self.gates.binarize(self.cfg.target, self._binarize_mode())
@@ -296,9 +340,14 @@ class ConSACallback(Callback):
         if dist.get_rank() == 0:
             self._write_outputs(Path(ctx.run_dir))
             swa = int((~self.allocation).sum())
+            ties = ""
+            if self.diagnosed["harmless_ties"]:
+                ties = (f" (the undecided ones cannot matter: at the start of mask learning every unit on SWA cost "
+                        f"{self.diagnosed['window_cost']:+.4f} validation loss, within hybrid_attention."
+                        f"window_cost_tolerance={self.cfg.window_cost_tolerance})")
             self.log(f"consa: binarized at step {ctx.step}: {swa} of {self.allocation.numel()} units use "
                      f"sliding-window attention (W={self.cfg.window}); {self.diagnosed['polarized_fraction']:.0%} "
-                     f"of the gates decided, constraint gap {self.diagnosed['constraint_gap']:.3f}; training "
+                     f"of the gates decided{ties}, constraint gap {self.diagnosed['constraint_gap']:.3f}; training "
                      "the static hybrid")
             for warning in self.diagnosed["warnings"]:
                 self.log(f"WARNING: consa: {warning}")
@@ -324,7 +373,8 @@ class ConSACallback(Callback):
 
     # -- checkpoint --------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, object]:
-        state: Dict[str, object] = {"allocation": self.allocation, "history": self.history}
+        state: Dict[str, object] = {"allocation": self.allocation, "history": self.history,
+                                    "window_cost": self.window_cost}
         if self.gates is not None:
             state.update(gates=self.gates.state_dict(), gate_optimizer=self.gate_optimizer.state_dict())
         if self.controller is not None:
@@ -336,6 +386,7 @@ class ConSACallback(Callback):
             return
         self.allocation = state["allocation"]
         self.history = list(state["history"])
+        self.window_cost = state.get("window_cost")  # absent in checkpoints written before it was measured
         if self.gates is not None:
             self.gates.load_state_dict(state["gates"])
             self.gate_optimizer.load_state_dict(state["gate_optimizer"])

@@ -113,6 +113,13 @@ class HybridAttentionConfig:
     """At binarization, fewer decided units than this fraction among the FA units, or among the SWA
     units, is reported as a WARNING (log and allocation.json): the allocation is then largely a tie
     broken by rank. [choice]"""
+    window_cost_tolerance: float = 0.01
+    """When mask learning starts from trained weights (a dense warm-up, ``mask_learning_start_step``
+    > 0, or ``train.init_from``), the validation loss with every unit on SWA minus the one with full
+    attention is measured on those weights (``consa/window_cost``, nats). At most this much, the model
+    does not use keys beyond the window: undecided gates are then reported as harmless ties (every
+    allocation at the target costs about the same), not as a WARNING. Above it, or when nothing was
+    measured (mask learning from untrained weights), undecided gates warn. [choice]"""
     constraint_tolerance: float = 0.05
     """At binarization, an expected SWA fraction this far (any layer with ``per_layer``) from the one
     the binarized allocation has with its gates at their clamp bounds is reported as a WARNING: the
@@ -130,7 +137,7 @@ class HybridAttentionConfig:
         c = Checks(self)
         c.positive("window", "gate_lr", "lambda_lr", "mask_learning_steps", "mask_learning_tokens",
                    "polarization_threshold", "constraint_tolerance")
-        c.non_negative("mask_learning_start_step", "sink_tokens")
+        c.non_negative("mask_learning_start_step", "sink_tokens", "window_cost_tolerance")
         if self.method == "loza":
             c.require(self.granularity == "layer", f"method='loza' learns one gate per layer: set granularity: layer "
                                                    f"(got {self.granularity!r})")

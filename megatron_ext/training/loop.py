@@ -184,6 +184,16 @@ class Trainer:
         def micro_batches(dataset, consumed):
             return global_batch_iterator(dataset, consumed, cfg, len(model), device)
 
+        def validation_loss() -> float:
+            return sum(
+                eval_step(model, micro_batches(valid_data, i * t.global_batch_size),
+                          num_microbatches=num_micro, seq_length=seq,
+                          micro_batch_size=t.micro_batch_size, forward_step_func=forward_step)
+                for i in range(t.eval_steps)
+            ) / t.eval_steps
+
+        ctx.evaluate = validation_loss
+
         def common_state():
             return {
                 "consumed_samples": ctx.consumed_samples,
@@ -253,12 +263,7 @@ class Trainer:
                 for cb in self.callbacks:
                     record.update(cb.on_step_end(ctx, result))
                 if t.eval_interval and ctx.step % t.eval_interval == 0:
-                    record["val/loss"] = sum(
-                        eval_step(model, micro_batches(valid_data, i * t.global_batch_size),
-                                  num_microbatches=num_micro, seq_length=seq,
-                                  micro_batch_size=t.micro_batch_size, forward_step_func=forward_step)
-                        for i in range(t.eval_steps)
-                    ) / t.eval_steps
+                    record["val/loss"] = validation_loss()
                 if ctx.step % cfg.logging.log_interval == 0 or ctx.step == t.steps:
                     record["mem/peak_gib"] = peak_memory_gib(cuda)  # collective: every rank logs
                     record["loss/interval_mean"] = (sum(interval_losses) / len(interval_losses)
