@@ -89,7 +89,6 @@ class ConSACallback(Callback):
         self.window_cost: Optional[Dict[str, float]] = None
         """Validation losses of the weights mask learning starts from, when they are trained: every
         unit on full attention (``full``), every unit on SWA (``swa``) and ``cost = swa - full``."""
-        self._event_metrics: Dict[str, object] = {}  # measured in on_step_begin, logged by on_step_end
         if self.learned:
             gate_cls = HardConcreteGates if cfg.method == "consa" else ScalarGates
             self.gates = gate_cls(num_layers, self.units, cfg.hard_concrete,
@@ -188,16 +187,18 @@ class ConSACallback(Callback):
             module.set_static([False] * self.units)
         swa = ctx.evaluate()
         self.window_cost = {"full": full, "swa": swa, "cost": swa - full}
-        self._event_metrics = {"consa/val_loss_full_attention": full, "consa/val_loss_all_swa": swa,
-                               "consa/window_cost": swa - full}
         if dist.get_rank() == 0:
             self.log(f"consa: mask learning starts at step {ctx.step + 1}: validation loss {full:.4f} with full "
                      f"attention, {swa:.4f} with every unit on SWA (W={self.cfg.window}): window cost "
                      f"{swa - full:+.4f}")
 
     def on_step_end(self, ctx: TrainContext, result) -> Dict[str, object]:
-        event, self._event_metrics = self._event_metrics, {}
-        return {**event, **self._step_metrics(ctx, result)}
+        metrics = self._step_metrics(ctx, result)
+        if self.window_cost is not None:  # every step from its measurement on, so logged records carry it
+            metrics.update({"consa/val_loss_full_attention": self.window_cost["full"],
+                            "consa/val_loss_all_swa": self.window_cost["swa"],
+                            "consa/window_cost": self.window_cost["cost"]})
+        return metrics
 
     def _step_metrics(self, ctx: TrainContext, result) -> Dict[str, object]:
         stage = self.stage(ctx.step)

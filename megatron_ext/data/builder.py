@@ -33,8 +33,10 @@ def build_datasets(cfg: RunConfig) -> Tuple[object, object]:
             ensure_default_corpus(d.cache_dir)
         dist.barrier()
         prefixes = [ensure_default_corpus(d.cache_dir)]
-    evaluations = (t.steps // t.eval_interval + 1) if t.eval_interval else 0
-    sizes = [t.steps * t.global_batch_size, max(evaluations * t.eval_steps * t.global_batch_size, 1), 0]
+    # At least one evaluation's samples: a capability may evaluate outside the periodic evaluations
+    # (ConSA's window cost, TrainContext.evaluate).
+    evaluations = (t.steps // t.eval_interval + 1) if t.eval_interval else 1
+    sizes = [t.steps * t.global_batch_size, evaluations * t.eval_steps * t.global_batch_size, 0]
     identity = load_tokenizer(d.tokenizer).identity if d.tokenizer else None
     (train, valid, _), _ = build_gpt_datasets(
         prefixes, d.weights, d.split, d.seq_length, d.seed, sizes, d.cache_dir, cfg.model.vocab_size, identity

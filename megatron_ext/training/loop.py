@@ -192,7 +192,7 @@ class Trainer:
                 for i in range(t.eval_steps)
             ) / t.eval_steps
 
-        ctx.evaluate = validation_loss
+        ctx.evaluate = validation_loss if valid_data is not None else None
 
         def common_state():
             return {

@@ -23,6 +23,7 @@ from tests.distributed.test_consa_planted import (
     WINDOW,
     _config,
     _check_learned_is_best,
+    _check_window_cost_shows_the_copy,
     allocation_of,
 )
 
@@ -68,3 +69,4 @@ def test_consa_keeps_the_planted_units_with_every_capability_on_at_tp2_ep2(tmp_p
     assert any(r["sgt/looped_layers"] for r in records), "SGT grew no loop"
     learned, log_alpha = _check_learned_is_best(run, "every capability on, TP=2 EP=2")
     assert learned == PLANTED, log_alpha
+    _check_window_cost_shows_the_copy(run)

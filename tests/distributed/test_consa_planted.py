@@ -121,6 +121,14 @@ def _learned(run_dir):
     return _units(full), log_alpha, record["diagnostics"]
 
 
+def _check_window_cost_shows_the_copy(run_dir):
+    """The weights mask learning started from copy at distance 31: with every unit on SWA (W = 8) the
+    copied half is lost, a cost far above the tolerance, so undecided gates would have warned."""
+    _, _, diagnostics = _learned(run_dir)
+    print(f"[planted] window cost at the start of mask learning: {diagnostics['window_cost']:+.4f}")
+    assert diagnostics["window_cost"] > 1.0 and not diagnostics["harmless_ties"]
+
+
 def _all_allocations():
     units = [(layer, head) for layer in range(LAYERS) for head in range(KV_HEADS)]
     return [frozenset(pair) for pair in itertools.combinations(units, FA_UNITS)]
@@ -161,6 +169,7 @@ def test_from_a_trained_start_consa_keeps_exactly_the_planted_units(tmp_path, ru
                                "train": {"init_from": str(tmp_path / "pretrain"), "steps": 150}})
     learned, log_alpha = _check_learned_is_best(learn_mask_run, f"init_from, seed {run_seed}")
     assert learned == PLANTED
+    _check_window_cost_shows_the_copy(learn_mask_run)
     for layer in range(LAYERS):
         for head in range(KV_HEADS):  # polarized: planted open, every other unit closed
             assert (log_alpha[layer][head] > 2.0) == ((layer, head) in PLANTED), log_alpha
@@ -175,6 +184,7 @@ def test_from_scratch_with_a_dense_warm_up_consa_finds_the_best_allocation(tmp_p
     stages = {r["step"]: r["consa/stage"] for r in records}
     assert stages[300] == 0 and stages[310] == 1  # full attention until the start step, then mask learning
     _check_learned_is_best(tmp_path, f"dense warm-up, seed {run_seed}")
+    _check_window_cost_shows_the_copy(tmp_path)
 
 
 def test_from_scratch_without_a_warm_up_the_tie_is_reported_not_taken_for_learned(tmp_path):
@@ -188,3 +198,4 @@ def test_from_scratch_without_a_warm_up_the_tie_is_reported_not_taken_for_learne
     assert all(value < 0 for row in log_alpha for value in row)  # nothing learned to keep FA
     assert diagnostics["polarized_full"] == 0.0  # the two FA slots went to the least-closed of equals
     assert any("full attention units' gates are decided" in w for w in diagnostics["warnings"])
+    assert diagnostics["window_cost"] is None  # untrained start: nothing measured, nothing excused

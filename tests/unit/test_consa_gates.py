@@ -339,6 +339,42 @@ def test_binarizing_undecided_gates_is_reported_as_a_warning():
     assert report["polarized_fraction"] == 1.0 and report["warnings"] == [] and report["constraint_gap"] < 1e-3
 
 
+def test_undecided_gates_warn_unless_the_measured_window_cost_says_the_choice_cannot_matter():
+    from megatron_ext.consa.callback import ConSACallback
+
+    cfg = HybridAttentionConfig(enabled=True, mask_learning_steps=10, target=0.5, constraint="per_layer",
+                                window_cost_tolerance=0.01)
+    callback = ConSACallback(cfg, num_layers=2, num_kv_heads=4, tokens_per_step=64, seed=0)
+    low, fa = cfg.hard_concrete.log_alpha_min, 1.41  # the constraint met at rho = 0.5: no gap warning
+    with torch.no_grad():  # layer 0 a tie at the constraint's level, layer 1 decided
+        callback.gates.log_alpha.copy_(torch.tensor([[-1.6, -1.59, -1.61, -1.6], [low, fa, low, fa]]))
+    allocation = callback.gates.binarize(0.5, "per_layer")
+
+    def polarization_warnings(report):
+        return [w for w in report["warnings"] if "gates are decided" in w]
+
+    report = callback.diagnostics(allocation)  # nothing measured (untrained start): warn
+    assert report["window_cost"] is None and not report["harmless_ties"]
+    assert len(polarization_warnings(report)) == 2 and "trained start" in report["warnings"][0]
+    callback.window_cost = {"full": 5.0, "swa": 5.004, "cost": 0.004}  # far keys worth nothing: ties are harmless
+    report = callback.diagnostics(allocation)
+    assert report["polarized_fraction"] == 0.5 and report["harmless_ties"] and report["window_cost"] == 0.004
+    assert polarization_warnings(report) == []
+    callback.window_cost = {"full": 5.0, "swa": 5.3, "cost": 0.3}  # far keys matter: the ties may cost
+    report = callback.diagnostics(allocation)
+    assert not report["harmless_ties"] and len(polarization_warnings(report)) == 2
+    assert "+0.3000 validation loss" in report["warnings"][0]
+    with torch.no_grad():  # decided: nothing to excuse, whatever the cost
+        callback.gates.log_alpha.copy_(torch.tensor([[low, fa, low, fa], [low, fa, low, fa]]))
+    callback.window_cost = {"full": 5.0, "swa": 5.0, "cost": 0.0}
+    report = callback.diagnostics(callback.gates.binarize(0.5, "per_layer"))
+    assert report["warnings"] == [] and not report["harmless_ties"]
+    with torch.no_grad():  # a harmless tie does not excuse an unsettled constraint
+        callback.gates.log_alpha.copy_(torch.tensor([[0.01, -0.01, 0.02, 0.0], [0.0, 0.01, -0.02, 0.01]]))
+    report = callback.diagnostics(callback.gates.binarize(0.5, "per_layer"))
+    assert report["harmless_ties"] and [w for w in report["warnings"] if "constraint had not settled" in w]
+
+
 def test_gates_at_the_constraints_equilibrium_count_as_decided():
     """At rho = 0.5 with the SWA gates at the lower clamp, the constraint met exactly pins the FA gates
     at log_alpha ~ 1.41, below any sign threshold of 2: decided is a margin between the sides."""
