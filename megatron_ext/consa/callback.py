@@ -86,9 +86,9 @@ class ConSACallback(Callback):
         self.gate_optimizer: Optional[torch.optim.Optimizer] = None
         self.allocation: Optional[torch.Tensor] = None  # [L, units] bool once static
         self.history: List = []  # (step, log_alpha) for the plot
-        self.window_cost: Optional[Dict[str, float]] = None
+        self.window_losses: Optional[Dict[str, float]] = None
         """Validation losses of the weights mask learning starts from, when they are trained: every
-        unit on full attention (``full``), every unit on SWA (``swa``) and ``cost = swa - full``."""
+        unit on full attention (``full``) and every unit on SWA (``swa``)."""
         if self.learned:
             gate_cls = HardConcreteGates if cfg.method == "consa" else ScalarGates
             self.gates = gate_cls(num_layers, self.units, cfg.hard_concrete,
@@ -170,7 +170,7 @@ class ConSACallback(Callback):
     def _starts_from_trained_weights(self, ctx: TrainContext) -> bool:
         """Whether step ``ctx.step + 1`` is the first of mask learning and the weights it starts from
         were trained: by a dense warm-up, or loaded by ``train.init_from``."""
-        if not self.learned or self.window_cost is not None or ctx.evaluate is None or ctx.step != self.start_step:
+        if not self.learned or self.window_losses is not None or ctx.evaluate is None or ctx.step != self.start_step:
             return False
         return self.start_step > 0 or (ctx.config is not None and ctx.config.train.init_from is not None)
 
@@ -186,18 +186,23 @@ class ConSACallback(Callback):
         for module in self.modules:
             module.set_static([False] * self.units)
         swa = ctx.evaluate()
-        self.window_cost = {"full": full, "swa": swa, "cost": swa - full}
+        self.window_losses = {"full": full, "swa": swa}
         if dist.get_rank() == 0:
             self.log(f"consa: mask learning starts at step {ctx.step + 1}: validation loss {full:.4f} with full "
                      f"attention, {swa:.4f} with every unit on SWA (W={self.cfg.window}): window cost "
                      f"{swa - full:+.4f}")
 
+    @property
+    def window_cost(self) -> Optional[float]:
+        """Validation loss with every unit on SWA minus with full attention, at the start of mask
+        learning from trained weights (None: not measured)."""
+        return None if self.window_losses is None else self.window_losses["swa"] - self.window_losses["full"]
+
     def on_step_end(self, ctx: TrainContext, result) -> Dict[str, object]:
         metrics = self._step_metrics(ctx, result)
-        if self.window_cost is not None:  # every step from its measurement on, so logged records carry it
-            metrics.update({"consa/val_loss_full_attention": self.window_cost["full"],
-                            "consa/val_loss_all_swa": self.window_cost["swa"],
-                            "consa/window_cost": self.window_cost["cost"]})
+        if self.window_losses is not None:  # every step from its measurement on, so logged records carry it
+            metrics.update({"consa/val_loss_full_attention": self.window_losses["full"],
+                            "consa/val_loss_all_swa": self.window_losses["swa"], "consa/window_cost": self.window_cost})
         return metrics
 
     def _step_metrics(self, ctx: TrainContext, result) -> Dict[str, object]:
@@ -310,7 +315,7 @@ class ConSACallback(Callback):
         polarized = self.polarized_fraction(allocation)
         sides = {"full attention": self.polarized_fraction(allocation, True),
                  "SWA": self.polarized_fraction(allocation, False)}
-        cost = None if self.window_cost is None else self.window_cost["cost"]
+        cost = self.window_cost
         harmless = cost is not None and cost <= cfg.window_cost_tolerance
         if cost is None:
             advice = ("learn the mask longer (mask_learning_steps / _tokens) or from a trained start "
@@ -375,7 +380,7 @@ class ConSACallback(Callback):
     # -- checkpoint --------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, object]:
         state: Dict[str, object] = {"allocation": self.allocation, "history": self.history,
-                                    "window_cost": self.window_cost}
+                                    "window_losses": self.window_losses}
         if self.gates is not None:
             state.update(gates=self.gates.state_dict(), gate_optimizer=self.gate_optimizer.state_dict())
         if self.controller is not None:
@@ -387,7 +392,7 @@ class ConSACallback(Callback):
             return
         self.allocation = state["allocation"]
         self.history = list(state["history"])
-        self.window_cost = state.get("window_cost")  # absent in checkpoints written before it was measured
+        self.window_losses = state.get("window_losses")  # absent in checkpoints written before it was measured
         if self.gates is not None:
             self.gates.load_state_dict(state["gates"])
             self.gate_optimizer.load_state_dict(state["gate_optimizer"])

@@ -116,7 +116,8 @@ class HybridAttentionConfig:
     window_cost_tolerance: float = 0.01
     """When mask learning starts from trained weights (a dense warm-up, ``mask_learning_start_step``
     > 0, or ``train.init_from``), the validation loss with every unit on SWA minus the one with full
-    attention is measured on those weights (``consa/window_cost``, nats). At most this much, the model
+    attention is measured on those weights (``consa/window_cost``, nats; two evaluations of
+    ``train.eval_steps`` batches, once per run). At most this much, the model
     does not use keys beyond the window: undecided gates are then reported as harmless ties (every
     allocation at the target costs about the same), not as a WARNING. Above it, or when nothing was
     measured (mask learning from untrained weights), undecided gates warn. [choice]"""
