@@ -315,29 +315,27 @@ class ConSACallback(Callback):
         polarized = self.polarized_fraction(allocation)
         sides = {"full attention": self.polarized_fraction(allocation, True),
                  "SWA": self.polarized_fraction(allocation, False)}
+        undecided = {side: share for side, share in sides.items() if share < cfg.min_polarized_fraction}
         cost = self.window_cost
-        harmless = cost is not None and cost <= cfg.window_cost_tolerance
+        harmless = bool(undecided) and cost is not None and cost <= cfg.window_cost_tolerance
         if cost is None:
             advice = ("learn the mask longer (mask_learning_steps / _tokens) or from a trained start "
                       "(mask_learning_start_step, train.init_from)")
         else:
             advice = (f"learn the mask longer (mask_learning_steps / _tokens): at its start, every unit on SWA "
                       f"cost {cost:+.4f} validation loss")
-        warnings = []
-        for side, share in sides.items():
-            if share >= cfg.min_polarized_fraction or harmless:
-                continue
-            warnings.append(f"only {share:.0%} of the {side} units' gates are decided (log_alpha >= "
-                            f"{cfg.polarization_threshold} beyond the other side's units of their constraint group; "
-                            f"hybrid_attention.min_polarized_fraction="
-                            f"{cfg.min_polarized_fraction}): the allocation is largely ties broken by rank; {advice}")
+        warnings = [] if harmless else [
+            f"only {share:.0%} of the {side} units' gates are decided (log_alpha >= {cfg.polarization_threshold} "
+            f"beyond the other side's units of their constraint group; hybrid_attention.min_polarized_fraction="
+            f"{cfg.min_polarized_fraction}): the allocation is largely ties broken by rank; {advice}"
+            for side, share in undecided.items()]
         if self.controller is not None and gap > cfg.constraint_tolerance:
             warnings.append(f"the constraint had not settled: |rho_hat - rho_bound| = {gap:.3f} > "
                             f"hybrid_attention.constraint_tolerance={cfg.constraint_tolerance}; learn the "
                             "mask longer or raise lambda_lr")
         return {"polarized_fraction": polarized, "polarized_full": sides["full attention"],
                 "polarized_swa": sides["SWA"], "constraint_gap": gap, "window_cost": cost,
-                "harmless_ties": harmless and min(sides.values()) < cfg.min_polarized_fraction, "warnings": warnings}
+                "harmless_ties": harmless, "warnings": warnings}
 
     def _binarize(self, ctx: TrainContext) -> None:
         self.allocation = self.gates.binarize(self.cfg.target, self._binarize_mode())
