@@ -112,7 +112,7 @@ def bench_mfu(tiny: bool, reps: int, peak: Optional[float]) -> list:
 
 def bench_mfu_of(tiny: bool, reps: int, peak: Optional[float], backend: str, precision: str) -> list:
     from megatron_ext.consa.attention import HybridCoreAttention
-    from megatron_ext.models.builder import build_model
+    from megatron_ext.run.builder import build_model
     from megatron_ext.models.vocab import padded_vocab_size
 
     seq, window, micro_batches = (128, 32, 2) if tiny else (4096, 512, 4)

@@ -50,7 +50,7 @@ def _decoder(cfg, structure=None):
     from tempfile import TemporaryDirectory
 
     from megatron_ext.inference.decode import Decoder
-    from megatron_ext.models.builder import build_model
+    from megatron_ext.run.builder import build_model
     from megatron_ext.training.capabilities import batch_hooks, restore_capabilities
 
     torch.manual_seed(0)

@@ -53,7 +53,7 @@ def subnetworks(num_experts: int, top_k: int) -> Dict[str, tuple]:
 
 def bench_subnetworks(reps: int, cfg=None) -> Dict[str, List[float]]:
     """Training-step times of the sub-networks of :func:`subnetworks` (default: :func:`run_config`)."""
-    from megatron_ext.models.builder import build_model
+    from megatron_ext.run.builder import build_model
     from megatron_ext.moe import elastic
     from megatron_ext.moe.elastic import SubNetwork
 
@@ -84,7 +84,7 @@ def _ep_steps(expert_parallel: int, steps: int) -> List[float]:
     import torch.distributed as dist
 
     from benchmarks.common import seconds
-    from megatron_ext.models.builder import build_model
+    from megatron_ext.run.builder import build_model
 
     cfg = run_config(world=2, expert_parallel=expert_parallel)
     step = training_step(cfg, build_model(cfg, cuda=False))  # each data-parallel rank its own micro-batch

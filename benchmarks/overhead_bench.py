@@ -47,7 +47,7 @@ def megatron_model(cfg):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from megatron_ext.models.builder import transformer_config
+    from megatron_ext.run.builder import transformer_config
     from megatron_ext.models.vocab import padded_vocab_size
 
     config = transformer_config(cfg, cuda=torch.cuda.is_available())
@@ -83,7 +83,7 @@ def idle_capabilities(model: torch.nn.Module) -> None:
 
 
 def build_steps() -> Dict[str, object]:
-    from megatron_ext.models.builder import build_model
+    from megatron_ext.run.builder import build_model
 
     single_process_megatron()
     cuda = torch.cuda.is_available()

@@ -24,7 +24,7 @@ SEQ, LOOPED, KEPT = 1024, (15, 12, 9), (0, 1)
 def _build():
     from megatron_ext.config import from_dict
     from megatron_ext.run import RunConfig
-    from megatron_ext.models.builder import build_model
+    from megatron_ext.run.builder import build_model
 
     single_process_megatron()
     cfg = from_dict(RunConfig, {"model": SHAPE, "data": {"seq_length": SEQ},

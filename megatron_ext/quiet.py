@@ -1,9 +1,10 @@
 """Warnings the command-line tools hide by default, each with the reason it says nothing actionable.
 
-``pretrain/__init__.py`` installs these filters before anything imports Megatron-Core or torch's
-distributed package, so that a run prints its own lines only. ``--verbose`` (any ``pretrain.*``
-tool) or ``MEGATRON_EXT_VERBOSE=1`` shows them again. The project's own warnings (a ConSA
-constraint that has not settled, a checkpoint fallback, ...) are never hidden.
+``pretrain/__init__.py`` (and ``data/__init__.py``, for the data tools) installs these filters before
+anything imports Megatron-Core or torch's distributed package, so that a tool prints its own lines
+only. ``--verbose`` (any ``pretrain.*`` or ``data.*`` tool) or ``MEGATRON_EXT_VERBOSE=1`` shows them
+again. The project's own warnings (a ConSA constraint that has not settled, a checkpoint fallback,
+...) are never hidden.
 """
 
 from __future__ import annotations

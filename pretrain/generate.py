@@ -52,7 +52,7 @@ def main(argv=None) -> int:
 
     from megatron_ext.inference.decode import Decoder
     from megatron_ext.inference.generate import generate, run_tokenizer
-    from megatron_ext.models.builder import unsharded
+    from megatron_ext.run.builder import unsharded
     from megatron_ext.run import load_config
     from megatron_ext.training.capabilities import batch_hooks
     from megatron_ext.training.evaluate import load_trained

@@ -9,7 +9,7 @@ import sys
 
 from megatron_ext.config import ConfigError
 from megatron_ext.run import load_config
-from megatron_ext.models.param_count import count_parameters
+from megatron_ext.run.param_count import count_parameters
 from megatron_ext.parallel import ParallelSizes
 from megatron_ext.parallel.state import parallel_job
 

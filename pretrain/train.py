@@ -57,8 +57,8 @@ def main(argv=None) -> int:
         return 2
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
     try:
-        prepare_launch(cfg, args.launcher, args.rendezvous_timeout)
-        Trainer(cfg, run_dir).run()
+        prepare_launch(cfg, args.launcher, args.rendezvous_timeout)  # runs check_run: the trainer need not
+        Trainer(cfg, run_dir).run(checked=True)
     except ConfigError as err:
         _report(f"error: {args.config}: {err}")
         return 2

@@ -31,6 +31,7 @@ transform, applied in registry order after the config is read) and Megatron-Core
 from __future__ import annotations
 
 import abc
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -69,15 +70,27 @@ class Capability(abc.ABC):
         """Keyword arguments this capability adds to Megatron's ``TransformerConfig``."""
         return {}
 
-    def layer_specs(self, cfg, specs: List[Any]) -> List[Any]:
+    def layer_specs(self, cfg, specs: List[Any], backend: str) -> List[Any]:
         """The per-layer ``ModuleSpec`` list (whole model, layer i at index i) after this
-        capability's rewrite; specs are shared between layers, so copy before changing one."""
+        capability's rewrite; specs are shared between layers, so copy before changing one.
+        ``backend``: the resolved module backend, ``local`` or ``te``."""
         return specs
 
-    def gpt_model_kwargs(self, cfg, config, core_spec, vp_stage) -> Dict[str, Any]:
+    def gpt_model_kwargs(self, cfg, config, core_spec, vp_stage, backend: str) -> Dict[str, Any]:
         """Keyword arguments this capability adds to ``GPTModel(...)`` of one chunk (``core_spec``: the
-        core layer spec, before any capability's rewrite)."""
+        core layer spec, before any capability's rewrite; ``backend``: the resolved module backend)."""
         return {}
+
+    def routed_experts(self, cfg) -> Optional[int]:
+        """The number of routed experts per MoE layer when this capability makes the model's MLPs
+        routed experts (sharded over ``parallel.expert``); None: it adds none."""
+        return None
+
+    def active_share(self, cfg, name: str) -> Optional[Fraction]:
+        """The share of tokens that pass through parameter ``name`` (an unsharded state-dict name) when
+        this capability makes it conditional, e.g. a routed expert's ``top_k / num_experts``; None:
+        every token does (or the parameter is not this capability's)."""
+        return None
 
     # -- training -------------------------------------------------------------------------------
     def callback(self, cfg, log: Callable[[str], None]) -> Optional[Callback]:

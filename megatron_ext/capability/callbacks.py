@@ -8,9 +8,9 @@ keys it returns (prefixed by its capability, e.g. ``moe/load_cv``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 
 @dataclass(kw_only=True)
@@ -29,8 +29,7 @@ class TrainContext:
     step: int = 0
     """Optimizer steps completed so far."""
     consumed_samples: int = 0
-    extras: Dict[str, Any] = field(default_factory=dict)
-    """Scratch space shared between callbacks within a step."""
+    """Training samples drawn so far."""
     evaluate: Optional[Callable[[], float]] = None
     """Validation loss of the model as it is now: the periodic evaluation's batches and forward
     (``train.eval_steps`` global batches, eval mode, no gradients). A collective: every rank calls it
@@ -38,9 +37,16 @@ class TrainContext:
 
 
 class Callback:
-    """Base class: every hook is optional. ``name`` keys the callback's state in checkpoints."""
+    """Base class: every hook is optional."""
 
     name: str = "callback"
+    """Keys the callback's state in checkpoints; a capability's callback has the capability's name (one
+    name per method: its config section, registry entry and checkpoint state)."""
+    state_aliases: Tuple[str, ...] = ()
+    """Names the callback's state had in older checkpoints (read when ``name`` is absent)."""
+    metric_prefixes: Tuple[str, ...] = ()
+    """The prefixes of the metrics :meth:`on_step_end` returns (e.g. ``("moe/", "elastic/")``); the loop
+    refuses any other key, so that no callback can overwrite a core metric such as ``loss``."""
 
     def on_train_start(self, ctx: TrainContext) -> None:
         """After the model, optimizer and any checkpoint are loaded, before the first step."""

@@ -138,7 +138,9 @@ class DataConfig:
     half of each sample repeats the first; loss on the predictable half only); indexed: preprocessed
     prefixes (``paths``); default: the built-in multimodal corpus, built and cached on first use."""
     paths: List[str] = field(default_factory=list)
-    """indexed: dataset prefixes written by ``python -m data.preprocess`` (P.bin, P.idx, ...)."""
+    """indexed: dataset prefixes written by ``python -m data.preprocess`` (P.bin, P.idx, ...), or by
+    Megatron-LM's ``tools/preprocess_data.py`` (P.bin and P.idx alone: text, read with
+    ``data.tokenizer`` when set); a blend may mix both."""
     weights: Optional[List[float]] = None
     """Blend weights of ``paths`` (normalized); None: proportional to their sizes."""
     split: str = "98,2,0"
@@ -148,8 +150,13 @@ class DataConfig:
     seed: int = 1234
     """Seed of the sample order (and of the synthetic stream)."""
     tokenizer: Optional[str] = None
-    """Tokenizer this run expects ("bytes" or a BPE JSON file); checked against the data's
-    manifest. None: accept the data's tokenizer."""
+    """Tokenizer this run expects: "bytes", a tokenizer JSON file or a HF tokenizer directory (loaded
+    with ``transformers.AutoTokenizer``); checked against the data's manifest, and what generation
+    encodes and decodes with. None: accept the data's tokenizer."""
+    eod_token: Optional[str] = None
+    """End-of-document token of ``tokenizer`` (a file or directory) where it declares none or another
+    is meant: the end of a Megatron-LM prefix's documents and generation's stop token. None: the
+    tokenizer's eos token. Data with a manifest keeps the id recorded when it was preprocessed."""
     cache_dir: str = "data/cache"
     """Where sample-index caches and the built-in corpus are kept."""
     loss_weights: Optional[Dict[str, float]] = None
@@ -169,6 +176,11 @@ class DataConfig:
         ok = len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts)
         c.require(ok and sum(float(p) for p in parts) > 0,
                   f"split={self.split!r} must be three non-negative numbers such as '98,2,0'")
+        if self.eod_token is not None:
+            c.require(self.tokenizer not in (None, "bytes"),
+                      f"eod_token={self.eod_token!r} names a token of tokenizer, which is {self.tokenizer!r}: "
+                      "set tokenizer to a tokenizer file or directory, or drop eod_token")
+            c.require(self.eod_token != "", "eod_token='' is empty: give the token that ends a document")
         for name, weight in (self.loss_weights or {}).items():
             c.require(name in MODALITIES, f"loss_weights has unknown modality {name!r} (use {MODALITIES})")
             c.require(weight >= 0, f"loss_weights.{name}={weight} must be >= 0")

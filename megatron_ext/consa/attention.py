@@ -26,7 +26,7 @@ exchanges each group's heads by its own scheme, so its SWA heads keep their smal
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -35,14 +35,20 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron_ext.models.kernels import causal_attention, sink_window_attention, sliding_window_attention
 from megatron_ext.models.context_attention import context_parallel_attention
+from megatron_ext.models.protocols import (
+    AttentionPairCounter,
+    HeadSubsetAttention,
+    KeyPlan,
+    KeyPlanAttention,
+    QueryHeadSubsetAttention,
+)
 from megatron_ext.models.te_attention import TEKernels
 from megatron_ext.parallel.context import context_parallel_of
 
-MODES = ("full", "gated", "static")
-
-
-class HybridCoreAttention(MegatronModule):
-    """Core attention whose KV heads use full causal or sliding-window attention (see module doc)."""
+class HybridCoreAttention(MegatronModule, HeadSubsetAttention, QueryHeadSubsetAttention, KeyPlanAttention,
+                          AttentionPairCounter):
+    """Core attention whose KV heads use full causal or sliding-window attention (see module doc), with
+    the core-attention protocols of :mod:`megatron_ext.models.protocols`."""
 
     def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type="self",
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
@@ -100,26 +106,23 @@ class HybridCoreAttention(MegatronModule):
         self.mode, self._gate = "static", None
         self._full_heads = flags[self.kv_offset : self.kv_offset + self.local_kv_heads].clone()
 
-    def attended_keys(self) -> List[Tuple[Optional[int], int]]:
-        """Per local KV head, ``(window, sink)`` of the keys its queries see (window None: every
-        earlier key; else the last ``window`` keys and the first ``sink``). A layer in mask learning
-        mixes both per unit: reported as full."""
+    def attended_keys(self) -> List[KeyPlan]:
+        """:meth:`KeyPlanAttention.attended_keys`: a unit in mask learning mixes both kernels, reported as full."""
         if self.mode != "static":
             return [(None, 0)] * self.local_kv_heads
         return [(None, 0) if full else (self.window, self.sink) for full in self._full_heads.tolist()]
 
-    def kv_cache_plan(self) -> List[Tuple[Optional[int], int]]:
-        """For cached decoding: :meth:`attended_keys`; a layer in mask learning cannot be cached."""
+    def kv_cache_plan(self) -> List[KeyPlan]:
+        """:meth:`KeyPlanAttention.kv_cache_plan`: a layer in mask learning cannot be cached."""
         if self.mode == "gated":
             raise ValueError(f"layer {self.layer_index} is in mask learning (gated full + sliding attention): "
                              "decode a checkpoint saved after binarization, or one of the dense warm-up")
         return self.attended_keys()
 
     def attention_pairs(self, seq_length: int) -> List[int]:
-        """Per local KV head, the (query, key) score pairs per query head and sequence that its kernel
-        multiplies: ``T^2`` for full attention (the full square, as FlopCounterMode counts SDPA), the
-        blocked window kernel's for a sliding window (what it really computes; also in mask
-        learning, where both run, the full square plus the window's)."""
+        """:meth:`AttentionPairCounter.attention_pairs`: ``T^2`` for full attention (the full square, as
+        FlopCounterMode counts SDPA), the blocked window kernel's for a sliding window (what it really
+        computes); in mask learning, where both run, the full square plus the window's."""
         from megatron_ext.models.kernels import window_kernel_pairs
 
         full = seq_length * seq_length
@@ -138,12 +141,7 @@ class HybridCoreAttention(MegatronModule):
         return self.forward_heads(query, key, value, list(range(self.local_kv_heads)))
 
     def forward_heads(self, query, key, value, local_kv_heads: Sequence[int]):
-        """Attention for a subset of this rank's heads (used by looped layers, too).
-
-        query ``[s, b, len(local_kv_heads) * qpg, hn]`` holds the query heads of the listed local
-        KV heads, in order; key / value ``[s, b, len(local_kv_heads), hn]``. Returns
-        ``[s, b, nq * hn]``.
-        """
+        """:meth:`HeadSubsetAttention.forward_heads`, each KV head with its allocation."""
         s, b, nq, hn = query.shape
         heads = torch.as_tensor(list(local_kv_heads), dtype=torch.long)
         out = self._attend(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3), heads,
@@ -151,10 +149,7 @@ class HybridCoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, nq * hn)
 
     def forward_query_heads(self, query, key, value, kv_of_query: Sequence[int], local_kv_heads: Sequence[int]):
-        """Attention for any query heads: query head ``i`` of ``query [s, b, nq, hn]`` uses the KV
-        head at position ``kv_of_query[i]`` of ``key`` / ``value [s, b, nkv, hn]``, which is local KV
-        head ``local_kv_heads[kv_of_query[i]]`` (whose allocation applies). Returns ``[s, b, nq * hn]``.
-        A loop over a few kept query heads computes only those, not their KV groups' other heads."""
+        """:meth:`QueryHeadSubsetAttention.forward_query_heads`, each KV head with its allocation."""
         s, b, nq, hn = query.shape
         index = torch.as_tensor(list(kv_of_query), dtype=torch.long, device=key.device)
         k = key.index_select(2, index).permute(1, 2, 0, 3)  # [b, nq, s, hn]: each query head's KV head

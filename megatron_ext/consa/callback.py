@@ -66,7 +66,9 @@ class LayerGate:
 
 
 class ConSACallback(Callback):
-    name = "consa"
+    name = "hybrid_attention"
+    state_aliases = ("consa",)
+    metric_prefixes = ("consa/",)
 
     def __init__(self, cfg: HybridAttentionConfig, num_layers: int, num_kv_heads: int, tokens_per_step: int,
                  seed: int, log=print):

@@ -58,13 +58,12 @@ class HybridAttention(Capability):
                 problems.append(f"hybrid_attention.allocation: {err}")
         return problems
 
-    def layer_specs(self, cfg, specs: list) -> list:
+    def layer_specs(self, cfg, specs: list, backend: str) -> list:
         from megatron_ext.consa.attention import HybridCoreAttention
-        from megatron_ext.models.builder import model_backend
         from megatron_ext.models.layer_spec import map_specs, replace_submodule
 
         h = cfg.hybrid_attention
-        core = partial(HybridCoreAttention, window=h.window, sink=h.sink_tokens, backend=model_backend(cfg))
+        core = partial(HybridCoreAttention, window=h.window, sink=h.sink_tokens, backend=backend)
         return map_specs(specs, lambda spec: replace_submodule(spec, "self_attention.core_attention", core))
 
     def callback(self, cfg, log):

@@ -13,14 +13,16 @@ from megatron_ext.data.indexed import DataError
 from megatron_ext.data.preprocess import iter_documents, preprocess
 from megatron_ext.data.tokenizers import train_bpe
 
-
 PREPROCESS_USAGE = """Preprocess JSONL / text documents into Megatron indexed datasets with a modality stream.
 
     python -m data.preprocess --input docs.jsonl [more.jsonl ...] --output-prefix out/corpus \\
-        --tokenizer bytes|path/to/tokenizer.json [--codebook image=8192 --codebook audio=4096] \\
-        [--workers 4] [--json-key text]
+        --tokenizer bytes|path/to/tokenizer.json|path/to/hf_tokenizer_dir [--eod-token TOKEN] \\
+        [--codebook image=8192 --codebook audio=4096] [--workers 4] [--json-key text]
 
-Writes out/corpus.{bin,idx}, out/corpus.modality.{bin,idx} and out/corpus.manifest.json.
+Writes out/corpus.{bin,idx}, out/corpus.modality.{bin,idx} and out/corpus.manifest.json. A HF
+tokenizer directory (save_pretrained output: BPE, SentencePiece or tiktoken-based) is loaded with
+transformers.AutoTokenizer; every document ends with the tokenizer's eos token (<|endoftext|> in a
+tokenizer .json file) unless --eod-token names another.
 """
 
 
@@ -28,7 +30,10 @@ def preprocess_main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=PREPROCESS_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help=".jsonl or .txt files")
     parser.add_argument("--output-prefix", required=True)
-    parser.add_argument("--tokenizer", required=True, help="'bytes' or a BPE tokenizer JSON file")
+    parser.add_argument("--tokenizer", required=True,
+                        help="'bytes', a tokenizer JSON file or a HF tokenizer directory")
+    parser.add_argument("--eod-token", default=None, metavar="TOKEN",
+                        help="the token that ends every document (default: the tokenizer's eos token)")
     parser.add_argument("--codebook", action="append", default=[], metavar="MODALITY=SIZE",
                         help="a non-text modality and its codebook size; repeatable")
     parser.add_argument("--workers", type=int, default=1)
@@ -41,8 +46,9 @@ def preprocess_main(argv=None) -> int:
             parser.error(f"--codebook {item!r}: use MODALITY=SIZE, e.g. image=8192")
         codebooks[name] = int(size)
     try:
-        summary = preprocess(args.input, args.output_prefix, args.tokenizer, codebooks, args.workers, args.json_key)
-    except (DataError, FileNotFoundError, ValueError) as err:
+        summary = preprocess(args.input, args.output_prefix, args.tokenizer, codebooks, args.workers, args.json_key,
+                             eod_token=args.eod_token)
+    except (DataError, FileNotFoundError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     per_modality = ", ".join(f"{k} {v:,}" for k, v in summary.tokens_per_modality.items() if v)
@@ -65,7 +71,8 @@ def _texts(files, json_key):
 
 
 def train_tokenizer_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=TRAIN_TOKENIZER_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=TRAIN_TOKENIZER_USAGE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True)
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--output", required=True)
@@ -87,7 +94,8 @@ BUILD_DEFAULT_USAGE = """Build (once) the built-in corpus: Python standard-libra
 
 
 def build_default_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=BUILD_DEFAULT_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=BUILD_DEFAULT_USAGE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache-dir", default="data/cache")
     args = parser.parse_args(argv)
     prefix = ensure_default_corpus(args.cache_dir)

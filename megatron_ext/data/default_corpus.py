@@ -104,5 +104,6 @@ def ensure_default_corpus(cache_dir: str | Path, workers: int = 1) -> str:
     )
     if summary.tokens_per_modality.get("image", 0) == 0:
         raise DataError(f"{prefix}: the built-in corpus has no image tokens")
-    (root / "summary.json").write_text(json.dumps({**summary.__dict__, "tokens_per_second": summary.tokens_per_second}, indent=1))
+    stats = {**summary.__dict__, "tokens_per_second": summary.tokens_per_second}
+    (root / "summary.json").write_text(json.dumps(stats, indent=1))
     return str(prefix)

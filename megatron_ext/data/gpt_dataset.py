@@ -4,10 +4,12 @@ GPTDataset packs documents into fixed-length samples through its document / samp
 indices (cached as .npy files). The modality stream has the same document lengths, so the same
 indices select the same spans from it: :class:`MultimodalGPTDataset` reads both through
 GPTDataset's own span logic, and ``modality_ids`` stays aligned with ``tokens`` by construction.
+A Megatron-LM prefix (no manifest, no modality stream) is text: its ``modality_ids`` are all text.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -15,7 +17,11 @@ import torch
 
 from megatron_ext.compat.datasets import sample_span_from
 from megatron_ext.data.indexed import DataError, check_prefix
+from megatron_ext.data.tokenizers import TextTokenizer
 from megatron_ext.data.vocab import MODALITIES, VocabLayout
+
+UNRECORDED_TOKENIZER = "unrecorded"
+"""The tokenizer identity of a blend of Megatron-LM prefixes alone, read without ``data.tokenizer``."""
 
 
 class TokenizerInfo:
@@ -36,15 +42,23 @@ def _multimodal_dataset_class():
 
         def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config):
             super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
-            self.modality_dataset = IndexedDataset(dataset_path + ".modality", mmap=config.mmap_bin_files)
+            # check_prefix has established the kind: a modality stream beside every prefix with a
+            # manifest, none beside a Megatron-LM prefix (text only).
+            modality = dataset_path + ".modality"
+            self.modality_dataset = (IndexedDataset(modality, mmap=config.mmap_bin_files)
+                                     if Path(modality + ".idx").is_file() else None)
 
-        def _modality_span(self, idx: int) -> np.ndarray:
+        def _modality_span(self, idx: int, length: int) -> np.ndarray:
+            if self.modality_dataset is None:
+                return np.full(length, MODALITIES.index("text"), dtype=np.int64)
             # The same document / sample / shuffle indices, read from the modality stream.
             return sample_span_from(self, self.modality_dataset, idx)
 
         def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
             sample = super().__getitem__(idx)
-            span = torch.from_numpy(np.asarray(self._modality_span(0 if idx is None else idx), dtype=np.int64))
+            length = sample["tokens"].numel() + 1  # the span the inputs and the labels are cut from
+            span = np.asarray(self._modality_span(0 if idx is None else idx, length), dtype=np.int64)
+            span = torch.from_numpy(span)
             span[span < 0] = 0  # padding (pad id -1) counts as text; its loss is masked anyway
             # A .bin that does not match its manifest (replaced, or written by another tool) would
             # index past the embedding or the modality tables: one max per sample says so instead.
@@ -72,25 +86,23 @@ def build_gpt_datasets(
     sizes: List[int],
     cache_dir: str,
     model_vocab_size: int,
-    tokenizer_identity: Optional[str] = None,
+    tokenizer: Optional[TextTokenizer] = None,
 ):
-    """[train, valid, test] blended datasets (Megatron's builder; call on every rank)."""
+    """([train, valid, test] blended datasets, their shared vocabulary layout) (Megatron's builder;
+    call on every rank). ``tokenizer``: the run's ``data.tokenizer``, checked against the data."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
-    manifests = [check_prefix(p, model_vocab_size, tokenizer_identity) for p in prefixes]
-    layouts = [VocabLayout.from_dict(m["vocab"]) for m in manifests]
-    for prefix, layout in zip(prefixes[1:], layouts[1:]):
-        if layout != layouts[0]:
-            raise ValueError(f"{prefix}: its vocabulary layout differs from {prefixes[0]}'s; blended "
-                             "datasets must share one id space")
+    identity = tokenizer.identity if tokenizer is not None else None
+    manifests = [check_prefix(p, model_vocab_size, identity) for p in prefixes]
+    layout = shared_layout(prefixes, manifests, tokenizer, model_vocab_size)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         blend=(list(prefixes), list(weights) if weights is not None else None),
         split=split,
         path_to_cache=cache_dir,
-        tokenizer=TokenizerInfo(layouts[0]),
+        tokenizer=TokenizerInfo(layout),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
@@ -100,4 +112,31 @@ def build_gpt_datasets(
     datasets = BlendedMegatronDatasetBuilder(
         _multimodal_dataset_class(), sizes, lambda: True, config
     ).build()
-    return datasets, layouts[0]
+    return datasets, layout
+
+
+def shared_layout(prefixes: Sequence[str], manifests: Sequence[dict], tokenizer: Optional[TextTokenizer],
+                  model_vocab_size: int) -> VocabLayout:
+    """The one id space of a blend. Prefixes with a manifest must agree on it; a Megatron-LM prefix
+    (``vocab`` None) brings text ids only, which must be text ids of that space: below its text
+    vocabulary (the tokenizer that ``check_prefix`` matched against ``tokenizer``, if given). A blend
+    of Megatron-LM prefixes alone takes its space from ``tokenizer``, else from the model."""
+    recorded = [(prefix, VocabLayout.from_dict(m["vocab"])) for prefix, m in zip(prefixes, manifests) if m["vocab"]]
+    for prefix, layout in recorded[1:]:
+        if layout != recorded[0][1]:
+            raise ValueError(f"{prefix}: its vocabulary layout differs from {recorded[0][0]}'s; blended "
+                             "datasets must share one id space")
+    if recorded:
+        layout, source = recorded[0][1], f"the text vocabulary of {recorded[0][0]} ({recorded[0][1].tokenizer})"
+    elif tokenizer is not None:
+        layout = VocabLayout(tokenizer=tokenizer.identity, text_size=tokenizer.vocab_size, eod=tokenizer.eod)
+        source = f"the vocabulary of data.tokenizer ({tokenizer.identity})"
+    else:
+        layout = VocabLayout(tokenizer=UNRECORDED_TOKENIZER, text_size=model_vocab_size, eod=None)
+        source = "model.vocab_size"
+    for prefix, manifest in zip(prefixes, manifests):
+        if manifest["vocab"] is None and manifest["max_token_id"] >= layout.text_size:
+            raise DataError(f"{prefix}.bin: holds token id {manifest['max_token_id']}, outside {source}, "
+                            f"{layout.text_size} ids: this Megatron-LM data was not written with that tokenizer; "
+                            "give the tokenizer it was written with as data.tokenizer, or preprocess it again")
+    return layout

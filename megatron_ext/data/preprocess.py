@@ -25,7 +25,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_ext.data.indexed import MANIFEST_VERSION, DataError, paths, token_dtype
-from megatron_ext.data.tokenizers import load_tokenizer
+from megatron_ext.data.tokenizers import load_tokenizer, require_eod
 from megatron_ext.data.vocab import MODALITIES, VocabLayout
 
 
@@ -156,8 +156,8 @@ def _errors_in_order(documents: Iterable) -> Iterator:
 _worker_state: dict = {}
 
 
-def _init_worker(tokenizer_spec: str, layout: VocabLayout, json_key: str) -> None:
-    _worker_state.update(tokenizer=load_tokenizer(tokenizer_spec), layout=layout, json_key=json_key,
+def _init_worker(tokenizer_spec: str, eod_token: Optional[str], layout: VocabLayout, json_key: str) -> None:
+    _worker_state.update(tokenizer=load_tokenizer(tokenizer_spec, eod_token), layout=layout, json_key=json_key,
                          text_id=MODALITIES.index("text"))
 
 
@@ -192,7 +192,8 @@ def _encode(item):
 def _encode_record(file, line_no, record):
     tok, layout, text_id = _worker_state["tokenizer"], _worker_state["layout"], _worker_state["text_id"]
     json_key = _worker_state["json_key"]
-    segments = record.get("segments") or ([{"modality": "text", "text": record[json_key]}] if json_key in record else [])
+    text = [{"modality": "text", "text": record[json_key]}] if json_key in record else []
+    segments = record.get("segments") or text
     ids: List[int] = []
     mods: List[int] = []
     for n, seg in enumerate(segments):
@@ -244,8 +245,14 @@ def preprocess(
     json_key: str = "text",
     progress: bool = True,
     documents: Optional[Iterable[Tuple[str, int, dict]]] = None,
+    eod_token: Optional[str] = None,
 ) -> PreprocessSummary:
     """Tokenize ``inputs`` (or the given ``documents``) into ``output_prefix`` + manifest.
+
+    ``tokenizer_spec``: ``bytes``, a tokenizer JSON file or a HF tokenizer directory
+    (:func:`~megatron_ext.data.tokenizers.load_tokenizer`); every document ends with the tokenizer's
+    end-of-document id, or that of ``eod_token``. A tokenizer that cannot be loaded or has no such
+    token is refused before any input is read.
 
     Every record is checked (shape, UTF-8, integer codebook ids inside their codebook); the first
     bad one stops the run with a DataError naming its file and line, the same with any number of
@@ -256,8 +263,9 @@ def preprocess(
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     start = time.perf_counter()
-    tokenizer = load_tokenizer(tokenizer_spec)
-    layout = VocabLayout.build(tokenizer.identity, tokenizer.vocab_size, tokenizer.eod, codebooks or {})
+    tokenizer = load_tokenizer(tokenizer_spec, eod_token)
+    layout = VocabLayout.build(tokenizer.identity, tokenizer.vocab_size, require_eod(tokenizer, tokenizer_spec),
+                               codebooks or {})
     out = paths(output_prefix)
     out["bin"].parent.mkdir(parents=True, exist_ok=True)
     tmp = {k: v.with_name(v.name + ".tmp") for k, v in out.items()}
@@ -273,9 +281,9 @@ def preprocess(
         modality_builder = IndexedDatasetBuilder(str(tmp["modality_bin"]), dtype=np.uint8)
         builders.append(modality_builder)
         if workers > 1:
-            pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_spec, layout, json_key))
+            pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_spec, eod_token, layout, json_key))
         else:
-            _init_worker(tokenizer_spec, layout, json_key)
+            _init_worker(tokenizer_spec, eod_token, layout, json_key)
         encoded = pool.imap(_encode, docs, chunksize=64) if pool else map(_encode, docs)
         for result in encoded:
             if isinstance(result, str):

@@ -87,8 +87,9 @@ class CopyTaskDataset:
 
 
 def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """Stack per-sample ``[s]`` tensors into the batch contract of ``gpt_forward_step`` (``[b, s]``)."""
-    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+    """Stack per-sample ``[s]`` tensors into the batch contract of ``gpt_forward_step`` (``[b, s]``).
+    A blend's samples also carry Megatron's ``dataset_id`` (a numpy scalar), stacked as ``[b]``."""
+    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in samples[0]}
 
 
 def step_micro_batches(

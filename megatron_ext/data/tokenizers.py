@@ -1,16 +1,36 @@
-"""Text tokenizers: a byte-level BPE trained locally (``tokenizers`` library) and plain bytes.
+"""Text tokenizers: plain bytes, a ``tokenizers`` JSON file, or a HF tokenizer directory.
 
-Both expose ``encode(text) -> list[int]``, ``vocab_size``, ``eod`` and ``identity`` (kind plus a
-hash of the vocabulary), which is stored with preprocessed data and checked at training time.
+    bytes                 UTF-8 bytes 0..255 and EOD = 256; no files
+    FILE.json             a ``tokenizers.Tokenizer`` (``python -m data.train_tokenizer`` writes one)
+    DIR                   a HF tokenizer directory (``save_pretrained`` output, or a model repository's
+                          tokenizer files), loaded with ``transformers.AutoTokenizer``: BPE
+                          (``tokenizer.json``), SentencePiece (``tokenizer.model``) and tiktoken-based
+                          tokenizers alike
+
+Every kind exposes ``encode(text) -> list[int]``, ``decode(ids)``, ``vocab_size`` (ids are in
+``[0, vocab_size)``), ``eod`` and ``identity``. ``eod`` is the id appended to every document: the
+tokenizer's own end-of-text token (``<|endoftext|>`` in a JSON file; the eos token of a directory,
+e.g. ``<|end_of_text|>`` or ``</s>``) unless ``eod_token`` names another; None when it has none,
+which only preprocessing refuses (:func:`require_eod`): reading data or generating needs no EOD.
+``identity`` (kind, vocabulary size and a hash of the tokenizer's content) is stored in the data's
+manifest and checked against the run's ``data.tokenizer`` at training time.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
-from typing import Iterable, List
+from typing import Iterable, List, Optional, Union
 
 EOD_TOKEN = "<|endoftext|>"
+"""The end-of-document token of a tokenizer JSON file (the one :func:`train_bpe` adds)."""
+
+TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                        "spiece.model", "sentencepiece.bpe.model")
+"""Files of which a HF tokenizer directory holds at least one (or a ``*.tiktoken`` file)."""
+
+SPEC_FORMS = "'bytes', a tokenizer .json file (python -m data.train_tokenizer writes one) or a HF tokenizer directory"
 
 
 class ByteTokenizer:
@@ -28,22 +48,28 @@ class ByteTokenizer:
 
 
 class BPETokenizer:
-    """A byte-level BPE (``tokenizers.Tokenizer``) saved as one JSON file."""
+    """A ``tokenizers.Tokenizer`` saved as one JSON file (a byte-level BPE from :func:`train_bpe`, or
+    any ``tokenizer.json``). Its identity hashes the file, as recorded by earlier preprocessing."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: Union[str, Path], eod_token: Optional[str] = None):
         from tokenizers import Tokenizer
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist: train one with "
-                                    "python -m data.train_tokenizer")
+            raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist: give {SPEC_FORMS}")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as err:  # the tokenizers library raises bare Exceptions on bad files
+            raise ValueError(f"tokenizer file {str(path)!r} is not a tokenizers JSON file ({err}): for a "
+                             "SentencePiece or tiktoken model give the directory that holds it with its "
+                             "tokenizer_config.json") from None
         self.path = path
-        self._tok = Tokenizer.from_file(str(path))
-        eod = self._tok.token_to_id(EOD_TOKEN)
-        if eod is None:
-            raise ValueError(f"tokenizer {str(path)!r} has no {EOD_TOKEN} token")
-        self.eod = eod
         self.vocab_size = self._tok.get_vocab_size()
+        token = eod_token or EOD_TOKEN
+        self.eod = self._tok.token_to_id(token)
+        if self.eod is None and eod_token is not None:
+            special = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
+            raise ValueError(_not_in_vocabulary(eod_token, path, special))
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         self.identity = f"bpe-{self.vocab_size}-{digest}"
 
@@ -54,7 +80,101 @@ class BPETokenizer:
         return self._tok.decode(list(ids))
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, output: str | Path) -> BPETokenizer:
+class HFTokenizer:
+    """A HF tokenizer directory through ``transformers.AutoTokenizer`` (local files only).
+
+    Documents are encoded without the tokenizer's own special tokens (no BOS), so that every kind
+    writes the same stream: a document's ids, then EOD. The identity hashes the tokenizer's
+    serialized content (``tokenizers``' JSON for a fast tokenizer, else its vocabulary and special
+    tokens), not its files: a directory re-saved with ``save_pretrained``, or a SentencePiece model
+    converted on load, keeps the identity of the tokenizer it holds.
+    """
+
+    def __init__(self, path: Union[str, Path], eod_token: Optional[str] = None):
+        path = Path(path)
+        if not is_tokenizer_dir(path):
+            raise ValueError(f"{str(path)!r} is not a tokenizer directory: it holds none of "
+                             f"{', '.join(TOKENIZER_FILE_NAMES)} or a *.tiktoken file; give {SPEC_FORMS} (a "
+                             "directory written by save_pretrained, or a model repository's tokenizer files)")
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ImportError(f"{str(path)!r} is a HF tokenizer directory, which is loaded with transformers: "
+                              "pip install 'megatron-ext[hf]'") from None
+        try:
+            self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as err:  # each tokenizer class fails in its own way; say which directory
+            raise ValueError(f"transformers.AutoTokenizer could not load the tokenizer directory {str(path)!r} "
+                             f"({type(err).__name__}: {err}); check that it was written by save_pretrained "
+                             "and that the packages its tokenizer needs (sentencepiece, tiktoken) are "
+                             "installed") from None
+        self.path = path
+        vocab = self._tok.get_vocab()
+        self.vocab_size = max(len(self._tok), max(vocab.values()) + 1)
+        if eod_token is not None:
+            if eod_token not in vocab:
+                raise ValueError(_not_in_vocabulary(eod_token, path, self._tok.all_special_tokens))
+            self.eod = vocab[eod_token]
+        else:
+            self.eod = self._tok.eos_token_id
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        if backend is not None:
+            content = backend.to_str()
+        else:
+            special = {name: str(value) for name, value in self._tok.special_tokens_map.items()}
+            content = json.dumps([type(self._tok).__name__, sorted(vocab.items()), special])
+        digest = hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
+        self.identity = f"hf-{self.vocab_size}-{digest}"
+
+    def encode(self, text: str) -> List[int]:
+        # verbose=False: documents longer than the tokenizer's model_max_length are expected here.
+        return self._tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids))
+
+
+TextTokenizer = Union[ByteTokenizer, BPETokenizer, HFTokenizer]
+
+
+def _not_in_vocabulary(token: str, path: Path, special_tokens: Iterable[str]) -> str:
+    known = ", ".join(repr(t) for t in special_tokens) or "none"
+    return (f"the end-of-document token {token!r} (--eod-token / data.eod_token) is not in the vocabulary of "
+            f"{str(path)!r}: give one of its tokens (its special tokens: {known})")
+
+
+def is_tokenizer_dir(path: Union[str, Path]) -> bool:
+    """Whether ``path`` is a directory holding HF tokenizer files (see :data:`TOKENIZER_FILE_NAMES`)."""
+    path = Path(path)
+    return path.is_dir() and (any((path / name).is_file() for name in TOKENIZER_FILE_NAMES)
+                              or any(path.glob("*.tiktoken")))
+
+
+def load_tokenizer(spec: str, eod_token: Optional[str] = None) -> TextTokenizer:
+    """``"bytes"``, a tokenizer JSON file or a HF tokenizer directory; ``eod_token`` names the
+    end-of-document token instead of the tokenizer's own (files and directories only)."""
+    if spec == "bytes":
+        if eod_token is not None:
+            raise ValueError(f"--eod-token / data.eod_token {eod_token!r} does not apply to the 'bytes' tokenizer, "
+                             "whose end-of-document id is 256: drop it")
+        return ByteTokenizer()
+    path = Path(spec)
+    if path.is_dir():
+        return HFTokenizer(path, eod_token)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer {spec!r} does not exist: give {SPEC_FORMS}")
+    return BPETokenizer(path, eod_token)
+
+
+def require_eod(tokenizer: TextTokenizer, spec: str) -> int:
+    """The tokenizer's end-of-document id; a ValueError saying what to pass when it has none."""
+    if tokenizer.eod is None:
+        raise ValueError(f"tokenizer {spec!r} has no end-of-document token (no {EOD_TOKEN} / eos token): pass "
+                         "--eod-token TOKEN (data.eod_token in a run config) naming the token that ends a document")
+    return tokenizer.eod
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, output: Union[str, Path]) -> BPETokenizer:
     """Train a byte-level BPE on ``texts`` and save it to ``output`` (JSON)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -74,8 +194,3 @@ def train_bpe(texts: Iterable[str], vocab_size: int, output: str | Path) -> BPET
     output.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(output))
     return BPETokenizer(output)
-
-
-def load_tokenizer(spec: str):
-    """``"bytes"`` or the path of a BPE JSON file."""
-    return ByteTokenizer() if spec == "bytes" else BPETokenizer(spec)

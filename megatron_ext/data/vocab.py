@@ -13,7 +13,7 @@ every token; routing never reads it, losses and statistics do.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -45,8 +45,10 @@ class VocabLayout:
     """Identity of the text tokenizer (kind and content hash)."""
     text_size: int
     """Number of text ids (the text tokenizer's vocabulary)."""
-    eod: int
-    """End-of-document id (a text id)."""
+    eod: Optional[int]
+    """End-of-document id (a text id); None where unknown: Megatron-LM data read without
+    ``data.tokenizer``; read only where samples are cut at document ends (position ids and
+    attention masks reset there, or the EOD's loss masked)."""
     modalities: List[ModalityRange] = field(default_factory=list)
 
     @classmethod

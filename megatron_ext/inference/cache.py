@@ -1,7 +1,8 @@
 """KV cache of one attention pass of one layer, sized by what each KV head attends to.
 
-Each KV head has a plan ``(window, sink)`` (its core attention's ``kv_cache_plan``; plain
-attention modules: every head full):
+Each KV head has a plan ``(window, sink)`` (its core attention's
+:meth:`~megatron_ext.models.protocols.KeyPlanAttention.kv_cache_plan`; plain attention modules:
+every head full):
 
 * full heads (window None) keep every position: a ``[b, heads, capacity, hn]`` buffer;
 * sliding-window heads keep their ``sink`` first keys and a ring buffer of the last ``window``

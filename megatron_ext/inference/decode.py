@@ -10,12 +10,14 @@ layer's forward, and differs from the ordinary forward only in where attention r
   them (:class:`~megatron_ext.inference.cache.AttentionCache`: full heads every key, sliding-window
   heads a ring buffer of their window).
 
-What a layer does comes from the layer and its core attention, not from this module: a layer with
-``decode_passes()`` (the SGT looped layer) lists its passes, ``("attention", head factors or
-None)`` and ``("mlp", None)``, each attention pass with a cache of its own because its keys are
-computed from that pass's input; a core attention with ``kv_cache_plan()`` (hybrid attention) says
-per KV head which keys it sees. MoE routing runs per token as in training (the enabled
-capabilities' batch hooks are called before each forward). One process, TP = PP = 1.
+What a layer does comes from the layer and its core attention, not from this module, through the
+protocols of :mod:`megatron_ext.models.protocols`: a :class:`DecodePassesLayer` (the SGT looped
+layer) lists its passes, ``("attention", head factors or None)`` and ``("mlp", None)``, each
+attention pass with a cache of its own because its keys are computed from that pass's input; a
+:class:`KeyPlanAttention` core (hybrid attention) says per KV head which keys it sees; a
+:class:`KeptHeadsLayer` computes a loop pass's kept query heads alone. MoE routing runs per token as
+in training (the enabled capabilities' batch hooks are called before each forward). One process,
+TP = PP = 1.
 """
 
 from __future__ import annotations
@@ -28,14 +30,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_ext.inference.cache import AttentionCache
+from megatron_ext.models.protocols import (
+    DecodePass,
+    DecodePassesLayer,
+    HeadSubsetAttention,
+    KeptHeadsLayer,
+    KeyPlanAttention,
+    QueryHeadSubsetAttention,
+)
 from megatron_ext.models.rope import rotate_query_key
 
 VANILLA_PASSES = [("attention", None), ("mlp", None)]
 
 
-def decode_passes(layer) -> List[Tuple[str, Optional[List[float]]]]:
-    passes = getattr(layer, "decode_passes", None)
-    return passes() if passes is not None else list(VANILLA_PASSES)
+def decode_passes(layer) -> List[DecodePass]:
+    """``layer``'s passes (:meth:`DecodePassesLayer.decode_passes`); a plain layer's are attention, then MLP."""
+    return layer.decode_passes() if isinstance(layer, DecodePassesLayer) else list(VANILLA_PASSES)
 
 
 class Decoder:
@@ -67,8 +77,7 @@ class Decoder:
         caches = {}
         for i, layer in enumerate(self.layers):
             core = layer.self_attention.core_attention
-            plan_of = getattr(core, "kv_cache_plan", None)
-            plans = plan_of() if plan_of is not None else [(None, 0)] * self.num_kv_heads
+            plans = core.kv_cache_plan() if isinstance(core, KeyPlanAttention) else [(None, 0)] * self.num_kv_heads
             attention_factors = [factors for kind, factors in self.passes[i] if kind == "attention"]
             for p, factors in enumerate(attention_factors):
                 caches[(i, p)] = AttentionCache(self._needed(plans, factors), batch=batch, capacity=capacity,
@@ -131,8 +140,8 @@ class Decoder:
                    factors: Optional[List[float]], *, prefill: bool, loop: bool) -> Tensor:
         attn = layer.self_attention
         core = attn.core_attention
-        whole_groups = hasattr(core, "forward_heads") and not hasattr(core, "forward_query_heads")
-        if loop and 1.0 in factors and set(factors) <= {0.0, 1.0} and hasattr(layer, "kept_heads_qkv") \
+        whole_groups = isinstance(core, HeadSubsetAttention) and not isinstance(core, QueryHeadSubsetAttention)
+        if loop and 1.0 in factors and set(factors) <= {0.0, 1.0} and isinstance(layer, KeptHeadsLayer) \
                 and not whole_groups:
             return self._kept_heads_attention(layer, hidden, rope, positions, cache, factors, prefill=prefill)
         query, key, value = attn.get_query_key_value_tensors(layer.input_layernorm(hidden), None)
@@ -182,7 +191,7 @@ class Decoder:
         return hidden + output + (bias if bias is not None else 0)
 
     def _causal(self, core, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-        if hasattr(core, "forward_heads"):
+        if isinstance(core, HeadSubsetAttention):
             return core.forward_heads(query, key, value, list(range(key.shape[2])))
         s, b, nq, hn = query.shape
         q = query.permute(1, 2, 0, 3)

@@ -61,34 +61,19 @@ def generate_by_recomputation(model, prompt: Tensor, max_new_tokens: int, batch_
     return tokens[:, prompt.shape[1]:]
 
 
-class _HFTokenizer:
-    """A HF ``tokenizer.json`` (imported models) through the tokenizers library."""
-
-    def __init__(self, path: Path):
-        from tokenizers import Tokenizer
-
-        self._tok = Tokenizer.from_file(str(path))
-        self.eod = None
-
-    def encode(self, text: str) -> List[int]:
-        return self._tok.encode(text).ids
-
-    def decode(self, ids) -> str:
-        return self._tok.decode(list(ids))
-
-
 def run_tokenizer(cfg, run_dir: Path):
     """The tokenizer a run's tokens came from, or None (synthetic data: prompts are token ids).
 
-    In order: the HF tokenizer of an imported model (``RUN_DIR/tokenizer/tokenizer.json``),
-    ``data.tokenizer``, the built-in corpus's tokenizer (``data.kind: default``)."""
-    from megatron_ext.data.tokenizers import load_tokenizer
+    In order: the HF tokenizer of an imported model (``RUN_DIR/tokenizer/``), ``data.tokenizer``
+    (with ``data.eod_token``), the built-in corpus's tokenizer (``data.kind: default``); each loaded
+    by :func:`~megatron_ext.data.tokenizers.load_tokenizer`, as preprocessing loaded it."""
+    from megatron_ext.data.tokenizers import is_tokenizer_dir, load_tokenizer
 
-    imported = Path(run_dir) / "tokenizer" / "tokenizer.json"
-    if imported.is_file():
-        return _HFTokenizer(imported)
+    imported = Path(run_dir) / "tokenizer"
+    if is_tokenizer_dir(imported):
+        return load_tokenizer(str(imported))
     if cfg.data.tokenizer:
-        return load_tokenizer(cfg.data.tokenizer)
+        return load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
     if cfg.data.kind == "default":
         from megatron_ext.data.default_corpus import ensure_default_corpus
 

@@ -93,7 +93,7 @@ def parameter_inventory(cfg: RunConfig) -> ParamInventory:
 
     Needs Megatron's parallel state at TP = PP = EP = 1 (as ``count_parameters``).
     """
-    from megatron_ext.models.builder import build_on_meta
+    from megatron_ext.run.builder import build_on_meta
 
     model = build_on_meta(cfg)
     inventory = ParamInventory(num_layers=cfg.model.num_layers, layers=[{} for _ in range(cfg.model.num_layers)])
@@ -131,7 +131,7 @@ class StageMemory:
 
 def bytes_per_parameter(cfg: RunConfig, cuda: bool) -> tuple:
     """(weight, gradient, optimizer) bytes per parameter before any optimizer sharding."""
-    from megatron_ext.models.builder import params_dtype
+    from megatron_ext.run.builder import params_dtype
 
     if params_dtype(cfg, cuda) == torch.bfloat16:
         return 2, 4, 12

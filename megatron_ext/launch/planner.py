@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from megatron_ext.config import ConfigError
-from megatron_ext.run import RunConfig, check_run
+from megatron_ext.run import RunConfig, check_run, routed_experts
 from megatron_ext.launch.layout import INTRA_NODE_KINDS, Layout
 from megatron_ext.launch.memory import GIB, ParamInventory, StageMemory, bytes_per_parameter, estimate_memory
 
@@ -75,7 +75,7 @@ def make_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, inventory: ParamIn
     layout = Layout.from_config(cfg, nodes, gpus_per_node)
     memory = estimate_memory(cfg, inventory, layout.world, cuda=True)
     warnings = []
-    for kind in INTRA_NODE_KINDS if cfg.moe.enabled else ("tp",):
+    for kind in INTRA_NODE_KINDS if routed_experts(cfg) else ("tp",):
         warnings += [warning + (_expert_fix(cfg, layout, kind) if kind in ("ep", "etp") else "")
                      for warning in layout.node_warnings([kind])]
     for stage in memory:
@@ -105,7 +105,7 @@ def _expert_fix(cfg: RunConfig, lay: Layout, kind: str) -> str:
     p = cfg.parallel
 
     def fits(etp: int, ep: int) -> bool:
-        if cfg.moe.num_experts % ep:
+        if routed_experts(cfg) % ep:
             return False
         try:
             candidate = replace(lay, etp=etp, ep=ep)
@@ -157,9 +157,10 @@ def _size_lines(plan: LaunchPlan) -> List[str]:
         + (f" (virtual pipeline {p.virtual_pipeline})" if p.virtual_pipeline else "")
         + (", sequence parallel" if p.sequence_parallel and lay.tp > 1 else ""),
     ]
-    if cfg.moe.enabled:
+    experts = routed_experts(cfg)
+    if experts:
         out.append(f"  expert layers: ETP {lay.etp} x EP {lay.ep} x EDP {lay.edp} x PP {lay.pp} "
-                   f"({cfg.moe.num_experts} experts, {cfg.moe.num_experts // lay.ep} per EP rank)")
+                   f"({experts} experts, {experts // lay.ep} per EP rank)")
     num_micro = t.global_batch_size // (t.micro_batch_size * lay.dp)
     out.append(f"  batch: global {t.global_batch_size} = micro-batch {t.micro_batch_size} x DP {lay.dp} x "
                f"{num_micro} micro-batches per step, {cfg.data.seq_length} tokens per sample")
@@ -169,10 +170,10 @@ def _size_lines(plan: LaunchPlan) -> List[str]:
 def _group_kinds(plan: LaunchPlan) -> List[Tuple[str, str, List[List[int]]]]:
     """``(title, line, groups)`` for each group kind worth showing: TP, DP and PP always, the others
     where their groups hold more than one rank (DP x CP only with CP > 1, expert kinds only with
-    MoE). ``line`` gives the count, the size and whether the groups cross nodes."""
+    routed experts). ``line`` gives the count, the size and whether the groups cross nodes."""
     cfg, lay = plan.cfg, plan.layout
     kinds = [("tp", "TP"), ("cp", "CP"), ("dp", "DP"), ("dp-cp", "DP x CP (gradient reduction)"), ("pp", "PP")]
-    if cfg.moe.enabled:
+    if routed_experts(cfg):
         kinds += [("ep", "EP (token all-to-all)"), ("etp", "ETP"), ("edp", "EDP (expert gradient reduction)")]
     rows = []
     for kind, title in kinds:
@@ -213,13 +214,13 @@ def _warning_lines(plan: LaunchPlan) -> List[str]:
 def format_plan(plan: LaunchPlan) -> str:
     """The human-readable report printed by ``python -m pretrain.plan``: sizes, every rank's
     coordinates, every group's ranks, the memory of every stage, the warnings."""
-    lay, moe = plan.layout, plan.cfg.moe.enabled
+    lay, experts = plan.layout, routed_experts(plan.cfg) is not None
     out = _size_lines(plan)
     out += ["", "Ranks (Megatron order tp-cp-ep-dp-pp; node = rank // GPUs per node)",
-            "  rank  node |  TP  CP  DP  PP" + (" |  EP ETP EDP" if moe else "")]
+            "  rank  node |  TP  CP  DP  PP" + (" |  EP ETP EDP" if experts else "")]
     for c in lay.coordinates():
         line = f"  {c.rank:>4}  {c.node:>4} | {c.tp:>3} {c.cp:>3} {c.dp:>3} {c.pp:>3}"
-        out.append(line + (f" | {c.ep:>3} {c.etp:>3} {c.edp:>3}" if moe else ""))
+        out.append(line + (f" | {c.ep:>3} {c.etp:>3} {c.edp:>3}" if experts else ""))
     out += ["", "Groups (ranks that share each group)"]
     for _, line, groups in _group_kinds(plan):
         out += [line, _wrap_groups(groups, "    ")]

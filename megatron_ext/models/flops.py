@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
+from megatron_ext.config import ModelConfig
+
 __all__ = ["LayerCost", "ModelCost", "TRAINING_MULTIPLIER", "dense_layer_cost", "mlp_flops_per_token"]
 
 TRAINING_MULTIPLIER = 3
@@ -49,11 +51,11 @@ class LayerCost:
     """Not run in this step (elastic depth): costs nothing."""
 
 
-def dense_layer_cost(cfg) -> LayerCost:
-    """A decoder layer of ``cfg`` (a ``RunConfig``) with a dense MLP and full attention."""
-    m = cfg.model
+def dense_layer_cost(m: ModelConfig, seq_length: int) -> LayerCost:
+    """A decoder layer of the model section ``m`` with a dense MLP and full attention over
+    ``seq_length`` tokens."""
     heads = m.num_attention_heads
-    return LayerCost(heads, m.num_query_groups or heads, float(heads * cfg.data.seq_length),
+    return LayerCost(heads, m.num_query_groups or heads, float(heads * seq_length),
                      mlp_flops_per_token(m.hidden_size, m.ffn_hidden_size, m.activation == "swiglu"))
 
 
@@ -72,11 +74,10 @@ class ModelCost:
     output layer."""
 
     @classmethod
-    def from_config(cls, cfg, padded_vocab_size: int) -> "ModelCost":
-        """The dense model of ``cfg`` (a ``RunConfig``) with full attention in every layer."""
-        m = cfg.model
-        return cls(m.hidden_size, m.kv_channels or m.hidden_size // m.num_attention_heads, cfg.data.seq_length,
-                   padded_vocab_size, [dense_layer_cost(cfg) for _ in range(m.num_layers)])
+    def from_config(cls, m: ModelConfig, seq_length: int, padded_vocab_size: int) -> "ModelCost":
+        """The dense model of the model section ``m`` with full attention in every layer."""
+        return cls(m.hidden_size, m.kv_channels or m.hidden_size // m.num_attention_heads, seq_length,
+                   padded_vocab_size, [dense_layer_cost(m, seq_length) for _ in range(m.num_layers)])
 
     def attention_flops(self, query_heads: int, kv_heads: int, keys: float) -> float:
         """Forward FLOPs per token of an attention sublayer: QKV and output projections, scores + PV."""

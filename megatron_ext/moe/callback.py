@@ -68,6 +68,7 @@ class MoECallback(Callback):
     """
 
     name = "moe"
+    metric_prefixes = ("moe/", "elastic/")
 
     def __init__(self, elastic_config: ElasticConfig, routing: RoutingConfig, num_layers: int, num_experts: int,
                  top_k: int, seed: int, plot_layers: Optional[Sequence[int]] = None,

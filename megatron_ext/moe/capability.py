@@ -15,8 +15,9 @@ light to load.
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 from megatron_ext.capability import Capability
 from megatron_ext.moe.config import ElasticConfig, MoEConfig, RoutingConfig
@@ -95,12 +96,16 @@ class MixtureOfExperts(Capability):
             moe_grouped_gemm=cfg.model.backend == "te",
         )
 
-    def layer_specs(self, cfg, specs: list) -> list:
-        from megatron_ext.models.builder import model_backend
+    def routed_experts(self, cfg) -> Optional[int]:
+        return cfg.moe.num_experts
+
+    def active_share(self, cfg, name: str) -> Optional[Fraction]:
+        return Fraction(cfg.moe.top_k, cfg.moe.num_experts) if ".experts." in name else None
+
+    def layer_specs(self, cfg, specs: list, backend: str) -> list:
         from megatron_ext.models.layer_spec import map_specs, mlp_spec, replace_mlp
         from megatron_ext.moe.router import with_router
 
-        backend = model_backend(cfg)
         mlp = with_router(mlp_spec(num_experts=cfg.moe.num_experts, backend=backend), cfg.routing)
         as_moe = map_specs(specs, lambda spec: replace_mlp(spec, mlp, backend))
         pattern = cfg.moe.layer_pattern_for(cfg.model.num_layers)

@@ -11,6 +11,7 @@ from megatron_ext.capability import Callback, TrainContext
 
 class MTPCallback(Callback):
     name = "mtp"
+    metric_prefixes = ("mtp/",)
 
     def __init__(self, num_layers: int, weight: float, weight_final: Optional[float], steps: int):
         self.num_layers = num_layers
@@ -45,7 +46,7 @@ class MTPCallback(Callback):
         projection and an output layer (:meth:`ModelCost.forward_flops_per_token`)."""
         from megatron_ext.models.flops import dense_layer_cost
 
-        cost.mtp_layers = [dense_layer_cost(ctx.config) for _ in range(self.num_layers)]
+        cost.mtp_layers = [dense_layer_cost(ctx.config.model, ctx.config.data.seq_length) for _ in range(self.num_layers)]
 
     def on_step_end(self, ctx: TrainContext, result) -> Dict[str, float]:
         from megatron_ext.compat.moe import take_mtp_losses

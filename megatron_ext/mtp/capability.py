@@ -39,13 +39,12 @@ class MultiTokenPrediction(Capability):
     def transformer_config(self, cfg) -> Dict[str, Any]:
         return dict(mtp_num_layers=cfg.model.mtp_num_layers, mtp_loss_scaling_factor=cfg.train.mtp_weight)
 
-    def gpt_model_kwargs(self, cfg, config, core_spec, vp_stage) -> Dict[str, Any]:
+    def gpt_model_kwargs(self, cfg, config, core_spec, vp_stage, backend: str) -> Dict[str, Any]:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec_for_backend
 
-        from megatron_ext.models.builder import model_backend
         from megatron_ext.models.layer_spec import spec_provider
 
-        provider = spec_provider(model_backend(cfg))
+        provider = spec_provider(backend)
         return {"mtp_block_spec": get_gpt_mtp_block_spec_for_backend(config, core_spec, provider, vp_stage=vp_stage)}
 
     def callback(self, cfg, log):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from megatron_ext.config import ConfigError
-from megatron_ext.models.backend import backend_problems
+from megatron_ext.run.backend import backend_problems
 from megatron_ext.models.vocab import padded_vocab_size
 from megatron_ext.parallel.sizes import layout_problems
 from megatron_ext.run.config import RunConfig

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from megatron_ext.capability import Capability
 from megatron_ext.config import apply_overrides, compose_run_config, from_dict, load_yaml
@@ -26,6 +26,11 @@ def _sections():
 
 RunConfig = compose_run_config(_sections(), module=__name__,
                                methods={"capabilities": property(_enabled_capabilities)})
+
+
+def routed_experts(cfg) -> Optional[int]:
+    """Routed experts per MoE layer of ``cfg`` (the enabled capability that adds them), None: a dense model."""
+    return next((n for c in cfg.capabilities if (n := c.routed_experts(cfg)) is not None), None)
 
 
 def load_config(path, overrides: Sequence[str] = ()) -> RunConfig:

@@ -55,7 +55,9 @@ class SGTCallback(Callback):
         log: where rank 0 reports growth events.
     """
 
-    name = "sgt"
+    name = "looping"
+    state_aliases = ("sgt",)
+    metric_prefixes = ("sgt/",)
 
     def __init__(self, config: LoopingConfig, num_layers: int, num_heads: int, num_kv_heads: Optional[int] = None,
                  flops_shape: Optional[GPTShape] = None, log: Callable[[str], None] = print):

@@ -37,7 +37,7 @@ class Looping(Capability):
         return ["looping.enabled (the looped layer multiplies slices of an unfused QKV projection and runs its "
                 "own attention over a few heads; the TE layer fuses the input norm into that projection)"]
 
-    def layer_specs(self, cfg, specs: list) -> list:
+    def layer_specs(self, cfg, specs: list, backend: str) -> list:
         from megatron_ext.models.layer_spec import map_specs
         from megatron_ext.sgt.looped_layer import looped_layer_spec
 

@@ -290,7 +290,3 @@ class EntropyTracker:
                      for layer, ema in state["ema"].items()}
         self._sum.clear()
         self._count.clear()
-
-    @property
-    def _known(self) -> set:
-        return set(self.layers)

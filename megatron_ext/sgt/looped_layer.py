@@ -16,16 +16,18 @@ Two implementations of one loop pass, kept side by side:
 * kept heads (:meth:`LoopedTransformerLayer._loop_kept_heads`) [choice]: once every factor is 0 or 1, only
   the rows of the QKV weight that belong to the kept query heads and their KV groups, and the
   matching columns of the output weight, are multiplied, and attention runs for the kept query
-  heads only (a hybrid core attention through its ``forward_query_heads``, which applies each
-  head's allocation). The loop then costs the kept heads'
+  heads only (a hybrid core attention through its
+  :meth:`~megatron_ext.models.protocols.QueryHeadSubsetAttention.forward_query_heads`, which applies
+  each head's allocation). The loop then costs the kept heads'
   share of the attention sublayer (the 1-3 % overhead of the paper). The tensor-parallel
   communication of ``linear_qkv`` / ``linear_proj`` is reproduced around the sliced matmuls, so a
   rank that holds no kept head contributes zeros and still joins every collective.
 
-The loop's attention is the core attention module's ``forward_heads`` (all heads) or
-``forward_query_heads`` (a subset of query heads) where the module has them, so that a hybrid full /
-sliding-window module applies its own per-head allocation inside the loop too. Without them the
-loop uses causal ``scaled_dot_product_attention``.
+The loop's attention is the core attention module's where it implements
+:class:`~megatron_ext.models.protocols.HeadSubsetAttention` (whole KV groups) or
+:class:`~megatron_ext.models.protocols.QueryHeadSubsetAttention` (any query heads), so that a hybrid
+full / sliding-window module applies its own per-head allocation inside the loop too. Without them
+the loop uses causal ``scaled_dot_product_attention``.
 
 The ``block`` baseline instead re-runs the whole layer (attention and MLP) ``loop_depth`` times.
 
@@ -38,7 +40,7 @@ pre-hook on ``self_attention.core_attention``: whatever the kernel, its inputs a
 query ``[s, b, np, hn]`` and key ``[s, b, ng, hn]``, from which
 :func:`~megatron_ext.sgt.entropy.seen_keys_entropy` takes the last query's row in ``O(T d)``: over
 the keys each head really attends to, i.e. the last ``W`` (and sink) keys for a sliding-window head
-of a hybrid layer (``attended_keys`` of its core attention), normalised by ln of their number
+of a hybrid layer (:class:`~megatron_ext.models.protocols.KeyPlanAttention`), normalised by ln of their number
 [choice]. The last loop pass of a looped layer is measured too, on the heads it computes: the
 callback feeds a selected layer's kept heads that entropy and its other heads the ordinary pass's,
 as the reference code (``finalize_entropy``) [code]. Both go to the sink once per training
@@ -51,7 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +73,15 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron_ext.compat.layers import forward_attention, forward_mlp
 from megatron_ext.models.context_attention import context_parallel_attention
+from megatron_ext.models.protocols import (
+    AttentionPairCounter,
+    DecodePass,
+    DecodePassesLayer,
+    HeadSubsetAttention,
+    KeptHeadsLayer,
+    KeyPlanAttention,
+    QueryHeadSubsetAttention,
+)
 from megatron_ext.models.rope import rotate_query_key
 from megatron_ext.parallel.context import context_parallel_of
 from megatron_ext.sgt.entropy import seen_keys_entropy, seen_keys_entropy_context_parallel
@@ -85,8 +96,9 @@ pass did not compute)."""
 LOOP_METHODS = ("sgt", "block")
 
 
-class LoopedTransformerLayer(TransformerLayer):
-    """Megatron's pre-norm decoder layer plus SGT attention loops or the block-loop baseline.
+class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer, AttentionPairCounter):
+    """Megatron's pre-norm decoder layer plus SGT attention loops or the block-loop baseline, with the
+    layer protocols of :mod:`megatron_ext.models.protocols`.
 
     Same constructor as :class:`TransformerLayer`. Runtime state, set between steps (by
     :class:`~megatron_ext.sgt.callback.SGTCallback`):
@@ -178,11 +190,9 @@ class LoopedTransformerLayer(TransformerLayer):
             self._entropy_hook = self.self_attention.core_attention.register_forward_pre_hook(
                 self._observe_entropy, with_kwargs=True)
 
-    def decode_passes(self) -> List[tuple]:
-        """The layer's forward as a list of passes, for cached decoding: ``("attention", factors)``
-        (the attention sublayer with its residual; ``factors`` per query head of a loop pass, None
-        for an ordinary pass) and ``("mlp", None)``. Every attention pass attends over keys and
-        values computed from its own input, so each needs a KV cache of its own."""
+    def decode_passes(self) -> List[DecodePass]:
+        """:meth:`DecodePassesLayer.decode_passes`: the loop passes after the ordinary attention pass (SGT)
+        or the whole layer again (block)."""
         if self.loop_depth == 0:
             return [("attention", None), ("mlp", None)]
         if self.loop_method == "block":
@@ -190,10 +200,12 @@ class LoopedTransformerLayer(TransformerLayer):
         return [("attention", None)] + [("attention", list(self.head_factors))] * self.loop_depth + [("mlp", None)]
 
     def attention_pairs(self, seq_length: int) -> List[int]:
-        """Per local KV head, the (query, key) pairs per query head and sequence its core attention
-        multiplies (``attention_pairs`` of the core; the full ``T^2`` square without one)."""
-        pairs = getattr(self.self_attention.core_attention, "attention_pairs", None)
-        return pairs(seq_length) if pairs is not None else [seq_length * seq_length] * self._local_groups
+        """:meth:`AttentionPairCounter.attention_pairs` of one ordinary pass: the core attention's, or
+        the full ``T^2`` square for a core attention that does not count them."""
+        core = self.self_attention.core_attention
+        if isinstance(core, AttentionPairCounter):
+            return core.attention_pairs(seq_length)
+        return [seq_length * seq_length] * self._local_groups
 
     @property
     def local_head_range(self) -> range:
@@ -267,7 +279,7 @@ class LoopedTransformerLayer(TransformerLayer):
         if observe:
             self._loop_entropy = self._entropy(query, key, kv_of_query, groups)
         core = attn.core_attention
-        if hasattr(core, "forward_heads"):  # every head of every group: the module's own layout
+        if isinstance(core, HeadSubsetAttention):  # every head of every group: the module's own layout
             context = core.forward_heads(query, key, value, groups).unflatten(-1, (-1, self._head_dim))
         else:
             context = self.attend_heads(query, key, value, kv_of_query, groups)
@@ -285,7 +297,7 @@ class LoopedTransformerLayer(TransformerLayer):
         local = [head - self._head_offset for head in kept_heads if head in self.local_head_range]
         groups = sorted({head // per_group for head in local})
         core = attn.core_attention
-        if hasattr(core, "forward_heads") and not hasattr(core, "forward_query_heads"):
+        if isinstance(core, HeadSubsetAttention) and not isinstance(core, QueryHeadSubsetAttention):
             # forward_heads takes whole KV groups: compute their other heads too, drop them below.
             computed = [group * per_group + i for group in groups for i in range(per_group)]
         else:
@@ -322,10 +334,9 @@ class LoopedTransformerLayer(TransformerLayer):
         output = self._leave_tensor_parallel_region(partial)  # [s(/tp), b, h], summed over ranks
         return self._add_residual(output, attn.linear_proj.bias, residual)
 
-    def kept_heads_qkv(self, normed: Tensor, query_heads: Sequence[int], groups: Sequence[int]):
-        """The fused QKV projection of ``normed [s, b, h]`` for these local query heads and KV groups
-        only (the weight's rows of them): query ``[s, b, nq * hn]``, key and value ``[s, b, ng * hn]``,
-        before the QK norms and RoPE."""
+    def kept_heads_qkv(self, normed: Tensor, query_heads: Sequence[int],
+                       groups: Sequence[int]) -> Tuple[Tensor, Tensor, Tensor]:
+        """:meth:`KeptHeadsLayer.kept_heads_qkv`."""
         attn, hn = self.self_attention, self._head_dim
         rows = self._slice_of("qkv", tuple(query_heads), tuple(groups), normed.device)
         bias = attn.linear_qkv.bias
@@ -333,8 +344,7 @@ class LoopedTransformerLayer(TransformerLayer):
         return qkv.split([len(query_heads) * hn, len(groups) * hn, len(groups) * hn], dim=-1)
 
     def kept_heads_proj(self, context: Tensor, query_heads: Sequence[int]) -> Tensor:
-        """The output projection of ``context [s, b, nq * hn]`` of these local query heads (the
-        weight's columns of them), without the bias and without the tensor-parallel reduction."""
+        """:meth:`KeptHeadsLayer.kept_heads_proj`."""
         columns = self._slice_of("proj", tuple(query_heads), (), context.device)
         return F.linear(context, _take(self.self_attention.linear_proj.weight, 1, columns))
 
@@ -387,20 +397,15 @@ class LoopedTransformerLayer(TransformerLayer):
         return rotate_query_key(self.self_attention, self.layer_number, query, key, rotary_pos_emb)
 
     def attend_heads(self, query: Tensor, key: Tensor, value: Tensor, kv_of_query: Sequence[int],
-                local_kv_heads: Sequence[int]) -> Tensor:
-        """Causal attention of ``query [s, b, nq, hn]`` over ``key``/``value [s, b, nkv, hn]``.
-
-        ``kv_of_query[i]``: position in ``key`` of query head i's KV head; ``local_kv_heads``: the
-        local KV-head index of each position in ``key``. Returns ``[s, b, nq, hn]``. A core attention
-        with ``forward_query_heads`` (hybrid attention) computes exactly these query heads with its
-        own per-head kernels; one with ``forward_heads`` only is handed whole KV groups; otherwise
-        causal SDPA.
-        """
+                     local_kv_heads: Sequence[int]) -> Tensor:
+        """:meth:`KeptHeadsLayer.attend_heads`: a core attention with :class:`QueryHeadSubsetAttention`
+        (hybrid attention) computes exactly these query heads with its own per-head kernels; one with
+        :class:`HeadSubsetAttention` only is handed whole KV groups; otherwise causal SDPA."""
         core = self.self_attention.core_attention
-        if hasattr(core, "forward_query_heads"):
+        if isinstance(core, QueryHeadSubsetAttention):
             out = core.forward_query_heads(query, key, value, list(kv_of_query), list(local_kv_heads))
             return out.unflatten(-1, (-1, self._head_dim))
-        if hasattr(core, "forward_heads"):  # query holds whole KV groups, in order
+        if isinstance(core, HeadSubsetAttention):  # query holds whole KV groups, in order
             return core.forward_heads(query, key, value, list(local_kv_heads)).unflatten(-1, (-1, self._head_dim))
         index = torch.tensor(list(kv_of_query), dtype=torch.long, device=key.device)
         q = query.permute(1, 2, 0, 3)  # [b, nq, s, hn]
@@ -431,10 +436,10 @@ class LoopedTransformerLayer(TransformerLayer):
         return self._entropy_sink is not None and self.training and not self._entropy_paused
 
     def _key_plans(self, local_kv_heads: Sequence[int]):
-        """What each listed local KV head's queries see (``attended_keys`` of the core; full when it
-        has none)."""
-        attended = getattr(self.self_attention.core_attention, "attended_keys", None)
-        plans = attended() if attended is not None else [(None, 0)] * self._local_groups
+        """What each listed local KV head's queries see (:meth:`KeyPlanAttention.attended_keys` of the
+        core; every earlier key for a core attention without it)."""
+        core = self.self_attention.core_attention
+        plans = core.attended_keys() if isinstance(core, KeyPlanAttention) else [(None, 0)] * self._local_groups
         return [plans[g] for g in local_kv_heads]
 
     def _entropy(self, query: Tensor, key: Tensor, kv_of_query: Sequence[int], local_kv_heads: Sequence[int]):

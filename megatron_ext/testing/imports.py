@@ -1,9 +1,10 @@
 """The project's import graph, read from the source (no module is imported).
 
 Every ``import`` / ``from ... import`` statement of ``megatron_ext`` counts, including those inside
-functions (a lazy import that breaks a cycle is still a dependency); imports under
-``if TYPE_CHECKING:`` do not (they never run). Nodes are the sub-packages of ``megatron_ext``
-(``megatron_ext.consa``, ``megatron_ext.config``, ...).
+functions (a lazy import that breaks a cycle is still a dependency) and those under
+``if TYPE_CHECKING:`` (they never run, but a module typed by another's class depends on it as much as
+one that calls it: hiding a cycle behind them keeps the cycle). Nodes are the sub-packages of
+``megatron_ext`` (``megatron_ext.consa``, ``megatron_ext.config``, ...).
 """
 
 from __future__ import annotations
@@ -22,20 +23,10 @@ def _module_name(path: Path, package_dir: Path) -> str:
     return ".".join(parts)
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
 def _imports(tree: ast.AST, module: str, is_package: bool) -> Set[str]:
     found: Set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

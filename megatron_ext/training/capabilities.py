@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List
 
 from megatron_ext.capability import BatchHook, Callback, TrainContext
 from megatron_ext.parallel.state import process_groups
 from megatron_ext.run import RunConfig
+from megatron_ext.training.checkpoint import CommonState
 
 
 def capability_callbacks(cfg: RunConfig, log: Callable = print) -> Dict[str, Callback]:
@@ -23,22 +24,33 @@ def batch_hooks(cfg: RunConfig) -> List[BatchHook]:
     return [hook for hook in hooks if hook is not None]
 
 
-def restore_capabilities(cfg: RunConfig, model_chunks: list, common: dict, run_dir: Path) -> Dict[str, Callback]:
+def restore_capabilities(cfg: RunConfig, model_chunks: list, common: CommonState,
+                         run_dir: Path) -> Dict[str, Callback]:
     """Give model chunks loaded from a checkpoint the structure training left them in.
 
     A checkpoint's weights alone are not the trained model: the structure a capability grew or
     learned (a hybrid-attention allocation or its gates, SGT loops, ...) lives in its callback's
-    state (``common["callbacks"]``, as :meth:`CheckpointManager.load` returns it). This loads those
+    state (``common.callbacks``, as :meth:`CheckpointManager.load` returns it). This loads those
     states and wires the callbacks to the chunks exactly as a resumed run does, for evaluation and
     extraction. The callbacks are not stepped (an elastic model runs its full network). Returns
     ``{capability name: callback}`` (their state is readable).
     """
     callbacks = capability_callbacks(cfg, log=lambda *args: None)
     ctx = TrainContext(config=cfg, model=list(model_chunks), optimizer=None, run_dir=Path(run_dir),
-                       pg_collection=process_groups(), step=common.get("step", 0),
-                       consumed_samples=common.get("consumed_samples", 0))
-    states = common.get("callbacks") or {}
+                       pg_collection=process_groups(), step=common.step,
+                       consumed_samples=common.consumed_samples)
     for cb in callbacks.values():
-        cb.load_state_dict(states.get(cb.name, {}))
+        cb.load_state_dict(common.callback_state(cb))
         cb.on_train_start(ctx)
     return callbacks
+
+
+def checked_metrics(callback: Callback, metrics: Dict[str, Any], record: Dict[str, Any]) -> Dict[str, Any]:
+    """``metrics`` of ``callback``, refused when a key is outside its declared prefixes or already in the
+    step's ``record`` (a callback must not overwrite ``loss`` or another method's metric)."""
+    stray = [key for key in metrics if not key.startswith(callback.metric_prefixes) or key in record]
+    if stray:
+        raise RuntimeError(f"callback {callback.name!r} returned metrics {stray} outside its prefixes "
+                           f"{list(callback.metric_prefixes)} or already logged this step: give each key one of "
+                           "its callback's metric_prefixes")
+    return metrics

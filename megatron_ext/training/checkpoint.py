@@ -20,8 +20,9 @@ the newest ``keep_last`` deleted.
 
 Contents: every model chunk's sharded state (reshardable across TP / PP / EP), the optimizer's
 sharded state (Adam moments follow their parameters' sharding), and common state from rank 0
-(step, consumed samples, LR scheduler, capability states, the parallel layout). RNG states are
-per rank (a ``ShardedObject`` per rank); they are restored only when the layout is unchanged.
+(:class:`CommonState`: step, consumed samples, LR scheduler, capability states, the parallel
+layout). RNG states are per rank (a ``ShardedObject`` per rank); they are restored only when the
+layout is unchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 import random
 import shutil
 import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -263,6 +265,66 @@ class CheckpointError(ValueError):
     """No usable checkpoint: every candidate is damaged."""
 
 
+@dataclass
+class CommonState:
+    """What a checkpoint holds beside the sharded model, optimizer and RNG states: the run's
+    position and the state of the objects that are not tensors.
+
+    On disk it is the plain dict of :meth:`to_dict` under the ``common`` key (``common.pt``, which
+    every rank reads without unpickling code); :meth:`from_dict` reads it back, including the dicts
+    written before this class existed, whose missing keys take the defaults below.
+    """
+
+    step: int = 0
+    """Optimizer steps completed; the checkpoint's directory is named after it."""
+    consumed_samples: int = 0
+    """Training samples drawn so far: where the data order resumes."""
+    skipped_steps: int = 0
+    """Steps whose update was skipped (non-finite gradients), carried on into the metrics."""
+    scheduler: Optional[Dict[str, Any]] = None
+    """The LR scheduler's state dict; None in a checkpoint that starts a run (import, extraction)."""
+    callbacks: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    """Each callback's state, keyed by its name: what capabilities grew or learned besides the weights."""
+    layout: Dict[str, int] = field(default_factory=dict)
+    """The parallel layout that wrote the checkpoint (:func:`parallel_layout`); the per-rank RNG
+    states are restored only under the same one."""
+    extracted_from: Optional[Dict[str, Any]] = None
+    """Provenance of a sub-model checkpoint: the run, checkpoint and sub-network it was cut from."""
+    imported_from: Optional[Dict[str, Any]] = None
+    """Provenance of an imported checkpoint: the HF directory and its model type."""
+    restored_rng: bool = False
+    """Not stored: set by :meth:`CheckpointManager.load`, whether this rank's RNG states were
+    restored (the same layout, and the optimizer loaded); otherwise the RNG streams restart."""
+
+    def callback_state(self, callback) -> Dict[str, Any]:
+        """``callback``'s saved state: under its name, or one of its older names
+        (:attr:`~megatron_ext.capability.Callback.state_aliases`); empty when the checkpoint has none."""
+        for name in (callback.name, *callback.state_aliases):
+            if name in self.callbacks:
+                return self.callbacks[name]
+        return {}
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The dict saved under ``common``, with its keys in the order earlier versions wrote them;
+        provenance keys only where set."""
+        state = {"consumed_samples": self.consumed_samples, "skipped_steps": self.skipped_steps,
+                 "scheduler": self.scheduler, "callbacks": self.callbacks}
+        for key in ("extracted_from", "imported_from"):
+            if getattr(self, key) is not None:
+                state[key] = getattr(self, key)
+        state.update(layout=self.layout, step=self.step)
+        return state
+
+    @classmethod
+    def from_dict(cls, state: Dict[str, Any]) -> CommonState:
+        """Read the ``common`` dict of a checkpoint, of this version or an earlier one (without
+        ``skipped_steps`` or ``callbacks``); unknown keys are ignored."""
+        return cls(step=state["step"], consumed_samples=state.get("consumed_samples", 0),
+                   skipped_steps=state.get("skipped_steps", 0), scheduler=state.get("scheduler"),
+                   callbacks=state.get("callbacks") or {}, layout=state["layout"],
+                   extracted_from=state.get("extracted_from"), imported_from=state.get("imported_from"))
+
+
 class CheckpointManager:
     """Save / find / load checkpoints of one run directory (all methods called on every rank)."""
 
@@ -328,8 +390,9 @@ class CheckpointManager:
                                      (world,), (rank,), replica_id=0)
         return state
 
-    def save(self, step: int, model: List[torch.nn.Module], optimizer, common: Dict[str, Any]) -> Path:
-        """Write checkpoint ``step`` and publish it atomically; returns its directory."""
+    def save(self, step: int, model: List[torch.nn.Module], optimizer, common: CommonState) -> Path:
+        """Write checkpoint ``step`` and publish it atomically; returns its directory. ``common`` is
+        stored with ``step`` and this job's layout."""
         from megatron.core import dist_checkpointing
 
         final = self.root / _step_dir_name(step)
@@ -349,7 +412,7 @@ class CheckpointManager:
             tmp.mkdir()
         dist.barrier()
         state = self._sharded_state(model, optimizer, is_loading=False)
-        state["common"] = dict(common, layout=parallel_layout(), step=step)
+        state["common"] = replace(common, layout=parallel_layout(), step=step).to_dict()
         dist_checkpointing.save(state, str(tmp))
         dist.barrier()
         write_manifest(tmp)
@@ -376,7 +439,7 @@ class CheckpointManager:
             if old != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path, model: List[torch.nn.Module], optimizer, load_optimizer: bool) -> Dict[str, Any]:
+    def load(self, path: Path, model: List[torch.nn.Module], optimizer, load_optimizer: bool) -> CommonState:
         """Load ``path`` into ``model`` (and ``optimizer``); return the common state.
 
         Model weights load at any parallel layout (dist_checkpointing reshards them). Optimizer
@@ -388,8 +451,8 @@ class CheckpointManager:
 
         enable_safe_loading()
         with refusals_reported():
-            common = dist_checkpointing.load_common_state_dict(str(path))["common"]
-        same_layout = common["layout"] == parallel_layout()
+            common = CommonState.from_dict(dist_checkpointing.load_common_state_dict(str(path))["common"])
+        same_layout = common.layout == parallel_layout()
         state = self._sharded_state(model, optimizer if load_optimizer else None, is_loading=True)
         if not same_layout:
             state.pop("rng")
@@ -400,5 +463,5 @@ class CheckpointManager:
             optimizer.load_state_dict(loaded["optimizer"])
         if same_layout and load_optimizer:
             set_rng_state(loaded["rng"])
-        common["restored_rng"] = same_layout and load_optimizer
+        common.restored_rng = same_layout and load_optimizer
         return common

@@ -15,7 +15,7 @@ def load_trained(cfg: RunConfig, run_dir: Path, step: Optional[int] = None, *, c
     """The model chunks of ``cfg`` (this job's layout) with the weights of ``run_dir``'s checkpoint
     (latest or ``step``) and the structure its capabilities trained into them; returns
     ``(chunks, {capability name: callback}, common state)``. Needs the parallel state of ``cfg``."""
-    from megatron_ext.models.builder import build_model
+    from megatron_ext.run.builder import build_model
     from megatron_ext.training.capabilities import restore_capabilities
     from megatron_ext.training.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
 
@@ -55,7 +55,7 @@ def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, num_batches: int, sub=Non
     which equals the loss of the sub-model ``pretrain.extract`` writes for it."""
     from megatron.core import parallel_state
 
-    from megatron_ext.data.builder import build_datasets
+    from megatron_ext.run.datasets import build_datasets
     from megatron_ext.parallel.state import comm_device
     from megatron_ext.training.step import eval_step, global_batch_iterator, run_forward_step
 

@@ -102,7 +102,8 @@ def from_hf_tensors(cfg: RunConfig, hf: Dict[str, torch.Tensor], state: Dict[str
             continue
         target = ours[rule.ours]
         if tuple(tensor.shape) != tuple(target.shape):
-            raise ValueError(f"{rule.hf} -> {rule.ours}: shape {tuple(tensor.shape)}, the model has {tuple(target.shape)}")
+            raise ValueError(f"{rule.hf} -> {rule.ours}: shape {tuple(tensor.shape)}, "
+                             f"the model has {tuple(target.shape)}")
         out[rule.ours] = tensor.to(target.dtype)
     return out
 
@@ -198,8 +199,8 @@ def import_hf(hf_dir: Path, output: Path, config_path: Optional[Path] = None) ->
     """Write the run directory ``output`` (config.yaml, tokenizer/, a step-0 checkpoint) holding the
     HF model of ``hf_dir``; returns the checkpoint. Needs a one-process parallel state."""
     from megatron_ext.config import dump_yaml
-    from megatron_ext.models.builder import build_model, unsharded
-    from megatron_ext.training.checkpoint import CheckpointManager
+    from megatron_ext.run.builder import build_model, unsharded
+    from megatron_ext.training.checkpoint import CheckpointManager, CommonState
 
     hf_dir, output = Path(hf_dir), Path(output)
     if not is_hf_dir(hf_dir):
@@ -214,8 +215,7 @@ def import_hf(hf_dir: Path, output: Path, config_path: Optional[Path] = None) ->
     model.load_state_dict(from_hf_tensors(cfg, load_hf_tensors(hf_dir), model.state_dict()), strict=True)
     _copy_files(hf_dir, output / TOKENIZER_DIR, TOKENIZER_FILES)
     dump_yaml(cfg, output / "config.yaml")
-    common = {"consumed_samples": 0, "skipped_steps": 0, "scheduler": None, "callbacks": {},
-              "imported_from": {"hf_dir": str(hf_dir), "model_type": read_hf_config(hf_dir).get("model_type")}}
+    common = CommonState(imported_from={"hf_dir": str(hf_dir), "model_type": read_hf_config(hf_dir).get("model_type")})
     return CheckpointManager(output / "checkpoints", keep_last=1).save(0, [model], None, common)
 
 
@@ -265,7 +265,7 @@ def export_hf(run_dir: Path, output: Path, step: Optional[int] = None) -> Path:
     """Write ``output``: config.json, safetensors, the run's tokenizer files and, where no stock class
     represents the model, ``modeling_hybrid.py`` (load with ``trust_remote_code=True``). Needs a
     one-process parallel state."""
-    from megatron_ext.models.builder import params_dtype, unsharded
+    from megatron_ext.run.builder import params_dtype, unsharded
     from megatron_ext.run import load_config
     from megatron_ext.training.evaluate import load_trained
 

@@ -12,15 +12,15 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megatron_ext.capability import Callback, TrainContext
 from megatron_ext.compat import enable_cpu_support
-from megatron_ext.data.builder import build_datasets
-from megatron_ext.models.builder import build_model, params_dtype
+from megatron_ext.run.datasets import build_datasets
+from megatron_ext.run.builder import build_model, params_dtype
 from megatron_ext.models.flops import ModelCost
 from megatron_ext.models.vocab import padded_vocab_size
 from megatron_ext.optim import build_optimizer
@@ -29,13 +29,13 @@ from megatron_ext.parallel.state import comm_device, init_distributed, process_g
 from megatron_ext.run import RunConfig, check_run, data_parallel_size
 from megatron_ext.run.checks import checkpoint_dir
 from megatron_ext.run.hf import is_hf_dir
-from megatron_ext.training.capabilities import capability_callbacks
-from megatron_ext.training.checkpoint import CheckpointManager, load_model_weights
+from megatron_ext.training.capabilities import capability_callbacks, checked_metrics
+from megatron_ext.training.checkpoint import CheckpointManager, CommonState, load_model_weights
 from megatron_ext.training.ddp import release_ddp, wrap_with_ddp
 from megatron_ext.training.hf import convert_for_init
 from megatron_ext.training.rundir import RunDirectory
 from megatron_ext.training.signals import StopRequest
-from megatron_ext.training.step import eval_step, global_batch_iterator, run_forward_step, train_step
+from megatron_ext.training.step import StepResult, eval_step, global_batch_iterator, run_forward_step, train_step
 from megatron_ext.training.throughput import peak_flops_per_rank
 
 
@@ -117,12 +117,18 @@ class Trainer:
         self.callbacks = list(capability_callbacks(cfg, log).values()) + list(callbacks)
         self.log = log
 
-    def run(self) -> TrainSummary:
+    def run(self, *, checked: bool = False) -> TrainSummary:
+        """Set up the process groups and parallel state, train, and tear them down however it ends.
+
+        ``checked``: the caller has already run :func:`check_run` on this rank for this job's world
+        size (the training entry point does, before the rendezvous); otherwise it runs here.
+        """
         cfg = self.cfg
         cuda = torch.cuda.is_available()
         enable_cpu_support()
-        world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-        check_run(cfg, world_size, cuda=cuda)  # before any process group exists
+        if not checked:
+            world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+            check_run(cfg, world_size, cuda=cuda)  # before any process group exists
         init_distributed(cuda)
         p = cfg.parallel
         initialize_parallel_state(
@@ -131,179 +137,233 @@ class Trainer:
             seed=cfg.train.seed,
         )
         try:
-            return self._train(cuda)
+            # Nothing but the summary outlives the run object: the teardown's garbage collection frees
+            # its model and with it the process groups the model holds.
+            return _TrainingRun(cfg, self.run_dir_path, self.callbacks, self.log, cuda).train()
         finally:
             destroy_parallel_state()
 
-    def _train(self, cuda: bool) -> TrainSummary:
-        from megatron.core import parallel_state
 
-        cfg, t = self.cfg, self.cfg.train
-        rank0 = dist.get_rank() == 0
-        run_dir = RunDirectory(self.run_dir_path, is_writer=rank0)
-        run_dir.write_config(cfg)
+class _TrainingRun:
+    """What one :meth:`Trainer.run` builds, and its phases: the build (here), :meth:`resume`,
+    :meth:`prepare_steps`, then :meth:`loop`, one :meth:`step` at a time. Every method is called on
+    every rank."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, callbacks: List[Callback], log: Callable, cuda: bool):
+        self.cfg, self.callbacks, self.log, self.cuda = cfg, callbacks, log, cuda
+        self.rank0 = dist.get_rank() == 0
+        self.run_dir = RunDirectory(run_dir, is_writer=self.rank0)
+        self.run_dir.write_config(cfg)
         dist.barrier()
 
         opt_config = optimizer_config(cfg, cuda)
-        model = wrap_with_ddp(build_model(cfg, cuda=cuda), overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-                              use_distributed_optimizer=opt_config.use_distributed_optimizer)
-        optimizer = build_optimizer(opt_config, model)
-        scheduler = _scheduler(cfg, optimizer)
-        checkpoints = CheckpointManager(run_dir.checkpoints, cfg.checkpoint.keep_last)
-        ctx = TrainContext(config=cfg, model=model, optimizer=optimizer, run_dir=run_dir.path,
-                           pg_collection=process_groups())
-        summary = TrainSummary(final_step=0, stopped_by_signal=False)
+        self.model = wrap_with_ddp(build_model(cfg, cuda=cuda), overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+                                   use_distributed_optimizer=opt_config.use_distributed_optimizer)
+        self.optimizer = build_optimizer(opt_config, self.model)
+        self.scheduler = _scheduler(cfg, self.optimizer)
+        self.checkpoints = CheckpointManager(self.run_dir.checkpoints, cfg.checkpoint.keep_last)
+        self.ctx = TrainContext(config=cfg, model=self.model, optimizer=self.optimizer, run_dir=self.run_dir.path,
+                                pg_collection=process_groups())
+        self.summary = TrainSummary(final_step=0, stopped_by_signal=False)
 
-        latest = (checkpoints.latest_verified(log=(self.log if rank0 else lambda line: None))
-                  if cfg.checkpoint.resume else None)
+    def train(self) -> TrainSummary:
+        self.resume()
+        self.prepare_steps()
+        return self.loop()
+
+    def log_rank0(self, line: str) -> None:
+        if self.rank0:
+            self.log(line)
+
+    # Before the first step.
+
+    def resume(self) -> None:
+        """Continue from the newest checkpoint that verifies (with ``checkpoint.resume``), else start
+        from the weights of ``train.init_from`` when set; then open the metrics at the step reached."""
+        cfg = self.cfg
+        latest = self.checkpoints.latest_verified(log=self.log_rank0) if cfg.checkpoint.resume else None
         if latest is not None:
-            common = checkpoints.load(latest, model, optimizer, cfg.checkpoint.load_optimizer)
-            ctx.step, ctx.consumed_samples = common["step"], common["consumed_samples"]
-            summary.skipped_steps = common.get("skipped_steps", 0)
-            if cfg.checkpoint.load_optimizer:
-                scheduler.load_state_dict(common["scheduler"])
-            for cb in self.callbacks:
-                cb.load_state_dict(common["callbacks"].get(cb.name, {}))
-            if rank0:
-                self.log(f"resumed from {latest} at step {ctx.step}"
-                         + ("" if common["restored_rng"] else " (new layout: RNG streams restarted)"))
-        elif t.init_from is not None:
-            source = (convert_for_init(Path(t.init_from), run_dir.path, cfg) if is_hf_dir(t.init_from)
-                      else checkpoint_dir(t.init_from))
-            load_model_weights(source, model)
-            if rank0:
-                self.log(f"initialized the model weights from {source}; starting at step 0")
-        run_dir.start_metrics(ctx.step, cfg.logging.tensorboard)
+            self.load_checkpoint(latest)
+        elif cfg.train.init_from is not None:
+            self.load_initial_weights(cfg.train.init_from)
+        self.run_dir.start_metrics(self.ctx.step, cfg.logging.tensorboard)
 
-        num_micro = t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
-        seq = cfg.data.seq_length
-        train_data, valid_data = build_datasets(cfg)
-        device = comm_device()  # the model's: this rank's GPU under NCCL
-        forward_step = run_forward_step(cfg, device)
+    def load_checkpoint(self, path: Path) -> None:
+        """The model of checkpoint ``path`` and the run's position in it (step, consumed samples,
+        skipped steps, callback states); with ``checkpoint.load_optimizer`` also the optimizer and LR
+        schedule."""
+        load_optimizer = self.cfg.checkpoint.load_optimizer
+        common = self.checkpoints.load(path, self.model, self.optimizer, load_optimizer)
+        self.ctx.step, self.ctx.consumed_samples = common.step, common.consumed_samples
+        self.summary.skipped_steps = common.skipped_steps
+        if load_optimizer:
+            self.scheduler.load_state_dict(common.scheduler)
+        for cb in self.callbacks:
+            cb.load_state_dict(common.callback_state(cb))
+        self.log_rank0(f"resumed from {path} at step {self.ctx.step}"
+                       + ("" if common.restored_rng else " (new layout: RNG streams restarted)"))
 
-        def micro_batches(dataset, consumed):
-            return global_batch_iterator(dataset, consumed, cfg, len(model), device)
+    def load_initial_weights(self, init_from: str) -> None:
+        """``train.init_from``: the weights alone, of a checkpoint of this project or of a HF model
+        directory (converted once, into the run directory); training starts at step 0."""
+        source = (convert_for_init(Path(init_from), self.run_dir.path, self.cfg) if is_hf_dir(init_from)
+                  else checkpoint_dir(init_from))
+        load_model_weights(source, self.model)
+        self.log_rank0(f"initialized the model weights from {source}; starting at step 0")
 
-        def validation_loss() -> float:
-            return sum(
-                eval_step(model, micro_batches(valid_data, i * t.global_batch_size),
-                          num_microbatches=num_micro, seq_length=seq,
-                          micro_batch_size=t.micro_batch_size, forward_step_func=forward_step)
-                for i in range(t.eval_steps)
-            ) / t.eval_steps
+    def prepare_steps(self) -> None:
+        """The datasets, the forward step and the micro-batches of a global batch, the validation that
+        callbacks may run (``ctx.evaluate``), and the peak FLOP/s that MFU is measured against."""
+        from megatron.core import parallel_state
 
-        ctx.evaluate = validation_loss if valid_data is not None else None
+        cfg, t = self.cfg, self.cfg.train
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size
+                                                        * parallel_state.get_data_parallel_world_size())
+        self.train_data, self.valid_data = build_datasets(cfg)
+        self.device = comm_device()  # the model's: this rank's GPU under NCCL
+        self.forward_step = run_forward_step(cfg, self.device)
+        self.ctx.evaluate = self.validation_loss if self.valid_data is not None else None
+        self.peak_flops, peak_source = peak_flops_per_rank(self.cuda, params_dtype(cfg, self.cuda),
+                                                           cfg.logging.peak_tflops_per_rank, comm_device=self.device)
+        self.log_rank0(f"mfu against {self.peak_flops / 1e12:.3g} TFLOP/s per rank ({peak_source})")
+        self.vocab_rows = padded_vocab_size(cfg.model.vocab_size)
 
-        def common_state():
-            return {
-                "consumed_samples": ctx.consumed_samples,
-                "skipped_steps": summary.skipped_steps,
-                "scheduler": scheduler.state_dict(),
-                "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
-            }
+    def micro_batches(self, dataset, consumed_samples: int):
+        """This rank's micro-batches of the global batch of ``dataset`` that starts at ``consumed_samples``."""
+        return global_batch_iterator(dataset, consumed_samples, self.cfg, len(self.model), self.device)
 
-        peak, peak_source = peak_flops_per_rank(cuda, params_dtype(cfg, cuda), cfg.logging.peak_tflops_per_rank,
-                                                comm_device=device)
-        if rank0:
-            self.log(f"mfu against {peak / 1e12:.3g} TFLOP/s per rank ({peak_source})")
-        world = dist.get_world_size()
-        vocab_rows = padded_vocab_size(cfg.model.vocab_size)
+    def validation_loss(self) -> float:
+        """Mean loss over the first ``train.eval_steps`` validation global batches (collective)."""
+        t = self.cfg.train
+        return sum(
+            eval_step(self.model, self.micro_batches(self.valid_data, i * t.global_batch_size),
+                      num_microbatches=self.num_microbatches, seq_length=self.cfg.data.seq_length,
+                      micro_batch_size=t.micro_batch_size, forward_step_func=self.forward_step)
+            for i in range(t.eval_steps)
+        ) / t.eval_steps
 
+    # The loop.
+
+    def loop(self) -> TrainSummary:
+        """Train until ``train.steps``, or until the ranks agree on a stop signal; the signal handlers,
+        metrics writers and DDP hooks are released however it ends."""
+        cfg = self.cfg
         stop = StopRequest()
         stop.install()
         for cb in self.callbacks:
-            cb.on_train_start(ctx)
-        streak = 0
-        interval_losses: List[float] = []  # finite losses since the last logged step
-        start_step, start_time = ctx.step, time.perf_counter()
+            cb.on_train_start(self.ctx)
+        self.nonfinite_streak = 0
+        self.interval_losses: List[float] = []  # finite losses since the last logged step
+        self.start_step, self.start_time = self.ctx.step, time.perf_counter()
         try:
-            while ctx.step < t.steps:
-                for cb in self.callbacks:
-                    cb.on_step_begin(ctx)
-                step_start = time.perf_counter()
-                result = train_step(
-                    model, optimizer, micro_batches(train_data, ctx.consumed_samples),
-                    num_microbatches=num_micro, seq_length=seq, micro_batch_size=t.micro_batch_size,
-                    forward_step_func=forward_step, opt_param_scheduler=scheduler, increment=1,
-                )
-                ctx.step += 1
-                ctx.consumed_samples += t.global_batch_size
-                step_time = time.perf_counter() - step_start
-                finite = result.update_successful and math.isfinite(result.loss)
-                streak = 0 if finite else streak + 1
-                summary.skipped_steps += 0 if result.update_successful else 1
-                if streak >= t.max_consecutive_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{streak} consecutive steps (up to step {ctx.step}) had a non-finite loss or "
-                        f"gradient norm (loss {result.loss}, grad norm {result.grad_norm}); the updates "
-                        "were skipped. Lower train.lr, check the data, or resume from the last checkpoint."
-                    )
-                summary.losses.append(result.loss)
-                if finite:
-                    interval_losses.append(result.loss)
-                cost = ModelCost.from_config(cfg, vocab_rows)
-                for cb in self.callbacks:
-                    cb.adjust_cost(ctx, cost)
-                tokens_per_sec = t.global_batch_size * seq / step_time
-                flops_per_token = cost.training_flops_per_token()
-                rank_flops = flops_per_token * tokens_per_sec / world
-                record = {
-                    "step": ctx.step,
-                    "loss": result.loss,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "grad_norm": result.grad_norm,
-                    "tokens_per_sec": tokens_per_sec,
-                    "consumed_samples": ctx.consumed_samples,
-                    "skipped_steps": summary.skipped_steps,
-                    "model_flops_per_token": flops_per_token,
-                    "tflops_per_rank": rank_flops / 1e12,
-                    "mfu": rank_flops / peak,
-                    **result.modality_losses,
-                }
-                for cb in self.callbacks:
-                    record.update(cb.on_step_end(ctx, result))
-                if t.eval_interval and ctx.step % t.eval_interval == 0:
-                    record["val/loss"] = validation_loss()
-                if ctx.step % cfg.logging.log_interval == 0 or ctx.step == t.steps:
-                    record["mem/peak_gib"] = peak_memory_gib(cuda)  # collective: every rank logs
-                    record["loss/interval_mean"] = (sum(interval_losses) / len(interval_losses)
-                                                    if interval_losses else float("nan"))
-                    interval_losses.clear()
-                    run_dir.log(record)
-                    if rank0:
-                        self.log(self._progress_line(record, start_step, start_time))
-                stopping = stop.agreed()
-                interval = cfg.checkpoint.save_interval
-                if stopping or (interval and ctx.step % interval == 0 and ctx.step < t.steps):
-                    path = checkpoints.save(ctx.step, model, optimizer, common_state())
-                    if rank0:
-                        self.log(f"saved checkpoint {path}")
-                if stopping:
-                    summary.stopped_by_signal = True
-                    if rank0:
-                        self.log(f"stop signal received: checkpointed at step {ctx.step}, exiting")
+            while self.ctx.step < cfg.train.steps:
+                if self.step(stop):
                     break
             else:
                 if cfg.checkpoint.save_at_end:
-                    path = checkpoints.save(ctx.step, model, optimizer, common_state())
-                    if rank0:
-                        self.log(f"saved checkpoint {path}")
+                    self.save()
             for cb in self.callbacks:
-                cb.on_train_end(ctx)
+                cb.on_train_end(self.ctx)
         finally:
             stop.uninstall()
-            run_dir.close()
-            release_ddp(model)
-        summary.final_step = ctx.step
-        return summary
+            self.run_dir.close()
+            release_ddp(self.model)
+        self.summary.final_step = self.ctx.step
+        return self.summary
 
-    def _progress_line(self, record: dict, start_step: int, start_time: float) -> str:
+    def step(self, stop: StopRequest) -> bool:
+        """One step: the update, its metrics, the periodic evaluation, logging and checkpoint. True
+        when a stop signal ends the run after it (every rank asked: a collective)."""
+        result, step_time = self.update()
+        self.track_losses(result)
+        record = self.metrics(result, step_time)
+        self.evaluate_and_log(record)
+        return self.checkpoint(stop.agreed())
+
+    def update(self) -> Tuple[StepResult, float]:
+        """Forward, backward and optimizer update on the next global batch; returns the step's result
+        and its wall time."""
+        t = self.cfg.train
+        for cb in self.callbacks:
+            cb.on_step_begin(self.ctx)
+        step_start = time.perf_counter()
+        result = train_step(
+            self.model, self.optimizer, self.micro_batches(self.train_data, self.ctx.consumed_samples),
+            num_microbatches=self.num_microbatches, seq_length=self.cfg.data.seq_length,
+            micro_batch_size=t.micro_batch_size, forward_step_func=self.forward_step,
+            opt_param_scheduler=self.scheduler, increment=1,
+        )
+        self.ctx.step += 1
+        self.ctx.consumed_samples += t.global_batch_size
+        return result, time.perf_counter() - step_start
+
+    def track_losses(self, result: StepResult) -> None:
+        """Count a skipped update, and end the run after ``train.max_consecutive_nonfinite`` non-finite
+        steps in a row; keep the loss for the summary and, when finite, for the logged interval mean."""
+        t = self.cfg.train
+        finite = result.update_successful and math.isfinite(result.loss)
+        self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
+        self.summary.skipped_steps += 0 if result.update_successful else 1
+        if self.nonfinite_streak >= t.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_streak} consecutive steps (up to step {self.ctx.step}) had a non-finite loss or "
+                f"gradient norm (loss {result.loss}, grad norm {result.grad_norm}); the updates "
+                "were skipped. Lower train.lr, check the data, or resume from the last checkpoint."
+            )
+        self.summary.losses.append(result.loss)
+        if finite:
+            self.interval_losses.append(result.loss)
+
+    def metrics(self, result: StepResult, step_time: float) -> Dict[str, float]:
+        """The step's record: loss, LR, throughput and model FLOPs (the cost as the callbacks adjust
+        it), then the callbacks' own metrics."""
+        cfg, t, ctx = self.cfg, self.cfg.train, self.ctx
+        cost = ModelCost.from_config(cfg.model, cfg.data.seq_length, self.vocab_rows)
+        for cb in self.callbacks:
+            cb.adjust_cost(ctx, cost)
+        tokens_per_sec = t.global_batch_size * cfg.data.seq_length / step_time
+        flops_per_token = cost.training_flops_per_token()
+        rank_flops = flops_per_token * tokens_per_sec / dist.get_world_size()
+        record = {
+            "step": ctx.step,
+            "loss": result.loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": result.grad_norm,
+            "tokens_per_sec": tokens_per_sec,
+            "consumed_samples": ctx.consumed_samples,
+            "skipped_steps": self.summary.skipped_steps,
+            "model_flops_per_token": flops_per_token,
+            "tflops_per_rank": rank_flops / 1e12,
+            "mfu": rank_flops / self.peak_flops,
+            **result.modality_losses,
+        }
+        for cb in self.callbacks:
+            record.update(checked_metrics(cb, cb.on_step_end(ctx, result), record))
+        return record
+
+    def evaluate_and_log(self, record: Dict[str, float]) -> None:
+        """Every ``train.eval_interval`` steps add the validation loss; every ``logging.log_interval``
+        steps (and the last) add peak memory and the interval's mean loss, write the record and print
+        the progress line."""
+        cfg, t, step = self.cfg, self.cfg.train, self.ctx.step
+        if t.eval_interval and step % t.eval_interval == 0:
+            record["val/loss"] = self.validation_loss()
+        if step % cfg.logging.log_interval == 0 or step == t.steps:
+            record["mem/peak_gib"] = peak_memory_gib(self.cuda)  # collective: every rank logs
+            record["loss/interval_mean"] = (sum(self.interval_losses) / len(self.interval_losses)
+                                            if self.interval_losses else float("nan"))
+            self.interval_losses.clear()
+            self.run_dir.log(record)
+            if self.rank0:
+                self.log(self.progress_line(record))
+
+    def progress_line(self, record: Dict[str, float]) -> str:
         """One line per logged step. ``loss``: the mean over the steps since the previous line (as
         Megatron-LM prints it); a step that trains a sampled sub-network logs that sub-network's loss.
         ``val``: the full network's, at evaluation steps."""
         steps = self.cfg.train.steps
-        done = record["step"] - start_step
-        elapsed = time.perf_counter() - start_time
+        done = record["step"] - self.start_step
+        elapsed = time.perf_counter() - self.start_time
         eta = elapsed / max(done, 1) * (steps - record["step"])
         extra = f" | val {record['val/loss']:.4f}" if "val/loss" in record else ""
         return (
@@ -311,4 +371,29 @@ class Trainer:
             f"lr {record['lr']:.3e} | grad {record['grad_norm']:.3f} | {record['tokens_per_sec']:,.0f} tok/s | "
             f"{record['tflops_per_rank']:.3g} TFLOP/s/rank | MFU {100 * record['mfu']:.1f}% | "
             f"mem {record['mem/peak_gib']:.2f} GiB | ETA {timedelta(seconds=int(eta))}"
+        )
+
+    def checkpoint(self, stopping: bool) -> bool:
+        """Save every ``checkpoint.save_interval`` steps before the last (the end has its own save),
+        and when stopping; returns ``stopping``."""
+        interval, step = self.cfg.checkpoint.save_interval, self.ctx.step
+        if stopping or (interval and step % interval == 0 and step < self.cfg.train.steps):
+            self.save()
+        if stopping:
+            self.summary.stopped_by_signal = True
+            self.log_rank0(f"stop signal received: checkpointed at step {step}, exiting")
+        return stopping
+
+    def save(self) -> None:
+        path = self.checkpoints.save(self.ctx.step, self.model, self.optimizer, self.common_state())
+        self.log_rank0(f"saved checkpoint {path}")
+
+    def common_state(self) -> CommonState:
+        """The checkpoint's state beside model and optimizer (the save adds the parallel layout)."""
+        return CommonState(
+            step=self.ctx.step,
+            consumed_samples=self.ctx.consumed_samples,
+            skipped_steps=self.summary.skipped_steps,
+            scheduler=self.scheduler.state_dict(),
+            callbacks={cb.name: cb.state_dict() for cb in self.callbacks},
         )

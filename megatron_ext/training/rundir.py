@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from megatron_ext.config import dump_yaml
 
@@ -87,6 +87,3 @@ def read_metrics(path: Path) -> list:
     """All records of a metrics.jsonl file."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
-
-def default_run_dir(name: str, base: Optional[Path] = None) -> Path:
-    return (base or Path("runs")) / name

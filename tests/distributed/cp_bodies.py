@@ -1,6 +1,5 @@
 """Rank bodies of the context-parallel tests (importable by the spawned gloo ranks)."""
 
-import copy
 from pathlib import Path
 
 import torch
@@ -9,7 +8,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext.config import from_dict
 from megatron_ext.consa.attention import HybridCoreAttention
-from megatron_ext.models.builder import build_model
+from megatron_ext.run.builder import build_model
 from megatron_ext.models.context_attention import context_parallel_attention
 from megatron_ext.parallel import full_named_tensors, load_full_named_tensors, main_grad_or_grad
 from megatron_ext.parallel.context import ContextParallel
@@ -20,8 +19,12 @@ from megatron_ext.training.ddp import wrap_with_ddp
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
 from megatron_ext.training.step import gpt_forward_step
+from tests.configs import TINY, merge
 
 VOCAB = 128
+CONFIG = merge(TINY, {"model": {"vocab_size": VOCAB, "qk_layernorm": True}, "data": {"seq_length": 32},
+                      "train": {"steps": 4, "warmup_steps": 1, "lr": 1.0e-2, "adam_eps": 1.0e-5},
+                      "checkpoint": {"save_at_end": False}})
 
 
 def zigzag(x: torch.Tensor, dim: int, size: int, rank: int) -> torch.Tensor:
@@ -41,14 +44,7 @@ def attention_grads(q, k, v, grad_out, window, sink=0):
 
 
 def run_config(sections: dict) -> RunConfig:
-    data = {"model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
-                      "ffn_hidden_size": 64, "vocab_size": VOCAB, "qk_layernorm": True},
-            "data": {"seq_length": 32}, "train": {"micro_batch_size": 2, "global_batch_size": 4, "steps": 4,
-                                                  "warmup_steps": 1, "lr": 1.0e-2, "adam_eps": 1.0e-5},
-            "checkpoint": {"save_at_end": False}, "logging": {"tensorboard": False}}
-    for section, values in copy.deepcopy(sections).items():
-        data.setdefault(section, {}).update(values)
-    return from_dict(RunConfig, data)
+    return from_dict(RunConfig, merge(CONFIG, sections))
 
 
 def initial_weights(sections):

@@ -9,7 +9,7 @@ import torch
 
 from megatron_ext.config import from_dict
 from megatron_ext.models.attention import SDPACoreAttention
-from megatron_ext.models.builder import build_model
+from megatron_ext.run.builder import build_model
 from megatron_ext.optim import build_optimizer
 from megatron_ext.parallel import full_named_tensors
 from megatron_ext.run import RunConfig
@@ -17,9 +17,10 @@ from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.training import checkpoint
 from megatron_ext.training.ddp import wrap_with_ddp
 from megatron_ext.training.loop import optimizer_config
+from tests.configs import TINY
 
-TINY = {"model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64,
-                  "vocab_size": 128}, "data": {"seq_length": 16}}
+# The tiny model with one KV head per query head: only the model and its optimizer are built.
+CONFIG = {"model": {**TINY["model"], "num_query_groups": None}, "data": dict(TINY["data"])}
 
 
 class AttentionWithExtraState(SDPACoreAttention):
@@ -34,7 +35,7 @@ class AttentionWithExtraState(SDPACoreAttention):
 
 def _build(seed, extra_state: str = ""):
     torch.manual_seed(seed)
-    cfg = from_dict(RunConfig, TINY)
+    cfg = from_dict(RunConfig, CONFIG)
     model = wrap_with_ddp(build_model(cfg, cuda=False))
     if extra_state:
         for module in model[0].modules():
@@ -47,7 +48,7 @@ def _build(seed, extra_state: str = ""):
 def save_then_load_with_extra_states(root, drop: str, saved_extra_state: str = ""):
     model, optimizer = _build(seed=1, extra_state=saved_extra_state)
     manager = checkpoint.CheckpointManager(Path(root), keep_last=2)
-    path = manager.save(1, model, optimizer, {"consumed_samples": 8})
+    path = manager.save(1, model, optimizer, checkpoint.CommonState(consumed_samples=8))
     saved = {k: v.clone() for k, v in full_named_tensors(model[0]).items()}
 
     other, other_optimizer = _build(seed=2, extra_state="fresh")

@@ -8,21 +8,22 @@ import torch
 
 from megatron_ext.config import from_dict
 from megatron_ext.run import RunConfig
-from megatron_ext.models.builder import build_model
+from megatron_ext.run.builder import build_model
 from megatron_ext.optim import build_optimizer
 from megatron_ext.parallel import full_named_tensors
 from megatron_ext.testing.distributed import DistributedTaskError, run_distributed
 from megatron_ext.training import checkpoint
 from megatron_ext.training.ddp import wrap_with_ddp
 from megatron_ext.training.loop import optimizer_config
+from tests.configs import TINY
 
-TINY = {"model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64,
-                  "vocab_size": 128}, "data": {"seq_length": 16}}
+# The tiny model with one KV head per query head: only the model and its optimizer are built.
+CONFIG = {"model": {**TINY["model"], "num_query_groups": None}, "data": dict(TINY["data"])}
 
 
 def _build(seed):
     torch.manual_seed(seed)
-    cfg = from_dict(RunConfig, TINY)
+    cfg = from_dict(RunConfig, CONFIG)
     model = wrap_with_ddp(build_model(cfg, cuda=False))
     return model, build_optimizer(optimizer_config(cfg, cuda=False), model)
 
@@ -30,7 +31,7 @@ def _build(seed):
 def save_then_crash(root, crash_point):
     model, optimizer = _build(seed=1)
     manager = checkpoint.CheckpointManager(Path(root), keep_last=2)
-    manager.save(1, model, optimizer, {"consumed_samples": 8})
+    manager.save(1, model, optimizer, checkpoint.CommonState(consumed_samples=8))
     torch.save(full_named_tensors(model[0]), Path(root) / "expected.pt")
     with torch.no_grad():
         for param in model[0].parameters():
@@ -57,10 +58,10 @@ def save_then_crash(root, crash_point):
             original_replace(src, dst)
 
         checkpoint.os.replace = replace
-        manager.save(1, model, optimizer, {"consumed_samples": 16})
+        manager.save(1, model, optimizer, checkpoint.CommonState(consumed_samples=16))
     else:  # after the rename into place, before the 'latest' pointer is replaced
         checkpoint._fsync_write = die
-    manager.save(2, model, optimizer, {"consumed_samples": 16})
+    manager.save(2, model, optimizer, checkpoint.CommonState(consumed_samples=16))
 
 
 def load_latest_and_save_again(root):
@@ -69,8 +70,8 @@ def load_latest_and_save_again(root):
     latest = manager.latest()
     common = manager.load(latest, model, optimizer, load_optimizer=True)
     loaded = full_named_tensors(model[0])
-    manager.save(3, model, optimizer, dict(common))
-    return {"latest": latest.name, "consumed": common["consumed_samples"], "weights": loaded,
+    manager.save(3, model, optimizer, common)
+    return {"latest": latest.name, "consumed": common.consumed_samples, "weights": loaded,
             "after": sorted(p.name for p in Path(root).iterdir())}
 
 

@@ -14,14 +14,11 @@ import pytest
 from megatron_ext.config import from_dict
 from megatron_ext.run import RunConfig
 from megatron_ext.testing.distributed import run_distributed
+from tests.configs import TINY, merge
 
-TINY = {"model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64,
-                  "vocab_size": 128},
-        "data": {"kind": "synthetic", "seq_length": 16},
-        "train": {"micro_batch_size": 2, "global_batch_size": 2, "steps": 6, "warmup_steps": 1,
-                  "eval_interval": 0},
-        "checkpoint": {"save_interval": 2, "keep_last": 3, "save_at_end": True},
-        "logging": {"tensorboard": False}}
+CONFIG = merge(TINY, {"model": {"num_query_groups": None}, "data": {"kind": "synthetic"},
+                      "train": {"global_batch_size": 2, "steps": 6, "warmup_steps": 1, "eval_interval": 0},
+                      "checkpoint": {"save_interval": 2, "keep_last": 3, "save_at_end": True}})
 
 
 class Payload:
@@ -38,7 +35,7 @@ def _train(run_dir, steps, **changes):
     from megatron_ext.training.loop import Trainer
 
     lines = []
-    cfg = from_dict(RunConfig, {**TINY, "train": {**TINY["train"], "steps": steps}, **changes})
+    cfg = from_dict(RunConfig, {**CONFIG, "train": {**CONFIG["train"], "steps": steps}, **changes})
     summary = Trainer(cfg, Path(run_dir), log=lines.append).run()
     return summary.losses, lines
 
@@ -79,9 +76,9 @@ def crafted_sharded_object(run_dir, marker):
 
 def crafted_dataset_cache(run_dir, cache, marker):
     from megatron_ext.compat.safe_load import UntrustedFileError
-    from megatron_ext.data.builder import build_datasets
+    from megatron_ext.run.datasets import build_datasets
 
-    cfg = from_dict(RunConfig, {**TINY, "model": {**TINY["model"], "vocab_size": 384},
+    cfg = from_dict(RunConfig, {**CONFIG, "model": {**CONFIG["model"], "vocab_size": 384},
                                 "data": {"kind": "indexed", "paths": [str(Path(cache) / "corpus")],
                                                  "seq_length": 16, "cache_dir": str(Path(cache) / "index")}})
     build_datasets(cfg)

@@ -12,7 +12,7 @@ from megatron_ext.config import from_dict
 from megatron_ext.run import RunConfig
 from megatron_ext.consa.attention import HybridCoreAttention
 from megatron_ext.models.kernels import causal_attention, sliding_window_attention_reference
-from megatron_ext.models.builder import build_model
+from megatron_ext.run.builder import build_model
 from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, full_named_tensors, initialize_parallel_state
 from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.testing.callbacks import PreemptAfter, StartFrom

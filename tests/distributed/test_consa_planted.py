@@ -86,8 +86,8 @@ def learn_mask(run_dir, run_seed, overrides):
 def allocation_losses(run_dir, allocations, batches=4):
     """Validation loss of the run's final weights (and the structure its capabilities trained, such
     as SGT loops) under each static allocation, on one rank whatever the run's layout."""
-    from megatron_ext.data.builder import build_datasets
-    from megatron_ext.models.builder import unsharded
+    from megatron_ext.run.datasets import build_datasets
+    from megatron_ext.run.builder import unsharded
     from megatron_ext.parallel.state import comm_device
     from megatron_ext.run import load_config
     from megatron_ext.training.evaluate import load_trained

@@ -19,22 +19,21 @@ from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.training.evaluate import evaluate_checkpoint
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
+from tests.configs import TINY, merge
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-CONFIG = {
-    "model": {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
-              "ffn_hidden_size": 64, "vocab_size": 128},
+CONFIG = merge(TINY, {
+    "model": {"num_layers": 4},
     "data": {"seq_length": 32},
-    "train": {"micro_batch_size": 2, "global_batch_size": 4, "steps": 12, "eval_interval": 12, "eval_steps": 2},
-    "logging": {"tensorboard": False},
+    "train": {"steps": 12, "eval_interval": 12, "eval_steps": 2},
     "moe": {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32, "first_k_dense": 1},
     "routing": {"expert_bias": True, "bias_update_rate": 0.01},
     "hybrid_attention": {"enabled": True, "window": 2, "target": 0.5, "mask_learning_steps": 4},
     "looping": {"enabled": True, "first_selection_step": 2, "window": 2, "top_k_layers": 2,
                 "max_selected_layers": 2, "num_keep_heads": 1},
-}
+})
 
 
 def train(run_dir):

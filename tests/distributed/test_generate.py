@@ -2,8 +2,6 @@
 tokens) for dense, layer-wise and KV-head-wise hybrids (ring buffers wrapping many times past W),
 sink + window attention, MoE, and SGT / block loops; the cache holds what the plan says."""
 
-import copy
-
 import pytest
 import torch
 
@@ -11,12 +9,9 @@ from megatron_ext.config import from_dict
 from megatron_ext.parallel import ParallelSizes
 from megatron_ext.run import RunConfig
 from megatron_ext.testing.distributed import run_distributed
+from tests.configs import SMALL, merge
 
-BASE = {
-    "model": {"num_layers": 3, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
-              "ffn_hidden_size": 96, "vocab_size": 256, "qk_layernorm": True, "init_method_std": 0.15},
-    "data": {"seq_length": 64},
-}
+BASE = merge(SMALL, {"model": {"init_method_std": 0.15}, "data": {"seq_length": 64}})
 MOE = {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32, "first_k_dense": 1}
 CASES = {
     "dense": {},
@@ -37,23 +32,21 @@ CASES = {
 
 
 def _cfg(case):
-    data = copy.deepcopy(BASE)
-    for section, values in CASES[case].items():
-        data.setdefault(section, {}).update(values)
-    return from_dict(RunConfig, data)
+    return from_dict(RunConfig, merge(BASE, CASES[case]))
 
 
 def _model(case, run_dir):
     """The case's model (random weights, every capability's structure applied; loops set by hand)."""
     from pathlib import Path
 
-    from megatron_ext.models.builder import build_model
+    from megatron_ext.run.builder import build_model
     from megatron_ext.training.capabilities import batch_hooks, restore_capabilities
+    from megatron_ext.training.checkpoint import CommonState
 
     cfg = _cfg(case)
     torch.manual_seed(0)
     (model,) = build_model(cfg, cuda=False)
-    restore_capabilities(cfg, [model], {"step": 0}, Path(run_dir))
+    restore_capabilities(cfg, [model], CommonState(), Path(run_dir))
     if case == "sgt_loops":  # layer 2 loops twice on heads 0 and 1 (one fading, both of KV head 0), layer 1 once on all
         model.decoder.layers[2].set_loop(2)
         model.decoder.layers[2].set_head_factors([0.5, 1.0, 0.0, 0.0])
@@ -141,11 +134,8 @@ def _train(run_dir, overrides):
 
     from megatron_ext.training.loop import Trainer
 
-    data = copy.deepcopy(BASE)
-    data.update({"train": {"micro_batch_size": 2, "global_batch_size": 2, "steps": 3},
-                 "data": {"seq_length": 32, "tokenizer": "bytes"}, "logging": {"tensorboard": False}})
-    for section, values in overrides.items():
-        data.setdefault(section, {}).update(values)
+    data = merge({**BASE, "train": {"micro_batch_size": 2, "global_batch_size": 2, "steps": 3},
+                  "data": {"seq_length": 32, "tokenizer": "bytes"}, "logging": {"tensorboard": False}}, overrides)
     Trainer(from_dict(RunConfig, data), Path(run_dir), log=lambda line: None).run()
 
 

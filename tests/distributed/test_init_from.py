@@ -1,7 +1,6 @@
 """``train.init_from``: model weights only, from a checkpoint saved at any layout, into a new run at
 step 0; a checkpoint of another model shape is refused before the first step."""
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -11,15 +10,11 @@ from megatron_ext.run import RunConfig, check_run
 from megatron_ext.testing.distributed import DistributedTaskError, run_distributed
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
+from tests.configs import TINY, merge
 
-BASE = {
-    "model": {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
-              "ffn_hidden_size": 64, "vocab_size": 128},
-    "data": {"seq_length": 16},
-    "train": {"micro_batch_size": 1, "global_batch_size": 4, "steps": 6, "lr": 1.0e-2, "warmup_steps": 1},
-    "checkpoint": {"save_at_end": True},
-    "logging": {"tensorboard": False},
-}
+BASE = merge(TINY, {"model": {"num_layers": 4},
+                    "train": {"micro_batch_size": 1, "steps": 6, "lr": 1.0e-2, "warmup_steps": 1},
+                    "checkpoint": {"save_at_end": True}})
 
 
 def _losses(run_dir):
@@ -27,10 +22,7 @@ def _losses(run_dir):
 
 
 def _train(run_dir, overrides):
-    data = copy.deepcopy(BASE)
-    for section, values in overrides.items():
-        data.setdefault(section, {}).update(values)
-    Trainer(from_dict(RunConfig, data), Path(run_dir), log=lambda line: None).run()
+    Trainer(from_dict(RunConfig, merge(BASE, overrides)), Path(run_dir), log=lambda line: None).run()
     return _losses(run_dir)
 
 

@@ -14,13 +14,9 @@ from megatron_ext.config import from_dict
 from megatron_ext.parallel import ParallelSizes
 from megatron_ext.run import RunConfig
 from megatron_ext.testing.distributed import run_distributed
+from tests.configs import SMALL, merge
 
-BASE = {
-    "model": {"num_layers": 3, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
-              "ffn_hidden_size": 96, "vocab_size": 256, "qk_layernorm": True},
-    "data": {"seq_length": 128},
-    "train": {"micro_batch_size": 2, "global_batch_size": 2},
-}
+BASE = merge(SMALL, {"data": {"seq_length": 128}, "train": {"micro_batch_size": 2, "global_batch_size": 2}})
 CASES = {
     "dense": {},
     "moe_elastic": {"moe": {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32,
@@ -40,16 +36,17 @@ def measured_and_counted(case, run_dir):
     from torch.utils.flop_counter import FlopCounterMode
 
     from megatron_ext.capability import TrainContext
-    from megatron_ext.models.builder import build_model
+    from megatron_ext.run.builder import build_model
     from megatron_ext.models.flops import ModelCost
     from megatron_ext.models.vocab import padded_vocab_size
     from megatron_ext.moe import elastic
     from megatron_ext.parallel.state import process_groups
     from megatron_ext.training.capabilities import restore_capabilities
+    from megatron_ext.training.checkpoint import CommonState
 
     cfg = from_dict(RunConfig, {**BASE, **CASES[case]})
     (model,) = build_model(cfg, cuda=False)
-    callbacks = restore_capabilities(cfg, [model], {"step": STEP - 1}, Path(run_dir))
+    callbacks = restore_capabilities(cfg, [model], CommonState(step=STEP - 1), Path(run_dir))
     ctx = TrainContext(config=cfg, model=[model], optimizer=None, run_dir=Path(run_dir),
                        pg_collection=process_groups(), step=STEP - 1)
     if "looping" in callbacks:  # layer 2 loops once over query heads 0 (a window KV head) and 3 (full)
@@ -77,13 +74,13 @@ def measured_and_counted(case, run_dir):
     forward = run(backward=False)
     training = run(backward=True)
     ctx.step = STEP
-    cost = ModelCost.from_config(cfg, padded_vocab_size(cfg.model.vocab_size))
+    cost = ModelCost.from_config(cfg.model, cfg.data.seq_length, padded_vocab_size(cfg.model.vocab_size))
     for cb in callbacks.values():
         cb.adjust_cost(ctx, cost)
     tokens_per_step = tokens.numel()
     return {"forward": forward / tokens_per_step, "training": training / tokens_per_step,
             "counted_forward": cost.forward_flops_per_token(), "counted_training": cost.training_flops_per_token(),
-            "dense": ModelCost.from_config(cfg, padded_vocab_size(cfg.model.vocab_size)).forward_flops_per_token()}
+            "dense": ModelCost.from_config(cfg.model, cfg.data.seq_length, padded_vocab_size(cfg.model.vocab_size)).forward_flops_per_token()}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -167,8 +167,14 @@ def test_restricted_experts_and_topk_match_across_expert_parallel_layouts():
         for rank in range(2):  # rank r's micro-batch is the reference's micro-batch r
             assert max_rel_diff(ep[rank]["losses"][0], ref["losses"][rank]) <= RTOL
         grads = ref["grads"]
+        # A top-1 sigmoid gate is divided by itself (routing.normalize_top1): 1.0, so the router's gradient
+        # is zero up to rounding (~1e-10 of the largest gradient), whose bits follow the reduction order of
+        # each layout and CPU: it is held to 1e-7 of the largest gradient (a real one is ~1e-3 of it).
+        floor = 1e-7 * max(float(g.abs().max()) for g in grads.values())
         for name, grad in grads.items():
-            assert max_rel_diff(ep[0]["grads"][name], grad) <= RTOL, f"{score_function} {name}"
+            rounding_only = score_function == "sigmoid" and name.endswith("router.weight")
+            assert (float((ep[0]["grads"][name] - grad).abs().max()) <= floor if rounding_only
+                    else max_rel_diff(ep[0]["grads"][name], grad) <= RTOL), f"{score_function} {name}"
             if name.startswith("decoder.layers.") and int(name.split(".")[2]) not in layers:
                 assert not grad.any(), f"skipped layer got a gradient: {name}"
             elif any(f".local_experts.{e}." in name for e in (1, 4, 7)):

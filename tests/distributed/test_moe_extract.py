@@ -11,10 +11,10 @@ import torch
 from megatron_ext.config import from_dict
 from megatron_ext.run import RunConfig, load_config
 from megatron_ext.data.synthetic import SyntheticMotifDataset, collate
-from megatron_ext.models.builder import build_model
+from megatron_ext.run.builder import build_model
 from megatron_ext.moe import elastic
 from megatron_ext.moe.elastic import SubNetwork
-from megatron_ext.models.builder import unsharded
+from megatron_ext.run.builder import unsharded
 from megatron_ext.training.extract import extract_submodel
 from megatron_ext.parallel import ParallelSizes, initialize_parallel_state
 from megatron_ext.testing.distributed import run_distributed
@@ -22,17 +22,15 @@ from megatron_ext.training.capabilities import restore_capabilities
 from megatron_ext.training.checkpoint import CheckpointManager
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
+from tests.configs import TINY, merge
 
-CONFIG = {
-    "model": {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64,
-              "vocab_size": 128},
-    "data": {"seq_length": 16},
-    "train": {"micro_batch_size": 2, "global_batch_size": 4, "steps": 6},
-    "logging": {"tensorboard": False},
+CONFIG = merge(TINY, {
+    "model": {"num_layers": 4, "num_query_groups": None},
+    "train": {"steps": 6},
     "moe": {"enabled": True, "num_experts": 8, "top_k": 2, "expert_ffn_hidden_size": 16, "first_k_dense": 1},
     "routing": {"expert_bias": True, "bias_update_rate": 0.01},
     "elastic": {"enabled": True},
-}
+})
 SUBNETWORKS = [SubNetwork((0, 1, 2, 3), (1, 2, 4, 6), 2), SubNetwork((0, 2, 3), None, 1),
                SubNetwork((0, 3), (0, 1, 2, 3, 4, 5), 1)]
 

@@ -12,16 +12,14 @@ from megatron_ext.run import RunConfig
 from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
+from tests.configs import TINY, merge
 
-CONFIG = {
-    "model": {"num_layers": 3, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
-              "ffn_hidden_size": 64, "vocab_size": 128},
-    "data": {"seq_length": 16},
-    "train": {"micro_batch_size": 2, "global_batch_size": 4, "steps": 3},
-    "logging": {"tensorboard": False},
+CONFIG = merge(TINY, {
+    "model": {"num_layers": 3},
+    "train": {"steps": 3},
     "moe": {"enabled": True, "num_experts": 8, "top_k": 2, "expert_ffn_hidden_size": 16, "first_k_dense": 1,
             "load_balancing": "aux_loss", "aux_loss_coeff": 0.01, "z_loss_coeff": 0.001},
-}
+})
 
 
 def test_routing_statistics_of_planted_counts():

@@ -2,7 +2,6 @@
 PP=2 (MTP on the last stage) as on one rank from the same weights, with MoE, hybrid attention and
 elastic depth on; the weight follows its schedule; ``loss`` stays the next-token loss."""
 
-import copy
 from pathlib import Path
 
 from megatron_ext.config import from_dict
@@ -10,26 +9,20 @@ from megatron_ext.run import RunConfig
 from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
+from tests.configs import TINY, merge
 
-BASE = {
-    "model": {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
-              "ffn_hidden_size": 64, "vocab_size": 128, "mtp_num_layers": 1},
-    "data": {"seq_length": 16},
-    "train": {"micro_batch_size": 2, "global_batch_size": 4, "steps": 3, "lr": 1e-2, "mtp_weight": 0.3,
-              "mtp_weight_final": 0.1},
-    "logging": {"tensorboard": False},
+BASE = merge(TINY, {
+    "model": {"num_layers": 4, "mtp_num_layers": 1},
+    "train": {"steps": 3, "lr": 1e-2, "mtp_weight": 0.3, "mtp_weight_final": 0.1},
     "moe": {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32, "first_k_dense": 1},
     "hybrid_attention": {"enabled": True, "method": "rule_head", "window": 4, "target": 0.5},
     "elastic": {"enabled": True, "width_full_prob": 1.0, "topk_default_prob": 1.0},
-}
+})
 KEYS = ("loss", "mtp/loss_1")
 
 
 def train(run_dir, overrides):
-    data = copy.deepcopy(BASE)
-    for section, values in overrides.items():
-        data.setdefault(section, {}).update(values)
-    Trainer(from_dict(RunConfig, data), Path(run_dir), log=lambda line: None).run()
+    Trainer(from_dict(RunConfig, merge(BASE, overrides)), Path(run_dir), log=lambda line: None).run()
     return read_metrics(Path(run_dir) / "metrics.jsonl")
 
 

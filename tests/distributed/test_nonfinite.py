@@ -12,6 +12,7 @@ from megatron_ext.testing.distributed import DistributedTaskError, run_distribut
 from megatron_ext.capability import Callback
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
+from tests.configs import TINY, merge
 
 
 class PoisonWeights(Callback):
@@ -38,13 +39,7 @@ class PoisonWeights(Callback):
 
 
 def train_with_poison(run_dir, poison_steps, steps, looping=False):
-    data = {
-        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64,
-                  "vocab_size": 128},
-        "data": {"seq_length": 16},
-        "train": {"steps": steps, "max_consecutive_nonfinite": 3, "global_batch_size": 4},
-        "logging": {"tensorboard": False},
-    }
+    data = merge(TINY, {"model": {"num_query_groups": None}, "train": {"steps": steps, "max_consecutive_nonfinite": 3}})
     if looping:  # entropy is measured every step; the poisoned steps' is NaN
         data["looping"] = {"enabled": True, "first_selection_step": 5, "window": 2, "top_k_layers": 1,
                            "max_selected_layers": 1, "exclude_layers": []}

@@ -3,7 +3,7 @@
 import pytest
 
 from megatron_ext.run import load_config
-from megatron_ext.models.param_count import count_parameters
+from megatron_ext.run.param_count import count_parameters
 from megatron_ext.testing.distributed import run_distributed
 
 

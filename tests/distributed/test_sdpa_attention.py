@@ -9,9 +9,9 @@ from megatron_ext.config import from_dict
 from megatron_ext.run import RunConfig
 from megatron_ext.parallel import ParallelSizes, full_named_tensors, load_full_named_tensors, main_grad_or_grad
 from megatron_ext.testing.distributed import run_distributed
+from tests.configs import SMALL
 
-MODEL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
-         "ffn_hidden_size": 128, "vocab_size": 256, "qk_layernorm": True}
+MODEL = {**SMALL["model"], "num_layers": 2, "ffn_hidden_size": 128}
 SEQ = 32
 
 
@@ -25,7 +25,7 @@ def config(backend, tp=1, dropout=0.0):
 
 
 def loss_and_grads(backend, weights=None, tp=1):
-    from megatron_ext.models.builder import build_model
+    from megatron_ext.run.builder import build_model
 
     (model,) = build_model(config(backend, tp), cuda=False)
     if weights is None:
@@ -66,7 +66,7 @@ def dropout_outputs():
     """The core attention's output for identical inputs on each rank, with dropout 0.5."""
     from megatron.core import parallel_state
 
-    from megatron_ext.models.builder import transformer_config
+    from megatron_ext.run.builder import transformer_config
     from megatron_ext.models.attention import SDPACoreAttention
 
     core = SDPACoreAttention(transformer_config(config("sdpa", tp=2, dropout=0.5), cuda=False), layer_number=1)

@@ -9,28 +9,28 @@ from megatron_ext.config import from_dict
 from megatron_ext.parallel import ParallelSizes
 from megatron_ext.run import RunConfig
 from megatron_ext.testing.distributed import run_distributed
+from tests.configs import SMALL, merge
 
-CONFIG = {
-    "model": {"num_layers": 3, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
-              "ffn_hidden_size": 96, "vocab_size": 256, "qk_layernorm": True},
+CONFIG = merge(SMALL, {
     "data": {"seq_length": 256},
     "train": {"micro_batch_size": 2, "global_batch_size": 2},
     "hybrid_attention": {"enabled": True, "method": "rule_head", "window": 16, "target": 0.5},
     "looping": {"enabled": True},
-}
+})
 
 
 def measured_and_counted(run_dir):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from megatron_ext.models.builder import build_model
+    from megatron_ext.run.builder import build_model
     from megatron_ext.sgt.flops import LoopedLayer, LoopStructure, forward_flops, loop_flops
     from megatron_ext.training.capabilities import restore_capabilities
+    from megatron_ext.training.checkpoint import CommonState
 
     cfg = from_dict(RunConfig, CONFIG)
     (model,) = build_model(cfg, cuda=False)
-    sgt = restore_capabilities(cfg, [model], {"step": 0}, Path(run_dir))["looping"]
+    sgt = restore_capabilities(cfg, [model], CommonState(), Path(run_dir))["looping"]
     # Layer 2 loops once over query heads 0 (KV head 0: sliding window) and 3 (KV head 1: full).
     sgt.scheduler.load_state_dict({"selected": [2], "depth": {2: 1}, "kept": {2: [0, 3]}, "selected_at": {2: 0},
                                    "window_end": 10**6, "frozen": False})

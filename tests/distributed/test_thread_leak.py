@@ -8,15 +8,15 @@ from pathlib import Path
 from megatron_ext.config import from_dict
 from megatron_ext.run import RunConfig
 from megatron_ext.testing.distributed import run_distributed
+from tests.configs import TINY, merge
 
-TINY = {"model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
-                  "ffn_hidden_size": 64, "vocab_size": 128},
-        "parallel": {"tensor": 2, "expert": 2, "expert_tensor": 1, "sequence_parallel": True},
-        "data": {"kind": "synthetic", "seq_length": 16},
-        "train": {"micro_batch_size": 2, "global_batch_size": 2, "steps": 2, "warmup_steps": 1, "eval_interval": 0},
-        "checkpoint": {"save_interval": 1, "save_at_end": False},
-        "logging": {"tensorboard": False},
-        "moe": {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32}}
+CONFIG = merge(TINY, {
+    "parallel": {"tensor": 2, "expert": 2, "expert_tensor": 1, "sequence_parallel": True},
+    "data": {"kind": "synthetic"},
+    "train": {"global_batch_size": 2, "steps": 2, "warmup_steps": 1, "eval_interval": 0},
+    "checkpoint": {"save_interval": 1, "save_at_end": False},
+    "moe": {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32},
+})
 
 
 def threads_after_runs(run_dir, runs):
@@ -24,7 +24,7 @@ def threads_after_runs(run_dir, runs):
 
     counts = []
     for i in range(runs):
-        Trainer(from_dict(RunConfig, TINY), Path(run_dir) / f"run{i}_{os.getpid()}", log=lambda line: None).run()
+        Trainer(from_dict(RunConfig, CONFIG), Path(run_dir) / f"run{i}_{os.getpid()}", log=lambda line: None).run()
         counts.append(len(os.listdir("/proc/self/task")))
     return counts
 

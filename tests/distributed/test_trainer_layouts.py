@@ -7,22 +7,17 @@ import pytest
 
 from megatron_ext.config import from_dict
 from megatron_ext.run import RunConfig
-from megatron_ext.models.builder import build_model
+from megatron_ext.run.builder import build_model
 from megatron_ext.parallel import full_named_tensors
 from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.testing.callbacks import PreemptAfter, StartFrom
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
+from tests.configs import TINY, merge
 
-BASE = {
-    "model": {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
-              "ffn_hidden_size": 64, "vocab_size": 128},
-    "data": {"seq_length": 16},
-    "train": {"micro_batch_size": 1, "global_batch_size": 4, "steps": 4, "lr": 1.0e-2, "adam_eps": 1.0e-5,
-              "warmup_steps": 1},
-    "checkpoint": {"save_at_end": True},
-    "logging": {"tensorboard": False},
-}
+BASE = merge(TINY, {"model": {"num_layers": 4},
+                    "train": {"micro_batch_size": 1, "steps": 4, "lr": 1.0e-2, "adam_eps": 1.0e-5, "warmup_steps": 1},
+                    "checkpoint": {"save_at_end": True}})
 
 
 def initial_weights():
@@ -30,11 +25,9 @@ def initial_weights():
 
 
 def train(run_dir, overrides, weights, preempt_after=None):
-    data = copy.deepcopy(BASE)
-    for section, values in overrides.items():
-        data.setdefault(section, {}).update(values)
     callbacks = [StartFrom(weights)] + ([PreemptAfter(preempt_after)] if preempt_after else [])
-    summary = Trainer(from_dict(RunConfig, data), Path(run_dir), callbacks, log=lambda line: None).run()
+    cfg = from_dict(RunConfig, merge(BASE, overrides))
+    summary = Trainer(cfg, Path(run_dir), callbacks, log=lambda line: None).run()
     assert summary.stopped_by_signal == (preempt_after is not None)
     return [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl")]
 
@@ -86,11 +79,7 @@ ELASTIC_DEPTH = {  # every step drops some layers
 
 def merged(*overrides):
     """BASE with each of ``overrides`` (section -> values) applied in turn, as a RunConfig."""
-    data = copy.deepcopy(BASE)
-    for override in overrides:
-        for section, values in override.items():
-            data.setdefault(section, {}).update(values)
-    return from_dict(RunConfig, data)
+    return from_dict(RunConfig, merge(BASE, *overrides))
 
 
 def moe_weights(overrides=ELASTIC_DEPTH):

@@ -1,7 +1,6 @@
 """HF interop: imported models compute HF's logits at TP = 1 and 2; trained models exported to HF
 compute ours; HF -> ours -> HF is bitwise for the weights; train.init_from takes a HF directory."""
 
-import copy
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from megatron_ext.run import RunConfig
 from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
+from tests.configs import SMALL, merge
 from tests.hf.models import build_hf, hf_logits, our_logits, rel_diff
 
 KINDS = ("dense", "layerwise", "qwen3_moe", "dots1")
@@ -79,14 +79,13 @@ def test_hf_to_ours_to_hf_is_bitwise(kind, imported, tmp_path):
 
 
 # -- trained here, exported, loaded by transformers ------------------------------------------------------
-BASE = {
-    "model": {"num_layers": 3, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2, "kv_channels": 24,
-              "ffn_hidden_size": 96, "vocab_size": 300, "qk_layernorm": True},
+BASE = merge(SMALL, {
+    "model": {"kv_channels": 24, "vocab_size": 300},  # head dimension 24, not hidden / heads = 16
     "data": {"seq_length": 32},
     "train": {"micro_batch_size": 2, "global_batch_size": 4, "steps": 3, "lr": 1.0e-2},
     "checkpoint": {"save_at_end": True},
     "logging": {"tensorboard": False},
-}
+})
 MOE = {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32, "first_k_dense": 1}
 TRAINED = {
     "dense": {},
@@ -105,10 +104,7 @@ ONE_RANK = {"dense_mtp"}  # logits through the cached decoder (see tests/hf/mode
 
 
 def _train(run_dir, overrides):
-    data = copy.deepcopy(BASE)
-    for section, values in overrides.items():
-        data.setdefault(section, {}).update(values)
-    Trainer(from_dict(RunConfig, data), Path(run_dir), log=lambda line: None).run()
+    Trainer(from_dict(RunConfig, merge(BASE, overrides)), Path(run_dir), log=lambda line: None).run()
     return [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl")]
 
 
@@ -131,8 +127,7 @@ def test_trained_model_exported_to_hf_computes_our_logits(kind, tmp_path):
 
 def test_init_from_a_hf_directory_equals_init_from_its_import(tmp_path, imported):
     hf_dir, run_dir = imported["dense"]
-    model = {"num_layers": 3, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2, "kv_channels": 24,
-             "ffn_hidden_size": 96, "vocab_size": 300, "qk_layernorm": True, "rotary_base": 10000}
+    model = {**BASE["model"], "rotary_base": 10000}
     runs = {}
     for name, source in (("hf", hf_dir), ("imported", run_dir)):
         runs[name] = run_distributed(_train, 2, None, run_dir=str(tmp_path / name),

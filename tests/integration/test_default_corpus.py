@@ -9,17 +9,16 @@ from megatron_ext.data.indexed import check_prefix
 from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
+from tests.configs import TINY, merge
 
 
 def train_on_default(run_dir, cache_dir):
-    cfg = from_dict(RunConfig, {
-        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64,
-                  "vocab_size": 2176},
+    cfg = from_dict(RunConfig, merge(TINY, {
+        "model": {"num_query_groups": None, "vocab_size": 2176},
         "data": {"kind": "default", "seq_length": 64, "cache_dir": cache_dir,
                  "loss_weights": {"text": 1.0, "image": 0.5}},
-        "train": {"steps": 6, "global_batch_size": 4, "micro_batch_size": 2, "eval_interval": 6, "eval_steps": 1},
-        "logging": {"tensorboard": False},
-    })
+        "train": {"steps": 6, "eval_interval": 6, "eval_steps": 1},
+    }))
     Trainer(cfg, Path(run_dir), log=lambda line: None).run()
 
 

@@ -73,7 +73,7 @@ def test_te_model_matches_the_local_model_with_the_same_weights(tmp_path):
     import dataclasses
 
     from megatron_ext.config import from_dict
-    from megatron_ext.models.builder import build_model
+    from megatron_ext.run.builder import build_model
     from megatron_ext.optim import build_optimizer
     from megatron_ext.parallel import ParallelSizes
     from megatron_ext.parallel.state import parallel_job
@@ -88,7 +88,7 @@ def test_te_model_matches_the_local_model_with_the_same_weights(tmp_path):
         te_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backend="te"))
         local = wrap_with_ddp(build_model(local_cfg, cuda=True))
         path = checkpoint.CheckpointManager(tmp_path, keep_last=1).save(
-            0, local, build_optimizer(optimizer_config(local_cfg, cuda=True), local), {"consumed_samples": 0})
+            0, local, build_optimizer(optimizer_config(local_cfg, cuda=True), local), checkpoint.CommonState())
         te = wrap_with_ddp(build_model(te_cfg, cuda=True))
         assert any("layer_norm_weight" in name for name, _ in te[0].named_parameters()), "not a TE model"
         checkpoint.load_model_weights(path, te)  # the local checkpoint, by its names

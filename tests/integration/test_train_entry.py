@@ -13,24 +13,23 @@ import pytest
 import yaml
 
 from megatron_ext.training.rundir import read_metrics
+from tests.configs import TINY, merge
 
 REPO = Path(__file__).resolve().parents[2]
 REQUIRED_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "consumed_samples", "model_flops_per_token",
                  "mfu", "tflops_per_rank"}
 
-TINY = {
+CONFIG = merge(TINY, {
     "name": "tiny",
-    "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
-              "ffn_hidden_size": 64, "vocab_size": 128, "hidden_dropout": 0.1, "attention_dropout": 0.1},
+    "model": {"hidden_dropout": 0.1, "attention_dropout": 0.1},
     "parallel": {"tensor": 2, "expert": 2, "expert_tensor": 1, "sequence_parallel": True},
     "data": {"seq_length": 32},
-    "train": {"micro_batch_size": 2, "global_batch_size": 4, "steps": 24, "lr": 3.0e-3,
-              "warmup_steps": 2, "eval_interval": 12, "eval_steps": 1},
+    "train": {"steps": 24, "lr": 3.0e-3, "warmup_steps": 2, "eval_interval": 12, "eval_steps": 1},
     "checkpoint": {"save_interval": 10, "keep_last": 2},
     "logging": {"log_interval": 1, "tensorboard": True},
     "moe": {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32,
             "shared_expert_ffn_hidden_size": 32},
-}
+})
 
 
 def launch(config: Path, run_dir: Path, *overrides: str, nproc: int = 2, launcher: str = "pretrain.launch",
@@ -50,7 +49,7 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 
 def write_config(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
+    path.write_text(yaml.safe_dump(CONFIG))
     return path
 
 

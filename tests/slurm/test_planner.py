@@ -125,7 +125,7 @@ def test_activation_estimate_is_korthikanti_et_al():
 
 def _inventory_and_count(config_path):
     from megatron_ext.launch.memory import parameter_inventory
-    from megatron_ext.models.param_count import count_parameters
+    from megatron_ext.run.param_count import count_parameters
 
     cfg = load_config(config_path)
     inv = parameter_inventory(cfg)

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from megatron_ext.config import ConfigError, from_dict
-from megatron_ext.models import backend as backend_module
-from megatron_ext.models.backend import backend_problems, resolve_backend
+from megatron_ext.run import backend as backend_module
+from megatron_ext.run.backend import backend_problems, resolve_backend
 from megatron_ext.run import RunConfig
 from megatron_ext.run.checks import check_run
 
@@ -91,7 +91,7 @@ def test_fp8_with_auto_where_transformer_engine_is_missing_says_why(te_missing):
 def test_fp8_sets_transformer_engine_fp8_and_bf16_weights():
     import torch
 
-    from megatron_ext.models.builder import params_dtype
+    from megatron_ext.run.builder import params_dtype
 
     cfg = run_config(train={"precision": "fp8"})
     assert backend_module.fp8_config(cfg) == dict(fp8="hybrid", fp8_recipe="delayed", fp8_amax_history_len=1024,
@@ -111,7 +111,7 @@ def test_te_layer_specs_fuse_norms_keep_local_checkpoint_names_and_group_the_exp
     from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
     from megatron.core.transformer.identity_op import IdentityOp
 
-    from megatron_ext.models.builder import layer_specs
+    from megatron_ext.run.builder import layer_specs
     from megatron_ext.models.layer_spec import block_norm
 
     cfg = run_config(model={"backend": "te", "qk_layernorm": True},

@@ -6,20 +6,15 @@ import yaml
 from megatron_ext.run.checks import launch_hint
 from megatron_ext.run import load_config
 from pretrain.evaluate import main
+from tests.configs import TINY
 
-TINY = {
-    "name": "tiny",
-    "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
-              "ffn_hidden_size": 64, "vocab_size": 128},
-    "data": {"seq_length": 32},
-    "train": {"micro_batch_size": 2, "global_batch_size": 4, "steps": 2},
-}
+RUN = {"name": "tiny", "model": TINY["model"], "data": {"seq_length": 32}, "train": {**TINY["train"], "steps": 2}}
 
 
 def run_dir_with(tmp_path, **parallel):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({**TINY, "parallel": parallel}))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**RUN, "parallel": parallel}))
     return run_dir
 
 

@@ -9,6 +9,7 @@ import torch
 from megatron_ext.config import ConfigError, from_dict
 from megatron_ext.run import RunConfig, check_run
 from megatron_ext.run.hf import sections_from_hf
+from tests.configs import SMALL
 
 QWEN3 = {"model_type": "qwen3", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96, "vocab_size": 300,
@@ -88,8 +89,7 @@ def test_init_from_a_hf_directory_of_another_shape_is_a_config_error(tmp_path):
 
 
 # -- export refusals --------------------------------------------------------------------------------------
-MODEL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2, "ffn_hidden_size": 96,
-         "vocab_size": 300, "qk_layernorm": True}
+MODEL = {**SMALL["model"], "num_layers": 2, "vocab_size": 300}
 MOE = {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32}
 
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from megatron_ext.data.synthetic import CopyTaskDataset, SyntheticMotifDataset
 
 if TYPE_CHECKING:
-    from megatron_ext.run import RunConfig
+    from megatron_ext.run.config import RunConfig
 
 
 def build_datasets(cfg: RunConfig) -> Tuple[object, object]:
@@ -34,12 +34,12 @@ def build_datasets(cfg: RunConfig) -> Tuple[object, object]:
         dist.barrier()
         prefixes = [ensure_default_corpus(d.cache_dir)]
     # At least one evaluation's samples: a capability may evaluate outside the periodic evaluations
-    # (ConSA's window cost, TrainContext.evaluate).
+    # (TrainContext.evaluate, e.g. to measure what the trained weights use before a method changes them).
     evaluations = (t.steps // t.eval_interval + 1) if t.eval_interval else 1
     sizes = [t.steps * t.global_batch_size, evaluations * t.eval_steps * t.global_batch_size, 0]
-    identity = load_tokenizer(d.tokenizer).identity if d.tokenizer else None
+    tokenizer = load_tokenizer(d.tokenizer, d.eod_token) if d.tokenizer else None
     (train, valid, _), _ = build_gpt_datasets(
-        prefixes, d.weights, d.split, d.seq_length, d.seed, sizes, d.cache_dir, cfg.model.vocab_size, identity
+        prefixes, d.weights, d.split, d.seq_length, d.seed, sizes, d.cache_dir, cfg.model.vocab_size, tokenizer
     )
     if train is None or (t.eval_interval and valid is None):
         raise ValueError(f"data.split={d.split!r} leaves no {'training' if train is None else 'validation'} "

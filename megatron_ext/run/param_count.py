@@ -3,19 +3,22 @@
     total         every parameter of the unsharded model
     embedding     input embedding, plus the output layer when it is not tied
     non_embedding total - embedding
-    active        parameters a token passes through: routed experts count top_k / num_experts
-                  of their total (shared experts and routers count fully)
+    active        parameters a token passes through: a parameter that an enabled capability makes
+                  conditional counts its share of tokens (routed experts: top_k / num_experts;
+                  everything else counts fully)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
-from megatron_ext.models.builder import build_on_meta
+from megatron_ext.run.builder import build_on_meta
 
 if TYPE_CHECKING:
-    from megatron_ext.run import RunConfig
+    from megatron_ext.run.config import RunConfig
 
 
 @dataclass
@@ -53,16 +56,17 @@ def count_parameters(cfg: RunConfig) -> ParamReport:
         raise RuntimeError("count_parameters needs an unsharded parallel state (TP = PP = EP = 1)")
     model = build_on_meta(cfg)
     total = embedding = routed = 0
+    active_routed = Fraction(0)
     for name, param in model.named_parameters():
         n = param.numel()
         total += n
         if "embedding.word_embeddings" in name or name.startswith("output_layer."):
             embedding += n
-        if ".experts." in name:
+        share = next((s for c in cfg.capabilities if (s := c.active_share(cfg, name)) is not None), None)
+        if share is not None:
             routed += n
-    moe = cfg.moe
-    active_routed = routed * moe.top_k // moe.num_experts if moe.enabled else 0
-    active = total - routed + active_routed
+            active_routed += n * share
+    active = total - routed + math.floor(active_routed)
     return ParamReport(
         total=total,
         embedding=embedding,

@@ -1,7 +1,9 @@
-"""Config -> Megatron ``TransformerConfig`` -> per-layer ``ModuleSpec``s -> ``GPTModel`` chunks.
+"""Run config -> Megatron ``TransformerConfig`` -> per-layer ``ModuleSpec``s -> ``GPTModel`` chunks.
 
-The builder knows the core model only; every enabled capability (``cfg.capabilities``, in registry
-order) adds its ``TransformerConfig`` keywords and rewrites the per-layer specs.
+The model assembly of a run: it resolves the module backend once (:mod:`megatron_ext.run.backend`),
+builds the core model from the building blocks of :mod:`megatron_ext.models`, and lets every enabled
+capability (``cfg.capabilities``, in registry order) add its ``TransformerConfig`` keywords and rewrite
+the per-layer specs with the resolved backend in hand.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from typing import TYPE_CHECKING, List, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.models.backend import fp8_config, resolve
+from megatron_ext.run.backend import fp8_config, resolve
 from megatron_ext.models.layer_spec import decoder_block_spec, gpt_layer_spec
 from megatron_ext.models.vocab import padded_vocab_size
 
 if TYPE_CHECKING:
-    from megatron_ext.run import RunConfig
+    from megatron_ext.run.config import RunConfig
 
 
 def unsharded(cfg: RunConfig) -> RunConfig:
@@ -100,7 +102,7 @@ def transformer_config(cfg: RunConfig, *, cuda: bool, perform_initialization: bo
 
 
 def model_backend(cfg: RunConfig) -> str:
-    """``model.backend`` of a resolved config (:func:`~megatron_ext.models.backend.resolve`); ``auto``
+    """``model.backend`` of a resolved config (:func:`~megatron_ext.run.backend.resolve`); ``auto``
     not resolved yet counts as ``local`` (what a CPU build gets)."""
     return "te" if cfg.model.backend == "te" else "local"
 
@@ -126,9 +128,10 @@ def layer_specs(cfg: RunConfig) -> list:
     The core spec (pre-norm layer, dense MLP, ``model.attention_backend``'s core attention) for
     every layer, then each enabled capability's rewrite, in registry order.
     """
+    backend = model_backend(cfg)
     specs = [core_layer_spec(cfg)] * cfg.model.num_layers
     for capability in cfg.capabilities:
-        specs = capability.layer_specs(cfg, specs)
+        specs = capability.layer_specs(cfg, specs, backend)
     return specs
 
 
@@ -141,6 +144,7 @@ def build_model(cfg: RunConfig, *, cuda: bool, perform_initialization: bool = Tr
 
     fix_recompute_without_te()  # selective recompute of norms without Transformer Engine (GPU images too)
     cfg = resolve(cfg, cuda)  # model.backend: local or te from here on
+    backend = model_backend(cfg)
     config = transformer_config(cfg, cuda=cuda, perform_initialization=perform_initialization)
     specs = layer_specs(cfg)
     vp_stages: List[Optional[int]] = (
@@ -151,11 +155,11 @@ def build_model(cfg: RunConfig, *, cuda: bool, perform_initialization: bool = Tr
     for vp_stage in vp_stages:
         extra = {}
         for capability in cfg.capabilities:
-            extra.update(capability.gpt_model_kwargs(cfg, config, core, vp_stage))
+            extra.update(capability.gpt_model_kwargs(cfg, config, core, vp_stage, backend))
         chunks.append(
             GPTModel(
                 config=config,
-                transformer_layer_spec=decoder_block_spec(config, specs, vp_stage, backend=model_backend(cfg)),
+                transformer_layer_spec=decoder_block_spec(config, specs, vp_stage, backend=backend),
                 vocab_size=padded_vocab_size(cfg.model.vocab_size),
                 max_sequence_length=cfg.model.max_position_embeddings or cfg.data.seq_length,
                 position_embedding_type=cfg.model.position_embedding,
