@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup smoke test bench gpu-wheels clean
+.PHONY: setup smoke test lint bench gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ smoke: setup
 
 test: setup
 	$(PY) -m pytest tests -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: setup
 	$(PY) -m benchmarks.run
