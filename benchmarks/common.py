@@ -119,12 +119,14 @@ def training_step(cfg, model_chunks: list, num_microbatches: int = 1) -> Callabl
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     dataset = SyntheticMotifDataset(cfg.model.vocab_size, seq, cfg.train.seed)
-    batches = list(step_micro_batches(dataset, 0, num_microbatches * mbs * dp_size, mbs, dp_rank, dp_size,
-                                      device=comm_device()))
+    batches = list(
+        step_micro_batches(dataset, 0, num_microbatches * mbs * dp_size, mbs, dp_rank, dp_size, device=comm_device())
+    )
 
     def step() -> float:
-        result = train_step(model, optimizer, iter(batches), num_microbatches=num_microbatches,
-                            seq_length=seq, micro_batch_size=mbs)
+        result = train_step(
+            model, optimizer, iter(batches), num_microbatches=num_microbatches, seq_length=seq, micro_batch_size=mbs
+        )
         return result.loss
 
     return step

@@ -21,8 +21,11 @@ from benchmarks.common import command_line, row
 
 HEADS, KV_HEADS, HEAD_DIM, WINDOW = 8, 4, 64, 512
 CASES = [(4096, 2), (8192, 2), (8192, 4)]  # (T, CP)
-MODES = {"full": [True] * KV_HEADS, "swa": [False] * KV_HEADS,
-         "mixed": [True] * (KV_HEADS // 2) + [False] * (KV_HEADS // 2)}
+MODES = {
+    "full": [True] * KV_HEADS,
+    "swa": [False] * KV_HEADS,
+    "mixed": [True] * (KV_HEADS // 2) + [False] * (KV_HEADS // 2),
+}
 
 
 def layer_bytes(seq_length: int) -> dict:
@@ -34,8 +37,14 @@ def layer_bytes(seq_length: int) -> dict:
     from megatron_ext.consa.attention import HybridCoreAttention
 
     cp_size = parallel_state.get_context_parallel_world_size()
-    config = TransformerConfig(num_layers=1, hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS,
-                               num_query_groups=KV_HEADS, context_parallel_size=cp_size, attention_dropout=0.0)
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=HEADS * HEAD_DIM,
+        num_attention_heads=HEADS,
+        num_query_groups=KV_HEADS,
+        context_parallel_size=cp_size,
+        attention_dropout=0.0,
+    )
     local = seq_length // cp_size
     g = torch.Generator().manual_seed(0)
     out = {}
@@ -62,14 +71,30 @@ def run(reps: int = 1) -> List[dict]:
         counts = run_distributed(layer_bytes, cp, ParallelSizes(cp=cp), seq_length=seq_length)[0]
         shape = f"T={seq_length} W={WINDOW} CP={cp}"
         ideal = WINDOW / (seq_length / cp)
-        rows.append(row("cp_comm", f"SWA / FA bytes per layer-step, {shape}", counts["swa"] / counts["full"],
-                        f"<= {1.05 * ideal:.3f}", ideal))
-        rows.append(row("cp_comm", f"mixed 50% / FA bytes per layer-step, {shape}", counts["mixed"] / counts["full"],
-                        f"<= {1.05 * (1 + ideal) / 2:.3f}", (1 + ideal) / 2))
-        rows.append(row("cp_comm", f"FA MiB received per rank per layer-step, {shape}", counts["full"] / 2 ** 20,
-                        "report"))
-        rows.append(row("cp_comm", f"SWA MiB received per rank per layer-step, {shape}", counts["swa"] / 2 ** 20,
-                        "report"))
+        rows.append(
+            row(
+                "cp_comm",
+                f"SWA / FA bytes per layer-step, {shape}",
+                counts["swa"] / counts["full"],
+                f"<= {1.05 * ideal:.3f}",
+                ideal,
+            )
+        )
+        rows.append(
+            row(
+                "cp_comm",
+                f"mixed 50% / FA bytes per layer-step, {shape}",
+                counts["mixed"] / counts["full"],
+                f"<= {1.05 * (1 + ideal) / 2:.3f}",
+                (1 + ideal) / 2,
+            )
+        )
+        rows.append(
+            row("cp_comm", f"FA MiB received per rank per layer-step, {shape}", counts["full"] / 2**20, "report")
+        )
+        rows.append(
+            row("cp_comm", f"SWA MiB received per rank per layer-step, {shape}", counts["swa"] / 2**20, "report")
+        )
     return rows
 
 

@@ -26,27 +26,52 @@ from typing import Dict, List
 from benchmarks.common import command_line, row
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS_OFF = ["elastic.enabled=false", "routing.expert_bias=false", "hybrid_attention.enabled=false",
-               "looping.enabled=false"]
+METHODS_OFF = [
+    "elastic.enabled=false",
+    "routing.expert_bias=false",
+    "hybrid_attention.enabled=false",
+    "looping.enabled=false",
+]
 
 
 def train(run_dir: Path, overrides: List[str], nproc: int = 2) -> Dict[str, float]:
     """One ``torchrun`` of the smoke configuration; its throughput, memory and wall time."""
     from megatron_ext.training.rundir import read_metrics
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "pretrain.train", "--config", "configs/smoke.yaml", "--run-dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "pretrain.train",
+        "--config",
+        "configs/smoke.yaml",
+        "--run-dir",
+        str(run_dir),
+    ]
     for item in overrides:
         cmd += ["--set", item]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}:\n{proc.stdout[-4000:]}")
     records = read_metrics(run_dir / "metrics.jsonl")
-    return {"tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in records),
-            "peak_gib": max(r["mem/peak_gib"] for r in records), "wall_s": wall}
+    return {
+        "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in records),
+        "peak_gib": max(r["mem/peak_gib"] for r in records),
+        "wall_s": wall,
+    }
 
 
 def run(reps: int = 1) -> list:
@@ -61,15 +86,31 @@ def run(reps: int = 1) -> list:
         return statistics.median(r[key] for r in results[name])
 
     return [
-        row("end to end", "smoke, every capability on: tokens/s (median of logged steps)",
-            med("on", "tokens_per_sec"), "report"),
-        row("end to end", "smoke, every capability on: peak memory of the largest rank (GiB)",
-            med("on", "peak_gib"), "report"),
+        row(
+            "end to end",
+            "smoke, every capability on: tokens/s (median of logged steps)",
+            med("on", "tokens_per_sec"),
+            "report",
+        ),
+        row(
+            "end to end",
+            "smoke, every capability on: peak memory of the largest rank (GiB)",
+            med("on", "peak_gib"),
+            "report",
+        ),
         row("end to end", "smoke, every capability on: wall time of the run (s)", med("on", "wall_s"), "report"),
-        row("end to end", "smoke tokens/s, methods on / off", med("on", "tokens_per_sec") /
-            med("off", "tokens_per_sec"), "report"),
-        row("end to end", "smoke peak memory, methods on / off", med("on", "peak_gib") / med("off", "peak_gib"),
-            "report"),
+        row(
+            "end to end",
+            "smoke tokens/s, methods on / off",
+            med("on", "tokens_per_sec") / med("off", "tokens_per_sec"),
+            "report",
+        ),
+        row(
+            "end to end",
+            "smoke peak memory, methods on / off",
+            med("on", "peak_gib") / med("off", "peak_gib"),
+            "report",
+        ),
     ]
 
 

@@ -74,14 +74,27 @@ def backends() -> list:
 def hybrid_config(tiny: bool, seq_length: int, window: int, backend: str = "local", precision: str = "auto"):
     from megatron_ext.run import load_config
 
-    overrides = [f"data.seq_length={seq_length}", "train.micro_batch_size=1", "train.global_batch_size=4",
-                 "hybrid_attention.enabled=true", "hybrid_attention.granularity=kv_head",
-                 f"hybrid_attention.window={window}", "hybrid_attention.mask_learning_steps=1",
-                 f"model.backend={backend}", f"train.precision={precision}"]
+    overrides = [
+        f"data.seq_length={seq_length}",
+        "train.micro_batch_size=1",
+        "train.global_batch_size=4",
+        "hybrid_attention.enabled=true",
+        "hybrid_attention.granularity=kv_head",
+        f"hybrid_attention.window={window}",
+        "hybrid_attention.mask_learning_steps=1",
+        f"model.backend={backend}",
+        f"train.precision={precision}",
+    ]
     if tiny:
-        overrides += ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
-                      "model.num_query_groups=2", "model.kv_channels=16", "model.ffn_hidden_size=128",
-                      "model.vocab_size=512"]
+        overrides += [
+            "model.num_layers=2",
+            "model.hidden_size=64",
+            "model.num_attention_heads=4",
+            "model.num_query_groups=2",
+            "model.kv_channels=16",
+            "model.ffn_hidden_size=128",
+            "model.vocab_size=512",
+        ]
     return load_config(Path(__file__).resolve().parents[1] / "configs" / "qwen3_0p6b.yaml", overrides)
 
 
@@ -112,8 +125,8 @@ def bench_mfu(tiny: bool, reps: int, peak: Optional[float]) -> list:
 
 def bench_mfu_of(tiny: bool, reps: int, peak: Optional[float], backend: str, precision: str) -> list:
     from megatron_ext.consa.attention import HybridCoreAttention
-    from megatron_ext.run.builder import build_model
     from megatron_ext.models.vocab import padded_vocab_size
+    from megatron_ext.run.builder import build_model
 
     seq, window, micro_batches = (128, 32, 2) if tiny else (4096, 512, 4)
     cfg = hybrid_config(tiny, seq, window, backend, precision)
@@ -132,8 +145,12 @@ def bench_mfu_of(tiny: bool, reps: int, peak: Optional[float], backend: str, pre
     flops = hybrid_model_flops(cfg, 0.5, window, padded_vocab_size(cfg.model.vocab_size), sequences)
     achieved = flops / seconds / 1e12
     rows = [
-        row("gpu", f"hybrid model parameters (M), rho=0.5 KV heads SWA W={window}, T={seq}, {label}", params / 1e6,
-            "report"),
+        row(
+            "gpu",
+            f"hybrid model parameters (M), rho=0.5 KV heads SWA W={window}, T={seq}, {label}",
+            params / 1e6,
+            "report",
+        ),
         row("gpu", f"hybrid model tokens/s, {label}", tokens / seconds, "report"),
         row("gpu", f"hybrid model achieved TFLOP/s (model FLOPs), {label}", achieved, "report"),
     ]
@@ -141,8 +158,14 @@ def bench_mfu_of(tiny: bool, reps: int, peak: Optional[float], backend: str, pre
         target = ">= 0.45" if (backend, precision) == ("te", "bf16") else "report"
         rows.append(row("gpu", f"hybrid model MFU (peak {peak:.0f} TFLOP/s), {label}", achieved / peak, target))
     if torch.cuda.is_available():
-        rows.append(row("gpu", f"hybrid model peak allocated memory (GiB), {label}",
-                        torch.cuda.max_memory_allocated() / 2**30, "report"))
+        rows.append(
+            row(
+                "gpu",
+                f"hybrid model peak allocated memory (GiB), {label}",
+                torch.cuda.max_memory_allocated() / 2**30,
+                "report",
+            )
+        )
         torch.cuda.reset_peak_memory_stats()
     del step, chunks
     return rows
@@ -159,16 +182,29 @@ def bench_attention(tiny: bool, reps: int) -> list:
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     window = 64 if tiny else 512
     rows = []
-    for seq in ((512,) if tiny else (4096, 8192)):
+    for seq in (512,) if tiny else (4096, 8192):
         t = bench_kernels(seq, window, reps, device=device, dtype=dtype)
         for part, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
-            rows.append(row("gpu", f"SWA / FA {label}, T={seq}, W={window}, {str(dtype)[6:]}",
-                            ratio(t, f"swa_{part}", f"fa_{part}"), "report", ideal_flop_ratio(seq, window)))
+            rows.append(
+                row(
+                    "gpu",
+                    f"SWA / FA {label}, T={seq}, W={window}, {str(dtype)[6:]}",
+                    ratio(t, f"swa_{part}", f"fa_{part}"),
+                    "report",
+                    ideal_flop_ratio(seq, window),
+                )
+            )
     seq = 512 if tiny else 8192
     t = bench_layers(seq, window, reps, device=device, dtype=dtype)
     for name, label in (("gated", "gated (stage 1)"), ("mixed", "KV-head mixed rho=0.5")):
-        rows.append(row("gpu", f"{label} / FA layer fwd+bwd, T={seq}", ratio(t, f"{name}_fwdbwd", "full_fwdbwd"),
-                        "<= 1.28" if name == "gated" else "<= 0.66"))
+        rows.append(
+            row(
+                "gpu",
+                f"{label} / FA layer fwd+bwd, T={seq}",
+                ratio(t, f"{name}_fwdbwd", "full_fwdbwd"),
+                "<= 1.28" if name == "gated" else "<= 0.66",
+            )
+        )
     return rows
 
 
@@ -183,10 +219,17 @@ def bench_moe(tiny: bool, reps: int) -> list:
     if tiny:
         cfg = run_config(seq_length=64, micro_batch_size=2)
     else:
-        shape = dict(num_layers=8, hidden_size=1024, num_attention_heads=16, num_query_groups=4,
-                     ffn_hidden_size=2816, vocab_size=32000)
-        moe = dict(enabled=True, num_experts=64, top_k=8, expert_ffn_hidden_size=512,
-                   shared_expert_ffn_hidden_size=1024)
+        shape = dict(
+            num_layers=8,
+            hidden_size=1024,
+            num_attention_heads=16,
+            num_query_groups=4,
+            ffn_hidden_size=2816,
+            vocab_size=32000,
+        )
+        moe = dict(
+            enabled=True, num_experts=64, top_k=8, expert_ffn_hidden_size=512, shared_expert_ffn_hidden_size=1024
+        )
         cfg = run_config(shape=shape, moe=moe, seq_length=4096, micro_batch_size=2)
     tokens = cfg.train.micro_batch_size * cfg.data.seq_length
     m = cfg.moe
@@ -194,8 +237,14 @@ def bench_moe(tiny: bool, reps: int) -> list:
     for backend in dict.fromkeys(b for b, _ in backends()):  # the GEMMs per expert, or one grouped GEMM (te)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backend=backend))
         t = bench_subnetworks(reps, cfg)
-        rows.append(row("gpu", f"MoE tokens/s, {m.num_experts} experts of {m.expert_ffn_hidden_size}, "
-                        f"top-{m.top_k}, EP=1, {backend}", tokens / median(t, "full"), "report"))
+        rows.append(
+            row(
+                "gpu",
+                f"MoE tokens/s, {m.num_experts} experts of {m.expert_ffn_hidden_size}, top-{m.top_k}, EP=1, {backend}",
+                tokens / median(t, "full"),
+                "report",
+            )
+        )
         rows += [{**r, "benchmark": "gpu"} for r in subnetwork_rows(t, f" (MoE, one GPU, {backend})")]
     return rows
 
@@ -204,8 +253,14 @@ def write_results(out: Path, stamp: str, device: str, tiny: bool, rows: list, fa
     from benchmarks.run import markdown
 
     out.mkdir(parents=True, exist_ok=True)
-    record = {"date": stamp, "device": device, "torch": torch.__version__, "tiny": tiny, "rows": rows,
-              "failed": failures}
+    record = {
+        "date": stamp,
+        "device": device,
+        "torch": torch.__version__,
+        "tiny": tiny,
+        "rows": rows,
+        "failed": failures,
+    }
     (out / f"gpu-{stamp}.json").write_text(json.dumps(record, indent=1))
     (out / f"gpu-{stamp}.md").write_text(f"device: {device}\n\n" + markdown(rows))
 
@@ -222,9 +277,11 @@ def main() -> None:
         parser.error("no CUDA device: the GPU check needs one (use --tiny to check the code paths on CPU)")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"device {device}, torch {torch.__version__}, python {platform.python_version()}", flush=True)
-    benches = {"mfu": lambda: bench_mfu(args.tiny, args.reps, peak_tflops(args.peak_tflops)),
-               "attention": lambda: bench_attention(args.tiny, args.reps),
-               "moe": lambda: bench_moe(args.tiny, args.reps)}
+    benches = {
+        "mfu": lambda: bench_mfu(args.tiny, args.reps, peak_tflops(args.peak_tflops)),
+        "attention": lambda: bench_attention(args.tiny, args.reps),
+        "moe": lambda: bench_moe(args.tiny, args.reps),
+    }
     rows, failures = [], []
     stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
     for name in args.only:

@@ -25,8 +25,16 @@ import torch
 
 from benchmarks.common import command_line, interleaved, median, ratio, row, single_process_megatron
 
-DENSE = dict(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4, kv_channels=32,
-             ffn_hidden_size=704, vocab_size=4096, qk_layernorm=True)
+DENSE = dict(
+    num_layers=4,
+    hidden_size=256,
+    num_attention_heads=8,
+    num_query_groups=4,
+    kv_channels=32,
+    ffn_hidden_size=704,
+    vocab_size=4096,
+    qk_layernorm=True,
+)
 WINDOW, CONTEXT, PREFILL = 512, 8192, 4096
 DECODE_BATCH = 4
 """Sequences decoded together: at batch 1 this tiny model's decode step is mostly per-op overhead."""
@@ -79,6 +87,7 @@ def _decode(decoder, context: int):
         token = torch.zeros(DECODE_BATCH, dtype=torch.long)
         for i in range(DECODE_STEPS):
             token = decoder.step(token, context + i, caches).argmax(-1)
+
     return steps
 
 
@@ -89,8 +98,11 @@ def _prefill(decoder, length: int):
 
 def bench_hybrid(reps: int) -> List[dict]:
     full = _decoder(_config(DENSE, PREFILL))
-    hybrid = _decoder(_config(DENSE, PREFILL, hybrid_attention={"enabled": True, "method": "rule_head",
-                                                                "window": WINDOW, "target": 0.5}))
+    hybrid = _decoder(
+        _config(
+            DENSE, PREFILL, hybrid_attention={"enabled": True, "method": "rule_head", "window": WINDOW, "target": 0.5}
+        )
+    )
     bytes_full = full.cache_bytes(full.new_cache(1, CONTEXT))
     bytes_hybrid = hybrid.cache_bytes(hybrid.new_cache(1, CONTEXT))
     decode = interleaved({"full": _decode(full, CONTEXT), "hybrid": _decode(hybrid, CONTEXT)}, reps=reps)
@@ -98,10 +110,19 @@ def bench_hybrid(reps: int) -> List[dict]:
     tps = {name: DECODE_BATCH * DECODE_STEPS / median(decode, name) for name in decode}
     name = f"hybrid rho 0.5 W {WINDOW} vs full"
     return [
-        row("inference", f"{name}: KV-cache bytes ratio at T {CONTEXT}", bytes_hybrid / bytes_full,
-            f"<= {1.05 * (0.5 + 0.5 * WINDOW / CONTEXT):.4f}", ideal=0.5 + 0.5 * WINDOW / CONTEXT),
-        row("inference", f"{name}: decode tokens/s ratio at T {CONTEXT}", 1.0 / ratio(decode, "hybrid", "full"),
-            "report"),
+        row(
+            "inference",
+            f"{name}: KV-cache bytes ratio at T {CONTEXT}",
+            bytes_hybrid / bytes_full,
+            f"<= {1.05 * (0.5 + 0.5 * WINDOW / CONTEXT):.4f}",
+            ideal=0.5 + 0.5 * WINDOW / CONTEXT,
+        ),
+        row(
+            "inference",
+            f"{name}: decode tokens/s ratio at T {CONTEXT}",
+            1.0 / ratio(decode, "hybrid", "full"),
+            "report",
+        ),
         row("inference", f"full: decode tokens/s at T {CONTEXT}", tps["full"], "report"),
         row("inference", f"{name}: prefill time ratio, {PREFILL} tokens", ratio(prefill, "hybrid", "full"), "report"),
         row("inference", f"full: prefill seconds, {PREFILL} tokens", median(prefill, "full"), "report"),
@@ -129,40 +150,72 @@ def bench_loops(reps: int) -> List[dict]:
     ideal = 1 + len(LOOPED_LAYERS) * (1 / groups) / DENSE["num_layers"]
     name = f"SGT loops on {len(KEPT_HEADS)} heads in {len(LOOPED_LAYERS)} layers vs none"
     return [
-        row("inference", f"{name}: KV-cache bytes ratio at T {CONTEXT}", bytes_looped / bytes_plain,
-            f"<= {1.001 * ideal:.4f}", ideal=ideal),
-        row("inference", f"{name}: decode tokens/s ratio at T {CONTEXT}", 1.0 / ratio(decode, "looped", "plain"),
-            "report"),
+        row(
+            "inference",
+            f"{name}: KV-cache bytes ratio at T {CONTEXT}",
+            bytes_looped / bytes_plain,
+            f"<= {1.001 * ideal:.4f}",
+            ideal=ideal,
+        ),
+        row(
+            "inference",
+            f"{name}: decode tokens/s ratio at T {CONTEXT}",
+            1.0 / ratio(decode, "looped", "plain"),
+            "report",
+        ),
         row("inference", f"{name}: prefill time ratio, {PREFILL} tokens", ratio(prefill, "looped", "plain"), "report"),
     ]
 
 
 def moe_submodels() -> Dict[str, dict]:
     """name -> (model, moe) sections of the full MoE and its extracted sub-models."""
-    return {"full": (MOE_SHAPE, MOE),
-            "top-k 25%": (MOE_SHAPE, dict(MOE, top_k=1)),
-            "half experts": (MOE_SHAPE, dict(MOE, num_experts=8)),
-            "half layers": (dict(MOE_SHAPE, num_layers=2), MOE)}
+    return {
+        "full": (MOE_SHAPE, MOE),
+        "top-k 25%": (MOE_SHAPE, dict(MOE, top_k=1)),
+        "half experts": (MOE_SHAPE, dict(MOE, num_experts=8)),
+        "half layers": (dict(MOE_SHAPE, num_layers=2), MOE),
+    }
 
 
 def bench_elastic(reps: int) -> List[dict]:
-    decoders = {name: _decoder(_config(model, MOE_PREFILL, moe=moe, routing={"expert_bias": False}))
-                for name, (model, moe) in moe_submodels().items()}
+    decoders = {
+        name: _decoder(_config(model, MOE_PREFILL, moe=moe, routing={"expert_bias": False}))
+        for name, (model, moe) in moe_submodels().items()
+    }
     decode = interleaved({name: _decode(d, MOE_CONTEXT) for name, d in decoders.items()}, reps=reps)
     prefill = interleaved({name: _prefill(d, MOE_PREFILL) for name, d in decoders.items()}, reps=reps)
-    rows = [row("inference", f"MoE full: decode tokens/s at T {MOE_CONTEXT}",
-                DECODE_BATCH * DECODE_STEPS / median(decode, "full"),
-                "report")]
+    rows = [
+        row(
+            "inference",
+            f"MoE full: decode tokens/s at T {MOE_CONTEXT}",
+            DECODE_BATCH * DECODE_STEPS / median(decode, "full"),
+            "report",
+        )
+    ]
     for name, d in decoders.items():
         if name == "full":
             continue
-        rows += [row("inference", f"MoE {name} vs full: decode tokens/s ratio at T {MOE_CONTEXT}",
-                     1.0 / ratio(decode, name, "full"), "report"),
-                 row("inference", f"MoE {name} vs full: prefill time ratio, {MOE_PREFILL} tokens",
-                     ratio(prefill, name, "full"), "report"),
-                 row("inference", f"MoE {name} vs full: KV-cache bytes ratio",
-                     d.cache_bytes(d.new_cache(1, MOE_CONTEXT))
-                     / decoders["full"].cache_bytes(decoders["full"].new_cache(1, MOE_CONTEXT)), "report")]
+        rows += [
+            row(
+                "inference",
+                f"MoE {name} vs full: decode tokens/s ratio at T {MOE_CONTEXT}",
+                1.0 / ratio(decode, name, "full"),
+                "report",
+            ),
+            row(
+                "inference",
+                f"MoE {name} vs full: prefill time ratio, {MOE_PREFILL} tokens",
+                ratio(prefill, name, "full"),
+                "report",
+            ),
+            row(
+                "inference",
+                f"MoE {name} vs full: KV-cache bytes ratio",
+                d.cache_bytes(d.new_cache(1, MOE_CONTEXT))
+                / decoders["full"].cache_bytes(decoders["full"].new_cache(1, MOE_CONTEXT)),
+                "report",
+            ),
+        ]
     return rows
 
 

@@ -22,40 +22,58 @@ import torch
 
 from benchmarks.common import command_line, interleaved, median, ratio, row, single_process_megatron, training_step
 
-SHAPE = dict(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=704,
-             vocab_size=4096)
+SHAPE = dict(
+    num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=704, vocab_size=4096
+)
 MOE = dict(enabled=True, num_experts=16, top_k=4, expert_ffn_hidden_size=256, shared_expert_ffn_hidden_size=256)
 
 
-def run_config(world: int = 1, expert_parallel: int = 1, shape: Optional[dict] = None, moe: Optional[dict] = None,
-               seq_length: int = 512, micro_batch_size: int = 4, precision: str = "auto"):
+def run_config(
+    world: int = 1,
+    expert_parallel: int = 1,
+    shape: Optional[dict] = None,
+    moe: Optional[dict] = None,
+    seq_length: int = 512,
+    micro_batch_size: int = 4,
+    precision: str = "auto",
+):
     from megatron_ext.config import from_dict
     from megatron_ext.run import RunConfig
 
-    return from_dict(RunConfig, {
-        "model": shape or SHAPE,
-        "parallel": {"expert": expert_parallel},
-        "data": {"seq_length": seq_length},
-        "train": {"micro_batch_size": micro_batch_size, "global_batch_size": micro_batch_size * world,
-                  "precision": precision},
-        "moe": moe or MOE,
-        "routing": {"expert_bias": False},
-    })
+    return from_dict(
+        RunConfig,
+        {
+            "model": shape or SHAPE,
+            "parallel": {"expert": expert_parallel},
+            "data": {"seq_length": seq_length},
+            "train": {
+                "micro_batch_size": micro_batch_size,
+                "global_batch_size": micro_batch_size * world,
+                "precision": precision,
+            },
+            "moe": moe or MOE,
+            "routing": {"expert_bias": False},
+        },
+    )
 
 
 def subnetworks(num_experts: int, top_k: int) -> Dict[str, tuple]:
     """name -> (experts, top-k) of the compared sub-networks; every layer kept."""
     half = tuple(range(num_experts // 2))
     quarter_k = max(1, top_k // 4)
-    return {"full": (None, top_k), "top-k 25%": (None, quarter_k), "half experts": (half, top_k),
-            "half experts, top-k 25%": (half, quarter_k)}
+    return {
+        "full": (None, top_k),
+        "top-k 25%": (None, quarter_k),
+        "half experts": (half, top_k),
+        "half experts, top-k 25%": (half, quarter_k),
+    }
 
 
 def bench_subnetworks(reps: int, cfg=None) -> Dict[str, List[float]]:
     """Training-step times of the sub-networks of :func:`subnetworks` (default: :func:`run_config`)."""
-    from megatron_ext.run.builder import build_model
     from megatron_ext.moe import elastic
     from megatron_ext.moe.elastic import SubNetwork
+    from megatron_ext.run.builder import build_model
 
     single_process_megatron()
     cfg = cfg or run_config()
@@ -106,15 +124,17 @@ def bench_expert_parallel(reps: int, steps: int = 2) -> Dict[str, List[float]]:
     times: Dict[str, List[float]] = {"ep1": [], "ep2": []}
     for rep in range(reps):
         for ep in (1, 2) if rep % 2 == 0 else (2, 1):
-            per_rank = run_distributed(_ep_steps, 2, ParallelSizes(ep=ep), timeout=900.0,
-                                       expert_parallel=ep, steps=steps)
+            per_rank = run_distributed(
+                _ep_steps, 2, ParallelSizes(ep=ep), timeout=900.0, expert_parallel=ep, steps=steps
+            )
             times[f"ep{ep}"].append(statistics.median(max(ts) for ts in zip(*per_rank)))
     return times
 
 
 def subnetwork_rows(t: Dict[str, List[float]], label: str = "") -> list:
-    return [row("moe", f"step time {name} / full{label}", ratio(t, name, "full"), "report")
-            for name in t if name != "full"]
+    return [
+        row("moe", f"step time {name} / full{label}", ratio(t, name, "full"), "report") for name in t if name != "full"
+    ]
 
 
 def run(reps: int = 5) -> list:

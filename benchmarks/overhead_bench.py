@@ -25,8 +25,16 @@ import torch
 
 from benchmarks.common import command_line, interleaved, median, ratio, row, single_process_megatron, training_step
 
-SHAPE = dict(num_layers=8, hidden_size=512, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=1408,
-             vocab_size=8192, attention_dropout=0.0, hidden_dropout=0.0)
+SHAPE = dict(
+    num_layers=8,
+    hidden_size=512,
+    num_attention_heads=8,
+    num_query_groups=4,
+    ffn_hidden_size=1408,
+    vocab_size=8192,
+    attention_dropout=0.0,
+    hidden_dropout=0.0,
+)
 SEQ, MICRO_BATCH = 1024, 2
 
 
@@ -34,8 +42,11 @@ def run_config(capabilities: bool, attention_backend: str = "sdpa"):
     from megatron_ext.config import from_dict
     from megatron_ext.run import RunConfig
 
-    sections = {"model": {**SHAPE, "attention_backend": attention_backend}, "data": {"seq_length": SEQ},
-                "train": {"micro_batch_size": MICRO_BATCH, "global_batch_size": MICRO_BATCH}}
+    sections = {
+        "model": {**SHAPE, "attention_backend": attention_backend},
+        "data": {"seq_length": SEQ},
+        "train": {"micro_batch_size": MICRO_BATCH, "global_batch_size": MICRO_BATCH},
+    }
     if capabilities:
         sections["hybrid_attention"] = {"enabled": True, "window": 128, "mask_learning_steps": 1}  # no callback here
         sections["looping"] = {"enabled": True}
@@ -47,15 +58,20 @@ def megatron_model(cfg):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from megatron_ext.run.builder import transformer_config
     from megatron_ext.models.vocab import padded_vocab_size
+    from megatron_ext.run.builder import transformer_config
 
     config = transformer_config(cfg, cuda=torch.cuda.is_available())
     spec = get_gpt_layer_local_spec(qk_layernorm=cfg.model.qk_layernorm, normalization=cfg.model.normalization)
-    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=padded_vocab_size(cfg.model.vocab_size),
-                     max_sequence_length=cfg.data.seq_length, position_embedding_type=cfg.model.position_embedding,
-                     rotary_base=cfg.model.rotary_base,
-                     share_embeddings_and_output_weights=cfg.model.tie_embeddings)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=padded_vocab_size(cfg.model.vocab_size),
+        max_sequence_length=cfg.data.seq_length,
+        position_embedding_type=cfg.model.position_embedding,
+        rotary_base=cfg.model.rotary_base,
+        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+    )
     return model.cuda() if torch.cuda.is_available() else model
 
 
@@ -99,8 +115,12 @@ def build_steps() -> Dict[str, object]:
     (idle,) = build_model(idle_cfg, cuda=cuda)
     copy_weights(ours, idle)
     idle_capabilities(idle)
-    steps = {"megatron": training_step(cfg, [plain]), "local": training_step(local_cfg, [local]),
-             "ours": training_step(cfg, [ours]), "idle": training_step(idle_cfg, [idle])}
+    steps = {
+        "megatron": training_step(cfg, [plain]),
+        "local": training_step(local_cfg, [local]),
+        "ours": training_step(cfg, [ours]),
+        "idle": training_step(idle_cfg, [idle]),
+    }
     losses = {name: step() for name, step in steps.items()}
     for name, loss in losses.items():
         if abs(loss - losses["megatron"]) > 1e-5 * abs(losses["megatron"]):
@@ -112,15 +132,28 @@ def run(reps: int = 5) -> List[Dict[str, object]]:
     t = interleaved(build_steps(), reps)
     tokens = SEQ * MICRO_BATCH
     return [
-        row("overhead", "step time ours, capabilities off, Megatron's attention / Megatron-Core local spec",
-            ratio(t, "local", "megatron"), "<= 1.05"),
-        row("overhead", "step time ours, capabilities off, default (SDPA) attention / Megatron-Core local spec",
-            ratio(t, "ours", "megatron"), "report"),
-        row("overhead", "step time ours, hybrid attention + looping idle / Megatron-Core local spec",
-            ratio(t, "idle", "megatron"), "report"),
+        row(
+            "overhead",
+            "step time ours, capabilities off, Megatron's attention / Megatron-Core local spec",
+            ratio(t, "local", "megatron"),
+            "<= 1.05",
+        ),
+        row(
+            "overhead",
+            "step time ours, capabilities off, default (SDPA) attention / Megatron-Core local spec",
+            ratio(t, "ours", "megatron"),
+            "report",
+        ),
+        row(
+            "overhead",
+            "step time ours, hybrid attention + looping idle / Megatron-Core local spec",
+            ratio(t, "idle", "megatron"),
+            "report",
+        ),
         row("overhead", "tokens/s Megatron-Core local spec", tokens / median(t, "megatron"), "report"),
-        row("overhead", "tokens/s ours (default configuration, capabilities off)", tokens / median(t, "ours"),
-            "report"),
+        row(
+            "overhead", "tokens/s ours (default configuration, capabilities off)", tokens / median(t, "ours"), "report"
+        ),
     ]
 
 

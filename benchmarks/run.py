@@ -61,8 +61,15 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    record = {"date": stamp, "machine": platform.machine(), "device": device, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "reps": args.reps, "rows": rows}
+    record = {
+        "date": stamp,
+        "machine": platform.machine(),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "reps": args.reps,
+        "rows": rows,
+    }
     (out / f"{stamp}.json").write_text(json.dumps(record, indent=1))
     table = markdown(rows)
     (out / f"{stamp}.md").write_text(table)

@@ -27,8 +27,10 @@ def _build():
     from megatron_ext.run.builder import build_model
 
     single_process_megatron()
-    cfg = from_dict(RunConfig, {"model": SHAPE, "data": {"seq_length": SEQ},
-                                "looping": {"enabled": True, "num_keep_heads": len(KEPT)}})
+    cfg = from_dict(
+        RunConfig,
+        {"model": SHAPE, "data": {"seq_length": SEQ}, "looping": {"enabled": True, "num_keep_heads": len(KEPT)}},
+    )
     (model,) = build_model(cfg, cuda=False)
     return cfg, model
 
@@ -57,21 +59,27 @@ def run(reps: int = 5) -> List[Dict[str, object]]:
 
     cfg, model = _build()
     tokens = torch.randint(0, SHAPE["vocab_size"], (1, SEQ))
-    times = interleaved({m: (lambda m: lambda: _step(model, m, tokens))(m) for m in ("vanilla", "sgt", "block")},
-                        reps)
+    times = interleaved({m: (lambda m: lambda: _step(model, m, tokens))(m) for m in ("vanilla", "sgt", "block")}, reps)
     shape = GPTShape.from_run_config(cfg, padded_vocab_size(SHAPE["vocab_size"]))
     sgt = LoopStructure("sgt", {i: LoopedLayer(1, len(KEPT), len(KEPT)) for i in LOOPED})
     block = LoopStructure("block", {i: LoopedLayer(1, 16, 16) for i in LOOPED})
-    released = GPTShape(hidden_size=1024, num_layers=16, num_heads=16, num_kv_heads=16, head_dim=64,
-                        ffn_hidden_size=4096, vocab_size=50304, seq_length=4096)
+    released = GPTShape(
+        hidden_size=1024,
+        num_layers=16,
+        num_heads=16,
+        num_kv_heads=16,
+        head_dim=64,
+        ffn_hidden_size=4096,
+        vocab_size=50304,
+        seq_length=4096,
+    )
     return [
         row("sgt", "step time SGT / vanilla", ratio(times, "sgt", "vanilla"), "<= 1.02"),
         row("sgt", "step time block loop / vanilla", ratio(times, "block", "vanilla"), "reference"),
         row("sgt", "FLOPs overhead SGT (this model)", flops_overhead(shape, sgt), "<= 0.03"),
         row("sgt", "FLOPs overhead block loop (this model)", flops_overhead(shape, block), "reference"),
         row("sgt", "FLOPs overhead SGT (released 300M shape, T=4096)", flops_overhead(released, sgt), "<= 0.03"),
-        row("sgt", "FLOPs overhead block loop (released 300M shape, T=4096)", flops_overhead(released, block),
-            "~0.19"),
+        row("sgt", "FLOPs overhead block loop (released 300M shape, T=4096)", flops_overhead(released, block), "~0.19"),
         row("sgt", "vanilla step time (s, median)", median(times, "vanilla"), "report"),
     ]
 

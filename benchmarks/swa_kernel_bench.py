@@ -60,8 +60,9 @@ def _cases(kernels: Dict[str, Callable], wrt: Dict[str, tuple], grad: torch.Tens
     return cases
 
 
-def bench_kernels(seq_len: int, window: int, reps: int, block_size: Optional[int] = None,
-                  device="cpu", dtype=torch.float32) -> Dict[str, List[float]]:
+def bench_kernels(
+    seq_len: int, window: int, reps: int, block_size: Optional[int] = None, device="cpu", dtype=torch.float32
+) -> Dict[str, List[float]]:
     """Times of FA and SWA, forward and forward+backward (keys ``fa_fwd``, ``swa_fwdbwd``, ...)."""
     q, k, v, grad = _inputs(seq_len, HEADS, HEADS, HEAD_DIM, device, dtype)
 
@@ -82,11 +83,19 @@ def _hybrid_modules(window: int, device):
     from megatron_ext.consa.attention import HybridCoreAttention
 
     single_process_megatron()
-    config = TransformerConfig(num_layers=1, hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS,
-                               num_query_groups=HEADS, kv_channels=HEAD_DIM, attention_dropout=0.0,
-                               hidden_dropout=0.0)
-    modules = {name: HybridCoreAttention(config, layer_number=1, window=window).to(device)
-               for name in ("full", "gated", "mixed")}
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=HEADS * HEAD_DIM,
+        num_attention_heads=HEADS,
+        num_query_groups=HEADS,
+        kv_channels=HEAD_DIM,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+    )
+    modules = {
+        name: HybridCoreAttention(config, layer_number=1, window=window).to(device)
+        for name in ("full", "gated", "mixed")
+    }
     log_alpha = torch.zeros(HEADS, device=device, requires_grad=True)  # gates at z = 0.5 on average
     modules["gated"].set_gated(lambda training: torch.sigmoid(log_alpha))
     modules["mixed"].set_static([h % 2 == 0 for h in range(HEADS)])
@@ -117,30 +126,46 @@ def run(reps: int = 5, seq_lens=(2048, 4096, 8192), window: int = 512, layer_seq
         t = bench_kernels(seq_len, window, reps)
         ideal = ideal_flop_ratio(seq_len, window)
         for part, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
-            rows.append(row("attention", f"SWA / FA {label}, T={seq_len}, W={window}",
-                            ratio(t, f"swa_{part}", f"fa_{part}"),
-                            _within_ideal(ideal) if seq_len >= 4096 else "", ideal))
+            rows.append(
+                row(
+                    "attention",
+                    f"SWA / FA {label}, T={seq_len}, W={window}",
+                    ratio(t, f"swa_{part}", f"fa_{part}"),
+                    _within_ideal(ideal) if seq_len >= 4096 else "",
+                    ideal,
+                )
+            )
     t = bench_layers(layer_seq_len, window, reps)
     ideal_gated = 1.0 + ideal_flop_ratio(layer_seq_len, window)
     ideal_mixed = (1.0 + ideal_flop_ratio(layer_seq_len, window)) / 2
     for part, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
-        rows.append(row("attention", f"gated (stage 1) / FA layer {label}, T={layer_seq_len}",
-                        ratio(t, f"gated_{part}", f"full_{part}"), "<= 1.28", ideal_gated))
+        rows.append(
+            row(
+                "attention",
+                f"gated (stage 1) / FA layer {label}, T={layer_seq_len}",
+                ratio(t, f"gated_{part}", f"full_{part}"),
+                "<= 1.28",
+                ideal_gated,
+            )
+        )
     for part, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
-        rows.append(row("attention", f"KV-head mixed rho=0.5 / FA layer {label}, T={layer_seq_len}",
-                        ratio(t, f"mixed_{part}", f"full_{part}"), "<= 0.66", ideal_mixed))
+        rows.append(
+            row(
+                "attention",
+                f"KV-head mixed rho=0.5 / FA layer {label}, T={layer_seq_len}",
+                ratio(t, f"mixed_{part}", f"full_{part}"),
+                "<= 0.66",
+                ideal_mixed,
+            )
+        )
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--T", type=int, nargs="+", default=[2048, 4096, 8192], help="sequence lengths")
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument(
-        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="query block of the CPU SWA kernel"
-    )
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="query block of the CPU SWA kernel")
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions after one warm-up")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -160,8 +185,10 @@ def main() -> None:
         t = bench_kernels(seq_len, args.window, args.reps, block_size=args.block_size)
         columns = [f"{seq_len:>6}"]
         for part in ("fwd", "fwdbwd"):
-            columns.append(f"{median(t, f'fa_{part}') * 1e3:>9.1f} {median(t, f'swa_{part}') * 1e3:>10.1f} "
-                           f"{ratio(t, f'swa_{part}', f'fa_{part}'):>6.3f}")
+            columns.append(
+                f"{median(t, f'fa_{part}') * 1e3:>9.1f} {median(t, f'swa_{part}') * 1e3:>10.1f} "
+                f"{ratio(t, f'swa_{part}', f'fa_{part}'):>6.3f}"
+            )
         columns.append(f"{ideal_flop_ratio(seq_len, args.window):>6.3f}")
         print(" | ".join(columns))
 

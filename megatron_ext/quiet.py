@@ -15,19 +15,37 @@ import warnings
 
 KNOWN = (
     # (message regex, category, why it is hidden)
-    (r".*(Apex|Transformer Engine).* (is|are) not installed.*", UserWarning,
-     "the CPU path uses torch's norms and optimizers by design; on GPU install the 'gpu' extra"),
-    (r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated.*", FutureWarning,
-     "called inside megatron-core 0.16.1 (distributed checkpointing, DDP); nothing to change here"),
-    (r"`load_state_dict` is deprecated and will be removed in future versions\. Please use `load` instead\.",
-     FutureWarning, "torch.distributed.checkpoint's, called inside megatron-core 0.16.1; nothing to change here"),
-    (r"Please use DTensor instead and we are deprecating ShardedTensor\.", FutureWarning,
-     "torch's notice on the ShardedTensor that megatron-core 0.16.1's checkpoint loading builds; nothing to change here"),
-    (r"full scope is deprecated\. Use empty cuda_graph_scope.*", UserWarning,
-     "megatron-core 0.16.1's own TransformerConfig default; CUDA graphs are not used"),
-    (r"`sequence_parallel` is set to `True`, but tensor model parallel size is 1\. Disabling sequence parallel\.",
-     UserWarning, "expert layers at expert_tensor = 1 in a sequence-parallel run: Megatron turns it off for them, "
-     "as intended"),
+    (
+        r".*(Apex|Transformer Engine).* (is|are) not installed.*",
+        UserWarning,
+        "the CPU path uses torch's norms and optimizers by design; on GPU install the 'gpu' extra",
+    ),
+    (
+        r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated.*",
+        FutureWarning,
+        "called inside megatron-core 0.16.1 (distributed checkpointing, DDP); nothing to change here",
+    ),
+    (
+        r"`load_state_dict` is deprecated and will be removed in future versions\. Please use `load` instead\.",
+        FutureWarning,
+        "torch.distributed.checkpoint's, called inside megatron-core 0.16.1; nothing to change here",
+    ),
+    (
+        r"Please use DTensor instead and we are deprecating ShardedTensor\.",
+        FutureWarning,
+        "torch's notice on the ShardedTensor that megatron-core 0.16.1's checkpoint loading builds; "
+        "nothing to change here",
+    ),
+    (
+        r"full scope is deprecated\. Use empty cuda_graph_scope.*",
+        UserWarning,
+        "megatron-core 0.16.1's own TransformerConfig default; CUDA graphs are not used",
+    ),
+    (
+        r"`sequence_parallel` is set to `True`, but tensor model parallel size is 1\. Disabling sequence parallel\.",
+        UserWarning,
+        "expert layers at expert_tensor = 1 in a sequence-parallel run: Megatron turns it off for them, as intended",
+    ),
 )
 VERBOSE_ENV = "MEGATRON_EXT_VERBOSE"
 

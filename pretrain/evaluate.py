@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.config import ConfigError
-from megatron_ext.run import check_run, load_config
-from megatron_ext.run.checks import launch_hint
 from megatron_ext.parallel import ParallelSizes
 from megatron_ext.parallel.state import parallel_job
+from megatron_ext.run import check_run, load_config
+from megatron_ext.run.checks import launch_hint
 from megatron_ext.training.evaluate import evaluate_checkpoint
 
 
@@ -60,13 +60,18 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     p = cfg.parallel
-    sizes = ParallelSizes(tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert, etp=p.expert_tensor,
-                          vpp=p.virtual_pipeline)
+    sizes = ParallelSizes(
+        tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert, etp=p.expert_tensor, vpp=p.virtual_pipeline
+    )
     with parallel_job(sizes, seed=cfg.train.seed):
         loss = evaluate_checkpoint(cfg, args.run_dir, args.batches, sub)
         if dist.get_rank() == 0:
-            under = "" if sub is None else f" (sub-network: layers {list(sub.layers)}, experts " \
+            under = (
+                ""
+                if sub is None
+                else f" (sub-network: layers {list(sub.layers)}, experts "
                 f"{'all' if sub.experts is None else list(sub.experts)}, top-k {sub.top_k or cfg.moe.top_k})"
+            )
             print(f"{args.run_dir}: validation loss {loss:.4f} over {args.batches} batches{under}")
     return 0
 

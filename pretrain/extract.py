@@ -14,9 +14,9 @@ from pathlib import Path
 
 from megatron_ext.config import ConfigError
 from megatron_ext.moe.elastic import SubNetwork
-from megatron_ext.training.extract import extract_submodel
 from megatron_ext.parallel import ParallelSizes
 from megatron_ext.parallel.state import parallel_job
+from megatron_ext.training.extract import extract_submodel
 
 
 def parse_indices(text: str):

@@ -52,8 +52,8 @@ def main(argv=None) -> int:
 
     from megatron_ext.inference.decode import Decoder
     from megatron_ext.inference.generate import generate, run_tokenizer
-    from megatron_ext.run.builder import unsharded
     from megatron_ext.run import load_config
+    from megatron_ext.run.builder import unsharded
     from megatron_ext.training.capabilities import batch_hooks
     from megatron_ext.training.evaluate import load_trained
 
@@ -71,14 +71,21 @@ def main(argv=None) -> int:
                 raise ValueError(f"the prompt must be 1 or more token ids in [0, {cfg.model.vocab_size})")
             limit = cfg.model.max_position_embeddings or cfg.data.seq_length
             if cfg.model.position_embedding != "rope" and len(ids) + args.max_new_tokens > limit:
-                raise ValueError(f"prompt + new tokens = {len(ids) + args.max_new_tokens} exceed the "
-                                 f"{limit} learned positions")
+                raise ValueError(
+                    f"prompt + new tokens = {len(ids) + args.max_new_tokens} exceed the {limit} learned positions"
+                )
             cuda = torch.cuda.is_available()
             (model,), _, _ = load_trained(cfg, args.run_dir, args.step, cuda=cuda)
             prompt_tensor = torch.tensor([ids], device=torch.device("cuda") if cuda else torch.device("cpu"))
-            out = generate(Decoder(model, batch_hooks(cfg)), prompt_tensor, args.max_new_tokens,
-                           temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                           stop_token=getattr(tokenizer, "eod", None))[0].tolist()
+            out = generate(
+                Decoder(model, batch_hooks(cfg)),
+                prompt_tensor,
+                args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+                stop_token=getattr(tokenizer, "eod", None),
+            )[0].tolist()
         except (ConfigError, ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

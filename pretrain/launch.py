@@ -82,15 +82,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         run(args)
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
-        how = (f"was killed by {signal.Signals(-failure.exitcode).name}" if failure.exitcode < 0
-               else f"exited with status {failure.exitcode}")
-        print(f"error: {len(err.failures)} rank(s) failed; the first, rank {rank} (pid {failure.pid}), {how}: "
-              "its message is above", file=sys.stderr)
+        how = (
+            f"was killed by {signal.Signals(-failure.exitcode).name}"
+            if failure.exitcode < 0
+            else f"exited with status {failure.exitcode}"
+        )
+        print(
+            f"error: {len(err.failures)} rank(s) failed; the first, rank {rank} (pid {failure.pid}), {how}: "
+            "its message is above",
+            file=sys.stderr,
+        )
         return failure.exitcode if failure.exitcode > 0 else 1
     except SignalException as err:
         name = signal.Signals(err.sigval).name
-        print(f"[launch] {name}: the ranks were asked to checkpoint and stop; re-run the same command to resume",
-              file=sys.stderr)
+        print(
+            f"[launch] {name}: the ranks were asked to checkpoint and stop; re-run the same command to resume",
+            file=sys.stderr,
+        )
         return 0 if err.sigval == signal.SIGUSR1 else 128 + int(err.sigval)
     return 0
 

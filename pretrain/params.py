@@ -1,6 +1,6 @@
 """Parameter-count report of a config (built on the meta device: paper-scale configs fit anywhere).
 
-    python -m pretrain.params --config configs/qwen3_1p7b.yaml [--set section.key=value ...]
+python -m pretrain.params --config configs/qwen3_1p7b.yaml [--set section.key=value ...]
 """
 
 import argparse
@@ -8,10 +8,10 @@ import json
 import sys
 
 from megatron_ext.config import ConfigError
-from megatron_ext.run import load_config
-from megatron_ext.run.param_count import count_parameters
 from megatron_ext.parallel import ParallelSizes
 from megatron_ext.parallel.state import parallel_job
+from megatron_ext.run import load_config
+from megatron_ext.run.param_count import count_parameters
 
 
 def main(argv=None) -> int:

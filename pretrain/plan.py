@@ -16,10 +16,9 @@ import os
 import sys
 
 from megatron_ext.config import ConfigError
-from megatron_ext.run import load_config
 from megatron_ext.launch.memory import meta_parameter_inventory
-from megatron_ext.launch.planner import (check_allocation, format_plan, format_plan_summary, make_plan,
-                                         sbatch_command)
+from megatron_ext.launch.planner import check_allocation, format_plan, format_plan_summary, make_plan, sbatch_command
+from megatron_ext.run import load_config
 
 
 def _env_int(name):
@@ -30,15 +29,30 @@ def _env_int(name):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
-    parser.add_argument("--nodes", type=int, default=_env_int("SLURM_JOB_NUM_NODES"),
-                        help="nodes of the allocation (default: SLURM_JOB_NUM_NODES)")
-    parser.add_argument("--gpus-per-node", type=int, default=_env_int("SLURM_GPUS_ON_NODE"),
-                        help="GPUs (ranks) per node (default: SLURM_GPUS_ON_NODE)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config field; repeatable")
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=_env_int("SLURM_JOB_NUM_NODES"),
+        help="nodes of the allocation (default: SLURM_JOB_NUM_NODES)",
+    )
+    parser.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=_env_int("SLURM_GPUS_ON_NODE"),
+        help="GPUs (ranks) per node (default: SLURM_GPUS_ON_NODE)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config field; repeatable",
+    )
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
-    parser.add_argument("--summary", action="store_true",
-                        help="print sizes, group kinds, memory and warnings, not every rank and group")
+    parser.add_argument(
+        "--summary", action="store_true", help="print sizes, group kinds, memory and warnings, not every rank and group"
+    )
     parser.add_argument("--emit-sbatch", action="store_true", help="print the sbatch command for this allocation")
     args = parser.parse_args(argv)
     if args.nodes is None or args.gpus_per_node is None:
@@ -49,12 +63,15 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {args.config}: {err}", file=sys.stderr)
         return 2
-    plan = make_plan(cfg, args.nodes, args.gpus_per_node, meta_parameter_inventory(cfg),
-                     gpu_memory_gib=args.gpu_memory_gib)
+    plan = make_plan(
+        cfg, args.nodes, args.gpus_per_node, meta_parameter_inventory(cfg), gpu_memory_gib=args.gpu_memory_gib
+    )
     print(format_plan_summary(plan) if args.summary else format_plan(plan))
     if args.emit_sbatch:
-        print("\nSubmit from the repository root:\n  "
-              + sbatch_command(args.config, args.overrides, args.nodes, args.gpus_per_node, job_name=cfg.name))
+        print(
+            "\nSubmit from the repository root:\n  "
+            + sbatch_command(args.config, args.overrides, args.nodes, args.gpus_per_node, job_name=cfg.name)
+        )
     return 0
 
 

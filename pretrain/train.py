@@ -16,11 +16,11 @@ import os
 import sys
 from pathlib import Path
 
-from megatron_ext.config import ConfigError
-from megatron_ext.run import load_config
-from megatron_ext.launch.bootstrap import LAUNCHERS, LaunchError, prepare_launch
 from megatron_ext.compat.safe_load import UntrustedFileError
+from megatron_ext.config import ConfigError
 from megatron_ext.data.indexed import DataError
+from megatron_ext.launch.bootstrap import LAUNCHERS, LaunchError, prepare_launch
+from megatron_ext.run import load_config
 from megatron_ext.training.checkpoint import CheckpointError
 from megatron_ext.training.loop import Trainer
 
@@ -29,12 +29,27 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
     parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config field; repeatable")
-    parser.add_argument("--launcher", choices=LAUNCHERS, default="auto",
-                        help="what started the ranks: torchrun, srun tasks (slurm) or MPI (mpi); default: detect")
-    parser.add_argument("--rendezvous-timeout", type=float, default=600.0, metavar="SECONDS",
-                        help="slurm / mpi launchers: how long ranks wait for rank 0's rendezvous (default 600)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config field; repeatable",
+    )
+    parser.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default="auto",
+        help="what started the ranks: torchrun, srun tasks (slurm) or MPI (mpi); default: detect",
+    )
+    parser.add_argument(
+        "--rendezvous-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="slurm / mpi launchers: how long ranks wait for rank 0's rendezvous (default 600)",
+    )
     return parser.parse_args(argv)
 
 

@@ -15,8 +15,14 @@ from __future__ import annotations
 import copy
 
 TINY = {
-    "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
-              "ffn_hidden_size": 64, "vocab_size": 128},
+    "model": {
+        "num_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+        "ffn_hidden_size": 64,
+        "vocab_size": 128,
+    },
     "data": {"seq_length": 16},
     "train": {"micro_batch_size": 2, "global_batch_size": 4},
     "logging": {"tensorboard": False},
@@ -26,8 +32,15 @@ TINY = {
 no TensorBoard files. Every other field is the config's default."""
 
 SMALL = {
-    "model": {"num_layers": 3, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
-              "ffn_hidden_size": 96, "vocab_size": 256, "qk_layernorm": True},
+    "model": {
+        "num_layers": 3,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+        "ffn_hidden_size": 96,
+        "vocab_size": 256,
+        "qk_layernorm": True,
+    },
 }
 """A wider model with QK-norm (head dimension 16), for tests that measure attention, FLOPs or
 generation rather than train: the model section only."""

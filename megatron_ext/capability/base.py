@@ -115,8 +115,9 @@ class Capability(abc.ABC):
         the ``(name, tensor)`` the sub-model keeps, or None to drop it."""
         return name, tensor
 
-    def submodel_state(self, cfg, callback: Optional[Callback], sub, source_step: int,
-                       output: Path, is_writer: bool) -> Optional[Dict[str, Any]]:
+    def submodel_state(
+        self, cfg, callback: Optional[Callback], sub, source_step: int, output: Path, is_writer: bool
+    ) -> Optional[Dict[str, Any]]:
         """The sub-model's state of this capability's callback (None: start afresh); may write files
         into ``output`` (``is_writer``: this rank writes them)."""
         return None

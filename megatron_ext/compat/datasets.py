@@ -16,10 +16,19 @@ import numpy as np
 from megatron_ext.compat.internals import Internal, require
 
 INTERNALS = (
-    Internal("megatron.core.datasets.gpt_dataset", "GPTDataset._query_document_sample_shuffle_indices",
-             parameters=("idx",), positional=True, source_contains=("self.dataset.get(",)),
-    Internal("megatron.core.datasets.megatron_dataset", "MegatronDataset.__init__",
-             parameters=("dataset",), source_contains=("self.dataset = dataset",)),
+    Internal(
+        "megatron.core.datasets.gpt_dataset",
+        "GPTDataset._query_document_sample_shuffle_indices",
+        parameters=("idx",),
+        positional=True,
+        source_contains=("self.dataset.get(",),
+    ),
+    Internal(
+        "megatron.core.datasets.megatron_dataset",
+        "MegatronDataset.__init__",
+        parameters=("dataset",),
+        source_contains=("self.dataset = dataset",),
+    ),
 )
 """Every Megatron-Core internal this module relies on."""
 

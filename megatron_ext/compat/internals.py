@@ -101,11 +101,15 @@ class Internal:
             if missing:
                 raise self._error(f"has the signature {signature}, without the parameters {missing}", user)
             if self.positional:
-                leading = [p.name for p in signature.parameters.values()
-                           if p.kind in _POSITIONAL and p.name != "self"][: len(self.parameters)]
+                leading = [p.name for p in signature.parameters.values() if p.kind in _POSITIONAL and p.name != "self"][
+                    : len(self.parameters)
+                ]
                 if leading != list(self.parameters):
-                    raise self._error(f"has the signature {signature}, whose leading positional parameters "
-                                      f"are {leading}, not {list(self.parameters)}", user)
+                    raise self._error(
+                        f"has the signature {signature}, whose leading positional parameters "
+                        f"are {leading}, not {list(self.parameters)}",
+                        user,
+                    )
         if self.source_contains:
             try:
                 source = inspect.getsource(target)

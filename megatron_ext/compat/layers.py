@@ -30,23 +30,38 @@ import torch
 from megatron_ext.compat.internals import Internal, require
 
 _FORWARD_ATTENTION = Internal(
-    "megatron.core.transformer.transformer_layer", "TransformerLayer._forward_attention",
-    parameters=("hidden_states", "attention_mask", "context"), positional=True)
+    "megatron.core.transformer.transformer_layer",
+    "TransformerLayer._forward_attention",
+    parameters=("hidden_states", "attention_mask", "context"),
+    positional=True,
+)
 _FORWARD_MLP = Internal(
-    "megatron.core.transformer.transformer_layer", "TransformerLayer._forward_mlp",
-    parameters=("hidden_states", "inference_context", "padding_mask"), positional=True)
+    "megatron.core.transformer.transformer_layer",
+    "TransformerLayer._forward_mlp",
+    parameters=("hidden_states", "inference_context", "padding_mask"),
+    positional=True,
+)
 _LAYER_FORWARD = Internal(
-    "megatron.core.transformer.transformer_layer", "TransformerLayer.forward",
-    source_contains=("self._forward_attention(*args, **kwargs)", "return output, context"))
+    "megatron.core.transformer.transformer_layer",
+    "TransformerLayer.forward",
+    source_contains=("self._forward_attention(*args, **kwargs)", "return output, context"),
+)
 _BLOCK_CALLS_LAYER = Internal(
-    "megatron.core.transformer.transformer_block", "TransformerBlock.forward",
-    source_contains=("hidden_states=hidden_states", "context=context"))
+    "megatron.core.transformer.transformer_block",
+    "TransformerBlock.forward",
+    source_contains=("hidden_states=hidden_states", "context=context"),
+)
 _YARN_MSCALE = Internal(
     "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",
-    "_yarn_get_concentration_factor_from_config", parameters=("config",), positional=True)
+    "_yarn_get_concentration_factor_from_config",
+    parameters=("config",),
+    positional=True,
+)
 _ATTENTION_MSCALE = Internal(
-    "megatron.core.transformer.attention", "Attention.forward",
-    source_contains=("mscale=_yarn_get_concentration_factor_from_config(self.config)",))
+    "megatron.core.transformer.attention",
+    "Attention.forward",
+    source_contains=("mscale=_yarn_get_concentration_factor_from_config(self.config)",),
+)
 
 _SUBLAYERS = (_FORWARD_ATTENTION, _FORWARD_MLP, _LAYER_FORWARD)
 _ROPE = (_YARN_MSCALE, _ATTENTION_MSCALE)
@@ -65,8 +80,12 @@ def forward_attention(layer: torch.nn.Module, hidden_states: torch.Tensor, **kwa
     return layer._forward_attention(hidden_states, **kwargs)
 
 
-def forward_mlp(layer: torch.nn.Module, hidden_states: torch.Tensor, inference_context=None,
-                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def forward_mlp(
+    layer: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    inference_context=None,
+    padding_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """The MLP half of ``layer``'s forward (pre-MLP norm, MLP or MoE, residual)."""
     require("megatron_ext.compat.layers.forward_mlp", _SUBLAYERS)
     return layer._forward_mlp(hidden_states, inference_context, padding_mask=padding_mask)
@@ -133,8 +152,10 @@ def skip_layer(layer: torch.nn.Module, zero_grads: bool = False) -> None:
     """
     require("megatron_ext.compat.layers.skip_layer", _SKIP)
     if "forward" in vars(layer) and not is_skipped(layer):
-        raise RuntimeError(f"layer {layer.layer_number} already has an instance-level forward that "
-                           "skip_layer would replace: remove it before skipping the layer")
+        raise RuntimeError(
+            f"layer {layer.layer_number} already has an instance-level forward that "
+            "skip_layer would replace: remove it before skipping the layer"
+        )
     layer.forward = _ZeroGradPassThrough(layer) if zero_grads else _pass_through
 
 

@@ -43,38 +43,62 @@ _ROUTER = "megatron.core.transformer.moe.router"
 _TOPK = (
     Internal(_ROUTER, "TopKRouter.__init__", source_contains=("self.topk = self.config.moe_router_topk",)),
     Internal(_ROUTER, "TopKRouter.routing", source_contains=("self.topk",)),
-    Internal("megatron.core.transformer.moe.token_dispatcher", "MoEAlltoAllTokenDispatcher.preprocess",
-             source_contains=("self.config.moe_router_topk",)),
+    Internal(
+        "megatron.core.transformer.moe.token_dispatcher",
+        "MoEAlltoAllTokenDispatcher.preprocess",
+        source_contains=("self.config.moe_router_topk",),
+    ),
     Internal("megatron.core.transformer.transformer_config", "TransformerConfig.moe_router_topk"),
 )
 _SELECTION_BIAS = (
-    Internal(_ROUTER, "TopKRouter.routing", parameters=("logits", "padding_mask"),
-             source_contains=("expert_bias=self.expert_bias",)),
-    Internal("megatron.core.transformer.moe.moe_utils", "topk_routing_with_score_function",
-             parameters=("logits", "topk", "score_function", "expert_bias")),
+    Internal(
+        _ROUTER,
+        "TopKRouter.routing",
+        parameters=("logits", "padding_mask"),
+        source_contains=("expert_bias=self.expert_bias",),
+    ),
+    Internal(
+        "megatron.core.transformer.moe.moe_utils",
+        "topk_routing_with_score_function",
+        parameters=("logits", "topk", "score_function", "expert_bias"),
+    ),
 )
 
 _CAPACITY = (
-    Internal(_ROUTER, "TopKRouter.routing", source_contains=("capacity_factor=self.config.moe_expert_capacity_factor",)),
-    Internal("megatron.core.transformer.moe.moe_utils", "apply_router_token_dropping",
-             parameters=("routing_probs", "routing_map", "router_topk", "capacity_factor"),
-             source_contains=("num_experts=num_experts",)),
+    Internal(
+        _ROUTER, "TopKRouter.routing", source_contains=("capacity_factor=self.config.moe_expert_capacity_factor",)
+    ),
+    Internal(
+        "megatron.core.transformer.moe.moe_utils",
+        "apply_router_token_dropping",
+        parameters=("routing_probs", "routing_map", "router_topk", "capacity_factor"),
+        source_contains=("num_experts=num_experts",),
+    ),
 )
 _TOKEN_COUNTS = (
     Internal(_ROUTER, "TopKRouter.__init__", source_contains=("self.local_tokens_per_expert",)),
-    Internal(_ROUTER, "TopKRouter._apply_expert_bias",
-             source_contains=("self.local_tokens_per_expert += routing_map.sum(dim=0)",)),
+    Internal(
+        _ROUTER,
+        "TopKRouter._apply_expert_bias",
+        source_contains=("self.local_tokens_per_expert += routing_map.sum(dim=0)",),
+    ),
 )
 
 _AUX_LOSSES = (
     Internal("megatron.core.transformer.moe.moe_utils", "get_moe_layer_wise_logging_tracker"),
-    Internal("megatron.core.transformer.moe.moe_utils", "save_to_aux_losses_tracker",
-             source_contains=('tracker[name]["values"][layer_number - 1] += loss.detach()',)),
+    Internal(
+        "megatron.core.transformer.moe.moe_utils",
+        "save_to_aux_losses_tracker",
+        source_contains=('tracker[name]["values"][layer_number - 1] += loss.detach()',),
+    ),
 )
 
 _MTP_LOSSES = (
-    Internal("megatron.core.transformer.multi_token_prediction", "MTPLossLoggingHelper.save_loss_to_tracker",
-             source_contains=('tracker["values"][layer_number] += loss.detach()',)),
+    Internal(
+        "megatron.core.transformer.multi_token_prediction",
+        "MTPLossLoggingHelper.save_loss_to_tracker",
+        source_contains=('tracker["values"][layer_number] += loss.detach()',),
+    ),
 )
 
 INTERNALS = tuple(dict.fromkeys(_TOPK + _SELECTION_BIAS + _CAPACITY + _TOKEN_COUNTS + _AUX_LOSSES + _MTP_LOSSES))

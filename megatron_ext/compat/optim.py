@@ -14,8 +14,12 @@ from typing import Dict, List
 
 from megatron_ext.compat.internals import Internal, require
 
-_PARAM_GROUPS = Internal("megatron.core.optimizer", "_get_param_groups",
-                         parameters=("model_chunks", "config", "config_overrides"), positional=True)
+_PARAM_GROUPS = Internal(
+    "megatron.core.optimizer",
+    "_get_param_groups",
+    parameters=("model_chunks", "config", "config_overrides"),
+    positional=True,
+)
 
 INTERNALS = (_PARAM_GROUPS,)
 """Every Megatron-Core internal this module relies on."""

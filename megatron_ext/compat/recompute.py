@@ -27,10 +27,17 @@ _RANDOM = "megatron.core.tensor_parallel.random"
 
 INTERNALS = (
     Internal(_RANDOM, "HAVE_TE"),
-    Internal(_RANDOM, "CheckpointWithoutOutput.__init__", parameters=("fp8",),
-             source_contains=("self.fp8 = fp8 is not None",)),
-    Internal(_RANDOM, "CheckpointWithoutOutputFunction.forward",
-             source_contains=("if checkpoint_without_output_obj.fp8:", "FP8GlobalStateManager")),
+    Internal(
+        _RANDOM,
+        "CheckpointWithoutOutput.__init__",
+        parameters=("fp8",),
+        source_contains=("self.fp8 = fp8 is not None",),
+    ),
+    Internal(
+        _RANDOM,
+        "CheckpointWithoutOutputFunction.forward",
+        source_contains=("if checkpoint_without_output_obj.fp8:", "FP8GlobalStateManager"),
+    ),
     Internal(_RANDOM, "CheckpointWithoutOutput._recompute", source_contains=("if self.fp8:",)),
 )
 """Every Megatron-Core internal this module relies on."""

@@ -26,14 +26,26 @@ from typing import Any, List
 from megatron_ext.compat.internals import Internal, require
 
 INTERNALS = (
-    Internal("torch.distributed.checkpoint.filesystem", "FileSystemReader.read_metadata",
-             source_contains=("pickle.load(metadata_file)",)),
-    Internal("torch.distributed.checkpoint.default_planner", "DefaultLoadPlanner.load_bytes",
-             parameters=("read_item", "value"), positional=True, source_contains=("torch.load(",)),
-    Internal("megatron.core.datasets.gpt_dataset", "GPTDataset._build_document_sample_shuffle_indices",
-             source_contains=("numpy.load(",)),
-    Internal("megatron.core.datasets.blended_dataset", "BlendedDataset._build_indices",
-             source_contains=("numpy.load(",)),
+    Internal(
+        "torch.distributed.checkpoint.filesystem",
+        "FileSystemReader.read_metadata",
+        source_contains=("pickle.load(metadata_file)",),
+    ),
+    Internal(
+        "torch.distributed.checkpoint.default_planner",
+        "DefaultLoadPlanner.load_bytes",
+        parameters=("read_item", "value"),
+        positional=True,
+        source_contains=("torch.load(",),
+    ),
+    Internal(
+        "megatron.core.datasets.gpt_dataset",
+        "GPTDataset._build_document_sample_shuffle_indices",
+        source_contains=("numpy.load(",),
+    ),
+    Internal(
+        "megatron.core.datasets.blended_dataset", "BlendedDataset._build_indices", source_contains=("numpy.load(",)
+    ),
 )
 """Every internal this module relies on."""
 
@@ -91,8 +103,11 @@ class _MetadataUnpickler(pickle.Unpickler):
             found = super().find_class(module, name)
             if isinstance(found, type):
                 return found
-        if module == "torch" and "." not in name and isinstance(getattr(torch, name, None),
-                                                                (torch.dtype, torch.layout, torch.memory_format)):
+        if (
+            module == "torch"
+            and "." not in name
+            and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+        ):
             return getattr(torch, name)
         raise UntrustedFileError(f"refers to {module}.{name}, which a checkpoint's metadata never holds")
 
@@ -101,8 +116,10 @@ def _restricted_metadata_load(file, *args, **kwargs):
     try:
         return _MetadataUnpickler(file).load()
     except UntrustedFileError as err:
-        raise UntrustedFileError(f"{getattr(file, 'name', 'checkpoint metadata')} {err}: refusing to load it "
-                                 "(the file may have been crafted; use a checkpoint from a source you trust)") from None
+        raise UntrustedFileError(
+            f"{getattr(file, 'name', 'checkpoint metadata')} {err}: refusing to load it "
+            "(the file may have been crafted; use a checkpoint from a source you trust)"
+        ) from None
 
 
 class _PickleWithRestrictedLoad:
@@ -123,9 +140,11 @@ def _load_bytes_weights_only(self, read_item, value: io.BytesIO) -> None:
     except pickle.UnpicklingError as err:
         found = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
         what = found[0] if found else "it needs a full unpickler"
-        raise UntrustedFileError(f"checkpoint object {read_item.dest_index.fqn!r} is not plain data ({what}) and was "
-                                 "not loaded: refusing it (the checkpoint may have been crafted; use one from a "
-                                 "source you trust)") from None
+        raise UntrustedFileError(
+            f"checkpoint object {read_item.dest_index.fqn!r} is not plain data ({what}) and was "
+            "not loaded: refusing it (the checkpoint may have been crafted; use one from a "
+            "source you trust)"
+        ) from None
     if self.flatten_state_dict:
         set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
     else:
@@ -150,8 +169,10 @@ class _NumpyWithoutPickle:
         except ValueError as err:
             if "allow_pickle" not in str(err) and "Python objects" not in str(err):  # (memory-mapped reads)
                 raise
-            raise UntrustedFileError(f"{file}: a dataset index cache holds pickled objects, not an integer array; "
-                                     "refusing to load it (delete the cache directory to rebuild it)") from None
+            raise UntrustedFileError(
+                f"{file}: a dataset index cache holds pickled objects, not an integer array; "
+                "refusing to load it (delete the cache directory to rebuild it)"
+            ) from None
 
 
 def enable_safe_loading() -> None:

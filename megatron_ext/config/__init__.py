@@ -19,7 +19,20 @@ from megatron_ext.config.sections import (
 )
 
 __all__ = [
-    "CORE_SECTIONS", "CheckpointConfig", "Checks", "ConfigError", "DataConfig", "LoggingConfig", "MODALITIES",
-    "ModelConfig", "ParallelConfig", "TrainConfig", "apply_overrides", "compose_run_config", "dump_yaml",
-    "from_dict", "load_yaml", "to_dict",
+    "CORE_SECTIONS",
+    "CheckpointConfig",
+    "Checks",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "MODALITIES",
+    "ModelConfig",
+    "ParallelConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "compose_run_config",
+    "dump_yaml",
+    "from_dict",
+    "load_yaml",
+    "to_dict",
 ]

@@ -70,8 +70,10 @@ def _coerce(value: Any, tp: Any, where: str, problems: List[str]) -> Any:
         if not isinstance(value, dict):
             problems.append(f"{where}={value!r} has the wrong type: expected a mapping")
             return value
-        return {_coerce(k, key_tp, f"{where} key", problems): _coerce(v, value_tp, f"{where}.{k}", problems)
-                for k, v in value.items()}
+        return {
+            _coerce(k, key_tp, f"{where} key", problems): _coerce(v, value_tp, f"{where}.{k}", problems)
+            for k, v in value.items()
+        }
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             problems.append(f"{where} must be a mapping of {tp.__name__} fields, got {value!r}")
@@ -181,11 +183,19 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
     except yaml.YAMLError as err:
         raise ConfigError([f"config file {str(path)!r} is not valid YAML: {err}"]) from None
     if data is None:
-        raise ConfigError([f"config file {str(path)!r} is empty: give at least the name and the sections to set "
-                           "(see configs/smoke.yaml)"])
+        raise ConfigError(
+            [
+                f"config file {str(path)!r} is empty: give at least the name and the sections to set "
+                "(see configs/smoke.yaml)"
+            ]
+        )
     if not isinstance(data, dict):
-        raise ConfigError([f"config file {str(path)!r} holds a {type(data).__name__}, not a mapping of sections "
-                           "(model:, train:, ...)"])
+        raise ConfigError(
+            [
+                f"config file {str(path)!r} holds a {type(data).__name__}, not a mapping of sections "
+                "(model:, train:, ...)"
+            ]
+        )
     return data
 
 
@@ -198,8 +208,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1})",
-                    key_node.start_mark)
+                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1})", key_node.start_mark
+                )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 

@@ -83,20 +83,36 @@ class ModelConfig:
 
     def __post_init__(self):
         c = Checks(self)
-        c.positive("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                   "kv_channels", "ffn_hidden_size", "vocab_size", "max_position_embeddings",
-                   "rotary_base", "norm_epsilon", "init_method_std", "mtp_num_layers")
+        c.positive(
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "kv_channels",
+            "ffn_hidden_size",
+            "vocab_size",
+            "max_position_embeddings",
+            "rotary_base",
+            "norm_epsilon",
+            "init_method_std",
+            "mtp_num_layers",
+        )
         c.require(0.0 <= self.hidden_dropout < 1.0, f"hidden_dropout={self.hidden_dropout!r} must be in [0, 1)")
-        c.require(0.0 <= self.attention_dropout < 1.0,
-                  f"attention_dropout={self.attention_dropout!r} must be in [0, 1)")
+        c.require(
+            0.0 <= self.attention_dropout < 1.0, f"attention_dropout={self.attention_dropout!r} must be in [0, 1)"
+        )
         groups = self.num_query_groups or self.num_attention_heads
         if self.num_attention_heads > 0 and groups > 0:
-            c.require(self.num_attention_heads % groups == 0,
-                      f"num_query_groups={groups} must divide num_attention_heads={self.num_attention_heads}")
+            c.require(
+                self.num_attention_heads % groups == 0,
+                f"num_query_groups={groups} must divide num_attention_heads={self.num_attention_heads}",
+            )
         if self.kv_channels is None and self.num_attention_heads > 0:
-            c.require(self.hidden_size % self.num_attention_heads == 0,
-                      f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                      f"{self.num_attention_heads}: set kv_channels explicitly or change the sizes")
+            c.require(
+                self.hidden_size % self.num_attention_heads == 0,
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}: set kv_channels explicitly or change the sizes",
+            )
         c.done()
 
 
@@ -168,18 +184,24 @@ class DataConfig:
         if self.kind == "indexed":
             c.require(bool(self.paths), "paths is empty: kind 'indexed' needs at least one dataset prefix")
         if self.weights is not None:
-            c.require(len(self.weights) == len(self.paths),
-                      f"weights has {len(self.weights)} entries for {len(self.paths)} paths")
+            c.require(
+                len(self.weights) == len(self.paths),
+                f"weights has {len(self.weights)} entries for {len(self.paths)} paths",
+            )
             c.require(all(w >= 0 for w in self.weights), f"weights={self.weights} must not be negative")
             c.require(sum(self.weights) > 0, f"weights={self.weights} must not sum to zero")
         parts = self.split.split(",")
         ok = len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts)
-        c.require(ok and sum(float(p) for p in parts) > 0,
-                  f"split={self.split!r} must be three non-negative numbers such as '98,2,0'")
+        c.require(
+            ok and sum(float(p) for p in parts) > 0,
+            f"split={self.split!r} must be three non-negative numbers such as '98,2,0'",
+        )
         if self.eod_token is not None:
-            c.require(self.tokenizer not in (None, "bytes"),
-                      f"eod_token={self.eod_token!r} names a token of tokenizer, which is {self.tokenizer!r}: "
-                      "set tokenizer to a tokenizer file or directory, or drop eod_token")
+            c.require(
+                self.tokenizer not in (None, "bytes"),
+                f"eod_token={self.eod_token!r} names a token of tokenizer, which is {self.tokenizer!r}: "
+                "set tokenizer to a tokenizer file or directory, or drop eod_token",
+            )
             c.require(self.eod_token != "", "eod_token='' is empty: give the token that ends a document")
         for name, weight in (self.loss_weights or {}).items():
             c.require(name in MODALITIES, f"loss_weights has unknown modality {name!r} (use {MODALITIES})")
@@ -234,9 +256,10 @@ class TrainConfig:
     """Start from these model weights only: a run directory (its latest checkpoint), its
     ``checkpoints/`` directory or one ``step_*`` checkpoint of this project, saved at any parallel
     layout, or a HF model directory (config.json + safetensors; its config must agree with the
-    model section; converted once into ``<run-dir>/init_from_hf/``). The run starts at step 0 with a fresh optimizer, LR schedule, data position and
-    capability state; a run directory that already has a checkpoint of its own resumes from that
-    instead. The checkpoint's tensors must match the model's names and shapes."""
+    model section; converted once into ``<run-dir>/init_from_hf/``). The run starts at step 0 with a
+    fresh optimizer, LR schedule, data position and capability state; a run directory that already
+    has a checkpoint of its own resumes from that instead. The checkpoint's tensors must match the
+    model's names and shapes."""
     mtp_weight: float = 0.1
     """Weight of the multi-token-prediction loss (mean over the MTP layers) in the gradient, with
     ``model.mtp_num_layers``; ``loss`` stays the next-token loss alone (the MTP losses are logged as
@@ -253,25 +276,41 @@ class TrainConfig:
 
     def __post_init__(self):
         c = Checks(self)
-        c.positive("micro_batch_size", "global_batch_size", "steps", "lr", "eval_steps",
-                   "max_consecutive_nonfinite", "wsd_decay_steps", "adam_eps")
-        c.non_negative("min_lr", "warmup_steps", "weight_decay", "clip_grad", "eval_interval", "mtp_weight",
-                       "mtp_weight_final")
+        c.positive(
+            "micro_batch_size",
+            "global_batch_size",
+            "steps",
+            "lr",
+            "eval_steps",
+            "max_consecutive_nonfinite",
+            "wsd_decay_steps",
+            "adam_eps",
+        )
+        c.non_negative(
+            "min_lr", "warmup_steps", "weight_decay", "clip_grad", "eval_interval", "mtp_weight", "mtp_weight_final"
+        )
         if self.lr > 0:
             c.require(self.min_lr <= self.lr, f"min_lr={self.min_lr} must not exceed lr={self.lr}")
-        c.require(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
-                  f"adam_beta1/adam_beta2=({self.adam_beta1}, {self.adam_beta2}) must be in [0, 1)")
+        c.require(
+            0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
+            f"adam_beta1/adam_beta2=({self.adam_beta1}, {self.adam_beta2}) must be in [0, 1)",
+        )
         if self.steps > 0 and self.warmup_steps > 0:
-            c.require(self.warmup_steps < self.steps,
-                      f"warmup_steps={self.warmup_steps} must be below steps={self.steps} (the schedule needs "
-                      "at least one step after warmup)")
-        c.require(self.recompute_modules is None or self.recompute == "selective",
-                  f"recompute_modules={self.recompute_modules} needs recompute='selective' (got {self.recompute!r})")
-        c.require(self.recompute_modules is None or len(self.recompute_modules) > 0,
-                  "recompute_modules=[] recomputes nothing: list modules or use recompute='none'")
+            c.require(
+                self.warmup_steps < self.steps,
+                f"warmup_steps={self.warmup_steps} must be below steps={self.steps} (the schedule needs "
+                "at least one step after warmup)",
+            )
+        c.require(
+            self.recompute_modules is None or self.recompute == "selective",
+            f"recompute_modules={self.recompute_modules} needs recompute='selective' (got {self.recompute!r})",
+        )
+        c.require(
+            self.recompute_modules is None or len(self.recompute_modules) > 0,
+            "recompute_modules=[] recomputes nothing: list modules or use recompute='none'",
+        )
         if self.lr_schedule == "wsd":
-            c.require(self.wsd_decay_steps is not None,
-                      "wsd_decay_steps must be set when lr_schedule='wsd'")
+            c.require(self.wsd_decay_steps is not None, "wsd_decay_steps must be set when lr_schedule='wsd'")
         c.done()
 
 
@@ -326,8 +365,9 @@ CORE_SECTIONS: Dict[str, type] = {
 """The sections every run has, in YAML order."""
 
 
-def compose_run_config(sections: Mapping[str, type], *, module: str,
-                       methods: Optional[Mapping[str, Callable]] = None) -> type:
+def compose_run_config(
+    sections: Mapping[str, type], *, module: str, methods: Optional[Mapping[str, Callable]] = None
+) -> type:
     """The run-config dataclass: ``name``, the :data:`CORE_SECTIONS`, then ``sections`` (each a
     dataclass whose defaults are valid), all keyword-only. ``module`` is where the class is bound
     (so that pickling finds it); ``methods`` are added to the class as they are."""
@@ -339,6 +379,7 @@ def compose_run_config(sections: Mapping[str, type], *, module: str,
         fields.append((section, cls, field(default_factory=cls)))
     cls = dataclasses.make_dataclass("RunConfig", fields, kw_only=True, namespace=dict(methods or {}))
     cls.__module__ = module
-    cls.__doc__ = ("A whole run: every section of configs/*.yaml (" + ", ".join(["name", *CORE_SECTIONS, *sections])
-                   + ").")
+    cls.__doc__ = (
+        "A whole run: every section of configs/*.yaml (" + ", ".join(["name", *CORE_SECTIONS, *sections]) + ")."
+    )
     return cls

@@ -42,9 +42,17 @@ def swa_fraction(allocation: torch.Tensor) -> float:
     return float((~allocation).float().mean())
 
 
-def write_allocation(path: Path, allocation: torch.Tensor, *, granularity: str, window: int, target: float,
-                     method: str, log_alpha: Optional[torch.Tensor] = None,
-                     diagnostics: Optional[dict] = None) -> None:
+def write_allocation(
+    path: Path,
+    allocation: torch.Tensor,
+    *,
+    granularity: str,
+    window: int,
+    target: float,
+    method: str,
+    log_alpha: Optional[torch.Tensor] = None,
+    diagnostics: Optional[dict] = None,
+) -> None:
     """Write allocation.json atomically; ``diagnostics`` (of a learned allocation: polarization,
     constraint gap, ``warnings``) go in as they are."""
     layers = []
@@ -53,8 +61,14 @@ def write_allocation(path: Path, allocation: torch.Tensor, *, granularity: str, 
         if log_alpha is not None:
             entry["log_alpha"] = [round(float(x), 6) for x in log_alpha[i]]
         layers.append(entry)
-    record = {"granularity": granularity, "window": window, "target": target,
-              "achieved_swa_fraction": swa_fraction(allocation), "method": method, "layers": layers}
+    record = {
+        "granularity": granularity,
+        "window": window,
+        "target": target,
+        "achieved_swa_fraction": swa_fraction(allocation),
+        "method": method,
+        "layers": layers,
+    }
     if diagnostics is not None:
         record["diagnostics"] = diagnostics
     tmp = Path(str(path) + ".tmp")

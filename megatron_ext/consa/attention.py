@@ -33,8 +33,8 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from megatron_ext.models.kernels import causal_attention, sink_window_attention, sliding_window_attention
 from megatron_ext.models.context_attention import context_parallel_attention
+from megatron_ext.models.kernels import causal_attention, sink_window_attention, sliding_window_attention
 from megatron_ext.models.protocols import (
     AttentionPairCounter,
     HeadSubsetAttention,
@@ -45,14 +45,28 @@ from megatron_ext.models.protocols import (
 from megatron_ext.models.te_attention import TEKernels
 from megatron_ext.parallel.context import context_parallel_of
 
-class HybridCoreAttention(MegatronModule, HeadSubsetAttention, QueryHeadSubsetAttention, KeyPlanAttention,
-                          AttentionPairCounter):
+
+class HybridCoreAttention(
+    MegatronModule, HeadSubsetAttention, QueryHeadSubsetAttention, KeyPlanAttention, AttentionPairCounter
+):
     """Core attention whose KV heads use full causal or sliding-window attention (see module doc), with
     the core-attention protocols of :mod:`megatron_ext.models.protocols`."""
 
-    def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type="self",
-                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type=None, pg_collection=None, *, window: int, sink: int = 0, backend: str = "local"):
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type=None,
+        attention_type="self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type=None,
+        pg_collection=None,
+        *,
+        window: int,
+        sink: int = 0,
+        backend: str = "local",
+    ):
         super().__init__(config=config)
         if (attention_dropout if attention_dropout is not None else config.attention_dropout) > 0:
             raise ValueError("hybrid attention does not implement attention dropout: set model.attention_dropout: 0")
@@ -78,8 +92,10 @@ class HybridCoreAttention(MegatronModule, HeadSubsetAttention, QueryHeadSubsetAt
         this project's kernels. Sink + recent units (LoZA) always use this project's."""
         if backend == "te":
             if self.cp is not None:
-                raise ValueError("hybrid attention with model.backend='te' has no context parallelism: set "
-                                 "model.backend: local for parallel.context > 1")
+                raise ValueError(
+                    "hybrid attention with model.backend='te' has no context parallelism: set "
+                    "model.backend: local for parallel.context > 1"
+                )
             self.te = TEKernels(self.head_dim, self.softmax_scale, layer_number)
         elif backend != "local":
             raise ValueError(f"backend {backend!r} is not 'local' or 'te'")
@@ -101,8 +117,10 @@ class HybridCoreAttention(MegatronModule, HeadSubsetAttention, QueryHeadSubsetAt
         if flags.numel() == 1:
             flags = flags.expand(self.num_kv_heads)
         if flags.numel() != self.num_kv_heads:
-            raise ValueError(f"layer {self.layer_index}: allocation has {flags.numel()} KV-head flags, the "
-                             f"layer has {self.num_kv_heads} KV heads")
+            raise ValueError(
+                f"layer {self.layer_index}: allocation has {flags.numel()} KV-head flags, the "
+                f"layer has {self.num_kv_heads} KV heads"
+            )
         self.mode, self._gate = "static", None
         self._full_heads = flags[self.kv_offset : self.kv_offset + self.local_kv_heads].clone()
 
@@ -115,8 +133,10 @@ class HybridCoreAttention(MegatronModule, HeadSubsetAttention, QueryHeadSubsetAt
     def kv_cache_plan(self) -> List[KeyPlan]:
         """:meth:`KeyPlanAttention.kv_cache_plan`: a layer in mask learning cannot be cached."""
         if self.mode == "gated":
-            raise ValueError(f"layer {self.layer_index} is in mask learning (gated full + sliding attention): "
-                             "decode a checkpoint saved after binarization, or one of the dense warm-up")
+            raise ValueError(
+                f"layer {self.layer_index} is in mask learning (gated full + sliding attention): "
+                "decode a checkpoint saved after binarization, or one of the dense warm-up"
+            )
         return self.attended_keys()
 
     def attention_pairs(self, seq_length: int) -> List[int]:
@@ -134,8 +154,9 @@ class HybridCoreAttention(MegatronModule, HeadSubsetAttention, QueryHeadSubsetAt
         return [full if flag else sparse for flag in self._full_heads.tolist()]
 
     # -- compute -----------------------------------------------------------------------------------
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("hybrid attention supports neither packed sequences nor attention bias")
         return self.forward_heads(query, key, value, list(range(self.local_kv_heads)))
@@ -144,8 +165,9 @@ class HybridCoreAttention(MegatronModule, HeadSubsetAttention, QueryHeadSubsetAt
         """:meth:`HeadSubsetAttention.forward_heads`, each KV head with its allocation."""
         s, b, nq, hn = query.shape
         heads = torch.as_tensor(list(local_kv_heads), dtype=torch.long)
-        out = self._attend(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3), heads,
-                           self.queries_per_group)
+        out = self._attend(
+            query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3), heads, self.queries_per_group
+        )
         return out.permute(2, 0, 1, 3).reshape(s, b, nq * hn)
 
     def forward_query_heads(self, query, key, value, kv_of_query: Sequence[int], local_kv_heads: Sequence[int]):

@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_ext.capability import Callback, TrainContext
 from megatron_ext.consa.allocation import (
     read_allocation,
     rule_head_allocation,
@@ -44,9 +45,7 @@ from megatron_ext.consa.attention import HybridCoreAttention
 from megatron_ext.consa.config import LEARNED_METHODS, HybridAttentionConfig
 from megatron_ext.consa.constraint import LagrangianController
 from megatron_ext.consa.gates import HardConcreteGates, ScalarGates
-from megatron_ext.capability import Callback, TrainContext
 from megatron_ext.parallel.state import comm_device
-
 
 
 class LayerGate:
@@ -70,8 +69,9 @@ class ConSACallback(Callback):
     state_aliases = ("consa",)
     metric_prefixes = ("consa/",)
 
-    def __init__(self, cfg: HybridAttentionConfig, num_layers: int, num_kv_heads: int, tokens_per_step: int,
-                 seed: int, log=print):
+    def __init__(
+        self, cfg: HybridAttentionConfig, num_layers: int, num_kv_heads: int, tokens_per_step: int, seed: int, log=print
+    ):
         self.cfg = cfg
         self.num_layers = num_layers
         self.units = 1 if cfg.granularity == "layer" else num_kv_heads
@@ -93,10 +93,16 @@ class ConSACallback(Callback):
         unit on full attention (``full``) and every unit on SWA (``swa``)."""
         if self.learned:
             gate_cls = HardConcreteGates if cfg.method == "consa" else ScalarGates
-            self.gates = gate_cls(num_layers, self.units, cfg.hard_concrete,
-                                  generator=torch.Generator().manual_seed(seed), noise_seed=seed)
-            self.gate_optimizer = torch.optim.Adam([self.gates.log_alpha], lr=cfg.gate_lr,
-                                                   betas=(cfg.gate_adam_beta1, 0.99))
+            self.gates = gate_cls(
+                num_layers,
+                self.units,
+                cfg.hard_concrete,
+                generator=torch.Generator().manual_seed(seed),
+                noise_seed=seed,
+            )
+            self.gate_optimizer = torch.optim.Adam(
+                [self.gates.log_alpha], lr=cfg.gate_lr, betas=(cfg.gate_adam_beta1, 0.99)
+            )
             if cfg.method == "consa":
                 self.controller = LagrangianController(cfg, num_layers)
         elif cfg.method == "rule_layer":
@@ -115,8 +121,10 @@ class ConSACallback(Callback):
             raise RuntimeError("hybrid_attention is enabled but the model has no HybridCoreAttention layers")
         seq_length = ctx.config.data.seq_length if ctx.config is not None else None
         if seq_length is not None and self.cfg.window >= seq_length and dist.get_rank() == 0:
-            self.log(f"WARNING: consa: hybrid_attention.window={self.cfg.window} >= data.seq_length={seq_length}: "
-                     "sliding-window attention sees every key, so SWA units are full attention")
+            self.log(
+                f"WARNING: consa: hybrid_attention.window={self.cfg.window} >= data.seq_length={seq_length}: "
+                "sliding-window attention sees every key, so SWA units are full attention"
+            )
         self._apply(ctx.step + 1)
 
     def stage(self, step: int) -> int:
@@ -190,9 +198,11 @@ class ConSACallback(Callback):
         swa = ctx.evaluate()
         self.window_losses = {"full": full, "swa": swa}
         if dist.get_rank() == 0:
-            self.log(f"consa: mask learning starts at step {ctx.step + 1}: validation loss {full:.4f} with full "
-                     f"attention, {swa:.4f} with every unit on SWA (W={self.cfg.window}): window cost "
-                     f"{swa - full:+.4f}")
+            self.log(
+                f"consa: mask learning starts at step {ctx.step + 1}: validation loss {full:.4f} with full "
+                f"attention, {swa:.4f} with every unit on SWA (W={self.cfg.window}): window cost "
+                f"{swa - full:+.4f}"
+            )
 
     @property
     def window_cost(self) -> Optional[float]:
@@ -203,8 +213,13 @@ class ConSACallback(Callback):
     def on_step_end(self, ctx: TrainContext, result) -> Dict[str, object]:
         metrics = self._step_metrics(ctx, result)
         if self.window_losses is not None:  # every step from its measurement on, so logged records carry it
-            metrics.update({"consa/val_loss_full_attention": self.window_losses["full"],
-                            "consa/val_loss_all_swa": self.window_losses["swa"], "consa/window_cost": self.window_cost})
+            metrics.update(
+                {
+                    "consa/val_loss_full_attention": self.window_losses["full"],
+                    "consa/val_loss_all_swa": self.window_losses["swa"],
+                    "consa/window_cost": self.window_cost,
+                }
+            )
         return metrics
 
     def _step_metrics(self, ctx: TrainContext, result) -> Dict[str, object]:
@@ -247,8 +262,14 @@ class ConSACallback(Callback):
             constraint = self.controller.constraint_loss(rho_hat, step)
             c = self.controller
             g_alpha, g1, g2 = torch.autograd.grad(constraint, [self.gates.log_alpha, c.lambda1, c.lambda2])
-            metrics.update({"consa/target": c.target_at(step), "consa/constraint_loss": float(constraint.detach()),
-                            "consa/lambda1": _value(c.lambda1), "consa/lambda2": _value(c.lambda2)})
+            metrics.update(
+                {
+                    "consa/target": c.target_at(step),
+                    "consa/constraint_loss": float(constraint.detach()),
+                    "consa/lambda1": _value(c.lambda1),
+                    "consa/lambda2": _value(c.lambda2),
+                }
+            )
             if update_successful:
                 grad = grad + g_alpha
                 c.lambda1.grad, c.lambda2.grad = g1, g2
@@ -264,8 +285,11 @@ class ConSACallback(Callback):
         """Per-unit log_alpha and E[z] (flat, layer-major; one TensorBoard scalar per unit) and the
         share of decided units."""
         log_alpha = self.gates.log_alpha.detach()
-        return {"consa/log_alpha": _value(log_alpha), "consa/expected_gate": _value(self.gates.expected_gate()),
-                "consa/polarized_fraction": self.polarized_fraction()}
+        return {
+            "consa/log_alpha": _value(log_alpha),
+            "consa/expected_gate": _value(self.gates.expected_gate()),
+            "consa/polarized_fraction": self.polarized_fraction(),
+        }
 
     @torch.no_grad()
     def polarized_fraction(self, allocation: Optional[torch.Tensor] = None, side: Optional[bool] = None) -> float:
@@ -315,29 +339,48 @@ class ConSACallback(Callback):
         rho_bound = self.gates.expected_swa_fraction(mode, log_alpha=at_bounds)
         gap = float((self.gates.expected_swa_fraction(mode).detach() - rho_bound).abs().max())
         polarized = self.polarized_fraction(allocation)
-        sides = {"full attention": self.polarized_fraction(allocation, True),
-                 "SWA": self.polarized_fraction(allocation, False)}
+        sides = {
+            "full attention": self.polarized_fraction(allocation, True),
+            "SWA": self.polarized_fraction(allocation, False),
+        }
         undecided = {side: share for side, share in sides.items() if share < cfg.min_polarized_fraction}
         cost = self.window_cost
         harmless = bool(undecided) and cost is not None and cost <= cfg.window_cost_tolerance
         if cost is None:
-            advice = ("learn the mask longer (mask_learning_steps / _tokens) or from a trained start "
-                      "(mask_learning_start_step, train.init_from)")
+            advice = (
+                "learn the mask longer (mask_learning_steps / _tokens) or from a trained start "
+                "(mask_learning_start_step, train.init_from)"
+            )
         else:
-            advice = (f"learn the mask longer (mask_learning_steps / _tokens): at its start, every unit on SWA "
-                      f"cost {cost:+.4f} validation loss")
-        warnings = [] if harmless else [
-            f"only {share:.0%} of the {side} units' gates are decided (log_alpha >= {cfg.polarization_threshold} "
-            f"beyond the other side's units of their constraint group; hybrid_attention.min_polarized_fraction="
-            f"{cfg.min_polarized_fraction}): the allocation is largely ties broken by rank; {advice}"
-            for side, share in undecided.items()]
+            advice = (
+                f"learn the mask longer (mask_learning_steps / _tokens): at its start, every unit on SWA "
+                f"cost {cost:+.4f} validation loss"
+            )
+        warnings = (
+            []
+            if harmless
+            else [
+                f"only {share:.0%} of the {side} units' gates are decided (log_alpha >= {cfg.polarization_threshold} "
+                f"beyond the other side's units of their constraint group; hybrid_attention.min_polarized_fraction="
+                f"{cfg.min_polarized_fraction}): the allocation is largely ties broken by rank; {advice}"
+                for side, share in undecided.items()
+            ]
+        )
         if self.controller is not None and gap > cfg.constraint_tolerance:
-            warnings.append(f"the constraint had not settled: |rho_hat - rho_bound| = {gap:.3f} > "
-                            f"hybrid_attention.constraint_tolerance={cfg.constraint_tolerance}; learn the "
-                            "mask longer or raise lambda_lr")
-        return {"polarized_fraction": polarized, "polarized_full": sides["full attention"],
-                "polarized_swa": sides["SWA"], "constraint_gap": gap, "window_cost": cost,
-                "harmless_ties": harmless, "warnings": warnings}
+            warnings.append(
+                f"the constraint had not settled: |rho_hat - rho_bound| = {gap:.3f} > "
+                f"hybrid_attention.constraint_tolerance={cfg.constraint_tolerance}; learn the "
+                "mask longer or raise lambda_lr"
+            )
+        return {
+            "polarized_fraction": polarized,
+            "polarized_full": sides["full attention"],
+            "polarized_swa": sides["SWA"],
+            "constraint_gap": gap,
+            "window_cost": cost,
+            "harmless_ties": harmless,
+            "warnings": warnings,
+        }
 
     def _binarize(self, ctx: TrainContext) -> None:
         self.allocation = self.gates.binarize(self.cfg.target, self._binarize_mode())
@@ -348,13 +391,17 @@ class ConSACallback(Callback):
             swa = int((~self.allocation).sum())
             ties = ""
             if self.diagnosed["harmless_ties"]:
-                ties = (f" (the undecided ones cannot matter: at the start of mask learning every unit on SWA cost "
-                        f"{self.diagnosed['window_cost']:+.4f} validation loss, within hybrid_attention."
-                        f"window_cost_tolerance={self.cfg.window_cost_tolerance})")
-            self.log(f"consa: binarized at step {ctx.step}: {swa} of {self.allocation.numel()} units use "
-                     f"sliding-window attention (W={self.cfg.window}); {self.diagnosed['polarized_fraction']:.0%} "
-                     f"of the gates decided{ties}, constraint gap {self.diagnosed['constraint_gap']:.3f}; training "
-                     "the static hybrid")
+                ties = (
+                    f" (the undecided ones cannot matter: at the start of mask learning every unit on SWA cost "
+                    f"{self.diagnosed['window_cost']:+.4f} validation loss, within hybrid_attention."
+                    f"window_cost_tolerance={self.cfg.window_cost_tolerance})"
+                )
+            self.log(
+                f"consa: binarized at step {ctx.step}: {swa} of {self.allocation.numel()} units use "
+                f"sliding-window attention (W={self.cfg.window}); {self.diagnosed['polarized_fraction']:.0%} "
+                f"of the gates decided{ties}, constraint gap {self.diagnosed['constraint_gap']:.3f}; training "
+                "the static hybrid"
+            )
             for warning in self.diagnosed["warnings"]:
                 self.log(f"WARNING: consa: {warning}")
 
@@ -364,13 +411,24 @@ class ConSACallback(Callback):
         log_alpha = self.gates.log_alpha.detach() if self.gates is not None else None
         # A static allocation's target is its own fraction (the config's target does not apply to it).
         target = swa_fraction(self.allocation) if self.cfg.method == "static" else self.cfg.target
-        write_allocation(run_dir / "allocation.json", self.allocation, granularity=self.cfg.granularity,
-                         window=self.cfg.window, target=target, method=self.cfg.method,
-                         log_alpha=log_alpha, diagnostics=self.diagnosed)
+        write_allocation(
+            run_dir / "allocation.json",
+            self.allocation,
+            granularity=self.cfg.granularity,
+            window=self.cfg.window,
+            target=target,
+            method=self.cfg.method,
+            log_alpha=log_alpha,
+            diagnostics=self.diagnosed,
+        )
         plots = run_dir / "plots"
         plots.mkdir(exist_ok=True)
-        plot_allocation(plots / "consa_allocation.png", self.allocation, log_alpha,
-                        f"{self.cfg.method}: full attention (dark) / SWA, W={self.cfg.window}")
+        plot_allocation(
+            plots / "consa_allocation.png",
+            self.allocation,
+            log_alpha,
+            f"{self.cfg.method}: full attention (dark) / SWA, W={self.cfg.window}",
+        )
         plot_log_alpha_history(plots / "consa_log_alpha.png", self.history)
 
     def on_train_end(self, ctx: TrainContext) -> None:
@@ -379,8 +437,11 @@ class ConSACallback(Callback):
 
     # -- checkpoint --------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, object]:
-        state: Dict[str, object] = {"allocation": self.allocation, "history": self.history,
-                                    "window_losses": self.window_losses}
+        state: Dict[str, object] = {
+            "allocation": self.allocation,
+            "history": self.history,
+            "window_losses": self.window_losses,
+        }
         if self.gates is not None:
             state.update(gates=self.gates.state_dict(), gate_optimizer=self.gate_optimizer.state_dict())
         if self.controller is not None:

@@ -34,21 +34,27 @@ class HybridAttention(Capability):
             return []
         problems = []
         if m.attention_dropout > 0:
-            problems.append(f"model.attention_dropout={m.attention_dropout}: hybrid attention kernels have no "
-                            "attention dropout; set it to 0")
+            problems.append(
+                f"model.attention_dropout={m.attention_dropout}: hybrid attention kernels have no "
+                "attention dropout; set it to 0"
+            )
         if h.window >= cfg.data.seq_length:
-            problems.append(f"hybrid_attention.window={h.window} >= data.seq_length={cfg.data.seq_length}: a "
-                            "sliding window that long sees every key, so no unit would attend less; use a window "
-                            "shorter than the sequence")
+            problems.append(
+                f"hybrid_attention.window={h.window} >= data.seq_length={cfg.data.seq_length}: a "
+                "sliding window that long sees every key, so no unit would attend less; use a window "
+                "shorter than the sequence"
+            )
         if h.method == "rule_layer" and h.layer_pattern:
             from megatron_ext.consa.allocation import rule_layer_allocation
 
             swa = int((~rule_layer_allocation(m.num_layers, h.layer_pattern)).sum())
             if swa != round(h.target * m.num_layers):
-                problems.append(f"hybrid_attention.layer_pattern={h.layer_pattern!r} makes {swa} of the "
-                                f"{m.num_layers} layers SWA, hybrid_attention.target={h.target} asks for "
-                                f"{round(h.target * m.num_layers)}: change one of them, or leave layer_pattern "
-                                "unset to derive it from the target")
+                problems.append(
+                    f"hybrid_attention.layer_pattern={h.layer_pattern!r} makes {swa} of the "
+                    f"{m.num_layers} layers SWA, hybrid_attention.target={h.target} asks for "
+                    f"{round(h.target * m.num_layers)}: change one of them, or leave layer_pattern "
+                    "unset to derive it from the target"
+                )
         if h.method == "static" and h.allocation:
             from megatron_ext.consa.allocation import read_allocation
 
@@ -69,29 +75,44 @@ class HybridAttention(Capability):
     def callback(self, cfg, log):
         from megatron_ext.consa.callback import ConSACallback
 
-        return ConSACallback(cfg.hybrid_attention, cfg.model.num_layers,
-                             cfg.model.num_query_groups or cfg.model.num_attention_heads,
-                             tokens_per_step=cfg.train.global_batch_size * cfg.data.seq_length,
-                             seed=cfg.train.seed, log=log)
+        return ConSACallback(
+            cfg.hybrid_attention,
+            cfg.model.num_layers,
+            cfg.model.num_query_groups or cfg.model.num_attention_heads,
+            tokens_per_step=cfg.train.global_batch_size * cfg.data.seq_length,
+            seed=cfg.train.seed,
+            log=log,
+        )
 
     def submodel_config(self, cfg, small, sub, output: Path) -> None:
         small.hybrid_attention = dataclasses.replace(
-            small.hybrid_attention, method="static", allocation=str(output.resolve() / "allocation.json"),
-            mask_learning_steps=None, mask_learning_tokens=None)
+            small.hybrid_attention,
+            method="static",
+            allocation=str(output.resolve() / "allocation.json"),
+            mask_learning_steps=None,
+            mask_learning_tokens=None,
+        )
 
     def submodel_state(self, cfg, callback, sub, source_step: int, output: Path, is_writer: bool):
         from megatron_ext.consa.allocation import write_allocation
 
         if callback.allocation is None:
             end = callback.start_step + callback.stage_steps
-            raise ValueError(f"the checkpoint of step {source_step} is from before binarization (hybrid_attention "
-                             f"stages 0-1: step <= {end}), whose attention is full or gated, not static: extract "
-                             "from a checkpoint saved after binarization")
+            raise ValueError(
+                f"the checkpoint of step {source_step} is from before binarization (hybrid_attention "
+                f"stages 0-1: step <= {end}), whose attention is full or gated, not static: extract "
+                "from a checkpoint saved after binarization"
+            )
         if is_writer:  # the sub-model's config points here
             h = cfg.hybrid_attention
-            write_allocation(output / "allocation.json", callback.allocation[list(sub.layers)],
-                             granularity=h.granularity, window=h.window, target=h.target,
-                             method=f"{h.method} (layers {list(sub.layers)} of {cfg.name})")
+            write_allocation(
+                output / "allocation.json",
+                callback.allocation[list(sub.layers)],
+                granularity=h.granularity,
+                window=h.window,
+                target=h.target,
+                method=f"{h.method} (layers {list(sub.layers)} of {cfg.name})",
+            )
         return None
 
     # -- HF interop: a layer-wise hybrid as the stock classes' layer_types, a KV-head-wise one per head ------
@@ -103,19 +124,26 @@ class HybridAttention(Capability):
             return []
         problems = []
         if h.sink_tokens:
-            problems.append(f"hybrid_attention.sink_tokens={h.sink_tokens}: sink + recent attention has no HF "
-                            "modeling file here (only sliding windows)")
+            problems.append(
+                f"hybrid_attention.sink_tokens={h.sink_tokens}: sink + recent attention has no HF "
+                "modeling file here (only sliding windows)"
+            )
         allocation = None if callback is None else callback.allocation
         if allocation is None:
-            problems.append("hybrid_attention: the checkpoint is from before binarization (its attention is full or "
-                            "gated, not a static hybrid): export a checkpoint saved after mask learning ended")
+            problems.append(
+                "hybrid_attention: the checkpoint is from before binarization (its attention is full or "
+                "gated, not a static hybrid): export a checkpoint saved after mask learning ended"
+            )
             return problems
         kv_heads = cfg.model.num_query_groups or cfg.model.num_attention_heads
         rows = allocation.expand(-1, kv_heads) if allocation.shape[1] == 1 else allocation
         hf["sliding_window"] = h.window
         if all(len(set(row)) == 1 for row in rows.tolist()):
-            hf.update(use_sliding_window=True, max_window_layers=0,
-                      layer_types=["full_attention" if row[0] else "sliding_attention" for row in rows.tolist()])
+            hf.update(
+                use_sliding_window=True,
+                max_window_layers=0,
+                layer_types=["full_attention" if row[0] else "sliding_attention" for row in rows.tolist()],
+            )
         else:
             hf[FULL_HEADS_KEY] = rows.int().tolist()
         return problems
@@ -130,14 +158,34 @@ class HybridAttention(Capability):
         if hf.get(FULL_HEADS_KEY) is not None:
             allocation = torch.tensor(hf[FULL_HEADS_KEY], dtype=torch.bool)
             window = hf[WINDOW_KEY]
-            write_allocation(output / "allocation.json", allocation, granularity="kv_head", window=window,
-                             target=swa_fraction(allocation), method=f"static (imported from {hf['model_type']})")
-            return {"hybrid_attention": {"enabled": True, "method": "static", "granularity": "kv_head",
-                                         "window": window, "target": swa_fraction(allocation),
-                                         "allocation": str(output.resolve() / "allocation.json")}}
+            write_allocation(
+                output / "allocation.json",
+                allocation,
+                granularity="kv_head",
+                window=window,
+                target=swa_fraction(allocation),
+                method=f"static (imported from {hf['model_type']})",
+            )
+            return {
+                "hybrid_attention": {
+                    "enabled": True,
+                    "method": "static",
+                    "granularity": "kv_head",
+                    "window": window,
+                    "target": swa_fraction(allocation),
+                    "allocation": str(output.resolve() / "allocation.json"),
+                }
+            }
         sliding = sliding_layers(hf)
         if not any(sliding):
             return {}  # full attention everywhere: a run may still learn a hybrid from it (ConSA)
-        return {"hybrid_attention": {"enabled": True, "method": "rule_layer", "granularity": "layer",
-                                     "window": hf["sliding_window"], "target": sum(sliding) / layers,
-                                     "layer_pattern": "".join("S" if s else "F" for s in sliding)}}
+        return {
+            "hybrid_attention": {
+                "enabled": True,
+                "method": "rule_layer",
+                "granularity": "layer",
+                "window": hf["sliding_window"],
+                "target": sum(sliding) / layers,
+                "layer_pattern": "".join("S" if s else "F" for s in sliding),
+            }
+        }

@@ -53,9 +53,10 @@ class HardConcreteConfig:
         c.require(not self.zeta <= 1, f"zeta={self.zeta!r} is not allowed: use a number > 1 (P(z = 1) > 0 needs it)")
         c.require(0 < self.eps < 0.5, f"eps={self.eps!r} is not allowed: use a number in (0, 0.5)")
         c.require(not self.init_std < 0, f"init_std={self.init_std!r} is not allowed: use a number >= 0")
-        c.require(not self.log_alpha_max <= self.log_alpha_min,
-                  f"log_alpha_max={self.log_alpha_max!r} is not allowed: use a number > log_alpha_min="
-                  f"{self.log_alpha_min!r}")
+        c.require(
+            not self.log_alpha_max <= self.log_alpha_min,
+            f"log_alpha_max={self.log_alpha_max!r} is not allowed: use a number > log_alpha_min={self.log_alpha_min!r}",
+        )
         c.done()
 
 
@@ -71,8 +72,9 @@ class HybridAttentionConfig:
     loza: the LoZA baseline [digest]: one scalar gate a per layer learned on a frozen model (the
     model's learning rate is 0 during stage 1), out = a * dense + (1 - a) * sparse with sink +
     recent attention as the sparse part (``sink_tokens`` > 0; LoZA uses sink 128 + recent 896), then
-    the lowest-ranked layers become sparse; rule_layer: a fixed layer pattern (``layer_pattern``, Mistral / Gemma-2 style interleave);
-    rule_head: the same SWA fraction of KV heads in every layer; static: ``allocation`` file."""
+    the lowest-ranked layers become sparse; rule_layer: a fixed layer pattern (``layer_pattern``,
+    Mistral / Gemma-2 style interleave); rule_head: the same SWA fraction of KV heads in every
+    layer; static: ``allocation`` file."""
     granularity: Literal["layer", "kv_head"] = "kv_head"
     """Unit of the choice: a whole layer, or one KV head (all query heads of its group follow it)."""
     window: int = 512
@@ -136,14 +138,26 @@ class HybridAttentionConfig:
 
     def __post_init__(self):
         c = Checks(self)
-        c.positive("window", "gate_lr", "lambda_lr", "mask_learning_steps", "mask_learning_tokens",
-                   "polarization_threshold", "constraint_tolerance")
+        c.positive(
+            "window",
+            "gate_lr",
+            "lambda_lr",
+            "mask_learning_steps",
+            "mask_learning_tokens",
+            "polarization_threshold",
+            "constraint_tolerance",
+        )
         c.non_negative("mask_learning_start_step", "sink_tokens", "window_cost_tolerance")
         if self.method == "loza":
-            c.require(self.granularity == "layer", f"method='loza' learns one gate per layer: set granularity: layer "
-                                                   f"(got {self.granularity!r})")
-            c.require(self.sink_tokens > 0, "method='loza' needs sink_tokens > 0 (its sparse attention is sink + "
-                                            "recent; LoZA uses sink_tokens: 128, window: 896)")
+            c.require(
+                self.granularity == "layer",
+                f"method='loza' learns one gate per layer: set granularity: layer (got {self.granularity!r})",
+            )
+            c.require(
+                self.sink_tokens > 0,
+                "method='loza' needs sink_tokens > 0 (its sparse attention is sink + "
+                "recent; LoZA uses sink_tokens: 128, window: 896)",
+            )
         c.within("min_polarized_fraction", 0.0, 1.0)
         c.within("target", 0.0, 1.0)
         c.within("gate_adam_beta1", 0.0, 1.0, high_open=True)
@@ -151,16 +165,25 @@ class HybridAttentionConfig:
         c.one_of("constraint", CONSTRAINT_MODES)
         if self.enabled and self.method in LEARNED_METHODS:
             given = [n for n in ("mask_learning_steps", "mask_learning_tokens") if getattr(self, n) is not None]
-            c.require(len(given) == 1, f"method={self.method!r} needs exactly one of mask_learning_steps / "
-                                       "mask_learning_tokens (the length of stage 1)")
-        c.require(not (self.constraint == "per_layer" and self.granularity == "layer" and self.method == "consa"),
-                  "constraint='per_layer' needs granularity 'kv_head' (a layer unit cannot meet a fraction on "
-                  "its own); use constraint 'global'")
+            c.require(
+                len(given) == 1,
+                f"method={self.method!r} needs exactly one of mask_learning_steps / "
+                "mask_learning_tokens (the length of stage 1)",
+            )
+        c.require(
+            not (self.constraint == "per_layer" and self.granularity == "layer" and self.method == "consa"),
+            "constraint='per_layer' needs granularity 'kv_head' (a layer unit cannot meet a fraction on "
+            "its own); use constraint 'global'",
+        )
         if self.method == "rule_layer" and self.layer_pattern is not None:
-            c.require(bool(self.layer_pattern) and not set(self.layer_pattern) - {"S", "F"},
-                      f"layer_pattern={self.layer_pattern!r} must be letters S and F")
-        c.require(not (self.enabled and self.method == "static" and not self.allocation),
-                  "method='static' needs allocation: path/to/allocation.json")
+            c.require(
+                bool(self.layer_pattern) and not set(self.layer_pattern) - {"S", "F"},
+                f"layer_pattern={self.layer_pattern!r} must be letters S and F",
+            )
+        c.require(
+            not (self.enabled and self.method == "static" and not self.allocation),
+            "method='static' needs allocation: path/to/allocation.json",
+        )
         c.done()
 
     def mask_learning_length(self, tokens_per_step: int) -> int:

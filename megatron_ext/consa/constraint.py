@@ -79,8 +79,10 @@ class LagrangianController(torch.nn.Module):
         """
         expected = tuple(self.lambda1.shape)
         if tuple(rho_hat.shape) != expected:
-            raise ValueError(f"rho_hat has shape {tuple(rho_hat.shape)}, but mode={self.mode!r} "
-                             f"with num_layers={self.num_layers} needs {expected}")
+            raise ValueError(
+                f"rho_hat has shape {tuple(rho_hat.shape)}, but mode={self.mode!r} "
+                f"with num_layers={self.num_layers} needs {expected}"
+            )
         gap = rho_hat - self.target_at(step)  # [] or [num_layers]
         return (self.lambda1 * gap + self.lambda2 * gap.square()).sum()
 
@@ -96,5 +98,7 @@ class LagrangianController(torch.nn.Module):
                 param.grad = None
 
     def extra_repr(self) -> str:
-        return (f"target={self.target}, mode={self.mode!r}, warmup_steps={self.warmup_steps}, "
-                f"lambda_lr={self.lambda_lr}, num_layers={self.num_layers}")
+        return (
+            f"target={self.target}, mode={self.mode!r}, warmup_steps={self.warmup_steps}, "
+            f"lambda_lr={self.lambda_lr}, num_layers={self.num_layers}"
+        )

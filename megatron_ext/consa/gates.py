@@ -26,13 +26,13 @@ reads the rows of its own layers.
 from __future__ import annotations
 
 import math
-
 from typing import Optional
 
 import numpy as np
 import torch
 
 from megatron_ext.consa.config import CONSTRAINT_MODES, ConstraintMode, HardConcreteConfig
+
 
 def _check_mode(mode: str) -> None:
     if mode not in CONSTRAINT_MODES:
@@ -56,8 +56,14 @@ class HardConcreteGates(torch.nn.Module):
     P(z != 0) ~ 0.83, its value at log_alpha = 0) and must call ``clamp_()`` after each step.
     """
 
-    def __init__(self, num_layers: int, units_per_layer: int = 1, config: HardConcreteConfig | None = None,
-                 generator: torch.Generator | None = None, noise_seed: int = 0):
+    def __init__(
+        self,
+        num_layers: int,
+        units_per_layer: int = 1,
+        config: HardConcreteConfig | None = None,
+        generator: torch.Generator | None = None,
+        noise_seed: int = 0,
+    ):
         super().__init__()
         for name, value in (("num_layers", num_layers), ("units_per_layer", units_per_layer)):
             if not isinstance(value, int) or value < 1:
@@ -134,8 +140,9 @@ class HardConcreteGates(torch.nn.Module):
         log_alpha = self.log_alpha if log_alpha is None else log_alpha
         return torch.sigmoid(log_alpha.float() - c.beta * math.log(-c.gamma / c.zeta))
 
-    def expected_swa_fraction(self, mode: ConstraintMode = "global",
-                              log_alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def expected_swa_fraction(
+        self, mode: ConstraintMode = "global", log_alpha: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Expected fraction of units using SWA, rho_hat = mean_u (1 - P(z_u != 0)) [digest], of these
         gates or of the given ``log_alpha``.
 

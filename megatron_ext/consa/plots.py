@@ -43,8 +43,15 @@ def plot_log_alpha_history(path: Path, history: List[Tuple[int, torch.Tensor]]) 
     labels = [f"L{i}" if units == 1 else f"L{i}H{j}" for i in range(layers) for j in range(units)]
     bound = max(float(values.abs().max()), 1e-3)
     fig, ax = plt.subplots(figsize=(7, max(2.5, 0.8 + 0.16 * len(labels))))
-    image = ax.imshow(table, aspect="auto", cmap="RdBu", vmin=-bound, vmax=bound, interpolation="nearest",
-                      extent=(steps[0] - 0.5, steps[-1] + 0.5, len(labels) - 0.5, -0.5))
+    image = ax.imshow(
+        table,
+        aspect="auto",
+        cmap="RdBu",
+        vmin=-bound,
+        vmax=bound,
+        interpolation="nearest",
+        extent=(steps[0] - 0.5, steps[-1] + 0.5, len(labels) - 0.5, -0.5),
+    )
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels(labels, fontsize=max(4, min(8, 300 // len(labels))))
     ax.set_xlabel("step")

@@ -30,12 +30,20 @@ def preprocess_main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=PREPROCESS_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help=".jsonl or .txt files")
     parser.add_argument("--output-prefix", required=True)
-    parser.add_argument("--tokenizer", required=True,
-                        help="'bytes', a tokenizer JSON file or a HF tokenizer directory")
-    parser.add_argument("--eod-token", default=None, metavar="TOKEN",
-                        help="the token that ends every document (default: the tokenizer's eos token)")
-    parser.add_argument("--codebook", action="append", default=[], metavar="MODALITY=SIZE",
-                        help="a non-text modality and its codebook size; repeatable")
+    parser.add_argument("--tokenizer", required=True, help="'bytes', a tokenizer JSON file or a HF tokenizer directory")
+    parser.add_argument(
+        "--eod-token",
+        default=None,
+        metavar="TOKEN",
+        help="the token that ends every document (default: the tokenizer's eos token)",
+    )
+    parser.add_argument(
+        "--codebook",
+        action="append",
+        default=[],
+        metavar="MODALITY=SIZE",
+        help="a non-text modality and its codebook size; repeatable",
+    )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--json-key", default="text")
     args = parser.parse_args(argv)
@@ -46,14 +54,23 @@ def preprocess_main(argv=None) -> int:
             parser.error(f"--codebook {item!r}: use MODALITY=SIZE, e.g. image=8192")
         codebooks[name] = int(size)
     try:
-        summary = preprocess(args.input, args.output_prefix, args.tokenizer, codebooks, args.workers, args.json_key,
-                             eod_token=args.eod_token)
+        summary = preprocess(
+            args.input,
+            args.output_prefix,
+            args.tokenizer,
+            codebooks,
+            args.workers,
+            args.json_key,
+            eod_token=args.eod_token,
+        )
     except (DataError, FileNotFoundError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     per_modality = ", ".join(f"{k} {v:,}" for k, v in summary.tokens_per_modality.items() if v)
-    print(f"{summary.documents:,} documents ({summary.skipped_empty} empty skipped), {summary.tokens:,} tokens "
-          f"({per_modality}) in {summary.seconds:.1f} s = {summary.tokens_per_second:,.0f} tokens/s")
+    print(
+        f"{summary.documents:,} documents ({summary.skipped_empty} empty skipped), {summary.tokens:,} tokens "
+        f"({per_modality}) in {summary.seconds:.1f} s = {summary.tokens_per_second:,.0f} tokens/s"
+    )
     return 0
 
 
@@ -71,8 +88,9 @@ def _texts(files, json_key):
 
 
 def train_tokenizer_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=TRAIN_TOKENIZER_USAGE,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=TRAIN_TOKENIZER_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--input", nargs="+", required=True)
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--output", required=True)
@@ -94,8 +112,9 @@ BUILD_DEFAULT_USAGE = """Build (once) the built-in corpus: Python standard-libra
 
 
 def build_default_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=BUILD_DEFAULT_USAGE,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=BUILD_DEFAULT_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cache-dir", default="data/cache")
     args = parser.parse_args(argv)
     prefix = ensure_default_corpus(args.cache_dir)

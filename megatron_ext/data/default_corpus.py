@@ -99,8 +99,13 @@ def ensure_default_corpus(cache_dir: str | Path, workers: int = 1) -> str:
     tokenizer_path = root / "tokenizer.json"
     train_bpe(text_documents(), TEXT_VOCAB, tokenizer_path)
     summary: PreprocessSummary = preprocess(
-        [], prefix, str(tokenizer_path), codebooks={"image": IMAGE_CODEBOOK}, workers=workers,
-        documents=_records(), progress=False,
+        [],
+        prefix,
+        str(tokenizer_path),
+        codebooks={"image": IMAGE_CODEBOOK},
+        workers=workers,
+        documents=_records(),
+        progress=False,
     )
     if summary.tokens_per_modality.get("image", 0) == 0:
         raise DataError(f"{prefix}: the built-in corpus has no image tokens")

@@ -45,8 +45,9 @@ def _multimodal_dataset_class():
             # check_prefix has established the kind: a modality stream beside every prefix with a
             # manifest, none beside a Megatron-LM prefix (text only).
             modality = dataset_path + ".modality"
-            self.modality_dataset = (IndexedDataset(modality, mmap=config.mmap_bin_files)
-                                     if Path(modality + ".idx").is_file() else None)
+            self.modality_dataset = (
+                IndexedDataset(modality, mmap=config.mmap_bin_files) if Path(modality + ".idx").is_file() else None
+            )
 
         def _modality_span(self, idx: int, length: int) -> np.ndarray:
             if self.modality_dataset is None:
@@ -63,13 +64,18 @@ def _multimodal_dataset_class():
             # A .bin that does not match its manifest (replaced, or written by another tool) would
             # index past the embedding or the modality tables: one max per sample says so instead.
             vocab = self.config.tokenizer.vocab_size
-            for name, values, limit in (("token", sample["tokens"], vocab), ("token", sample["labels"], vocab),
-                                        ("modality", span, len(MODALITIES))):
+            for name, values, limit in (
+                ("token", sample["tokens"], vocab),
+                ("token", sample["labels"], vocab),
+                ("modality", span, len(MODALITIES)),
+            ):
                 top = int(values.max()) if values.numel() else 0
                 if top >= limit:
-                    raise DataError(f"{self.dataset_path}: sample {idx} holds {name} id {top}, outside the "
-                                    f"{limit} its manifest allows: the .bin files do not match the manifest; "
-                                    "preprocess the data again")
+                    raise DataError(
+                        f"{self.dataset_path}: sample {idx} holds {name} id {top}, outside the "
+                        f"{limit} its manifest allows: the .bin files do not match the manifest; "
+                        "preprocess the data again"
+                    )
             sample["modality_ids"] = span[:-1].contiguous()
             sample["label_modality_ids"] = span[1:].contiguous()
             return sample
@@ -109,14 +115,13 @@ def build_gpt_datasets(
         create_attention_mask=False,
         mmap_bin_files=True,
     )
-    datasets = BlendedMegatronDatasetBuilder(
-        _multimodal_dataset_class(), sizes, lambda: True, config
-    ).build()
+    datasets = BlendedMegatronDatasetBuilder(_multimodal_dataset_class(), sizes, lambda: True, config).build()
     return datasets, layout
 
 
-def shared_layout(prefixes: Sequence[str], manifests: Sequence[dict], tokenizer: Optional[TextTokenizer],
-                  model_vocab_size: int) -> VocabLayout:
+def shared_layout(
+    prefixes: Sequence[str], manifests: Sequence[dict], tokenizer: Optional[TextTokenizer], model_vocab_size: int
+) -> VocabLayout:
     """The one id space of a blend. Prefixes with a manifest must agree on it; a Megatron-LM prefix
     (``vocab`` None) brings text ids only, which must be text ids of that space: below its text
     vocabulary (the tokenizer that ``check_prefix`` matched against ``tokenizer``, if given). A blend
@@ -124,8 +129,10 @@ def shared_layout(prefixes: Sequence[str], manifests: Sequence[dict], tokenizer:
     recorded = [(prefix, VocabLayout.from_dict(m["vocab"])) for prefix, m in zip(prefixes, manifests) if m["vocab"]]
     for prefix, layout in recorded[1:]:
         if layout != recorded[0][1]:
-            raise ValueError(f"{prefix}: its vocabulary layout differs from {recorded[0][0]}'s; blended "
-                             "datasets must share one id space")
+            raise ValueError(
+                f"{prefix}: its vocabulary layout differs from {recorded[0][0]}'s; blended "
+                "datasets must share one id space"
+            )
     if recorded:
         layout, source = recorded[0][1], f"the text vocabulary of {recorded[0][0]} ({recorded[0][1].tokenizer})"
     elif tokenizer is not None:
@@ -136,7 +143,9 @@ def shared_layout(prefixes: Sequence[str], manifests: Sequence[dict], tokenizer:
         source = "model.vocab_size"
     for prefix, manifest in zip(prefixes, manifests):
         if manifest["vocab"] is None and manifest["max_token_id"] >= layout.text_size:
-            raise DataError(f"{prefix}.bin: holds token id {manifest['max_token_id']}, outside {source}, "
-                            f"{layout.text_size} ids: this Megatron-LM data was not written with that tokenizer; "
-                            "give the tokenizer it was written with as data.tokenizer, or preprocess it again")
+            raise DataError(
+                f"{prefix}.bin: holds token id {manifest['max_token_id']}, outside {source}, "
+                f"{layout.text_size} ids: this Megatron-LM data was not written with that tokenizer; "
+                "give the tokenizer it was written with as data.tokenizer, or preprocess it again"
+            )
     return layout

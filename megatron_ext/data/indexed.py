@@ -32,8 +32,7 @@ from megatron_ext.data.vocab import VocabLayout
 MANIFEST_VERSION = 1
 _HEADER = b"MMIDIDX\x00\x00"
 # Megatron's DType codes (indexed_dataset.DType).
-_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-           8: np.uint16}
+_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
 
 
 class DataError(ValueError):
@@ -62,8 +61,13 @@ def is_megatron_prefix(prefix: str | Path) -> bool:
     manifest nor a modality stream (a modality stream without its manifest is an incomplete output
     of ``data.preprocess``, which :func:`check_prefix` refuses)."""
     p = paths(prefix)
-    return (p["bin"].is_file() and p["idx"].is_file() and not p["manifest"].exists()
-            and not p["modality_bin"].exists() and not p["modality_idx"].exists())
+    return (
+        p["bin"].is_file()
+        and p["idx"].is_file()
+        and not p["manifest"].exists()
+        and not p["modality_bin"].exists()
+        and not p["modality_idx"].exists()
+    )
 
 
 def token_dtype(vocab_size: int):
@@ -85,12 +89,19 @@ def read_index_header(idx_path: Path) -> dict:
         raise DataError(f"{idx_path}: unknown dtype code {code}")
     expected = 34 + sequences * (4 + 8) + documents * 8
     if size not in (expected, expected + sequences):  # + sequence modes in Megatron's multimodal form
-        raise DataError(f"{idx_path}: {size} bytes, but its header describes {sequences} sequences "
-                        f"and {documents} document boundaries ({expected} bytes): the file is truncated "
-                        "or corrupt; preprocess the data again")
+        raise DataError(
+            f"{idx_path}: {size} bytes, but its header describes {sequences} sequences "
+            f"and {documents} document boundaries ({expected} bytes): the file is truncated "
+            "or corrupt; preprocess the data again"
+        )
     lengths = np.fromfile(idx_path, dtype=np.int32, count=sequences, offset=34)
-    return {"dtype": _DTYPES[code], "sequences": sequences, "documents": documents, "lengths": lengths,
-            "sequence_modes": sequences > 0 and size == expected + sequences}
+    return {
+        "dtype": _DTYPES[code],
+        "sequences": sequences,
+        "documents": documents,
+        "lengths": lengths,
+        "sequence_modes": sequences > 0 and size == expected + sequences,
+    }
 
 
 def _check_pair(bin_path: Path, idx_path: Path) -> dict:
@@ -103,9 +114,11 @@ def _check_pair(bin_path: Path, idx_path: Path) -> dict:
     expected = int(header["lengths"].sum()) * itemsize
     actual = bin_path.stat().st_size
     if actual != expected:
-        raise DataError(f"{bin_path}: {actual} bytes, but {idx_path.name} describes "
-                        f"{int(header['lengths'].sum())} tokens of {np.dtype(header['dtype']).name} "
-                        f"({expected} bytes): the .bin is truncated or the .idx dtype disagrees with it")
+        raise DataError(
+            f"{bin_path}: {actual} bytes, but {idx_path.name} describes "
+            f"{int(header['lengths'].sum())} tokens of {np.dtype(header['dtype']).name} "
+            f"({expected} bytes): the .bin is truncated or the .idx dtype disagrees with it"
+        )
     return header
 
 
@@ -114,23 +127,29 @@ def read_manifest(prefix: str | Path) -> dict:
     path = p["manifest"]
     if not path.is_file():
         if p["modality_bin"].exists() or p["modality_idx"].exists():
-            raise DataError(f"{path}: manifest not found beside {p['modality_idx'].name}: the output of "
-                            "python -m data.preprocess is incomplete (the run writing it stopped); preprocess "
-                            "the data again")
-        raise DataError(f"{path}: manifest not found, nor a Megatron-LM {p['bin'].name} / {p['idx'].name} pair: "
-                        "preprocess the data with python -m data.preprocess")
+            raise DataError(
+                f"{path}: manifest not found beside {p['modality_idx'].name}: the output of "
+                "python -m data.preprocess is incomplete (the run writing it stopped); preprocess "
+                "the data again"
+            )
+        raise DataError(
+            f"{path}: manifest not found, nor a Megatron-LM {p['bin'].name} / {p['idx'].name} pair: "
+            "preprocess the data with python -m data.preprocess"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err})") from None
     if manifest.get("format_version") != MANIFEST_VERSION:
-        raise DataError(f"{path}: manifest version {manifest.get('format_version')} is not supported "
-                        f"(expected {MANIFEST_VERSION})")
+        raise DataError(
+            f"{path}: manifest version {manifest.get('format_version')} is not supported (expected {MANIFEST_VERSION})"
+        )
     return manifest
 
 
-def check_prefix(prefix: str | Path, model_vocab_size: Optional[int] = None,
-                 tokenizer_identity: Optional[str] = None) -> dict:
+def check_prefix(
+    prefix: str | Path, model_vocab_size: Optional[int] = None, tokenizer_identity: Optional[str] = None
+) -> dict:
     """Validate a dataset prefix; return its manifest. Raises DataError naming file and problem.
 
     A Megatron-LM prefix (:func:`is_megatron_prefix`) gets the manifest its id scan implies
@@ -144,21 +163,28 @@ def check_prefix(prefix: str | Path, model_vocab_size: Optional[int] = None,
     tokens = _check_pair(p["bin"], p["idx"])
     modality = _check_pair(p["modality_bin"], p["modality_idx"])
     if not np.array_equal(tokens["lengths"], modality["lengths"]):
-        raise DataError(f"{p['modality_idx']}: its documents do not line up with {p['idx'].name}'s; "
-                        "the two streams were not written together")
+        raise DataError(
+            f"{p['modality_idx']}: its documents do not line up with {p['idx'].name}'s; "
+            "the two streams were not written together"
+        )
     if tokens["sequences"] != manifest["documents"]:
         raise DataError(f"{p['idx']}: {tokens['sequences']} documents, the manifest says {manifest['documents']}")
     layout = VocabLayout.from_dict(manifest["vocab"])
     if manifest["max_token_id"] >= layout.size:
-        raise DataError(f"{p['manifest']}: token id {manifest['max_token_id']} is outside the vocabulary "
-                        f"of {layout.size} ids")
+        raise DataError(
+            f"{p['manifest']}: token id {manifest['max_token_id']} is outside the vocabulary of {layout.size} ids"
+        )
     if model_vocab_size is not None and layout.size > model_vocab_size:
-        raise DataError(f"{p['manifest']}: the data uses {layout.size} ids (text {layout.text_size} + "
-                        f"codebooks) but model.vocab_size is {model_vocab_size}: set model.vocab_size >= "
-                        f"{layout.size}")
+        raise DataError(
+            f"{p['manifest']}: the data uses {layout.size} ids (text {layout.text_size} + "
+            f"codebooks) but model.vocab_size is {model_vocab_size}: set model.vocab_size >= "
+            f"{layout.size}"
+        )
     if tokenizer_identity is not None and layout.tokenizer != tokenizer_identity:
-        raise DataError(f"{p['manifest']}: tokenized with {layout.tokenizer!r}, but this run uses "
-                        f"{tokenizer_identity!r}; preprocess again or use the matching tokenizer")
+        raise DataError(
+            f"{p['manifest']}: tokenized with {layout.tokenizer!r}, but this run uses "
+            f"{tokenizer_identity!r}; preprocess again or use the matching tokenizer"
+        )
     return manifest
 
 
@@ -222,8 +248,9 @@ def scan_ids(prefix: str | Path, dtype) -> IdScan:
     bounds = [(int(chunk.min()), int(chunk.max())) for chunk in chunks]
     del ids, chunks
     low, high = (min(b[0] for b in bounds), max(b[1] for b in bounds)) if bounds else (-1, -1)
-    scan = IdScan(min_id=low, max_id=high, tokens=bin_stat[0] // np.dtype(dtype).itemsize, bin_stat=bin_stat,
-                  idx_stat=idx_stat)
+    scan = IdScan(
+        min_id=low, max_id=high, tokens=bin_stat[0] // np.dtype(dtype).itemsize, bin_stat=bin_stat, idx_stat=idx_stat
+    )
     path = scan_cache_path(prefix)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
@@ -232,8 +259,10 @@ def scan_ids(prefix: str | Path, dtype) -> IdScan:
     except OSError as err:
         if tmp.exists():
             tmp.unlink()
-        warnings.warn(f"{path}: cannot cache the token-id scan of {p['bin'].name} ({err}); the next run scans "
-                      "it again", stacklevel=2)
+        warnings.warn(
+            f"{path}: cannot cache the token-id scan of {p['bin'].name} ({err}); the next run scans it again",
+            stacklevel=2,
+        )
     return scan
 
 
@@ -244,16 +273,27 @@ def megatron_manifest(prefix: str | Path) -> dict:
     p = paths(prefix)
     header = _check_pair(p["bin"], p["idx"])
     if header["sequence_modes"]:
-        raise DataError(f"{p['idx']}: the index holds per-sequence modes (Megatron's multimodal format); a "
-                        "prefix without a manifest is read as text only: preprocess the data with python -m "
-                        "data.preprocess")
+        raise DataError(
+            f"{p['idx']}: the index holds per-sequence modes (Megatron's multimodal format); a "
+            "prefix without a manifest is read as text only: preprocess the data with python -m "
+            "data.preprocess"
+        )
     scan = scan_ids(prefix, header["dtype"])
     if scan.min_id < 0:
-        raise DataError(f"{p['bin']}: holds token id {scan.min_id}; token ids cannot be negative: the file is "
-                        "damaged or was not written by Megatron-LM's preprocessing")
+        raise DataError(
+            f"{p['bin']}: holds token id {scan.min_id}; token ids cannot be negative: the file is "
+            "damaged or was not written by Megatron-LM's preprocessing"
+        )
     documents = max(header["documents"] - 1, 0)  # the document index starts with a 0 boundary
-    return {"format": "megatron-lm", "vocab": None, "documents": documents, "sequences": header["sequences"],
-            "tokens": scan.tokens, "max_token_id": scan.max_id, "dtype": np.dtype(header["dtype"]).name}
+    return {
+        "format": "megatron-lm",
+        "vocab": None,
+        "documents": documents,
+        "sequences": header["sequences"],
+        "tokens": scan.tokens,
+        "max_token_id": scan.max_id,
+        "dtype": np.dtype(header["dtype"]).name,
+    }
 
 
 def check_megatron_prefix(prefix: str | Path, model_vocab_size: Optional[int] = None) -> dict:
@@ -263,8 +303,10 @@ def check_megatron_prefix(prefix: str | Path, model_vocab_size: Optional[int] = 
     manifest = megatron_manifest(prefix)
     top = manifest["max_token_id"]
     if model_vocab_size is not None and top >= model_vocab_size:
-        raise DataError(f"{paths(prefix)['bin']}: holds token id {top}, but model.vocab_size is "
-                        f"{model_vocab_size}: the data was tokenized with a larger vocabulary; set "
-                        f"model.vocab_size >= {top + 1} (at least the vocabulary of the tokenizer that wrote it) or "
-                        "use data written with the model's tokenizer")
+        raise DataError(
+            f"{paths(prefix)['bin']}: holds token id {top}, but model.vocab_size is "
+            f"{model_vocab_size}: the data was tokenized with a larger vocabulary; set "
+            f"model.vocab_size >= {top + 1} (at least the vocabulary of the tokenizer that wrote it) or "
+            "use data written with the model's tokenizer"
+        )
     return manifest

@@ -64,6 +64,7 @@ def check_record(file, line_no, record, json_key: str = "text") -> None:
     document is encoded (:func:`_encode`), where the codebook sizes are known. Checking here keeps a
     malformed record from reaching the encoder as a traceback without file or line.
     """
+
     def bad(problem):
         return DataError(_record_error(file, line_no, problem))
 
@@ -90,8 +91,7 @@ def check_record(file, line_no, record, json_key: str = "text") -> None:
             if not isinstance(seg.get("text", ""), str):
                 raise bad(f"segment {n}: 'text' is {_kind(seg['text'])}, not a string")
         elif not isinstance(seg.get("tokens", []), list):
-            raise bad(f"segment {n}: {name} 'tokens' is {_kind(seg['tokens'])}, not a list of integer "
-                      "codebook ids")
+            raise bad(f"segment {n}: {name} 'tokens' is {_kind(seg['tokens'])}, not a list of integer codebook ids")
 
 
 def _decoded(file: Path, line_no: int, line: str) -> str:
@@ -103,9 +103,14 @@ def _decoded(file: Path, line_no: int, line: str) -> str:
         except UnicodeEncodeError as err:
             byte = ord(line[err.start]) - 0xDC00 if "\udc80" <= line[err.start] <= "\udcff" else None
             what = f"byte 0x{byte:02x}" if byte is not None else f"character {line[err.start]!r}"
-            raise DataError(_record_error(
-                file, line_no, f"not valid UTF-8 ({what} at character {err.start + 1} of the line)",
-                f"save the file as UTF-8 or remove line {line_no}, and run again")) from None
+            raise DataError(
+                _record_error(
+                    file,
+                    line_no,
+                    f"not valid UTF-8 ({what} at character {err.start + 1} of the line)",
+                    f"save the file as UTF-8 or remove line {line_no}, and run again",
+                )
+            ) from None
     return line
 
 
@@ -157,8 +162,12 @@ _worker_state: dict = {}
 
 
 def _init_worker(tokenizer_spec: str, eod_token: Optional[str], layout: VocabLayout, json_key: str) -> None:
-    _worker_state.update(tokenizer=load_tokenizer(tokenizer_spec, eod_token), layout=layout, json_key=json_key,
-                         text_id=MODALITIES.index("text"))
+    _worker_state.update(
+        tokenizer=load_tokenizer(tokenizer_spec, eod_token),
+        layout=layout,
+        json_key=json_key,
+        text_id=MODALITIES.index("text"),
+    )
 
 
 def _codes(file, line_no, n: int, name: str, tokens: list, rng) -> np.ndarray | str:
@@ -167,13 +176,21 @@ def _codes(file, line_no, n: int, name: str, tokens: list, rng) -> np.ndarray | 
     them, which would truncate floats and overflow on huge ids."""
     for i, t in enumerate(tokens):
         if type(t) is not int:
-            return _record_error(file, line_no, f"segment {n}: {name} token {json.dumps(t)} (item {i} of "
-                                 "'tokens') is not an integer: codebook ids must be written as integers "
-                                 "(3, not 3.0 or true)")
+            return _record_error(
+                file,
+                line_no,
+                f"segment {n}: {name} token {json.dumps(t)} (item {i} of "
+                "'tokens') is not an integer: codebook ids must be written as integers "
+                "(3, not 3.0 or true)",
+            )
     if tokens and (min(tokens) < 0 or max(tokens) >= rng.codebook_size):
         bad = next(t for t in tokens if not 0 <= t < rng.codebook_size)
-        return _record_error(file, line_no, f"segment {n}: {name} token {bad} is outside the codebook "
-                             f"[0, {rng.codebook_size}) set by --codebook {name}={rng.codebook_size}")
+        return _record_error(
+            file,
+            line_no,
+            f"segment {n}: {name} token {bad} is outside the codebook "
+            f"[0, {rng.codebook_size}) set by --codebook {name}={rng.codebook_size}",
+        )
     return np.asarray(tokens, dtype=np.int64)
 
 
@@ -206,10 +223,13 @@ def _encode_record(file, line_no, record):
         try:
             rng = layout.modality(name)
         except KeyError:
-            return _record_error(file, line_no, f"segment {n}: modality {name!r} has no codebook in this run "
-                                 f"(has: {', '.join(m.name for m in layout.modalities) or 'none'})",
-                                 f"pass --codebook {name}=SIZE, or fix or remove the record on line {line_no}, "
-                                 "and run again")
+            return _record_error(
+                file,
+                line_no,
+                f"segment {n}: modality {name!r} has no codebook in this run "
+                f"(has: {', '.join(m.name for m in layout.modalities) or 'none'})",
+                f"pass --codebook {name}=SIZE, or fix or remove the record on line {line_no}, and run again",
+            )
         codes = _codes(file, line_no, n, name, seg.get("tokens", []), rng)
         if isinstance(codes, str):
             return codes
@@ -264,8 +284,9 @@ def preprocess(
 
     start = time.perf_counter()
     tokenizer = load_tokenizer(tokenizer_spec, eod_token)
-    layout = VocabLayout.build(tokenizer.identity, tokenizer.vocab_size, require_eod(tokenizer, tokenizer_spec),
-                               codebooks or {})
+    layout = VocabLayout.build(
+        tokenizer.identity, tokenizer.vocab_size, require_eod(tokenizer, tokenizer_spec), codebooks or {}
+    )
     out = paths(output_prefix)
     out["bin"].parent.mkdir(parents=True, exist_ok=True)
     tmp = {k: v.with_name(v.name + ".tmp") for k, v in out.items()}
@@ -301,8 +322,12 @@ def preprocess(
                 summary.tokens_per_modality[MODALITIES[m]] += int(count)
             if progress and summary.documents % 1000 == 0:
                 rate = summary.tokens / (time.perf_counter() - start)
-                print(f"\r{summary.documents:,} documents, {summary.tokens:,} tokens ({rate:,.0f} tokens/s)",
-                      end="", file=sys.stderr, flush=True)
+                print(
+                    f"\r{summary.documents:,} documents, {summary.tokens:,} tokens ({rate:,.0f} tokens/s)",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
         _close_pool(pool, ok=True)
         pool = None
         if summary.documents == 0:
@@ -337,8 +362,11 @@ def preprocess(
     for key in ("bin", "idx", "modality_bin", "modality_idx", "manifest"):
         tmp[key].replace(out[key])
     if progress:
-        print(f"\r{summary.documents:,} documents, {summary.tokens:,} tokens in {summary.seconds:.1f} s "
-              f"({summary.tokens_per_second:,.0f} tokens/s)", file=sys.stderr)
+        print(
+            f"\r{summary.documents:,} documents, {summary.tokens:,} tokens in {summary.seconds:.1f} s "
+            f"({summary.tokens_per_second:,.0f} tokens/s)",
+            file=sys.stderr,
+        )
     return summary
 
 

@@ -75,7 +75,7 @@ class CopyTaskDataset:
         half = torch.randint(0, self.vocab_size, (h,), generator=g)
         text = torch.cat([half, half, half[:1]])  # [2h + 1]: inputs and next-token labels
         loss_mask = torch.zeros(self.seq_length)
-        loss_mask[h - 1:] = 1.0  # label i = text[i + 1] = text[i + 1 - h] from i = h - 1 on
+        loss_mask[h - 1 :] = 1.0  # label i = text[i + 1] = text[i + 1 - h] from i = h - 1 on
         return {
             "tokens": text[:-1].contiguous(),
             "labels": text[1:].contiguous(),
@@ -93,7 +93,12 @@ def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
 
 
 def step_micro_batches(
-    dataset, consumed_samples: int, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+    dataset,
+    consumed_samples: int,
+    global_batch_size: int,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
     device: Optional[torch.device] = None,
 ) -> Iterator[Dict[str, torch.Tensor]]:
     """This DP rank's micro-batches of the global batch starting at ``consumed_samples``, on

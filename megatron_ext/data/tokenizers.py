@@ -26,8 +26,15 @@ from typing import Iterable, List, Optional, Union
 EOD_TOKEN = "<|endoftext|>"
 """The end-of-document token of a tokenizer JSON file (the one :func:`train_bpe` adds)."""
 
-TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                        "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILE_NAMES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 """Files of which a HF tokenizer directory holds at least one (or a ``*.tiktoken`` file)."""
 
 SPEC_FORMS = "'bytes', a tokenizer .json file (python -m data.train_tokenizer writes one) or a HF tokenizer directory"
@@ -60,9 +67,11 @@ class BPETokenizer:
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as err:  # the tokenizers library raises bare Exceptions on bad files
-            raise ValueError(f"tokenizer file {str(path)!r} is not a tokenizers JSON file ({err}): for a "
-                             "SentencePiece or tiktoken model give the directory that holds it with its "
-                             "tokenizer_config.json") from None
+            raise ValueError(
+                f"tokenizer file {str(path)!r} is not a tokenizers JSON file ({err}): for a "
+                "SentencePiece or tiktoken model give the directory that holds it with its "
+                "tokenizer_config.json"
+            ) from None
         self.path = path
         self.vocab_size = self._tok.get_vocab_size()
         token = eod_token or EOD_TOKEN
@@ -93,21 +102,27 @@ class HFTokenizer:
     def __init__(self, path: Union[str, Path], eod_token: Optional[str] = None):
         path = Path(path)
         if not is_tokenizer_dir(path):
-            raise ValueError(f"{str(path)!r} is not a tokenizer directory: it holds none of "
-                             f"{', '.join(TOKENIZER_FILE_NAMES)} or a *.tiktoken file; give {SPEC_FORMS} (a "
-                             "directory written by save_pretrained, or a model repository's tokenizer files)")
+            raise ValueError(
+                f"{str(path)!r} is not a tokenizer directory: it holds none of "
+                f"{', '.join(TOKENIZER_FILE_NAMES)} or a *.tiktoken file; give {SPEC_FORMS} (a "
+                "directory written by save_pretrained, or a model repository's tokenizer files)"
+            )
         try:
             from transformers import AutoTokenizer
         except ImportError:
-            raise ImportError(f"{str(path)!r} is a HF tokenizer directory, which is loaded with transformers: "
-                              "pip install 'megatron-ext[hf]'") from None
+            raise ImportError(
+                f"{str(path)!r} is a HF tokenizer directory, which is loaded with transformers: "
+                "pip install 'megatron-ext[hf]'"
+            ) from None
         try:
             self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as err:  # each tokenizer class fails in its own way; say which directory
-            raise ValueError(f"transformers.AutoTokenizer could not load the tokenizer directory {str(path)!r} "
-                             f"({type(err).__name__}: {err}); check that it was written by save_pretrained "
-                             "and that the packages its tokenizer needs (sentencepiece, tiktoken) are "
-                             "installed") from None
+            raise ValueError(
+                f"transformers.AutoTokenizer could not load the tokenizer directory {str(path)!r} "
+                f"({type(err).__name__}: {err}); check that it was written by save_pretrained "
+                "and that the packages its tokenizer needs (sentencepiece, tiktoken) are "
+                "installed"
+            ) from None
         self.path = path
         vocab = self._tok.get_vocab()
         self.vocab_size = max(len(self._tok), max(vocab.values()) + 1)
@@ -139,15 +154,18 @@ TextTokenizer = Union[ByteTokenizer, BPETokenizer, HFTokenizer]
 
 def _not_in_vocabulary(token: str, path: Path, special_tokens: Iterable[str]) -> str:
     known = ", ".join(repr(t) for t in special_tokens) or "none"
-    return (f"the end-of-document token {token!r} (--eod-token / data.eod_token) is not in the vocabulary of "
-            f"{str(path)!r}: give one of its tokens (its special tokens: {known})")
+    return (
+        f"the end-of-document token {token!r} (--eod-token / data.eod_token) is not in the vocabulary of "
+        f"{str(path)!r}: give one of its tokens (its special tokens: {known})"
+    )
 
 
 def is_tokenizer_dir(path: Union[str, Path]) -> bool:
     """Whether ``path`` is a directory holding HF tokenizer files (see :data:`TOKENIZER_FILE_NAMES`)."""
     path = Path(path)
-    return path.is_dir() and (any((path / name).is_file() for name in TOKENIZER_FILE_NAMES)
-                              or any(path.glob("*.tiktoken")))
+    return path.is_dir() and (
+        any((path / name).is_file() for name in TOKENIZER_FILE_NAMES) or any(path.glob("*.tiktoken"))
+    )
 
 
 def load_tokenizer(spec: str, eod_token: Optional[str] = None) -> TextTokenizer:
@@ -155,8 +173,10 @@ def load_tokenizer(spec: str, eod_token: Optional[str] = None) -> TextTokenizer:
     end-of-document token instead of the tokenizer's own (files and directories only)."""
     if spec == "bytes":
         if eod_token is not None:
-            raise ValueError(f"--eod-token / data.eod_token {eod_token!r} does not apply to the 'bytes' tokenizer, "
-                             "whose end-of-document id is 256: drop it")
+            raise ValueError(
+                f"--eod-token / data.eod_token {eod_token!r} does not apply to the 'bytes' tokenizer, "
+                "whose end-of-document id is 256: drop it"
+            )
         return ByteTokenizer()
     path = Path(spec)
     if path.is_dir():
@@ -169,8 +189,10 @@ def load_tokenizer(spec: str, eod_token: Optional[str] = None) -> TextTokenizer:
 def require_eod(tokenizer: TextTokenizer, spec: str) -> int:
     """The tokenizer's end-of-document id; a ValueError saying what to pass when it has none."""
     if tokenizer.eod is None:
-        raise ValueError(f"tokenizer {spec!r} has no end-of-document token (no {EOD_TOKEN} / eos token): pass "
-                         "--eod-token TOKEN (data.eod_token in a run config) naming the token that ends a document")
+        raise ValueError(
+            f"tokenizer {spec!r} has no end-of-document token (no {EOD_TOKEN} / eos token): pass "
+            "--eod-token TOKEN (data.eod_token in a run config) naming the token that ends a document"
+        )
     return tokenizer.eod
 
 

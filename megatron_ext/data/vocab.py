@@ -86,5 +86,9 @@ class VocabLayout:
 
     @classmethod
     def from_dict(cls, data: dict) -> "VocabLayout":
-        return cls(tokenizer=data["tokenizer"], text_size=data["text_size"], eod=data["eod"],
-                   modalities=[ModalityRange(**m) for m in data["modalities"]])
+        return cls(
+            tokenizer=data["tokenizer"],
+            text_size=data["text_size"],
+            eod=data["eod"],
+            modalities=[ModalityRange(**m) for m in data["modalities"]],
+        )

@@ -38,8 +38,11 @@ FULL_HEADS_KEY = "full_attention_heads"
 def base_model_type(hf: Mapping[str, Any]) -> str:
     """The stock model type behind ``hf`` (a ``hybrid_<base>`` is its base)."""
     model_type = hf.get("model_type", "")
-    return hf.get("base_model_type", model_type[len(HYBRID_PREFIX):]) if model_type.startswith(HYBRID_PREFIX) \
+    return (
+        hf.get("base_model_type", model_type[len(HYBRID_PREFIX) :])
+        if model_type.startswith(HYBRID_PREFIX)
         else model_type
+    )
 
 
 def rope_theta(hf: Mapping[str, Any], problems: List[str]) -> float:
@@ -47,8 +50,10 @@ def rope_theta(hf: Mapping[str, Any], problems: List[str]) -> float:
     scaling = hf.get("rope_scaling")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
-        problems.append(f"rope_parameters / rope_scaling = {params or scaling}: only plain RoPE ('default') maps "
-                        "to this project's model (no YaRN / linear / dynamic scaling)")
+        problems.append(
+            f"rope_parameters / rope_scaling = {params or scaling}: only plain RoPE ('default') maps "
+            "to this project's model (no YaRN / linear / dynamic scaling)"
+        )
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
@@ -56,8 +61,10 @@ def model_section(hf: Mapping[str, Any], problems: List[str]) -> Dict[str, Any]:
     """Our ``model`` section from a HF config (problems appended, one per field that does not map)."""
     base = base_model_type(hf)
     if base not in STOCK_ARCHITECTURES:
-        problems.append(f"model_type={hf.get('model_type')!r} is not supported: import maps "
-                        f"{', '.join(STOCK_ARCHITECTURES)} and this project's {HYBRID_PREFIX}* exports")
+        problems.append(
+            f"model_type={hf.get('model_type')!r} is not supported: import maps "
+            f"{', '.join(STOCK_ARCHITECTURES)} and this project's {HYBRID_PREFIX}* exports"
+        )
         return {}
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={hf['hidden_act']!r}: only 'silu' (SwiGLU MLPs) maps to model.activation")
@@ -104,8 +111,10 @@ def dense_hf_config(cfg, dtype: str) -> tuple[Dict[str, Any], List[str]]:
     if m.position_embedding != "rope":
         problems.append(f"model.position_embedding={m.position_embedding!r}: the HF classes use RoPE")
     if m.add_bias_linear:
-        problems.append("model.add_bias_linear=true: biases in every linear layer have no HF class here "
-                        "(attention_bias covers attention only)")
+        problems.append(
+            "model.add_bias_linear=true: biases in every linear layer have no HF class here "
+            "(attention_bias covers attention only)"
+        )
     heads = m.num_attention_heads
     base = "qwen3" if m.qk_layernorm else "llama"
     layers = m.num_layers
@@ -135,8 +144,12 @@ def dense_hf_config(cfg, dtype: str) -> tuple[Dict[str, Any], List[str]]:
     if base == "llama":
         hf.update(mlp_bias=False, pretraining_tp=1)
     else:
-        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=layers,
-                  layer_types=["full_attention"] * layers)
+        hf.update(
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=layers,
+            layer_types=["full_attention"] * layers,
+        )
     return hf, problems
 
 
@@ -165,8 +178,10 @@ def resolve_architecture(hf: Dict[str, Any], problems: List[str]) -> bool:
     per_head = hf.get(FULL_HEADS_KEY)
     sliding = [t == "sliding_attention" for t in hf.get("layer_types", [])]
     if base == "llama" and (per_head is not None or any(sliding)):
-        problems.append("hybrid attention export needs model.qk_layernorm=true (Qwen3 attention): Llama has no "
-                        "per-layer sliding window")
+        problems.append(
+            "hybrid attention export needs model.qk_layernorm=true (Qwen3 attention): Llama has no "
+            "per-layer sliding window"
+        )
         return False
     if per_head is None and not (base == "qwen3_moe" and any(sliding)):
         return False
@@ -175,9 +190,14 @@ def resolve_architecture(hf: Dict[str, Any], problems: List[str]) -> bool:
         hf[FULL_HEADS_KEY] = per_head
     name = HYBRID_CLASSES[base]
     module = REMOTE_CODE_FILE[: -len(".py")]
-    hf.update(model_type=HYBRID_PREFIX + base, base_model_type=base, architectures=[f"{name}ForCausalLM"],
-              auto_map={"AutoConfig": f"{module}.{name}Config",
-                        "AutoModelForCausalLM": f"{module}.{name}ForCausalLM"},
-              layer_types=["full_attention"] * hf["num_hidden_layers"], use_sliding_window=False,
-              **{WINDOW_KEY: hf["sliding_window"]}, sliding_window=None)
+    hf.update(
+        model_type=HYBRID_PREFIX + base,
+        base_model_type=base,
+        architectures=[f"{name}ForCausalLM"],
+        auto_map={"AutoConfig": f"{module}.{name}Config", "AutoModelForCausalLM": f"{module}.{name}ForCausalLM"},
+        layer_types=["full_attention"] * hf["num_hidden_layers"],
+        use_sliding_window=False,
+        **{WINDOW_KEY: hf["sliding_window"]},
+        sliding_window=None,
+    )
     return True

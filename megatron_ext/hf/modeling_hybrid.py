@@ -15,7 +15,6 @@ This file depends only on torch and transformers.
 
 import torch
 from torch import nn
-
 from transformers.models.dots1.configuration_dots1 import Dots1Config
 from transformers.models.dots1.modeling_dots1 import Dots1ForCausalLM
 from transformers.models.qwen3.configuration_qwen3 import Qwen3Config
@@ -65,8 +64,9 @@ def _make_hybrid(model, config):
         attn = layer.self_attn
         row = tuple(bool(x) for x in flags[attn.layer_idx])
         if len(row) != config.num_key_value_heads:
-            raise ValueError(f"full_attention_heads[{attn.layer_idx}] has {len(row)} flags for "
-                             f"{config.num_key_value_heads} KV heads")
+            raise ValueError(
+                f"full_attention_heads[{attn.layer_idx}] has {len(row)} flags for {config.num_key_value_heads} KV heads"
+            )
         attn.hybrid_full_heads = row  # plain flags: models are built on the meta device first
         attn.hybrid_window = int(config.hybrid_window)
         attn.forward = _hybrid_forward.__get__(attn)
@@ -76,8 +76,10 @@ def _register_expert_layout():
     """The weights are in the Hub's per-expert layout; transformers versions that pack experts into
     one tensor convert it on load for the stock model types only, so register ours as theirs."""
     try:
-        from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
-                                                     register_checkpoint_conversion_mapping)
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
     except ImportError:  # versions without packed experts load the per-expert layout as it is
         return
     for ours, base in (("hybrid_qwen3_moe", "qwen3_moe"), ("hybrid_dots1", "dots1")):

@@ -34,7 +34,9 @@ def same(ours: str, hf: str) -> Rule:
 
 def concat(ours: str, hf: Sequence[str], sizes: Sequence[int], dim: int = 0) -> Rule:
     """Our tensor is the HF tensors concatenated along ``dim`` (e.g. SwiGLU's ``[gate; up]``)."""
-    return Rule(ours, tuple(hf), lambda t: tuple(t.split(list(sizes), dim=dim)), lambda ts: torch.cat(list(ts), dim=dim))
+    return Rule(
+        ours, tuple(hf), lambda t: tuple(t.split(list(sizes), dim=dim)), lambda ts: torch.cat(list(ts), dim=dim)
+    )
 
 
 def stacked(ours: str, hf: Sequence[str]) -> Rule:
@@ -55,8 +57,11 @@ def qkv(ours: str, q: str, k: str, v: str, *, heads: int, groups: int, head_dim:
     def from_hf(ts):
         wq, wk, wv = ts
         hidden = wq.shape[-1]
-        parts = (wq.reshape(groups, per_group * head_dim, hidden), wk.reshape(groups, head_dim, hidden),
-                 wv.reshape(groups, head_dim, hidden))
+        parts = (
+            wq.reshape(groups, per_group * head_dim, hidden),
+            wk.reshape(groups, head_dim, hidden),
+            wv.reshape(groups, head_dim, hidden),
+        )
         return torch.cat(parts, dim=1).reshape(-1, hidden)
 
     return Rule(ours, (q, k, v), to_hf, from_hf)
@@ -65,6 +70,7 @@ def qkv(ours: str, q: str, k: str, v: str, *, heads: int, groups: int, head_dim:
 def vocab(ours: str, hf: str, rows: int, padded: int) -> Rule:
     """A vocabulary tensor: ours has ``padded`` rows (a multiple of 128), HF's the first ``rows``;
     the padding rows are zeros on import and dropped on export."""
+
     def from_hf(ts):
         (t,) = ts
         return torch.cat([t, t.new_zeros(padded - rows, *t.shape[1:])]) if padded > rows else t
@@ -75,6 +81,7 @@ def vocab(ours: str, hf: str, rows: int, padded: int) -> Rule:
 def constant(hf: str, shape: Sequence[int]) -> Rule:
     """A HF tensor with no counterpart here that must be zeros (e.g. dots1's routing bias of a model
     trained without one): written on export, required to be zeros on import."""
+
     def from_hf(ts):
         if bool(ts[0].any()):
             raise ValueError(f"{hf} is not zero; this model has no such tensor")
@@ -85,6 +92,11 @@ def constant(hf: str, shape: Sequence[int]) -> Rule:
 
 def swiglu_mlp(ours_prefix: str, hf_prefix: str, ffn: int) -> List[Rule]:
     """A gated MLP: our fused ``linear_fc1 = [gate; up]`` and ``linear_fc2``; HF gate / up / down."""
-    return [concat(f"{ours_prefix}linear_fc1.weight", (f"{hf_prefix}gate_proj.weight", f"{hf_prefix}up_proj.weight"),
-                   (ffn, ffn)),
-            same(f"{ours_prefix}linear_fc2.weight", f"{hf_prefix}down_proj.weight")]
+    return [
+        concat(
+            f"{ours_prefix}linear_fc1.weight",
+            (f"{hf_prefix}gate_proj.weight", f"{hf_prefix}up_proj.weight"),
+            (ffn, ffn),
+        ),
+        same(f"{ours_prefix}linear_fc2.weight", f"{hf_prefix}down_proj.weight"),
+    ]

@@ -56,8 +56,10 @@ class _Group:
         positions = positions[keep]
         slots = self.slot(positions)
         if slots.numel() and int(slots.max()) >= self.positions.numel():
-            raise ValueError(f"the KV cache holds {self.positions.numel()} positions; position "
-                             f"{int(positions.max())} does not fit (raise the capacity)")
+            raise ValueError(
+                f"the KV cache holds {self.positions.numel()} positions; position "
+                f"{int(positions.max())} does not fit (raise the capacity)"
+            )
         self.key[:, :, slots] = key[keep].permute(1, 2, 0, 3)
         self.value[:, :, slots] = value[keep].permute(1, 2, 0, 3)
         self.positions[slots] = positions
@@ -80,8 +82,17 @@ class _Group:
 class AttentionCache:
     """The KV cache of one attention pass (see module doc); ``plans`` has one entry per KV head."""
 
-    def __init__(self, plans: Sequence[Plan], *, batch: int, capacity: int, head_dim: int,
-                 queries_per_group: int, dtype=torch.float32, device="cpu"):
+    def __init__(
+        self,
+        plans: Sequence[Plan],
+        *,
+        batch: int,
+        capacity: int,
+        head_dim: int,
+        queries_per_group: int,
+        dtype=torch.float32,
+        device="cpu",
+    ):
         by_plan: Dict[Plan, List[int]] = {}
         for head, plan in enumerate(plans):
             if plan is not None:

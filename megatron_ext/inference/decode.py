@@ -54,8 +54,10 @@ class Decoder:
     def __init__(self, model, batch_hooks: Sequence[Callable] = ()):
         from megatron.core import parallel_state
 
-        if parallel_state.get_tensor_model_parallel_world_size() != 1 or \
-                parallel_state.get_pipeline_model_parallel_world_size() != 1:
+        if (
+            parallel_state.get_tensor_model_parallel_world_size() != 1
+            or parallel_state.get_pipeline_model_parallel_world_size() != 1
+        ):
             raise ValueError("cached decoding runs the whole model in one process (TP = PP = 1)")
         self.model = model.eval()
         self.batch_hooks = list(batch_hooks)
@@ -80,9 +82,15 @@ class Decoder:
             plans = core.kv_cache_plan() if isinstance(core, KeyPlanAttention) else [(None, 0)] * self.num_kv_heads
             attention_factors = [factors for kind, factors in self.passes[i] if kind == "attention"]
             for p, factors in enumerate(attention_factors):
-                caches[(i, p)] = AttentionCache(self._needed(plans, factors), batch=batch, capacity=capacity,
-                                                head_dim=self.head_dim, queries_per_group=self.queries_per_group,
-                                                dtype=dtype, device=device)
+                caches[(i, p)] = AttentionCache(
+                    self._needed(plans, factors),
+                    batch=batch,
+                    capacity=capacity,
+                    head_dim=self.head_dim,
+                    queries_per_group=self.queries_per_group,
+                    dtype=dtype,
+                    device=device,
+                )
         return caches
 
     def _needed(self, plans: List, factors: Optional[List[float]]) -> List:
@@ -111,8 +119,11 @@ class Decoder:
 
     def _forward(self, tokens: Tensor, positions: Tensor, caches, prefill: bool) -> Tensor:
         model = self.model
-        batch = {"tokens": tokens, "position_ids": positions.expand(tokens.shape[0], -1),
-                 "modality_ids": torch.zeros_like(tokens, dtype=torch.uint8)}
+        batch = {
+            "tokens": tokens,
+            "position_ids": positions.expand(tokens.shape[0], -1),
+            "modality_ids": torch.zeros_like(tokens, dtype=torch.uint8),
+        }
         for hook in self.batch_hooks:
             hook(model, batch)
         hidden = model.embedding(input_ids=tokens, position_ids=batch["position_ids"])  # [s, b, h]
@@ -126,8 +137,16 @@ class Decoder:
             attention_pass = 0
             for kind, factors in self.passes[i]:
                 if kind == "attention":
-                    hidden = self._attention(layer, hidden, rope, positions, caches[(i, attention_pass)], factors,
-                                             prefill=prefill, loop=attention_pass > 0 and factors is not None)
+                    hidden = self._attention(
+                        layer,
+                        hidden,
+                        rope,
+                        positions,
+                        caches[(i, attention_pass)],
+                        factors,
+                        prefill=prefill,
+                        loop=attention_pass > 0 and factors is not None,
+                    )
                     attention_pass += 1
                 else:
                     hidden = self._mlp(layer, hidden)
@@ -136,13 +155,28 @@ class Decoder:
         logits, _ = model.output_layer(hidden, weight=weight)
         return logits.transpose(0, 1).float()  # [b, s, vocab]
 
-    def _attention(self, layer, hidden: Tensor, rope, positions: Tensor, cache: AttentionCache,
-                   factors: Optional[List[float]], *, prefill: bool, loop: bool) -> Tensor:
+    def _attention(
+        self,
+        layer,
+        hidden: Tensor,
+        rope,
+        positions: Tensor,
+        cache: AttentionCache,
+        factors: Optional[List[float]],
+        *,
+        prefill: bool,
+        loop: bool,
+    ) -> Tensor:
         attn = layer.self_attention
         core = attn.core_attention
         whole_groups = isinstance(core, HeadSubsetAttention) and not isinstance(core, QueryHeadSubsetAttention)
-        if loop and 1.0 in factors and set(factors) <= {0.0, 1.0} and isinstance(layer, KeptHeadsLayer) \
-                and not whole_groups:
+        if (
+            loop
+            and 1.0 in factors
+            and set(factors) <= {0.0, 1.0}
+            and isinstance(layer, KeptHeadsLayer)
+            and not whole_groups
+        ):
             return self._kept_heads_attention(layer, hidden, rope, positions, cache, factors, prefill=prefill)
         query, key, value = attn.get_query_key_value_tensors(layer.input_layernorm(hidden), None)
         query, key = rotate_query_key(attn, layer.layer_number, query, key, rope)
@@ -159,8 +193,17 @@ class Decoder:
         output, bias = attn.linear_proj(context)
         return hidden + output + (bias if bias is not None else 0)
 
-    def _kept_heads_attention(self, layer, hidden: Tensor, rope, positions: Tensor, cache: AttentionCache,
-                              factors: List[float], *, prefill: bool) -> Tensor:
+    def _kept_heads_attention(
+        self,
+        layer,
+        hidden: Tensor,
+        rope,
+        positions: Tensor,
+        cache: AttentionCache,
+        factors: List[float],
+        *,
+        prefill: bool,
+    ) -> Tensor:
         """A loop pass whose factors are all 0 or 1, as the looped layer's training forward computes
         it: the QKV rows and output columns of the kept query heads and their KV groups only."""
         attn, hn = layer.self_attention, self.head_dim
@@ -180,8 +223,9 @@ class Decoder:
         key[:, :, groups], value[:, :, groups] = k, v
         cache.write(key, value, positions)
         if prefill:  # the kept query heads over their groups' keys, with the layer's own kernels
-            context = layer.attend_heads(q, k, v, [groups.index(head // self.queries_per_group) for head in kept],
-                                         groups).flatten(2)
+            context = layer.attend_heads(
+                q, k, v, [groups.index(head // self.queries_per_group) for head in kept], groups
+            ).flatten(2)
         else:
             query = q.new_zeros(s, b, len(factors), hn)
             query[:, :, kept] = q

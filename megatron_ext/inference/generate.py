@@ -23,8 +23,17 @@ def sample(logits: Tensor, temperature: float, top_p: float, generator: Optional
     return torch.multinomial(probs, 1, generator=generator).view(-1)
 
 
-def generate(decoder, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, stop_token: Optional[int] = None, capacity: Optional[int] = None) -> Tensor:
+def generate(
+    decoder,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_token: Optional[int] = None,
+    capacity: Optional[int] = None,
+) -> Tensor:
     """``[b, s]`` prompt -> ``[b, new]`` tokens, with a KV cache (stops early when every sequence
     produced ``stop_token``)."""
     generator = torch.Generator(device=prompt.device).manual_seed(seed)
@@ -53,12 +62,16 @@ def generate_by_recomputation(model, prompt: Tensor, max_new_tokens: int, batch_
     tokens = prompt
     for _ in range(max_new_tokens):
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-        batch = {"tokens": tokens, "position_ids": positions, "modality_ids": torch.zeros_like(tokens, dtype=torch.uint8)}
+        batch = {
+            "tokens": tokens,
+            "position_ids": positions,
+            "modality_ids": torch.zeros_like(tokens, dtype=torch.uint8),
+        }
         for hook in batch_hooks:
             hook(model, batch)
         logits = model(tokens, positions, attention_mask=None)  # [b, s, vocab]
         tokens = torch.cat([tokens, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
-    return tokens[:, prompt.shape[1]:]
+    return tokens[:, prompt.shape[1] :]
 
 
 def run_tokenizer(cfg, run_dir: Path):

@@ -98,8 +98,10 @@ def _int_var(environ, name: str, why: str) -> int:
 def _slurm(environ: MutableMapping[str, str]) -> LaunchInfo:
     why = "--launcher slurm needs one srun task per rank (srun python -m pretrain.train --launcher slurm ...)"
     if "SLURM_STEP_ID" not in environ:
-        raise LaunchError("--launcher slurm: this process is not inside an srun job step (SLURM_STEP_ID is "
-                          "unset, e.g. it is the batch script itself); start the ranks with srun")
+        raise LaunchError(
+            "--launcher slurm: this process is not inside an srun job step (SLURM_STEP_ID is "
+            "unset, e.g. it is the batch script itself); start the ranks with srun"
+        )
     rank = _int_var(environ, "SLURM_PROCID", why)
     world = _int_var(environ, "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in environ else "SLURM_NTASKS", why)
     local_rank = _int_var(environ, "SLURM_LOCALID", why)
@@ -128,8 +130,10 @@ def _mpi(environ: MutableMapping[str, str]) -> LaunchInfo:
     try:
         from mpi4py import MPI
     except ImportError as err:
-        raise LaunchError(f"--launcher mpi needs mpi4py ({err}): pip install .[mpi] "
-                          "(it needs an MPI library such as Open MPI: apt-get install openmpi-bin)") from None
+        raise LaunchError(
+            f"--launcher mpi needs mpi4py ({err}): pip install .[mpi] "
+            "(it needs an MPI library such as Open MPI: apt-get install openmpi-bin)"
+        ) from None
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
     node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
@@ -138,8 +142,11 @@ def _mpi(environ: MutableMapping[str, str]) -> LaunchInfo:
     endpoint, problem = None, None
     if rank == 0:
         try:
-            port = (_int_var(environ, "MASTER_PORT", "set it to a free TCP port number or unset it")
-                    if environ.get("MASTER_PORT") else _free_port())
+            port = (
+                _int_var(environ, "MASTER_PORT", "set it to a free TCP port number or unset it")
+                if environ.get("MASTER_PORT")
+                else _free_port()
+            )
             endpoint = (environ.get("MASTER_ADDR") or socket.gethostname(), port)
         except LaunchError as err:
             problem = str(err)
@@ -150,8 +157,7 @@ def _mpi(environ: MutableMapping[str, str]) -> LaunchInfo:
     return LaunchInfo("mpi", rank, world, local_rank, *endpoint)
 
 
-def bootstrap_environment(launcher: str = "auto",
-                          environ: Optional[MutableMapping[str, str]] = None) -> LaunchInfo:
+def bootstrap_environment(launcher: str = "auto", environ: Optional[MutableMapping[str, str]] = None) -> LaunchInfo:
     """Resolve ``launcher`` and write RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT
     into ``environ`` (default ``os.environ``) for the slurm and mpi launchers."""
     environ = os.environ if environ is None else environ
@@ -163,15 +169,28 @@ def bootstrap_environment(launcher: str = "auto",
     if resolved == "torchrun":
         missing = [n for n in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if n not in environ]
         if missing:
-            raise LaunchError(f"--launcher torchrun but {', '.join(missing)} not set: start the job with "
-                              "torchrun, or pick --launcher slurm / mpi")
-        return LaunchInfo("torchrun", int(environ["RANK"]), int(environ["WORLD_SIZE"]),
-                          int(environ.get("LOCAL_RANK", "0")), environ["MASTER_ADDR"], int(environ["MASTER_PORT"]))
+            raise LaunchError(
+                f"--launcher torchrun but {', '.join(missing)} not set: start the job with "
+                "torchrun, or pick --launcher slurm / mpi"
+            )
+        return LaunchInfo(
+            "torchrun",
+            int(environ["RANK"]),
+            int(environ["WORLD_SIZE"]),
+            int(environ.get("LOCAL_RANK", "0")),
+            environ["MASTER_ADDR"],
+            int(environ["MASTER_PORT"]),
+        )
     info = _slurm(environ) if resolved == "slurm" else _mpi(environ)
     if not 0 <= info.rank < info.world_size:
         raise LaunchError(f"{resolved}: rank {info.rank} is outside the world of {info.world_size} ranks")
-    environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
-                   MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
+    environ.update(
+        RANK=str(info.rank),
+        WORLD_SIZE=str(info.world_size),
+        LOCAL_RANK=str(info.local_rank),
+        MASTER_ADDR=info.master_addr,
+        MASTER_PORT=str(info.master_port),
+    )
     return info
 
 
@@ -189,24 +208,29 @@ def wait_for_rendezvous(info: LaunchInfo, timeout: float, poll: float = 0.5) -> 
     last_error: Optional[OSError] = None
     while True:
         try:
-            with socket.create_connection((info.master_addr, info.master_port),
-                                          timeout=max(0.1, min(poll * 4, deadline - time.monotonic()))):
+            with socket.create_connection(
+                (info.master_addr, info.master_port), timeout=max(0.1, min(poll * 4, deadline - time.monotonic()))
+            ):
                 return
         except socket.gaierror as err:
-            raise LaunchError(f"rank {info.rank}: cannot resolve the rendezvous host of {endpoint} ({err}); "
-                              "set MASTER_ADDR to an address the nodes can reach") from None
+            raise LaunchError(
+                f"rank {info.rank}: cannot resolve the rendezvous host of {endpoint} ({err}); "
+                "set MASTER_ADDR to an address the nodes can reach"
+            ) from None
         except OSError as err:
             last_error = err
         if time.monotonic() >= deadline:
             raise LaunchError(
                 f"rank {info.rank} of {info.world_size} could not reach the rendezvous at {endpoint} within "
                 f"{timeout:g} s ({last_error}): rank 0 did not start or failed, or the address / port is not "
-                "reachable from this node (firewall, wrong interface: set MASTER_ADDR / MASTER_PORT)")
+                "reachable from this node (firewall, wrong interface: set MASTER_ADDR / MASTER_PORT)"
+            )
         time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
 
 
-def prepare_launch(cfg, launcher: str = "auto", rendezvous_timeout: float = 600.0,
-                   environ: Optional[MutableMapping[str, str]] = None) -> LaunchInfo:
+def prepare_launch(
+    cfg, launcher: str = "auto", rendezvous_timeout: float = 600.0, environ: Optional[MutableMapping[str, str]] = None
+) -> LaunchInfo:
     """Everything before the process group: fill the environment for ``launcher``, check ``cfg``
     against the world size found (every rank reports a config problem at once, instead of ranks
     waiting for a rank 0 that already gave up), then wait for the rendezvous.

@@ -89,16 +89,24 @@ class Layout:
     gpus_per_node: int
 
     def __post_init__(self):
-        _, problems = layout_problems(self.world, tensor=self.tp, pipeline=self.pp, context=self.cp,
-                                      expert=self.ep, expert_tensor=self.etp)
+        _, problems = layout_problems(
+            self.world, tensor=self.tp, pipeline=self.pp, context=self.cp, expert=self.ep, expert_tensor=self.etp
+        )
         if problems:
             raise ValueError("; ".join(problems))
 
     @classmethod
     def from_config(cls, cfg: RunConfig, nodes: int, gpus_per_node: int) -> "Layout":
         p = cfg.parallel
-        return cls(tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert,
-                   etp=p.expert_tensor or p.tensor, world=nodes * gpus_per_node, gpus_per_node=gpus_per_node)
+        return cls(
+            tp=p.tensor,
+            pp=p.pipeline,
+            cp=p.context,
+            ep=p.expert,
+            etp=p.expert_tensor or p.tensor,
+            world=nodes * gpus_per_node,
+            gpus_per_node=gpus_per_node,
+        )
 
     @property
     def dp(self) -> int:
@@ -125,8 +133,11 @@ class Layout:
             tp, cp, dp, pp = _digits(rank, [dense[k] for k in DENSE_ORDER])
             etp, ep, edp, expert_pp = _digits(rank, [expert[k] for k in EXPERT_ORDER])
             assert expert_pp == pp, "both decompositions end in the pipeline digit"
-            result.append(RankCoordinates(rank=rank, node=rank // self.gpus_per_node, tp=tp, cp=cp, dp=dp,
-                                          pp=pp, ep=ep, etp=etp, edp=edp))
+            result.append(
+                RankCoordinates(
+                    rank=rank, node=rank // self.gpus_per_node, tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, etp=etp, edp=edp
+                )
+            )
         return result
 
     def groups(self, kind: str) -> List[List[int]]:

@@ -56,7 +56,7 @@ Shard = Literal["tp", "replicated", "expert"]
 """How a parameter is split: over TP, not at all (replicated over TP), over EP * ETP."""
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 @dataclass
@@ -76,8 +76,11 @@ class ParamInventory:
 
     @property
     def total(self) -> int:
-        return (sum(sum(layer.values()) for layer in self.layers) + sum(self.first_stage.values())
-                + sum(self.last_stage.values()))
+        return (
+            sum(sum(layer.values()) for layer in self.layers)
+            + sum(self.first_stage.values())
+            + sum(self.last_stage.values())
+        )
 
 
 def _shard_of(name: str, param: torch.nn.Parameter) -> Shard:
@@ -209,8 +212,16 @@ def estimate_memory(cfg: RunConfig, inventory: ParamInventory, world: int, *, cu
             s, b = cfg.data.seq_length / cp, t.micro_batch_size
             activations += 4 * s * b * padded_vocab_size(cfg.model.vocab_size) / tp
         params = dense + expert
-        stages.append(StageMemory(stage=stage, params=int(params), weights=weight_b * params,
-                                  gradients=grad_b * params, optimizer=optimizer, activations=activations))
+        stages.append(
+            StageMemory(
+                stage=stage,
+                params=int(params),
+                weights=weight_b * params,
+                gradients=grad_b * params,
+                optimizer=optimizer,
+                activations=activations,
+            )
+        )
     return stages
 
 
@@ -223,8 +234,10 @@ def meta_parameter_inventory(cfg: RunConfig) -> ParamInventory:
     from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, initialize_parallel_state
 
     if dist.is_initialized():
-        raise RuntimeError("meta_parameter_inventory creates its own one-rank process group; "
-                           "call parameter_inventory inside an existing parallel state instead")
+        raise RuntimeError(
+            "meta_parameter_inventory creates its own one-rank process group; "
+            "call parameter_inventory inside an existing parallel state instead"
+        )
     enable_cpu_support()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

@@ -20,15 +20,14 @@ from dataclasses import dataclass, replace
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from megatron_ext.config import ConfigError
-from megatron_ext.run import RunConfig, check_run, routed_experts
 from megatron_ext.launch.layout import INTRA_NODE_KINDS, Layout
 from megatron_ext.launch.memory import GIB, ParamInventory, StageMemory, bytes_per_parameter, estimate_memory
+from megatron_ext.run import RunConfig, check_run, routed_experts
 
 GPU_SBATCH = "slurm/train_gpu.sbatch"
 
 
-def check_allocation(cfg: RunConfig, nodes: int, gpus_per_node: int,
-                     environ: Mapping[str, str] = os.environ) -> None:
+def check_allocation(cfg: RunConfig, nodes: int, gpus_per_node: int, environ: Mapping[str, str] = os.environ) -> None:
     """Raise ConfigError listing every reason ``cfg`` cannot run on ``nodes`` x ``gpus_per_node`` GPUs."""
     problems: List[str] = []
     if nodes < 1:
@@ -39,19 +38,22 @@ def check_allocation(cfg: RunConfig, nodes: int, gpus_per_node: int,
     if slurm_nodes and slurm_nodes.isdigit() and int(slurm_nodes) != nodes:
         problems.append(
             f"--nodes {nodes} disagrees with the SLURM allocation this runs in (SLURM_JOB_NUM_NODES="
-            f"{slurm_nodes}): plan for the nodes the job has, or submit a job with --nodes={nodes}")
+            f"{slurm_nodes}): plan for the nodes the job has, or submit a job with --nodes={nodes}"
+        )
     slurm_gpus = environ.get("SLURM_GPUS_ON_NODE")
     if slurm_gpus and slurm_gpus.isdigit() and int(slurm_gpus) != gpus_per_node:
         problems.append(
             f"--gpus-per-node {gpus_per_node} disagrees with the SLURM allocation this runs in "
-            f"(SLURM_GPUS_ON_NODE={slurm_gpus})")
+            f"(SLURM_GPUS_ON_NODE={slurm_gpus})"
+        )
     if problems:
         raise ConfigError(problems)
     try:
         check_run(cfg, nodes * gpus_per_node, cuda=True, te_installed=True)  # the GPU nodes, not this one
     except ConfigError as err:
-        raise ConfigError([f"on {nodes} node(s) x {gpus_per_node} GPU(s) = {nodes * gpus_per_node} ranks: {p}"
-                           for p in err.problems]) from None
+        raise ConfigError(
+            [f"on {nodes} node(s) x {gpus_per_node} GPU(s) = {nodes * gpus_per_node} ranks: {p}" for p in err.problems]
+        ) from None
 
 
 @dataclass
@@ -68,29 +70,50 @@ class LaunchPlan:
     """Peak per-GPU bytes with each train.recompute setting (to compare the choices)."""
 
 
-def make_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, inventory: ParamInventory, *,
-              gpu_memory_gib: float = 80.0, environ: Mapping[str, str] = os.environ) -> LaunchPlan:
+def make_plan(
+    cfg: RunConfig,
+    nodes: int,
+    gpus_per_node: int,
+    inventory: ParamInventory,
+    *,
+    gpu_memory_gib: float = 80.0,
+    environ: Mapping[str, str] = os.environ,
+) -> LaunchPlan:
     """Check the allocation, then lay out the ranks and estimate memory (raises ConfigError)."""
     check_allocation(cfg, nodes, gpus_per_node, environ)
     layout = Layout.from_config(cfg, nodes, gpus_per_node)
     memory = estimate_memory(cfg, inventory, layout.world, cuda=True)
     warnings = []
     for kind in INTRA_NODE_KINDS if routed_experts(cfg) else ("tp",):
-        warnings += [warning + (_expert_fix(cfg, layout, kind) if kind in ("ep", "etp") else "")
-                     for warning in layout.node_warnings([kind])]
+        warnings += [
+            warning + (_expert_fix(cfg, layout, kind) if kind in ("ep", "etp") else "")
+            for warning in layout.node_warnings([kind])
+        ]
     for stage in memory:
         if stage.total > 0.9 * gpu_memory_gib * GIB:
             warnings.append(
                 f"pipeline stage {stage.stage} needs about {stage.total / GIB:.1f} GiB per GPU, more than 90% "
                 f"of {gpu_memory_gib:g} GiB: raise TP / PP, lower train.micro_batch_size or set "
-                "train.recompute to selective / full")
+                "train.recompute to selective / full"
+            )
     peaks = {
-        mode: max(s.total for s in estimate_memory(replace(cfg, train=replace(cfg.train, recompute=mode)),
-                                                   inventory, layout.world, cuda=True))
+        mode: max(
+            s.total
+            for s in estimate_memory(
+                replace(cfg, train=replace(cfg.train, recompute=mode)), inventory, layout.world, cuda=True
+            )
+        )
         for mode in ("none", "selective", "full")
     }
-    return LaunchPlan(cfg=cfg, layout=layout, memory=memory, warnings=warnings, total_params=inventory.total,
-                      gpu_memory_gib=gpu_memory_gib, peak_by_recompute=peaks)
+    return LaunchPlan(
+        cfg=cfg,
+        layout=layout,
+        memory=memory,
+        warnings=warnings,
+        total_params=inventory.total,
+        gpu_memory_gib=gpu_memory_gib,
+        peak_by_recompute=peaks,
+    )
 
 
 def _expert_fix(cfg: RunConfig, lay: Layout, kind: str) -> str:
@@ -124,15 +147,19 @@ def _expert_fix(cfg: RunConfig, lay: Layout, kind: str) -> str:
         fixes.append(f"parallel.expert={ep} (ETP x EP = {lay.etp * ep} ranks)")
     unsharded_ep = smaller_ep(1) if lay.etp > 1 and not fits(1, lay.ep) else None
     if unsharded_ep is not None and (ep is None or unsharded_ep > ep):
-        fixes.append(f"parallel.expert_tensor=1 with parallel.expert={unsharded_ep} "
-                     f"(ETP x EP = {unsharded_ep} ranks)")
-    block = (f"each EP group spans ETP x EP = {lay.etp} x {lay.ep} = {lay.etp * lay.ep} consecutive ranks"
-             if kind == "ep" else f"each ETP group spans ETP = {lay.etp} consecutive ranks")
+        fixes.append(f"parallel.expert_tensor=1 with parallel.expert={unsharded_ep} (ETP x EP = {unsharded_ep} ranks)")
+    block = (
+        f"each EP group spans ETP x EP = {lay.etp} x {lay.ep} = {lay.etp * lay.ep} consecutive ranks"
+        if kind == "ep"
+        else f"each ETP group spans ETP = {lay.etp} consecutive ranks"
+    )
     if p.expert_tensor is None and lay.etp > 1:
         block += f" (parallel.expert_tensor is unset, so ETP follows parallel.tensor={p.tensor})"
     if not fixes:
-        return (f"; {block}, and no smaller parallel.expert or parallel.expert_tensor fits into one node of "
-                f"{lay.gpus_per_node} GPUs with these sizes: use nodes with more GPUs")
+        return (
+            f"; {block}, and no smaller parallel.expert or parallel.expert_tensor fits into one node of "
+            f"{lay.gpus_per_node} GPUs with these sizes: use nodes with more GPUs"
+        )
     return f"; {block}: set " + ", or ".join(fixes) + f" to keep them inside a node of {lay.gpus_per_node} GPUs"
 
 
@@ -142,8 +169,7 @@ def _count(n: float) -> str:
 
 def _wrap_groups(groups: List[List[int]], indent: str) -> str:
     text = " ".join("[" + ",".join(map(str, g)) + "]" for g in groups)
-    return textwrap.fill(text, width=100, initial_indent=indent, subsequent_indent=indent,
-                         break_on_hyphens=False)
+    return textwrap.fill(text, width=100, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False)
 
 
 def _size_lines(plan: LaunchPlan) -> List[str]:
@@ -159,11 +185,15 @@ def _size_lines(plan: LaunchPlan) -> List[str]:
     ]
     experts = routed_experts(cfg)
     if experts:
-        out.append(f"  expert layers: ETP {lay.etp} x EP {lay.ep} x EDP {lay.edp} x PP {lay.pp} "
-                   f"({experts} experts, {experts // lay.ep} per EP rank)")
+        out.append(
+            f"  expert layers: ETP {lay.etp} x EP {lay.ep} x EDP {lay.edp} x PP {lay.pp} "
+            f"({experts} experts, {experts // lay.ep} per EP rank)"
+        )
     num_micro = t.global_batch_size // (t.micro_batch_size * lay.dp)
-    out.append(f"  batch: global {t.global_batch_size} = micro-batch {t.micro_batch_size} x DP {lay.dp} x "
-               f"{num_micro} micro-batches per step, {cfg.data.seq_length} tokens per sample")
+    out.append(
+        f"  batch: global {t.global_batch_size} = micro-batch {t.micro_batch_size} x DP {lay.dp} x "
+        f"{num_micro} micro-batches per step, {cfg.data.seq_length} tokens per sample"
+    )
     return out
 
 
@@ -193,17 +223,23 @@ def _memory_lines(plan: LaunchPlan, stages: Sequence[StageMemory]) -> List[str]:
     cfg, lay = plan.cfg, plan.layout
     weight_bytes, _, _ = bytes_per_parameter(cfg, cuda=True)
     peak = max(plan.memory, key=lambda s: s.total)
-    unit, scale = ("GiB", GIB) if peak.total >= 0.5 * GIB else ("MiB", 1024 ** 2)
-    out = [f"Memory per GPU, estimate ({unit}; {'bf16' if weight_bytes == 2 else 'fp32'} weights, fp32 "
-           f"grads, Adam{' sharded over DP (distributed optimizer)' if lay.dp > 1 else ''}, "
-           f"recompute={cfg.train.recompute}; formulas in megatron_ext/launch/memory.py)",
-           "  stage  params/GPU  weights    grads  optimizer  activations    total"]
+    unit, scale = ("GiB", GIB) if peak.total >= 0.5 * GIB else ("MiB", 1024**2)
+    out = [
+        f"Memory per GPU, estimate ({unit}; {'bf16' if weight_bytes == 2 else 'fp32'} weights, fp32 "
+        f"grads, Adam{' sharded over DP (distributed optimizer)' if lay.dp > 1 else ''}, "
+        f"recompute={cfg.train.recompute}; formulas in megatron_ext/launch/memory.py)",
+        "  stage  params/GPU  weights    grads  optimizer  activations    total",
+    ]
     for s in stages:
-        out.append(f"  {s.stage:>5}  {_count(s.params):>10}  {s.weights / scale:>7.2f}  {s.gradients / scale:>7.2f}  "
-                   f"{s.optimizer / scale:>9.2f}  {s.activations / scale:>11.2f}  {s.total / scale:>7.2f}")
-    out.append(f"  peak: stage {peak.stage}, {peak.total / GIB:.2f} GiB of {plan.gpu_memory_gib:g} GiB; "
-               "with train.recompute = " + ", ".join(f"{mode}: {total / GIB:.2f}"
-                                                    for mode, total in plan.peak_by_recompute.items()))
+        out.append(
+            f"  {s.stage:>5}  {_count(s.params):>10}  {s.weights / scale:>7.2f}  {s.gradients / scale:>7.2f}  "
+            f"{s.optimizer / scale:>9.2f}  {s.activations / scale:>11.2f}  {s.total / scale:>7.2f}"
+        )
+    out.append(
+        f"  peak: stage {peak.stage}, {peak.total / GIB:.2f} GiB of {plan.gpu_memory_gib:g} GiB; "
+        "with train.recompute = "
+        + ", ".join(f"{mode}: {total / GIB:.2f}" for mode, total in plan.peak_by_recompute.items())
+    )
     return out
 
 
@@ -216,8 +252,11 @@ def format_plan(plan: LaunchPlan) -> str:
     coordinates, every group's ranks, the memory of every stage, the warnings."""
     lay, experts = plan.layout, routed_experts(plan.cfg) is not None
     out = _size_lines(plan)
-    out += ["", "Ranks (Megatron order tp-cp-ep-dp-pp; node = rank // GPUs per node)",
-            "  rank  node |  TP  CP  DP  PP" + (" |  EP ETP EDP" if experts else "")]
+    out += [
+        "",
+        "Ranks (Megatron order tp-cp-ep-dp-pp; node = rank // GPUs per node)",
+        "  rank  node |  TP  CP  DP  PP" + (" |  EP ETP EDP" if experts else ""),
+    ]
     for c in lay.coordinates():
         line = f"  {c.rank:>4}  {c.node:>4} | {c.tp:>3} {c.cp:>3} {c.dp:>3} {c.pp:>3}"
         out.append(line + (f" | {c.ep:>3} {c.etp:>3} {c.edp:>3}" if experts else ""))
@@ -240,8 +279,14 @@ def format_plan_summary(plan: LaunchPlan) -> str:
     return "\n".join(out)
 
 
-def sbatch_command(config: str, overrides: Sequence[str], nodes: int, gpus_per_node: int,
-                   job_name: Optional[str] = None, script: str = GPU_SBATCH) -> str:
+def sbatch_command(
+    config: str,
+    overrides: Sequence[str],
+    nodes: int,
+    gpus_per_node: int,
+    job_name: Optional[str] = None,
+    script: str = GPU_SBATCH,
+) -> str:
     """The submission command for this allocation (run from the repository root).
 
     ``NODES`` tells the script how many nodes the plan was made for; it refuses to start on an

@@ -22,8 +22,8 @@ from typing import Optional
 
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
-from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_ext.models.context_attention import context_parallel_attention
@@ -35,17 +35,29 @@ __all__ = ["SDPACoreAttention"]
 class SDPACoreAttention(MegatronModule):
     """Causal self-attention core for GPT layers (no padding masks, packed sequences or biases)."""
 
-    def __init__(self, config, layer_number: int, attn_mask_type=AttnMaskType.causal, attention_type="self",
-                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type=None, pg_collection=None):
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type=AttnMaskType.causal,
+        attention_type="self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type=None,
+        pg_collection=None,
+    ):
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if config.context_parallel_size != 1 and dropout > 0:
-            raise ValueError(f"SDPACoreAttention has no attention dropout under context parallelism (dropout {dropout}, "
-                             f"context_parallel_size={config.context_parallel_size}): set model.attention_dropout: 0")
+            raise ValueError(
+                f"SDPACoreAttention has no attention dropout under context parallelism (dropout {dropout}, "
+                f"context_parallel_size={config.context_parallel_size}): set model.attention_dropout: 0"
+            )
         if attn_mask_type != AttnMaskType.causal or attention_type != "self":
-            raise ValueError(f"SDPACoreAttention does not support {attention_type} attention with mask type "
-                             f"{attn_mask_type} (causal self-attention only): set model.attention_backend: local for "
-                             "Megatron's DotProductAttention.")
+            raise ValueError(
+                f"SDPACoreAttention does not support {attention_type} attention with mask type "
+                f"{attn_mask_type} (causal self-attention only): set model.attention_backend: local for "
+                "Megatron's DotProductAttention."
+            )
         super().__init__(config=config)
         if pg_collection is None and config.context_parallel_size > 1:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["cp"])
@@ -55,12 +67,15 @@ class SDPACoreAttention(MegatronModule):
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
 
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
-            raise ValueError("SDPACoreAttention computes causal attention over whole sequences: it takes no "
-                             "attention_mask, attention_bias or packed_seq_params (set "
-                             "model.attention_backend: local for those)")
+            raise ValueError(
+                "SDPACoreAttention computes causal attention over whole sequences: it takes no "
+                "attention_mask, attention_bias or packed_seq_params (set "
+                "model.attention_backend: local for those)"
+            )
         if attn_mask_type is not None and attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"SDPACoreAttention is causal; got attn_mask_type={attn_mask_type}")
         s, b, nq, hn = query.shape
@@ -74,9 +89,11 @@ class SDPACoreAttention(MegatronModule):
         gqa = q.shape[1] != k.shape[1]
         if dropout > 0.0 and not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                                     scale=self.softmax_scale, enable_gqa=gqa)
+                out = F.scaled_dot_product_attention(
+                    q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale, enable_gqa=gqa
+                )
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                                 scale=self.softmax_scale, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale, enable_gqa=gqa
+            )
         return out.permute(2, 0, 1, 3).reshape(s, b, nq * hn)

@@ -29,5 +29,7 @@ def fp8_size_problems(sizes: dict) -> List[str]:
     odd = [f"{name}={value}" for name, value in sizes.items() if value and value % FP8_MULTIPLE]
     if not odd:
         return []
-    return [f"train.precision='fp8': FP8 GEMMs need dimensions divisible by {FP8_MULTIPLE}; {', '.join(odd)} "
-            f"{'is' if len(odd) == 1 else 'are'} not"]
+    return [
+        f"train.precision='fp8': FP8 GEMMs need dimensions divisible by {FP8_MULTIPLE}; {', '.join(odd)} "
+        f"{'is' if len(odd) == 1 else 'are'} not"
+    ]

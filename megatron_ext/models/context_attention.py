@@ -26,9 +26,15 @@ from megatron_ext.parallel.context import ContextParallel
 __all__ = ["context_parallel_attention"]
 
 
-def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: ContextParallel,
-                               scale: Optional[float] = None, window: Optional[int] = None,
-                               sink: int = 0) -> torch.Tensor:
+def context_parallel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cp: ContextParallel,
+    scale: Optional[float] = None,
+    window: Optional[int] = None,
+    sink: int = 0,
+) -> torch.Tensor:
     """Causal (``window`` None), sliding-window or sink + recent (``sink > 0``) attention of this
     rank's two chunks; ``[b, hq, 2L, d]``."""
     length = cp.chunk_length(q.shape[2])
@@ -39,8 +45,11 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         for chunk, local in zip(cp.chunks, chunks):
             end = (chunk + 1) * length
             keys, values = k_all[:, :, :end], v_all[:, :, :end]
-            outputs.append(causal_attention(q[:, :, local], keys, values, scale) if window is None else
-                           sink_window_attention(q[:, :, local], keys, values, window, sink, scale))
+            outputs.append(
+                causal_attention(q[:, :, local], keys, values, scale)
+                if window is None
+                else sink_window_attention(q[:, :, local], keys, values, window, sink, scale)
+            )
     else:
         k_halos, v_halos = cp.fetch_halo(k, 2, window), cp.fetch_halo(v, 2, window)
         for local, k_halo, v_halo in zip(chunks, k_halos, v_halos):

@@ -55,8 +55,12 @@ def dense_layer_cost(m: ModelConfig, seq_length: int) -> LayerCost:
     """A decoder layer of the model section ``m`` with a dense MLP and full attention over
     ``seq_length`` tokens."""
     heads = m.num_attention_heads
-    return LayerCost(heads, m.num_query_groups or heads, float(heads * seq_length),
-                     mlp_flops_per_token(m.hidden_size, m.ffn_hidden_size, m.activation == "swiglu"))
+    return LayerCost(
+        heads,
+        m.num_query_groups or heads,
+        float(heads * seq_length),
+        mlp_flops_per_token(m.hidden_size, m.ffn_hidden_size, m.activation == "swiglu"),
+    )
 
 
 @dataclass
@@ -76,8 +80,13 @@ class ModelCost:
     @classmethod
     def from_config(cls, m: ModelConfig, seq_length: int, padded_vocab_size: int) -> "ModelCost":
         """The dense model of the model section ``m`` with full attention in every layer."""
-        return cls(m.hidden_size, m.kv_channels or m.hidden_size // m.num_attention_heads, seq_length,
-                   padded_vocab_size, [dense_layer_cost(m, seq_length) for _ in range(m.num_layers)])
+        return cls(
+            m.hidden_size,
+            m.kv_channels or m.hidden_size // m.num_attention_heads,
+            seq_length,
+            padded_vocab_size,
+            [dense_layer_cost(m, seq_length) for _ in range(m.num_layers)],
+        )
 
     def attention_flops(self, query_heads: int, kv_heads: int, keys: float) -> float:
         """Forward FLOPs per token of an attention sublayer: QKV and output projections, scores + PV."""

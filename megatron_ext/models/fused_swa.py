@@ -41,8 +41,17 @@ _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "sliding_window_attent
 
 # torch's CPU capability -> compiler flags that enable the matching at::vec implementation.
 _SIMD_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
-               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX512": [
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mavx2",
+        "-mfma",
+        "-mf16c",
+        "-DCPU_CAPABILITY=AVX512",
+        "-DCPU_CAPABILITY_AVX512",
+    ],
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
 }
 
@@ -72,8 +81,11 @@ def _remove_stale_lock(build_dir: str) -> None:
     except OSError:
         return  # no lock
     if age > STALE_LOCK_SECONDS:
-        warnings.warn(f"removing {lock}, left {age:.0f} s ago by a build of the CPU sliding-window kernel that "
-                      "did not finish", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"removing {lock}, left {age:.0f} s ago by a build of the CPU sliding-window kernel that did not finish",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         try:
             os.remove(lock)
         except FileNotFoundError:
@@ -88,14 +100,21 @@ def _load():
     capability = torch.backends.cpu.get_cpu_capability()
     simd = _SIMD_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
     name = f"megatron_ext_swa_cpu_{capability.lower() if capability in _SIMD_FLAGS else 'default'}"
-    build_dir = os.path.join(cpp_extension.get_default_build_root(), f"py{sys.version_info[0]}{sys.version_info[1]}_cpu",
-                             name)
+    build_dir = os.path.join(
+        cpp_extension.get_default_build_root(), f"py{sys.version_info[0]}{sys.version_info[1]}_cpu", name
+    )
     _ninja_on_path()
     try:
         os.makedirs(build_dir, exist_ok=True)
         _remove_stale_lock(build_dir)
-        module = cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=["-O3", "-fopenmp", *simd],
-                                    extra_ldflags=["-fopenmp"], build_directory=build_dir, verbose=False)
+        module = cpp_extension.load(
+            name=name,
+            sources=[_SOURCE],
+            extra_cflags=["-O3", "-fopenmp", *simd],
+            extra_ldflags=["-fopenmp"],
+            build_directory=build_dir,
+            verbose=False,
+        )
     except Exception as exc:  # compiler missing, link error, ...: the blocked kernel still works
         reason = str(exc).strip().splitlines()
         return None, f"{type(exc).__name__}: {reason[-1] if reason else ''}"
@@ -117,9 +136,13 @@ def available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _warn_fallback(error: str) -> None:
-    warnings.warn(f"the fused CPU sliding-window attention kernel could not be built ({error}); using the "
-                  "blocked kernel, about 1.5x slower: install a C++ compiler (g++) and the project's "
-                  "dependencies (ninja)", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"the fused CPU sliding-window attention kernel could not be built ({error}); using the "
+        "blocked kernel, about 1.5x slower: install a C++ compiler (g++) and the project's "
+        "dependencies (ninja)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -135,8 +158,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("megatron_ext::sliding_window_forward", mutates_args=())
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float,
-                block: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float, block: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     out, lse = _load()[0].forward(q, k, v, window, scale, block)
     return out, lse
 
@@ -147,9 +171,17 @@ def _(q, k, v, window, scale, block):
 
 
 @torch.library.custom_op("megatron_ext::sliding_window_backward", mutates_args=())
-def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, window: int, scale: float, block: int
-                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    window: int,
+    scale: float,
+    block: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = _load()[0].backward(grad_out, q, k, v, out, lse, window, scale, block)
     return dq, dk, dv
 
@@ -172,8 +204,9 @@ def _forward_flops(q_shape, k_shape, v_shape, window, scale, block, *args, out_s
 
 
 @register_flop_formula(torch.ops.megatron_ext.sliding_window_backward)
-def _backward_flops(grad_shape, q_shape, k_shape, v_shape, out_shape_, lse_shape, window, scale, block, *args,
-                    out_shape=None, **kwargs) -> int:
+def _backward_flops(
+    grad_shape, q_shape, k_shape, v_shape, out_shape_, lse_shape, window, scale, block, *args, out_shape=None, **kwargs
+) -> int:
     b, h, t, d = q_shape
     return 5 * 2 * b * h * d * _block_pairs(t, k_shape[2], window, block)  # S again, dV, dP, dQ, dK
 
@@ -195,8 +228,9 @@ class _FusedSlidingWindowAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def fused_sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float,
-                                   block_size: int) -> torch.Tensor:
+def fused_sliding_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float, block_size: int
+) -> torch.Tensor:
     """Causal sliding-window attention through the fused kernel; float32 CPU tensors, shapes and window
     convention of :mod:`megatron_ext.models.kernels` (``q [b, hq, Tq, d]``, ``k, v [b, hkv, Tk, d]``,
     ``Tk >= Tq``), ``block_size`` query rows per block. Call :func:`available` first."""

@@ -95,8 +95,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Opt
         raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
     b, hq, t, d = q.shape
     if k.shape[0] != b or k.shape[2] < t or k.shape[3] != d:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head dim, or k holds "
-                         "fewer positions than q")
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head dim, or k holds fewer positions than q"
+        )
     if hq % k.shape[1] != 0:
         raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({k.shape[1]})")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
@@ -120,9 +121,7 @@ def ideal_flop_ratio(seq_len: int, window: int) -> float:
     return band / (seq_len * (seq_len + 1) // 2)
 
 
-def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None
-) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
     """Full causal attention ``[b, hq, Tq, d]`` through ``scaled_dot_product_attention``: ``is_causal``
     when ``Tk == Tq``; for the last ``Tq`` queries of ``Tk`` keys, the causal mask aligned to the
     bottom right (query ``i`` sees keys ``j <= i + Tk - Tq``), which ``is_causal`` (top left) is not:
@@ -134,8 +133,13 @@ def causal_attention(
     tq, tk = q.shape[2], k.shape[2]
     mask = None if tq == tk else causal_lower_right(tq, tk)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, scale=_scale_or_default(q, scale),
-        enable_gqa=q.shape[1] != k.shape[1]
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=_scale_or_default(q, scale),
+        enable_gqa=q.shape[1] != k.shape[1],
     )
 
 
@@ -193,8 +197,9 @@ def sink_window_attention(
     for the other kernels."""
     _check_inputs(q, k, v, window)
     mask = _band_mask(q.shape[2], k.shape[2], window, q.device, sink)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=_scale_or_default(q, scale),
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=_scale_or_default(q, scale), enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,9 +208,7 @@ def sink_window_attention(
 
 
 @functools.lru_cache(maxsize=32)
-def _band_template(
-    block: int, window: int, group: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
+def _band_template(block: int, window: int, group: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Additive band mask of a full query block against its full key window.
 
     Shape [block * group, block + window - 1].
@@ -229,8 +232,9 @@ class _Block(NamedTuple):
     mask: Tuple[Tuple[slice, torch.Tensor], ...]  # (score columns, additive bias [rows, columns]) to add
 
 
-def _block_plan(seq_len: int, window: int, block: int, group: int, template: torch.Tensor,
-                q_offset: int = 0) -> List[_Block]:
+def _block_plan(
+    seq_len: int, window: int, block: int, group: int, template: torch.Tensor, q_offset: int = 0
+) -> List[_Block]:
     """Query blocks with their key ranges and the pieces of the band mask their scores need.
 
     ``seq_len`` queries, query ``i`` at key position ``i + q_offset``. Template column ``c`` of block
@@ -316,8 +320,9 @@ class _BlockedSlidingWindowAttention(torch.autograd.Function):
         k_rows = k.contiguous().view(b * kv_heads, tk, d)  # [B, Tk, d]
         v_rows = v.contiguous().view(b * kv_heads, tk, d)
         n_batch = q_rows.shape[0]
-        plan = _block_plan(t, window, block, group, _band_template(block, window, group, q.dtype, q.device),
-                           q_offset=tk - t)
+        plan = _block_plan(
+            t, window, block, group, _band_template(block, window, group, q.dtype, q.device), q_offset=tk - t
+        )
         max_rows, max_keys = block * group, min(block + window - 1, tk)
         scores_buf = q.new_empty(n_batch * max_rows * max_keys)
         out_buf = q.new_empty(n_batch * max_rows * d)
@@ -423,13 +428,12 @@ def _sliding_window_block_mask(q_len: int, kv_len: int, window: int, device: tor
     def sliding_window_causal(batch, head, q_idx, kv_idx):
         return (kv_idx <= q_idx + offset) & (q_idx + offset - kv_idx < window)
 
-    return create_block_mask(
-        sliding_window_causal, B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device
-    )
+    return create_block_mask(sliding_window_causal, B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)
 
 
-def window_kernel_pairs(seq_len: int, window: int, block_size: int = DEFAULT_BLOCK_SIZE,
-                        kv_len: Optional[int] = None) -> int:
+def window_kernel_pairs(
+    seq_len: int, window: int, block_size: int = DEFAULT_BLOCK_SIZE, kv_len: Optional[int] = None
+) -> int:
     """(query, key) score pairs per head and sequence that the CPU window kernels (blocked and fused)
     multiply: per query block ``[s, e)`` its rows times the keys ``[max(0, s + o - W + 1), e + o)``,
     ``o = kv_len - seq_len`` (about ``T (W + bq)``; the band itself holds ``~T W``). For FLOP counts
@@ -466,6 +470,7 @@ def sliding_window_attention(
         gqa = q.shape[1] != k.shape[1]
         return flex(q, k, v, block_mask=mask, scale=_scale_or_default(q, scale), enable_gqa=gqa)
     if q.dtype == k.dtype == v.dtype == torch.float32 and fused_swa.available():
-        return fused_swa.fused_sliding_window_attention(q, k, v, window, _scale_or_default(q, scale),
-                                                        DEFAULT_BLOCK_SIZE)
+        return fused_swa.fused_sliding_window_attention(
+            q, k, v, window, _scale_or_default(q, scale), DEFAULT_BLOCK_SIZE
+        )
     return sliding_window_attention_blocked(q, k, v, window, scale)

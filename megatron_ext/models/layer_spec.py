@@ -43,8 +43,10 @@ class LocalNormSpecProvider(LocalSpecProvider):
 BACKENDS = ("local", "te")
 
 # A TE layer's checkpoint under the local layer's names: the norms fused into the next linear.
-TE_TO_LOCAL_KEYS = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
-                    "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
+TE_TO_LOCAL_KEYS = {
+    "self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+    "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm.",
+}
 
 
 def spec_provider(backend: str = "local"):
@@ -62,7 +64,8 @@ def mlp_spec(num_experts: Optional[int] = None, moe_grouped_gemm: bool = False, 
     """Megatron's MLP spec of ``backend``: dense (``num_experts`` None) or ``MoELayer`` (TE: experts as
     grouped GEMMs, whatever ``moe_grouped_gemm`` says)."""
     return get_mlp_module_spec_for_backend(
-        backend=spec_provider(backend), num_experts=num_experts,
+        backend=spec_provider(backend),
+        num_experts=num_experts,
         moe_grouped_gemm=moe_grouped_gemm or (backend == "te" and num_experts is not None),
     )
 
@@ -188,8 +191,7 @@ def decoder_block_spec(config, layer_specs: list, vp_stage: Optional[int] = None
         raise ValueError(f"got {len(layer_specs)} layer specs for num_layers={config.num_layers}")
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=layer_specs[offset : offset + count],
-                                      layer_norm=block_norm(backend))
+    return TransformerBlockSubmodules(layer_specs=layer_specs[offset : offset + count], layer_norm=block_norm(backend))
 
 
 def map_specs(specs: list, rewrite) -> list:

@@ -23,9 +23,7 @@ class Norm:
         elif config.normalization == "LayerNorm":
             norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
         else:
-            raise ValueError(
-                f"normalization={config.normalization!r} is not supported: use 'RMSNorm' or 'LayerNorm'."
-            )
+            raise ValueError(f"normalization={config.normalization!r} is not supported: use 'RMSNorm' or 'LayerNorm'.")
         if config.layernorm_zero_centered_gamma:
             raise ValueError("layernorm_zero_centered_gamma is not supported by the torch norms.")
         for param in norm.parameters():

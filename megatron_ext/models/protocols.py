@@ -69,8 +69,9 @@ class HeadSubsetAttention(Protocol):
 class QueryHeadSubsetAttention(Protocol):
     """A core attention that attends for any subset of its query heads (and computes no others)."""
 
-    def forward_query_heads(self, query: Tensor, key: Tensor, value: Tensor, kv_of_query: Sequence[int],
-                            local_kv_heads: Sequence[int]) -> Tensor:
+    def forward_query_heads(
+        self, query: Tensor, key: Tensor, value: Tensor, kv_of_query: Sequence[int], local_kv_heads: Sequence[int]
+    ) -> Tensor:
         """Causal attention of ``nq`` query heads, each over its own KV head.
 
         Args:
@@ -136,8 +137,9 @@ class KeptHeadsLayer(Protocol):
     rows of the QKV weight and the columns of the output weight that belong to them (local weights,
     no tensor-parallel communication)."""
 
-    def kept_heads_qkv(self, normed: Tensor, query_heads: Sequence[int],
-                       groups: Sequence[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    def kept_heads_qkv(
+        self, normed: Tensor, query_heads: Sequence[int], groups: Sequence[int]
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         """The fused QKV projection of the listed local query heads and KV heads (groups) only.
 
         Args:
@@ -151,8 +153,9 @@ class KeptHeadsLayer(Protocol):
         """
         ...
 
-    def attend_heads(self, query: Tensor, key: Tensor, value: Tensor, kv_of_query: Sequence[int],
-                     local_kv_heads: Sequence[int]) -> Tensor:
+    def attend_heads(
+        self, query: Tensor, key: Tensor, value: Tensor, kv_of_query: Sequence[int], local_kv_heads: Sequence[int]
+    ) -> Tensor:
         """The layer's causal attention of ``nq`` query heads, each over its own KV head.
 
         Args: as :meth:`QueryHeadSubsetAttention.forward_query_heads` (query ``[s, b, nq, hn]``, key

@@ -38,10 +38,17 @@ class TEKernels:
             import transformer_engine.pytorch as te
 
             self._modules[key] = te.DotProductAttention(
-                num_attention_heads=q_heads, kv_channels=self.head_dim, num_gqa_groups=kv_heads,
-                attention_dropout=0.0, qkv_format="sbhd", attn_mask_type="causal",
-                window_size=None if window is None else (window - 1, 0), softmax_scale=self.softmax_scale,
-                layer_number=self.layer_number, attention_type="self")
+                num_attention_heads=q_heads,
+                kv_channels=self.head_dim,
+                num_gqa_groups=kv_heads,
+                attention_dropout=0.0,
+                qkv_format="sbhd",
+                attn_mask_type="causal",
+                window_size=None if window is None else (window - 1, 0),
+                softmax_scale=self.softmax_scale,
+                layer_number=self.layer_number,
+                attention_type="self",
+            )
         return self._modules[key]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:

@@ -12,6 +12,12 @@ from megatron_ext.moe.elastic import ElasticSampler, SubNetwork
 from megatron_ext.moe.stats import load_cv, normalized_entropy, top_experts, top_experts_iou
 
 __all__ = [
-    "ElasticConfig", "ElasticSampler", "RoutingConfig", "SubNetwork", "load_cv", "normalized_entropy",
-    "top_experts", "top_experts_iou",
+    "ElasticConfig",
+    "ElasticSampler",
+    "RoutingConfig",
+    "SubNetwork",
+    "load_cv",
+    "normalized_entropy",
+    "top_experts",
+    "top_experts_iou",
 ]

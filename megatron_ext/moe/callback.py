@@ -37,17 +37,16 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_ext.compat.moe import reset_token_counts
-from megatron_ext.parallel.state import comm_device
+from megatron_ext.capability import Callback, TrainContext
+from megatron_ext.compat.moe import reset_token_counts, take_aux_losses
 from megatron_ext.data.vocab import MODALITIES
 from megatron_ext.moe import elastic
 from megatron_ext.moe.config import ElasticConfig, RoutingConfig
 from megatron_ext.moe.elastic import ElasticSampler, SubNetwork
 from megatron_ext.moe.router import ElasticRouter, elastic_routers
-from megatron_ext.plotting import pyplot
-from megatron_ext.compat.moe import take_aux_losses
 from megatron_ext.moe.stats import LoadTracker, layer_metrics, normalized_entropy, routing_statistics, top_experts_iou
-from megatron_ext.capability import Callback, TrainContext
+from megatron_ext.parallel.state import comm_device
+from megatron_ext.plotting import pyplot
 
 __all__ = ["MoECallback", "plot_expert_usage"]
 
@@ -70,21 +69,33 @@ class MoECallback(Callback):
     name = "moe"
     metric_prefixes = ("moe/", "elastic/")
 
-    def __init__(self, elastic_config: ElasticConfig, routing: RoutingConfig, num_layers: int, num_experts: int,
-                 top_k: int, seed: int, plot_layers: Optional[Sequence[int]] = None,
-                 capacity_factor: Optional[float] = None, aux_losses: Sequence[str] = ()):
+    def __init__(
+        self,
+        elastic_config: ElasticConfig,
+        routing: RoutingConfig,
+        num_layers: int,
+        num_experts: int,
+        top_k: int,
+        seed: int,
+        plot_layers: Optional[Sequence[int]] = None,
+        capacity_factor: Optional[float] = None,
+        aux_losses: Sequence[str] = (),
+    ):
         if routing.mode == "modality_isolated" and elastic_config.enabled and elastic_config.width_full_prob < 1.0:
-            raise ValueError("elastic width (elastic.width_full_prob < 1) with routing.mode='modality_isolated' "
-                             "could leave a modality's partition with fewer than top-k active experts: set "
-                             "elastic.width_full_prob: 1 for the modality-isolated baseline")
+            raise ValueError(
+                "elastic width (elastic.width_full_prob < 1) with routing.mode='modality_isolated' "
+                "could leave a modality's partition with fewer than top-k active experts: set "
+                "elastic.width_full_prob: 1 for the modality-isolated baseline"
+            )
         self.elastic_config = elastic_config
         self.routing = routing
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.top_k = top_k
         self.plot_layers = None if plot_layers is None else list(plot_layers)
-        self.sampler = (ElasticSampler(elastic_config, num_layers, num_experts, top_k, seed)
-                        if elastic_config.enabled else None)
+        self.sampler = (
+            ElasticSampler(elastic_config, num_layers, num_experts, top_k, seed) if elastic_config.enabled else None
+        )
         self.usage = torch.zeros(num_layers, len(MODALITIES), num_experts, dtype=torch.long)
         """Cumulative tokens per layer, modality and expert over the run (checkpointed)."""
         self.routers: List[ElasticRouter] = []
@@ -106,21 +117,27 @@ class MoECallback(Callback):
         # A pipeline stage of dense layers only (moe.first_k_dense under PP) has no router, but still
         # joins every reduction over the pipeline group (load counts, bias statistics).
         if not self.routers and dist.get_world_size(pp_group) == 1:
-            raise RuntimeError("the moe callback found no ElasticRouter in the model: build the MoE layers' "
-                               "router with megatron_ext.moe.router.with_router")
+            raise RuntimeError(
+                "the moe callback found no ElasticRouter in the model: build the MoE layers' "
+                "router with megatron_ext.moe.router.with_router"
+            )
         has_bias = [r.expert_bias is not None for r in self.routers]
         if has_bias and set(has_bias) != {self.routing.expert_bias}:
-            raise RuntimeError(f"routing.expert_bias={self.routing.expert_bias} but the model's routers "
-                               f"{'have' if any(has_bias) else 'lack'} an expert bias: build the model with "
-                               "moe_router_enable_expert_bias equal to routing.expert_bias")
-        self.tracker = LoadTracker(self.routers, self.num_layers, self.num_experts,
-                                   reduce_group=ctx.pg_collection.tp_dp_cp, pp_group=pp_group)
+            raise RuntimeError(
+                f"routing.expert_bias={self.routing.expert_bias} but the model's routers "
+                f"{'have' if any(has_bias) else 'lack'} an expert bias: build the model with "
+                "moe_router_enable_expert_bias equal to routing.expert_bias"
+            )
+        self.tracker = LoadTracker(
+            self.routers, self.num_layers, self.num_experts, reduce_group=ctx.pg_collection.tp_dp_cp, pp_group=pp_group
+        )
         self._pp_group = pp_group
         self._tp_dp_cp_group = ctx.pg_collection.tp_dp_cp
         t = getattr(ctx.config, "train", None)
         if t is not None:
-            self._num_microbatches = max(1, t.global_batch_size
-                                         // (t.micro_batch_size * dist.get_world_size(ctx.pg_collection.dp)))
+            self._num_microbatches = max(
+                1, t.global_batch_size // (t.micro_batch_size * dist.get_world_size(ctx.pg_collection.dp))
+            )
 
     # -- per step ------------------------------------------------------------------------------------
     def on_step_begin(self, ctx: TrainContext) -> None:
@@ -146,10 +163,15 @@ class MoECallback(Callback):
         moe, m = ctx.config.moe, ctx.config.model
         top_k = self.top_k if self.sub is None or self.sub.top_k is None else self.sub.top_k
         swiglu = m.activation == "swiglu"
-        per_token = (2 * m.hidden_size * moe.num_experts
-                     + top_k * mlp_flops_per_token(m.hidden_size, moe.expert_ffn_hidden_size, swiglu)
-                     + (mlp_flops_per_token(m.hidden_size, moe.shared_expert_ffn_hidden_size, swiglu)
-                        if moe.shared_expert_ffn_hidden_size else 0))
+        per_token = (
+            2 * m.hidden_size * moe.num_experts
+            + top_k * mlp_flops_per_token(m.hidden_size, moe.expert_ffn_hidden_size, swiglu)
+            + (
+                mlp_flops_per_token(m.hidden_size, moe.shared_expert_ffn_hidden_size, swiglu)
+                if moe.shared_expert_ffn_hidden_size
+                else 0
+            )
+        )
         for layer, is_moe in zip(cost.layers, moe.layer_pattern_for(m.num_layers)):
             if is_moe:
                 layer.mlp = per_token
@@ -168,10 +190,12 @@ class MoECallback(Callback):
             elastic.reset(ctx.model)
             self.sub = None
         self.usage += counts[:, : len(MODALITIES)]
-        metrics: Dict[str, float] = {f"moe/{k}": v for k, v in
-                                     layer_metrics(totals, None if sub is None else sub.experts).items()}
-        metrics.update({f"moe/{k}": v for k, v in
-                        routing_statistics(counts, None if sub is None else sub.experts).items()})
+        metrics: Dict[str, float] = {
+            f"moe/{k}": v for k, v in layer_metrics(totals, None if sub is None else sub.experts).items()
+        }
+        metrics.update(
+            {f"moe/{k}": v for k, v in routing_statistics(counts, None if sub is None else sub.experts).items()}
+        )
         metrics.update(self._aux_loss_metrics())
         if self.routing.expert_bias:
             metrics["moe/bias_abs_mean"] = self._bias_abs_mean()
@@ -179,9 +203,13 @@ class MoECallback(Callback):
             requested = int(self.tracker.step_requested.sum())
             metrics["moe/dropped_fraction"] = 1.0 - int(totals.sum()) / requested if requested else 0.0
         if self.sampler is not None:
-            metrics.update({"elastic/depth": len(sub.layers),
-                            "elastic/num_experts": self.num_experts if sub.experts is None else len(sub.experts),
-                            "elastic/topk": sub.top_k})
+            metrics.update(
+                {
+                    "elastic/depth": len(sub.layers),
+                    "elastic/num_experts": self.num_experts if sub.experts is None else len(sub.experts),
+                    "elastic/topk": sub.top_k,
+                }
+            )
         return metrics
 
     def _update_bias_over_active_experts(self, totals: torch.Tensor, experts: Sequence[int]) -> None:
@@ -255,8 +283,10 @@ class MoECallback(Callback):
             return
         usage = torch.as_tensor(state["usage"], dtype=torch.long)
         if usage.shape != self.usage.shape:
-            raise ValueError(f"checkpointed expert usage has shape {tuple(usage.shape)}, this model "
-                             f"{tuple(self.usage.shape)} (layers, modalities, experts): the MoE shape changed")
+            raise ValueError(
+                f"checkpointed expert usage has shape {tuple(usage.shape)}, this model "
+                f"{tuple(self.usage.shape)} (layers, modalities, experts): the MoE shape changed"
+            )
         self.usage = usage.clone()
 
 
@@ -265,8 +295,9 @@ def plot_expert_usage(path: Path, usage: torch.Tensor, layers: Sequence[int]) ->
     its routed tokens per expert; the title gives NE per modality and the top-25% IoUs."""
     plt = pyplot()
     used = [m for m in range(usage.size(1)) if usage[layers, m].sum() > 0]
-    fig, axes = plt.subplots(1, len(layers), figsize=(1.0 + 1.6 * len(layers) + 0.4 * len(used),
-                                                      1.5 + 0.18 * usage.size(2)), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(layers), figsize=(1.0 + 1.6 * len(layers) + 0.4 * len(used), 1.5 + 0.18 * usage.size(2)), squeeze=False
+    )
     for ax, layer in zip(axes[0], layers):
         counts = usage[layer, used].double()  # [m, N]
         share = counts / counts.sum(-1, keepdim=True).clamp(min=1)
@@ -278,11 +309,15 @@ def plot_expert_usage(path: Path, usage: torch.Tensor, layers: Sequence[int]) ->
         if counts.size(-1) > 1:
             ne = normalized_entropy(counts)
             lines.append("NE " + " ".join(f"{MODALITIES[m][:3]}={float(v):.2f}" for m, v in zip(used, ne)))
-        pairs = [(a, b) for i, a in enumerate(used) for b in used[i + 1:]]
+        pairs = [(a, b) for i, a in enumerate(used) for b in used[i + 1 :]]
         if pairs:
-            lines.append("IoU " + " ".join(f"{MODALITIES[a][:3]}/{MODALITIES[b][:3]}="
-                                           f"{top_experts_iou(usage[layer, a], usage[layer, b]):.2f}"
-                                           for a, b in pairs[:3]))
+            lines.append(
+                "IoU "
+                + " ".join(
+                    f"{MODALITIES[a][:3]}/{MODALITIES[b][:3]}={top_experts_iou(usage[layer, a], usage[layer, b]):.2f}"
+                    for a, b in pairs[:3]
+                )
+            )
         ax.set_title("\n".join(lines), fontsize=7)
         fig.colorbar(image, ax=ax, fraction=0.08)
     fig.tight_layout()

@@ -47,20 +47,31 @@ class MixtureOfExperts(Capability):
         if t.precision == "fp8":
             from megatron_ext.models.backend import fp8_size_problems
 
-            problems.extend(fp8_size_problems({"moe.expert_ffn_hidden_size": moe.expert_ffn_hidden_size,
-                                               "moe.shared_expert_ffn_hidden_size": moe.shared_expert_ffn_hidden_size}))
+            problems.extend(
+                fp8_size_problems(
+                    {
+                        "moe.expert_ffn_hidden_size": moe.expert_ffn_hidden_size,
+                        "moe.shared_expert_ffn_hidden_size": moe.shared_expert_ffn_hidden_size,
+                    }
+                )
+            )
         expert_tp = p.expert_tensor or p.tensor
         if not cuda and p.expert > 1 and expert_tp > 1:
-            problems.append(f"parallel.expert={p.expert} with expert tensor parallelism {expert_tp} "
-                            "(parallel.expert_tensor, default parallel.tensor) fails on gloo: Megatron's "
-                            "variable-size all-gather of the expert-TP group needs NCCL; on CPU set "
-                            "parallel.expert_tensor: 1")
+            problems.append(
+                f"parallel.expert={p.expert} with expert tensor parallelism {expert_tp} "
+                "(parallel.expert_tensor, default parallel.tensor) fails on gloo: Megatron's "
+                "variable-size all-gather of the expert-TP group needs NCCL; on CPU set "
+                "parallel.expert_tensor: 1"
+            )
         if moe.score_function == "softmax" and moe.top_k == 1 and not moe.router_pre_softmax:
-            problems.append("moe.top_k=1 with moe.score_function='softmax' needs moe.router_pre_softmax: true (a "
-                            "softmax over the one selected score is 1 and trains no router), or use 'sigmoid'")
+            problems.append(
+                "moe.top_k=1 with moe.score_function='softmax' needs moe.router_pre_softmax: true (a "
+                "softmax over the one selected score is 1 and trains no router), or use 'sigmoid'"
+            )
         if p.tensor > 1 and not p.sequence_parallel:
-            problems.append("parallel.sequence_parallel must be true for MoE with parallel.tensor > 1 "
-                            "(Megatron requires it)")
+            problems.append(
+                "parallel.sequence_parallel must be true for MoE with parallel.tensor > 1 (Megatron requires it)"
+            )
         pattern = moe.layer_pattern_for(m.num_layers)
         if len(pattern) != m.num_layers:
             problems.append(f"moe.layer_pattern has {len(pattern)} entries for model.num_layers={m.num_layers}")
@@ -70,8 +81,9 @@ class MixtureOfExperts(Capability):
         if e.enabled:
             problems.extend(e.problems_with_model(m.num_layers, moe.num_experts, moe.top_k))
         if cfg.routing.mode == "modality_isolated" and (e.enabled and e.width_full_prob < 1 or t.recompute == "full"):
-            problems.append("routing.mode='modality_isolated' cannot be combined with elastic width or "
-                            "train.recompute='full'")
+            problems.append(
+                "routing.mode='modality_isolated' cannot be combined with elastic width or train.recompute='full'"
+            )
         return problems
 
     def transformer_config(self, cfg) -> Dict[str, Any]:
@@ -115,10 +127,20 @@ class MixtureOfExperts(Capability):
         from megatron_ext.moe.callback import MoECallback
 
         moe = cfg.moe
-        aux = {"aux_loss": ["load_balancing_loss"], "seq_aux_loss": ["seq_load_balancing_loss"]}.get(moe.load_balancing, [])
+        aux = {"aux_loss": ["load_balancing_loss"], "seq_aux_loss": ["seq_load_balancing_loss"]}.get(
+            moe.load_balancing, []
+        )
         aux += ["z_loss"] if moe.z_loss_coeff else []
-        return MoECallback(cfg.elastic, cfg.routing, cfg.model.num_layers, moe.num_experts, moe.top_k,
-                           seed=cfg.train.seed, capacity_factor=moe.capacity_factor, aux_losses=aux)
+        return MoECallback(
+            cfg.elastic,
+            cfg.routing,
+            cfg.model.num_layers,
+            moe.num_experts,
+            moe.top_k,
+            seed=cfg.train.seed,
+            capacity_factor=moe.capacity_factor,
+            aux_losses=aux,
+        )
 
     def batch_hook(self, cfg):
         from megatron_ext.moe.router import set_modality_ids
@@ -129,8 +151,9 @@ class MixtureOfExperts(Capability):
     def check_submodel(self, cfg, sub) -> List[str]:
         if not cfg.moe.enabled:
             if sub.experts is not None or sub.top_k is not None:
-                return ["the model has no MoE layers (moe.enabled is false): kept experts and a top-k need an "
-                        "MoE model"]
+                return [
+                    "the model has no MoE layers (moe.enabled is false): kept experts and a top-k need an MoE model"
+                ]
             return []
         e = cfg.moe.num_experts
         experts = list(sub.experts) if sub.experts is not None else list(range(e))
@@ -142,9 +165,11 @@ class MixtureOfExperts(Capability):
             size = e // len(modalities)
             kept = {m: sum(1 for x in experts if x // size == i) for i, m in enumerate(modalities)}
             if len(set(kept.values())) > 1:
-                return [f"experts {experts} keep {kept} experts of the modality partitions (routing.mode="
-                        f"'modality_isolated', {size} each): keep the same number of every partition, or "
-                        "experts would change modality"]
+                return [
+                    f"experts {experts} keep {kept} experts of the modality partitions (routing.mode="
+                    f"'modality_isolated', {size} each): keep the same number of every partition, or "
+                    "experts would change modality"
+                ]
         top_k = cfg.moe.top_k if sub.top_k is None else sub.top_k
         if not 1 <= top_k <= len(experts):
             return [f"top-k {top_k} must be in [1, {len(experts)}] (the kept experts)"]
@@ -184,41 +209,70 @@ class MixtureOfExperts(Capability):
             return []
         problems = []
         if hf["model_type"] == "llama":
-            problems.append("moe.enabled=true: the HF MoE classes (Qwen3-MoE, dots1) have QK-norm; the model has "
-                            "model.qk_layernorm=false")
+            problems.append(
+                "moe.enabled=true: the HF MoE classes (Qwen3-MoE, dots1) have QK-norm; the model has "
+                "model.qk_layernorm=false"
+            )
         if routing.mode != "agnostic":
-            problems.append(f"routing.mode={routing.mode!r}: HF MoE classes route every token over all experts "
-                            "(no modality partitions)")
+            problems.append(
+                f"routing.mode={routing.mode!r}: HF MoE classes route every token over all experts "
+                "(no modality partitions)"
+            )
         if moe.capacity_factor is not None:
-            problems.append(f"moe.capacity_factor={moe.capacity_factor}: HF MoE classes never drop tokens, so the "
-                            "exported model would not compute what was trained; export a dropless model")
+            problems.append(
+                f"moe.capacity_factor={moe.capacity_factor}: HF MoE classes never drop tokens, so the "
+                "exported model would not compute what was trained; export a dropless model"
+            )
         pattern = moe.layer_pattern_for(layers)
-        common = dict(num_experts_per_tok=moe.top_k, moe_intermediate_size=moe.expert_ffn_hidden_size,
-                      output_router_logits=False, router_aux_loss_coef=moe.aux_loss_coeff)
+        common = dict(
+            num_experts_per_tok=moe.top_k,
+            moe_intermediate_size=moe.expert_ffn_hidden_size,
+            output_router_logits=False,
+            router_aux_loss_coef=moe.aux_loss_coeff,
+        )
         if moe.score_function == "softmax":
             if moe.shared_expert_ffn_hidden_size:
-                problems.append(f"moe.shared_expert_ffn_hidden_size={moe.shared_expert_ffn_hidden_size} with "
-                                "moe.score_function='softmax': Qwen3-MoE has no shared expert and dots1 routes by "
-                                "sigmoid; no HF class matches")
+                problems.append(
+                    f"moe.shared_expert_ffn_hidden_size={moe.shared_expert_ffn_hidden_size} with "
+                    "moe.score_function='softmax': Qwen3-MoE has no shared expert and dots1 routes by "
+                    "sigmoid; no HF class matches"
+                )
             # top-k of the logits, softmax over the k = softmax over all, top-k, renormalised.
-            hf.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=moe.num_experts,
-                      norm_topk_prob=not moe.router_pre_softmax, decoder_sparse_step=1,
-                      mlp_only_layers=[i for i, p in enumerate(pattern) if not p], **common)
+            hf.update(
+                model_type="qwen3_moe",
+                architectures=["Qwen3MoeForCausalLM"],
+                num_experts=moe.num_experts,
+                norm_topk_prob=not moe.router_pre_softmax,
+                decoder_sparse_step=1,
+                mlp_only_layers=[i for i, p in enumerate(pattern) if not p],
+                **common,
+            )
             return problems
         shared = moe.shared_expert_ffn_hidden_size or 0
         if shared % moe.expert_ffn_hidden_size:
-            problems.append(f"moe.shared_expert_ffn_hidden_size={shared} is not a multiple of "
-                            f"moe.expert_ffn_hidden_size={moe.expert_ffn_hidden_size}: dots1 has n_shared_experts "
-                            "experts of moe_intermediate_size each")
+            problems.append(
+                f"moe.shared_expert_ffn_hidden_size={shared} is not a multiple of "
+                f"moe.expert_ffn_hidden_size={moe.expert_ffn_hidden_size}: dots1 has n_shared_experts "
+                "experts of moe_intermediate_size each"
+            )
         dense = pattern.index(1) if 1 in pattern else layers
         if pattern != [0] * dense + [1] * (layers - dense):
-            problems.append(f"moe.layer_pattern={pattern}: dots1 keeps dense MLPs in its first layers only "
-                            "(first_k_dense_replace)")
-        hf.update(model_type="dots1", architectures=["Dots1ForCausalLM"], n_routed_experts=moe.num_experts,
-                  n_shared_experts=shared // moe.expert_ffn_hidden_size, first_k_dense_replace=dense,
-                  # Megatron-Core normalises the k gates for k > 1; at k = 1 as routing.normalize_top1 says.
-                  norm_topk_prob=True if moe.top_k > 1 else routing.normalize_top1,
-                  routed_scaling_factor=1.0, n_group=1, topk_group=1, **common)
+            problems.append(
+                f"moe.layer_pattern={pattern}: dots1 keeps dense MLPs in its first layers only (first_k_dense_replace)"
+            )
+        hf.update(
+            model_type="dots1",
+            architectures=["Dots1ForCausalLM"],
+            n_routed_experts=moe.num_experts,
+            n_shared_experts=shared // moe.expert_ffn_hidden_size,
+            first_k_dense_replace=dense,
+            # Megatron-Core normalises the k gates for k > 1; at k = 1 as routing.normalize_top1 says.
+            norm_topk_prob=True if moe.top_k > 1 else routing.normalize_top1,
+            routed_scaling_factor=1.0,
+            n_group=1,
+            topk_group=1,
+            **common,
+        )
         return problems
 
     def hf_sections(self, hf: Mapping[str, Any], output: Path, problems: List[str]) -> Dict[str, Dict[str, Any]]:
@@ -231,30 +285,51 @@ class MixtureOfExperts(Capability):
             pattern = [int(i not in dense_only and experts > 0 and (i + 1) % step == 0) for i in range(layers)]
             if not any(pattern):
                 return {"moe": {"enabled": False}}
-            return {"moe": {"enabled": True, "num_experts": experts, "top_k": hf["num_experts_per_tok"],
-                            "expert_ffn_hidden_size": hf["moe_intermediate_size"], "shared_expert_ffn_hidden_size": None,
-                            "layer_pattern": pattern, "capacity_factor": None, "score_function": "softmax",
-                            "router_pre_softmax": not hf.get("norm_topk_prob", False)},
-                    "routing": {"mode": "agnostic", "expert_bias": False}}
+            return {
+                "moe": {
+                    "enabled": True,
+                    "num_experts": experts,
+                    "top_k": hf["num_experts_per_tok"],
+                    "expert_ffn_hidden_size": hf["moe_intermediate_size"],
+                    "shared_expert_ffn_hidden_size": None,
+                    "layer_pattern": pattern,
+                    "capacity_factor": None,
+                    "score_function": "softmax",
+                    "router_pre_softmax": not hf.get("norm_topk_prob", False),
+                },
+                "routing": {"mode": "agnostic", "expert_bias": False},
+            }
         if base != "dots1":
             return {"moe": {"enabled": False}}
         for name in ("n_group", "topk_group"):
             if (hf.get(name) or 1) != 1:
                 problems.append(f"{name}={hf[name]}: group-limited routing is not supported (use 1)")
         if float(hf.get("routed_scaling_factor", 1.0)) != 1.0:
-            problems.append(f"routed_scaling_factor={hf['routed_scaling_factor']}: only 1.0 maps (the gates are the "
-                            "normalised sigmoid scores)")
+            problems.append(
+                f"routed_scaling_factor={hf['routed_scaling_factor']}: only 1.0 maps (the gates are the "
+                "normalised sigmoid scores)"
+            )
         top_k, normalize = hf["num_experts_per_tok"], bool(hf.get("norm_topk_prob", False))
         if top_k > 1 and not normalize:
-            problems.append(f"norm_topk_prob=false with num_experts_per_tok={top_k}: Megatron-Core normalises the "
-                            "sigmoid gates of k > 1 experts")
+            problems.append(
+                f"norm_topk_prob=false with num_experts_per_tok={top_k}: Megatron-Core normalises the "
+                "sigmoid gates of k > 1 experts"
+            )
         shared = (hf.get("n_shared_experts") or 0) * hf["moe_intermediate_size"]
-        return {"moe": {"enabled": True, "num_experts": hf["n_routed_experts"], "top_k": top_k,
-                        "expert_ffn_hidden_size": hf["moe_intermediate_size"],
-                        "shared_expert_ffn_hidden_size": shared or None, "layer_pattern": None,
-                        "first_k_dense": hf.get("first_k_dense_replace") or 0, "capacity_factor": None,
-                        "score_function": "sigmoid"},
-                "routing": {"mode": "agnostic", "expert_bias": True, "normalize_top1": normalize}}
+        return {
+            "moe": {
+                "enabled": True,
+                "num_experts": hf["n_routed_experts"],
+                "top_k": top_k,
+                "expert_ffn_hidden_size": hf["moe_intermediate_size"],
+                "shared_expert_ffn_hidden_size": shared or None,
+                "layer_pattern": None,
+                "first_k_dense": hf.get("first_k_dense_replace") or 0,
+                "capacity_factor": None,
+                "score_function": "sigmoid",
+            },
+            "routing": {"mode": "agnostic", "expert_bias": True, "normalize_top1": normalize},
+        }
 
     def hf_layer_rules(self, cfg, layer: int):
         from megatron_ext.hf.rules import constant, same, swiglu_mlp

@@ -55,18 +55,19 @@ class MoEConfig:
 
     def __post_init__(self):
         c = Checks(self)
-        c.positive("num_experts", "top_k", "expert_ffn_hidden_size",
-                   "shared_expert_ffn_hidden_size", "capacity_factor")
+        c.positive("num_experts", "top_k", "expert_ffn_hidden_size", "shared_expert_ffn_hidden_size", "capacity_factor")
         c.non_negative("first_k_dense", "aux_loss_coeff", "z_loss_coeff")
-        c.require(self.top_k <= self.num_experts,
-                  f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        c.require(self.top_k <= self.num_experts, f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.layer_pattern is not None:
-            c.require(all(v in (0, 1) for v in self.layer_pattern),
-                      f"layer_pattern={self.layer_pattern} may only hold 0 (dense) and 1 (MoE)")
+            c.require(
+                all(v in (0, 1) for v in self.layer_pattern),
+                f"layer_pattern={self.layer_pattern} may only hold 0 (dense) and 1 (MoE)",
+            )
         if self.load_balancing != "none":
-            c.require(self.aux_loss_coeff > 0,
-                      f"aux_loss_coeff={self.aux_loss_coeff} must be > 0 with load_balancing="
-                      f"{self.load_balancing!r}")
+            c.require(
+                self.aux_loss_coeff > 0,
+                f"aux_loss_coeff={self.aux_loss_coeff} must be > 0 with load_balancing={self.load_balancing!r}",
+            )
         c.done()
 
     def layer_pattern_for(self, num_layers: int) -> List[int]:
@@ -113,16 +114,24 @@ class ElasticConfig:
         c.one_of("enabled", (True, False))
         for name in ("depth_full_prob", "width_full_prob", "topk_default_prob"):
             c.within(name, 0.0, 1.0)
-        c.require(_is_int(self.depth_min_layers) and self.depth_min_layers >= 1,
-                  f"depth_min_layers={self.depth_min_layers!r} is not allowed: it must be an int >= 1")
-        c.require(self.width_num_experts is None or (_is_int(self.width_num_experts) and self.width_num_experts >= 1),
-                  f"width_num_experts={self.width_num_experts!r} is not allowed: use null or an int >= 1")
+        c.require(
+            _is_int(self.depth_min_layers) and self.depth_min_layers >= 1,
+            f"depth_min_layers={self.depth_min_layers!r} is not allowed: it must be an int >= 1",
+        )
+        c.require(
+            self.width_num_experts is None or (_is_int(self.width_num_experts) and self.width_num_experts >= 1),
+            f"width_num_experts={self.width_num_experts!r} is not allowed: use null or an int >= 1",
+        )
         r = self.topk_range
-        c.require(r is None or (isinstance(r, (list, tuple)) and len(r) == 2 and all(_is_int(v) for v in r)
-                                and 1 <= r[0] < r[1]),
-                  f"topk_range={r!r} is not allowed: use null or [lo, hi) with 1 <= lo < hi (ints)")
-        c.require(_is_int(self.seed_offset) and self.seed_offset >= 0,
-                  f"seed_offset={self.seed_offset!r} is not allowed: it must be an int >= 0")
+        c.require(
+            r is None
+            or (isinstance(r, (list, tuple)) and len(r) == 2 and all(_is_int(v) for v in r) and 1 <= r[0] < r[1]),
+            f"topk_range={r!r} is not allowed: use null or [lo, hi) with 1 <= lo < hi (ints)",
+        )
+        c.require(
+            _is_int(self.seed_offset) and self.seed_offset >= 0,
+            f"seed_offset={self.seed_offset!r} is not allowed: it must be an int >= 0",
+        )
         c.done()
         if self.topk_range is not None:
             self.topk_range = list(self.topk_range)
@@ -139,18 +148,24 @@ class ElasticConfig:
         """Problems that need the model's shape (for the cross-section checks); empty when none."""
         problems: List[str] = []
         if self.depth_full_prob < 1.0 and not self.depth_min_layers <= num_layers - 1:
-            problems.append(f"elastic.depth_min_layers={self.depth_min_layers} is not allowed with "
-                            f"model.num_layers={num_layers}: a reduced depth keeps between depth_min_layers "
-                            f"and num_layers - 1 = {num_layers - 1} layers (or set depth_full_prob: 1)")
+            problems.append(
+                f"elastic.depth_min_layers={self.depth_min_layers} is not allowed with "
+                f"model.num_layers={num_layers}: a reduced depth keeps between depth_min_layers "
+                f"and num_layers - 1 = {num_layers - 1} layers (or set depth_full_prob: 1)"
+            )
         width = self.width_size(num_experts)
         if self.width_full_prob < 1.0 and not top_k <= width < num_experts:
-            problems.append(f"elastic.width_num_experts={width} (null = half of moe.num_experts={num_experts}) "
-                            f"is not allowed: a reduced width keeps between moe.top_k={top_k} and "
-                            f"{num_experts - 1} experts (or set width_full_prob: 1)")
+            problems.append(
+                f"elastic.width_num_experts={width} (null = half of moe.num_experts={num_experts}) "
+                f"is not allowed: a reduced width keeps between moe.top_k={top_k} and "
+                f"{num_experts - 1} experts (or set width_full_prob: 1)"
+            )
         lo, hi = self.topk_bounds(top_k)
         if self.topk_default_prob < 1.0 and not (1 <= lo < hi <= top_k):
-            problems.append(f"elastic.topk_range=[{lo}, {hi}) is not allowed with moe.top_k={top_k}: a reduced "
-                            f"top-k lies in [1, top_k) (or set topk_default_prob: 1)")
+            problems.append(
+                f"elastic.topk_range=[{lo}, {hi}) is not allowed with moe.top_k={top_k}: a reduced "
+                f"top-k lies in [1, top_k) (or set topk_default_prob: 1)"
+            )
         return problems
 
 
@@ -187,21 +202,42 @@ class RoutingConfig:
         c = Checks(self)
         c.one_of("mode", ROUTING_MODES)
         names = self.isolated_modalities
-        c.require(names is None or (isinstance(names, (list, tuple)) and bool(names)
-                                    and all(n in MODALITIES for n in names) and len(set(names)) == len(names)),
-                  f"isolated_modalities={names!r} is not allowed: use null or a non-empty list of distinct "
-                  f"names from {list(MODALITIES)}")
+        c.require(
+            names is None
+            or (
+                isinstance(names, (list, tuple))
+                and bool(names)
+                and all(n in MODALITIES for n in names)
+                and len(set(names)) == len(names)
+            ),
+            f"isolated_modalities={names!r} is not allowed: use null or a non-empty list of distinct "
+            f"names from {list(MODALITIES)}",
+        )
         c.one_of("expert_bias", (True, False))
         c.one_of("normalize_top1", (True, False))
         c.positive("bias_update_rate")
         schedule = self.bias_update_rate_schedule
-        ok = schedule is None or (isinstance(schedule, (list, tuple)) and all(
-            isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], (int, float))
-            and not isinstance(e[0], bool) and float(e[0]).is_integer() and e[0] >= 0
-            and isinstance(e[1], (int, float)) and not isinstance(e[1], bool) and e[1] > 0 for e in schedule)
-            and [e[0] for e in schedule] == sorted({e[0] for e in schedule}))
-        c.require(ok, f"bias_update_rate_schedule={schedule!r} is not allowed: use null or [[step, rate], ...] "
-                      "with distinct ascending int steps >= 0 and rates > 0")
+        ok = schedule is None or (
+            isinstance(schedule, (list, tuple))
+            and all(
+                isinstance(e, (list, tuple))
+                and len(e) == 2
+                and isinstance(e[0], (int, float))
+                and not isinstance(e[0], bool)
+                and float(e[0]).is_integer()
+                and e[0] >= 0
+                and isinstance(e[1], (int, float))
+                and not isinstance(e[1], bool)
+                and e[1] > 0
+                for e in schedule
+            )
+            and [e[0] for e in schedule] == sorted({e[0] for e in schedule})
+        )
+        c.require(
+            ok,
+            f"bias_update_rate_schedule={schedule!r} is not allowed: use null or [[step, rate], ...] "
+            "with distinct ascending int steps >= 0 and rates > 0",
+        )
         c.done()
         if schedule is not None:
             self.bias_update_rate_schedule = [[int(a), float(b)] for a, b in schedule]
@@ -225,15 +261,21 @@ class RoutingConfig:
         """Problems that need the MoE section (for the cross-section checks); empty when none."""
         problems: List[str] = []
         if self.expert_bias and score_function != "sigmoid":
-            problems.append(f"routing.expert_bias=true needs moe.score_function='sigmoid' (got "
-                            f"{score_function!r}), as in Megatron-Core: set one or the other")
+            problems.append(
+                f"routing.expert_bias=true needs moe.score_function='sigmoid' (got "
+                f"{score_function!r}), as in Megatron-Core: set one or the other"
+            )
         if self.mode == "modality_isolated":
             parts = len(self.partition_modalities)
             if num_experts % parts:
-                problems.append(f"routing.mode='modality_isolated' splits moe.num_experts={num_experts} into "
-                                f"{parts} equal partitions ({', '.join(self.partition_modalities)}): make "
-                                "num_experts divisible or list fewer routing.isolated_modalities")
+                problems.append(
+                    f"routing.mode='modality_isolated' splits moe.num_experts={num_experts} into "
+                    f"{parts} equal partitions ({', '.join(self.partition_modalities)}): make "
+                    "num_experts divisible or list fewer routing.isolated_modalities"
+                )
             elif num_experts // parts < top_k:
-                problems.append(f"routing.mode='modality_isolated': a partition of {num_experts // parts} experts "
-                                f"is smaller than moe.top_k={top_k}")
+                problems.append(
+                    f"routing.mode='modality_isolated': a partition of {num_experts // parts} experts "
+                    f"is smaller than moe.top_k={top_k}"
+                )
         return problems

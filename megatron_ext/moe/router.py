@@ -37,11 +37,10 @@ from functools import partial
 from typing import Iterable, List, Optional, Sequence
 
 import torch
-from torch import Tensor
-
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.utils import get_pg_rank
+from torch import Tensor
 
 from megatron_ext.compat.moe import capacity_factor, set_topk, topk_selection_bias
 from megatron_ext.data.vocab import MODALITIES
@@ -91,11 +90,14 @@ class ElasticRouter(TopKRouter):
         if mask is not None:
             mask = torch.as_tensor(mask, dtype=torch.bool)
             if mask.shape != (self.num_experts,):
-                raise ValueError(f"active-expert mask of shape {tuple(mask.shape)} does not fit the router's "
-                                 f"{self.num_experts} experts: use a bool tensor [num_experts]")
+                raise ValueError(
+                    f"active-expert mask of shape {tuple(mask.shape)} does not fit the router's "
+                    f"{self.num_experts} experts: use a bool tensor [num_experts]"
+                )
             if int(mask.sum()) < self.topk:
-                raise ValueError(f"{int(mask.sum())} active experts are fewer than top-k={self.topk}: "
-                                 "keep at least top-k experts")
+                raise ValueError(
+                    f"{int(mask.sum())} active experts are fewer than top-k={self.topk}: keep at least top-k experts"
+                )
             mask = mask.to(self.weight.device)
         self.active_experts = mask
 
@@ -158,8 +160,10 @@ class ElasticRouter(TopKRouter):
         if allowed is None:
             return super().routing(logits, padding_mask=padding_mask)
         if self.routing_type == "sinkhorn":
-            raise ValueError("restricted routing (elastic width, modality isolation) is not supported with "
-                             "moe_router_load_balancing_type='sinkhorn': use top-k routing")
+            raise ValueError(
+                "restricted routing (elastic width, modality isolation) is not supported with "
+                "moe_router_load_balancing_type='sinkhorn': use top-k routing"
+            )
         allowed_sbe = allowed.view(seq_length, batch_size, -1) if allowed.dim() == 2 else allowed
         logits = logits.masked_fill(~allowed_sbe, float("-inf"))  # [s, b, E]
         factor = self.config.moe_expert_capacity_factor
@@ -192,24 +196,29 @@ class ModalityIsolatedRouter(ElasticRouter):
     backward, when the router may already hold the next micro-batch's ids (1F1B).
     """
 
-    def __init__(self, config, pg_collection=None, modalities: Sequence[str] = MODALITIES,
-                 normalize_top1: bool = True):
+    def __init__(self, config, pg_collection=None, modalities: Sequence[str] = MODALITIES, normalize_top1: bool = True):
         super().__init__(config=config, pg_collection=pg_collection, normalize_top1=normalize_top1)
         modalities = tuple(modalities)
         unknown = [m for m in modalities if m not in MODALITIES]
         if not modalities or unknown or len(set(modalities)) != len(modalities):
-            raise ValueError(f"isolated modalities {list(modalities)} are not allowed: use distinct names "
-                             f"from {list(MODALITIES)}")
+            raise ValueError(
+                f"isolated modalities {list(modalities)} are not allowed: use distinct names from {list(MODALITIES)}"
+            )
         parts = len(modalities)
         if self.num_experts % parts or self.num_experts // parts < self.topk:
-            raise ValueError(f"{self.num_experts} experts cannot form {parts} equal partitions of at least "
-                             f"top-k={self.topk} experts ({', '.join(modalities)})")
+            raise ValueError(
+                f"{self.num_experts} experts cannot form {parts} equal partitions of at least "
+                f"top-k={self.topk} experts ({', '.join(modalities)})"
+            )
         recomputes_moe = config.recompute_granularity == "full" or (
-            config.recompute_granularity == "selective" and "moe" in (config.recompute_modules or []))
+            config.recompute_granularity == "selective" and "moe" in (config.recompute_modules or [])
+        )
         if recomputes_moe:
-            raise ValueError("modality-isolated routing does not support recomputing the MoE layer "
-                             f"(recompute_granularity={config.recompute_granularity!r}): a recomputed "
-                             "forward could see another micro-batch's modality ids")
+            raise ValueError(
+                "modality-isolated routing does not support recomputing the MoE layer "
+                f"(recompute_granularity={config.recompute_granularity!r}): a recomputed "
+                "forward could see another micro-batch's modality ids"
+            )
         self.modalities = modalities
         size = self.num_experts // parts
         partition_of_modality = torch.full((len(MODALITIES),), -1, dtype=torch.long)
@@ -226,14 +235,18 @@ class ModalityIsolatedRouter(ElasticRouter):
         missing = torch.unique(ids[self.partition_of_modality[ids] < 0]).tolist()
         if missing:
             names = [MODALITIES[i] for i in missing]
-            raise ValueError(f"tokens of modalities {names} have no expert partition (isolated modalities: "
-                             f"{list(self.modalities)}): add them to routing.isolated_modalities")
+            raise ValueError(
+                f"tokens of modalities {names} have no expert partition (isolated modalities: "
+                f"{list(self.modalities)}): add them to routing.isolated_modalities"
+            )
 
     def allowed_experts(self, seq_length: int, batch_size: int) -> Tensor:
         ids = self.token_modality_ids(seq_length, batch_size)
         if ids is None:
-            raise RuntimeError("modality-isolated routing needs the tokens' modality ids: call "
-                               "set_modality_ids(model_chunk, batch['modality_ids']) in the forward step")
+            raise RuntimeError(
+                "modality-isolated routing needs the tokens' modality ids: call "
+                "set_modality_ids(model_chunk, batch['modality_ids']) in the forward step"
+            )
         allowed = self.partition_experts[self.partition_of_modality[ids]]  # [s*b, E]
         if self.active_experts is not None:
             allowed = allowed & self.active_experts
@@ -283,8 +296,9 @@ def set_modality_ids(model_chunk: torch.nn.Module, modality_ids: Tensor) -> None
 def router_builder(routing: RoutingConfig):
     """The router class (or partial) that ``MoESubmodules.router`` should build for ``routing``."""
     if routing.mode == "modality_isolated":
-        return partial(ModalityIsolatedRouter, modalities=routing.partition_modalities,
-                       normalize_top1=routing.normalize_top1)
+        return partial(
+            ModalityIsolatedRouter, modalities=routing.partition_modalities, normalize_top1=routing.normalize_top1
+        )
     return partial(ElasticRouter, normalize_top1=routing.normalize_top1)
 
 

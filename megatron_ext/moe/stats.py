@@ -83,8 +83,14 @@ class LoadTracker:
         pp_group: the pipeline group, whose stages hold different layers.
     """
 
-    def __init__(self, routers: Sequence, num_layers: int, num_experts: int,
-                 reduce_group: Optional[dist.ProcessGroup], pp_group: Optional[dist.ProcessGroup]):
+    def __init__(
+        self,
+        routers: Sequence,
+        num_layers: int,
+        num_experts: int,
+        reduce_group: Optional[dist.ProcessGroup],
+        pp_group: Optional[dist.ProcessGroup],
+    ):
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.reduce_group = reduce_group
@@ -106,8 +112,7 @@ class LoadTracker:
             seq_length, batch_size = args[0].shape[:2]
             ids = router.token_modality_ids(seq_length, batch_size)
             if ids is None:
-                ids = torch.full((routing_map.size(0),), self.unknown_row, dtype=torch.long,
-                                 device=routing_map.device)
+                ids = torch.full((routing_map.size(0),), self.unknown_row, dtype=torch.long, device=routing_map.device)
             self.counts[router.layer_index].index_add_(0, ids.long(), routing_map.long())
             self.requested[router.layer_index] += routing_map.size(0) * router.topk
 
@@ -121,7 +126,7 @@ class LoadTracker:
             if group is not None and dist.get_world_size(group) > 1:
                 dist.all_reduce(flat, group=group)
         flat = flat.cpu()
-        self.step_requested = flat[self.counts.numel():]
+        self.step_requested = flat[self.counts.numel() :]
         return flat[: self.counts.numel()].view(self.counts.shape)
 
     def remove(self) -> None:
@@ -142,8 +147,9 @@ def layer_metrics(counts: Tensor, active_experts: Optional[Sequence[int]] = None
     return {"load_cv": float(load_cv(counts).mean()), "load_ne": float(normalized_entropy(counts).mean())}
 
 
-def routing_statistics(counts: Tensor, active_experts: Optional[Sequence[int]] = None,
-                       fraction: float = 0.25) -> Dict[str, float]:
+def routing_statistics(
+    counts: Tensor, active_experts: Optional[Sequence[int]] = None, fraction: float = 0.25
+) -> Dict[str, float]:
     """Per-step routing statistics of ``counts [L, M + 1, N]`` (layers x modalities + unknown x
     experts; :class:`LoadTracker`), over the active experts, for the layers that routed tokens:
 
@@ -170,7 +176,7 @@ def routing_statistics(counts: Tensor, active_experts: Optional[Sequence[int]] =
             out[f"ne/{MODALITIES[m]}"] = float(normalized_entropy(counts[layers, m]).mean())
     names = [m for m, layers in present.items() if layers]
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             both = [layer for layer in present[a] if layer in present[b]]
             if both:
                 iou = [top_experts_iou(counts[layer, a], counts[layer, b], fraction) for layer in both]

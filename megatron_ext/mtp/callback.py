@@ -34,8 +34,9 @@ class MTPCallback(Callback):
         self._groups = ctx.pg_collection
         t = getattr(ctx.config, "train", None)
         if t is not None:
-            self._num_microbatches = max(1, t.global_batch_size
-                                         // (t.micro_batch_size * dist.get_world_size(ctx.pg_collection.dp)))
+            self._num_microbatches = max(
+                1, t.global_batch_size // (t.micro_batch_size * dist.get_world_size(ctx.pg_collection.dp))
+            )
 
     def on_step_begin(self, ctx: TrainContext) -> None:
         for config in self._configs:  # read by GPTModel's MTP loss scaling in this step's forwards
@@ -46,7 +47,9 @@ class MTPCallback(Callback):
         projection and an output layer (:meth:`ModelCost.forward_flops_per_token`)."""
         from megatron_ext.models.flops import dense_layer_cost
 
-        cost.mtp_layers = [dense_layer_cost(ctx.config.model, ctx.config.data.seq_length) for _ in range(self.num_layers)]
+        cost.mtp_layers = [
+            dense_layer_cost(ctx.config.model, ctx.config.data.seq_length) for _ in range(self.num_layers)
+        ]
 
     def on_step_end(self, ctx: TrainContext, result) -> Dict[str, float]:
         from megatron_ext.compat.moe import take_mtp_losses

@@ -30,8 +30,10 @@ class MultiTokenPrediction(Capability):
             return []
         problems = []
         if cfg.parallel.virtual_pipeline is not None:
-            problems.append("model.mtp_num_layers with parallel.virtual_pipeline: MTP is supported on a plain "
-                            "pipeline (its block on the last stage); set virtual_pipeline: null")
+            problems.append(
+                "model.mtp_num_layers with parallel.virtual_pipeline: MTP is supported on a plain "
+                "pipeline (its block on the last stage); set virtual_pipeline: null"
+            )
         if cfg.model.position_embedding != "rope":
             problems.append("model.mtp_num_layers needs model.position_embedding: rope")
         return problems
@@ -50,8 +52,7 @@ class MultiTokenPrediction(Capability):
     def callback(self, cfg, log):
         from megatron_ext.mtp.callback import MTPCallback
 
-        return MTPCallback(cfg.model.mtp_num_layers, cfg.train.mtp_weight, cfg.train.mtp_weight_final,
-                           cfg.train.steps)
+        return MTPCallback(cfg.model.mtp_num_layers, cfg.train.mtp_weight, cfg.train.mtp_weight_final, cfg.train.steps)
 
     def hf_unexported(self, cfg):
         # A training aid: the HF classes predict the next token only (DeepSeek-V3's HF model, too,

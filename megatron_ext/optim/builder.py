@@ -21,9 +21,7 @@ def build_optimizer(optimizer_config, model_chunks: List):
     if not cpu_support_active():
         return get_megatron_optimizer(optimizer_config, model_chunks)
     if optimizer_config.optimizer != "adam":
-        raise ValueError(
-            f"optimizer={optimizer_config.optimizer!r} is not available on CPU: use 'adam' (AdamW)."
-        )
+        raise ValueError(f"optimizer={optimizer_config.optimizer!r} is not available on CPU: use 'adam' (AdamW).")
     param_groups = megatron_param_groups(model_chunks, optimizer_config)
     return CPUAdamW(
         param_groups,

@@ -222,4 +222,3 @@ def context_parallel_of(pg_collection) -> Optional[ContextParallel]:
     if group is None or dist.get_world_size(group) == 1:
         return None
     return ContextParallel(group)
-

@@ -49,8 +49,9 @@ class ParallelSizes:
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP size for ``world_size`` ranks; raises ValueError when the sizes do not fit."""
-        dp, problems = layout_problems(world_size, tensor=self.tp, pipeline=self.pp, context=self.cp,
-                                       expert=self.ep, expert_tensor=self.etp)
+        dp, problems = layout_problems(
+            world_size, tensor=self.tp, pipeline=self.pp, context=self.cp, expert=self.ep, expert_tensor=self.etp
+        )
         if problems:
             raise ValueError("; ".join(problems))
         return dp
@@ -139,8 +140,21 @@ def parallel_job(sizes: ParallelSizes, seed: int = 1234):
         dist.destroy_process_group()
 
 
-PROCESS_GROUPS = ("tp", "pp", "mp", "cp", "tp_cp", "ep", "expt_tp", "tp_ep", "tp_ep_pp", "dp", "dp_cp",
-                  "expt_dp", "tp_dp_cp")
+PROCESS_GROUPS = (
+    "tp",
+    "pp",
+    "mp",
+    "cp",
+    "tp_cp",
+    "ep",
+    "expt_tp",
+    "tp_ep",
+    "tp_ep_pp",
+    "dp",
+    "dp_cp",
+    "expt_dp",
+    "tp_dp_cp",
+)
 """The groups of :func:`process_groups`: Megatron's names (``mp`` = TP x PP, ``dp_cp`` = DP x CP, ...)."""
 
 

@@ -114,8 +114,10 @@ def load_full_named_tensors(
             raise KeyError(f"no tensor named {name!r} to load into this model's parameter")
         shard = _split_tp(tensors[name], param)
         if shard.shape != param.shape:
-            raise ValueError(f"{name}: full tensor gives a shard of shape {tuple(shard.shape)}, "
-                             f"the parameter has {tuple(param.shape)}")
+            raise ValueError(
+                f"{name}: full tensor gives a shard of shape {tuple(shard.shape)}, "
+                f"the parameter has {tuple(param.shape)}"
+            )
         param.data.copy_(shard)
 
 

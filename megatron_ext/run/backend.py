@@ -28,8 +28,10 @@ def te_unsupported(cfg: RunConfig) -> List[str]:
     each enabled capability's :meth:`~megatron_ext.capability.Capability.te_unsupported`."""
     reasons = []
     if cfg.parallel.context > 1:
-        reasons.append(f"parallel.context={cfg.parallel.context} (context-parallel attention is this "
-                       "project's exchange around the local kernels)")
+        reasons.append(
+            f"parallel.context={cfg.parallel.context} (context-parallel attention is this "
+            "project's exchange around the local kernels)"
+        )
     for capability in cfg.capabilities:
         reasons.extend(capability.te_unsupported(cfg))
     return reasons
@@ -77,11 +79,14 @@ def backend_problems(cfg: RunConfig, cuda: bool, *, te_installed: Optional[bool]
     fp8 = cfg.train.precision == "fp8"
     if cfg.model.backend == "te":
         if not cuda:
-            problems.append("model.backend='te' needs a GPU (Transformer Engine runs on CUDA): use 'local' or "
-                            "'auto' on CPU")
+            problems.append(
+                "model.backend='te' needs a GPU (Transformer Engine runs on CUDA): use 'local' or 'auto' on CPU"
+            )
         elif te_error:
-            problems.append(f"model.backend='te' but Transformer Engine does not import ({te_error}): "
-                            "pip install 'transformer-engine[pytorch]' (the extra 'gpu'), or use 'local'")
+            problems.append(
+                f"model.backend='te' but Transformer Engine does not import ({te_error}): "
+                "pip install 'transformer-engine[pytorch]' (the extra 'gpu'), or use 'local'"
+            )
         for reason in te_unsupported(cfg):
             problems.append(f"model.backend='te' with {reason}: use model.backend 'local' or 'auto'")
     if fp8:
@@ -89,8 +94,10 @@ def backend_problems(cfg: RunConfig, cuda: bool, *, te_installed: Optional[bool]
             problems.append("train.precision='fp8' needs a GPU with Transformer Engine: use 'fp32' or 'auto' on CPU")
         elif _resolve_backend(cfg, cuda, te_error) == "local":
             why = f" ({te_error})" if cfg.model.backend == "auto" and te_error else ""
-            problems.append(f"train.precision='fp8' runs Transformer Engine's FP8 GEMMs: it needs model.backend 'te' "
-                            f"(here the backend is local{why})")
+            problems.append(
+                f"train.precision='fp8' runs Transformer Engine's FP8 GEMMs: it needs model.backend 'te' "
+                f"(here the backend is local{why})"
+            )
         m = cfg.model
         sizes = {"model.hidden_size": m.hidden_size, "model.ffn_hidden_size": m.ffn_hidden_size}
         problems.extend(fp8_size_problems(sizes))

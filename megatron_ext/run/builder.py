@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, List, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.run.backend import fp8_config, resolve
 from megatron_ext.models.layer_spec import decoder_block_spec, gpt_layer_spec
 from megatron_ext.models.vocab import padded_vocab_size
+from megatron_ext.run.backend import fp8_config, resolve
 
 if TYPE_CHECKING:
     from megatron_ext.run.config import RunConfig

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import List, Optional
 
 from megatron_ext.config import ConfigError
-from megatron_ext.run.backend import backend_problems
 from megatron_ext.models.vocab import padded_vocab_size
 from megatron_ext.parallel.sizes import layout_problems
+from megatron_ext.run.backend import backend_problems
 from megatron_ext.run.config import RunConfig
 from megatron_ext.run.hf import init_from_problems, is_hf_dir
 from megatron_ext.run.registry import CAPABILITIES
@@ -41,45 +41,69 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool, te_installed: Opti
     sections' cross checks, then every registered capability's :meth:`~Capability.check`.
     ``te_installed``: whether Transformer Engine imports where the job runs (None: check here)."""
     m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
-    dp, problems = layout_problems(world_size, tensor=p.tensor, pipeline=p.pipeline, context=p.context,
-                                   expert=p.expert, expert_tensor=p.expert_tensor)
+    dp, problems = layout_problems(
+        world_size,
+        tensor=p.tensor,
+        pipeline=p.pipeline,
+        context=p.context,
+        expert=p.expert,
+        expert_tensor=p.expert_tensor,
+    )
     if problems:
         problems.append(launch_hint(cfg, world_size))
 
     groups = m.num_query_groups or m.num_attention_heads
     if m.num_attention_heads % p.tensor:
-        problems.append(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
-                        f"parallel.tensor={p.tensor}")
+        problems.append(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor={p.tensor}"
+        )
     if groups % p.tensor:
-        problems.append(f"model.num_query_groups={groups} is not divisible by parallel.tensor={p.tensor}: "
-                        "each TP rank must hold whole KV heads")
+        problems.append(
+            f"model.num_query_groups={groups} is not divisible by parallel.tensor={p.tensor}: "
+            "each TP rank must hold whole KV heads"
+        )
     if padded_vocab_size(m.vocab_size) % p.tensor:
-        problems.append(f"padded vocabulary {padded_vocab_size(m.vocab_size)} is not divisible by "
-                        f"parallel.tensor={p.tensor}")
+        problems.append(
+            f"padded vocabulary {padded_vocab_size(m.vocab_size)} is not divisible by parallel.tensor={p.tensor}"
+        )
     stages = p.pipeline * (p.virtual_pipeline or 1)
     if m.num_layers % stages:
-        problems.append(f"model.num_layers={m.num_layers} is not divisible by the {stages} pipeline "
-                        f"stages (parallel.pipeline={p.pipeline} x virtual_pipeline={p.virtual_pipeline or 1})")
+        problems.append(
+            f"model.num_layers={m.num_layers} is not divisible by the {stages} pipeline "
+            f"stages (parallel.pipeline={p.pipeline} x virtual_pipeline={p.virtual_pipeline or 1})"
+        )
     if p.sequence_parallel and p.tensor > 1 and d.seq_length % p.tensor:
-        problems.append(f"data.seq_length={d.seq_length} is not divisible by parallel.tensor={p.tensor}, "
-                        "which sequence parallelism needs")
+        problems.append(
+            f"data.seq_length={d.seq_length} is not divisible by parallel.tensor={p.tensor}, "
+            "which sequence parallelism needs"
+        )
     if p.context > 1:
         if d.seq_length % (2 * p.context):
-            problems.append(f"data.seq_length={d.seq_length} is not divisible by 2 * parallel.context = "
-                            f"{2 * p.context} (context parallelism splits the sequence into 2*CP chunks)")
+            problems.append(
+                f"data.seq_length={d.seq_length} is not divisible by 2 * parallel.context = "
+                f"{2 * p.context} (context parallelism splits the sequence into 2*CP chunks)"
+            )
         elif p.sequence_parallel and p.tensor > 1 and (d.seq_length // p.context) % p.tensor:
-            problems.append(f"data.seq_length={d.seq_length} / parallel.context={p.context} is not divisible by "
-                            f"parallel.tensor={p.tensor}, which sequence parallelism needs on each CP rank")
+            problems.append(
+                f"data.seq_length={d.seq_length} / parallel.context={p.context} is not divisible by "
+                f"parallel.tensor={p.tensor}, which sequence parallelism needs on each CP rank"
+            )
         if m.attention_backend == "local":
-            problems.append(f"parallel.context={p.context} with model.attention_backend='local': Megatron's "
-                            "DotProductAttention has no context parallelism here; use model.attention_backend: sdpa")
+            problems.append(
+                f"parallel.context={p.context} with model.attention_backend='local': Megatron's "
+                "DotProductAttention has no context parallelism here; use model.attention_backend: sdpa"
+            )
         if m.attention_dropout > 0:
-            problems.append(f"parallel.context={p.context} with model.attention_dropout={m.attention_dropout}: the "
-                            "context-parallel attention has no dropout; set model.attention_dropout: 0")
+            problems.append(
+                f"parallel.context={p.context} with model.attention_dropout={m.attention_dropout}: the "
+                "context-parallel attention has no dropout; set model.attention_dropout: 0"
+            )
         if m.mtp_num_layers:
-            problems.append(f"parallel.context={p.context} with model.mtp_num_layers={m.mtp_num_layers}: multi-token "
-                            "prediction's shifted inputs and targets cross the CP chunks, which is not supported here; "
-                            "use parallel.context: 1")
+            problems.append(
+                f"parallel.context={p.context} with model.mtp_num_layers={m.mtp_num_layers}: multi-token "
+                "prediction's shifted inputs and targets cross the CP chunks, which is not supported here; "
+                "use parallel.context: 1"
+            )
     max_pos = m.max_position_embeddings or d.seq_length
     if max_pos < d.seq_length:
         problems.append(f"model.max_position_embeddings={max_pos} is shorter than data.seq_length={d.seq_length}")
@@ -87,33 +111,43 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool, te_installed: Opti
     if dp:
         per_step = t.micro_batch_size * dp
         if t.global_batch_size % per_step:
-            problems.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                            f"train.micro_batch_size x data-parallel size = {t.micro_batch_size}*{dp}")
+            problems.append(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                f"train.micro_batch_size x data-parallel size = {t.micro_batch_size}*{dp}"
+            )
     if t.precision == "bf16" and not cuda:
-        problems.append("train.precision='bf16' needs a GPU (the CPU optimizer keeps no fp32 master "
-                        "weights); use 'fp32' or 'auto'")
+        problems.append(
+            "train.precision='bf16' needs a GPU (the CPU optimizer keeps no fp32 master weights); use 'fp32' or 'auto'"
+        )
     problems.extend(backend_problems(cfg, cuda, te_installed=te_installed))
     if t.lr_schedule == "wsd" and t.wsd_decay_steps and t.wsd_decay_steps > t.steps - t.warmup_steps:
-        problems.append(f"train.wsd_decay_steps={t.wsd_decay_steps} exceeds the steps after warmup "
-                        f"({t.steps - t.warmup_steps})")
+        problems.append(
+            f"train.wsd_decay_steps={t.wsd_decay_steps} exceeds the steps after warmup ({t.steps - t.warmup_steps})"
+        )
     if t.init_from is not None and is_hf_dir(t.init_from):
         with tempfile.TemporaryDirectory() as scratch:
             problems.extend(init_from_problems(cfg, t.init_from, Path(scratch)))
     elif t.init_from is not None and checkpoint_dir(t.init_from) is None:
-        problems.append(f"train.init_from={t.init_from!r} is not a checkpoint of this project: give a run directory "
-                        "(its latest checkpoint), its checkpoints/ directory, a step_* checkpoint directory or a HF "
-                        "model directory (config.json + safetensors)")
+        problems.append(
+            f"train.init_from={t.init_from!r} is not a checkpoint of this project: give a run directory "
+            "(its latest checkpoint), its checkpoints/ directory, a step_* checkpoint directory or a HF "
+            "model directory (config.json + safetensors)"
+        )
     if d.kind in ("indexed", "default") and t.eval_interval and float(d.split.split(",")[1]) == 0:
-        problems.append(f"train.eval_interval={t.eval_interval} needs validation documents, but data.split="
-                        f"{d.split!r} gives the validation part none: give it a share (e.g. '98,2,0') or set "
-                        "train.eval_interval: 0")
+        problems.append(
+            f"train.eval_interval={t.eval_interval} needs validation documents, but data.split="
+            f"{d.split!r} gives the validation part none: give it a share (e.g. '98,2,0') or set "
+            "train.eval_interval: 0"
+        )
     if d.kind == "default":
         from megatron_ext.data.default_corpus import default_vocab_size
 
         if m.vocab_size < default_vocab_size():
-            problems.append(f"model.vocab_size={m.vocab_size} is smaller than the built-in corpus's "
-                            f"{default_vocab_size()} ids (data.kind='default'): set model.vocab_size >= "
-                            f"{default_vocab_size()}")
+            problems.append(
+                f"model.vocab_size={m.vocab_size} is smaller than the built-in corpus's "
+                f"{default_vocab_size()} ids (data.kind='default'): set model.vocab_size >= "
+                f"{default_vocab_size()}"
+            )
     if d.kind == "indexed":
         from megatron_ext.data.indexed import DataError, check_prefix
 
@@ -135,8 +169,13 @@ def launch_hint(cfg: RunConfig, world_size: int, command: str = "-m <tool> ...")
     the module and its arguments), or the ``--set`` overrides that fit it to the ranks there are
     (checkpoints reshard on load, so any layout loads them); None when the layout fits."""
     p = cfg.parallel
-    sizes = {"tensor": p.tensor, "pipeline": p.pipeline, "context": p.context, "expert": p.expert,
-             "expert_tensor": p.expert_tensor}
+    sizes = {
+        "tensor": p.tensor,
+        "pipeline": p.pipeline,
+        "context": p.context,
+        "expert": p.expert,
+        "expert_tensor": p.expert_tensor,
+    }
     if not layout_problems(world_size, **sizes)[1]:
         return None
     most = p.tensor * p.pipeline * p.context * p.expert * (p.expert_tensor or p.tensor)  # always fits
@@ -146,10 +185,12 @@ def launch_hint(cfg: RunConfig, world_size: int, command: str = "-m <tool> ...")
     if p.virtual_pipeline is not None:  # interleaving needs pipeline > 1
         overrides.append("--set parallel.virtual_pipeline=null")
     layout = ", ".join(f"parallel.{name}={size}" for name, size in split.items())
-    return (f"the layout {layout} runs on a multiple of {fewest} ranks and this job has {world_size}: start it "
-            f"with `torchrun --nproc-per-node {fewest} {command}` (python -m pretrain.launch takes the same "
-            f"options), or fit the layout to {world_size} rank(s) with `{' '.join(overrides)}` (a checkpoint "
-            "loads at any layout)")
+    return (
+        f"the layout {layout} runs on a multiple of {fewest} ranks and this job has {world_size}: start it "
+        f"with `torchrun --nproc-per-node {fewest} {command}` (python -m pretrain.launch takes the same "
+        f"options), or fit the layout to {world_size} rank(s) with `{' '.join(overrides)}` (a checkpoint "
+        "loads at any layout)"
+    )
 
 
 def _validation_size_problems(cfg: RunConfig) -> List[str]:
@@ -178,10 +219,12 @@ def _validation_size_problems(cfg: RunConfig) -> List[str]:
     if t.eval_steps * per_batch <= valid_tokens:
         return []
     fits = valid_tokens // per_batch
-    return [f"train.eval_steps={t.eval_steps} evaluates {t.eval_steps * per_batch:,} tokens per evaluation, but the "
-            f"validation split holds about {valid_tokens:,} (data.split={d.split!r}): "
-            + (f"set train.eval_steps <= {fits}" if fits else "give validation a larger share of data.split")
-            + " (an evaluation must not repeat validation data)"]
+    return [
+        f"train.eval_steps={t.eval_steps} evaluates {t.eval_steps * per_batch:,} tokens per evaluation, but the "
+        f"validation split holds about {valid_tokens:,} (data.split={d.split!r}): "
+        + (f"set train.eval_steps <= {fits}" if fits else "give validation a larger share of data.split")
+        + " (an evaluation must not repeat validation data)"
+    ]
 
 
 def _identity(tokenizer_spec: str) -> str:

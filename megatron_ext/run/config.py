@@ -24,8 +24,7 @@ def _sections():
     return sections
 
 
-RunConfig = compose_run_config(_sections(), module=__name__,
-                               methods={"capabilities": property(_enabled_capabilities)})
+RunConfig = compose_run_config(_sections(), module=__name__, methods={"capabilities": property(_enabled_capabilities)})
 
 
 def routed_experts(cfg) -> Optional[int]:

@@ -20,8 +20,10 @@ def build_datasets(cfg: RunConfig) -> Tuple[object, object]:
     d, t = cfg.data, cfg.train
     if d.kind in ("synthetic", "copy"):
         cls = SyntheticMotifDataset if d.kind == "synthetic" else CopyTaskDataset
-        return (cls(cfg.model.vocab_size, d.seq_length, d.seed, "train"),
-                cls(cfg.model.vocab_size, d.seq_length, d.seed, "valid"))
+        return (
+            cls(cfg.model.vocab_size, d.seq_length, d.seed, "train"),
+            cls(cfg.model.vocab_size, d.seq_length, d.seed, "valid"),
+        )
     from megatron_ext.data.gpt_dataset import build_gpt_datasets
     from megatron_ext.data.tokenizers import load_tokenizer
 
@@ -42,6 +44,8 @@ def build_datasets(cfg: RunConfig) -> Tuple[object, object]:
         prefixes, d.weights, d.split, d.seq_length, d.seed, sizes, d.cache_dir, cfg.model.vocab_size, tokenizer
     )
     if train is None or (t.eval_interval and valid is None):
-        raise ValueError(f"data.split={d.split!r} leaves no {'training' if train is None else 'validation'} "
-                         "documents: give that split a non-zero share")
+        raise ValueError(
+            f"data.split={d.split!r} leaves no {'training' if train is None else 'validation'} "
+            "documents: give that split a non-zero share"
+        )
     return train, valid

@@ -11,8 +11,10 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple
 from megatron_ext.hf.config import model_section
 from megatron_ext.run.registry import CAPABILITIES
 
-TRAINING_ONLY = {"model": {"max_position_embeddings", "init_method_std", "attention_dropout"},
-                 "moe": {"capacity_factor"}}
+TRAINING_ONLY = {
+    "model": {"max_position_embeddings", "init_method_std", "attention_dropout"},
+    "moe": {"capacity_factor"},
+}
 """Derived fields a run may set otherwise without changing the function of the imported weights."""
 
 
@@ -37,8 +39,9 @@ def sections_from_hf(hf: Mapping[str, Any], output: Path, problems: List[str]) -
     return sections
 
 
-def conflicts(derived: Mapping[str, Mapping[str, Any]], value: Callable[[str, str], Tuple[bool, Any]],
-              where: str) -> List[str]:
+def conflicts(
+    derived: Mapping[str, Mapping[str, Any]], value: Callable[[str, str], Tuple[bool, Any]], where: str
+) -> List[str]:
     """Fields where ``value(section, field)`` -> (given, value) disagrees with what the HF config gives."""
     problems = []
     for section, fields in derived.items():
@@ -46,8 +49,15 @@ def conflicts(derived: Mapping[str, Mapping[str, Any]], value: Callable[[str, st
             if name in TRAINING_ONLY.get(section, ()):
                 continue
             given, ours = value(section, name)
-            if given and ours != hf_value and not (isinstance(ours, (int, float)) and isinstance(hf_value, (int, float))
-                                                   and float(ours) == float(hf_value)):
+            if (
+                given
+                and ours != hf_value
+                and not (
+                    isinstance(ours, (int, float))
+                    and isinstance(hf_value, (int, float))
+                    and float(ours) == float(hf_value)
+                )
+            ):
                 problems.append(f"{section}.{name}: {where} has {ours!r}, the HF config.json gives {hf_value!r}")
     return problems
 

@@ -1,11 +1,11 @@
 """Parameter counts of a config, from a model built on the meta device (no memory, no init).
 
-    total         every parameter of the unsharded model
-    embedding     input embedding, plus the output layer when it is not tied
-    non_embedding total - embedding
-    active        parameters a token passes through: a parameter that an enabled capability makes
-                  conditional counts its share of tokens (routed experts: top_k / num_experts;
-                  everything else counts fully)
+total         every parameter of the unsharded model
+embedding     input embedding, plus the output layer when it is not tied
+non_embedding total - embedding
+active        parameters a token passes through: a parameter that an enabled capability makes
+              conditional counts its share of tokens (routed experts: top_k / num_experts;
+              everything else counts fully)
 """
 
 from __future__ import annotations

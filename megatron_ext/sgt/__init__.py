@@ -12,6 +12,14 @@ from megatron_ext.sgt.flops import GPTShape, LoopedLayer, LoopStructure, flops_o
 from megatron_ext.sgt.scheduler import Event, GrowthConfig, GrowthScheduler
 
 __all__ = [
-    "EntropyTracker", "Event", "GPTShape", "GrowthConfig", "GrowthScheduler", "LoopStructure", "LoopedLayer",
-    "LoopingConfig", "flops_overhead", "last_query_entropy",
+    "EntropyTracker",
+    "Event",
+    "GPTShape",
+    "GrowthConfig",
+    "GrowthScheduler",
+    "LoopStructure",
+    "LoopedLayer",
+    "LoopingConfig",
+    "flops_overhead",
+    "last_query_entropy",
 ]

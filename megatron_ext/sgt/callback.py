@@ -31,13 +31,13 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_ext.capability import Callback, TrainContext
 from megatron_ext.sgt.config import LoopingConfig
 from megatron_ext.sgt.entropy import EntropyTracker, merge_loop_entropy
 from megatron_ext.sgt.flops import GPTShape, LoopedLayer, LoopStructure, flops_overhead
 from megatron_ext.sgt.looped_layer import LoopedTransformerLayer
 from megatron_ext.sgt.plots import plot_entropy
 from megatron_ext.sgt.scheduler import Event, GrowthScheduler
-from megatron_ext.capability import Callback, TrainContext
 
 __all__ = ["SGTCallback"]
 
@@ -59,8 +59,15 @@ class SGTCallback(Callback):
     state_aliases = ("sgt",)
     metric_prefixes = ("sgt/",)
 
-    def __init__(self, config: LoopingConfig, num_layers: int, num_heads: int, num_kv_heads: Optional[int] = None,
-                 flops_shape: Optional[GPTShape] = None, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        config: LoopingConfig,
+        num_layers: int,
+        num_heads: int,
+        num_kv_heads: Optional[int] = None,
+        flops_shape: Optional[GPTShape] = None,
+        log: Callable[[str], None] = print,
+    ):
         self.config = config
         self.num_layers = num_layers
         self.num_heads = num_heads
@@ -83,15 +90,23 @@ class SGTCallback(Callback):
     # -- wiring ------------------------------------------------------------------------------
 
     def on_train_start(self, ctx: TrainContext) -> None:
-        self.layers = {module.layer_index: module for chunk in ctx.model for module in chunk.modules()
-                       if isinstance(module, LoopedTransformerLayer)}
+        self.layers = {
+            module.layer_index: module
+            for chunk in ctx.model
+            for module in chunk.modules()
+            if isinstance(module, LoopedTransformerLayer)
+        }
         if not self.layers:
-            raise RuntimeError("looping is enabled but the model has no LoopedTransformerLayer: build its "
-                               "layer specs with megatron_ext.sgt.looped_layer.looped_layer_spec")
+            raise RuntimeError(
+                "looping is enabled but the model has no LoopedTransformerLayer: build its "
+                "layer specs with megatron_ext.sgt.looped_layer.looped_layer_spec"
+            )
         heads = {layer.num_heads for layer in self.layers.values()}
         if heads != {self.num_heads}:
-            raise ValueError(f"SGTCallback was built for {self.num_heads} heads per layer; the model's looped "
-                             f"layers have {sorted(heads)}")
+            raise ValueError(
+                f"SGTCallback was built for {self.num_heads} heads per layer; the model's looped "
+                f"layers have {sorted(heads)}"
+            )
         groups = ctx.pg_collection
         self._tp_group, self._pp_group, self._dp_group = groups.tp, groups.pp, groups.dp
         if self.flops_shape is None:
@@ -153,8 +168,9 @@ class SGTCallback(Callback):
             if structure.method == "block":
                 layer.passes += looped.depth
                 continue
-            keys = (looped.query_heads * cost.seq_length if looped.key_pairs is None
-                    else looped.key_pairs / cost.seq_length)
+            keys = (
+                looped.query_heads * cost.seq_length if looped.key_pairs is None else looped.key_pairs / cost.seq_length
+            )
             layer.extra_attention.extend([(looped.query_heads, looped.kv_heads, keys)] * looped.depth)
 
     def on_step_end(self, ctx: TrainContext, result) -> Dict[str, object]:
@@ -203,7 +219,7 @@ class SGTCallback(Callback):
         first_tp_rank = dist.get_rank(group=self._tp_group) == 0
         for index, total in self._sums.items():
             heads = self.layers[index].local_head_range
-            matrix[index, heads.start:heads.stop] = total.double() / self._counts[index]
+            matrix[index, heads.start : heads.stop] = total.double() / self._counts[index]
             if first_tp_rank:
                 matrix[index, -1] = 1.0
         self._sums.clear()
@@ -238,20 +254,30 @@ class SGTCallback(Callback):
             heads = layer.local_head_range
             local_group = len(heads) // len(per_kv)
             table[index, 0] = sum(per_kv[(h - heads.start) // local_group] for h in heads)
-            table[index, 1] = sum(per_kv[(h - heads.start) // local_group] for h in computed.get(index, ())
-                                  if h in heads)
+            table[index, 1] = sum(
+                per_kv[(h - heads.start) // local_group] for h in computed.get(index, ()) if h in heads
+            )
             if first_tp_rank:
                 table[index, 2] = float(is_skipped(layer))
         for group in (self._tp_group, self._pp_group):
             if group is not None and dist.get_world_size(group=group) > 1:
                 dist.all_reduce(table, group=group)
         table = table.cpu()
-        layers = {index: LoopedLayer(self.scheduler.loop_depths[index], len(heads),
-                                     len({h // group_size for h in heads}), int(table[index, 1]))
-                  for index, heads in computed.items()}
-        return LoopStructure(self.config.method, layers,
-                             layer_key_pairs={i: int(table[i, 0]) for i in range(self.num_layers)},
-                             skipped=frozenset(i for i in range(self.num_layers) if table[i, 2] > 0.5))
+        layers = {
+            index: LoopedLayer(
+                self.scheduler.loop_depths[index],
+                len(heads),
+                len({h // group_size for h in heads}),
+                int(table[index, 1]),
+            )
+            for index, heads in computed.items()
+        }
+        return LoopStructure(
+            self.config.method,
+            layers,
+            layer_key_pairs={i: int(table[i, 0]) for i in range(self.num_layers)},
+            skipped=frozenset(i for i in range(self.num_layers) if table[i, 2] > 0.5),
+        )
 
     def on_train_end(self, ctx: TrainContext) -> None:
         if dist.get_rank() == 0 and self.history:
@@ -279,8 +305,13 @@ class SGTCallback(Callback):
 
 
 def _event_to_dict(event: Event) -> dict:
-    return {"kind": event.kind, "step": event.step, "layer": event.layer, "depth": event.depth,
-            "kept_heads": list(event.kept_heads)}
+    return {
+        "kind": event.kind,
+        "step": event.step,
+        "layer": event.layer,
+        "depth": event.depth,
+        "kept_heads": list(event.kept_heads),
+    }
 
 
 def _describe(event: Event, method: str) -> str:

@@ -29,13 +29,16 @@ class Looping(Capability):
     def check(self, cfg, *, world_size: int, data_parallel: int, cuda: bool) -> List[str]:
         if not cfg.looping.enabled:
             return []
-        problems = [f"looping.{p}" for p in
-                    cfg.looping.problems_with_model(cfg.model.num_layers, cfg.model.num_attention_heads)]
+        problems = [
+            f"looping.{p}" for p in cfg.looping.problems_with_model(cfg.model.num_layers, cfg.model.num_attention_heads)
+        ]
         return problems
 
     def te_unsupported(self, cfg) -> List[str]:
-        return ["looping.enabled (the looped layer multiplies slices of an unfused QKV projection and runs its "
-                "own attention over a few heads; the TE layer fuses the input norm into that projection)"]
+        return [
+            "looping.enabled (the looped layer multiplies slices of an unfused QKV projection and runs its "
+            "own attention over a few heads; the TE layer fuses the input norm into that projection)"
+        ]
 
     def layer_specs(self, cfg, specs: list, backend: str) -> list:
         from megatron_ext.models.layer_spec import map_specs
@@ -46,8 +49,13 @@ class Looping(Capability):
     def callback(self, cfg, log):
         from megatron_ext.sgt.callback import SGTCallback
 
-        return SGTCallback(cfg.looping, cfg.model.num_layers, cfg.model.num_attention_heads,
-                           num_kv_heads=cfg.model.num_query_groups or cfg.model.num_attention_heads, log=log)
+        return SGTCallback(
+            cfg.looping,
+            cfg.model.num_layers,
+            cfg.model.num_attention_heads,
+            num_kv_heads=cfg.model.num_query_groups or cfg.model.num_attention_heads,
+            log=log,
+        )
 
     def submodel_config(self, cfg, small, sub, output: Path) -> None:
         layer_map = {old: new for new, old in enumerate(sub.layers)}
@@ -60,8 +68,10 @@ class Looping(Capability):
         return submodel_loop_state(callback.state_dict(), sub.layers, source_step)
 
     def hf_config(self, cfg, callback, hf):
-        return ["looping.enabled=true: no HF modeling file runs SGT attention loops (this project's "
-                "modeling_hybrid.py runs hybrid attention only); export a model trained without looping"]
+        return [
+            "looping.enabled=true: no HF modeling file runs SGT attention loops (this project's "
+            "modeling_hybrid.py runs hybrid attention only); export a model trained without looping"
+        ]
 
 
 def submodel_loop_state(state: Dict, layers, source_step: int) -> Dict:
@@ -84,8 +94,11 @@ def submodel_loop_state(state: Dict, layers, source_step: int) -> Dict:
             "window_end": None if window_end is None else int(window_end) - source_step,
             "frozen": schedule["frozen"],
         },
-        "tracker": {"layers": list(range(len(layers))), "num_heads": state["tracker"]["num_heads"],
-                    "ema": kept(state["tracker"]["ema"])},
+        "tracker": {
+            "layers": list(range(len(layers))),
+            "num_heads": state["tracker"]["num_heads"],
+            "ema": kept(state["tracker"]["ema"]),
+        },
         "history": [],
         "events": [],
     }

@@ -43,15 +43,23 @@ class GrowthConfig:
 
     def __post_init__(self) -> None:
         c = Checks(self)
-        for name in ("first_selection_step", "window", "top_k_layers", "max_selected_layers",
-                     "max_loop_depth", "num_keep_heads"):
+        for name in (
+            "first_selection_step",
+            "window",
+            "top_k_layers",
+            "max_selected_layers",
+            "max_loop_depth",
+            "num_keep_heads",
+        ):
             value = getattr(self, name)
             c.require(_is_int(value) and value >= 1, f"{name}={value!r} is not allowed: it must be an int >= 1")
         c.one_of("deepen", ("any_selected", "latest"))
         c.one_of("decay_type", ("linear", "cosine"))
         excluded = self.exclude_layers
-        c.require(isinstance(excluded, (list, tuple)) and all(_is_int(v) and v >= 0 for v in excluded),
-                  f"exclude_layers={excluded!r} is not allowed: it must be a list of layer indices >= 0")
+        c.require(
+            isinstance(excluded, (list, tuple)) and all(_is_int(v) and v >= 0 for v in excluded),
+            f"exclude_layers={excluded!r} is not allowed: it must be a list of layer indices >= 0",
+        )
         c.done()
         self.exclude_layers = sorted(set(excluded))
 
@@ -59,19 +67,27 @@ class GrowthConfig:
         """Problems that need the model's shape; empty when none."""
         problems = []
         if self.num_keep_heads > num_heads:
-            problems.append(f"num_keep_heads={self.num_keep_heads} is not allowed: at most the "
-                            f"{num_heads} attention heads of a layer")
+            problems.append(
+                f"num_keep_heads={self.num_keep_heads} is not allowed: at most the "
+                f"{num_heads} attention heads of a layer"
+            )
         out_of_range = [layer for layer in self.exclude_layers if layer >= num_layers]
         if out_of_range:
-            problems.append(f"exclude_layers={self.exclude_layers} is not allowed: {out_of_range} "
-                            f"not below model.num_layers={num_layers}")
+            problems.append(
+                f"exclude_layers={self.exclude_layers} is not allowed: {out_of_range} "
+                f"not below model.num_layers={num_layers}"
+            )
         if self.top_k_layers > num_layers:
-            problems.append(f"top_k_layers={self.top_k_layers} is not allowed: at most the model's {num_layers} "
-                            "layers (model.num_layers)")
+            problems.append(
+                f"top_k_layers={self.top_k_layers} is not allowed: at most the model's {num_layers} "
+                "layers (model.num_layers)"
+            )
         candidates = num_layers - len(set(self.exclude_layers) & set(range(num_layers)))
         if candidates < 1:
-            problems.append(f"exclude_layers={self.exclude_layers} excludes every one of the "
-                            f"{num_layers} layers: leave at least one layer selectable")
+            problems.append(
+                f"exclude_layers={self.exclude_layers} excludes every one of the "
+                f"{num_layers} layers: leave at least one layer selectable"
+            )
         return problems
 
 

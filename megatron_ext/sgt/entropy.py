@@ -47,8 +47,13 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["EntropyTracker", "last_query_entropy", "seen_keys_entropy", "seen_keys_entropy_context_parallel",
-           "merge_loop_entropy"]
+__all__ = [
+    "EntropyTracker",
+    "last_query_entropy",
+    "seen_keys_entropy",
+    "seen_keys_entropy_context_parallel",
+    "merge_loop_entropy",
+]
 
 KeyPlan = Tuple[Optional[int], int]
 """What one KV head's queries see: (window, sink); window None = every earlier key (full
@@ -56,9 +61,7 @@ attention), else the last ``window`` keys and the first ``sink`` (a hybrid layer
 
 
 @torch.no_grad()
-def last_query_entropy(
-    q_last: torch.Tensor, k: torch.Tensor, scale: float, num_kv_groups: int = 1
-) -> torch.Tensor:
+def last_query_entropy(q_last: torch.Tensor, k: torch.Tensor, scale: float, num_kv_groups: int = 1) -> torch.Tensor:
     """Normalized entropy of the last query position's attention row, per (batch, head).
 
     Args:
@@ -77,16 +80,20 @@ def last_query_entropy(
     Only ``b * h * T`` logits are formed, in at least float32 (matmul, softmax and entropy).
     """
     if q_last.dim() != 3 or k.dim() != 4:
-        raise ValueError(f"expected q_last [b, h, d] and k [b, h_kv, T, d], got {tuple(q_last.shape)} "
-                         f"and {tuple(k.shape)}")
+        raise ValueError(
+            f"expected q_last [b, h, d] and k [b, h_kv, T, d], got {tuple(q_last.shape)} and {tuple(k.shape)}"
+        )
     b, h, d = q_last.shape
     kb, h_kv, t, kd = k.shape
     if (kb, kd) != (b, d):
-        raise ValueError(f"q_last {tuple(q_last.shape)} and k {tuple(k.shape)} disagree on the batch "
-                         "size or the head dimension")
+        raise ValueError(
+            f"q_last {tuple(q_last.shape)} and k {tuple(k.shape)} disagree on the batch size or the head dimension"
+        )
     if num_kv_groups < 1 or h != h_kv * num_kv_groups:
-        raise ValueError(f"num_kv_groups={num_kv_groups} does not fit {h} query heads over {h_kv} KV "
-                         f"heads: it must be h // h_kv = {h / h_kv:g}")
+        raise ValueError(
+            f"num_kv_groups={num_kv_groups} does not fit {h} query heads over {h_kv} KV "
+            f"heads: it must be h // h_kv = {h / h_kv:g}"
+        )
     if t == 1:
         out_dtype = torch.promote_types(q_last.dtype, torch.float32)
         return torch.zeros(b, h, dtype=out_dtype, device=q_last.device)
@@ -102,8 +109,13 @@ def last_query_entropy(
 
 
 @torch.no_grad()
-def seen_keys_entropy(q_last: torch.Tensor, k: torch.Tensor, scale: float, kv_of_query: Sequence[int],
-                      plans: Optional[Sequence[KeyPlan]] = None) -> torch.Tensor:
+def seen_keys_entropy(
+    q_last: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    kv_of_query: Sequence[int],
+    plans: Optional[Sequence[KeyPlan]] = None,
+) -> torch.Tensor:
     """Like :func:`last_query_entropy`, for any query heads and over the keys each head really
     attends to: query head ``i`` (``q_last[:, i]``) uses KV head ``kv_of_query[i]`` of ``k``
     ``[b, h_kv, T, d]``, whose plan (``plans[kv]``, default full) gives its keys: all ``T``, or its
@@ -120,15 +132,22 @@ def seen_keys_entropy(q_last: torch.Tensor, k: torch.Tensor, scale: float, kv_of
         keys = k.index_select(1, torch.tensor([kv_of_query[h] for h in heads], device=k.device))
         if window is not None and window < t:
             first = min(sink, t)
-            keys = torch.cat([keys[:, :, :first], keys[:, :, max(first, t - window):]], dim=2)
+            keys = torch.cat([keys[:, :, :first], keys[:, :, max(first, t - window) :]], dim=2)
         out[:, heads] = last_query_entropy(q_last[:, heads], keys, scale, 1)
     return out
 
 
 @torch.no_grad()
-def seen_keys_entropy_context_parallel(q_last: torch.Tensor, k_local: torch.Tensor, positions: torch.Tensor,
-                                       seq_length: int, scale: float, kv_of_query: Sequence[int],
-                                       plans: Optional[Sequence[KeyPlan]], cp) -> torch.Tensor:
+def seen_keys_entropy_context_parallel(
+    q_last: torch.Tensor,
+    k_local: torch.Tensor,
+    positions: torch.Tensor,
+    seq_length: int,
+    scale: float,
+    kv_of_query: Sequence[int],
+    plans: Optional[Sequence[KeyPlan]],
+    cp,
+) -> torch.Tensor:
     """:func:`seen_keys_entropy` when the keys are spread over a context-parallel group ``cp``
     (:class:`~megatron_ext.parallel.context.ContextParallel`): ``q_last [b, nq, d]`` is the last
     query (the same on every rank), ``k_local [b, h_kv, S, d]`` this rank's keys at global
@@ -167,8 +186,9 @@ def seen_keys_entropy_context_parallel(q_last: torch.Tensor, k_local: torch.Tens
     return torch.where(norm > 0, entropy / norm.clamp(min=1e-30), torch.zeros_like(entropy))
 
 
-def merge_loop_entropy(first_pass: torch.Tensor, last_loop: Optional[torch.Tensor],
-                       kept: Sequence[int]) -> torch.Tensor:
+def merge_loop_entropy(
+    first_pass: torch.Tensor, last_loop: Optional[torch.Tensor], kept: Sequence[int]
+) -> torch.Tensor:
     """A looped layer's observation [code]: its kept heads (indices into the vectors) take the
     entropy of their last loop pass, its other heads that of the ordinary pass."""
     if last_loop is None or not kept:
@@ -223,8 +243,9 @@ class EntropyTracker:
         if layer not in self._tracked:
             raise KeyError(f"layer {layer} is not tracked (tracked layers: {self.layers})")
         if tuple(entropy_per_head.shape) != (self.num_heads,):
-            raise ValueError(f"layer {layer}: expected entropy of shape ({self.num_heads},), "
-                             f"got {tuple(entropy_per_head.shape)}")
+            raise ValueError(
+                f"layer {layer}: expected entropy of shape ({self.num_heads},), got {tuple(entropy_per_head.shape)}"
+            )
         value = entropy_per_head.detach().float()
         if layer in self._sum:
             self._sum[layer] += value
@@ -273,8 +294,9 @@ class EntropyTracker:
     def state_dict(self) -> dict:
         """The EMA state; call between steps (after ``end_step``), when no observation is pending."""
         if self._sum:
-            raise RuntimeError(f"layers {sorted(self._sum)} have observations not yet folded in: call "
-                               "end_step() before state_dict()")
+            raise RuntimeError(
+                f"layers {sorted(self._sum)} have observations not yet folded in: call end_step() before state_dict()"
+            )
         return {
             "layers": list(self.layers),
             "num_heads": self.num_heads,
@@ -284,9 +306,12 @@ class EntropyTracker:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output; the tracked layers and head count must match."""
         if list(state["layers"]) != self.layers or state["num_heads"] != self.num_heads:
-            raise ValueError(f"checkpoint tracks layers {list(state['layers'])} with {state['num_heads']} "
-                             f"heads; this tracker has layers {self.layers} with {self.num_heads} heads")
-        self._ema = {int(layer): ema.to(device="cpu", dtype=torch.float64).clone()
-                     for layer, ema in state["ema"].items()}
+            raise ValueError(
+                f"checkpoint tracks layers {list(state['layers'])} with {state['num_heads']} "
+                f"heads; this tracker has layers {self.layers} with {self.num_heads} heads"
+            )
+        self._ema = {
+            int(layer): ema.to(device="cpu", dtype=torch.float64).clone() for layer, ema in state["ema"].items()
+        }
         self._sum.clear()
         self._count.clear()

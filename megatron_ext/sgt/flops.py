@@ -69,8 +69,17 @@ class GPTShape:
     """Gated MLP: three ``h x F`` matrices instead of two."""
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden_size",
-                     "vocab_size", "seq_length", "batch_size"):
+        for name in (
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "ffn_hidden_size",
+            "vocab_size",
+            "seq_length",
+            "batch_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"GPTShape.{name}={value!r} is not allowed: it must be a positive int")
@@ -126,15 +135,16 @@ class LoopStructure:
     """Layers not run in the step (elastic depth): neither the layer nor its loops count."""
 
 
-def attention_sublayer_flops(shape: GPTShape, query_heads: int, kv_heads: int,
-                             key_pairs: Optional[int] = None) -> int:
+def attention_sublayer_flops(shape: GPTShape, query_heads: int, kv_heads: int, key_pairs: Optional[int] = None) -> int:
     """Forward matmul FLOPs of one attention sublayer over the step's sequences; ``key_pairs`` per
     sequence over its query heads (None: ``query_heads * T^2``)."""
     h, d, t = shape.hidden_size, shape.head_dim, shape.seq_length
     pairs = query_heads * t * t if key_pairs is None else key_pairs
-    per_sequence = (2 * t * h * (query_heads + 2 * kv_heads) * d  # QKV projection
-                    + 4 * pairs * d  # scores and PV
-                    + 2 * t * query_heads * d * h)  # output projection
+    per_sequence = (
+        2 * t * h * (query_heads + 2 * kv_heads) * d  # QKV projection
+        + 4 * pairs * d  # scores and PV
+        + 2 * t * query_heads * d * h
+    )  # output projection
     return shape.batch_size * per_sequence
 
 
@@ -166,22 +176,28 @@ def loop_flops(shape: GPTShape, structure: LoopStructure) -> int:
             per_pass = layer_flops(shape, structure.layer_key_pairs.get(index))
         else:
             if not (0 <= looped.query_heads <= shape.num_heads and 0 <= looped.kv_heads <= shape.num_kv_heads):
-                raise ValueError(f"layer {index}: {looped.query_heads} query / {looped.kv_heads} KV heads do not "
-                                 f"fit {shape.num_heads} / {shape.num_kv_heads}")
+                raise ValueError(
+                    f"layer {index}: {looped.query_heads} query / {looped.kv_heads} KV heads do not "
+                    f"fit {shape.num_heads} / {shape.num_kv_heads}"
+                )
             per_pass = attention_sublayer_flops(shape, looped.query_heads, looped.kv_heads, looped.key_pairs)
         total += looped.depth * per_pass
     return total
 
 
-def forward_flops(shape: GPTShape, structure: Optional[LoopStructure] = None, output_layer: bool = True,
-                  loops: bool = True) -> int:
+def forward_flops(
+    shape: GPTShape, structure: Optional[LoopStructure] = None, output_layer: bool = True, loops: bool = True
+) -> int:
     """Forward matmul FLOPs of one step; ``structure=None`` is the vanilla model with full attention.
     ``output_layer=False`` leaves the logits out (the decoder layers only); ``loops=False`` counts
     ``structure``'s model without its loops (its attention pairs and skipped layers still apply).
     """
     structure = structure if structure is not None else LoopStructure()
-    total = sum(layer_flops(shape, structure.layer_key_pairs.get(i)) for i in range(shape.num_layers)
-                if i not in structure.skipped)
+    total = sum(
+        layer_flops(shape, structure.layer_key_pairs.get(i))
+        for i in range(shape.num_layers)
+        if i not in structure.skipped
+    )
     total += output_layer_flops(shape) if output_layer else 0
     return total + (loop_flops(shape, structure) if loops else 0)
 

@@ -57,8 +57,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -70,6 +68,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import get_pg_rank, get_pg_size
+from torch import Tensor
 
 from megatron_ext.compat.layers import forward_attention, forward_mlp
 from megatron_ext.models.context_attention import context_parallel_attention
@@ -113,10 +112,23 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
     factors allow it; False forces the all-heads reference (for tests and debugging).
     """
 
-    def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout: Optional[float] = None,
-                 pg_collection=None, vp_stage: Optional[int] = None):
-        super().__init__(config, submodules, layer_number=layer_number, hidden_dropout=hidden_dropout,
-                         pg_collection=pg_collection, vp_stage=vp_stage)
+    def __init__(
+        self,
+        config,
+        submodules,
+        layer_number: int = 1,
+        hidden_dropout: Optional[float] = None,
+        pg_collection=None,
+        vp_stage: Optional[int] = None,
+    ):
+        super().__init__(
+            config,
+            submodules,
+            layer_number=layer_number,
+            hidden_dropout=hidden_dropout,
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
         attn = self.self_attention
         self._check_supported(config, attn)
         self.layer_index = self.layer_number - 1
@@ -129,8 +141,9 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
         self._heads_per_group = self._local_heads // self._local_groups
         self._head_offset = get_pg_rank(self._tp_group) * self._local_heads
         self._cp = context_parallel_of(attn.pg_collection)
-        self._softmax_scale = (config.softmax_scale if config.softmax_scale is not None
-                               else 1.0 / math.sqrt(self._head_dim))
+        self._softmax_scale = (
+            config.softmax_scale if config.softmax_scale is not None else 1.0 / math.sqrt(self._head_dim)
+        )
         self.loop_depth = 0
         self.loop_method = "sgt"
         self.head_factors: List[float] = [1.0] * self.num_heads
@@ -145,18 +158,24 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
     def _check_supported(config, attn) -> None:
         problems = []
         if config.num_query_groups < get_pg_size(attn.pg_collection.tp):
-            problems.append(f"num_query_groups={config.num_query_groups} below the tensor-parallel size "
-                            f"{get_pg_size(attn.pg_collection.tp)} (KV heads replicated across ranks)")
+            problems.append(
+                f"num_query_groups={config.num_query_groups} below the tensor-parallel size "
+                f"{get_pg_size(attn.pg_collection.tp)} (KV heads replicated across ranks)"
+            )
         if config.attention_output_gate:
             problems.append("attention_output_gate")
         if config.gradient_accumulation_fusion:
-            problems.append("gradient_accumulation_fusion (the kept-heads loop multiplies weight slices "
-                            "with plain autograd, whose gradients fused accumulation would skip)")
+            problems.append(
+                "gradient_accumulation_fusion (the kept-heads loop multiplies weight slices "
+                "with plain autograd, whose gradients fused accumulation would skip)"
+            )
         if getattr(attn, "attn_mask_type", None) != AttnMaskType.causal:
             problems.append("a self-attention that is not causal")
         if hasattr(attn.linear_qkv, "layer_norm_weight"):
-            problems.append("a QKV projection with a fused input norm (use the local layer spec, whose "
-                            "input norm is a module of its own)")
+            problems.append(
+                "a QKV projection with a fused input norm (use the local layer spec, whose "
+                "input norm is a module of its own)"
+            )
         if problems:
             raise ValueError("LoopedTransformerLayer does not support " + "; ".join(problems) + ".")
 
@@ -175,8 +194,9 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
         """Per-query-head factors of the loop output, one per head of the whole layer, in [0, 1]."""
         factors = [float(f) for f in factors]
         if len(factors) != self.num_heads or not all(0.0 <= f <= 1.0 for f in factors):
-            raise ValueError(f"layer {self.layer_index}: expected {self.num_heads} head factors in [0, 1], "
-                             f"got {factors}")
+            raise ValueError(
+                f"layer {self.layer_index}: expected {self.num_heads} head factors in [0, 1], got {factors}"
+            )
         self.head_factors = factors
 
     def set_entropy_sink(self, sink: Optional[EntropySink]) -> None:
@@ -188,7 +208,8 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
         self._entropy_sink = sink
         if sink is not None:
             self._entropy_hook = self.self_attention.core_attention.register_forward_pre_hook(
-                self._observe_entropy, with_kwargs=True)
+                self._observe_entropy, with_kwargs=True
+            )
 
     def decode_passes(self) -> List[DecodePass]:
         """:meth:`DecodePassesLayer.decode_passes`: the loop passes after the ordinary attention pass (SGT)
@@ -214,13 +235,24 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
 
     # -- forward -----------------------------------------------------------------------------
 
-    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
-                context: Optional[Tensor] = None, context_mask: Optional[Tensor] = None,
-                rotary_pos_emb=None, **kwargs):
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        context: Optional[Tensor] = None,
+        context_mask: Optional[Tensor] = None,
+        rotary_pos_emb=None,
+        **kwargs,
+    ):
         """Megatron's layer forward; with ``loop_depth > 0`` it loops as described above."""
         kwargs.pop("dynamic_inference_decode_only", None)
-        common = dict(attention_mask=attention_mask, context=context, context_mask=context_mask,
-                      rotary_pos_emb=rotary_pos_emb, **kwargs)
+        common = dict(
+            attention_mask=attention_mask,
+            context=context,
+            context_mask=context_mask,
+            rotary_pos_emb=rotary_pos_emb,
+            **kwargs,
+        )
         if self.loop_depth == 0:
             out = super().forward(hidden_states, **common)
         elif self.loop_method == "block":
@@ -231,8 +263,9 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
             for index in range(self.loop_depth):
                 last = index == self.loop_depth - 1
                 hidden_states = self.loop_attention(hidden_states, rotary_pos_emb, observe=last and self._observing())
-            output = forward_mlp(self, hidden_states, kwargs.get("inference_context"),
-                                 padding_mask=kwargs.get("padding_mask"))
+            output = forward_mlp(
+                self, hidden_states, kwargs.get("inference_context"), padding_mask=kwargs.get("padding_mask")
+            )
             out = (output, context)
         self._emit_entropy()
         return out
@@ -248,14 +281,25 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
         return output, context
 
     def _check_loop_inputs(self, attention_mask: Optional[Tensor], kwargs: dict) -> None:
-        unsupported = [name for name in ("inference_context", "packed_seq_params", "attention_bias",
-                                         "rotary_pos_cos", "rotary_pos_sin", "rotary_pos_cos_sin")
-                       if kwargs.get(name) is not None]
+        unsupported = [
+            name
+            for name in (
+                "inference_context",
+                "packed_seq_params",
+                "attention_bias",
+                "rotary_pos_cos",
+                "rotary_pos_sin",
+                "rotary_pos_cos_sin",
+            )
+            if kwargs.get(name) is not None
+        ]
         if attention_mask is not None:
             unsupported.insert(0, "attention_mask")
         if unsupported:
-            raise ValueError(f"layer {self.layer_index}: the SGT attention loop is causal self-attention "
-                             f"over whole sequences for training; it does not take {unsupported}")
+            raise ValueError(
+                f"layer {self.layer_index}: the SGT attention loop is causal self-attention "
+                f"over whole sequences for training; it does not take {unsupported}"
+            )
 
     def loop_attention(self, hidden_states: Tensor, rotary_pos_emb=None, observe: bool = False) -> Tensor:
         """One loop pass ``h + W_O · merge_heads(f ⊙ heads(norm(h)))``; ``[s, b, h]`` in and out.
@@ -283,14 +327,16 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
             context = core.forward_heads(query, key, value, groups).unflatten(-1, (-1, self._head_dim))
         else:
             context = self.attend_heads(query, key, value, kv_of_query, groups)
-        factors = torch.tensor([self.head_factors[head] for head in self.local_head_range],
-                               dtype=context.dtype, device=context.device)
+        factors = torch.tensor(
+            [self.head_factors[head] for head in self.local_head_range], dtype=context.dtype, device=context.device
+        )
         context = context * factors.view(1, 1, -1, 1)  # [s, b, np, hn]
         output, bias = attn.linear_proj(context.flatten(2))
         return self._add_residual(output, bias, residual)
 
-    def _loop_kept_heads(self, hidden_states: Tensor, rotary_pos_emb, kept_heads: Sequence[int],
-                         observe: bool = False) -> Tensor:
+    def _loop_kept_heads(
+        self, hidden_states: Tensor, rotary_pos_emb, kept_heads: Sequence[int], observe: bool = False
+    ) -> Tensor:
         """Only the kept heads: sliced QKV rows and output columns, Megatron's TP communication."""
         attn = self.self_attention
         hn, per_group = self._head_dim, self._heads_per_group
@@ -324,8 +370,9 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
             kv_of_query = [groups.index(head // per_group) for head in computed]
             if observe:
                 entropy = self._entropy(query, key, kv_of_query, groups)
-                self._loop_entropy = torch.full((self._local_heads,), float("nan"), dtype=entropy.dtype,
-                                                device=entropy.device)
+                self._loop_entropy = torch.full(
+                    (self._local_heads,), float("nan"), dtype=entropy.dtype, device=entropy.device
+                )
                 self._loop_entropy[computed] = entropy
             context = self.attend_heads(query, key, value, kv_of_query, groups)
             if computed != local:
@@ -334,8 +381,9 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
         output = self._leave_tensor_parallel_region(partial)  # [s(/tp), b, h], summed over ranks
         return self._add_residual(output, attn.linear_proj.bias, residual)
 
-    def kept_heads_qkv(self, normed: Tensor, query_heads: Sequence[int],
-                       groups: Sequence[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    def kept_heads_qkv(
+        self, normed: Tensor, query_heads: Sequence[int], groups: Sequence[int]
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         """:meth:`KeptHeadsLayer.kept_heads_qkv`."""
         attn, hn = self.self_attention, self._head_dim
         rows = self._slice_of("qkv", tuple(query_heads), tuple(groups), normed.device)
@@ -356,8 +404,11 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
         cache = self.__dict__.setdefault("_slices", {})
         if key not in cache:
             hn = self._head_dim
-            index = (self._qkv_rows(heads, groups, device) if which == "qkv" else
-                     torch.tensor([h * hn + i for h in heads for i in range(hn)], dtype=torch.long, device=device))
+            index = (
+                self._qkv_rows(heads, groups, device)
+                if which == "qkv"
+                else torch.tensor([h * hn + i for h in heads for i in range(hn)], dtype=torch.long, device=device)
+            )
             values = index.tolist()
             contiguous = bool(values) and values == list(range(values[0], values[0] + len(values)))
             cache[key] = slice(values[0], values[0] + len(values)) if contiguous else index
@@ -396,8 +447,9 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
         """RoPE as Megatron's attention applies it (none for layers listed in ``no_rope_freq``)."""
         return rotate_query_key(self.self_attention, self.layer_number, query, key, rotary_pos_emb)
 
-    def attend_heads(self, query: Tensor, key: Tensor, value: Tensor, kv_of_query: Sequence[int],
-                     local_kv_heads: Sequence[int]) -> Tensor:
+    def attend_heads(
+        self, query: Tensor, key: Tensor, value: Tensor, kv_of_query: Sequence[int], local_kv_heads: Sequence[int]
+    ) -> Tensor:
         """:meth:`KeptHeadsLayer.attend_heads`: a core attention with :class:`QueryHeadSubsetAttention`
         (hybrid attention) computes exactly these query heads with its own per-head kernels; one with
         :class:`HeadSubsetAttention` only is handed whole KV groups; otherwise causal SDPA."""
@@ -417,18 +469,19 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
         if dropout > 0.0 and not self.config.sequence_parallel:
             # Heads differ across TP ranks: draw their dropout from the per-rank stream, as Megatron.
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                                     scale=self._softmax_scale)
+                out = F.scaled_dot_product_attention(
+                    q, k, v, dropout_p=dropout, is_causal=True, scale=self._softmax_scale
+                )
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                                 scale=self._softmax_scale)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self._softmax_scale)
         return out.permute(2, 0, 1, 3)  # [s, b, nq, hn]
 
     def _add_residual(self, output: Tensor, bias: Optional[Tensor], residual: Tensor) -> Tensor:
         """``residual + dropout(output + bias)``, with the layer's own bias-dropout-add."""
         with self.bias_dropout_add_exec_handler():
             return self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(
-                (output, bias), residual, self.hidden_dropout)
+                (output, bias), residual, self.hidden_dropout
+            )
 
     # -- entropy -----------------------------------------------------------------------------
 
@@ -454,8 +507,15 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
             q_last = self._cp.last_position(query, 0)  # [b, nq, hn]
             local = key.shape[0]
             entropy = seen_keys_entropy_context_parallel(
-                q_last, key.permute(1, 2, 0, 3), self._cp.positions(local, key.device), local * self._cp.size,
-                self._softmax_scale, kv_of_query, plans, self._cp)  # [b, nq]
+                q_last,
+                key.permute(1, 2, 0, 3),
+                self._cp.positions(local, key.device),
+                local * self._cp.size,
+                self._softmax_scale,
+                kv_of_query,
+                plans,
+                self._cp,
+            )  # [b, nq]
         return entropy.mean(dim=0)
 
     def _observe_entropy(self, module, args, kwargs) -> None:
@@ -465,11 +525,14 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
         query = args[0] if len(args) > 0 else kwargs["query"]  # [s, b, np, hn], after RoPE
         key = args[1] if len(args) > 1 else kwargs["key"]  # [s, b, ng, hn]
         if query.dim() != 4 or key.dim() != 4:
-            raise ValueError(f"layer {self.layer_index}: entropy tracking needs [s, b, heads, dim] query and "
-                             f"key; got {tuple(query.shape)} and {tuple(key.shape)} (packed sequences?)")
+            raise ValueError(
+                f"layer {self.layer_index}: entropy tracking needs [s, b, heads, dim] query and "
+                f"key; got {tuple(query.shape)} and {tuple(key.shape)} (packed sequences?)"
+            )
         per_group = query.size(2) // key.size(2)
-        self._first_entropy = self._entropy(query, key, [h // per_group for h in range(query.size(2))],
-                                            list(range(key.size(2))))
+        self._first_entropy = self._entropy(
+            query, key, [h // per_group for h in range(query.size(2))], list(range(key.size(2)))
+        )
         self._loop_entropy = None
         return None
 
@@ -491,6 +554,8 @@ def _take(tensor: Tensor, dim: int, index) -> Tensor:
 def looped_layer_spec(spec: ModuleSpec) -> ModuleSpec:
     """A copy of a ``TransformerLayer`` spec that builds :class:`LoopedTransformerLayer` instead."""
     if spec.module not in (TransformerLayer, LoopedTransformerLayer):
-        raise ValueError(f"looped_layer_spec needs a spec of Megatron's TransformerLayer; got {spec.module!r}, "
-                         "whose own behaviour a LoopedTransformerLayer would drop")
+        raise ValueError(
+            f"looped_layer_spec needs a spec of Megatron's TransformerLayer; got {spec.module!r}, "
+            "whose own behaviour a LoopedTransformerLayer would drop"
+        )
     return dataclasses.replace(spec, module=LoopedTransformerLayer)

@@ -27,16 +27,26 @@ def plot_entropy(path: Path, history: List[list], events: List[dict], final_step
         if event["layer"] is None:
             ax.axvline(event["step"], color="grey", linestyle="--", linewidth=0.8)
         else:
-            ax.axvline(event["step"], color=colours(event["layer"] % colours.N), linewidth=1.2,
-                       linestyle="-" if event["kind"] == "select" else ":")
+            ax.axvline(
+                event["step"],
+                color=colours(event["layer"] % colours.N),
+                linewidth=1.2,
+                linestyle="-" if event["kind"] == "select" else ":",
+            )
     if final_step is not None and steps and final_step > steps[-1]:
         ax.axvspan(steps[-1], final_step, color="0.92", zorder=0, label="not measured")
         ax.set_xlim(right=final_step)
     ax.set_xlabel("step")
     ax.set_ylabel("layer score (mean head entropy, EMA)")
     ax.set_title("SGT: entropy per layer; lines: select (solid), deepen (dotted), freeze (grey)", fontsize=8)
-    ax.legend(title="layer", fontsize=6, title_fontsize=7, ncol=2 if num_layers > 8 else 1,
-              loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.legend(
+        title="layer",
+        fontsize=6,
+        title_fontsize=7,
+        ncol=2 if num_layers > 8 else 1,
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -66,7 +66,6 @@ import torch
 
 from megatron_ext.sgt.config import GrowthConfig
 
-
 __all__ = ["Event", "GrowthConfig", "GrowthScheduler"]
 
 
@@ -113,8 +112,9 @@ class GrowthScheduler:
 
     # -- schedule ---------------------------------------------------------------------------
 
-    def step(self, step: int, layer_scores: Mapping[int, float],
-             head_entropy: Mapping[int, torch.Tensor]) -> List[Event]:
+    def step(
+        self, step: int, layer_scores: Mapping[int, float], head_entropy: Mapping[int, torch.Tensor]
+    ) -> List[Event]:
         """Advance to ``step`` (1-based, after it completed) and return the events taken there.
 
         Args:
@@ -159,8 +159,11 @@ class GrowthScheduler:
             if not math.isfinite(score):
                 raise ValueError(f"layer {layer} has a non-finite score {score}: its entropy EMA is broken")
         excluded = set(self.config.exclude_layers)
-        ranked = sorted((layer for layer in layer_scores if layer not in excluded),
-                        key=lambda layer: (layer_scores[layer], layer), reverse=True)
+        ranked = sorted(
+            (layer for layer in layer_scores if layer not in excluded),
+            key=lambda layer: (layer_scores[layer], layer),
+            reverse=True,
+        )
         return ranked[: self.config.top_k_layers]
 
     def _select(self, layer: int, step: int, head_entropy: Mapping[int, torch.Tensor]) -> Event:
@@ -168,8 +171,7 @@ class GrowthScheduler:
             raise KeyError(f"head_entropy has no entry for layer {layer}, which is being selected")
         entropy = torch.as_tensor(head_entropy[layer]).detach().to("cpu", torch.float64)
         if tuple(entropy.shape) != (self.num_heads,):
-            raise ValueError(f"head_entropy[{layer}] has shape {tuple(entropy.shape)}, expected "
-                             f"({self.num_heads},)")
+            raise ValueError(f"head_entropy[{layer}] has shape {tuple(entropy.shape)}, expected ({self.num_heads},)")
         # Stable sort of the negated values: ties go to the lower head index.
         order = torch.sort(-entropy, stable=True).indices
         kept = tuple(int(head) for head in order[: self.config.num_keep_heads])
@@ -257,8 +259,7 @@ class GrowthScheduler:
         """Restore :meth:`state_dict`'s output (layer keys may have become strings, as in JSON)."""
         selected = [int(layer) for layer in state["selected"]]
         if any(not 0 <= layer < self.num_layers for layer in selected):
-            raise ValueError(f"checkpoint selects layers {selected}, not all below num_layers="
-                             f"{self.num_layers}")
+            raise ValueError(f"checkpoint selects layers {selected}, not all below num_layers={self.num_layers}")
         self._selected = selected
         self._depth = {int(layer): int(depth) for layer, depth in state["depth"].items()}
         self._kept = {int(layer): tuple(int(h) for h in heads) for layer, heads in state["kept"].items()}

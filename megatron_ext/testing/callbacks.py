@@ -3,8 +3,8 @@
 import os
 import signal
 
-from megatron_ext.parallel import load_full_named_tensors
 from megatron_ext.capability import Callback
+from megatron_ext.parallel import load_full_named_tensors
 
 
 class StartFrom(Callback):

@@ -24,8 +24,7 @@ def batch_hooks(cfg: RunConfig) -> List[BatchHook]:
     return [hook for hook in hooks if hook is not None]
 
 
-def restore_capabilities(cfg: RunConfig, model_chunks: list, common: CommonState,
-                         run_dir: Path) -> Dict[str, Callback]:
+def restore_capabilities(cfg: RunConfig, model_chunks: list, common: CommonState, run_dir: Path) -> Dict[str, Callback]:
     """Give model chunks loaded from a checkpoint the structure training left them in.
 
     A checkpoint's weights alone are not the trained model: the structure a capability grew or
@@ -36,9 +35,15 @@ def restore_capabilities(cfg: RunConfig, model_chunks: list, common: CommonState
     ``{capability name: callback}`` (their state is readable).
     """
     callbacks = capability_callbacks(cfg, log=lambda *args: None)
-    ctx = TrainContext(config=cfg, model=list(model_chunks), optimizer=None, run_dir=Path(run_dir),
-                       pg_collection=process_groups(), step=common.step,
-                       consumed_samples=common.consumed_samples)
+    ctx = TrainContext(
+        config=cfg,
+        model=list(model_chunks),
+        optimizer=None,
+        run_dir=Path(run_dir),
+        pg_collection=process_groups(),
+        step=common.step,
+        consumed_samples=common.consumed_samples,
+    )
     for cb in callbacks.values():
         cb.load_state_dict(common.callback_state(cb))
         cb.on_train_start(ctx)
@@ -50,7 +55,9 @@ def checked_metrics(callback: Callback, metrics: Dict[str, Any], record: Dict[st
     step's ``record`` (a callback must not overwrite ``loss`` or another method's metric)."""
     stray = [key for key in metrics if not key.startswith(callback.metric_prefixes) or key in record]
     if stray:
-        raise RuntimeError(f"callback {callback.name!r} returned metrics {stray} outside its prefixes "
-                           f"{list(callback.metric_prefixes)} or already logged this step: give each key one of "
-                           "its callback's metric_prefixes")
+        raise RuntimeError(
+            f"callback {callback.name!r} returned metrics {stray} outside its prefixes "
+            f"{list(callback.metric_prefixes)} or already logged this step: give each key one of "
+            "its callback's metric_prefixes"
+        )
     return metrics

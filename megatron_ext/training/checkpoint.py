@@ -79,7 +79,7 @@ def _share(items: List[str]) -> List[str]:
     """This rank's share of ``items`` (every ``world``-th, from its rank)."""
     if not dist.is_initialized():
         return items
-    return items[dist.get_rank()::dist.get_world_size()]
+    return items[dist.get_rank() :: dist.get_world_size()]
 
 
 def _gather(part: Any) -> List[Any]:
@@ -94,8 +94,10 @@ def write_manifest(directory: Path) -> None:
     """Hash every file of a written checkpoint (collective: each rank hashes a share) and let rank 0
     write ``manifest.json``."""
     names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
-    mine = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
-            for name in _share(names)}
+    mine = {
+        name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+        for name in _share(names)
+    }
     files = {k: v for part in _gather(mine) for k, v in part.items()}
     if not dist.is_initialized() or dist.get_rank() == 0:
         _fsync_write(directory / MANIFEST, json.dumps({"files": dict(sorted(files.items()))}, indent=1))
@@ -221,8 +223,9 @@ def _load_model_state(model: List[torch.nn.Module], loaded: Dict[str, Any]) -> N
         # Only extra states the checkpoint lacked (see _drop_absent_extra_state) may be missing.
         missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE)]
         if missing or result.unexpected_keys:
-            raise CheckpointError(f"checkpoint does not match the model: missing {missing[:8]}, unexpected "
-                                  f"{result.unexpected_keys[:8]}")
+            raise CheckpointError(
+                f"checkpoint does not match the model: missing {missing[:8]}, unexpected {result.unexpected_keys[:8]}"
+            )
 
 
 def load_model_weights(path: Path, model: List[torch.nn.Module]) -> None:
@@ -247,15 +250,21 @@ def load_model_weights(path: Path, model: List[torch.nn.Module]) -> None:
         saved = {key: tuple(t.global_shape) for key, t in dist_checkpointing.load_tensors_metadata(str(path)).items()}
     # This rank's chunks hold some of the model's tensors; every rank checks its own.
     missing = sorted(k for k in wanted if k not in saved)
-    reshaped = sorted(f"{k}: checkpoint {saved[k]}, model {wanted[k]}" for k in wanted
-                      if k in saved and saved[k] != wanted[k])
+    reshaped = sorted(
+        f"{k}: checkpoint {saved[k]}, model {wanted[k]}" for k in wanted if k in saved and saved[k] != wanted[k]
+    )
     if missing or reshaped:
         lines = [f"missing {k}" for k in missing[:8]] + reshaped[:8]
         more = len(missing) + len(reshaped) - len(lines)
-        raise ConfigError([f"train.init_from: {path} does not fit this model ({len(missing)} tensors missing, "
-                           f"{len(reshaped)} of another shape): " + "; ".join(lines)
-                           + (f"; and {more} more" if more > 0 else "")
-                           + ". Use a checkpoint of the same model shape (model and moe sections)."])
+        raise ConfigError(
+            [
+                f"train.init_from: {path} does not fit this model ({len(missing)} tensors missing, "
+                f"{len(reshaped)} of another shape): "
+                + "; ".join(lines)
+                + (f"; and {more} more" if more > 0 else "")
+                + ". Use a checkpoint of the same model shape (model and moe sections)."
+            ]
+        )
     with refusals_reported():
         loaded = dist_checkpointing.load(_drop_absent_extra_state(state, Path(path)), str(path))
     _load_model_state(model, loaded)
@@ -307,8 +316,12 @@ class CommonState:
     def to_dict(self) -> Dict[str, Any]:
         """The dict saved under ``common``, with its keys in the order earlier versions wrote them;
         provenance keys only where set."""
-        state = {"consumed_samples": self.consumed_samples, "skipped_steps": self.skipped_steps,
-                 "scheduler": self.scheduler, "callbacks": self.callbacks}
+        state = {
+            "consumed_samples": self.consumed_samples,
+            "skipped_steps": self.skipped_steps,
+            "scheduler": self.scheduler,
+            "callbacks": self.callbacks,
+        }
         for key in ("extracted_from", "imported_from"):
             if getattr(self, key) is not None:
                 state[key] = getattr(self, key)
@@ -319,10 +332,16 @@ class CommonState:
     def from_dict(cls, state: Dict[str, Any]) -> CommonState:
         """Read the ``common`` dict of a checkpoint, of this version or an earlier one (without
         ``skipped_steps`` or ``callbacks``); unknown keys are ignored."""
-        return cls(step=state["step"], consumed_samples=state.get("consumed_samples", 0),
-                   skipped_steps=state.get("skipped_steps", 0), scheduler=state.get("scheduler"),
-                   callbacks=state.get("callbacks") or {}, layout=state["layout"],
-                   extracted_from=state.get("extracted_from"), imported_from=state.get("imported_from"))
+        return cls(
+            step=state["step"],
+            consumed_samples=state.get("consumed_samples", 0),
+            skipped_steps=state.get("skipped_steps", 0),
+            scheduler=state.get("scheduler"),
+            callbacks=state.get("callbacks") or {},
+            layout=state["layout"],
+            extracted_from=state.get("extracted_from"),
+            imported_from=state.get("imported_from"),
+        )
 
 
 class CheckpointManager:
@@ -348,13 +367,19 @@ class CheckpointManager:
         if (path / "common.pt").is_file():
             return path
         candidates = list(self.root.glob("step_*")) + list(self.root.glob(f"{_OLD_PREFIX}step_*"))
-        complete = sorted((p for p in candidates if (p / "common.pt").is_file()),
-                          key=lambda p: p.name[len(_OLD_PREFIX):] if p.name.startswith(_OLD_PREFIX) else p.name)
+        complete = sorted(
+            (p for p in candidates if (p / "common.pt").is_file()),
+            key=lambda p: p.name[len(_OLD_PREFIX) :] if p.name.startswith(_OLD_PREFIX) else p.name,
+        )
         if not complete:
-            raise RuntimeError(f"{pointer} names {path.name}, which is not a complete checkpoint, and no other "
-                               f"complete step_* checkpoint is in {self.root}: remove 'latest' to start afresh")
-        warnings.warn(f"{pointer} names {path.name}, which is not a complete checkpoint; using the newest "
-                      f"complete one, {complete[-1].name}")
+            raise RuntimeError(
+                f"{pointer} names {path.name}, which is not a complete checkpoint, and no other "
+                f"complete step_* checkpoint is in {self.root}: remove 'latest' to start afresh"
+            )
+        warnings.warn(
+            f"{pointer} names {path.name}, which is not a complete checkpoint; using the newest "
+            f"complete one, {complete[-1].name}"
+        )
         return complete[-1]
 
     def latest_verified(self, log=warnings.warn) -> Optional[Path]:
@@ -364,20 +389,25 @@ class CheckpointManager:
         first = self.latest()
         if first is None:
             return None
-        older = sorted((p for p in self.root.glob("step_*") if (p / "common.pt").is_file() and p.name < first.name),
-                       reverse=True)
+        older = sorted(
+            (p for p in self.root.glob("step_*") if (p / "common.pt").is_file() and p.name < first.name), reverse=True
+        )
         damaged = []
         for path in [first, *older]:
             problem = verify_checkpoint(path)
             if problem is None:
                 if damaged:
-                    log(f"checkpoint {damaged[-1][0].name} is damaged ({damaged[-1][1]}); resuming from {path.name}, "
-                        "the newest checkpoint that verifies")
+                    log(
+                        f"checkpoint {damaged[-1][0].name} is damaged ({damaged[-1][1]}); resuming from {path.name}, "
+                        "the newest checkpoint that verifies"
+                    )
                 return path
             damaged.append((path, problem))
-        raise CheckpointError(f"no checkpoint in {self.root} verifies: "
-                              + "; ".join(f"{p.name}: {problem}" for p, problem in damaged)
-                              + ". Restore the files, or start afresh in a new run directory")
+        raise CheckpointError(
+            f"no checkpoint in {self.root} verifies: "
+            + "; ".join(f"{p.name}: {problem}" for p, problem in damaged)
+            + ". Restore the files, or start afresh in a new run directory"
+        )
 
     def _sharded_state(self, model, optimizer, is_loading: bool) -> Dict[str, Any]:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -386,8 +416,9 @@ class CheckpointManager:
         if optimizer is not None:  # the map from parameters to shards walks every chunk's dict
             state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading)
         rank, world = dist.get_rank(), dist.get_world_size()
-        state["rng"] = ShardedObject("rng_state", rng_state() if not is_loading else None,
-                                     (world,), (rank,), replica_id=0)
+        state["rng"] = ShardedObject(
+            "rng_state", rng_state() if not is_loading else None, (world,), (rank,), replica_id=0
+        )
         return state
 
     def save(self, step: int, model: List[torch.nn.Module], optimizer, common: CommonState) -> Path:
@@ -403,7 +434,7 @@ class CheckpointManager:
             for stale in self.root.glob(f"{_TMP_PREFIX}*"):
                 shutil.rmtree(stale, ignore_errors=True)
             for stale in self.root.glob(f"{_OLD_PREFIX}*"):  # a re-save interrupted by a crash
-                original = self.root / stale.name[len(_OLD_PREFIX):]
+                original = self.root / stale.name[len(_OLD_PREFIX) :]
                 if (original / "common.pt").is_file():  # its replacement is in place: drop the old one
                     shutil.rmtree(stale, ignore_errors=True)
                 else:  # it never was: put the old one back

@@ -55,8 +55,8 @@ def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, num_batches: int, sub=Non
     which equals the loss of the sub-model ``pretrain.extract`` writes for it."""
     from megatron.core import parallel_state
 
-    from megatron_ext.run.datasets import build_datasets
     from megatron_ext.parallel.state import comm_device
+    from megatron_ext.run.datasets import build_datasets
     from megatron_ext.training.step import eval_step, global_batch_iterator, run_forward_step
 
     model, _, _ = load_trained(cfg, run_dir, cuda=torch.cuda.is_available())
@@ -66,8 +66,15 @@ def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, num_batches: int, sub=Non
     _, valid = build_datasets(cfg)
     num_micro = t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
     forward_step = run_forward_step(cfg, comm_device())
-    losses = [eval_step(model, global_batch_iterator(valid, i * t.global_batch_size, cfg, len(model), comm_device()),
-                        num_microbatches=num_micro, seq_length=cfg.data.seq_length,
-                        micro_batch_size=t.micro_batch_size, forward_step_func=forward_step)
-              for i in range(num_batches)]
+    losses = [
+        eval_step(
+            model,
+            global_batch_iterator(valid, i * t.global_batch_size, cfg, len(model), comm_device()),
+            num_microbatches=num_micro,
+            seq_length=cfg.data.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_step_func=forward_step,
+        )
+        for i in range(num_batches)
+    ]
     return sum(losses) / len(losses)

@@ -63,8 +63,8 @@ def extract_submodel(run_dir: Path, output: Path, sub, step: Optional[int] = Non
     """Load ``run_dir``'s checkpoint (latest or ``step``), write the sub-model to ``output`` (its
     config.yaml, the files its capabilities need, and a step-0 checkpoint); returns the checkpoint."""
     from megatron_ext.config import dump_yaml
-    from megatron_ext.run.builder import build_model, unsharded
     from megatron_ext.run import load_config
+    from megatron_ext.run.builder import build_model, unsharded
     from megatron_ext.training.checkpoint import CheckpointManager, CommonState
     from megatron_ext.training.evaluate import load_trained
 
@@ -92,7 +92,14 @@ def extract_submodel(run_dir: Path, output: Path, sub, step: Optional[int] = Non
     small.load_state_dict(small_state, strict=True)
     if is_writer:
         dump_yaml(small_cfg, output / "config.yaml")
-    sub_common = CommonState(callbacks=states, extracted_from={
-        "run_dir": str(run_dir), "checkpoint": f"step_{common.step:08d}", "layers": list(sub.layers),
-        "experts": None if sub.experts is None else list(sub.experts), "top_k": sub.top_k})
+    sub_common = CommonState(
+        callbacks=states,
+        extracted_from={
+            "run_dir": str(run_dir),
+            "checkpoint": f"step_{common.step:08d}",
+            "layers": list(sub.layers),
+            "experts": None if sub.experts is None else list(sub.experts),
+            "top_k": sub.top_k,
+        },
+    )
     return CheckpointManager(output / "checkpoints", keep_last=1).save(0, [small], None, sub_common)

@@ -28,8 +28,17 @@ from megatron_ext.models.vocab import padded_vocab_size
 from megatron_ext.run import RunConfig
 from megatron_ext.run.hf import conflicts, is_hf_dir, read_hf_config, sections_from_hf
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 """Files of a HF directory that travel with the weights (into ``RUN_DIR/tokenizer/`` and back)."""
 TOKENIZER_DIR = "tokenizer"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -45,21 +54,33 @@ def model_rules(cfg: RunConfig) -> List[Rule]:
     heads = m.num_attention_heads
     groups, head_dim = m.num_query_groups or heads, m.kv_channels or m.hidden_size // heads
     padded = padded_vocab_size(m.vocab_size)
-    rules = [vocab("embedding.word_embeddings.weight", "model.embed_tokens.weight", m.vocab_size, padded),
-             same("decoder.final_layernorm.weight", "model.norm.weight")]
+    rules = [
+        vocab("embedding.word_embeddings.weight", "model.embed_tokens.weight", m.vocab_size, padded),
+        same("decoder.final_layernorm.weight", "model.norm.weight"),
+    ]
     if not m.tie_embeddings:
         rules.append(vocab("output_layer.weight", "lm_head.weight", m.vocab_size, padded))
     for i in range(m.num_layers):
         ours, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
-        rules += [same(f"{ours}input_layernorm.weight", f"{hf}input_layernorm.weight"),
-                  same(f"{ours}pre_mlp_layernorm.weight", f"{hf}post_attention_layernorm.weight"),
-                  qkv(f"{ours}self_attention.linear_qkv.weight", f"{hf}self_attn.q_proj.weight",
-                      f"{hf}self_attn.k_proj.weight", f"{hf}self_attn.v_proj.weight",
-                      heads=heads, groups=groups, head_dim=head_dim),
-                  same(f"{ours}self_attention.linear_proj.weight", f"{hf}self_attn.o_proj.weight")]
+        rules += [
+            same(f"{ours}input_layernorm.weight", f"{hf}input_layernorm.weight"),
+            same(f"{ours}pre_mlp_layernorm.weight", f"{hf}post_attention_layernorm.weight"),
+            qkv(
+                f"{ours}self_attention.linear_qkv.weight",
+                f"{hf}self_attn.q_proj.weight",
+                f"{hf}self_attn.k_proj.weight",
+                f"{hf}self_attn.v_proj.weight",
+                heads=heads,
+                groups=groups,
+                head_dim=head_dim,
+            ),
+            same(f"{ours}self_attention.linear_proj.weight", f"{hf}self_attn.o_proj.weight"),
+        ]
         if m.qk_layernorm:
-            rules += [same(f"{ours}self_attention.q_layernorm.weight", f"{hf}self_attn.q_norm.weight"),
-                      same(f"{ours}self_attention.k_layernorm.weight", f"{hf}self_attn.k_norm.weight")]
+            rules += [
+                same(f"{ours}self_attention.q_layernorm.weight", f"{hf}self_attn.q_norm.weight"),
+                same(f"{ours}self_attention.k_layernorm.weight", f"{hf}self_attn.k_norm.weight"),
+            ]
         owned = [r for c in cfg.capabilities if (r := c.hf_layer_rules(cfg, i)) is not None]
         rules += owned[0] if owned else swiglu_mlp(f"{ours}mlp.", f"{hf}mlp.", m.ffn_hidden_size)
     return rules
@@ -94,16 +115,19 @@ def from_hf_tensors(cfg: RunConfig, hf: Dict[str, torch.Tensor], state: Dict[str
     missing = sorted({n for r in rules for n in r.hf} - set(hf))
     extra = sorted(set(hf) - {n for r in rules for n in r.hf})
     if missing or extra:
-        raise ValueError(f"the HF weights do not fit the model: {len(missing)} missing ({missing[:4]}), "
-                         f"{len(extra)} unexpected ({extra[:4]})")
+        raise ValueError(
+            f"the HF weights do not fit the model: {len(missing)} missing ({missing[:4]}), "
+            f"{len(extra)} unexpected ({extra[:4]})"
+        )
     for rule in rules:
         tensor = rule.from_hf([hf[n] for n in rule.hf])
         if not rule.ours:
             continue
         target = ours[rule.ours]
         if tuple(tensor.shape) != tuple(target.shape):
-            raise ValueError(f"{rule.hf} -> {rule.ours}: shape {tuple(tensor.shape)}, "
-                             f"the model has {tuple(target.shape)}")
+            raise ValueError(
+                f"{rule.hf} -> {rule.ours}: shape {tuple(tensor.shape)}, the model has {tuple(target.shape)}"
+            )
         out[rule.ours] = tensor.to(target.dtype)
     return out
 
@@ -133,8 +157,11 @@ def load_hf_tensors(hf_dir: Path) -> Dict[str, torch.Tensor]:
 
     hf_dir = Path(hf_dir)
     index = hf_dir / WEIGHTS_INDEX
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
-        sorted(p.name for p in hf_dir.glob("*.safetensors"))
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.is_file()
+        else sorted(p.name for p in hf_dir.glob("*.safetensors"))
+    )
     tensors: Dict[str, torch.Tensor] = {}
     for name in files:
         tensors.update(load_file(str(hf_dir / name)))
@@ -163,8 +190,9 @@ def save_hf_tensors(tensors: Dict[str, torch.Tensor], output: Path, max_shard_by
         save_file(shard, str(output / file), metadata={"format": "pt"})
         weight_map.update({name: file for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (output / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                   indent=1))
+    (output / WEIGHTS_INDEX).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
 
 
 def _copy_files(source: Path, dest: Path, names) -> None:
@@ -184,8 +212,9 @@ def import_config(hf_dir: Path, output: Path, config_path: Optional[Path] = None
     problems: List[str] = []
     derived = sections_from_hf(read_hf_config(hf_dir), output, problems)
     if not problems:
-        problems = conflicts(derived, lambda s, f: (f in (base.get(s) or {}), (base.get(s) or {}).get(f)),
-                             str(config_path))
+        problems = conflicts(
+            derived, lambda s, f: (f in (base.get(s) or {}), (base.get(s) or {}).get(f)), str(config_path)
+        )
     if problems:
         raise ConfigError([f"{hf_dir}: {p}" for p in problems])
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
@@ -232,13 +261,41 @@ def convert_for_init(hf_dir: Path, run_dir: Path, cfg: RunConfig) -> Path:
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
         dump_yaml(cfg, target / "run_config.yaml")
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                            "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID") and not k.startswith("TORCHELASTIC_")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k
+            not in (
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+                "GROUP_RANK",
+                "ROLE_RANK",
+                "TORCHELASTIC_RUN_ID",
+            )
+            and not k.startswith("TORCHELASTIC_")
+        }
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU conversion, whatever the job runs on
-        done = subprocess.run([sys.executable, "-m", "pretrain.hf", "import", "--hf-dir", str(hf_dir),
-                               "--output", str(target / "run"), "--config", str(target / "run_config.yaml")],
-                              env=env, capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pretrain.hf",
+                "import",
+                "--hf-dir",
+                str(hf_dir),
+                "--output",
+                str(target / "run"),
+                "--config",
+                str(target / "run_config.yaml"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             error = f"converting {hf_dir} failed:\n{done.stderr[-3000:]}"
     box = [error]
@@ -265,8 +322,8 @@ def export_hf(run_dir: Path, output: Path, step: Optional[int] = None) -> Path:
     """Write ``output``: config.json, safetensors, the run's tokenizer files and, where no stock class
     represents the model, ``modeling_hybrid.py`` (load with ``trust_remote_code=True``). Needs a
     one-process parallel state."""
-    from megatron_ext.run.builder import params_dtype, unsharded
     from megatron_ext.run import load_config
+    from megatron_ext.run.builder import params_dtype, unsharded
     from megatron_ext.training.evaluate import load_trained
 
     run_dir, output = Path(run_dir), Path(output)

@@ -19,15 +19,15 @@ import torch.distributed as dist
 
 from megatron_ext.capability import Callback, TrainContext
 from megatron_ext.compat import enable_cpu_support
-from megatron_ext.run.datasets import build_datasets
-from megatron_ext.run.builder import build_model, params_dtype
 from megatron_ext.models.flops import ModelCost
 from megatron_ext.models.vocab import padded_vocab_size
 from megatron_ext.optim import build_optimizer
 from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, initialize_parallel_state
 from megatron_ext.parallel.state import comm_device, init_distributed, process_groups
 from megatron_ext.run import RunConfig, check_run, data_parallel_size
+from megatron_ext.run.builder import build_model, params_dtype
 from megatron_ext.run.checks import checkpoint_dir
+from megatron_ext.run.datasets import build_datasets
 from megatron_ext.run.hf import is_hf_dir
 from megatron_ext.training.capabilities import capability_callbacks, checked_metrics
 from megatron_ext.training.checkpoint import CheckpointManager, CommonState, load_model_weights
@@ -87,9 +87,16 @@ def optimizer_config(cfg: RunConfig, cuda: bool):
     t = cfg.train
     bf16 = params_dtype(cfg, cuda) == torch.bfloat16
     return OptimizerConfig(
-        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
-        clip_grad=t.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=cuda and data_parallel_size(cfg, dist.get_world_size()) > 1,
     )
 
@@ -132,8 +139,9 @@ class Trainer:
         init_distributed(cuda)
         p = cfg.parallel
         initialize_parallel_state(
-            ParallelSizes(tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert, etp=p.expert_tensor,
-                          vpp=p.virtual_pipeline),
+            ParallelSizes(
+                tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert, etp=p.expert_tensor, vpp=p.virtual_pipeline
+            ),
             seed=cfg.train.seed,
         )
         try:
@@ -157,13 +165,21 @@ class _TrainingRun:
         dist.barrier()
 
         opt_config = optimizer_config(cfg, cuda)
-        self.model = wrap_with_ddp(build_model(cfg, cuda=cuda), overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-                                   use_distributed_optimizer=opt_config.use_distributed_optimizer)
+        self.model = wrap_with_ddp(
+            build_model(cfg, cuda=cuda),
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            use_distributed_optimizer=opt_config.use_distributed_optimizer,
+        )
         self.optimizer = build_optimizer(opt_config, self.model)
         self.scheduler = _scheduler(cfg, self.optimizer)
         self.checkpoints = CheckpointManager(self.run_dir.checkpoints, cfg.checkpoint.keep_last)
-        self.ctx = TrainContext(config=cfg, model=self.model, optimizer=self.optimizer, run_dir=self.run_dir.path,
-                                pg_collection=process_groups())
+        self.ctx = TrainContext(
+            config=cfg,
+            model=self.model,
+            optimizer=self.optimizer,
+            run_dir=self.run_dir.path,
+            pg_collection=process_groups(),
+        )
         self.summary = TrainSummary(final_step=0, stopped_by_signal=False)
 
     def train(self) -> TrainSummary:
@@ -200,14 +216,19 @@ class _TrainingRun:
             self.scheduler.load_state_dict(common.scheduler)
         for cb in self.callbacks:
             cb.load_state_dict(common.callback_state(cb))
-        self.log_rank0(f"resumed from {path} at step {self.ctx.step}"
-                       + ("" if common.restored_rng else " (new layout: RNG streams restarted)"))
+        self.log_rank0(
+            f"resumed from {path} at step {self.ctx.step}"
+            + ("" if common.restored_rng else " (new layout: RNG streams restarted)")
+        )
 
     def load_initial_weights(self, init_from: str) -> None:
         """``train.init_from``: the weights alone, of a checkpoint of this project or of a HF model
         directory (converted once, into the run directory); training starts at step 0."""
-        source = (convert_for_init(Path(init_from), self.run_dir.path, self.cfg) if is_hf_dir(init_from)
-                  else checkpoint_dir(init_from))
+        source = (
+            convert_for_init(Path(init_from), self.run_dir.path, self.cfg)
+            if is_hf_dir(init_from)
+            else checkpoint_dir(init_from)
+        )
         load_model_weights(source, self.model)
         self.log_rank0(f"initialized the model weights from {source}; starting at step 0")
 
@@ -217,14 +238,16 @@ class _TrainingRun:
         from megatron.core import parallel_state
 
         cfg, t = self.cfg, self.cfg.train
-        self.num_microbatches = t.global_batch_size // (t.micro_batch_size
-                                                        * parallel_state.get_data_parallel_world_size())
+        self.num_microbatches = t.global_batch_size // (
+            t.micro_batch_size * parallel_state.get_data_parallel_world_size()
+        )
         self.train_data, self.valid_data = build_datasets(cfg)
         self.device = comm_device()  # the model's: this rank's GPU under NCCL
         self.forward_step = run_forward_step(cfg, self.device)
         self.ctx.evaluate = self.validation_loss if self.valid_data is not None else None
-        self.peak_flops, peak_source = peak_flops_per_rank(self.cuda, params_dtype(cfg, self.cuda),
-                                                           cfg.logging.peak_tflops_per_rank, comm_device=self.device)
+        self.peak_flops, peak_source = peak_flops_per_rank(
+            self.cuda, params_dtype(cfg, self.cuda), cfg.logging.peak_tflops_per_rank, comm_device=self.device
+        )
         self.log_rank0(f"mfu against {self.peak_flops / 1e12:.3g} TFLOP/s per rank ({peak_source})")
         self.vocab_rows = padded_vocab_size(cfg.model.vocab_size)
 
@@ -235,12 +258,20 @@ class _TrainingRun:
     def validation_loss(self) -> float:
         """Mean loss over the first ``train.eval_steps`` validation global batches (collective)."""
         t = self.cfg.train
-        return sum(
-            eval_step(self.model, self.micro_batches(self.valid_data, i * t.global_batch_size),
-                      num_microbatches=self.num_microbatches, seq_length=self.cfg.data.seq_length,
-                      micro_batch_size=t.micro_batch_size, forward_step_func=self.forward_step)
-            for i in range(t.eval_steps)
-        ) / t.eval_steps
+        return (
+            sum(
+                eval_step(
+                    self.model,
+                    self.micro_batches(self.valid_data, i * t.global_batch_size),
+                    num_microbatches=self.num_microbatches,
+                    seq_length=self.cfg.data.seq_length,
+                    micro_batch_size=t.micro_batch_size,
+                    forward_step_func=self.forward_step,
+                )
+                for i in range(t.eval_steps)
+            )
+            / t.eval_steps
+        )
 
     # The loop.
 
@@ -288,10 +319,15 @@ class _TrainingRun:
             cb.on_step_begin(self.ctx)
         step_start = time.perf_counter()
         result = train_step(
-            self.model, self.optimizer, self.micro_batches(self.train_data, self.ctx.consumed_samples),
-            num_microbatches=self.num_microbatches, seq_length=self.cfg.data.seq_length,
-            micro_batch_size=t.micro_batch_size, forward_step_func=self.forward_step,
-            opt_param_scheduler=self.scheduler, increment=1,
+            self.model,
+            self.optimizer,
+            self.micro_batches(self.train_data, self.ctx.consumed_samples),
+            num_microbatches=self.num_microbatches,
+            seq_length=self.cfg.data.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_step_func=self.forward_step,
+            opt_param_scheduler=self.scheduler,
+            increment=1,
         )
         self.ctx.step += 1
         self.ctx.consumed_samples += t.global_batch_size
@@ -350,8 +386,9 @@ class _TrainingRun:
             record["val/loss"] = self.validation_loss()
         if step % cfg.logging.log_interval == 0 or step == t.steps:
             record["mem/peak_gib"] = peak_memory_gib(self.cuda)  # collective: every rank logs
-            record["loss/interval_mean"] = (sum(self.interval_losses) / len(self.interval_losses)
-                                            if self.interval_losses else float("nan"))
+            record["loss/interval_mean"] = (
+                sum(self.interval_losses) / len(self.interval_losses) if self.interval_losses else float("nan")
+            )
             self.interval_losses.clear()
             self.run_dir.log(record)
             if self.rank0:

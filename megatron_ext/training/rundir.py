@@ -71,8 +71,9 @@ class RunDirectory:
                 if key == "step":
                     continue
                 # A list-valued metric (one value per layer or unit) is one scalar per element.
-                values = ({f"{key}/{i}": v for i, v in enumerate(value)} if isinstance(value, (list, tuple))
-                          else {key: value})
+                values = (
+                    {f"{key}/{i}": v for i, v in enumerate(value)} if isinstance(value, (list, tuple)) else {key: value}
+                )
                 for name, v in values.items():
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                         self._tensorboard.add_scalar(name, v, step)
@@ -86,4 +87,3 @@ class RunDirectory:
 def read_metrics(path: Path) -> list:
     """All records of a metrics.jsonl file."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-

@@ -28,8 +28,12 @@ from megatron_ext.parallel.state import comm_device
 from megatron_ext.training.capabilities import batch_hooks
 
 
-def masked_mean_loss(batch: Dict[str, torch.Tensor], output_tensor: torch.Tensor,
-                     loss_weights: Optional[torch.Tensor] = None, cp_group: Optional[dist.ProcessGroup] = None):
+def masked_mean_loss(
+    batch: Dict[str, torch.Tensor],
+    output_tensor: torch.Tensor,
+    loss_weights: Optional[torch.Tensor] = None,
+    cp_group: Optional[dist.ProcessGroup] = None,
+):
     """Loss function for Megatron's schedule: masked mean of per-token losses ``[b, s]``.
 
     ``loss_weights[m]`` scales the loss of tokens whose target is of modality m (default 1).
@@ -59,8 +63,12 @@ def masked_mean_loss(batch: Dict[str, torch.Tensor], output_tensor: torch.Tensor
     return loss, {"lm loss": reported.clone(), "modality loss": per_modality}
 
 
-def gpt_forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model,
-                     loss_weights: Optional[torch.Tensor] = None, batch_hooks: Sequence[Callable] = ()):
+def gpt_forward_step(
+    data_iterator: Iterator[Dict[str, torch.Tensor]],
+    model,
+    loss_weights: Optional[torch.Tensor] = None,
+    batch_hooks: Sequence[Callable] = (),
+):
     """Forward step for ``GPTModel``: returns per-token losses and the loss function to apply.
 
     Each of ``batch_hooks`` (the enabled capabilities', :func:`~megatron_ext.training.capabilities.batch_hooks`)
@@ -76,8 +84,11 @@ def gpt_forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model,
     for hook in batch_hooks:
         hook(model, batch)
     output = model(  # loss_mask: what multi-token prediction's losses average over (unused without it)
-        batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"],
-        loss_mask=batch["loss_mask"]
+        batch["tokens"],
+        batch["position_ids"],
+        attention_mask=None,
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
     )
     return output, partial(masked_mean_loss, batch, loss_weights=loss_weights, cp_group=cp_group)
 
@@ -86,8 +97,9 @@ def run_forward_step(cfg, device: torch.device) -> Callable:
     """The forward step of a run: :func:`gpt_forward_step` with the data section's per-modality loss
     weights and the enabled capabilities' batch hooks."""
     weights = cfg.data.loss_weights
-    loss_weights = None if weights is None else torch.tensor([weights.get(name, 1.0) for name in MODALITIES],
-                                                             device=device)
+    loss_weights = (
+        None if weights is None else torch.tensor([weights.get(name, 1.0) for name in MODALITIES], device=device)
+    )
     return partial(gpt_forward_step, loss_weights=loss_weights, batch_hooks=batch_hooks(cfg))
 
 
@@ -97,9 +109,17 @@ def global_batch_iterator(dataset, consumed_samples: int, cfg, num_chunks: int, 
     from megatron.core import parallel_state
 
     t = cfg.train
-    batches = list(step_micro_batches(dataset, consumed_samples, t.global_batch_size, t.micro_batch_size,
-                                      parallel_state.get_data_parallel_rank(),
-                                      parallel_state.get_data_parallel_world_size(), device=device))
+    batches = list(
+        step_micro_batches(
+            dataset,
+            consumed_samples,
+            t.global_batch_size,
+            t.micro_batch_size,
+            parallel_state.get_data_parallel_rank(),
+            parallel_state.get_data_parallel_world_size(),
+            device=device,
+        )
+    )
     return [iter(batches) for _ in range(num_chunks)] if num_chunks > 1 else iter(batches)
 
 
@@ -142,8 +162,9 @@ def _reduce_step_losses(losses_reduced: List[dict]) -> Dict[str, float]:
     return result
 
 
-def _run_schedule(model, data_iterator, forward_step_func, num_microbatches, seq_length, micro_batch_size,
-                  forward_only: bool) -> List[dict]:
+def _run_schedule(
+    model, data_iterator, forward_step_func, num_microbatches, seq_length, micro_batch_size, forward_only: bool
+) -> List[dict]:
     """Megatron's forward/backward schedule for the current parallel layout (1F1B, interleaved, ...)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -174,15 +195,17 @@ def train_step(
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses_reduced = _run_schedule(model, data_iterator, forward_step_func, num_microbatches, seq_length,
-                                   micro_batch_size, forward_only=False)
+    losses_reduced = _run_schedule(
+        model, data_iterator, forward_step_func, num_microbatches, seq_length, micro_batch_size, forward_only=False
+    )
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful and opt_param_scheduler is not None:
         opt_param_scheduler.step(increment=increment)
     losses = _reduce_step_losses(losses_reduced)
     loss = losses.pop("loss")
-    return StepResult(loss=loss, modality_losses=losses, grad_norm=float(grad_norm),
-                      update_successful=update_successful)
+    return StepResult(
+        loss=loss, modality_losses=losses, grad_norm=float(grad_norm), update_successful=update_successful
+    )
 
 
 @torch.no_grad()
@@ -199,8 +222,9 @@ def eval_step(
     for chunk in model:
         chunk.eval()
     try:
-        losses_reduced = _run_schedule(model, data_iterator, forward_step_func, num_microbatches, seq_length,
-                                       micro_batch_size, forward_only=True)
+        losses_reduced = _run_schedule(
+            model, data_iterator, forward_step_func, num_microbatches, seq_length, micro_batch_size, forward_only=True
+        )
     finally:
         for chunk in model:
             chunk.train()

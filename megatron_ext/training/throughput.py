@@ -51,7 +51,7 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int, sec
     """Best FLOP/s of ``size x size`` matmuls on ``device`` over about ``seconds``."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    flops = 2.0 * size ** 3
+    flops = 2.0 * size**3
     torch.matmul(a, b)  # warm-up: thread pool, kernel selection
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline or best == 0.0:
@@ -66,8 +66,9 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int, sec
     return best
 
 
-def peak_flops_per_rank(cuda: bool, dtype: torch.dtype, override_tflops: Optional[float] = None,
-                        comm_device: Optional[torch.device] = None) -> Tuple[float, str]:
+def peak_flops_per_rank(
+    cuda: bool, dtype: torch.dtype, override_tflops: Optional[float] = None, comm_device: Optional[torch.device] = None
+) -> Tuple[float, str]:
     """``(FLOP/s, how it was obtained)`` of one rank; a collective when it measures (every rank runs
     the matmul together, the mean is taken, so every rank reports the same peak)."""
     if override_tflops is not None:
@@ -82,8 +83,7 @@ def peak_flops_per_rank(cuda: bool, dtype: torch.dtype, override_tflops: Optiona
         device, size, source = torch.device("cpu"), 1024, "measured fp32 matmul on CPU"
     if dist.is_initialized():
         dist.barrier()
-    value = torch.tensor([measure_matmul_peak(device, dtype, size)], dtype=torch.float64,
-                         device=comm_device or device)
+    value = torch.tensor([measure_matmul_peak(device, dtype, size)], dtype=torch.float64, device=comm_device or device)
     if dist.is_initialized():
         dist.all_reduce(value)
         value /= dist.get_world_size()

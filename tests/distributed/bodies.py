@@ -156,8 +156,10 @@ def train_losses(steps, num_microbatches, weights, num_layers=2, num_experts=Non
         losses.append(result.loss)
         norms.append(result.grad_norm)
     no_decay = sorted(
-        name for name, p in model[0].module.named_parameters()
-        for g in optimizer.param_groups if any(p is q for q in g["params"]) and g["weight_decay"] == 0.0
+        name
+        for name, p in model[0].module.named_parameters()
+        for g in optimizer.param_groups
+        if any(p is q for q in g["params"]) and g["weight_decay"] == 0.0
     )
     return {"losses": losses, "grad_norms": norms, "weights": full_named_tensors(model[0]), "no_decay": no_decay}
 

@@ -8,11 +8,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext.config import from_dict
 from megatron_ext.consa.attention import HybridCoreAttention
-from megatron_ext.run.builder import build_model
 from megatron_ext.models.context_attention import context_parallel_attention
 from megatron_ext.parallel import full_named_tensors, load_full_named_tensors, main_grad_or_grad
 from megatron_ext.parallel.context import ContextParallel
 from megatron_ext.run import RunConfig
+from megatron_ext.run.builder import build_model
 from megatron_ext.sgt.looped_layer import LoopedTransformerLayer
 from megatron_ext.testing.callbacks import StartFrom
 from megatron_ext.training.ddp import wrap_with_ddp
@@ -22,9 +22,15 @@ from megatron_ext.training.step import gpt_forward_step
 from tests.configs import TINY, merge
 
 VOCAB = 128
-CONFIG = merge(TINY, {"model": {"vocab_size": VOCAB, "qk_layernorm": True}, "data": {"seq_length": 32},
-                      "train": {"steps": 4, "warmup_steps": 1, "lr": 1.0e-2, "adam_eps": 1.0e-5},
-                      "checkpoint": {"save_at_end": False}})
+CONFIG = merge(
+    TINY,
+    {
+        "model": {"vocab_size": VOCAB, "qk_layernorm": True},
+        "data": {"seq_length": 32},
+        "train": {"steps": 4, "warmup_steps": 1, "lr": 1.0e-2, "adam_eps": 1.0e-5},
+        "checkpoint": {"save_at_end": False},
+    },
+)
 
 
 def zigzag(x: torch.Tensor, dim: int, size: int, rank: int) -> torch.Tensor:
@@ -57,9 +63,14 @@ def make_batch(index, micro_batch=2, seq=32):
     loss_mask = torch.ones(micro_batch, seq)
     loss_mask[0, : seq // 3] = 0.0  # unequal token counts on the CP ranks: the loss must weigh them right
     zeros = torch.zeros(micro_batch, seq, dtype=torch.long)
-    return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(), "loss_mask": loss_mask,
-            "position_ids": torch.arange(seq).expand(micro_batch, seq).contiguous(), "modality_ids": zeros,
-            "label_modality_ids": zeros.clone()}
+    return {
+        "tokens": tokens[:, :-1].contiguous(),
+        "labels": tokens[:, 1:].contiguous(),
+        "loss_mask": loss_mask,
+        "position_ids": torch.arange(seq).expand(micro_batch, seq).contiguous(),
+        "modality_ids": zeros,
+        "label_modality_ids": zeros.clone(),
+    }
 
 
 def set_structure(model, structure: dict) -> None:
@@ -94,25 +105,35 @@ def model_gradients(sections, weights, structure, num_microbatches=2, entropy=Fa
     if entropy:
         for module in chunks[0].modules():
             if isinstance(module, LoopedTransformerLayer):
-                module.set_entropy_sink(lambda first, last, layer=module.layer_index:
-                                        observed.setdefault(layer, []).append(first))
+                module.set_entropy_sink(
+                    lambda first, last, layer=module.layer_index: observed.setdefault(layer, []).append(first)
+                )
     model = wrap_with_ddp(chunks)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     indices = range(dp_rank * num_microbatches, (dp_rank + 1) * num_microbatches)
     losses = get_forward_backward_func()(
-        forward_step_func=gpt_forward_step, data_iterator=iter([make_batch(i) for i in indices]), model=model,
-        num_microbatches=num_microbatches, seq_length=cfg.data.seq_length, micro_batch_size=2, forward_only=False)
+        forward_step_func=gpt_forward_step,
+        data_iterator=iter([make_batch(i) for i in indices]),
+        model=model,
+        num_microbatches=num_microbatches,
+        seq_length=cfg.data.seq_length,
+        micro_batch_size=2,
+        forward_only=False,
+    )
     loss = torch.stack([d["lm loss"] for d in losses]).mean() if losses else torch.tensor(float("nan"))
-    return {"loss": loss, "grads": full_named_tensors(model[0], main_grad_or_grad),
-            "entropy": {layer: torch.stack(values) for layer, values in observed.items()}, "dp_size": dp_size,
-            "tp_rank": parallel_state.get_tensor_model_parallel_rank()}
+    return {
+        "loss": loss,
+        "grads": full_named_tensors(model[0], main_grad_or_grad),
+        "entropy": {layer: torch.stack(values) for layer, values in observed.items()},
+        "dp_size": dp_size,
+        "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+    }
 
 
 def train_metrics(run_dir, sections, weights):
     """The training loop's metrics records, from ``weights``."""
     Trainer(run_config(sections), Path(run_dir), [StartFrom(weights)], log=lambda line: None).run()
     return read_metrics(Path(run_dir) / "metrics.jsonl")
-
 
 
 def train_and_evaluate_config(run_dir, sections, context):

@@ -9,10 +9,10 @@ import torch
 
 from megatron_ext.config import from_dict
 from megatron_ext.models.attention import SDPACoreAttention
-from megatron_ext.run.builder import build_model
 from megatron_ext.optim import build_optimizer
 from megatron_ext.parallel import full_named_tensors
 from megatron_ext.run import RunConfig
+from megatron_ext.run.builder import build_model
 from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.training import checkpoint
 from megatron_ext.training.ddp import wrap_with_ddp
@@ -74,7 +74,8 @@ def save_then_load_with_extra_states(root, drop: str, saved_extra_state: str = "
 
 def test_extra_states_the_checkpoint_lacks_start_afresh_and_every_weight_loads(tmp_path):
     weights_only, extra, resumed_equal, resumed_extra = run_distributed(
-        save_then_load_with_extra_states, 1, root=str(tmp_path), drop="")[0]
+        save_then_load_with_extra_states, 1, root=str(tmp_path), drop=""
+    )[0]
     assert weights_only and all(weights_only.values()), weights_only
     assert extra == resumed_extra == ["fresh", "fresh"]  # one per layer, untouched
     assert resumed_equal
@@ -82,7 +83,8 @@ def test_extra_states_the_checkpoint_lacks_start_afresh_and_every_weight_loads(t
 
 def test_extra_states_the_checkpoint_has_are_restored(tmp_path):
     weights_only, extra, resumed_equal, resumed_extra = run_distributed(
-        save_then_load_with_extra_states, 1, root=str(tmp_path), drop="", saved_extra_state="trained")[0]
+        save_then_load_with_extra_states, 1, root=str(tmp_path), drop="", saved_extra_state="trained"
+    )[0]
     assert all(weights_only.values()) and resumed_equal
     assert extra == resumed_extra == ["trained", "trained"]
 

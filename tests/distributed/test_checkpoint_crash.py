@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from megatron_ext.config import from_dict
-from megatron_ext.run import RunConfig
-from megatron_ext.run.builder import build_model
 from megatron_ext.optim import build_optimizer
 from megatron_ext.parallel import full_named_tensors
+from megatron_ext.run import RunConfig
+from megatron_ext.run.builder import build_model
 from megatron_ext.testing.distributed import DistributedTaskError, run_distributed
 from megatron_ext.training import checkpoint
 from megatron_ext.training.ddp import wrap_with_ddp
@@ -71,8 +71,12 @@ def load_latest_and_save_again(root):
     common = manager.load(latest, model, optimizer, load_optimizer=True)
     loaded = full_named_tensors(model[0])
     manager.save(3, model, optimizer, common)
-    return {"latest": latest.name, "consumed": common.consumed_samples, "weights": loaded,
-            "after": sorted(p.name for p in Path(root).iterdir())}
+    return {
+        "latest": latest.name,
+        "consumed": common.consumed_samples,
+        "weights": loaded,
+        "after": sorted(p.name for p in Path(root).iterdir()),
+    }
 
 
 @pytest.mark.parametrize("crash_point", ["write", "publish", "resave"])

@@ -16,9 +16,15 @@ from megatron_ext.run import RunConfig
 from megatron_ext.testing.distributed import run_distributed
 from tests.configs import TINY, merge
 
-CONFIG = merge(TINY, {"model": {"num_query_groups": None}, "data": {"kind": "synthetic"},
-                      "train": {"global_batch_size": 2, "steps": 6, "warmup_steps": 1, "eval_interval": 0},
-                      "checkpoint": {"save_interval": 2, "keep_last": 3, "save_at_end": True}})
+CONFIG = merge(
+    TINY,
+    {
+        "model": {"num_query_groups": None},
+        "data": {"kind": "synthetic"},
+        "train": {"global_batch_size": 2, "steps": 6, "warmup_steps": 1, "eval_interval": 0},
+        "checkpoint": {"save_interval": 2, "keep_last": 3, "save_at_end": True},
+    },
+)
 
 
 class Payload:
@@ -78,9 +84,19 @@ def crafted_dataset_cache(run_dir, cache, marker):
     from megatron_ext.compat.safe_load import UntrustedFileError
     from megatron_ext.run.datasets import build_datasets
 
-    cfg = from_dict(RunConfig, {**CONFIG, "model": {**CONFIG["model"], "vocab_size": 384},
-                                "data": {"kind": "indexed", "paths": [str(Path(cache) / "corpus")],
-                                                 "seq_length": 16, "cache_dir": str(Path(cache) / "index")}})
+    cfg = from_dict(
+        RunConfig,
+        {
+            **CONFIG,
+            "model": {**CONFIG["model"], "vocab_size": 384},
+            "data": {
+                "kind": "indexed",
+                "paths": [str(Path(cache) / "corpus")],
+                "seq_length": 16,
+                "cache_dir": str(Path(cache) / "index"),
+            },
+        },
+    )
     build_datasets(cfg)
     index = sorted((Path(cache) / "index").rglob("*.npy"))
     assert index, "Megatron wrote no index cache"
@@ -97,8 +113,7 @@ def test_a_crafted_file_is_refused_and_runs_nothing(path, tmp_path):
         message = run_distributed(crafted_metadata, 1, None, run_dir=str(tmp_path / "run"), marker=str(marker))[0]
         assert "refers to posix.system" in message and "refusing to load" in message, message
     elif path == "sharded_object":
-        message = run_distributed(crafted_sharded_object, 1, None, run_dir=str(tmp_path / "run"),
-                                  marker=str(marker))[0]
+        message = run_distributed(crafted_sharded_object, 1, None, run_dir=str(tmp_path / "run"), marker=str(marker))[0]
         assert "rng_state" in message and "not plain data" in message, message
     else:
         from megatron_ext.data.preprocess import preprocess
@@ -106,8 +121,14 @@ def test_a_crafted_file_is_refused_and_runs_nothing(path, tmp_path):
         docs = tmp_path / "docs.jsonl"
         docs.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(40)))
         preprocess([str(docs)], str(tmp_path / "cache" / "corpus"), "bytes", {}, 1, "text")
-        message = run_distributed(crafted_dataset_cache, 1, None, run_dir=str(tmp_path / "run"),
-                                  cache=str(tmp_path / "cache"), marker=str(marker))[0]
+        message = run_distributed(
+            crafted_dataset_cache,
+            1,
+            None,
+            run_dir=str(tmp_path / "run"),
+            cache=str(tmp_path / "cache"),
+            marker=str(marker),
+        )[0]
         assert "pickled objects" in message and "refusing" in message, message
     print(f"[safety] {path}: {message}")
     assert not marker.exists(), "the crafted file ran its code"

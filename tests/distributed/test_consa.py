@@ -8,28 +8,41 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_ext.capability import Callback
 from megatron_ext.config import from_dict
-from megatron_ext.run import RunConfig
 from megatron_ext.consa.attention import HybridCoreAttention
 from megatron_ext.models.kernels import causal_attention, sliding_window_attention_reference
-from megatron_ext.run.builder import build_model
 from megatron_ext.parallel import ParallelSizes, destroy_parallel_state, full_named_tensors, initialize_parallel_state
-from megatron_ext.testing.distributed import run_distributed
+from megatron_ext.run import RunConfig
+from megatron_ext.run.builder import build_model
 from megatron_ext.testing.callbacks import PreemptAfter, StartFrom
-from megatron_ext.capability import Callback
+from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
 
 BASE = {
-    "model": {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 8, "num_query_groups": 4,
-              "ffn_hidden_size": 64, "vocab_size": 128},
+    "model": {
+        "num_layers": 4,
+        "hidden_size": 64,
+        "num_attention_heads": 8,
+        "num_query_groups": 4,
+        "ffn_hidden_size": 64,
+        "vocab_size": 128,
+    },
     "data": {"seq_length": 32},
     "train": {"micro_batch_size": 2, "global_batch_size": 4, "steps": 6, "lr": 3.0e-3, "adam_eps": 1.0e-5},
     "checkpoint": {"save_at_end": False},
     "logging": {"tensorboard": False},
-    "hybrid_attention": {"enabled": True, "method": "consa", "granularity": "kv_head", "window": 8,
-                         "target": 0.5, "constraint": "per_layer", "mask_learning_steps": 100,
-                         "gate_lr": 0.1},
+    "hybrid_attention": {
+        "enabled": True,
+        "method": "consa",
+        "granularity": "kv_head",
+        "window": 8,
+        "target": 0.5,
+        "constraint": "per_layer",
+        "mask_learning_steps": 100,
+        "gate_lr": 0.1,
+    },
 }
 
 
@@ -61,6 +74,7 @@ class RecordGates(Callback):
             if training:
                 self.used.append((gate.layer, z.detach().clone()))
             return z
+
         return use
 
 
@@ -70,8 +84,11 @@ def initial_weights():
 
 def train(run_dir, sections, weights=None, preempt_after=None):
     recorder = RecordGates()
-    callbacks = ([StartFrom(weights)] if weights is not None else []) + (
-        [PreemptAfter(preempt_after)] if preempt_after else []) + [recorder]
+    callbacks = (
+        ([StartFrom(weights)] if weights is not None else [])
+        + ([PreemptAfter(preempt_after)] if preempt_after else [])
+        + [recorder]
+    )
     trainer = Trainer(config(**sections), Path(run_dir), callbacks, log=lambda line: None)
     trainer.run()
     consa = trainer.callbacks[0]
@@ -92,8 +109,10 @@ def weights():
 # Gates started half open: from the default init (log_alpha 5) every sample is clamped to z = 1,
 # whose LM gradient is exactly zero, and a parity test of zeros would prove nothing.
 ONE_STEP = {"train": {"steps": 1}, "hybrid_attention": {"hard_concrete": {"init_mean": 0.0}}}
-GRANULARITY = {"kv_head": {"granularity": "kv_head", "constraint": "per_layer"},
-               "layer": {"granularity": "layer", "constraint": "global"}}
+GRANULARITY = {
+    "kv_head": {"granularity": "kv_head", "constraint": "per_layer"},
+    "layer": {"granularity": "layer", "constraint": "global"},
+}
 
 
 def _sections(granularity, layout=None):
@@ -106,8 +125,12 @@ def _sections(granularity, layout=None):
 
 @pytest.fixture(scope="module")
 def single_rank(tmp_path_factory, weights):
-    return {g: run_distributed(train, 1, None, run_dir=str(tmp_path_factory.mktemp(f"ref-{g}")),
-                               sections=_sections(g), weights=weights)[0] for g in GRANULARITY}
+    return {
+        g: run_distributed(
+            train, 1, None, run_dir=str(tmp_path_factory.mktemp(f"ref-{g}")), sections=_sections(g), weights=weights
+        )[0]
+        for g in GRANULARITY
+    }
 
 
 @pytest.mark.parametrize("granularity", list(GRANULARITY))
@@ -116,8 +139,9 @@ def test_sampled_gates_are_rank_consistent_and_match_single_rank(tmp_path, layou
     """Every rank of a forward samples the same z (noise seeded by (seed, step, layer)), so at TP=2 and
     PP=2 the step's loss, the z of each layer and the gate gradient (LM part, reduced over TP / PP / DP)
     equal one rank's."""
-    results = run_distributed(train, 2, None, run_dir=str(tmp_path), sections=_sections(granularity, layout),
-                              weights=weights)
+    results = run_distributed(
+        train, 2, None, run_dir=str(tmp_path), sections=_sections(granularity, layout), weights=weights
+    )
     ref = single_rank[granularity]
     ref_z = {layer: z for layer, z in ref["gates_used"]}
     for rank, result in enumerate(results):
@@ -125,15 +149,18 @@ def test_sampled_gates_are_rank_consistent_and_match_single_rank(tmp_path, layou
         for layer, z in result["gates_used"]:
             assert torch.equal(z, ref_z[layer]), f"rank {rank} layer {layer}: z {z} vs one rank's {ref_z[layer]}"
     if "tensor" in layout:  # both TP ranks run every layer, with the same z
-        assert [(l, z.tolist()) for l, z in results[0]["gates_used"]] == [
-            (l, z.tolist()) for l, z in results[1]["gates_used"]]
+        assert [(layer, z.tolist()) for layer, z in results[0]["gates_used"]] == [
+            (layer, z.tolist()) for layer, z in results[1]["gates_used"]
+        ]
     a, b = results[0]["metrics"][0], ref["metrics"][0]
     assert abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"], (a, b)
     grad, ref_grad = results[0]["gate_grad"], ref["gate_grad"]
     scale = float(ref_grad.abs().max())
     diff = float((grad - ref_grad).abs().max())
-    print(f"[consa] {granularity} {layout}: z equal on every rank; gate grad max |diff| {diff:.2e} of "
-          f"max |grad| {scale:.2e}")
+    print(
+        f"[consa] {granularity} {layout}: z equal on every rank; gate grad max |diff| {diff:.2e} of "
+        f"max |grad| {scale:.2e}"
+    )
     assert scale > 0 and diff <= 1e-5 * scale
 
 
@@ -153,9 +180,10 @@ def static_layer_outputs(full_heads):
     qt, kt, vt = (x.permute(1, 2, 0, 3) for x in (q, k, v))
     for h in range(nq):
         kv = h // (nq // nkv)
-        args = (qt[:, h:h + 1], kt[:, kv:kv + 1], vt[:, kv:kv + 1])
-        ref_heads.append(causal_attention(*args) if full_heads[kv] else
-                         sliding_window_attention_reference(*args, window=8))
+        args = (qt[:, h : h + 1], kt[:, kv : kv + 1], vt[:, kv : kv + 1])
+        ref_heads.append(
+            causal_attention(*args) if full_heads[kv] else sliding_window_attention_reference(*args, window=8)
+        )
     ref = torch.cat(ref_heads, dim=1).permute(2, 0, 1, 3).reshape(s, b, nq * hn)
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
     return out.detach(), ref.detach(), grads, ref_grads
@@ -186,8 +214,10 @@ def gated_layer_outputs():
     qt, kt, vt = (x.permute(1, 2, 0, 3) for x in (q, k, v))
     for h in range(nq):
         kv = h // (nq // nkv)
-        args = (qt[:, h:h + 1], kt[:, kv:kv + 1], vt[:, kv:kv + 1])
-        ref_heads.append(z[kv] * causal_attention(*args) + (1 - z[kv]) * sliding_window_attention_reference(*args, window=8))
+        args = (qt[:, h : h + 1], kt[:, kv : kv + 1], vt[:, kv : kv + 1])
+        ref_heads.append(
+            z[kv] * causal_attention(*args) + (1 - z[kv]) * sliding_window_attention_reference(*args, window=8)
+        )
     ref = torch.cat(ref_heads, dim=1).permute(2, 0, 1, 3).reshape(s, b, nq * hn)
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v, z))
     return out.detach(), ref.detach(), grads, ref_grads
@@ -202,16 +232,25 @@ def test_gated_layer_matches_the_mixture_of_both_references():
 
 @pytest.mark.parametrize("constraint", ["per_layer", "global"])
 def test_controller_reaches_target_then_static_hybrid_trains(tmp_path, constraint):
-    sections = {"train": {"steps": 170, "lr": 1.0e-3}, "logging": {"log_interval": 10},
-                "hybrid_attention": {"constraint": constraint, "mask_learning_steps": 150,
-                                     "target_warmup_steps": 40, "target": 0.5}}
+    sections = {
+        "train": {"steps": 170, "lr": 1.0e-3},
+        "logging": {"log_interval": 10},
+        "hybrid_attention": {
+            "constraint": constraint,
+            "mask_learning_steps": 150,
+            "target_warmup_steps": 40,
+            "target": 0.5,
+        },
+    }
     result = run_distributed(train, 1, None, run_dir=str(tmp_path), sections=sections)[0]
     learning = [r for r in result["metrics"] if "consa/constraint_loss" in r]
     for r in learning[::3]:
-        print(f"[consa {constraint}] step {r['step']:4d} rho_hat {r['consa/expected_swa_fraction']} "
-              f"constraint {r['consa/constraint_loss']:+.4f}")
+        print(
+            f"[consa {constraint}] step {r['step']:4d} rho_hat {r['consa/expected_swa_fraction']} "
+            f"constraint {r['consa/constraint_loss']:+.4f}"
+        )
     final = learning[-1]["consa/expected_swa_fraction"]
-    for value in (final if isinstance(final, list) else [final]):
+    for value in final if isinstance(final, list) else [final]:
         assert abs(value - 0.5) <= 0.02, final
     allocation = result["allocation"]
     assert allocation.shape == (4, 4)
@@ -227,8 +266,11 @@ def test_controller_reaches_target_then_static_hybrid_trains(tmp_path, constrain
 
 
 def test_resume_in_stage_one_restores_gates_and_lambdas_exactly(tmp_path):
-    sections = {"train": {"steps": 8}, "checkpoint": {"save_at_end": True},
-                "hybrid_attention": {"mask_learning_steps": 20, "target_warmup_steps": 4}}
+    sections = {
+        "train": {"steps": 8},
+        "checkpoint": {"save_at_end": True},
+        "hybrid_attention": {"mask_learning_steps": 20, "target_warmup_steps": 4},
+    }
     straight = run_distributed(train, 1, None, run_dir=str(tmp_path / "a"), sections=sections)[0]
     run_distributed(train, 1, None, run_dir=str(tmp_path / "b"), sections=sections, preempt_after=4)
     resumed = run_distributed(train, 1, None, run_dir=str(tmp_path / "b"), sections=sections)[0]
@@ -243,10 +285,19 @@ def loza_run(run_dir, weights):
     from megatron_ext.run.checks import checkpoint_dir
     from megatron_ext.training.checkpoint import load_model_weights
 
-    sections = {"hybrid_attention": {"method": "loza", "granularity": "layer", "constraint": "global",
-                                     "sink_tokens": 4, "mask_learning_steps": 5, "target": 0.5,
-                                     "hard_concrete": {"init_mean": 0.0}},
-                "train": {"steps": 8}, "checkpoint": {"save_interval": 5, "keep_last": 3}}
+    sections = {
+        "hybrid_attention": {
+            "method": "loza",
+            "granularity": "layer",
+            "constraint": "global",
+            "sink_tokens": 4,
+            "mask_learning_steps": 5,
+            "target": 0.5,
+            "hard_concrete": {"init_mean": 0.0},
+        },
+        "train": {"steps": 8},
+        "checkpoint": {"save_interval": 5, "keep_last": 3},
+    }
     result = train(run_dir, sections, weights=weights)
     initialize_parallel_state(ParallelSizes())  # the trainer tore its own down
     try:

@@ -17,13 +17,13 @@ from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
 from tests.distributed.test_consa_planted import (
     FA_UNITS,
-    LAYERS,
     KV_HEADS,
+    LAYERS,
     PLANTED,
     WINDOW,
-    _config,
     _check_learned_is_best,
     _check_window_cost_shows_the_copy,
+    _config,
     allocation_of,
 )
 
@@ -34,26 +34,60 @@ TARGET = 1 - FA_UNITS / (LAYERS * KV_HEADS)
 def pretrain_planted_moe(run_dir):
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_allocation(run_dir / "planted.json", allocation_of(PLANTED), granularity="kv_head", window=WINDOW,
-                     target=TARGET, method="planted")
-    cfg = _config({**MOE, "hybrid_attention": {"enabled": True, "method": "static", "window": WINDOW,
-                                               "allocation": str(run_dir / "planted.json")}}, 1)
+    write_allocation(
+        run_dir / "planted.json",
+        allocation_of(PLANTED),
+        granularity="kv_head",
+        window=WINDOW,
+        target=TARGET,
+        method="planted",
+    )
+    cfg = _config(
+        {
+            **MOE,
+            "hybrid_attention": {
+                "enabled": True,
+                "method": "static",
+                "window": WINDOW,
+                "allocation": str(run_dir / "planted.json"),
+            },
+        },
+        1,
+    )
     Trainer(cfg, run_dir, log=lambda line: None).run()
     return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
 
 
 def learn_mask_composed(run_dir, init_from):
-    cfg = _config({
-        **MOE,
-        "parallel": {"tensor": 2, "sequence_parallel": True, "expert": 2, "expert_tensor": 1},
-        "routing": {"expert_bias": True, "bias_update_rate": 1.0e-3},
-        "elastic": {"enabled": True},
-        "looping": {"enabled": True, "method": "sgt", "first_selection_step": 20, "window": 20, "top_k_layers": 2,
-                    "max_selected_layers": 1, "max_loop_depth": 1, "num_keep_heads": 2},
-        "hybrid_attention": {"enabled": True, "method": "consa", "window": WINDOW, "target": TARGET,
-                             "constraint": "global", "mask_learning_steps": 150, "target_warmup_steps": 50},
-        "train": {"init_from": init_from, "steps": 160},
-    }, 1)
+    cfg = _config(
+        {
+            **MOE,
+            "parallel": {"tensor": 2, "sequence_parallel": True, "expert": 2, "expert_tensor": 1},
+            "routing": {"expert_bias": True, "bias_update_rate": 1.0e-3},
+            "elastic": {"enabled": True},
+            "looping": {
+                "enabled": True,
+                "method": "sgt",
+                "first_selection_step": 20,
+                "window": 20,
+                "top_k_layers": 2,
+                "max_selected_layers": 1,
+                "max_loop_depth": 1,
+                "num_keep_heads": 2,
+            },
+            "hybrid_attention": {
+                "enabled": True,
+                "method": "consa",
+                "window": WINDOW,
+                "target": TARGET,
+                "constraint": "global",
+                "mask_learning_steps": 150,
+                "target_warmup_steps": 50,
+            },
+            "train": {"init_from": init_from, "steps": 160},
+        },
+        1,
+    )
     Trainer(cfg, Path(run_dir), log=lambda line: None).run()
     return read_metrics(Path(run_dir) / "metrics.jsonl")
 
@@ -62,8 +96,9 @@ def test_consa_keeps_the_planted_units_with_every_capability_on_at_tp2_ep2(tmp_p
     pretrain = run_distributed(pretrain_planted_moe, 1, None, run_dir=str(tmp_path / "pretrain"), timeout=600)[0]
     assert pretrain[-1] < 0.1, f"the planted pretraining did not learn the copy: {pretrain}"
     run = tmp_path / "consa"
-    records = run_distributed(learn_mask_composed, 2, None, run_dir=str(run),
-                              init_from=str(tmp_path / "pretrain"), timeout=900)[0]
+    records = run_distributed(
+        learn_mask_composed, 2, None, run_dir=str(run), init_from=str(tmp_path / "pretrain"), timeout=900
+    )[0]
     draws = {(r["elastic/depth"], r["elastic/num_experts"], r["elastic/topk"]) for r in records}
     assert len(draws) > 1, f"elastic training drew one sub-network only: {draws}"
     assert any(r["sgt/looped_layers"] for r in records), "SGT grew no loop"

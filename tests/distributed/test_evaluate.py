@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 
 from megatron_ext.config import from_dict
-from megatron_ext.run import RunConfig
 from megatron_ext.parallel import ParallelSizes
+from megatron_ext.run import RunConfig
 from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.training.evaluate import evaluate_checkpoint
 from megatron_ext.training.loop import Trainer
@@ -24,16 +24,25 @@ from tests.configs import TINY, merge
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-CONFIG = merge(TINY, {
-    "model": {"num_layers": 4},
-    "data": {"seq_length": 32},
-    "train": {"steps": 12, "eval_interval": 12, "eval_steps": 2},
-    "moe": {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32, "first_k_dense": 1},
-    "routing": {"expert_bias": True, "bias_update_rate": 0.01},
-    "hybrid_attention": {"enabled": True, "window": 2, "target": 0.5, "mask_learning_steps": 4},
-    "looping": {"enabled": True, "first_selection_step": 2, "window": 2, "top_k_layers": 2,
-                "max_selected_layers": 2, "num_keep_heads": 1},
-})
+CONFIG = merge(
+    TINY,
+    {
+        "model": {"num_layers": 4},
+        "data": {"seq_length": 32},
+        "train": {"steps": 12, "eval_interval": 12, "eval_steps": 2},
+        "moe": {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32, "first_k_dense": 1},
+        "routing": {"expert_bias": True, "bias_update_rate": 0.01},
+        "hybrid_attention": {"enabled": True, "window": 2, "target": 0.5, "mask_learning_steps": 4},
+        "looping": {
+            "enabled": True,
+            "first_selection_step": 2,
+            "window": 2,
+            "top_k_layers": 2,
+            "max_selected_layers": 2,
+            "num_keep_heads": 1,
+        },
+    },
+)
 
 
 def train(run_dir):
@@ -62,8 +71,9 @@ def test_evaluation_restores_the_trained_structure(tmp_path):
     same = run_distributed(evaluate, 1, ParallelSizes(), run_dir=run_dir)[0]
     resharded = run_distributed(evaluate, 2, ParallelSizes(tp=2), run_dir=run_dir, tensor=2)
     bare = run_distributed(evaluate, 1, ParallelSizes(), run_dir=run_dir, structure=False)[0]
-    print(f"[evaluate] logged {logged:.6f} | evaluated {same:.6f} | at TP=2 {resharded[0]:.6f} | "
-          f"weights alone {bare:.6f}")
+    print(
+        f"[evaluate] logged {logged:.6f} | evaluated {same:.6f} | at TP=2 {resharded[0]:.6f} | weights alone {bare:.6f}"
+    )
     assert abs(same - logged) <= 1e-6 * abs(logged)
     assert all(abs(loss - logged) <= 1e-5 * abs(logged) for loss in resharded)
     assert abs(bare - logged) > 1e-4 * abs(logged), "the structure must matter in this test"
@@ -82,16 +92,21 @@ def full_model_under_subnetwork_and_extracted(run_dir, sub_dir):
     sub = SubNetwork((0, 2, 3), (1, 3), 1)
     extract_submodel(Path(run_dir), Path(sub_dir), sub)
     cfg = load_config(Path(run_dir) / "config.yaml")
-    return {"full": evaluate_checkpoint(cfg, Path(run_dir), 2),
-            "under_sub": evaluate_checkpoint(cfg, Path(run_dir), 2, sub),
-            "extracted": evaluate_checkpoint(load_config(Path(sub_dir) / "config.yaml"), Path(sub_dir), 2)}
+    return {
+        "full": evaluate_checkpoint(cfg, Path(run_dir), 2),
+        "under_sub": evaluate_checkpoint(cfg, Path(run_dir), 2, sub),
+        "extracted": evaluate_checkpoint(load_config(Path(sub_dir) / "config.yaml"), Path(sub_dir), 2),
+    }
 
 
 def test_full_model_under_a_subnetwork_equals_the_extracted_submodel(tmp_path):
-    out = run_distributed(full_model_under_subnetwork_and_extracted, 1, None,
-                          run_dir=str(tmp_path / "run"), sub_dir=str(tmp_path / "sub"))[0]
-    print(f"[evaluate] full {out['full']:.6f} | under layers 0,2,3, experts 1,3, top-1 {out['under_sub']:.6f} | "
-          f"extracted {out['extracted']:.6f}")
+    out = run_distributed(
+        full_model_under_subnetwork_and_extracted, 1, None, run_dir=str(tmp_path / "run"), sub_dir=str(tmp_path / "sub")
+    )[0]
+    print(
+        f"[evaluate] full {out['full']:.6f} | under layers 0,2,3, experts 1,3, top-1 {out['under_sub']:.6f} | "
+        f"extracted {out['extracted']:.6f}"
+    )
     assert abs(out["under_sub"] - out["extracted"]) <= 1e-5 * out["extracted"]
     assert abs(out["under_sub"] - out["full"]) > 1e-3  # the sub-network is another function
 
@@ -112,8 +127,14 @@ def test_a_layout_that_does_not_fit_one_process_evaluates_with_the_override_it_n
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}  # one plain process
 
     def evaluate_cli(*extra):
-        return subprocess.run([sys.executable, "-m", "pretrain.evaluate", "--run-dir", str(run_dir), "--batches",
-                               "2", *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "pretrain.evaluate", "--run-dir", str(run_dir), "--batches", "2", *extra],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     refused = evaluate_cli()
     assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.count("\n") == 1, refused.stderr

@@ -16,17 +16,29 @@ MOE = {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 
 CASES = {
     "dense": {},
     "dense_local_backend": {"model": {"attention_backend": "local"}},
-    "layerwise_hybrid": {"hybrid_attention": {"enabled": True, "method": "rule_layer", "granularity": "layer",
-                                              "window": 4, "target": 0.67}},
+    "layerwise_hybrid": {
+        "hybrid_attention": {
+            "enabled": True,
+            "method": "rule_layer",
+            "granularity": "layer",
+            "window": 4,
+            "target": 0.67,
+        }
+    },
     "kv_head_hybrid": {"hybrid_attention": {"enabled": True, "method": "rule_head", "window": 4, "target": 0.5}},
-    "kv_head_sink": {"hybrid_attention": {"enabled": True, "method": "rule_head", "window": 4, "target": 0.5,
-                                          "sink_tokens": 2}},
+    "kv_head_sink": {
+        "hybrid_attention": {"enabled": True, "method": "rule_head", "window": 4, "target": 0.5, "sink_tokens": 2}
+    },
     "moe_sigmoid_shared": {"moe": {**MOE, "shared_expert_ffn_hidden_size": 32}},
     "moe_softmax": {"moe": {**MOE, "score_function": "softmax"}, "routing": {"expert_bias": False}},
-    "sgt_loops": {"looping": {"enabled": True}, "hybrid_attention": {"enabled": True, "method": "rule_head",
-                                                                     "window": 4, "target": 0.5}},
-    "sgt_kept_heads": {"looping": {"enabled": True}, "hybrid_attention": {"enabled": True, "method": "rule_head",
-                                                                          "window": 4, "target": 0.5}},
+    "sgt_loops": {
+        "looping": {"enabled": True},
+        "hybrid_attention": {"enabled": True, "method": "rule_head", "window": 4, "target": 0.5},
+    },
+    "sgt_kept_heads": {
+        "looping": {"enabled": True},
+        "hybrid_attention": {"enabled": True, "method": "rule_head", "window": 4, "target": 0.5},
+    },
     "block_loops": {"looping": {"enabled": True, "method": "block"}},
 }
 
@@ -83,23 +95,31 @@ def decode_against_recomputation(case, run_dir, prompt_length=6, new_tokens=26):
         positions = torch.arange(sequence.shape[1]).expand(2, -1)
         for hook in hooks:
             hook(model, {"tokens": sequence, "modality_ids": torch.zeros_like(sequence, dtype=torch.uint8)})
-        full = model(sequence, positions, attention_mask=None)[:, prompt_length - 1: -1, : cfg.model.vocab_size]
+        full = model(sequence, positions, attention_mask=None)[:, prompt_length - 1 : -1, : cfg.model.vocab_size]
     ours = torch.stack(cached_logits, dim=1)[..., : cfg.model.vocab_size]
     diff = float((ours - full).abs().max() / full.abs().max())
     again = generate(Decoder(model, hooks), prompt, new_tokens)  # the sampling loop, greedy
-    return {"tokens_equal": bool(torch.equal(cached, reference)), "loop_equal": bool(torch.equal(again, cached)),
-            "diff": diff, "bytes": Decoder.cache_bytes(caches),
-            "kv_heads_per_pass": {f"{layer}.{p}": sorted(h for group in cache.groups for h in group.heads)
-                                  for (layer, p), cache in caches.items()},
-            "bytes_per_pass": {f"{layer}.{p}": cache.nbytes() for (layer, p), cache in caches.items()},
-            "plans": [len(c.groups) for c in caches.values()]}
+    return {
+        "tokens_equal": bool(torch.equal(cached, reference)),
+        "loop_equal": bool(torch.equal(again, cached)),
+        "diff": diff,
+        "bytes": Decoder.cache_bytes(caches),
+        "kv_heads_per_pass": {
+            f"{layer}.{p}": sorted(h for group in cache.groups for h in group.heads)
+            for (layer, p), cache in caches.items()
+        },
+        "bytes_per_pass": {f"{layer}.{p}": cache.nbytes() for (layer, p), cache in caches.items()},
+        "plans": [len(c.groups) for c in caches.values()],
+    }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_cached_greedy_decoding_equals_recomputation(case, tmp_path):
     out = run_distributed(decode_against_recomputation, 1, ParallelSizes(), case=case, run_dir=str(tmp_path))[0]
-    print(f"[generate {case}] cached vs recomputed: tokens equal {out['tokens_equal']}, max |logit diff| / "
-          f"max |logit| {out['diff']:.2e}, cache {out['bytes']} bytes")
+    print(
+        f"[generate {case}] cached vs recomputed: tokens equal {out['tokens_equal']}, max |logit diff| / "
+        f"max |logit| {out['diff']:.2e}, cache {out['bytes']} bytes"
+    )
     assert out["tokens_equal"] and out["loop_equal"]
     assert out["diff"] <= 1e-5
     if case == "sgt_loops":  # a loop pass caches the KV heads of its kept query heads only
@@ -134,8 +154,15 @@ def _train(run_dir, overrides):
 
     from megatron_ext.training.loop import Trainer
 
-    data = merge({**BASE, "train": {"micro_batch_size": 2, "global_batch_size": 2, "steps": 3},
-                  "data": {"seq_length": 32, "tokenizer": "bytes"}, "logging": {"tensorboard": False}}, overrides)
+    data = merge(
+        {
+            **BASE,
+            "train": {"micro_batch_size": 2, "global_batch_size": 2, "steps": 3},
+            "data": {"seq_length": 32, "tokenizer": "bytes"},
+            "logging": {"tensorboard": False},
+        },
+        overrides,
+    )
     Trainer(from_dict(RunConfig, data), Path(run_dir), log=lambda line: None).run()
 
 
@@ -149,8 +176,13 @@ def test_generate_command_samples_from_a_trained_hybrid(tmp_path):
     run_distributed(_train, 1, None, run_dir=str(run_dir), overrides=CASES["kv_head_hybrid"])
 
     def generate(*args):
-        return subprocess.run([sys.executable, "-m", "pretrain.generate", "--run-dir", str(run_dir), *args],
-                              cwd=repo, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "pretrain.generate", "--run-dir", str(run_dir), *args],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     greedy = [generate("--prompt", "def main(", "--max-new-tokens", "12", "--temperature", "0") for _ in range(2)]
     assert greedy[0].returncode == 0, greedy[0].stderr[-2000:]

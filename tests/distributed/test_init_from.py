@@ -12,9 +12,14 @@ from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
 from tests.configs import TINY, merge
 
-BASE = merge(TINY, {"model": {"num_layers": 4},
-                    "train": {"micro_batch_size": 1, "steps": 6, "lr": 1.0e-2, "warmup_steps": 1},
-                    "checkpoint": {"save_at_end": True}})
+BASE = merge(
+    TINY,
+    {
+        "model": {"num_layers": 4},
+        "train": {"micro_batch_size": 1, "steps": 6, "lr": 1.0e-2, "warmup_steps": 1},
+        "checkpoint": {"save_at_end": True},
+    },
+)
 
 
 def _losses(run_dir):
@@ -35,11 +40,16 @@ def source(tmp_path_factory):
 
 
 def test_init_from_starts_a_new_run_from_the_weights_at_any_layout(tmp_path, source):
-    one = run_distributed(_train, 1, None, run_dir=str(tmp_path / "one"),
-                          overrides={"train": {"init_from": str(source), "steps": 3}})[0]
-    pp2 = run_distributed(_train, 2, None, run_dir=str(tmp_path / "pp2"),
-                          overrides={"train": {"init_from": str(source / "checkpoints"), "steps": 3},
-                                     "parallel": {"pipeline": 2}})[0]
+    one = run_distributed(
+        _train, 1, None, run_dir=str(tmp_path / "one"), overrides={"train": {"init_from": str(source), "steps": 3}}
+    )[0]
+    pp2 = run_distributed(
+        _train,
+        2,
+        None,
+        run_dir=str(tmp_path / "pp2"),
+        overrides={"train": {"init_from": str(source / "checkpoints"), "steps": 3}, "parallel": {"pipeline": 2}},
+    )[0]
     fresh = run_distributed(_train, 1, None, run_dir=str(tmp_path / "fresh"), overrides={"train": {"steps": 3}})[0]
     source_losses = [loss for _, loss in _losses(source)]
     print(f"[init_from] source (TP=2) {source_losses} | from it at 1 rank {one} | at PP=2 {pp2} | fresh {fresh}")
@@ -49,9 +59,17 @@ def test_init_from_starts_a_new_run_from_the_weights_at_any_layout(tmp_path, sou
 
 
 def test_a_checkpoint_of_another_shape_is_refused_with_what_differs(tmp_path, source):
-    with pytest.raises(DistributedTaskError, match=r"does not fit this model .*linear_fc2.weight: checkpoint \(4, 32, 64\), model \(4, 32, 96\)"):
-        run_distributed(_train, 1, None, run_dir=str(tmp_path / "wide"),
-                        overrides={"train": {"init_from": str(source)}, "model": {"ffn_hidden_size": 96}})
+    with pytest.raises(
+        DistributedTaskError,
+        match=r"does not fit this model .*linear_fc2.weight: checkpoint \(4, 32, 64\), model \(4, 32, 96\)",
+    ):
+        run_distributed(
+            _train,
+            1,
+            None,
+            run_dir=str(tmp_path / "wide"),
+            overrides={"train": {"init_from": str(source)}, "model": {"ffn_hidden_size": 96}},
+        )
 
 
 def test_a_path_that_is_no_checkpoint_is_a_config_error(tmp_path):

@@ -15,6 +15,7 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 
+from megatron_ext.capability import TrainContext
 from megatron_ext.data.vocab import MODALITIES
 from megatron_ext.models.layer_spec import decoder_block_spec, gpt_layer_spec, mlp_spec, replace_submodule
 from megatron_ext.moe import elastic
@@ -26,7 +27,6 @@ from megatron_ext.optim import build_optimizer
 from megatron_ext.parallel import ParallelSizes, full_named_tensors, load_full_named_tensors, main_grad_or_grad
 from megatron_ext.parallel.state import process_groups
 from megatron_ext.testing.distributed import run_distributed
-from megatron_ext.capability import TrainContext
 from megatron_ext.training.ddp import wrap_with_ddp
 from megatron_ext.training.step import gpt_forward_step, train_step
 from tests.distributed.bodies import SEQ, VOCAB, local_micro_batches, make_batch
@@ -37,23 +37,41 @@ TOP_K = 2
 HIDDEN = 32
 
 
-def build_moe_gpt(seed=1234, num_layers=2, routing=RoutingConfig(expert_bias=False), score_function="softmax",
-                  **overrides):
+def build_moe_gpt(
+    seed=1234, num_layers=2, routing=RoutingConfig(expert_bias=False), score_function="softmax", **overrides
+):
     """A tiny MoE GPT with ElasticRouters for the current parallel state; weights from ``seed``."""
     torch.manual_seed(seed)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     kwargs = dict(
-        num_layers=num_layers, hidden_size=HIDDEN, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-        gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm", add_bias_linear=False,
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, params_dtype=torch.float32,
-        pipeline_dtype=torch.float32, tensor_model_parallel_size=tp,
+        num_layers=num_layers,
+        hidden_size=HIDDEN,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=64,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+        tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
         expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
         sequence_parallel=tp > 1,
-        num_moe_experts=EXPERTS, moe_router_topk=TOP_K, moe_ffn_hidden_size=16, moe_token_dispatcher_type="alltoall",
-        moe_router_load_balancing_type="none", moe_router_score_function=score_function, moe_router_dtype="fp32",
-        moe_router_enable_expert_bias=routing.expert_bias, moe_router_bias_update_rate=routing.bias_update_rate,
+        num_moe_experts=EXPERTS,
+        moe_router_topk=TOP_K,
+        moe_ffn_hidden_size=16,
+        moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="none",
+        moe_router_score_function=score_function,
+        moe_router_dtype="fp32",
+        moe_router_enable_expert_bias=routing.expert_bias,
+        moe_router_bias_update_rate=routing.bias_update_rate,
     )
     kwargs.update(overrides)
     config = TransformerConfig(**kwargs)
@@ -61,7 +79,9 @@ def build_moe_gpt(seed=1234, num_layers=2, routing=RoutingConfig(expert_bias=Fal
     return GPTModel(
         config=config,
         transformer_layer_spec=decoder_block_spec(config, [layer] * num_layers),
-        vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        position_embedding_type="rope",
         share_embeddings_and_output_weights=False,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
@@ -84,7 +104,8 @@ def record_routing(routers):
     record = []
     for router in routers:
         router.register_forward_hook(
-            lambda m, args, out: record.append((m.layer_index, args[0].detach(), out[0].detach(), out[1].detach())))
+            lambda m, args, out: record.append((m.layer_index, args[0].detach(), out[0].detach(), out[1].detach()))
+        )
     return record
 
 
@@ -121,8 +142,13 @@ def restricted_gradients(weights, biases, sub, global_indices, score_function):
     record = record_routing(routers)
     indices = local_micro_batches(global_indices)
     losses = get_forward_backward_func()(
-        forward_step_func=gpt_forward_step, data_iterator=iter([make_batch(i) for i in indices]), model=model,
-        num_microbatches=len(indices), seq_length=SEQ, micro_batch_size=2, forward_only=False,
+        forward_step_func=gpt_forward_step,
+        data_iterator=iter([make_batch(i) for i in indices]),
+        model=model,
+        num_microbatches=len(indices),
+        seq_length=SEQ,
+        micro_batch_size=2,
+        forward_only=False,
     )
     elastic.reset(model)
     allowed = torch.zeros(EXPERTS, dtype=torch.bool)
@@ -133,8 +159,9 @@ def restricted_gradients(weights, biases, sub, global_indices, score_function):
         assert not routing_map[:, ~allowed].any(), "an excluded expert was selected"
         assert (routing_map.sum(-1) == sub.top_k).all(), "every token must get exactly k experts"
         bias = None if biases is None else biases[layer]
-        ref_probs, ref_map = reference_routing(x.reshape(-1, HIDDEN), router.weight.detach(), allowed, sub.top_k,
-                                               score_function, bias)
+        ref_probs, ref_map = reference_routing(
+            x.reshape(-1, HIDDEN), router.weight.detach(), allowed, sub.top_k, score_function, bias
+        )
         assert torch.equal(routing_map, ref_map), "routing map differs from the reference top-k"
         worst = max(worst, float((probs - ref_probs).abs().max()))
     return {
@@ -173,8 +200,11 @@ def test_restricted_experts_and_topk_match_across_expert_parallel_layouts():
         floor = 1e-7 * max(float(g.abs().max()) for g in grads.values())
         for name, grad in grads.items():
             rounding_only = score_function == "sigmoid" and name.endswith("router.weight")
-            assert (float((ep[0]["grads"][name] - grad).abs().max()) <= floor if rounding_only
-                    else max_rel_diff(ep[0]["grads"][name], grad) <= RTOL), f"{score_function} {name}"
+            assert (
+                float((ep[0]["grads"][name] - grad).abs().max()) <= floor
+                if rounding_only
+                else max_rel_diff(ep[0]["grads"][name], grad) <= RTOL
+            ), f"{score_function} {name}"
             if name.startswith("decoder.layers.") and int(name.split(".")[2]) not in layers:
                 assert not grad.any(), f"skipped layer got a gradient: {name}"
             elif any(f".local_experts.{e}." in name for e in (1, 4, 7)):
@@ -202,8 +232,9 @@ def modality_routing(weights, routing, modality_batches):
         loss = gpt(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
         loss.sum().backward()
         maps = [(layer, m) for layer, _, _, m in record]
-        outputs.append({"loss": loss.detach(), "grads": {n: p.grad.clone() for n, p in gpt.named_parameters()},
-                        "maps": maps})
+        outputs.append(
+            {"loss": loss.detach(), "grads": {n: p.grad.clone() for n, p in gpt.named_parameters()}, "maps": maps}
+        )
     return outputs
 
 
@@ -212,16 +243,22 @@ def test_agnostic_routing_ignores_modality_ids_and_isolated_routing_keeps_partit
     g = torch.Generator().manual_seed(3)
     ids_a = torch.randint(0, 2, (2, SEQ), generator=g)
     ids_b = 1 - ids_a
-    agnostic = run_distributed(modality_routing, 1, weights=weights, routing=RoutingConfig(expert_bias=False),
-                               modality_batches=[ids_a, ids_b, torch.full((2, SEQ), 3)])[0]
+    agnostic = run_distributed(
+        modality_routing,
+        1,
+        weights=weights,
+        routing=RoutingConfig(expert_bias=False),
+        modality_batches=[ids_a, ids_b, torch.full((2, SEQ), 3)],
+    )[0]
     for other in agnostic[1:]:
         assert torch.equal(other["loss"], agnostic[0]["loss"])
         for name, grad in agnostic[0]["grads"].items():
             assert torch.equal(other["grads"][name], grad), name
 
     routing = RoutingConfig(mode="modality_isolated", isolated_modalities=["text", "image"], expert_bias=False)
-    isolated = run_distributed(modality_routing, 1, weights=weights, routing=routing,
-                               modality_batches=[ids_a, ids_b])[0]
+    isolated = run_distributed(modality_routing, 1, weights=weights, routing=routing, modality_batches=[ids_a, ids_b])[
+        0
+    ]
     for ids, result in zip((ids_a, ids_b), isolated):
         token_modality = ids.t().reshape(-1)  # the router's s-major token order
         for _, routing_map in result["maps"]:
@@ -283,18 +320,19 @@ def skewed_weights(weights, logit=2.0):
     u = torch.randn(HIDDEN, generator=g)
     u /= u.norm()
     emb = skewed["embedding.word_embeddings.weight"]
-    skewed["embedding.word_embeddings.weight"] = u + torch.randn(emb.shape, generator=g) / HIDDEN ** 0.5
+    skewed["embedding.word_embeddings.weight"] = u + torch.randn(emb.shape, generator=g) / HIDDEN**0.5
     for name in list(skewed):
         if name.endswith("router.weight"):
-            w = torch.randn(skewed[name].shape, generator=g) / HIDDEN ** 0.5  # logits ~ N(0, 1)
-            w[:2] += logit * u / HIDDEN ** 0.5
+            w = torch.randn(skewed[name].shape, generator=g) / HIDDEN**0.5  # logits ~ N(0, 1)
+            w[:2] += logit * u / HIDDEN**0.5
             skewed[name] = w
     return skewed
 
 
 def _moe_optimizer(model):
-    return build_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, clip_grad=1.0, adam_eps=1e-5),
-                           model)
+    return build_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, clip_grad=1.0, adam_eps=1e-5), model
+    )
 
 
 def _steps(model, optimizer, callback, ctx, steps, modality_ids):
@@ -306,8 +344,15 @@ def _steps(model, optimizer, callback, ctx, steps, modality_ids):
             batch = make_batch(i)
             batch["modality_ids"] = modality_ids
             batches.append(batch)
-        result = train_step(model, optimizer, iter(batches), num_microbatches=len(batches), seq_length=SEQ,
-                            micro_batch_size=2, forward_step_func=modality_forward_step)
+        result = train_step(
+            model,
+            optimizer,
+            iter(batches),
+            num_microbatches=len(batches),
+            seq_length=SEQ,
+            micro_batch_size=2,
+            forward_step_func=modality_forward_step,
+        )
         ctx.step += 1
         metrics.append(callback.on_step_end(ctx, result))
     return metrics
@@ -339,8 +384,14 @@ def bias_balancing(weights, expert_bias, steps, run_dir, resume_steps=0):
         resumed, resumed_opt, resumed_cb = fresh(4321)
         resumed[0].module.load_state_dict(model_state)
         resumed_cb.load_state_dict(callback_state)
-        resumed_ctx = TrainContext(config=None, pg_collection=process_groups(), model=resumed, optimizer=resumed_opt,
-                                   run_dir=run_dir, step=ctx.step)
+        resumed_ctx = TrainContext(
+            config=None,
+            pg_collection=process_groups(),
+            model=resumed,
+            optimizer=resumed_opt,
+            run_dir=run_dir,
+            step=ctx.step,
+        )
         resumed_cb.on_train_start(resumed_ctx)
         out["bias_after_load"] = [r.expert_bias.clone() for r in elastic_routers(resumed)]
         out["bias_saved"] = [r.expert_bias.clone() for r in elastic_routers(model)]
@@ -357,14 +408,18 @@ def bias_balancing(weights, expert_bias, steps, run_dir, resume_steps=0):
 def test_expert_bias_lowers_load_cv_and_callback_state_survives_resume(tmp_path):
     weights = skewed_weights(run_distributed(initial_weights, 1)[0])
     steps = 12
-    plain = run_distributed(bias_balancing, 1, weights=weights, expert_bias=False, steps=steps,
-                            run_dir=str(tmp_path))[0]
-    biased = run_distributed(bias_balancing, 2, weights=weights, expert_bias=True, steps=steps,
-                             run_dir=str(tmp_path), resume_steps=1)
+    plain = run_distributed(bias_balancing, 1, weights=weights, expert_bias=False, steps=steps, run_dir=str(tmp_path))[
+        0
+    ]
+    biased = run_distributed(
+        bias_balancing, 2, weights=weights, expert_bias=True, steps=steps, run_dir=str(tmp_path), resume_steps=1
+    )
     cv_plain = [m["moe/load_cv"] for m in plain["metrics"]]
     cv_biased = [m["moe/load_cv"] for m in biased[0]["metrics"]]
-    print(f"[moe] load CV without bias {cv_plain[0]:.2f} -> {cv_plain[-1]:.2f}, "
-          f"with bias {cv_biased[0]:.2f} -> {cv_biased[-1]:.2f}")
+    print(
+        f"[moe] load CV without bias {cv_plain[0]:.2f} -> {cv_plain[-1]:.2f}, "
+        f"with bias {cv_biased[0]:.2f} -> {cv_biased[-1]:.2f}"
+    )
     assert cv_plain[0] > 1.0, "the skewed weights must concentrate the load for this test to bite"
     assert abs(cv_biased[0] - cv_plain[0]) < 0.1 * cv_plain[0], "both runs start from the same routing"
     assert sum(cv_biased[-3:]) < 0.6 * sum(cv_plain[-3:])
@@ -402,7 +457,9 @@ def bias_update_steps(weights, subs, run_dir):
     model = wrap_with_ddp([gpt])
     callback = MoECallback(ElasticConfig(enabled=True), routing, 2, EXPERTS, TOP_K, seed=1)
     callback.sampler = FixedSampler(subs)
-    ctx = TrainContext(config=None, pg_collection=process_groups(), model=model, optimizer=_moe_optimizer(model), run_dir=run_dir)
+    ctx = TrainContext(
+        config=None, pg_collection=process_groups(), model=model, optimizer=_moe_optimizer(model), run_dir=run_dir
+    )
     callback.on_train_start(ctx)
     routers = elastic_routers(model)
     history = [{"bias": torch.stack([r.expert_bias.clone() for r in routers]), "usage": callback.usage.clone()}]
@@ -415,8 +472,10 @@ def bias_update_steps(weights, subs, run_dir):
 def test_bias_update_matches_megatron_at_full_width_and_spares_excluded_experts(tmp_path):
     weights = skewed_weights(run_distributed(initial_weights, 1)[0])
     experts = (0, 1, 3, 4, 6)
-    subs = [SubNetwork(layers=(0, 1), experts=None, top_k=TOP_K),
-            SubNetwork(layers=(0, 1), experts=experts, top_k=TOP_K)]
+    subs = [
+        SubNetwork(layers=(0, 1), experts=None, top_k=TOP_K),
+        SubNetwork(layers=(0, 1), experts=experts, top_k=TOP_K),
+    ]
     history = run_distributed(bias_update_steps, 2, weights=weights, subs=subs, run_dir=str(tmp_path))
     assert all(torch.equal(a["bias"], b["bias"]) for a, b in zip(*history)), "DP ranks hold the same bias"
     history = history[0]
@@ -482,8 +541,16 @@ def elastic_pipeline(weights, steps, explicit, run_dir):
 def test_elastic_depth_trains_under_pipeline_parallelism(tmp_path):
     weights = run_distributed(initial_weights, 1, num_layers=4)[0]
     explicit = [(2, 3), (0,)]
-    pp = run_distributed(elastic_pipeline, 2, ParallelSizes(pp=2), timeout=60, weights=weights, steps=4,
-                         explicit=explicit, run_dir=str(tmp_path))
+    pp = run_distributed(
+        elastic_pipeline,
+        2,
+        ParallelSizes(pp=2),
+        timeout=60,
+        weights=weights,
+        steps=4,
+        explicit=explicit,
+        run_dir=str(tmp_path),
+    )
     assert pp[0]["local_layers"] == [0, 1] and pp[1]["local_layers"] == [2, 3]
     assert pp[0]["metrics"] == pp[1]["metrics"], "both stages must apply the same sub-networks"
     depths = [m["elastic/depth"] for m in pp[0]["metrics"]]

@@ -9,30 +9,35 @@ import pytest
 import torch
 
 from megatron_ext.config import from_dict
-from megatron_ext.run import RunConfig, load_config
 from megatron_ext.data.synthetic import SyntheticMotifDataset, collate
-from megatron_ext.run.builder import build_model
 from megatron_ext.moe import elastic
 from megatron_ext.moe.elastic import SubNetwork
-from megatron_ext.run.builder import unsharded
-from megatron_ext.training.extract import extract_submodel
 from megatron_ext.parallel import ParallelSizes, initialize_parallel_state
+from megatron_ext.run import RunConfig, load_config
+from megatron_ext.run.builder import build_model, unsharded
 from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.training.capabilities import restore_capabilities
 from megatron_ext.training.checkpoint import CheckpointManager
+from megatron_ext.training.extract import extract_submodel
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
 from tests.configs import TINY, merge
 
-CONFIG = merge(TINY, {
-    "model": {"num_layers": 4, "num_query_groups": None},
-    "train": {"steps": 6},
-    "moe": {"enabled": True, "num_experts": 8, "top_k": 2, "expert_ffn_hidden_size": 16, "first_k_dense": 1},
-    "routing": {"expert_bias": True, "bias_update_rate": 0.01},
-    "elastic": {"enabled": True},
-})
-SUBNETWORKS = [SubNetwork((0, 1, 2, 3), (1, 2, 4, 6), 2), SubNetwork((0, 2, 3), None, 1),
-               SubNetwork((0, 3), (0, 1, 2, 3, 4, 5), 1)]
+CONFIG = merge(
+    TINY,
+    {
+        "model": {"num_layers": 4, "num_query_groups": None},
+        "train": {"steps": 6},
+        "moe": {"enabled": True, "num_experts": 8, "top_k": 2, "expert_ffn_hidden_size": 16, "first_k_dense": 1},
+        "routing": {"expert_bias": True, "bias_update_rate": 0.01},
+        "elastic": {"enabled": True},
+    },
+)
+SUBNETWORKS = [
+    SubNetwork((0, 1, 2, 3), (1, 2, 4, 6), 2),
+    SubNetwork((0, 2, 3), None, 1),
+    SubNetwork((0, 3), (0, 1, 2, 3, 4, 5), 1),
+]
 
 
 def mean_loss(model, batch):
@@ -74,11 +79,12 @@ def train_and_extract(run_dir, config=CONFIG):
 
 
 def check_extracted(results, label):
-    print(f"[extract{label}] full model loss {results[0][1]:.6f} (weights alone, all heads full: "
-          f"{results[0][2]:.6f})")
+    print(f"[extract{label}] full model loss {results[0][1]:.6f} (weights alone, all heads full: {results[0][2]:.6f})")
     for name, with_sub, extracted, params in results[1:]:
-        print(f"[extract{label}] {name}: full model with sub-network {with_sub:.6f}, extracted ({params} params) "
-              f"{extracted:.6f}")
+        print(
+            f"[extract{label}] {name}: full model with sub-network {with_sub:.6f}, extracted ({params} params) "
+            f"{extracted:.6f}"
+        )
         assert abs(with_sub - extracted) <= 1e-5 * abs(with_sub)
     assert len({round(r[1], 4) for r in results}) == len(results), "sub-networks must differ from each other"
 
@@ -87,8 +93,10 @@ def test_extracted_submodels_equal_full_model_with_that_subnetwork(tmp_path):
     check_extracted(run_distributed(train_and_extract, 1, None, run_dir=str(tmp_path / "run"))[0], "")
 
 
-HYBRID = {**CONFIG, "hybrid_attention": {"enabled": True, "method": "consa", "window": 4, "target": 0.5,
-                                         "mask_learning_steps": 3}}
+HYBRID = {
+    **CONFIG,
+    "hybrid_attention": {"enabled": True, "method": "consa", "window": 4, "target": 0.5, "mask_learning_steps": 3},
+}
 
 
 def test_hybrid_attention_submodels_keep_their_layers_allocation(tmp_path):
@@ -105,9 +113,18 @@ def test_hybrid_attention_submodels_keep_their_layers_allocation(tmp_path):
     assert abs(trained - all_full) > 1e-4 * abs(trained), (trained, all_full)
 
 
-EVERYTHING = {**HYBRID, "train": {**CONFIG["train"], "steps": 8},
-              "looping": {"enabled": True, "first_selection_step": 2, "window": 2, "top_k_layers": 2,
-                          "max_selected_layers": 2, "num_keep_heads": 2}}
+EVERYTHING = {
+    **HYBRID,
+    "train": {**CONFIG["train"], "steps": 8},
+    "looping": {
+        "enabled": True,
+        "first_selection_step": 2,
+        "window": 2,
+        "top_k_layers": 2,
+        "max_selected_layers": 2,
+        "num_keep_heads": 2,
+    },
+}
 
 
 def test_submodels_of_a_model_with_every_capability_keep_their_loops(tmp_path):
@@ -135,7 +152,10 @@ def test_bad_subnetworks_are_refused():
     from megatron_ext.training.extract import check_subnetwork
 
     cfg = from_dict(RunConfig, copy.deepcopy(CONFIG))
-    for sub, message in ((SubNetwork((0, 9), None, 2), "layers"), (SubNetwork((0,), (1, 1), 2), "experts"),
-                         (SubNetwork((0,), (3,), 2), "top-k 2 must be in")):
+    for sub, message in (
+        (SubNetwork((0, 9), None, 2), "layers"),
+        (SubNetwork((0,), (1, 1), 2), "experts"),
+        (SubNetwork((0,), (3,), 2), "top-k 2 must be in"),
+    ):
         with pytest.raises(ValueError, match=message):
             check_subnetwork(cfg, sub)

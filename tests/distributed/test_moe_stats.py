@@ -14,12 +14,23 @@ from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
 from tests.configs import TINY, merge
 
-CONFIG = merge(TINY, {
-    "model": {"num_layers": 3},
-    "train": {"steps": 3},
-    "moe": {"enabled": True, "num_experts": 8, "top_k": 2, "expert_ffn_hidden_size": 16, "first_k_dense": 1,
-            "load_balancing": "aux_loss", "aux_loss_coeff": 0.01, "z_loss_coeff": 0.001},
-})
+CONFIG = merge(
+    TINY,
+    {
+        "model": {"num_layers": 3},
+        "train": {"steps": 3},
+        "moe": {
+            "enabled": True,
+            "num_experts": 8,
+            "top_k": 2,
+            "expert_ffn_hidden_size": 16,
+            "first_k_dense": 1,
+            "load_balancing": "aux_loss",
+            "aux_loss_coeff": 0.01,
+            "z_loss_coeff": 0.001,
+        },
+    },
+)
 
 
 def test_routing_statistics_of_planted_counts():
@@ -47,8 +58,14 @@ def test_router_losses_and_statistics_agree_at_one_rank_and_dp2(tmp_path):
     two = run_distributed(train, 2, None, run_dir=str(tmp_path / "two"))[0]
     first = one[0]
     print("[moe stats] step 1:", {k: round(v, 5) for k, v in first.items() if k.startswith("moe/")})
-    for key in ("moe/load_balancing_loss", "moe/z_loss", "moe/ne/1", "moe/ne/2", "moe/ne/text",
-                "moe/load_max_over_mean"):
+    for key in (
+        "moe/load_balancing_loss",
+        "moe/z_loss",
+        "moe/ne/1",
+        "moe/ne/2",
+        "moe/ne/text",
+        "moe/load_max_over_mean",
+    ):
         assert key in first, key
         assert abs(first[key] - two[0][key]) <= 1e-5 * abs(first[key]), (key, first[key], two[0][key])
     assert first["moe/load_balancing_loss"] >= 0.99  # E * sum f_i P_i >= 1, equality when balanced

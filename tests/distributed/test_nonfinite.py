@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_ext.capability import Callback
 from megatron_ext.config import from_dict
 from megatron_ext.run import RunConfig
 from megatron_ext.testing.distributed import DistributedTaskError, run_distributed
-from megatron_ext.capability import Callback
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
 from tests.configs import TINY, merge
@@ -41,10 +41,20 @@ class PoisonWeights(Callback):
 def train_with_poison(run_dir, poison_steps, steps, looping=False):
     data = merge(TINY, {"model": {"num_query_groups": None}, "train": {"steps": steps, "max_consecutive_nonfinite": 3}})
     if looping:  # entropy is measured every step; the poisoned steps' is NaN
-        data["looping"] = {"enabled": True, "first_selection_step": 5, "window": 2, "top_k_layers": 1,
-                           "max_selected_layers": 1, "exclude_layers": []}
-    Trainer(from_dict(RunConfig, data), Path(run_dir), callbacks=[PoisonWeights(poison_steps, attention=looping)],
-            log=lambda line: None).run()
+        data["looping"] = {
+            "enabled": True,
+            "first_selection_step": 5,
+            "window": 2,
+            "top_k_layers": 1,
+            "max_selected_layers": 1,
+            "exclude_layers": [],
+        }
+    Trainer(
+        from_dict(RunConfig, data),
+        Path(run_dir),
+        callbacks=[PoisonWeights(poison_steps, attention=looping)],
+        log=lambda line: None,
+    ).run()
 
 
 def test_isolated_nonfinite_steps_are_skipped_and_counted(tmp_path):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from megatron_ext.config import from_dict
-from megatron_ext.run import RunConfig
 from megatron_ext.parallel import ParallelSizes, full_named_tensors, load_full_named_tensors, main_grad_or_grad
+from megatron_ext.run import RunConfig
 from megatron_ext.testing.distributed import run_distributed
 from tests.configs import SMALL
 
@@ -16,12 +16,15 @@ SEQ = 32
 
 
 def config(backend, tp=1, dropout=0.0):
-    return from_dict(RunConfig, {
-        "model": {**MODEL, "attention_backend": backend, "attention_dropout": dropout, "hidden_dropout": 0.0},
-        # No sequence parallelism: without DDP's finalize step the norms' gradients stay partial per rank.
-        "parallel": {"tensor": tp},
-        "data": {"seq_length": SEQ},
-    })
+    return from_dict(
+        RunConfig,
+        {
+            "model": {**MODEL, "attention_backend": backend, "attention_dropout": dropout, "hidden_dropout": 0.0},
+            # No sequence parallelism: without DDP's finalize step the norms' gradients stay partial per rank.
+            "parallel": {"tensor": tp},
+            "data": {"seq_length": SEQ},
+        },
+    )
 
 
 def loss_and_grads(backend, weights=None, tp=1):
@@ -41,8 +44,9 @@ def loss_and_grads(backend, weights=None, tp=1):
 
         for name, param in model.named_parameters():
             if "q_layernorm" in name or "k_layernorm" in name:
-                torch.distributed.all_reduce(main_grad_or_grad(param),
-                                             group=parallel_state.get_tensor_model_parallel_group())
+                torch.distributed.all_reduce(
+                    main_grad_or_grad(param), group=parallel_state.get_tensor_model_parallel_group()
+                )
     grads = full_named_tensors(model, select=main_grad_or_grad)
     return float(loss), grads, weights
 
@@ -56,8 +60,9 @@ def test_sdpa_matches_megatron_dot_product_attention_on_one_rank_and_at_tp2():
     loss_sdpa, grads_sdpa, _ = run_distributed(loss_and_grads, 1, backend="sdpa", weights=weights)[0]
     assert abs(loss_sdpa - loss_local) <= 1e-5 * abs(loss_local)
     assert max_rel(grads_sdpa, grads_local) <= 1e-5
-    for loss_tp, grads_tp, _ in run_distributed(loss_and_grads, 2, ParallelSizes(tp=2), backend="sdpa",
-                                                weights=weights, tp=2):
+    for loss_tp, grads_tp, _ in run_distributed(
+        loss_and_grads, 2, ParallelSizes(tp=2), backend="sdpa", weights=weights, tp=2
+    ):
         assert abs(loss_tp - loss_local) <= 1e-5 * abs(loss_local)
         assert max_rel(grads_tp, grads_local) <= 1e-5
 
@@ -66,8 +71,8 @@ def dropout_outputs():
     """The core attention's output for identical inputs on each rank, with dropout 0.5."""
     from megatron.core import parallel_state
 
-    from megatron_ext.run.builder import transformer_config
     from megatron_ext.models.attention import SDPACoreAttention
+    from megatron_ext.run.builder import transformer_config
 
     core = SDPACoreAttention(transformer_config(config("sdpa", tp=2, dropout=0.5), cuda=False), layer_number=1)
     core.config.sequence_parallel = False  # the tracker fork applies without sequence parallelism
@@ -91,8 +96,9 @@ def test_sdpa_refuses_what_it_does_not_compute():
 
     from megatron_ext.models.attention import SDPACoreAttention
 
-    cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, context_parallel_size=2,
-                            attention_dropout=0.1)
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=64, num_attention_heads=4, context_parallel_size=2, attention_dropout=0.1
+    )
     with pytest.raises(ValueError, match="no attention dropout under context parallelism.*attention_dropout: 0"):
         SDPACoreAttention(cfg, 1, AttnMaskType.causal)
     cfg.context_parallel_size = 1

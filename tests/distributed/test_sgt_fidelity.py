@@ -11,12 +11,15 @@ from megatron_ext.run import RunConfig
 from megatron_ext.testing.distributed import run_distributed
 from tests.configs import SMALL, merge
 
-CONFIG = merge(SMALL, {
-    "data": {"seq_length": 256},
-    "train": {"micro_batch_size": 2, "global_batch_size": 2},
-    "hybrid_attention": {"enabled": True, "method": "rule_head", "window": 16, "target": 0.5},
-    "looping": {"enabled": True},
-})
+CONFIG = merge(
+    SMALL,
+    {
+        "data": {"seq_length": 256},
+        "train": {"micro_batch_size": 2, "global_batch_size": 2},
+        "hybrid_attention": {"enabled": True, "method": "rule_head", "window": 16, "target": 0.5},
+        "looping": {"enabled": True},
+    },
+)
 
 
 def measured_and_counted(run_dir):
@@ -32,8 +35,16 @@ def measured_and_counted(run_dir):
     (model,) = build_model(cfg, cuda=False)
     sgt = restore_capabilities(cfg, [model], CommonState(), Path(run_dir))["looping"]
     # Layer 2 loops once over query heads 0 (KV head 0: sliding window) and 3 (KV head 1: full).
-    sgt.scheduler.load_state_dict({"selected": [2], "depth": {2: 1}, "kept": {2: [0, 3]}, "selected_at": {2: 0},
-                                   "window_end": 10**6, "frozen": False})
+    sgt.scheduler.load_state_dict(
+        {
+            "selected": [2],
+            "depth": {2: 1},
+            "kept": {2: [0, 3]},
+            "selected_at": {2: 0},
+            "window_end": 10**6,
+            "frozen": False,
+        }
+    )
     step = 10**5  # long after the fade: the kept heads only
     sgt._apply_structure(step)
     tokens = torch.randint(0, 256, (2, 256), generator=torch.Generator().manual_seed(0))
@@ -50,17 +61,23 @@ def measured_and_counted(run_dir):
     without = flops()
     structure = sgt.structure(step)
     naive = LoopStructure("sgt", {2: LoopedLayer(1, 2, 2)})  # every head full, both KV groups
-    return {"measured_loop": with_loop - without, "measured_model": without,
-            "counted_loop": loop_flops(sgt.flops_shape, structure),
-            "counted_model": forward_flops(sgt.flops_shape, structure, loops=False),
-            "naive_loop": loop_flops(sgt.flops_shape, naive), "structure": structure}
+    return {
+        "measured_loop": with_loop - without,
+        "measured_model": without,
+        "counted_loop": loop_flops(sgt.flops_shape, structure),
+        "counted_model": forward_flops(sgt.flops_shape, structure, loops=False),
+        "naive_loop": loop_flops(sgt.flops_shape, naive),
+        "structure": structure,
+    }
 
 
 def test_loop_flops_of_a_hybrid_layer_match_flop_counter_mode(tmp_path):
     out = run_distributed(measured_and_counted, 1, ParallelSizes(), run_dir=str(tmp_path))[0]
-    print(f"[sgt flops] loop pass: FlopCounterMode {out['measured_loop']:,}, ours {out['counted_loop']:,} "
-          f"(every head full T x T and both KV groups: {out['naive_loop']:,}); model without loops: "
-          f"FlopCounterMode {out['measured_model']:,}, ours {out['counted_model']:,}")
+    print(
+        f"[sgt flops] loop pass: FlopCounterMode {out['measured_loop']:,}, ours {out['counted_loop']:,} "
+        f"(every head full T x T and both KV groups: {out['naive_loop']:,}); model without loops: "
+        f"FlopCounterMode {out['measured_model']:,}, ours {out['counted_model']:,}"
+    )
     assert out["structure"].layers[2].query_heads == 2 and out["structure"].layers[2].kv_heads == 2
     assert out["counted_loop"] == out["measured_loop"]
     assert out["counted_model"] == out["measured_model"]

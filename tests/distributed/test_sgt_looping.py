@@ -18,16 +18,16 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_ext.capability import TrainContext
 from megatron_ext.models.layer_spec import decoder_block_spec, gpt_layer_spec
 from megatron_ext.optim import build_optimizer
 from megatron_ext.parallel import ParallelSizes, full_named_tensors, load_full_named_tensors, main_grad_or_grad
+from megatron_ext.parallel.state import process_groups
 from megatron_ext.sgt.callback import SGTCallback
 from megatron_ext.sgt.config import LoopingConfig
 from megatron_ext.sgt.flops import GPTShape
 from megatron_ext.sgt.looped_layer import LoopedTransformerLayer, looped_layer_spec
-from megatron_ext.parallel.state import process_groups
 from megatron_ext.testing.distributed import run_distributed
-from megatron_ext.capability import TrainContext
 from megatron_ext.training.ddp import wrap_with_ddp
 from megatron_ext.training.step import gpt_forward_step, train_step
 from tests.distributed.bodies import SEQ, VOCAB, local_micro_batches, make_batch
@@ -40,15 +40,25 @@ class HeadwiseCausalAttention(MegatronModule):
     """A core attention with ``forward_heads`` (the seam a hybrid FA/SWA module provides): causal
     attention, and a record of the KV heads each ``forward_heads`` call was given."""
 
-    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
-                 softmax_scale=None, cp_comm_type=None, pg_collection=None):
+    def __init__(
+        self,
+        config,
+        layer_number,
+        attn_mask_type,
+        attention_type,
+        attention_dropout=None,
+        softmax_scale=None,
+        cp_comm_type=None,
+        pg_collection=None,
+    ):
         super().__init__(config=config)
         self.heads_per_group = config.num_attention_heads // config.num_query_groups
         self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.kv_heads_seen = []
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         return self._attend(query, key, value)
 
     def forward_heads(self, query, key, value, local_kv_heads):
@@ -70,10 +80,21 @@ def build_looped_gpt(num_layers=2, sequence_parallel=None, forward_heads=False, 
     torch.manual_seed(seed)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     config = TransformerConfig(
-        num_layers=num_layers, hidden_size=64, num_attention_heads=HEADS, num_query_groups=2, ffn_hidden_size=128,
-        gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm", add_bias_linear=False,
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, params_dtype=torch.float32,
-        pipeline_dtype=torch.float32, tensor_model_parallel_size=tp,
+        num_layers=num_layers,
+        hidden_size=64,
+        num_attention_heads=HEADS,
+        num_query_groups=2,
+        ffn_hidden_size=128,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+        tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         sequence_parallel=tp > 1 if sequence_parallel is None else sequence_parallel,
     )
@@ -81,9 +102,12 @@ def build_looped_gpt(num_layers=2, sequence_parallel=None, forward_heads=False, 
     return GPTModel(
         config=config,
         transformer_layer_spec=decoder_block_spec(config, [looped_layer_spec(layer)] * num_layers),
-        vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        position_embedding_type="rope",
         share_embeddings_and_output_weights=False,
-        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
     )
 
 
@@ -121,6 +145,7 @@ def assert_close(actual, expected, what, rtol=RTOL):
 
 # -- rank bodies -------------------------------------------------------------------------------
 
+
 def manual_loop_body():
     """(a) layer output with a depth-1 loop, all heads kept, vs the sublayer applied twice by hand."""
     gpt = build_looped_gpt()
@@ -157,13 +182,22 @@ def loop_gradients_body(weights, cases, sequence_parallel=None, forward_heads=Fa
         model = wrap_with_ddp([gpt])
         batch = make_batch(0)
         get_forward_backward_func()(
-            forward_step_func=gpt_forward_step, data_iterator=iter([batch]), model=model, num_microbatches=1,
-            seq_length=SEQ, micro_batch_size=2, forward_only=False)
+            forward_step_func=gpt_forward_step,
+            data_iterator=iter([batch]),
+            model=model,
+            num_microbatches=1,
+            seq_length=SEQ,
+            micro_batch_size=2,
+            forward_only=False,
+        )
         with torch.no_grad():
             per_token = gpt(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         kv_heads_seen = [m.kv_heads_seen for m in gpt.modules() if isinstance(m, HeadwiseCausalAttention)]
-        results[name] = {"per_token": per_token, "grads": full_named_tensors(model[0], main_grad_or_grad),
-                         "kv_heads_seen": kv_heads_seen}
+        results[name] = {
+            "per_token": per_token,
+            "grads": full_named_tensors(model[0], main_grad_or_grad),
+            "kv_heads_seen": kv_heads_seen,
+        }
     return results
 
 
@@ -174,7 +208,8 @@ def entropy_body():
     observed, captured, loop_passes = [], [], []
     layer.set_entropy_sink(lambda first, last: (observed.append(first), loop_passes.append(last)))
     layer.self_attention.core_attention.register_forward_pre_hook(
-        lambda module, args: captured.append((args[0].detach(), args[1].detach())))
+        lambda module, args: captured.append((args[0].detach(), args[1].detach()))
+    )
     batch = make_batch(0)
     gpt.train()
     gpt(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
@@ -195,8 +230,16 @@ def entropy_body():
 
 
 def looping_config(**overrides):
-    kwargs = dict(enabled=True, first_selection_step=2, window=2, top_k_layers=2, max_selected_layers=2,
-                  max_loop_depth=2, num_keep_heads=2, exclude_layers=[0])
+    kwargs = dict(
+        enabled=True,
+        first_selection_step=2,
+        window=2,
+        top_k_layers=2,
+        max_selected_layers=2,
+        max_loop_depth=2,
+        num_keep_heads=2,
+        exclude_layers=[0],
+    )
     kwargs.update(overrides)
     return LoopingConfig(**kwargs)
 
@@ -207,15 +250,23 @@ def _train_with_callback(weights, callback, steps, run_dir, start_step=0, model=
         load_full_named_tensors(gpt, weights)
         model = wrap_with_ddp([gpt])
         optimizer = build_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, adam_eps=1e-5), model)
-    ctx = TrainContext(config=None, pg_collection=process_groups(), model=model, optimizer=optimizer, run_dir=run_dir, step=start_step)
+    ctx = TrainContext(
+        config=None, pg_collection=process_groups(), model=model, optimizer=optimizer, run_dir=run_dir, step=start_step
+    )
     callback.on_train_start(ctx)
     dp_size = parallel_state.get_data_parallel_world_size()
     metrics = []
     for _ in range(steps):
         callback.on_step_begin(ctx)
         indices = local_micro_batches(list(range(ctx.step * 4, ctx.step * 4 + 4)))
-        result = train_step(model, optimizer, iter([make_batch(i) for i in indices]),
-                            num_microbatches=4 // dp_size, seq_length=SEQ, micro_batch_size=2)
+        result = train_step(
+            model,
+            optimizer,
+            iter([make_batch(i) for i in indices]),
+            num_microbatches=4 // dp_size,
+            seq_length=SEQ,
+            micro_batch_size=2,
+        )
         ctx.step += 1
         metrics.append(callback.on_step_end(ctx, result))
     return metrics, model, optimizer, ctx
@@ -224,11 +275,22 @@ def _train_with_callback(weights, callback, steps, run_dir, start_step=0, model=
 def callback_body(weights, steps, run_dir, resume_at=None, overrides=None):
     """(d) SGTCallback over ``steps`` training steps of a 4-layer model; with ``resume_at``, the
     callback is checkpointed there (through torch.save) and a fresh one continues from the state."""
-    shape = GPTShape(hidden_size=64, num_layers=4, num_heads=HEADS, num_kv_heads=2, head_dim=16,
-                     ffn_hidden_size=128, vocab_size=VOCAB, seq_length=SEQ, batch_size=8)
+    shape = GPTShape(
+        hidden_size=64,
+        num_layers=4,
+        num_heads=HEADS,
+        num_kv_heads=2,
+        head_dim=16,
+        ffn_hidden_size=128,
+        vocab_size=VOCAB,
+        seq_length=SEQ,
+        batch_size=8,
+    )
 
     def new_callback():
-        return SGTCallback(looping_config(**(overrides or {})), num_layers=4, num_heads=HEADS, num_kv_heads=2, flops_shape=shape)
+        return SGTCallback(
+            looping_config(**(overrides or {})), num_layers=4, num_heads=HEADS, num_kv_heads=2, flops_shape=shape
+        )
 
     callback = new_callback()
     first = steps if resume_at is None else resume_at
@@ -240,8 +302,9 @@ def callback_body(weights, steps, run_dir, resume_at=None, overrides=None):
         saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
         callback = new_callback()
         callback.load_state_dict(saved)
-        more, *_ = _train_with_callback(weights, callback, steps - resume_at, run_dir, start_step=ctx.step,
-                                        model=model, optimizer=optimizer)
+        more, *_ = _train_with_callback(
+            weights, callback, steps - resume_at, run_dir, start_step=ctx.step, model=model, optimizer=optimizer
+        )
         metrics += more
     callback.on_train_end(ctx)
     layers = looped_layers(model[0].module)
@@ -254,6 +317,7 @@ def callback_body(weights, steps, run_dir, resume_at=None, overrides=None):
 
 
 # -- tests -------------------------------------------------------------------------------------
+
 
 def test_loop_equals_attention_sublayer_applied_twice():
     result = run_distributed(manual_loop_body, 1)[0]
@@ -307,8 +371,14 @@ TP_CASES = {
 def test_tensor_parallel_matches_single_rank(sequence_parallel):
     weights = run_distributed(initial_weights, 1)[0]
     ref = run_distributed(loop_gradients_body, 1, weights=weights, cases=TP_CASES)[0]
-    tp = run_distributed(loop_gradients_body, 2, ParallelSizes(tp=2), weights=weights, cases=TP_CASES,
-                         sequence_parallel=sequence_parallel)
+    tp = run_distributed(
+        loop_gradients_body,
+        2,
+        ParallelSizes(tp=2),
+        weights=weights,
+        cases=TP_CASES,
+        sequence_parallel=sequence_parallel,
+    )
     for name in TP_CASES:
         for rank in tp:
             assert_close(rank[name]["per_token"], ref[name]["per_token"], f"TP=2 {name}: per-token loss")
@@ -361,8 +431,9 @@ def test_callback_resumes_exactly_and_agrees_across_layouts(tmp_path):
     assert metrics[4]["sgt/loop_depths"][2] == 2
     assert metrics[4]["sgt/flops_overhead"] < 2 * metrics[3]["sgt/flops_overhead"]
 
-    resumed = run_distributed(callback_body, 1, weights=weights, steps=steps, run_dir=str(tmp_path / "resumed"),
-                              resume_at=3)[0]
+    resumed = run_distributed(
+        callback_body, 1, weights=weights, steps=steps, run_dir=str(tmp_path / "resumed"), resume_at=3
+    )[0]
     assert resumed["saved"]["scheduler"]["selected"], "the checkpoint is taken after the first selection"
     _assert_same_callback_state(resumed["state"], state)
     assert resumed["metrics"] == metrics
@@ -380,8 +451,14 @@ def test_entropy_stops_with_the_schedule_unless_asked_to_go_on(tmp_path):
     weights = peaked_attention(run_distributed(initial_weights, 1, num_layers=4)[0], 4)
     small = {"max_selected_layers": 1, "max_loop_depth": 1}  # frozen at the first window end (step 4)
     stop = run_distributed(callback_body, 1, weights=weights, steps=7, run_dir=str(tmp_path / "a"), overrides=small)[0]
-    go_on = run_distributed(callback_body, 1, weights=weights, steps=7, run_dir=str(tmp_path / "b"),
-                            overrides={**small, "compute_entropy_after_fixed": True})[0]
+    go_on = run_distributed(
+        callback_body,
+        1,
+        weights=weights,
+        steps=7,
+        run_dir=str(tmp_path / "b"),
+        overrides={**small, "compute_entropy_after_fixed": True},
+    )[0]
     logged = [any(k.startswith("sgt/entropy/") for k in m) for m in stop["metrics"]]
     assert logged[0] and not logged[-1]  # no stale scores once nothing is measured
     assert all(any(k.startswith("sgt/entropy/") for k in m) for m in go_on["metrics"])

@@ -10,13 +10,16 @@ from megatron_ext.run import RunConfig
 from megatron_ext.testing.distributed import run_distributed
 from tests.configs import TINY, merge
 
-CONFIG = merge(TINY, {
-    "parallel": {"tensor": 2, "expert": 2, "expert_tensor": 1, "sequence_parallel": True},
-    "data": {"kind": "synthetic"},
-    "train": {"global_batch_size": 2, "steps": 2, "warmup_steps": 1, "eval_interval": 0},
-    "checkpoint": {"save_interval": 1, "save_at_end": False},
-    "moe": {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32},
-})
+CONFIG = merge(
+    TINY,
+    {
+        "parallel": {"tensor": 2, "expert": 2, "expert_tensor": 1, "sequence_parallel": True},
+        "data": {"kind": "synthetic"},
+        "train": {"global_batch_size": 2, "steps": 2, "warmup_steps": 1, "eval_interval": 0},
+        "checkpoint": {"save_interval": 1, "save_at_end": False},
+        "moe": {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32},
+    },
+)
 
 
 def threads_after_runs(run_dir, runs):

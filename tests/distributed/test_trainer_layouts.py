@@ -6,18 +6,23 @@ from pathlib import Path
 import pytest
 
 from megatron_ext.config import from_dict
+from megatron_ext.parallel import full_named_tensors
 from megatron_ext.run import RunConfig
 from megatron_ext.run.builder import build_model
-from megatron_ext.parallel import full_named_tensors
-from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.testing.callbacks import PreemptAfter, StartFrom
+from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
 from tests.configs import TINY, merge
 
-BASE = merge(TINY, {"model": {"num_layers": 4},
-                    "train": {"micro_batch_size": 1, "steps": 4, "lr": 1.0e-2, "adam_eps": 1.0e-5, "warmup_steps": 1},
-                    "checkpoint": {"save_at_end": True}})
+BASE = merge(
+    TINY,
+    {
+        "model": {"num_layers": 4},
+        "train": {"micro_batch_size": 1, "steps": 4, "lr": 1.0e-2, "adam_eps": 1.0e-5, "warmup_steps": 1},
+        "checkpoint": {"save_at_end": True},
+    },
+)
 
 
 def initial_weights():
@@ -96,8 +101,9 @@ def test_elastic_depth_with_overlapped_gradient_reduction_matches_the_synchronou
     """Skipped layers report zero gradients, so overlapped DDP buckets complete; same losses."""
     weights = run_distributed(moe_weights, 1)[0]
     plain = run_distributed(elastic_run, 2, None, run_dir=str(tmp_path / "sync"), overlap=False, weights=weights)[0]
-    overlapped = run_distributed(elastic_run, 2, None, run_dir=str(tmp_path / "overlap"), overlap=True,
-                                 weights=weights)[0]
+    overlapped = run_distributed(
+        elastic_run, 2, None, run_dir=str(tmp_path / "overlap"), overlap=True, weights=weights
+    )[0]
     print(f"[trainer] elastic depth, DP=2: synchronous {plain} | overlapped {overlapped}")
     assert [depth for _, depth in plain] == [depth for _, depth in overlapped]
     assert all(depth < 4 for _, depth in plain)  # every step skipped at least one layer
@@ -119,8 +125,13 @@ def test_selective_recompute_of_norms_and_moe_through_the_trainer_matches_no_rec
     """``layernorm`` recompute goes through Megatron's CheckpointWithoutOutput, which raised
     NameError without Transformer Engine in megatron-core 0.16.1 (fixed in megatron_ext.compat)."""
     plain = run_distributed(_recompute_run, 2, None, run_dir=str(tmp_path / "plain"), modules=None)[0]
-    recomputed = run_distributed(_recompute_run, 2, None, run_dir=str(tmp_path / "recompute"),
-                                 modules=["core_attn", "layernorm", "moe", "shared_experts"])[0]
+    recomputed = run_distributed(
+        _recompute_run,
+        2,
+        None,
+        run_dir=str(tmp_path / "recompute"),
+        modules=["core_attn", "layernorm", "moe", "shared_experts"],
+    )[0]
     print(f"[trainer] selective recompute: {recomputed} vs {plain}")
     assert recomputed[0][0] == plain[0][0]  # the same forward
     for (loss, grad), (loss_ref, grad_ref) in zip(recomputed, plain):
@@ -135,11 +146,17 @@ DENSE_FIRST = {  # the first pipeline stage holds only dense layers: no router t
 
 
 def dense_first_run(run_dir, weights, pipeline, elastic):
-    cfg = merged(DENSE_FIRST, {"parallel": {"pipeline": pipeline},
-                               "elastic": {"enabled": elastic, "depth_full_prob": 0.5, "width_full_prob": 0.5,
-                                           "topk_default_prob": 0.5}})
+    cfg = merged(
+        DENSE_FIRST,
+        {
+            "parallel": {"pipeline": pipeline},
+            "elastic": {"enabled": elastic, "depth_full_prob": 0.5, "width_full_prob": 0.5, "topk_default_prob": 0.5},
+        },
+    )
     Trainer(cfg, Path(run_dir), [StartFrom(weights)], log=lambda line: None).run()
-    return [(r["loss"], r["moe/load_cv"], r.get("elastic/depth")) for r in read_metrics(Path(run_dir) / "metrics.jsonl")]
+    return [
+        (r["loss"], r["moe/load_cv"], r.get("elastic/depth")) for r in read_metrics(Path(run_dir) / "metrics.jsonl")
+    ]
 
 
 @pytest.mark.parametrize("elastic", [False, True], ids=["plain", "elastic"])
@@ -147,10 +164,12 @@ def test_dense_first_layers_under_pipeline_parallelism_match_one_rank(tmp_path, 
     """PP=2 with moe.first_k_dense=2 of 4 layers: the router-less first stage joins the load and bias
     reductions (no hang), and losses and load statistics equal one rank's."""
     weights = run_distributed(moe_weights, 1, overrides=DENSE_FIRST)[0]
-    one = run_distributed(dense_first_run, 1, None, run_dir=str(tmp_path / "one"), weights=weights, pipeline=1,
-                          elastic=elastic)[0]
-    pp2 = run_distributed(dense_first_run, 2, None, run_dir=str(tmp_path / "pp2"), weights=weights, pipeline=2,
-                          elastic=elastic)[0]
+    one = run_distributed(
+        dense_first_run, 1, None, run_dir=str(tmp_path / "one"), weights=weights, pipeline=1, elastic=elastic
+    )[0]
+    pp2 = run_distributed(
+        dense_first_run, 2, None, run_dir=str(tmp_path / "pp2"), weights=weights, pipeline=2, elastic=elastic
+    )[0]
     print(f"[trainer] dense-first MoE, elastic={elastic}: PP=2 {pp2} | one rank {one}")
     assert len(pp2) == len(one) == 4
     for (loss, cv, depth), (loss_ref, cv_ref, depth_ref) in zip(pp2, one):
@@ -159,14 +178,29 @@ def test_dense_first_layers_under_pipeline_parallelism_match_one_rank(tmp_path, 
 
 
 def capacity_run(run_dir, width_full_prob):
-    cfg = merged({"moe": {"enabled": True, "num_experts": 8, "top_k": 2, "expert_ffn_hidden_size": 32,
-                          "capacity_factor": 1.5},
-                  "routing": {"expert_bias": False},
-                  "elastic": {"enabled": True, "depth_full_prob": 1.0, "width_full_prob": width_full_prob,
-                              "topk_default_prob": 1.0},
-                  "train": {"steps": 4}})
+    cfg = merged(
+        {
+            "moe": {
+                "enabled": True,
+                "num_experts": 8,
+                "top_k": 2,
+                "expert_ffn_hidden_size": 32,
+                "capacity_factor": 1.5,
+            },
+            "routing": {"expert_bias": False},
+            "elastic": {
+                "enabled": True,
+                "depth_full_prob": 1.0,
+                "width_full_prob": width_full_prob,
+                "topk_default_prob": 1.0,
+            },
+            "train": {"steps": 4},
+        }
+    )
     Trainer(cfg, Path(run_dir), log=lambda line: None).run()
-    return [(r["elastic/num_experts"], r["moe/dropped_fraction"]) for r in read_metrics(Path(run_dir) / "metrics.jsonl")]
+    return [
+        (r["elastic/num_experts"], r["moe/dropped_fraction"]) for r in read_metrics(Path(run_dir) / "metrics.jsonl")
+    ]
 
 
 def test_capacity_of_a_width_restricted_step_counts_its_active_experts(tmp_path):

@@ -35,17 +35,43 @@ _SCHEDULE = {
 
 _TINY = {
     "name": "golden",
-    "model": {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
-              "ffn_hidden_size": 64, "vocab_size": 128, "qk_layernorm": True},
+    "model": {
+        "num_layers": 4,
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+        "ffn_hidden_size": 64,
+        "vocab_size": 128,
+        "qk_layernorm": True,
+    },
     "data": {"kind": "synthetic", "seq_length": 32},
-    "train": {"micro_batch_size": 1, "global_batch_size": 4, "steps": 12, "lr": 1.0e-2, "warmup_steps": 1,
-              "eval_interval": 6, "eval_steps": 1},
-    "moe": {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32,
-            "shared_expert_ffn_hidden_size": 32, "first_k_dense": 1},
+    "train": {
+        "micro_batch_size": 1,
+        "global_batch_size": 4,
+        "steps": 12,
+        "lr": 1.0e-2,
+        "warmup_steps": 1,
+        "eval_interval": 6,
+        "eval_steps": 1,
+    },
+    "moe": {
+        "enabled": True,
+        "num_experts": 4,
+        "top_k": 2,
+        "expert_ffn_hidden_size": 32,
+        "shared_expert_ffn_hidden_size": 32,
+        "first_k_dense": 1,
+    },
     "routing": {"expert_bias": True, "bias_update_rate": 1.0e-2},
     "elastic": {"enabled": True, "depth_full_prob": 0.5, "width_full_prob": 0.5, "topk_default_prob": 0.5},
-    "hybrid_attention": {"enabled": True, "method": "consa", "granularity": "kv_head", "window": 8,
-                         "target": 0.5, "constraint": "per_layer"},
+    "hybrid_attention": {
+        "enabled": True,
+        "method": "consa",
+        "granularity": "kv_head",
+        "window": 8,
+        "target": 0.5,
+        "constraint": "per_layer",
+    },
     "looping": {"enabled": True, "method": "sgt", "top_k_layers": 3, "max_loop_depth": 1, "num_keep_heads": 2},
 }
 
@@ -68,9 +94,14 @@ def case_configs() -> Dict[str, dict]:
     smoke = yaml.safe_load(SMOKE_CONFIG.read_text())
     return {
         # train.min_lr: the smoke config's value when these were recorded (its own schedule is longer now)
-        "smoke": _merge(smoke, _SCHEDULE, {"train": {"steps": 16, "eval_interval": 8, "min_lr": 3.0e-4},
-                                           "hybrid_attention": {"mask_learning_start_step": 0,
-                                                                "mask_learning_steps": 10}}),
+        "smoke": _merge(
+            smoke,
+            _SCHEDULE,
+            {
+                "train": {"steps": 16, "eval_interval": 8, "min_lr": 3.0e-4},
+                "hybrid_attention": {"mask_learning_start_step": 0, "mask_learning_steps": 10},
+            },
+        ),
         "tp2": _merge(_TINY, _SCHEDULE, {"parallel": {"tensor": 2, "sequence_parallel": True}}),
         "pp2": _merge(_TINY, _SCHEDULE, {"parallel": {"pipeline": 2}}),
         "ep2": _merge(_TINY, _SCHEDULE, {"parallel": {"expert": 2}}),
@@ -162,8 +193,9 @@ def tolerance(key: str) -> Tuple[float, float]:
 
 def _close(got, want, rtol: float, atol: float) -> bool:
     if isinstance(want, list):
-        return (isinstance(got, list) and len(got) == len(want)
-                and all(_close(g, w, rtol, atol) for g, w in zip(got, want)))
+        return (
+            isinstance(got, list) and len(got) == len(want) and all(_close(g, w, rtol, atol) for g, w in zip(got, want))
+        )
     if isinstance(want, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
         return math.isclose(got, want, rel_tol=rtol, abs_tol=atol) or (math.isnan(got) and math.isnan(want))
     return type(got) is type(want) and got == want
@@ -184,8 +216,11 @@ def first_difference(got: List[dict], want: List[dict], exact: bool) -> Optional
 
 def environment_difference(here: Dict[str, object], recorded: Dict[str, object]) -> Dict[str, Tuple]:
     """``{field: (here, recorded)}`` for each field that differs."""
-    return {key: (here.get(key), recorded.get(key)) for key in sorted(set(here) | set(recorded))
-            if here.get(key) != recorded.get(key)}
+    return {
+        key: (here.get(key), recorded.get(key))
+        for key in sorted(set(here) | set(recorded))
+        if here.get(key) != recorded.get(key)
+    }
 
 
 def load_golden() -> dict:

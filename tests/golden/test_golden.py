@@ -17,7 +17,14 @@ import copy
 import pytest
 
 from megatron_ext.testing.distributed import run_distributed
-from tests.golden.cases import case_configs, environment, environment_difference, first_difference, load_golden, run_case
+from tests.golden.cases import (
+    case_configs,
+    environment,
+    environment_difference,
+    first_difference,
+    load_golden,
+    run_case,
+)
 
 GOLDEN = load_golden()
 CASES = case_configs()
@@ -48,7 +55,9 @@ def test_case_reproduces_the_golden_values(tmp_path, environment_here, case):
     want = GOLDEN["cases"][case]
     assert len(want) == CASES[case]["train"]["steps"]
     difference = first_difference(_run(case, tmp_path), want, exact=exact)
-    assert difference is None, f"{case} ({'bitwise' if exact else 'within tolerance'}): first difference at {difference}"
+    assert difference is None, (
+        f"{case} ({'bitwise' if exact else 'within tolerance'}): first difference at {difference}"
+    )
 
 
 class _TorchWithSwappedLerp:
@@ -100,8 +109,9 @@ def test_the_tolerances_catch_a_real_change_of_computation(tmp_path, perturbatio
     """Each deliberate change moves the loss trajectory (loss, gradient norm, validation loss) of a
     case with every capability on beyond the tolerances that absorb a change of environment."""
     case = "pp2"
-    got = run_distributed(_run_perturbed, 2, None, perturbation=perturbation, config=CASES[case],
-                          run_dir=str(tmp_path), timeout=900)[0]
+    got = run_distributed(
+        _run_perturbed, 2, None, perturbation=perturbation, config=CASES[case], run_dir=str(tmp_path), timeout=900
+    )[0]
 
     def trajectory(records):
         return [{key: r[key] for key in _TRAJECTORY if key in r} for r in records]

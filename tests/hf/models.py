@@ -6,8 +6,14 @@ from pathlib import Path
 
 import torch
 
-COMMON = dict(vocab_size=300, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=128)
+COMMON = dict(
+    vocab_size=300,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 
 def build_hf(kind: str, out: Path, seed: int = 0) -> Path:
@@ -17,21 +23,49 @@ def build_hf(kind: str, out: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     if kind == "dense":  # untied, vocabulary not a multiple of 128, head_dim != hidden / heads
-        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, head_dim=24, intermediate_size=96,
-                                                    tie_word_embeddings=False))
+        model = tf.Qwen3ForCausalLM(
+            tf.Qwen3Config(**COMMON, head_dim=24, intermediate_size=96, tie_word_embeddings=False)
+        )
     elif kind == "layerwise":  # Qwen3 with mixed layer_types
-        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, head_dim=16, intermediate_size=96, use_sliding_window=True,
-                                                    sliding_window=8, layer_types=["sliding_attention", "full_attention",
-                                                                                   "sliding_attention"]))
+        model = tf.Qwen3ForCausalLM(
+            tf.Qwen3Config(
+                **COMMON,
+                head_dim=16,
+                intermediate_size=96,
+                use_sliding_window=True,
+                sliding_window=8,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            )
+        )
     elif kind == "qwen3_moe":  # softmax top-2, renormalised; a dense first layer
-        model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**COMMON, head_dim=16, intermediate_size=96,
-                                                          moe_intermediate_size=32, num_experts=6, num_experts_per_tok=2,
-                                                          norm_topk_prob=True, mlp_only_layers=[0]))
+        model = tf.Qwen3MoeForCausalLM(
+            tf.Qwen3MoeConfig(
+                **COMMON,
+                head_dim=16,
+                intermediate_size=96,
+                moe_intermediate_size=32,
+                num_experts=6,
+                num_experts_per_tok=2,
+                norm_topk_prob=True,
+                mlp_only_layers=[0],
+            )
+        )
     elif kind == "dots1":  # sigmoid + correction bias + 2 shared experts; first layer dense; tied embeddings
-        model = tf.Dots1ForCausalLM(tf.Dots1Config(**COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
-                                                    n_routed_experts=6, num_experts_per_tok=2, n_shared_experts=2,
-                                                    first_k_dense_replace=1, norm_topk_prob=True, sliding_window=None,
-                                                    tie_word_embeddings=True))
+        model = tf.Dots1ForCausalLM(
+            tf.Dots1Config(
+                **COMMON,
+                head_dim=16,
+                intermediate_size=96,
+                moe_intermediate_size=32,
+                n_routed_experts=6,
+                num_experts_per_tok=2,
+                n_shared_experts=2,
+                first_k_dense_replace=1,
+                norm_topk_prob=True,
+                sliding_window=None,
+                tie_word_embeddings=True,
+            )
+        )
     else:
         raise ValueError(kind)
     with torch.no_grad():

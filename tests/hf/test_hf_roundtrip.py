@@ -55,7 +55,10 @@ def test_imported_model_computes_the_hf_logits_at_tp1_and_tp2(kind, imported):
     ref = hf_logits(hf_dir, tokens)
     tp1 = run_distributed(our_logits, 1, ParallelSizes(), run_dir=str(run_dir), tokens=tokens, tp=1)[0]
     tp2 = run_distributed(our_logits, 2, ParallelSizes(tp=2), run_dir=str(run_dir), tokens=tokens, tp=2)[0]
-    print(f"[hf import {kind}] max |logit diff| / max |logit|: TP=1 {rel_diff(tp1, ref):.2e}, TP=2 {rel_diff(tp2, ref):.2e}")
+    print(
+        f"[hf import {kind}] max |logit diff| / max |logit|: "
+        f"TP=1 {rel_diff(tp1, ref):.2e}, TP=2 {rel_diff(tp2, ref):.2e}"
+    )
     assert rel_diff(tp1, ref) <= TOLERANCE and rel_diff(tp2, ref) <= TOLERANCE
 
 
@@ -71,33 +74,67 @@ def test_hf_to_ours_to_hf_is_bitwise(kind, imported, tmp_path):
     assert sorted(source) == sorted(result)
     assert all(torch.equal(source[name], result[name]) for name in source)
     before, after = json.loads((hf_dir / "config.json").read_text()), json.loads((back / "config.json").read_text())
-    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_key_value_heads", "head_dim", "vocab_size",
-                "intermediate_size", "rms_norm_eps", "tie_word_embeddings", "sliding_window", "layer_types",
-                "moe_intermediate_size", "num_experts_per_tok", "n_shared_experts", "first_k_dense_replace"):
+    for key in (
+        "model_type",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "intermediate_size",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "sliding_window",
+        "layer_types",
+        "moe_intermediate_size",
+        "num_experts_per_tok",
+        "n_shared_experts",
+        "first_k_dense_replace",
+    ):
         if key in before and (key != "layer_types" or before.get("sliding_window")):
             assert after[key] == before[key], key
 
 
 # -- trained here, exported, loaded by transformers ------------------------------------------------------
-BASE = merge(SMALL, {
-    "model": {"kv_channels": 24, "vocab_size": 300},  # head dimension 24, not hidden / heads = 16
-    "data": {"seq_length": 32},
-    "train": {"micro_batch_size": 2, "global_batch_size": 4, "steps": 3, "lr": 1.0e-2},
-    "checkpoint": {"save_at_end": True},
-    "logging": {"tensorboard": False},
-})
+BASE = merge(
+    SMALL,
+    {
+        "model": {"kv_channels": 24, "vocab_size": 300},  # head dimension 24, not hidden / heads = 16
+        "data": {"seq_length": 32},
+        "train": {"micro_batch_size": 2, "global_batch_size": 4, "steps": 3, "lr": 1.0e-2},
+        "checkpoint": {"save_at_end": True},
+        "logging": {"tensorboard": False},
+    },
+)
 MOE = {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32, "first_k_dense": 1}
 TRAINED = {
     "dense": {},
     "dense_mtp": {"model": {"mtp_num_layers": 1}},  # the MTP layer stays behind
     "moe_softmax": {"moe": {**MOE, "score_function": "softmax"}, "routing": {"expert_bias": False}},
     "moe_sigmoid_shared": {"moe": {**MOE, "shared_expert_ffn_hidden_size": 64}, "routing": {"bias_update_rate": 0.05}},
-    "layerwise": {"hybrid_attention": {"enabled": True, "method": "rule_layer", "granularity": "layer", "window": 8,
-                                       "target": 0.67}},
-    "kv_head": {"hybrid_attention": {"enabled": True, "method": "rule_head", "granularity": "kv_head", "window": 8,
-                                     "target": 0.5}},
-    "kv_head_moe_softmax": {"hybrid_attention": {"enabled": True, "method": "rule_head", "window": 8, "target": 0.5},
-                            "moe": {**MOE, "score_function": "softmax"}, "routing": {"expert_bias": False}},
+    "layerwise": {
+        "hybrid_attention": {
+            "enabled": True,
+            "method": "rule_layer",
+            "granularity": "layer",
+            "window": 8,
+            "target": 0.67,
+        }
+    },
+    "kv_head": {
+        "hybrid_attention": {
+            "enabled": True,
+            "method": "rule_head",
+            "granularity": "kv_head",
+            "window": 8,
+            "target": 0.5,
+        }
+    },
+    "kv_head_moe_softmax": {
+        "hybrid_attention": {"enabled": True, "method": "rule_head", "window": 8, "target": 0.5},
+        "moe": {**MOE, "score_function": "softmax"},
+        "routing": {"expert_bias": False},
+    },
 }
 REMOTE = {"kv_head", "kv_head_moe_softmax"}
 ONE_RANK = {"dense_mtp"}  # logits through the cached decoder (see tests/hf/models.py)
@@ -118,10 +155,15 @@ def test_trained_model_exported_to_hf_computes_our_logits(kind, tmp_path):
     tokens = _tokens(seed=1, length=32)
     ref = hf_logits(out, tokens, remote=kind in REMOTE)
     tp1 = run_distributed(our_logits, 1, ParallelSizes(), run_dir=str(run_dir), tokens=tokens, tp=1)[0]
-    tp2 = tp1 if kind in ONE_RANK else \
-        run_distributed(our_logits, 2, ParallelSizes(tp=2), run_dir=str(run_dir), tokens=tokens, tp=2)[0]
-    print(f"[hf export {kind} as {config['architectures'][0]}] max |logit diff| / max |logit|: "
-          f"TP=1 {rel_diff(tp1, ref):.2e}, TP=2 {'(one rank only)' if kind in ONE_RANK else f'{rel_diff(tp2, ref):.2e}'}")
+    tp2 = (
+        tp1
+        if kind in ONE_RANK
+        else run_distributed(our_logits, 2, ParallelSizes(tp=2), run_dir=str(run_dir), tokens=tokens, tp=2)[0]
+    )
+    print(
+        f"[hf export {kind} as {config['architectures'][0]}] max |logit diff| / max |logit|: "
+        f"TP=1 {rel_diff(tp1, ref):.2e}, TP=2 {'(one rank only)' if kind in ONE_RANK else f'{rel_diff(tp2, ref):.2e}'}"
+    )
     assert rel_diff(tp1, ref) <= TOLERANCE and rel_diff(tp2, ref) <= TOLERANCE
 
 
@@ -130,9 +172,13 @@ def test_init_from_a_hf_directory_equals_init_from_its_import(tmp_path, imported
     model = {**BASE["model"], "rotary_base": 10000}
     runs = {}
     for name, source in (("hf", hf_dir), ("imported", run_dir)):
-        runs[name] = run_distributed(_train, 2, None, run_dir=str(tmp_path / name),
-                                     overrides={"model": model, "parallel": {"tensor": 2},
-                                                "train": {"init_from": str(source), "steps": 2}})[0]
+        runs[name] = run_distributed(
+            _train,
+            2,
+            None,
+            run_dir=str(tmp_path / name),
+            overrides={"model": model, "parallel": {"tensor": 2}, "train": {"init_from": str(source), "steps": 2}},
+        )[0]
     print(f"[hf init_from] losses from the HF directory {runs['hf']}, from its import {runs['imported']}")
     assert runs["hf"] == runs["imported"]
     assert (tmp_path / "hf" / "init_from_hf" / "run" / "config.yaml").is_file()
@@ -147,18 +193,26 @@ def _extract(run_dir, output, layers, experts, top_k):
 
 def test_an_extracted_elastic_submodel_exports_and_computes_our_logits(tmp_path):
     run_dir, sub_dir = tmp_path / "run", tmp_path / "sub"
-    run_distributed(_train, 1, None, run_dir=str(run_dir),
-                    overrides={"moe": {**MOE, "shared_expert_ffn_hidden_size": 32}, "elastic": {"enabled": True}})
-    run_distributed(_extract, 1, ParallelSizes(), run_dir=str(run_dir), output=str(sub_dir), layers=[0, 2],
-                    experts=[1, 3], top_k=1)
+    run_distributed(
+        _train,
+        1,
+        None,
+        run_dir=str(run_dir),
+        overrides={"moe": {**MOE, "shared_expert_ffn_hidden_size": 32}, "elastic": {"enabled": True}},
+    )
+    run_distributed(
+        _extract, 1, ParallelSizes(), run_dir=str(run_dir), output=str(sub_dir), layers=[0, 2], experts=[1, 3], top_k=1
+    )
     out = Path(run_distributed(_export, 1, ParallelSizes(), run_dir=str(sub_dir), output=str(tmp_path / "hf"))[0])
     config = json.loads((out / "config.json").read_text())
     assert (config["num_hidden_layers"], config["n_routed_experts"], config["num_experts_per_tok"]) == (2, 2, 1)
     tokens = _tokens(seed=2, length=32)
     ref = hf_logits(out, tokens)
     ours = run_distributed(our_logits, 1, ParallelSizes(), run_dir=str(sub_dir), tokens=tokens, tp=1)[0]
-    print(f"[hf export elastic sub-model: layers 0,2, experts 1,3, top-1] max |logit diff| / max |logit|: "
-          f"{rel_diff(ours, ref):.2e}")
+    print(
+        f"[hf export elastic sub-model: layers 0,2, experts 1,3, top-1] max |logit diff| / max |logit|: "
+        f"{rel_diff(ours, ref):.2e}"
+    )
     assert rel_diff(ours, ref) <= TOLERANCE
 
 

@@ -3,9 +3,9 @@
 from pathlib import Path
 
 from megatron_ext.config import from_dict
-from megatron_ext.run import RunConfig
 from megatron_ext.data.default_corpus import ensure_default_corpus
 from megatron_ext.data.indexed import check_prefix
+from megatron_ext.run import RunConfig
 from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
@@ -13,12 +13,22 @@ from tests.configs import TINY, merge
 
 
 def train_on_default(run_dir, cache_dir):
-    cfg = from_dict(RunConfig, merge(TINY, {
-        "model": {"num_query_groups": None, "vocab_size": 2176},
-        "data": {"kind": "default", "seq_length": 64, "cache_dir": cache_dir,
-                 "loss_weights": {"text": 1.0, "image": 0.5}},
-        "train": {"steps": 6, "eval_interval": 6, "eval_steps": 1},
-    }))
+    cfg = from_dict(
+        RunConfig,
+        merge(
+            TINY,
+            {
+                "model": {"num_query_groups": None, "vocab_size": 2176},
+                "data": {
+                    "kind": "default",
+                    "seq_length": 64,
+                    "cache_dir": cache_dir,
+                    "loss_weights": {"text": 1.0, "image": 0.5},
+                },
+                "train": {"steps": 6, "eval_interval": 6, "eval_steps": 1},
+            },
+        ),
+    )
     Trainer(cfg, Path(run_dir), log=lambda line: None).run()
 
 

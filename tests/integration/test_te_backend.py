@@ -35,22 +35,45 @@ def test_te_kernels_match_the_masked_reference(hq, hkv, t, window):
     out = kernels(q, k, v, window)
     got = (out, *torch.autograd.grad(out, (q, k, v), grad))
     exact = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    ref = (causal_attention(*exact, 0.125) if window is None
-           else sliding_window_attention_reference(*exact, window=window, scale=0.125))
+    ref = (
+        causal_attention(*exact, 0.125)
+        if window is None
+        else sliding_window_attention_reference(*exact, window=window, scale=0.125)
+    )
     want = (ref, *torch.autograd.grad(ref, exact, grad.float()))
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert g.shape == w.shape
         assert _relative_error(g, w) <= 2e-2, f"{name}: relative error {_relative_error(g, w):.2e}"
 
 
-TINY = {"model": {"num_layers": 3, "hidden_size": 256, "num_attention_heads": 4, "num_query_groups": 2,
-                  "ffn_hidden_size": 512, "vocab_size": 1024, "qk_layernorm": True},
-        "data": {"seq_length": 256},
-        "train": {"micro_batch_size": 2, "global_batch_size": 2, "precision": "bf16"},
-        "moe": {"enabled": True, "num_experts": 8, "top_k": 2, "expert_ffn_hidden_size": 128,
-                "shared_expert_ffn_hidden_size": 128, "first_k_dense": 1},
-        "hybrid_attention": {"enabled": True, "granularity": "kv_head", "window": 64, "target": 0.5,
-                             "mask_learning_steps": 1}}
+TINY = {
+    "model": {
+        "num_layers": 3,
+        "hidden_size": 256,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+        "ffn_hidden_size": 512,
+        "vocab_size": 1024,
+        "qk_layernorm": True,
+    },
+    "data": {"seq_length": 256},
+    "train": {"micro_batch_size": 2, "global_batch_size": 2, "precision": "bf16"},
+    "moe": {
+        "enabled": True,
+        "num_experts": 8,
+        "top_k": 2,
+        "expert_ffn_hidden_size": 128,
+        "shared_expert_ffn_hidden_size": 128,
+        "first_k_dense": 1,
+    },
+    "hybrid_attention": {
+        "enabled": True,
+        "granularity": "kv_head",
+        "window": 64,
+        "target": 0.5,
+        "mask_learning_steps": 1,
+    },
+}
 
 
 def _losses_and_grads(model, tokens):
@@ -64,8 +87,11 @@ def _losses_and_grads(model, tokens):
     loss = losses.float().mean()
     model.zero_grad()
     loss.backward()
-    grads = {name: (p.main_grad if hasattr(p, "main_grad") else p.grad).float().norm().item()
-             for name, p in model.named_parameters() if p.requires_grad}
+    grads = {
+        name: (p.main_grad if hasattr(p, "main_grad") else p.grad).float().norm().item()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
     return loss.item(), grads
 
 
@@ -73,11 +99,11 @@ def test_te_model_matches_the_local_model_with_the_same_weights(tmp_path):
     import dataclasses
 
     from megatron_ext.config import from_dict
-    from megatron_ext.run.builder import build_model
     from megatron_ext.optim import build_optimizer
     from megatron_ext.parallel import ParallelSizes
     from megatron_ext.parallel.state import parallel_job
     from megatron_ext.run import RunConfig
+    from megatron_ext.run.builder import build_model
     from megatron_ext.training import checkpoint
     from megatron_ext.training.ddp import wrap_with_ddp
     from megatron_ext.training.loop import optimizer_config
@@ -88,7 +114,8 @@ def test_te_model_matches_the_local_model_with_the_same_weights(tmp_path):
         te_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backend="te"))
         local = wrap_with_ddp(build_model(local_cfg, cuda=True))
         path = checkpoint.CheckpointManager(tmp_path, keep_last=1).save(
-            0, local, build_optimizer(optimizer_config(local_cfg, cuda=True), local), checkpoint.CommonState())
+            0, local, build_optimizer(optimizer_config(local_cfg, cuda=True), local), checkpoint.CommonState()
+        )
         te = wrap_with_ddp(build_model(te_cfg, cuda=True))
         assert any("layer_norm_weight" in name for name, _ in te[0].named_parameters()), "not a TE model"
         checkpoint.load_model_weights(path, te)  # the local checkpoint, by its names
@@ -105,12 +132,16 @@ def test_te_model_matches_the_local_model_with_the_same_weights(tmp_path):
     assert sum(te_grads.values()) == pytest.approx(sum(local_grads.values()), rel=5e-2)
 
 
-TRAIN = {**TINY, "train": {"micro_batch_size": 4, "global_batch_size": 8, "steps": 30, "lr": 3.0e-3,
-                           "warmup_steps": 4},
-         "model": {**TINY["model"], "backend": "te"},
-         "checkpoint": {"save_interval": 20, "keep_last": 2}, "logging": {"log_interval": 1},
-         "routing": {"expert_bias": True, "bias_update_rate": 1.0e-3}, "elastic": {"enabled": True},
-         "hybrid_attention": {**TINY["hybrid_attention"], "mask_learning_steps": 12, "target_warmup_steps": 4}}
+TRAIN = {
+    **TINY,
+    "train": {"micro_batch_size": 4, "global_batch_size": 8, "steps": 30, "lr": 3.0e-3, "warmup_steps": 4},
+    "model": {**TINY["model"], "backend": "te"},
+    "checkpoint": {"save_interval": 20, "keep_last": 2},
+    "logging": {"log_interval": 1},
+    "routing": {"expert_bias": True, "bias_update_rate": 1.0e-3},
+    "elastic": {"enabled": True},
+    "hybrid_attention": {**TINY["hybrid_attention"], "mask_learning_steps": 12, "target_warmup_steps": 4},
+}
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
@@ -140,8 +171,24 @@ def test_te_training_runs_binarize_resume_and_evaluate_on_the_local_backend(tmp_
     assert sum(r["loss"] for r in records[-5:]) < sum(r["loss"] for r in records[:5])
     assert json.loads((run_dir / "allocation.json").read_text())
     # The TE run's checkpoint, evaluated by the local modules (its names are the local ones).
-    proc = subprocess.run([sys.executable, "-m", "pretrain.evaluate", "--run-dir", str(run_dir), "--batches", "2",
-                           "--set", "model.backend=local", "--set", "train.precision=bf16"],
-                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pretrain.evaluate",
+            "--run-dir",
+            str(run_dir),
+            "--batches",
+            "2",
+            "--set",
+            "model.backend=local",
+            "--set",
+            "train.precision=bf16",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "validation loss" in proc.stdout

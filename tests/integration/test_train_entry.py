@@ -16,30 +16,61 @@ from megatron_ext.training.rundir import read_metrics
 from tests.configs import TINY, merge
 
 REPO = Path(__file__).resolve().parents[2]
-REQUIRED_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "consumed_samples", "model_flops_per_token",
-                 "mfu", "tflops_per_rank"}
+REQUIRED_KEYS = {
+    "step",
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_sec",
+    "consumed_samples",
+    "model_flops_per_token",
+    "mfu",
+    "tflops_per_rank",
+}
 
-CONFIG = merge(TINY, {
-    "name": "tiny",
-    "model": {"hidden_dropout": 0.1, "attention_dropout": 0.1},
-    "parallel": {"tensor": 2, "expert": 2, "expert_tensor": 1, "sequence_parallel": True},
-    "data": {"seq_length": 32},
-    "train": {"steps": 24, "lr": 3.0e-3, "warmup_steps": 2, "eval_interval": 12, "eval_steps": 1},
-    "checkpoint": {"save_interval": 10, "keep_last": 2},
-    "logging": {"log_interval": 1, "tensorboard": True},
-    "moe": {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32,
-            "shared_expert_ffn_hidden_size": 32},
-})
+CONFIG = merge(
+    TINY,
+    {
+        "name": "tiny",
+        "model": {"hidden_dropout": 0.1, "attention_dropout": 0.1},
+        "parallel": {"tensor": 2, "expert": 2, "expert_tensor": 1, "sequence_parallel": True},
+        "data": {"seq_length": 32},
+        "train": {"steps": 24, "lr": 3.0e-3, "warmup_steps": 2, "eval_interval": 12, "eval_steps": 1},
+        "checkpoint": {"save_interval": 10, "keep_last": 2},
+        "logging": {"log_interval": 1, "tensorboard": True},
+        "moe": {
+            "enabled": True,
+            "num_experts": 4,
+            "top_k": 2,
+            "expert_ffn_hidden_size": 32,
+            "shared_expert_ffn_hidden_size": 32,
+        },
+    },
+)
 
 
-def launch(config: Path, run_dir: Path, *overrides: str, nproc: int = 2, launcher: str = "pretrain.launch",
-           cwd: Path = REPO) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", launcher, "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "pretrain.train", "--config", str(config), "--run-dir", str(run_dir)]
+def launch(
+    config: Path, run_dir: Path, *overrides: str, nproc: int = 2, launcher: str = "pretrain.launch", cwd: Path = REPO
+) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        launcher,
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "pretrain.train",
+        "--config",
+        str(config),
+        "--run-dir",
+        str(run_dir),
+    ]
     for item in overrides:
         cmd += ["--set", item]
-    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -114,8 +145,9 @@ def test_resume_after_a_stop_signal_reproduces_the_uninterrupted_losses(stop, tm
 
 def test_plain_torchrun_still_trains_from_another_directory(tmp_path):
     config, run_dir = write_config(tmp_path), tmp_path / "run"
-    proc = launch(config, run_dir, "train.steps=3", "train.eval_interval=0", launcher="torch.distributed.run",
-                  cwd=tmp_path)
+    proc = launch(
+        config, run_dir, "train.steps=3", "train.eval_interval=0", launcher="torch.distributed.run", cwd=tmp_path
+    )
     out = finish(proc)
     assert proc.returncode == 0, out
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]

@@ -22,8 +22,17 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[2]
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                   "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+TERMINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 class SetupUnavailable(RuntimeError):
@@ -43,8 +52,9 @@ def ensure_debian_packages(binaries: Dict[str, str]) -> None:
     install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-q", *missing]
     if subprocess.run(install, env=env, capture_output=True).returncode != 0:
         # Stale or absent package lists: refresh them once, then install for real.
-        subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-q"], env=env,
-                       capture_output=True, check=True)
+        subprocess.run(
+            ["apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-q"], env=env, capture_output=True, check=True
+        )
         subprocess.run(install, env=env, capture_output=True, check=True)
 
 
@@ -69,10 +79,22 @@ def free_port() -> int:
 
 def clean_environment(**extra: str) -> Dict[str, str]:
     """This process's environment without variables of an enclosing SLURM job or torchrun, plus ``extra``."""
-    launch_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                   "NODES", "RUN_DIR", "NPROC_PER_NODE"}
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "OMPI_", "PMI_", "PMIX_")) and k not in launch_vars}
+    launch_vars = {
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "NODES",
+        "RUN_DIR",
+        "NPROC_PER_NODE",
+    }
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "OMPI_", "PMI_", "PMIX_")) and k not in launch_vars
+    }
     env.update(extra)
     return env
 
@@ -125,8 +147,9 @@ class LocalSlurm:
 
     def _spawn(self, name: str, argv: Sequence[str]) -> None:
         with open(self.root / f"{name}.out", "w") as log:
-            self._daemons[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                                   start_new_session=True)
+            self._daemons[name] = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
 
     def start(self, timeout: float = 60) -> None:
         munge = self.root / "munge"
@@ -135,15 +158,28 @@ class LocalSlurm:
         key = munge / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        self._spawn("munged", ["munged", "--foreground", "--force", f"--socket={munge}/munge.socket",
-                               f"--key-file={key}", f"--pid-file={munge}/munged.pid",
-                               f"--seed-file={munge}/munged.seed", f"--log-file={munge}/munged.log"])
+        self._spawn(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--socket={munge}/munge.socket",
+                f"--key-file={key}",
+                f"--pid-file={munge}/munged.pid",
+                f"--seed-file={munge}/munged.seed",
+                f"--log-file={munge}/munged.log",
+            ],
+        )
         self._wait(lambda: (munge / "munge.socket").exists(), 20, "munged did not create its socket")
         self.conf.write_text(_slurm_conf(self.root, self.host, free_port(), free_port(), self.cpus))
         self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
         self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)])
-        self._wait(lambda: self.run("sinfo", "-h", "-o", "%t", check=False).stdout.strip() == "idle",
-                   timeout, "the node did not become idle")
+        self._wait(
+            lambda: self.run("sinfo", "-h", "-o", "%t", check=False).stdout.strip() == "idle",
+            timeout,
+            "the node did not become idle",
+        )
 
     def _wait(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -180,14 +216,26 @@ class LocalSlurm:
         self._daemons.clear()
 
     def run(self, *argv: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-        result = subprocess.run(list(argv), env=kwargs.pop("env", self.env), capture_output=True, text=True,
-                                timeout=kwargs.pop("timeout", 60), **kwargs)
+        result = subprocess.run(
+            list(argv),
+            env=kwargs.pop("env", self.env),
+            capture_output=True,
+            text=True,
+            timeout=kwargs.pop("timeout", 60),
+            **kwargs,
+        )
         if check and result.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr}{result.stdout}")
         return result
 
-    def sbatch(self, script: str, *args: str, options: Sequence[str] = (), env: Optional[Dict[str, str]] = None,
-               cwd: Path = REPO) -> int:
+    def sbatch(
+        self,
+        script: str,
+        *args: str,
+        options: Sequence[str] = (),
+        env: Optional[Dict[str, str]] = None,
+        cwd: Path = REPO,
+    ) -> int:
         """Submit ``script`` (arguments ``args``) with sbatch ``options``; return the job id."""
         out = self.run("sbatch", "--parsable", *options, script, *args, cwd=cwd, env={**self.env, **(env or {})})
         return int(out.stdout.strip().split(";")[0])
@@ -197,8 +245,13 @@ class LocalSlurm:
         text = self.run("scontrol", "show", "job", "-o", str(job_id)).stdout
         return dict(re.findall(r"(\S+?)=(\S*)", text))
 
-    def wait_for(self, job_id: int, states: Sequence[str] = tuple(TERMINAL_STATES), timeout: float = 600,
-                 job_log: Optional[Path] = None) -> Dict[str, str]:
+    def wait_for(
+        self,
+        job_id: int,
+        states: Sequence[str] = tuple(TERMINAL_STATES),
+        timeout: float = 600,
+        job_log: Optional[Path] = None,
+    ) -> Dict[str, str]:
         """Poll until the job is in one of ``states``; return its ``scontrol show job`` fields.
 
         The timeout is generous: it only matters when something is wrong, and a busy machine can
@@ -210,8 +263,9 @@ class LocalSlurm:
                 return info
             if time.monotonic() > deadline:
                 output = job_log.read_text(errors="replace") if job_log and job_log.exists() else "(none)"
-                raise TimeoutError(f"job {job_id} still {info.get('JobState')} after {timeout} s; its output:\n"
-                                   f"{output}\n{self.logs()}")
+                raise TimeoutError(
+                    f"job {job_id} still {info.get('JobState')} after {timeout} s; its output:\n{output}\n{self.logs()}"
+                )
             time.sleep(0.5)
 
     def sacct(self, job_id: int, parsable: bool = False) -> str:
@@ -229,11 +283,23 @@ def write_tiny_config(directory: Path, steps: int) -> Path:
 
     config = {
         "name": "tiny",
-        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
-                  "ffn_hidden_size": 64, "vocab_size": 256},
+        "model": {
+            "num_layers": 2,
+            "hidden_size": 32,
+            "num_attention_heads": 4,
+            "num_query_groups": 2,
+            "ffn_hidden_size": 64,
+            "vocab_size": 256,
+        },
         "parallel": {"tensor": 1, "pipeline": 1, "expert": 2},
         "data": {"kind": "synthetic", "seq_length": 32},
-        "train": {"micro_batch_size": 2, "global_batch_size": 4, "steps": steps, "lr": 3.0e-3, "warmup_steps": min(2, steps - 1)},
+        "train": {
+            "micro_batch_size": 2,
+            "global_batch_size": 4,
+            "steps": steps,
+            "lr": 3.0e-3,
+            "warmup_steps": min(2, steps - 1),
+        },
         "checkpoint": {"save_interval": 0, "keep_last": 2},
         "logging": {"log_interval": 1, "tensorboard": False},
         "moe": {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32},

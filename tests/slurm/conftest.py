@@ -16,8 +16,10 @@ MPI_PACKAGES = {"mpirun": "openmpi-bin", "mpicc": "libopenmpi-dev"}
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "slurm: runs jobs on a real local SLURM cluster or under mpirun (installs slurm-wlm, "
-        "munge and Open MPI with apt-get when missing; needs root)")
+        "markers",
+        "slurm: runs jobs on a real local SLURM cluster or under mpirun (installs slurm-wlm, "
+        "munge and Open MPI with apt-get when missing; needs root)",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -19,24 +19,36 @@ def megatron_view(tp: int, pp: int, cp: int, ep: int, etp: int, world: int) -> d
         dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
         try:
             ps.initialize_model_parallel(
-                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
-                expert_model_parallel_size=ep, expert_tensor_parallel_size=etp, create_gloo_process_groups=False)
+                tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=pp,
+                context_parallel_size=cp,
+                expert_model_parallel_size=ep,
+                expert_tensor_parallel_size=etp,
+                create_gloo_process_groups=False,
+            )
             ranks = dist.get_process_group_ranks
             result[rank] = {
-                "coords": {"tp": ps.get_tensor_model_parallel_rank(), "pp": ps.get_pipeline_model_parallel_rank(),
-                           "cp": ps.get_context_parallel_rank(), "dp": ps.get_data_parallel_rank(),
-                           "ep": ps.get_expert_model_parallel_rank(), "etp": ps.get_expert_tensor_parallel_rank(),
-                           "edp": ps.get_expert_data_parallel_rank()},
-                "groups": {"tp": ranks(ps.get_tensor_model_parallel_group()),
-                           "pp": ranks(ps.get_pipeline_model_parallel_group()),
-                           "cp": ranks(ps.get_context_parallel_group()),
-                           "dp": ranks(ps.get_data_parallel_group()),
-                           "dp-cp": ranks(ps.get_data_parallel_group(with_context_parallel=True)),
-                           "tp-pp": ranks(ps.get_model_parallel_group()),
-                           "ep": ranks(ps.get_expert_model_parallel_group()),
-                           "etp": ranks(ps.get_expert_tensor_parallel_group()),
-                           "edp": ranks(ps.get_expert_data_parallel_group()),
-                           "etp-ep": ranks(ps.get_expert_tensor_and_model_parallel_group())},
+                "coords": {
+                    "tp": ps.get_tensor_model_parallel_rank(),
+                    "pp": ps.get_pipeline_model_parallel_rank(),
+                    "cp": ps.get_context_parallel_rank(),
+                    "dp": ps.get_data_parallel_rank(),
+                    "ep": ps.get_expert_model_parallel_rank(),
+                    "etp": ps.get_expert_tensor_parallel_rank(),
+                    "edp": ps.get_expert_data_parallel_rank(),
+                },
+                "groups": {
+                    "tp": ranks(ps.get_tensor_model_parallel_group()),
+                    "pp": ranks(ps.get_pipeline_model_parallel_group()),
+                    "cp": ranks(ps.get_context_parallel_group()),
+                    "dp": ranks(ps.get_data_parallel_group()),
+                    "dp-cp": ranks(ps.get_data_parallel_group(with_context_parallel=True)),
+                    "tp-pp": ranks(ps.get_model_parallel_group()),
+                    "ep": ranks(ps.get_expert_model_parallel_group()),
+                    "etp": ranks(ps.get_expert_tensor_parallel_group()),
+                    "edp": ranks(ps.get_expert_data_parallel_group()),
+                    "etp-ep": ranks(ps.get_expert_tensor_and_model_parallel_group()),
+                },
             }
         finally:
             ps.destroy_model_parallel()

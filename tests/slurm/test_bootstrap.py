@@ -10,7 +10,6 @@ from dataclasses import replace
 import pytest
 
 from megatron_ext.config import ConfigError
-from megatron_ext.run import load_config
 from megatron_ext.launch.bootstrap import (
     LaunchError,
     LaunchInfo,
@@ -20,16 +19,30 @@ from megatron_ext.launch.bootstrap import (
     prepare_launch,
     wait_for_rendezvous,
 )
+from megatron_ext.run import load_config
 from tests.slurm.cluster import REPO, clean_environment, free_port, write_tiny_config
 
-SRUN_TASK = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
-             "SLURM_JOB_ID": "1234", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_STEP_NODELIST": "gpu[07-08]"}
+SRUN_TASK = {
+    "SLURM_PROCID": "3",
+    "SLURM_NTASKS": "4",
+    "SLURM_LOCALID": "1",
+    "SLURM_STEP_ID": "0",
+    "SLURM_JOB_ID": "1234",
+    "SLURM_JOB_NODELIST": "gpu[07-08]",
+    "SLURM_STEP_NODELIST": "gpu[07-08]",
+}
 
 
-@pytest.mark.parametrize("nodelist,host", [
-    ("node1", "node1"), ("gpu[003-005,9],cpu1", "gpu003"), ("a[1-2]b[3-4]", "a1b3"),
-    ("rack1-n[12,14]", "rack1-n12"), ("x,y", "x"),
-])
+@pytest.mark.parametrize(
+    "nodelist,host",
+    [
+        ("node1", "node1"),
+        ("gpu[003-005,9],cpu1", "gpu003"),
+        ("a[1-2]b[3-4]", "a1b3"),
+        ("rack1-n[12,14]", "rack1-n12"),
+        ("x,y", "x"),
+    ],
+)
 def test_first_host_of_a_slurm_node_list(nodelist, host):
     assert first_host(nodelist) == host
 
@@ -49,9 +62,13 @@ def test_environment_from_slurm_variables():
     info = bootstrap_environment("auto", env)
     assert info == LaunchInfo("slurm", 3, 4, 1, "gpu07", 21234)
     assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")} == {
-        "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07", "MASTER_PORT": "21234"}
-    explicit = dict(SRUN_TASK, MASTER_ADDR="10.0.0.1", MASTER_PORT="29500", SLURM_STEP_NUM_TASKS="2",
-                    SLURM_PROCID="1")
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu07",
+        "MASTER_PORT": "21234",
+    }
+    explicit = dict(SRUN_TASK, MASTER_ADDR="10.0.0.1", MASTER_PORT="29500", SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="1")
     assert bootstrap_environment("slurm", explicit) == LaunchInfo("slurm", 1, 2, 1, "10.0.0.1", 29500)
 
 
@@ -79,8 +96,10 @@ def test_unreachable_rendezvous_times_out_with_a_clear_message():
     with pytest.raises(LaunchError) as err:
         wait_for_rendezvous(LaunchInfo("slurm", 1, 2, 1, "127.0.0.1", port), timeout=1.5)
     assert time.monotonic() - start < 5
-    assert f"rank 1 of 2 could not reach the rendezvous at MASTER_ADDR:MASTER_PORT = 127.0.0.1:{port} within 1.5 s" \
+    assert (
+        f"rank 1 of 2 could not reach the rendezvous at MASTER_ADDR:MASTER_PORT = 127.0.0.1:{port} within 1.5 s"
         in str(err.value)
+    )
     with pytest.raises(LaunchError, match="cannot resolve the rendezvous host"):
         wait_for_rendezvous(LaunchInfo("mpi", 1, 2, 1, "no-such-host.invalid", port), timeout=30)
 
@@ -100,19 +119,36 @@ def test_sizes_that_do_not_fit_fail_before_the_rendezvous(tmp_path):
     cfg = replace(cfg, parallel=replace(cfg.parallel, tensor=4))
     start = time.monotonic()
     with pytest.raises(ConfigError, match="world size 2 is not divisible"):
-        prepare_launch(cfg, "slurm", rendezvous_timeout=600, environ=dict(SRUN_TASK, SLURM_NTASKS="2",
-                                                                            SLURM_PROCID="1"))
+        prepare_launch(
+            cfg, "slurm", rendezvous_timeout=600, environ=dict(SRUN_TASK, SLURM_NTASKS="2", SLURM_PROCID="1")
+        )
     assert time.monotonic() - start < 120  # it did not wait for the 600 s rendezvous timeout
 
 
 def test_training_entry_reports_an_unreachable_rendezvous(tmp_path):
     port = free_port()
-    env = clean_environment(**dict(SRUN_TASK, SLURM_PROCID="1", SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1",
-                                   MASTER_PORT=str(port)))
+    env = clean_environment(
+        **dict(SRUN_TASK, SLURM_PROCID="1", SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    )
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(write_tiny_config(tmp_path, 2)),
-                           "--run-dir", str(tmp_path / "run"), "--rendezvous-timeout", "2"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pretrain.train",
+            "--config",
+            str(write_tiny_config(tmp_path, 2)),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--rendezvous-timeout",
+            "2",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 3, proc.stderr
     assert f"could not reach the rendezvous at MASTER_ADDR:MASTER_PORT = 127.0.0.1:{port} within 2 s" in proc.stderr
     assert time.monotonic() - start < 300  # Python and torch start-up, then 2 s of waiting: no hang

@@ -13,9 +13,29 @@ pytestmark = pytest.mark.slurm
 
 def test_mpirun_two_ranks_train(mpi_ready, tmp_path):
     config, run_dir = write_tiny_config(tmp_path, steps=5), tmp_path / "run"
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "--mca", "btl", "self,tcp",
-           "-np", "2", sys.executable, "-m", "pretrain.train", "--launcher", "mpi", "--config", str(config),
-           "--run-dir", str(run_dir), "--rendezvous-timeout", "60"]
+    cmd = [
+        "mpirun",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        "--mca",
+        "btl",
+        "self,tcp",
+        "-np",
+        "2",
+        sys.executable,
+        "-m",
+        "pretrain.train",
+        "--launcher",
+        "mpi",
+        "--config",
+        str(config),
+        "--run-dir",
+        str(run_dir),
+        "--rendezvous-timeout",
+        "60",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=clean_environment(), capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out

@@ -10,18 +10,25 @@ from dataclasses import replace
 import pytest
 
 from megatron_ext.config import ConfigError
-from megatron_ext.run import load_config
 from megatron_ext.launch.layout import GROUP_KINDS, Layout
 from megatron_ext.launch.memory import ParamInventory, estimate_memory, layer_activation_bytes
 from megatron_ext.launch.planner import check_allocation, format_plan, format_plan_summary, make_plan, sbatch_command
+from megatron_ext.run import load_config
 from tests.slurm.cluster import REPO
 
 # (TP, PP, CP, EP, ETP, world): dense, MoE with EP inside TP x DP, CP, expert TP != TP.
 LAYOUTS = [(2, 2, 1, 4, 1, 16), (1, 2, 1, 2, 1, 8), (2, 1, 2, 1, 2, 8), (4, 2, 1, 2, 2, 32), (2, 2, 1, 1, 2, 8)]
 MEGATRON_TOKENS = {  # our group kind -> (Megatron rank generator, its token)
-    "tp": ("dense", "tp"), "cp": ("dense", "cp"), "dp": ("dense", "dp"), "pp": ("dense", "pp"),
-    "dp-cp": ("dense", "dp-cp"), "tp-pp": ("dense", "tp-pp"),
-    "ep": ("expert", "ep"), "etp": ("expert", "tp"), "edp": ("expert", "dp"), "etp-ep": ("expert", "tp-ep"),
+    "tp": ("dense", "tp"),
+    "cp": ("dense", "cp"),
+    "dp": ("dense", "dp"),
+    "pp": ("dense", "pp"),
+    "dp-cp": ("dense", "dp-cp"),
+    "tp-pp": ("dense", "tp-pp"),
+    "ep": ("expert", "ep"),
+    "etp": ("expert", "tp"),
+    "edp": ("expert", "dp"),
+    "etp-ep": ("expert", "tp-ep"),
 }
 
 
@@ -47,8 +54,13 @@ def test_groups_match_megatron_rank_generator(sizes):
 def test_coordinates_and_groups_match_megatron_parallel_state_on_a_fake_world():
     """Megatron's initialize_model_parallel, run for every rank of each layout on torch's fake
     backend, gives every rank the coordinates and groups the planner prints."""
-    proc = subprocess.run([sys.executable, "-m", "tests.slurm.fake_world", json.dumps(LAYOUTS)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.slurm.fake_world", json.dumps(LAYOUTS)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     views = json.loads(proc.stdout)
     for sizes, view in zip(LAYOUTS, views, strict=True):
@@ -81,8 +93,13 @@ def dense_config(**parallel):
 
 
 def dense_inventory(layers=28, per_layer_tp=48_000_000, per_layer_norms=4_000, embedding=300_000_000):
-    return ParamInventory(num_layers=layers, layers=[{"tp": per_layer_tp, "replicated": per_layer_norms}] * layers,
-                          first_stage={"tp": embedding}, last_stage={"replicated": 2048}, tied_embedding=embedding)
+    return ParamInventory(
+        num_layers=layers,
+        layers=[{"tp": per_layer_tp, "replicated": per_layer_norms}] * layers,
+        first_stage={"tp": embedding},
+        last_stage={"replicated": 2048},
+        tied_embedding=embedding,
+    )
 
 
 def test_memory_estimate_follows_the_sharding():
@@ -118,8 +135,10 @@ def test_activation_estimate_is_korthikanti_et_al():
     first, last = estimate_memory(dense_config(pipeline=2), inv, 64)  # 1F1B: stage 0 holds 2 micro-batches
     assert first.activations == pytest.approx(2 * (layers // 2) * layer_activation_bytes(cfg))
     assert last.activations == pytest.approx((layers // 2) * layer_activation_bytes(cfg) + logits)
-    peaks = [max(m.total for m in estimate_memory(replace(cfg, train=replace(cfg.train, recompute=mode)), inv, 64))
-             for mode in ("none", "selective", "full")]
+    peaks = [
+        max(m.total for m in estimate_memory(replace(cfg, train=replace(cfg.train, recompute=mode)), inv, 64))
+        for mode in ("none", "selective", "full")
+    ]
     assert peaks[0] > peaks[1] > peaks[2]
 
 
@@ -155,9 +174,13 @@ def moe_config(**parallel):
 
 
 def moe_inventory(layers=32):
-    return ParamInventory(num_layers=layers,
-                          layers=[{"tp": 30_000_000, "replicated": 4_000, "expert": 2_400_000_000}] * layers,
-                          first_stage={"tp": 300_000_000}, last_stage={"replicated": 2048}, tied_embedding=300_000_000)
+    return ParamInventory(
+        num_layers=layers,
+        layers=[{"tp": 30_000_000, "replicated": 4_000, "expert": 2_400_000_000}] * layers,
+        first_stage={"tp": 300_000_000},
+        last_stage={"replicated": 2048},
+        tied_embedding=300_000_000,
+    )
 
 
 def test_the_summary_of_a_1024_gpu_layout_is_short():
@@ -175,9 +198,11 @@ def test_the_summary_of_a_1024_gpu_layout_is_short():
     assert any(line.startswith("  peak: stage ") for line in summary)
     # the same lines as the full report, without its rank and group listings
     assert [line for line in summary if line not in full] == [
-        "Groups (node = rank // 8; the ranks of each: run without --summary)"]
-    assert len(format_plan_summary(make_plan(moe_config(), 32, 8, moe_inventory(), environ={})).splitlines()) \
-        == len(summary)  # independent of the GPU count
+        "Groups (node = rank // 8; the ranks of each: run without --summary)"
+    ]
+    assert len(format_plan_summary(make_plan(moe_config(), 32, 8, moe_inventory(), environ={})).splitlines()) == len(
+        summary
+    )  # independent of the GPU count
 
 
 def test_the_cross_node_expert_warning_names_the_fix():
@@ -188,14 +213,18 @@ def test_the_cross_node_expert_warning_names_the_fix():
     # TP 2 without parallel.expert_tensor: ETP = 2 strides each EP group of 8 over 16 ranks, two nodes
     tp2 = {"tensor": 2, "pipeline": 1, "expert": 8, "sequence_parallel": True}
     (warning,) = ep_warnings(4, **tp2)
-    assert "each EP group spans ETP x EP = 2 x 8 = 16 consecutive ranks (parallel.expert_tensor is unset, so " \
-           "ETP follows parallel.tensor=2): set parallel.expert_tensor=1 (ETP x EP = 8 ranks), or " \
-           "parallel.expert=4 (ETP x EP = 8 ranks) to keep them inside a node of 8 GPUs" in warning, warning
+    assert (
+        "each EP group spans ETP x EP = 2 x 8 = 16 consecutive ranks (parallel.expert_tensor is unset, so "
+        "ETP follows parallel.tensor=2): set parallel.expert_tensor=1 (ETP x EP = 8 ranks), or "
+        "parallel.expert=4 (ETP x EP = 8 ranks) to keep them inside a node of 8 GPUs" in warning
+    ), warning
     assert ep_warnings(4, **tp2, expert_tensor=1) == []
     assert ep_warnings(4, **{**tp2, "expert": 4}) == []
     (warning,) = ep_warnings(128)  # EP 16 on nodes of 8
-    assert warning.endswith("each EP group spans ETP x EP = 1 x 16 = 16 consecutive ranks: set "
-                            "parallel.expert=8 (ETP x EP = 8 ranks) to keep them inside a node of 8 GPUs"), warning
+    assert warning.endswith(
+        "each EP group spans ETP x EP = 1 x 16 = 16 consecutive ranks: set "
+        "parallel.expert=8 (ETP x EP = 8 ranks) to keep them inside a node of 8 GPUs"
+    ), warning
     assert ep_warnings(128, expert=8) == []
     (warning,) = ep_warnings(4, **{**tp2, "expert": 16})  # neither field alone fits EP 16; both do
     assert "set parallel.expert=4 (ETP x EP = 8 ranks), or parallel.expert_tensor=1 with parallel.expert=8" in warning
@@ -223,20 +252,34 @@ def test_node_count_must_agree_with_slurm():
 
 def test_sbatch_command():
     command = sbatch_command("configs/smoke.yaml", ["parallel.tensor=2", "train.lr=1e-3"], 2, 8, job_name="smoke")
-    assert command == ("mkdir -p logs && sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 --job-name=smoke "
-                       "--export=ALL,NODES=2 slurm/train_gpu.sbatch --config configs/smoke.yaml "
-                       "--set parallel.tensor=2 --set train.lr=1e-3")
+    assert command == (
+        "mkdir -p logs && sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 --job-name=smoke "
+        "--export=ALL,NODES=2 slurm/train_gpu.sbatch --config configs/smoke.yaml "
+        "--set parallel.tensor=2 --set train.lr=1e-3"
+    )
 
 
 def plan_cli(*args):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    return subprocess.run([sys.executable, "-m", "pretrain.plan", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pretrain.plan", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_paper_scale_dry_run():
-    proc = plan_cli("--config", "configs/qwen3_1p7b.yaml", "--nodes", "8", "--gpus-per-node", "8",
-                    "--set", "parallel.tensor=2", "--set", "parallel.pipeline=2", "--emit-sbatch")
+    proc = plan_cli(
+        "--config",
+        "configs/qwen3_1p7b.yaml",
+        "--nodes",
+        "8",
+        "--gpus-per-node",
+        "8",
+        "--set",
+        "parallel.tensor=2",
+        "--set",
+        "parallel.pipeline=2",
+        "--emit-sbatch",
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     print(out[:600], "\n...\n", out[-1200:])
@@ -249,8 +292,17 @@ def test_paper_scale_dry_run():
 
 
 def test_summary_cli_at_1024_gpus():
-    proc = plan_cli("--config", "configs/qwen3_1p7b.yaml", "--nodes", "128", "--gpus-per-node", "8",
-                    "--set", "train.global_batch_size=1024", "--summary")
+    proc = plan_cli(
+        "--config",
+        "configs/qwen3_1p7b.yaml",
+        "--nodes",
+        "128",
+        "--gpus-per-node",
+        "8",
+        "--set",
+        "train.global_batch_size=1024",
+        "--summary",
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) < 60, proc.stdout
@@ -261,14 +313,23 @@ def test_summary_cli_at_1024_gpus():
 
 @pytest.mark.parametrize("size,params", [("0p6b", "0.60B"), ("1p7b", "1.72B")])
 def test_consa_recipes_plan_at_paper_scale(size, params):
-    proc = plan_cli("--config", f"configs/consa_qwen3_{size}.yaml", "--nodes", "2", "--gpus-per-node", "8",
-                    "--set", "parallel.tensor=2")
+    proc = plan_cli(
+        "--config",
+        f"configs/consa_qwen3_{size}.yaml",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "8",
+        "--set",
+        "parallel.tensor=2",
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"consa_qwen3_{size}: 2 node(s) x 8 GPU(s) = 16 ranks, {params} parameters" in proc.stdout
 
 
 def test_planner_cli_rejects_sizes_that_do_not_fit():
-    proc = plan_cli("--config", "configs/qwen3_1p7b.yaml", "--nodes", "1", "--gpus-per-node", "6",
-                    "--set", "parallel.tensor=4")
+    proc = plan_cli(
+        "--config", "configs/qwen3_1p7b.yaml", "--nodes", "1", "--gpus-per-node", "6", "--set", "parallel.tensor=4"
+    )
     assert proc.returncode == 2
     assert "world size 6 is not divisible by parallel.tensor * parallel.pipeline" in proc.stderr

@@ -22,8 +22,7 @@ CPU_SCRIPT = "slurm/train_cpu.sbatch"
 
 def submit(cluster, tmp_path: Path, *train_args: str, script: str = CPU_SCRIPT, options=(), **env) -> int:
     env = {"PYTHON": sys.executable, "MASTER_PORT": str(free_port()), **env}
-    return cluster.sbatch(script, *train_args, env=env,
-                          options=["--output", str(tmp_path / "job-%j.out"), *options])
+    return cluster.sbatch(script, *train_args, env=env, options=["--output", str(tmp_path / "job-%j.out"), *options])
 
 
 def job_log(tmp_path: Path, job_id: int) -> str:
@@ -67,8 +66,18 @@ def test_srun_tasks_as_ranks_with_slurm_launcher(slurm_cluster, tmp_path):
     script = tmp_path / "srun_ranks.sbatch"
     script.write_text('#!/bin/bash\nsrun "$PYTHON" -m pretrain.train --launcher slurm "$@"\n')
     config, run_dir = write_tiny_config(tmp_path, steps=4), tmp_path / "run"
-    job = submit(slurm_cluster, tmp_path, "--config", str(config), "--run-dir", str(run_dir),
-                 "--rendezvous-timeout", "60", script=str(script), options=["--ntasks=2", f"--chdir={REPO}"])
+    job = submit(
+        slurm_cluster,
+        tmp_path,
+        "--config",
+        str(config),
+        "--run-dir",
+        str(run_dir),
+        "--rendezvous-timeout",
+        "60",
+        script=str(script),
+        options=["--ntasks=2", f"--chdir={REPO}"],
+    )
     info = slurm_cluster.wait_for(job, job_log=tmp_path / f"job-{job}.out")
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), job_log(tmp_path, job)
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
@@ -92,8 +101,9 @@ def _check_resumed(cluster, job: int, run_dir: Path, steps: int, tmp_path: Path)
     k = int(stopped[0].split("at step ")[1].split(",")[0])
     assert f"resumed from {checkpoint / f'step_{k:08d}'} at step {k}" in log, log
     assert 10 <= k < steps, k
-    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, steps + 1)), \
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, steps + 1)), (
         "every step exactly once: none lost, none repeated"
+    )
     # One record per run: the requeued one (SLURM's jobcomp writes it as PENDING), the finished one.
     assert cluster.sacct(job, parsable=True).split() == ["PENDING|0:0", "COMPLETED|0:0"]
     record = cluster.run("scontrol", "show", "job", str(job)).stdout
@@ -103,8 +113,7 @@ def _check_resumed(cluster, job: int, run_dir: Path, steps: int, tmp_path: Path)
 
 def test_scontrol_requeue_resumes_from_checkpoint(slurm_cluster, tmp_path):
     steps, run_dir = 150, tmp_path / "run"
-    job = submit(slurm_cluster, tmp_path, "--config", str(write_tiny_config(tmp_path, steps)),
-                 RUN_DIR=str(run_dir))
+    job = submit(slurm_cluster, tmp_path, "--config", str(write_tiny_config(tmp_path, steps)), RUN_DIR=str(run_dir))
     wait_for_steps(slurm_cluster, job, run_dir / "metrics.jsonl", 10, tmp_path)
     slurm_cluster.run("scontrol", "requeue", str(job))
     resume_now(slurm_cluster, job)
@@ -114,8 +123,7 @@ def test_scontrol_requeue_resumes_from_checkpoint(slurm_cluster, tmp_path):
 
 def test_time_limit_signal_checkpoints_and_requeues_itself(slurm_cluster, tmp_path):
     steps, run_dir = 150, tmp_path / "run"
-    job = submit(slurm_cluster, tmp_path, "--config", str(write_tiny_config(tmp_path, steps)),
-                 RUN_DIR=str(run_dir))
+    job = submit(slurm_cluster, tmp_path, "--config", str(write_tiny_config(tmp_path, steps)), RUN_DIR=str(run_dir))
     wait_for_steps(slurm_cluster, job, run_dir / "metrics.jsonl", 10, tmp_path)
     # What --signal=B:USR1@120 does 120 s before the time limit: SIGUSR1 to the batch shell only.
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job))

@@ -31,7 +31,8 @@ def test_type_checking_imports_are_edges_of_the_graph(tmp_path):
     (package / "low").mkdir(parents=True)
     (package / "high").mkdir()
     (package / "low" / "__init__.py").write_text(
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from megatron_ext.high import Thing\n")
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from megatron_ext.high import Thing\n"
+    )
     (package / "high" / "__init__.py").write_text("from megatron_ext.low import helper\n")
     graph = package_graph(package)
     assert graph == {"megatron_ext.low": {"megatron_ext.high"}, "megatron_ext.high": {"megatron_ext.low"}}
@@ -41,10 +42,13 @@ def test_type_checking_imports_are_edges_of_the_graph(tmp_path):
 @pytest.mark.parametrize("package", ["models", "data"])
 def test_building_blocks_never_name_the_run_assembly(package):
     modules = module_imports(PACKAGE)
-    named = sorted(f"{module} -> {name}" for module, names in modules.items()
-                   if module.startswith(f"megatron_ext.{package}.") or module == f"megatron_ext.{package}"
-                   for name in names
-                   if name.startswith(("megatron_ext.run", "megatron_ext.training", "megatron_ext.launch")))
+    named = sorted(
+        f"{module} -> {name}"
+        for module, names in modules.items()
+        if module.startswith(f"megatron_ext.{package}.") or module == f"megatron_ext.{package}"
+        for name in names
+        if name.startswith(("megatron_ext.run", "megatron_ext.training", "megatron_ext.launch"))
+    )
     assert named == [], f"megatron_ext/{package} imports the run assembly: {named}"
     text = "\n".join(path.read_text() for path in (PACKAGE / package).rglob("*.py"))
     assert "RunConfig" not in text, f"megatron_ext/{package} names the run config"
@@ -59,11 +63,20 @@ def test_no_capability_imports_the_run_assembly():
 
 def test_config_is_a_leaf_that_loads_without_torch():
     assert package_graph(PACKAGE)["megatron_ext.config"] == set()
-    probe = ("import sys, megatron_ext.config; "
-             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('megatron')))")
+    probe = (
+        "import sys, megatron_ext.config; "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('megatron')))"
+    )
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    assert loaded.strip() == str(["megatron_ext", "megatron_ext.config", "megatron_ext.config.checks",
-                                  "megatron_ext.config.loader", "megatron_ext.config.sections"])
+    assert loaded.strip() == str(
+        [
+            "megatron_ext",
+            "megatron_ext.config",
+            "megatron_ext.config.checks",
+            "megatron_ext.config.loader",
+            "megatron_ext.config.sections",
+        ]
+    )
 
 
 @pytest.mark.parametrize("path", ["training/loop.py", "training/step.py", "run/builder.py"])
@@ -119,8 +132,11 @@ class _Toy(Capability):
 
 
 def test_a_new_capability_is_one_section_and_its_problems_carry_their_yaml_path():
-    cls = compose_run_config(_Toy.sections, module=__name__,
-                             methods={"capabilities": property(lambda cfg: [c for c in [_Toy()] if c.enabled(cfg)])})
+    cls = compose_run_config(
+        _Toy.sections,
+        module=__name__,
+        methods={"capabilities": property(lambda cfg: [c for c in [_Toy()] if c.enabled(cfg)])},
+    )
     cfg = from_dict(cls, {"toy": {"enabled": True, "width": 8}, "model": {"num_layers": 3}})
     assert cfg.toy.width == 8 and cfg.model.num_layers == 3 and [c.name for c in cfg.capabilities] == ["toy"]
     with pytest.raises(ConfigError) as info:

@@ -7,14 +7,23 @@ import dataclasses
 import pytest
 
 from megatron_ext.config import ConfigError, from_dict
+from megatron_ext.run import RunConfig
 from megatron_ext.run import backend as backend_module
 from megatron_ext.run.backend import backend_problems, resolve_backend
-from megatron_ext.run import RunConfig
 from megatron_ext.run.checks import check_run
 
-BASE = {"model": {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
-                  "ffn_hidden_size": 128, "vocab_size": 256},
-        "data": {"seq_length": 64}, "train": {"micro_batch_size": 2, "global_batch_size": 2, "steps": 2}}
+BASE = {
+    "model": {
+        "num_layers": 4,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+        "ffn_hidden_size": 128,
+        "vocab_size": 256,
+    },
+    "data": {"seq_length": 64},
+    "train": {"micro_batch_size": 2, "global_batch_size": 2, "steps": 2},
+}
 
 
 def run_config(model=None, train=None, **sections):
@@ -94,8 +103,9 @@ def test_fp8_sets_transformer_engine_fp8_and_bf16_weights():
     from megatron_ext.run.builder import params_dtype
 
     cfg = run_config(train={"precision": "fp8"})
-    assert backend_module.fp8_config(cfg) == dict(fp8="hybrid", fp8_recipe="delayed", fp8_amax_history_len=1024,
-                                                  fp8_amax_compute_algo="max")
+    assert backend_module.fp8_config(cfg) == dict(
+        fp8="hybrid", fp8_recipe="delayed", fp8_amax_history_len=1024, fp8_amax_compute_algo="max"
+    )
     assert params_dtype(cfg, cuda=True) == torch.bfloat16
     assert backend_module.fp8_config(run_config(train={"precision": "bf16"})) == {}
 
@@ -111,13 +121,14 @@ def test_te_layer_specs_fuse_norms_keep_local_checkpoint_names_and_group_the_exp
     from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
     from megatron.core.transformer.identity_op import IdentityOp
 
-    from megatron_ext.run.builder import layer_specs
     from megatron_ext.models.layer_spec import block_norm
+    from megatron_ext.run.builder import layer_specs
 
-    cfg = run_config(model={"backend": "te", "qk_layernorm": True},
-                     moe={"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32,
-                          "first_k_dense": 1},
-                     hybrid_attention={"enabled": True, "window": 16, "mask_learning_steps": 2})
+    cfg = run_config(
+        model={"backend": "te", "qk_layernorm": True},
+        moe={"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 32, "first_k_dense": 1},
+        hybrid_attention={"enabled": True, "window": 16, "mask_learning_steps": 2},
+    )
     provider = TESpecProvider()
     specs = layer_specs(cfg)
     dense, moe = specs[0].submodules, specs[1].submodules
@@ -126,8 +137,10 @@ def test_te_layer_specs_fuse_norms_keep_local_checkpoint_names_and_group_the_exp
         assert layer.input_layernorm is IdentityOp and attn.linear_qkv is TELayerNormColumnParallelLinear
         assert attn.linear_proj is TERowParallelLinear and attn.q_layernorm is provider.layer_norm()
         assert attn.core_attention.keywords == {"window": 16, "sink": 0, "backend": "te"}  # the hybrid core, on TE
-        assert layer.sharded_state_dict_keys_map == {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
-                                                     "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
+        assert layer.sharded_state_dict_keys_map == {
+            "self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+            "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm.",
+        }
     assert dense.pre_mlp_layernorm is IdentityOp  # fused into linear_fc1
     assert dense.mlp.submodules.linear_fc1 is TELayerNormColumnParallelLinear
     assert moe.pre_mlp_layernorm is provider.layer_norm()  # the router reads normed input
@@ -145,5 +158,8 @@ def test_fp8_checks_the_expert_sizes_too(te_imports):
     moe = {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 40}
     text = problems(run_config(model={"backend": "te"}, train={"precision": "fp8"}, moe=moe), cuda=True)
     assert "moe.expert_ffn_hidden_size=40 is not" in text
-    check_run(run_config(model={"backend": "te"}, train={"precision": "fp8"},
-                         moe={**moe, "expert_ffn_hidden_size": 48}), 1, cuda=True)
+    check_run(
+        run_config(model={"backend": "te"}, train={"precision": "fp8"}, moe={**moe, "expert_ffn_hidden_size": 48}),
+        1,
+        cuda=True,
+    )

@@ -36,14 +36,24 @@ def test_cases_alternate_order_between_repetitions():
 
 
 def test_gpu_check_runs_at_toy_sizes_on_cpu(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--tiny", "--reps", "1", "--out",
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", "--tiny", "--reps", "1", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (result,) = tmp_path.glob("gpu-*.json")
     record = json.loads(result.read_text())
     assert record["failed"] == [] and record["tiny"] is True
     metrics = [r["metric"] for r in record["rows"]]
-    for expected in ("hybrid model tokens/s", "SWA / FA fwd+bwd, T=512", "gated (stage 1) / FA layer",
-                     "MoE tokens/s", "step time top-k 25% / full"):
+    for expected in (
+        "hybrid model tokens/s",
+        "SWA / FA fwd+bwd, T=512",
+        "gated (stage 1) / FA layer",
+        "MoE tokens/s",
+        "step time top-k 25% / full",
+    ):
         assert any(m.startswith(expected) for m in metrics), (expected, metrics)
     assert all(r["value"] > 0 for r in record["rows"])

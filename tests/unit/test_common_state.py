@@ -7,8 +7,14 @@ LAYOUT = {"world": 2, "tp": 2, "pp": 1, "vpp": 1, "ep": 1, "etp": 1, "cp": 1}
 
 
 def test_the_saved_dict_reads_back_into_the_same_state():
-    state = CommonState(step=6, consumed_samples=24, skipped_steps=1, scheduler={"num_steps": 6},
-                        callbacks={"toy": {"seen": [1, 2]}}, layout=LAYOUT)
+    state = CommonState(
+        step=6,
+        consumed_samples=24,
+        skipped_steps=1,
+        scheduler={"num_steps": 6},
+        callbacks={"toy": {"seen": [1, 2]}},
+        layout=LAYOUT,
+    )
     saved = state.to_dict()
     assert list(saved) == ["consumed_samples", "skipped_steps", "scheduler", "callbacks", "layout", "step"]
     assert CommonState.from_dict(saved) == state

@@ -8,15 +8,22 @@ import textwrap
 import pytest
 import torch
 
-from megatron_ext.compat import SUPPORTED_MEGATRON_CORE, MegatronInternalError
-from megatron_ext.compat import datasets, distributed, layers, moe, optim, recompute, safe_load
+from megatron_ext.compat import (
+    SUPPORTED_MEGATRON_CORE,
+    MegatronInternalError,
+    datasets,
+    distributed,
+    layers,
+    moe,
+    optim,
+    recompute,
+    safe_load,
+)
 from megatron_ext.compat.internals import Internal
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
 
 
 def test_inactive_when_cuda_is_available():
@@ -131,16 +138,28 @@ def test_declared_internal_exists_with_the_relied_on_signature(internal):
     internal.check()
 
 
-@pytest.mark.parametrize("internal,problem", [
-    (Internal("megatron.core.optimizer", "_get_param_groups_renamed"), "does not exist"),
-    (Internal("megatron.core.optimizer", "_get_param_groups", parameters=("model_chunks", "lr")),
-     "without the parameters ['lr']"),
-    (Internal("megatron.core.optimizer", "_get_param_groups", parameters=("config", "model_chunks"),
-              positional=True), "leading positional parameters are ['model_chunks', 'config']"),
-    (Internal("megatron.core.optimizer", "_get_param_groups", source_contains=("not in the source",)),
-     "no longer contains ['not in the source']"),
-    (Internal("megatron.core.no_such_module", "anything"), "cannot be imported"),
-], ids=["missing", "parameter", "order", "source", "module"])
+@pytest.mark.parametrize(
+    "internal,problem",
+    [
+        (Internal("megatron.core.optimizer", "_get_param_groups_renamed"), "does not exist"),
+        (
+            Internal("megatron.core.optimizer", "_get_param_groups", parameters=("model_chunks", "lr")),
+            "without the parameters ['lr']",
+        ),
+        (
+            Internal(
+                "megatron.core.optimizer", "_get_param_groups", parameters=("config", "model_chunks"), positional=True
+            ),
+            "leading positional parameters are ['model_chunks', 'config']",
+        ),
+        (
+            Internal("megatron.core.optimizer", "_get_param_groups", source_contains=("not in the source",)),
+            "no longer contains ['not in the source']",
+        ),
+        (Internal("megatron.core.no_such_module", "anything"), "cannot be imported"),
+    ],
+    ids=["missing", "parameter", "order", "source", "module"],
+)
 def test_a_changed_internal_fails_loudly_with_symbol_and_version(internal, problem):
     with pytest.raises(MegatronInternalError) as err:
         internal.check("megatron_ext.compat.optim.megatron_param_groups")

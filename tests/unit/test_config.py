@@ -16,8 +16,11 @@ def problems_of(data, world_size=None, cuda=False):
 
 
 def moe_cfg(**parallel):
-    return {"moe": {"enabled": True, "num_experts": 8, "top_k": 2},
-            "parallel": dict(parallel), "train": {"global_batch_size": 8, "micro_batch_size": 1}}
+    return {
+        "moe": {"enabled": True, "num_experts": 8, "top_k": 2},
+        "parallel": dict(parallel),
+        "train": {"global_batch_size": 8, "micro_batch_size": 1},
+    }
 
 
 def test_smoke_and_paper_configs_load_and_round_trip(tmp_path):
@@ -34,8 +37,9 @@ def test_unknown_keys_suggest_the_closest_name():
 
 
 def test_wrong_types_name_field_value_and_expected_type():
-    problems = problems_of({"model": {"hidden_size": "wide"}, "train": {"lr": "fast"},
-                            "parallel": {"sequence_parallel": 1}})
+    problems = problems_of(
+        {"model": {"hidden_size": "wide"}, "train": {"lr": "fast"}, "parallel": {"sequence_parallel": 1}}
+    )
     assert "model.hidden_size='wide' has the wrong type: expected int" in problems
     assert "train.lr='fast' has the wrong type: expected float" in problems
     assert "parallel.sequence_parallel=1 has the wrong type: expected bool" in problems
@@ -66,22 +70,26 @@ def test_expert_parallel_must_divide_experts_and_data_parallel_ranks():
     problems = problems_of(moe_cfg(expert=3), world_size=3)
     assert any("moe.num_experts=8 is not divisible by parallel.expert=3" in p for p in problems)
     problems = problems_of(moe_cfg(expert=4), world_size=2)
-    assert any("parallel.expert=4 x expert_tensor=1 must divide data-parallel x context x tensor" in p
-               for p in problems)
+    assert any(
+        "parallel.expert=4 x expert_tensor=1 must divide data-parallel x context x tensor" in p for p in problems
+    )
     (problem,) = problems_of({"parallel": {"expert": 2}}, world_size=2)
     assert "parallel.expert=2 needs moe.enabled: true" in problem
 
 
 def test_heads_and_query_groups_must_divide_by_tp():
-    problems = problems_of({"model": {"num_attention_heads": 6, "num_query_groups": 3, "hidden_size": 96},
-                            "parallel": {"tensor": 4}}, world_size=4)
+    problems = problems_of(
+        {"model": {"num_attention_heads": 6, "num_query_groups": 3, "hidden_size": 96}, "parallel": {"tensor": 4}},
+        world_size=4,
+    )
     assert any("model.num_attention_heads=6 is not divisible by parallel.tensor=4" in p for p in problems)
     assert any("model.num_query_groups=3 is not divisible by parallel.tensor=4" in p for p in problems)
 
 
 def test_sequence_length_must_suit_sequence_and_context_parallelism():
-    (problem,) = problems_of({"data": {"seq_length": 63}, "parallel": {"tensor": 2, "sequence_parallel": True}},
-                             world_size=2)
+    (problem,) = problems_of(
+        {"data": {"seq_length": 63}, "parallel": {"tensor": 2, "sequence_parallel": True}}, world_size=2
+    )
     assert "data.seq_length=63 is not divisible by parallel.tensor=2" in problem
     problems = problems_of({"data": {"seq_length": 66}, "parallel": {"context": 2}}, world_size=2, cuda=True)
     assert any("data.seq_length=66 is not divisible by 2 * parallel.context = 4" in p for p in problems)
@@ -89,33 +97,62 @@ def test_sequence_length_must_suit_sequence_and_context_parallelism():
 
 @pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "gpu"])
 def test_context_parallelism_accepts_what_it_computes_and_names_the_rest(cuda):
-    every_method = {"data": {"seq_length": 64}, "parallel": {"context": 2, "tensor": 2, "sequence_parallel": True},
-                    "hybrid_attention": {"enabled": True, "window": 8, "mask_learning_steps": 10},
-                    "looping": {"enabled": True, "top_k_layers": 1}, "model": {"num_layers": 2},
-                    "moe": {"enabled": True, "num_experts": 4, "top_k": 2}}
+    every_method = {
+        "data": {"seq_length": 64},
+        "parallel": {"context": 2, "tensor": 2, "sequence_parallel": True},
+        "hybrid_attention": {"enabled": True, "window": 8, "mask_learning_steps": 10},
+        "looping": {"enabled": True, "top_k_layers": 1},
+        "model": {"num_layers": 2},
+        "moe": {"enabled": True, "num_experts": 4, "top_k": 2},
+    }
     check_run(from_dict(RunConfig, every_method), 4, cuda=cuda)  # accepted on CPU and GPU alike
-    problems = problems_of({"parallel": {"context": 2}, "data": {"seq_length": 64},
-                            "model": {"attention_backend": "local", "attention_dropout": 0.1, "mtp_num_layers": 1}},
-                           world_size=2, cuda=cuda)
-    assert any("model.attention_backend='local': Megatron's DotProductAttention has no context parallelism" in p
-               for p in problems)
+    problems = problems_of(
+        {
+            "parallel": {"context": 2},
+            "data": {"seq_length": 64},
+            "model": {"attention_backend": "local", "attention_dropout": 0.1, "mtp_num_layers": 1},
+        },
+        world_size=2,
+        cuda=cuda,
+    )
+    assert any(
+        "model.attention_backend='local': Megatron's DotProductAttention has no context parallelism" in p
+        for p in problems
+    )
     assert any("model.attention_dropout=0.1: the context-parallel attention has no dropout" in p for p in problems)
-    assert any("model.mtp_num_layers=1: multi-token prediction's shifted inputs and targets cross the CP chunks" in p
-               for p in problems)
-    loza = {"parallel": {"context": 2}, "data": {"seq_length": 64},
-            "hybrid_attention": {"enabled": True, "method": "loza", "granularity": "layer", "window": 8, "sink_tokens": 4,
-                                 "mask_learning_steps": 10}}
+    assert any(
+        "model.mtp_num_layers=1: multi-token prediction's shifted inputs and targets cross the CP chunks" in p
+        for p in problems
+    )
+    loza = {
+        "parallel": {"context": 2},
+        "data": {"seq_length": 64},
+        "hybrid_attention": {
+            "enabled": True,
+            "method": "loza",
+            "granularity": "layer",
+            "window": 8,
+            "sink_tokens": 4,
+            "mask_learning_steps": 10,
+        },
+    }
     check_run(from_dict(RunConfig, loza), 2, cuda=cuda)  # sink + recent attention too
-    problems = problems_of({"parallel": {"context": 2, "tensor": 4, "sequence_parallel": True},
-                            "data": {"seq_length": 12}}, world_size=8, cuda=cuda)
+    problems = problems_of(
+        {"parallel": {"context": 2, "tensor": 4, "sequence_parallel": True}, "data": {"seq_length": 12}},
+        world_size=8,
+        cuda=cuda,
+    )
     assert any("data.seq_length=12 / parallel.context=2 is not divisible by parallel.tensor=4" in p for p in problems)
 
 
 def test_batch_accounting_and_precision():
-    problems = problems_of({"train": {"global_batch_size": 6, "micro_batch_size": 2, "precision": "bf16"}},
-                           world_size=2)
-    assert any("train.global_batch_size=6 is not divisible by train.micro_batch_size x data-parallel size"
-               in p for p in problems)
+    problems = problems_of(
+        {"train": {"global_batch_size": 6, "micro_batch_size": 2, "precision": "bf16"}}, world_size=2
+    )
+    assert any(
+        "train.global_batch_size=6 is not divisible by train.micro_batch_size x data-parallel size" in p
+        for p in problems
+    )
     assert any("train.precision='bf16' needs a GPU" in p for p in problems)
 
 
@@ -140,8 +177,11 @@ def test_missing_config_file_is_a_clear_error():
 
 
 def test_config_files_that_are_empty_lists_or_repeat_a_key_are_refused(tmp_path):
-    cases = {"empty.yaml": ("", "is empty"), "list.yaml": ("- model\n- train\n", "holds a list, not a mapping"),
-             "twice.yaml": ("train:\n  lr: 0.1\n  lr: 0.2\n", "key 'lr' is given twice (line 3)")}
+    cases = {
+        "empty.yaml": ("", "is empty"),
+        "list.yaml": ("- model\n- train\n", "holds a list, not a mapping"),
+        "twice.yaml": ("train:\n  lr: 0.1\n  lr: 0.2\n", "key 'lr' is given twice (line 3)"),
+    }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(ConfigError, match=re.escape(message)):
@@ -161,10 +201,11 @@ def test_infinite_numbers_short_warmup_oversized_top_k_and_missing_validation_ar
         check_run(cfg, 1, cuda=False)
 
 
-def test_a_window_as_long_as_the_sequence_a_vocabulary_below_the_data_and_oversized_evaluations_are_refused(
-        tmp_path):
-    cfg = from_dict(RunConfig, {"data": {"seq_length": 64}, "hybrid_attention": {"enabled": True, "window": 64,
-                                                                              "mask_learning_steps": 5}})
+def test_a_window_as_long_as_the_sequence_a_vocabulary_below_the_data_and_oversized_evaluations_are_refused(tmp_path):
+    cfg = from_dict(
+        RunConfig,
+        {"data": {"seq_length": 64}, "hybrid_attention": {"enabled": True, "window": 64, "mask_learning_steps": 5}},
+    )
     with pytest.raises(ConfigError, match=r"hybrid_attention.window=64 >= data.seq_length=64"):
         check_run(cfg, 1, cuda=False)
     cfg = from_dict(RunConfig, {"model": {"vocab_size": 1000}, "data": {"kind": "default"}})
@@ -178,8 +219,11 @@ def test_a_window_as_long_as_the_sequence_a_vocabulary_below_the_data_and_oversi
     data = {"kind": "indexed", "paths": [str(tmp_path / "corpus")], "seq_length": 32, "split": "90,10,0"}
     base = {"model": {"vocab_size": 384}, "data": data, "train": {"eval_interval": 5, "global_batch_size": 4}}
     check_run(from_dict(RunConfig, {**base, "train": {**base["train"], "eval_steps": 2}}), 1, cuda=False)
-    with pytest.raises(ConfigError, match=r"train.eval_steps=1000 evaluates 128,000 tokens per evaluation, but the "
-                                          r"validation split holds about 2,\d+ .*set train.eval_steps <= \d+"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.eval_steps=1000 evaluates 128,000 tokens per evaluation, but the "
+        r"validation split holds about 2,\d+ .*set train.eval_steps <= \d+",
+    ):
         check_run(from_dict(RunConfig, {**base, "train": {**base["train"], "eval_steps": 1000}}), 1, cuda=False)
 
 

@@ -18,8 +18,10 @@ from megatron_ext.run import RunConfig
 
 def controller(num_layers, *, target, mode="global", warmup_steps=0, lambda_lr=1.0):
     """A controller with the hybrid_attention section's constraint fields set explicitly."""
-    return LagrangianController(HybridAttentionConfig(target=target, constraint=mode, target_warmup_steps=warmup_steps,
-                                                      lambda_lr=lambda_lr), num_layers)
+    return LagrangianController(
+        HybridAttentionConfig(target=target, constraint=mode, target_warmup_steps=warmup_steps, lambda_lr=lambda_lr),
+        num_layers,
+    )
 
 
 def gates_with(log_alpha) -> HardConcreteGates:
@@ -31,6 +33,7 @@ def gates_with(log_alpha) -> HardConcreteGates:
 
 
 # ---- (1) expected L0 against Monte Carlo ------------------------------------------------------
+
 
 def test_prob_nonzero_matches_monte_carlo():
     values = [-3.0, -1.0, -0.5, 0.0, 1.0, 3.0]
@@ -68,6 +71,7 @@ def test_sample_is_differentiable_and_forward_follows_the_mode():
 
 # ---- (2) deterministic gate, clamping, initialisation, validation -----------------------------
 
+
 def test_deterministic_gate_formula():
     values = [-4.0, -1.0, 0.0, 0.3, 1.0, 4.0]
     z = gates_with([values]).deterministic()[0]
@@ -87,8 +91,9 @@ def test_clamp_bounds_log_alpha_and_forward_does_not():
     gates = gates_with([[-10.0, -1.0, 0.0, 2.0, 10.0]])
     before = gates.prob_nonzero()
     gates.clamp_()
-    torch.testing.assert_close(gates.log_alpha.detach()[0], torch.tensor([low, -1.0, 0.0, 2.0, high]),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        gates.log_alpha.detach()[0], torch.tensor([low, -1.0, 0.0, 2.0, high]), rtol=0, atol=1e-6
+    )
     after = gates.prob_nonzero()
     assert after[0, 4] < before[0, 4] and after[0, 0] > before[0, 0]
     torch.testing.assert_close(after[0, 1:4], before[0, 1:4], rtol=0, atol=0)
@@ -110,15 +115,26 @@ def test_configs_reject_bad_values_naming_yaml_path_value_and_rule():
         HardConcreteConfig(**bad_gates)
     assert {p.split("=")[0] for p in info.value.problems} == set(bad_gates)
     with pytest.raises(ConfigError) as info:  # through the loader: problems carry their YAML path
-        from_dict(RunConfig, {"hybrid_attention": {"hard_concrete": bad_gates, "target": 1.5, "lambda_lr": 0.0,
-                                                   "target_warmup_steps": -1}})
+        from_dict(
+            RunConfig,
+            {
+                "hybrid_attention": {
+                    "hard_concrete": bad_gates,
+                    "target": 1.5,
+                    "lambda_lr": 0.0,
+                    "target_warmup_steps": -1,
+                }
+            },
+        )
     message = str(info.value)
     for name in bad_gates:
         assert f"hybrid_attention.hard_concrete.{name}={bad_gates[name]}" in message
     assert "use a number < 0 (P(z = 0) > 0 needs it)" in message
     with pytest.raises(ConfigError) as info:
-        from_dict(RunConfig, {"hybrid_attention": {"target": 1.5, "lambda_lr": 0.0, "target_warmup_steps": -1,
-                                                   "constraint": "both"}})
+        from_dict(
+            RunConfig,
+            {"hybrid_attention": {"target": 1.5, "lambda_lr": 0.0, "target_warmup_steps": -1, "constraint": "both"}},
+        )
     message = str(info.value)
     assert "hybrid_attention.constraint='both' is not allowed: use one of 'global' | 'per_layer'" in message
     with pytest.raises(ConfigError) as info:
@@ -132,6 +148,7 @@ def test_configs_reject_bad_values_naming_yaml_path_value_and_rule():
 
 
 # ---- controller arithmetic --------------------------------------------------------------------
+
 
 def test_target_warms_up_linearly():
     ctrl = controller(2, target=0.5, warmup_steps=100)
@@ -166,6 +183,7 @@ def test_constraint_loss_value_gradients_and_ascent():
 
 # ---- (3) the controller drives the expected SWA fraction to the target ------------------------
 
+
 @pytest.mark.parametrize("mode, rho", [("global", 0.5), ("per_layer", 0.75)])
 def test_controller_reaches_the_target_swa_fraction(mode, rho):
     """4 layers x 4 KV-head units; the stand-in LM loss rewards open gates (full attention), some
@@ -190,8 +208,10 @@ def test_controller_reaches_the_target_swa_fraction(mode, rho):
         if step % 50 == 0:
             with torch.no_grad():
                 rho_hat = gates.expected_swa_fraction(mode)
-            print(f"  {step:4d}  {ctrl.target_at(step):.3f}  {fmt(rho_hat)}  {constraint.item():+.4f}  "
-                  f"{fmt(ctrl.lambda1.detach())}")
+            print(
+                f"  {step:4d}  {ctrl.target_at(step):.3f}  {fmt(rho_hat)}  {constraint.item():+.4f}  "
+                f"{fmt(ctrl.lambda1.detach())}"
+            )
 
     with torch.no_grad():
         rho_hat = gates.expected_swa_fraction(mode)
@@ -209,16 +229,14 @@ def fmt(t: torch.Tensor) -> str:
 
 # ---- (4) binarization -------------------------------------------------------------------------
 
+
 def swa_by_rank(log_alpha, k):
     """Indices of the k lowest values, ties by index: an independent reference for ``binarize``."""
     return set(sorted(range(len(log_alpha)), key=lambda i: (log_alpha[i], i))[:k])
 
 
 def test_binarize_global_takes_the_exact_count_with_the_lowest_log_alpha():
-    values = [[3.0, 1.0, 1.0, 2.0],
-              [0.5, 1.0, 4.0, -1.0],
-              [2.0, 2.0, 0.0, 3.0],
-              [1.0, 4.0, 4.0, 4.0]]
+    values = [[3.0, 1.0, 1.0, 2.0], [0.5, 1.0, 4.0, -1.0], [2.0, 2.0, 0.0, 3.0], [1.0, 4.0, 4.0, 4.0]]
     gates = gates_with(values)
     full = gates.binarize(0.3, "global")  # round(0.3 * 16) = round(4.8) = 5 SWA units
     assert full.dtype == torch.bool and full.shape == (4, 4)
@@ -237,13 +255,9 @@ def test_binarize_global_takes_the_exact_count_with_the_lowest_log_alpha():
 
 
 def test_binarize_per_layer_takes_the_exact_count_in_every_layer():
-    values = [[3.0, 1.0, 2.0, 0.0],
-              [1.0, 1.0, 1.0, 1.0],
-              [-4.0, 4.0, -3.0, 0.0]]
+    values = [[3.0, 1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0], [-4.0, 4.0, -3.0, 0.0]]
     full = gates_with(values).binarize(0.5, "per_layer")  # 2 SWA heads per layer
-    assert full.tolist() == [[True, False, True, False],
-                             [False, False, True, True],
-                             [False, True, False, True]]
+    assert full.tolist() == [[True, False, True, False], [False, False, True, True], [False, True, False, True]]
 
     torch.manual_seed(4)
     gates = gates_with(torch.randn(5, 8).round(decimals=1))
@@ -259,6 +273,7 @@ def test_binarize_per_layer_takes_the_exact_count_in_every_layer():
 
 
 # ---- (5) state_dict round trip ----------------------------------------------------------------
+
 
 def round_trip(module: torch.nn.Module) -> dict:
     buffer = io.BytesIO()
@@ -291,6 +306,7 @@ def test_state_dict_round_trip_restores_log_alpha_and_lambdas(mode):
 
 
 # ---- rank-consistent noise, E[z], diagnostics ---------------------------------------------------
+
 
 def test_step_noise_depends_only_on_seed_step_and_layer():
     gates = HardConcreteGates(3, 4, HardConcreteConfig(init_mean=0.0), noise_seed=7)
@@ -342,8 +358,9 @@ def test_binarizing_undecided_gates_is_reported_as_a_warning():
 def test_undecided_gates_warn_unless_the_measured_window_cost_says_the_choice_cannot_matter():
     from megatron_ext.consa.callback import ConSACallback
 
-    cfg = HybridAttentionConfig(enabled=True, mask_learning_steps=10, target=0.5, constraint="per_layer",
-                                window_cost_tolerance=0.01)
+    cfg = HybridAttentionConfig(
+        enabled=True, mask_learning_steps=10, target=0.5, constraint="per_layer", window_cost_tolerance=0.01
+    )
     callback = ConSACallback(cfg, num_layers=2, num_kv_heads=4, tokens_per_step=64, seed=0)
     low, fa = cfg.hard_concrete.log_alpha_min, 1.41  # the constraint met at rho = 0.5: no gap warning
     with torch.no_grad():  # layer 0 a tie at the constraint's level, layer 1 decided

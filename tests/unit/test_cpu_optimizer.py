@@ -18,9 +18,11 @@ from megatron_ext.optim.cpu_optimizer import CPUAdamW
 LR, BETAS, EPS, WEIGHT_DECAY = 1.0e-2, (0.9, 0.95), 1.0e-6, 0.1
 SHAPES = {"weight": (8, 6), "bias": (8,), "norm": (6,), "output": (5, 8)}
 # Megatron's grouping: decayed matrices, undecayed 1-D params, and a group with its own LR.
-GROUPS = ({"names": ("weight",), "wd_mult": 1.0, "lr_mult": 1.0},
-          {"names": ("bias", "norm"), "wd_mult": 0.0, "lr_mult": 1.0},
-          {"names": ("output",), "wd_mult": 1.0, "lr_mult": 0.5})
+GROUPS = (
+    {"names": ("weight",), "wd_mult": 1.0, "lr_mult": 1.0},
+    {"names": ("bias", "norm"), "wd_mult": 0.0, "lr_mult": 1.0},
+    {"names": ("output",), "wd_mult": 1.0, "lr_mult": 0.5},
+)
 STEPS = 6
 
 
@@ -37,19 +39,29 @@ def make_params(seed=0):
 def gradients(steps, scale, seed=1):
     """Per step, a gradient per parameter; magnitudes vary by step so that clipping differs per step."""
     g = torch.Generator().manual_seed(seed)
-    return [{name: torch.randn(shape, generator=g) * scale * (1 + step) for name, shape in SHAPES.items()}
-            for step in range(steps)]
+    return [
+        {name: torch.randn(shape, generator=g) * scale * (1 + step) for name, shape in SHAPES.items()}
+        for step in range(steps)
+    ]
 
 
 def cpu_adamw(params, clip_grad):
-    groups = [{"params": [params[n] for n in group["names"]], "wd_mult": group["wd_mult"],
-               "lr_mult": group["lr_mult"]} for group in GROUPS]
+    groups = [
+        {"params": [params[n] for n in group["names"]], "wd_mult": group["wd_mult"], "lr_mult": group["lr_mult"]}
+        for group in GROUPS
+    ]
     return CPUAdamW(groups, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, eps=EPS, clip_grad=clip_grad)
 
 
 def reference_adamw(params):
-    groups = [{"params": [params[n] for n in group["names"]], "lr": LR * group["lr_mult"],
-               "weight_decay": WEIGHT_DECAY * group["wd_mult"]} for group in GROUPS]
+    groups = [
+        {
+            "params": [params[n] for n in group["names"]],
+            "lr": LR * group["lr_mult"],
+            "weight_decay": WEIGHT_DECAY * group["wd_mult"],
+        }
+        for group in GROUPS
+    ]
     return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS, foreach=False, fused=False)
 
 

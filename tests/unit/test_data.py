@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from megatron_ext.config import ConfigError, from_dict
-from megatron_ext.run import RunConfig, check_run
 from megatron_ext.data.gpt_dataset import build_gpt_datasets
 from megatron_ext.data.indexed import DataError, check_prefix, paths
 from megatron_ext.data.preprocess import preprocess
 from megatron_ext.data.synthetic import step_micro_batches
 from megatron_ext.data.tokenizers import ByteTokenizer, train_bpe
 from megatron_ext.data.vocab import MODALITIES, VocabLayout
+from megatron_ext.run import RunConfig, check_run
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_rank_group():
@@ -26,8 +27,7 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
-TEXTS = ["hello world", "a second document, a bit longer than the first one",
-         "third: ünïcödé too", "x" * 50]
+TEXTS = ["hello world", "a second document, a bit longer than the first one", "third: ünïcödé too", "x" * 50]
 
 
 def write_jsonl(path: Path, records) -> Path:
@@ -45,8 +45,9 @@ def multimodal_records(n=40):
 
 
 def build(prefixes, weights=None, seq=16, seed=7, samples=200, vocab=1024, tmp=None):
-    (train, valid, _), layout = build_gpt_datasets(prefixes, weights, "100,0,0", seq, seed, [samples, 0, 0],
-                                                   str(tmp), vocab)
+    (train, valid, _), layout = build_gpt_datasets(
+        prefixes, weights, "100,0,0", seq, seed, [samples, 0, 0], str(tmp), vocab
+    )
     return train, layout
 
 
@@ -109,7 +110,7 @@ def test_same_seed_same_order_and_resume_continues(tmp_path):
     full = tokens(first, 0, 6)
     assert torch.equal(full, tokens(again, 0, 6))
     assert not torch.equal(full, tokens(other, 0, 6))
-    assert torch.equal(tokens(first, 3 * 8, 3), full[len(full) // 2:])  # resume at consumed = 24
+    assert torch.equal(tokens(first, 3 * 8, 3), full[len(full) // 2 :])  # resume at consumed = 24
 
 
 def _small_prefix(tmp_path, name="p"):
@@ -151,8 +152,9 @@ def test_tokenizer_and_vocabulary_mismatches_are_reported(tmp_path):
         check_prefix(tmp_path / "p", tokenizer_identity="bpe-300-0123")
     with pytest.raises(DataError, match="the data uses 257 ids .* but model.vocab_size is 200"):
         check_prefix(tmp_path / "p", model_vocab_size=200)
-    cfg = from_dict(RunConfig, {"data": {"kind": "indexed", "paths": [str(tmp_path / "p")]},
-                                "model": {"vocab_size": 200}})
+    cfg = from_dict(
+        RunConfig, {"data": {"kind": "indexed", "paths": [str(tmp_path / "p")]}, "model": {"vocab_size": 200}}
+    )
     with pytest.raises(ConfigError, match="data.paths: .*model.vocab_size is 200"):
         check_run(cfg, 1, cuda=False)
 
@@ -168,15 +170,19 @@ def test_empty_input_and_out_of_vocabulary_tokens_are_reported(tmp_path):
     with pytest.raises(DataError, match="no documents found in .*empty.jsonl: the input is empty"):
         preprocess([tmp_path / "empty.jsonl"], tmp_path / "e", "bytes", progress=False)
     assert not paths(tmp_path / "e")["manifest"].exists()
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"},
-                                               {"segments": [{"modality": "image", "tokens": [1, 99]}]}])
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl", [{"text": "ok"}, {"segments": [{"modality": "image", "tokens": [1, 99]}]}]
+    )
     with pytest.raises(DataError, match=r"bad.jsonl:2: segment 0: image token 99 is outside the codebook \[0, 16\)"):
         preprocess([bad], tmp_path / "b", "bytes", codebooks={"image": 16}, progress=False)
 
 
 def test_bad_blend_weights_are_config_errors():
-    for weights, message in (([-1.0, 2.0], "must not be negative"), ([0.0, 0.0], "must not sum to zero"),
-                             ([1.0], "weights has 1 entries for 2 paths")):
+    for weights, message in (
+        ([-1.0, 2.0], "must not be negative"),
+        ([0.0, 0.0], "must not sum to zero"),
+        ([1.0], "weights has 1 entries for 2 paths"),
+    ):
         with pytest.raises(ConfigError, match=message):
             from_dict(RunConfig, {"data": {"kind": "indexed", "paths": ["a", "b"], "weights": weights}})
 

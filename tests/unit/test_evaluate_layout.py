@@ -3,8 +3,8 @@ any work, in one line that names the launch command and the override that fits t
 
 import yaml
 
-from megatron_ext.run.checks import launch_hint
 from megatron_ext.run import load_config
+from megatron_ext.run.checks import launch_hint
 from pretrain.evaluate import main
 from tests.configs import TINY
 
@@ -24,8 +24,9 @@ def test_a_tensor_parallel_run_in_one_process_says_how_to_run_it(tmp_path, monke
     assert main(["--run-dir", str(run_dir), "--batches", "2"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith(f"error: {run_dir}: the layout parallel.tensor=2 runs on a multiple of 2 ranks and this "
-                          "job has 1"), err
+    assert err.startswith(
+        f"error: {run_dir}: the layout parallel.tensor=2 runs on a multiple of 2 ranks and this job has 1"
+    ), err
     assert f"`torchrun --nproc-per-node 2 -m pretrain.evaluate --run-dir {run_dir} --batches 2`" in err, err
     assert "fit the layout to 1 rank(s) with `--set parallel.tensor=1`" in err, err
 

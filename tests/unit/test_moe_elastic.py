@@ -52,8 +52,14 @@ def test_draw_frequencies_match_the_configured_probabilities():
 
 
 def test_subnetworks_are_well_formed():
-    s = sampler(depth_full_prob=0.0, width_full_prob=0.0, topk_default_prob=0.0, depth_min_layers=4,
-                width_num_experts=16, topk_range=[2, 5])
+    s = sampler(
+        depth_full_prob=0.0,
+        width_full_prob=0.0,
+        topk_default_prob=0.0,
+        depth_min_layers=4,
+        width_num_experts=16,
+        topk_range=[2, 5],
+    )
     for step in range(500):
         sub = s.sample(step)
         assert 4 <= len(sub.layers) <= LAYERS - 1
@@ -70,11 +76,21 @@ def test_subnetworks_are_well_formed():
     assert all(len(tiny.sample(step).layers) == 1 for step in range(50)), "never empty"
 
 
-@pytest.mark.parametrize("field,value", [
-    ("depth_full_prob", 1.5), ("width_full_prob", -0.1), ("topk_default_prob", "high"), ("depth_min_layers", 0),
-    ("width_num_experts", 0), ("topk_range", [3, 3]), ("topk_range", [0, 2]), ("topk_range", [1]),
-    ("seed_offset", -1), ("enabled", "yes"),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("depth_full_prob", 1.5),
+        ("width_full_prob", -0.1),
+        ("topk_default_prob", "high"),
+        ("depth_min_layers", 0),
+        ("width_num_experts", 0),
+        ("topk_range", [3, 3]),
+        ("topk_range", [0, 2]),
+        ("topk_range", [1]),
+        ("seed_offset", -1),
+        ("enabled", "yes"),
+    ],
+)
 def test_elastic_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=f"^invalid configuration:\n  - elastic.{field}="):
         from_dict(RunConfig, {"elastic": {field: value}})  # the loader names the YAML path
@@ -85,7 +101,8 @@ def test_elastic_config_rejects_bad_values_naming_the_field(field, value):
 def test_elastic_config_checks_against_the_model_shape():
     assert ElasticConfig().problems_with_model(LAYERS, EXPERTS, TOP_K) == []
     problems = ElasticConfig(depth_min_layers=16, width_num_experts=4, topk_range=[2, 9]).problems_with_model(
-        LAYERS, EXPERTS, TOP_K)
+        LAYERS, EXPERTS, TOP_K
+    )
     assert len(problems) == 3
     assert "depth_min_layers=16" in problems[0] and "width_num_experts=4" in problems[1]
     assert "topk_range=[2, 9)" in problems[2]
@@ -97,9 +114,11 @@ def test_elastic_config_checks_against_the_model_shape():
 
 
 def test_routing_config_validation():
-    for values, field in (({"mode": "isolated"}, "mode"), ({"isolated_modalities": ["text", "smell"]},
-                                                           "isolated_modalities"),
-                          ({"bias_update_rate": 0.0}, "bias_update_rate")):
+    for values, field in (
+        ({"mode": "isolated"}, "mode"),
+        ({"isolated_modalities": ["text", "smell"]}, "isolated_modalities"),
+        ({"bias_update_rate": 0.0}, "bias_update_rate"),
+    ):
         with pytest.raises(ConfigError, match=f"routing.{field}="):
             from_dict(RunConfig, {"routing": values})
         with pytest.raises(ValueError, match=f"^invalid configuration:\n  - {field}="):
@@ -150,8 +169,11 @@ def test_subnetwork_is_hashable_and_comparable():
 
 
 def _moe_run(**sections):
-    data = {"model": {"num_layers": 2}, "moe": {"enabled": True, "num_experts": 8, "top_k": 2},
-            "train": {"global_batch_size": 8, "micro_batch_size": 1}}
+    data = {
+        "model": {"num_layers": 2},
+        "moe": {"enabled": True, "num_experts": 8, "top_k": 2},
+        "train": {"global_batch_size": 8, "micro_batch_size": 1},
+    }
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
     return from_dict(RunConfig, data)
@@ -162,21 +184,23 @@ def test_moe_layouts_and_routings_that_cannot_run_are_refused_before_work():
 
     with pytest.raises(ConfigError, match="fails on gloo.*parallel.expert_tensor: 1"):
         check_run(_moe_run(parallel={"tensor": 2, "expert": 2, "sequence_parallel": True}), 4, cuda=False)
-    check_run(_moe_run(parallel={"tensor": 2, "expert": 2, "expert_tensor": 1, "sequence_parallel": True}), 4,
-              cuda=False)
+    check_run(
+        _moe_run(parallel={"tensor": 2, "expert": 2, "expert_tensor": 1, "sequence_parallel": True}), 4, cuda=False
+    )
     check_run(_moe_run(parallel={"tensor": 2, "expert": 2, "sequence_parallel": True}), 4, cuda=True)
     softmax_top1 = {"top_k": 1, "score_function": "softmax"}
     with pytest.raises(ConfigError, match="moe.router_pre_softmax: true"):
         check_run(_moe_run(moe=softmax_top1, routing={"expert_bias": False}), 1, cuda=False)
-    check_run(_moe_run(moe={**softmax_top1, "router_pre_softmax": True}, routing={"expert_bias": False}), 1,
-              cuda=False)
+    check_run(_moe_run(moe={**softmax_top1, "router_pre_softmax": True}, routing={"expert_bias": False}), 1, cuda=False)
 
 
 def test_extraction_keeps_the_modality_partitions_of_the_isolated_baseline_equal():
     from megatron_ext.training.extract import check_subnetwork
 
-    cfg = _moe_run(routing={"mode": "modality_isolated", "isolated_modalities": ["text", "image"],
-                            "expert_bias": False}, moe={"score_function": "softmax"})
+    cfg = _moe_run(
+        routing={"mode": "modality_isolated", "isolated_modalities": ["text", "image"], "expert_bias": False},
+        moe={"score_function": "softmax"},
+    )
     check_subnetwork(cfg, SubNetwork((0, 1), (0, 1, 4, 5), 2))  # two of each partition of 4
     with pytest.raises(ValueError, match=r"keep \{'text': 3, 'image': 1\} experts of the modality partitions"):
         check_subnetwork(cfg, SubNetwork((0, 1), (0, 1, 2, 4), 2))

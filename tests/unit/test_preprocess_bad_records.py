@@ -17,8 +17,7 @@ from megatron_ext.data.preprocess import preprocess
 
 GOOD_LINES = [
     json.dumps({"text": "a first, plain text document"}),
-    json.dumps({"segments": [{"modality": "text", "text": "a caption"},
-                             {"modality": "image", "tokens": [0, 3, 15]}]}),
+    json.dumps({"segments": [{"modality": "text", "text": "a caption"}, {"modality": "image", "tokens": [0, 3, 15]}]}),
 ]
 
 
@@ -33,31 +32,63 @@ BAD_RECORDS = [
     ("list", b'[{"text": "a"}]', "the record is a list, but each line must be a JSON object"),
     ("null", b"null", "the record is null, but each line must be a JSON object"),
     ("text not a string", json.dumps({"text": 42}).encode(), "'text' is a number, not a string"),
-    ("segments not a list", json.dumps({"segments": {"modality": "text", "text": "a"}}).encode(),
-     "'segments' is an object, not a list of segments"),
-    ("segment not an object", json.dumps({"segments": ["a caption"]}).encode(),
-     "segment 0 is a string, not an object"),
-    ("segment text not a string", json.dumps({"segments": [{"modality": "text", "text": ["a"]}]}).encode(),
-     "segment 0: 'text' is a list, not a string"),
-    ("modality not a string", json.dumps({"segments": [{"modality": 1, "tokens": [1]}]}).encode(),
-     "segment 0: 'modality' is a number, not a string"),
-    ("image tokens as a string", json.dumps({"segments": [{"modality": "image", "tokens": "1 2 3"}]}).encode(),
-     "segment 0: image 'tokens' is a string, not a list of integer codebook ids"),
-    ("float id 3.0", json.dumps(image([1, 3.0])).encode(),
-     "segment 1: image token 3.0 (item 1 of 'tokens') is not an integer"),
-    ("float id 3.5", json.dumps(image([3.5])).encode(),
-     "segment 1: image token 3.5 (item 0 of 'tokens') is not an integer"),
-    ("boolean id", json.dumps(image([1, True])).encode(),
-     "segment 1: image token true (item 1 of 'tokens') is not an integer"),
-    ("huge id", json.dumps(image([1, 10**30])).encode(),
-     f"segment 1: image token {10**30} is outside the codebook [0, 16)"),
-    ("id just past the codebook", json.dumps(image([16])).encode(),
-     "segment 1: image token 16 is outside the codebook [0, 16)"),
+    (
+        "segments not a list",
+        json.dumps({"segments": {"modality": "text", "text": "a"}}).encode(),
+        "'segments' is an object, not a list of segments",
+    ),
+    ("segment not an object", json.dumps({"segments": ["a caption"]}).encode(), "segment 0 is a string, not an object"),
+    (
+        "segment text not a string",
+        json.dumps({"segments": [{"modality": "text", "text": ["a"]}]}).encode(),
+        "segment 0: 'text' is a list, not a string",
+    ),
+    (
+        "modality not a string",
+        json.dumps({"segments": [{"modality": 1, "tokens": [1]}]}).encode(),
+        "segment 0: 'modality' is a number, not a string",
+    ),
+    (
+        "image tokens as a string",
+        json.dumps({"segments": [{"modality": "image", "tokens": "1 2 3"}]}).encode(),
+        "segment 0: image 'tokens' is a string, not a list of integer codebook ids",
+    ),
+    (
+        "float id 3.0",
+        json.dumps(image([1, 3.0])).encode(),
+        "segment 1: image token 3.0 (item 1 of 'tokens') is not an integer",
+    ),
+    (
+        "float id 3.5",
+        json.dumps(image([3.5])).encode(),
+        "segment 1: image token 3.5 (item 0 of 'tokens') is not an integer",
+    ),
+    (
+        "boolean id",
+        json.dumps(image([1, True])).encode(),
+        "segment 1: image token true (item 1 of 'tokens') is not an integer",
+    ),
+    (
+        "huge id",
+        json.dumps(image([1, 10**30])).encode(),
+        f"segment 1: image token {10**30} is outside the codebook [0, 16)",
+    ),
+    (
+        "id just past the codebook",
+        json.dumps(image([16])).encode(),
+        "segment 1: image token 16 is outside the codebook [0, 16)",
+    ),
     ("negative id", json.dumps(image([-1])).encode(), "segment 1: image token -1 is outside the codebook [0, 16)"),
-    ("unknown modality", json.dumps({"segments": [{"modality": "smell", "tokens": [1]}]}).encode(),
-     "segment 0: unknown modality 'smell' (known: text, image, video, audio)"),
-    ("modality without a codebook", json.dumps({"segments": [{"modality": "audio", "tokens": [1]}]}).encode(),
-     "segment 0: modality 'audio' has no codebook in this run"),
+    (
+        "unknown modality",
+        json.dumps({"segments": [{"modality": "smell", "tokens": [1]}]}).encode(),
+        "segment 0: unknown modality 'smell' (known: text, image, video, audio)",
+    ),
+    (
+        "modality without a codebook",
+        json.dumps({"segments": [{"modality": "audio", "tokens": [1]}]}).encode(),
+        "segment 0: modality 'audio' has no codebook in this run",
+    ),
     ("not UTF-8", b'{"text": "caf\xe9"}', "not valid UTF-8 (byte 0xe9 at character 14 of the line)"),
 ]
 # Cases also run with two worker processes: one refused while reading, one while encoding, one
@@ -68,18 +99,32 @@ WITH_WORKERS = {"list", "float id 3.0", "huge id", "not UTF-8"}
 def write_input(tmp_path: Path, bad_line: bytes, name="docs.jsonl") -> Path:
     """An input whose first two records are good and whose third (line 3) is ``bad_line``."""
     src = tmp_path / name
-    src.write_bytes(b"".join(line.encode() + b"\n" for line in GOOD_LINES) + bad_line + b"\n"
-                    + GOOD_LINES[0].encode() + b"\n")
+    src.write_bytes(
+        b"".join(line.encode() + b"\n" for line in GOOD_LINES) + bad_line + b"\n" + GOOD_LINES[0].encode() + b"\n"
+    )
     return src
 
 
 def run_cli(src: Path, prefix: Path, workers=1) -> int:
-    return preprocess_main(["--input", str(src), "--output-prefix", str(prefix), "--tokenizer", "bytes",
-                            "--codebook", "image=16", "--workers", str(workers)])
+    return preprocess_main(
+        [
+            "--input",
+            str(src),
+            "--output-prefix",
+            str(prefix),
+            "--tokenizer",
+            "bytes",
+            "--codebook",
+            "image=16",
+            "--workers",
+            str(workers),
+        ]
+    )
 
 
-CASES = ([pytest.param(*c, 1, id=c[0]) for c in BAD_RECORDS]
-         + [pytest.param(*c, 2, id=f"{c[0]}, 2 workers") for c in BAD_RECORDS if c[0] in WITH_WORKERS])
+CASES = [pytest.param(*c, 1, id=c[0]) for c in BAD_RECORDS] + [
+    pytest.param(*c, 2, id=f"{c[0]}, 2 workers") for c in BAD_RECORDS if c[0] in WITH_WORKERS
+]
 
 
 @pytest.mark.parametrize("case, bad_line, phrase, workers", CASES)

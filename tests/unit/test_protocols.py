@@ -55,13 +55,17 @@ def implements(cls: type, protocol: type) -> bool:
 
 @pytest.mark.parametrize("protocol", list(MEMBERS), ids=lambda p: p.__name__)
 def test_protocol_members(protocol):
-    declared = {name for name, value in vars(protocol).items()
-                if inspect.isfunction(value) and not name.startswith("_")}
+    declared = {
+        name for name, value in vars(protocol).items() if inspect.isfunction(value) and not name.startswith("_")
+    }
     assert declared == MEMBERS[protocol]
 
 
-@pytest.mark.parametrize("cls, protocol", [(cls, p) for cls, protocols in IMPLEMENTATIONS.items() for p in protocols],
-                         ids=lambda x: x.__name__)
+@pytest.mark.parametrize(
+    "cls, protocol",
+    [(cls, p) for cls, protocols in IMPLEMENTATIONS.items() for p in protocols],
+    ids=lambda x: x.__name__,
+)
 def test_implementing_classes_satisfy_their_protocols(cls, protocol):
     assert issubclass(cls, protocol)
     assert implements(cls, protocol), f"{cls.__name__} lacks {protocol.__name__}'s {sorted(MEMBERS[protocol])}"

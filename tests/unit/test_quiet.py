@@ -9,8 +9,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _params(*extra):
-    return subprocess.run([sys.executable, "-m", "pretrain.params", "--config", "configs/smoke.yaml", *extra],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pretrain.params", "--config", "configs/smoke.yaml", *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_tools_hide_known_warnings_unless_verbose():

@@ -31,8 +31,20 @@ def scores(top, rest=0.1):
 
 def replay(script, steps, merge=True, decay=0.0, **config):
     """``script(step) -> ({layer: first pass}, {layer: last loop pass})``; returns the events."""
-    cfg = GrowthConfig(**{**dict(first_selection_step=3, window=3, top_k_layers=3, max_selected_layers=3,
-                                 max_loop_depth=1, num_keep_heads=2, exclude_layers=[0]), **config})
+    cfg = GrowthConfig(
+        **{
+            **dict(
+                first_selection_step=3,
+                window=3,
+                top_k_layers=3,
+                max_selected_layers=3,
+                max_loop_depth=1,
+                num_keep_heads=2,
+                exclude_layers=[0],
+            ),
+            **config,
+        }
+    )
     scheduler = GrowthScheduler(cfg, LAYERS, HEADS)
     tracker = EntropyTracker(range(LAYERS), HEADS, decay=decay)
     events = []
@@ -71,14 +83,18 @@ def test_released_depth_one_grows_three_layers_deep_to_shallow_then_freezes():
 
 def test_depth_two_deepens_each_layer_once_before_the_next_is_selected():
     events = replay(constant({6: 0.9, 4: 0.8, 2: 0.7}), steps=23, max_loop_depth=2)
-    assert events == [select(3, 6), deepen(6, 6), select(9, 4), deepen(12, 4), select(15, 2), deepen(18, 2),
-                      freeze(21)]
+    assert events == [select(3, 6), deepen(6, 6), select(9, 4), deepen(12, 4), select(15, 2), deepen(18, 2), freeze(21)]
 
 
 def test_an_earlier_layer_back_in_the_top_k_deepens_first():
     def script(step):
-        top = {6: 0.9, 5: 0.8, 4: 0.7} if step <= 5 else {5: 0.9, 4: 0.8, 3: 0.7} if step <= 8 else \
-            {6: 0.9, 5: 0.8, 1: 0.7}
+        top = (
+            {6: 0.9, 5: 0.8, 4: 0.7}
+            if step <= 5
+            else {5: 0.9, 4: 0.8, 3: 0.7}
+            if step <= 8
+            else {6: 0.9, 5: 0.8, 1: 0.7}
+        )
         return scores(top), {}
 
     expected = [select(3, 6), select(6, 5), deepen(9, 6), deepen(12, 5), select(15, 1), deepen(18, 1), freeze(21)]
@@ -109,8 +125,15 @@ def test_excluded_layers_and_no_shallower_candidate_freeze_with_an_ema():
 
 @pytest.mark.parametrize("decay_type", ["linear", "cosine"])
 def test_the_fade_starts_the_step_after_selection_and_ends_one_window_later(decay_type):
-    cfg = GrowthConfig(first_selection_step=3, window=4, top_k_layers=3, max_selected_layers=1, max_loop_depth=1,
-                       num_keep_heads=2, decay_type=decay_type)
+    cfg = GrowthConfig(
+        first_selection_step=3,
+        window=4,
+        top_k_layers=3,
+        max_selected_layers=1,
+        max_loop_depth=1,
+        num_keep_heads=2,
+        decay_type=decay_type,
+    )
     scheduler = GrowthScheduler(cfg, LAYERS, HEADS)
     scheduler.step(3, {6: 0.9, 5: 0.8, 4: 0.7}, {6: heads(0.9)})
     fades = [scheduler.head_factors(6, step)[2] for step in range(4, 10)]
@@ -131,8 +154,14 @@ def test_a_sliding_window_head_is_scored_on_the_keys_it_sees():
         p = torch.softmax(0.3 * torch.einsum("bd,btd->bt", q[:, head].double(), k[:, head, keys].double()), -1)
         return -(p * p.log()).sum(-1) / torch.log(torch.tensor(float(len(keys))))
 
-    expected = torch.stack([reference(0, list(range(t))), reference(1, list(range(t - window, t))),
-                            reference(2, [0, 1] + list(range(t - window, t)))], dim=1)
+    expected = torch.stack(
+        [
+            reference(0, list(range(t))),
+            reference(1, list(range(t - window, t))),
+            reference(2, [0, 1] + list(range(t - window, t))),
+        ],
+        dim=1,
+    )
     assert torch.allclose(got.double(), expected, atol=1e-6)
     full = seen_keys_entropy(q, k, 0.3, [0, 1, 2])  # the full row differs: the window matters
     assert (full[:, 1] - got[:, 1]).abs().max() > 1e-2

@@ -79,8 +79,11 @@ def test_with_deepen_latest_only_the_latest_selected_layer_is_deepened():
     events = drive(scheduler, lambda step: script.get(step, ranking(5, 7, 1)), steps=13)
     # At 9, 5 dropped out of the top-k: 3 is selected. At 13, 5 is back in the top-k but 3 (the
     # latest) is not, so 5 is not deepened; 1 is the only top-k layer shallower than 3.
-    assert events == [Event("select", 5, 5, 1, (2, 0)), Event("select", 9, 3, 1, (2, 0)),
-                      Event("select", 13, 1, 1, (2, 0))]
+    assert events == [
+        Event("select", 5, 5, 1, (2, 0)),
+        Event("select", 9, 3, 1, (2, 0)),
+        Event("select", 13, 1, 1, (2, 0)),
+    ]
 
 
 def test_by_default_any_selected_layer_back_in_the_top_k_is_deepened_in_selection_order():
@@ -88,8 +91,11 @@ def test_by_default_any_selected_layer_back_in_the_top_k_is_deepened_in_selectio
     script = {5: ranking(5, 3, 2), 9: ranking(6, 3, 2), 13: ranking(5, 7, 1)}
     events = drive(scheduler, lambda step: script.get(step, ranking(5, 7, 1)), steps=13)
     # As above until 13, where 5 (selected first) is back in the top-k below max depth: it deepens.
-    assert events == [Event("select", 5, 5, 1, (2, 0)), Event("select", 9, 3, 1, (2, 0)),
-                      Event("deepen", 13, 5, 2, (2, 0))]
+    assert events == [
+        Event("select", 5, 5, 1, (2, 0)),
+        Event("select", 9, 3, 1, (2, 0)),
+        Event("deepen", 13, 5, 2, (2, 0)),
+    ]
 
 
 def test_growth_goes_from_deep_to_shallow_only():
@@ -112,8 +118,12 @@ def test_freeze_after_max_selected_layers():
     for step in range(1, 40):
         events += scheduler.step(step, script.get(step, ranking(1, 4, 6)), head_entropy())
         tracking.append(scheduler.tracking_needed)
-    assert events == [Event("select", 5, 5, 1, (2, 0)), Event("select", 9, 3, 1, (2, 0)),
-                      Event("select", 13, 2, 1, (2, 0)), Event("freeze", 17, None, 0, ())]
+    assert events == [
+        Event("select", 5, 5, 1, (2, 0)),
+        Event("select", 9, 3, 1, (2, 0)),
+        Event("select", 13, 2, 1, (2, 0)),
+        Event("freeze", 17, None, 0, ()),
+    ]
     assert scheduler.frozen and scheduler.loop_depths == {5: 1, 3: 1, 2: 1}
     # Entropy matters until the third selection; after it only a freeze can follow.
     assert all(tracking[:12]) and not any(tracking[12:])
@@ -124,8 +134,12 @@ def test_freeze_when_no_candidate_remains():
     events = drive(scheduler, lambda step: ranking(1, 2, 3), steps=30)
     # 3 is selected; at 9 the top-k is {1, 2, 3}: 3 is at max depth, 1 and 2 are shallower -> 2.
     # At 13 only 1 is left -> 1. That is three layers: the next window end freezes.
-    assert events == [Event("select", 5, 3, 1, (2, 0)), Event("select", 9, 2, 1, (2, 0)),
-                      Event("select", 13, 1, 1, (2, 0)), Event("freeze", 17, None, 0, ())]
+    assert events == [
+        Event("select", 5, 3, 1, (2, 0)),
+        Event("select", 9, 2, 1, (2, 0)),
+        Event("select", 13, 1, 1, (2, 0)),
+        Event("freeze", 17, None, 0, ()),
+    ]
     scheduler = schedule()
     # 4 is selected; at 9 the top-k {4, 5, 6} holds nothing shallower than 4 and 4 cannot deepen.
     events = drive(scheduler, lambda step: ranking(2, 3, 4) if step < 9 else ranking(4, 5, 6), steps=30)
@@ -138,8 +152,11 @@ def test_excluded_layer_zero_is_never_selected():
     scheduler = schedule(top_k_layers=1)
     # Layer 0 has the highest entropy throughout; the top-1 is taken among the other layers.
     events = drive(scheduler, lambda step: ranking(0, 4, 1) if step < 9 else ranking(0, 1, 4), steps=20)
-    assert events == [Event("select", 5, 4, 1, (2, 0)), Event("select", 9, 1, 1, (2, 0)),
-                      Event("freeze", 13, None, 0, ())]
+    assert events == [
+        Event("select", 5, 4, 1, (2, 0)),
+        Event("select", 9, 1, 1, (2, 0)),
+        Event("freeze", 13, None, 0, ()),
+    ]
     # Every scored layer excluded: no candidate at the first selection, freeze at once.
     scheduler = schedule(exclude_layers=[0, 1])
     assert scheduler.step(5, {0: 0.9, 1: 0.8}, head_entropy()) == [Event("freeze", 5)]
@@ -167,8 +184,9 @@ def test_head_factors_fade_linearly_over_one_window():
         assert factors[0] == pytest.approx(fade, abs=1e-12) and factors[2] == factors[0]
     assert scheduler.active_heads(3, 260) == (0, 1, 2, 3)
     assert scheduler.active_heads(3, 261) == (1, 3)  # faded heads are not computed any more
-    cosine = GrowthScheduler(GrowthConfig(first_selection_step=10, window=250, decay_type="cosine"), NUM_LAYERS,
-                             NUM_HEADS)
+    cosine = GrowthScheduler(
+        GrowthConfig(first_selection_step=10, window=250, decay_type="cosine"), NUM_LAYERS, NUM_HEADS
+    )
     cosine.step(10, ranking(3, 2, 1), {3: torch.tensor([0.2, 0.9, 0.1, 0.8])})
     for step, fade in [(11, 1.0), (136, 0.5), (73.5, 0.5 * (1 + math.cos(math.pi / 4))), (261, 0.0)]:
         assert cosine.head_factors(3, step)[0] == pytest.approx(fade, abs=1e-12)
@@ -201,8 +219,15 @@ def test_state_dict_round_trip_mid_schedule_gives_the_same_events():
 
 def test_reference_configuration_schedule():
     config = GrowthConfig()
-    assert config == GrowthConfig(first_selection_step=250, window=250, top_k_layers=3, max_selected_layers=3,
-                                  max_loop_depth=1, num_keep_heads=2, exclude_layers=[0])
+    assert config == GrowthConfig(
+        first_selection_step=250,
+        window=250,
+        top_k_layers=3,
+        max_selected_layers=3,
+        max_loop_depth=1,
+        num_keep_heads=2,
+        exclude_layers=[0],
+    )
     scheduler = GrowthScheduler(config, num_layers=16, num_heads=16)
     heads = {layer: torch.linspace(0, 1, 16) for layer in range(16)}
     events = []
@@ -210,8 +235,12 @@ def test_reference_configuration_schedule():
         scores = ranking(0, 9, 12, 4, 11, num_layers=16) if step < 700 else ranking(0, 3, 2, 8, num_layers=16)
         events += scheduler.step(step, scores, heads)
     # Top-3 without layer 0: {9, 12, 4} -> 12, then 9 (shallower than 12); later {3, 2, 8} -> 8.
-    assert events == [Event("select", 250, 12, 1, (15, 14)), Event("select", 500, 9, 1, (15, 14)),
-                      Event("select", 750, 8, 1, (15, 14)), Event("freeze", 1000, None, 0, ())]
+    assert events == [
+        Event("select", 250, 12, 1, (15, 14)),
+        Event("select", 500, 9, 1, (15, 14)),
+        Event("select", 750, 8, 1, (15, 14)),
+        Event("freeze", 1000, None, 0, ()),
+    ]
 
 
 def test_config_validation_names_field_value_and_rule():
@@ -236,8 +265,10 @@ def test_config_validation_names_field_value_and_rule():
 
 def assert_close(actual, expected, atol=1e-6):
     # torch.testing.assert_close costs over a second of lazy imports on its first call.
-    assert actual.shape == expected.shape and torch.allclose(actual.double(), expected.double(), atol=atol), \
-        (actual, expected)
+    assert actual.shape == expected.shape and torch.allclose(actual.double(), expected.double(), atol=atol), (
+        actual,
+        expected,
+    )
 
 
 def dense_last_row_entropy(q, k, scale):
@@ -254,9 +285,9 @@ def test_last_query_entropy_matches_the_dense_causal_attention():
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(3, 4, 17, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     k = torch.randn(3, 4, 17, 8, generator=gen, dtype=torch.float64)
-    entropy = last_query_entropy(q[:, :, -1], k, scale=8 ** -0.5)
+    entropy = last_query_entropy(q[:, :, -1], k, scale=8**-0.5)
     assert entropy.shape == (3, 4) and not entropy.requires_grad
-    assert_close(entropy, dense_last_row_entropy(q.detach(), k, 8 ** -0.5), atol=1e-12)
+    assert_close(entropy, dense_last_row_entropy(q.detach(), k, 8**-0.5), atol=1e-12)
     assert 0.0 < entropy.min() and entropy.max() < 1.0
 
 

@@ -97,18 +97,21 @@ def test_a_chunk_with_its_earlier_keys_equals_those_rows_of_the_whole_sequence(t
     rows = slice(t - tq, t)
     grad = grad.clone()
     grad[:, :, : t - tq] = 0  # the whole sequence's rows before the chunk contribute no gradient
-    kernels = {"causal": causal_attention,
-               "blocked": partial(sliding_window_attention_blocked, window=window, block_size=block),
-               "fused": partial(fused, window=window, block_size=block),
-               "reference": partial(sliding_window_attention_reference, window=window),
-               "sink": partial(sink_window_attention, window=window, sink=3),
-               "sink-reference": partial(sink_window_attention_reference, window=window, sink=3)}
+    kernels = {
+        "causal": causal_attention,
+        "blocked": partial(sliding_window_attention_blocked, window=window, block_size=block),
+        "fused": partial(fused, window=window, block_size=block),
+        "reference": partial(sliding_window_attention_reference, window=window),
+        "sink": partial(sink_window_attention, window=window, sink=3),
+        "sink-reference": partial(sink_window_attention_reference, window=window, sink=3),
+    }
     for name, kernel in kernels.items():
         whole = forward_backward(kernel, q, k, v, grad)  # Tq == Tk: the plain causal / window mask
         chunk_q = q.detach()[:, :, rows].clone().requires_grad_()
         out, dq, dk, dv = forward_backward(kernel, chunk_q, k, v, grad[:, :, rows])
-        assert_all_close((out, dq, dk, dv), (whole[0][:, :, rows], whole[1][:, :, rows], whole[2], whole[3]),
-                         f" ({name})")
+        assert_all_close(
+            (out, dq, dk, dv), (whole[0][:, :, rows], whole[1][:, :, rows], whole[2], whole[3]), f" ({name})"
+        )
 
 
 def test_dispatcher_default_block_and_custom_scale():
@@ -217,7 +220,6 @@ def test_input_validation():
         causal_attention(q, k[:, :, :4], v[:, :, :4])
 
 
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("hq, hkv, t, window", [(4, 4, 256, 64), (4, 2, 300, 100), (2, 1, 200, 500)])
@@ -233,6 +235,7 @@ def test_flex_path_matches_reference_on_cuda(dtype, tol, hq, hkv, t, window):
 
 
 # ---- sink + recent attention (the LoZA baseline's sparse pattern) ----------------------------------
+
 
 def _sink_window_by_loops(q, k, v, window, sink, scale):
     """Query by query, over the explicit list of visible keys."""
@@ -269,10 +272,12 @@ def test_sink_window_reduces_to_sliding_window_and_to_causal():
     # The last query sees key 0 through the sink only.
     k_changed = k.clone()
     k_changed[:, :, 0] += 1.0
-    assert not torch.allclose(sink_window_attention(q, k, v, 5, 1)[:, :, -1],
-                              sink_window_attention(q, k_changed, v, 5, 1)[:, :, -1])
-    assert torch.equal(sink_window_attention(q, k, v, 5, 0)[:, :, -1],
-                       sink_window_attention(q, k_changed, v, 5, 0)[:, :, -1])
+    assert not torch.allclose(
+        sink_window_attention(q, k, v, 5, 1)[:, :, -1], sink_window_attention(q, k_changed, v, 5, 1)[:, :, -1]
+    )
+    assert torch.equal(
+        sink_window_attention(q, k, v, 5, 0)[:, :, -1], sink_window_attention(q, k_changed, v, 5, 0)[:, :, -1]
+    )
 
 
 def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path):
