@@ -46,6 +46,53 @@ SMALL = {
 generation rather than train: the model section only."""
 
 
+EVERY_CAPABILITY = {
+    "model": {
+        "num_layers": 4,
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+        "ffn_hidden_size": 64,
+        "vocab_size": 128,
+        "qk_layernorm": True,
+    },
+    "data": {"kind": "synthetic", "seq_length": 32},
+    "train": {
+        "micro_batch_size": 1,
+        "global_batch_size": 4,
+        "steps": 12,
+        "lr": 1.0e-2,
+        "warmup_steps": 1,
+        "eval_interval": 6,
+        "eval_steps": 1,
+    },
+    "moe": {
+        "enabled": True,
+        "num_experts": 4,
+        "top_k": 2,
+        "expert_ffn_hidden_size": 32,
+        "shared_expert_ffn_hidden_size": 32,
+        "first_k_dense": 1,
+    },
+    "routing": {"expert_bias": True, "bias_update_rate": 1.0e-2},
+    "elastic": {"enabled": True, "depth_full_prob": 0.5, "width_full_prob": 0.5, "topk_default_prob": 0.5},
+    "hybrid_attention": {
+        "enabled": True,
+        "method": "consa",
+        "granularity": "kv_head",
+        "window": 8,
+        "target": 0.5,
+        "constraint": "per_layer",
+    },
+    "looping": {"enabled": True, "method": "sgt", "top_k_layers": 3, "max_loop_depth": 1, "num_keep_heads": 2},
+}
+"""Every capability on, at the smallest sizes that exercise them: 4 layers (the first dense, the
+others MoE with 4 routed experts, top-2, a shared expert, expert bias, elastic depth / width /
+top-k draws), ConSA KV-head gates (window 8, per-layer target 0.5), SGT loops on up to 3 layers,
+32-token synthetic samples, one sample per micro-batch. The golden cases and the tests that
+compare against them start from it."""
+
+
 def merge(base: dict, *updates: dict) -> dict:
     """``base`` with ``updates`` applied in order, section by section (see the module docstring)."""
     out = copy.deepcopy(base)

@@ -21,58 +21,20 @@ from megatron_ext.testing.callbacks import PreemptAfter
 from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.training.loop import Trainer
 from megatron_ext.training.rundir import read_metrics
-from tests.configs import TINY, merge
+from tests.configs import EVERY_CAPABILITY, merge
 
 WARM_UP = 6
 MEASURED = ("consa/val_loss_full_attention", "consa/val_loss_all_swa", "consa/window_cost")
 # The golden cases' tiny model and capabilities (tests/golden/cases.py), with this test's schedule.
 CONFIG = merge(
-    TINY,
+    EVERY_CAPABILITY,
     {
         "name": "golden",
-        "model": {"num_layers": 4, "qk_layernorm": True},
         "parallel": {"tensor": 2, "sequence_parallel": True},
-        "data": {"kind": "synthetic", "seq_length": 32},
-        "train": {
-            "micro_batch_size": 1,
-            "steps": 12,
-            "lr": 1.0e-2,
-            "warmup_steps": 1,
-            "eval_interval": WARM_UP,
-            "eval_steps": 1,
-        },
-        "moe": {
-            "enabled": True,
-            "num_experts": 4,
-            "top_k": 2,
-            "expert_ffn_hidden_size": 32,
-            "shared_expert_ffn_hidden_size": 32,
-            "first_k_dense": 1,
-        },
-        "routing": {"expert_bias": True, "bias_update_rate": 1.0e-2},
-        "elastic": {"enabled": True, "depth_full_prob": 0.5, "width_full_prob": 0.5, "topk_default_prob": 0.5},
-        "hybrid_attention": {
-            "enabled": True,
-            "method": "consa",
-            "granularity": "kv_head",
-            "window": 8,
-            "target": 0.5,
-            "constraint": "per_layer",
-            "mask_learning_start_step": WARM_UP,
-            "mask_learning_steps": 4,
-            "target_warmup_steps": 2,
-        },
-        "looping": {
-            "enabled": True,
-            "method": "sgt",
-            "top_k_layers": 3,
-            "max_loop_depth": 1,
-            "num_keep_heads": 2,
-            "first_selection_step": 3,
-            "window": 2,
-            "max_selected_layers": 2,
-        },
-        "logging": {"log_interval": 1},
+        "train": {"eval_interval": WARM_UP},
+        "hybrid_attention": {"mask_learning_start_step": WARM_UP, "mask_learning_steps": 4, "target_warmup_steps": 2},
+        "looping": {"first_selection_step": 3, "window": 2, "max_selected_layers": 2},
+        "logging": {"log_interval": 1, "tensorboard": False},
         "checkpoint": {"save_interval": 0, "save_at_end": True},
     },
 )

@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from tests.configs import EVERY_CAPABILITY, merge
+
 GOLDEN_FILE = Path(__file__).with_name("golden_values.json")
 SMOKE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 
@@ -33,58 +35,7 @@ _SCHEDULE = {
     "checkpoint": {"save_interval": 0, "save_at_end": False},
 }
 
-_TINY = {
-    "name": "golden",
-    "model": {
-        "num_layers": 4,
-        "hidden_size": 32,
-        "num_attention_heads": 4,
-        "num_query_groups": 2,
-        "ffn_hidden_size": 64,
-        "vocab_size": 128,
-        "qk_layernorm": True,
-    },
-    "data": {"kind": "synthetic", "seq_length": 32},
-    "train": {
-        "micro_batch_size": 1,
-        "global_batch_size": 4,
-        "steps": 12,
-        "lr": 1.0e-2,
-        "warmup_steps": 1,
-        "eval_interval": 6,
-        "eval_steps": 1,
-    },
-    "moe": {
-        "enabled": True,
-        "num_experts": 4,
-        "top_k": 2,
-        "expert_ffn_hidden_size": 32,
-        "shared_expert_ffn_hidden_size": 32,
-        "first_k_dense": 1,
-    },
-    "routing": {"expert_bias": True, "bias_update_rate": 1.0e-2},
-    "elastic": {"enabled": True, "depth_full_prob": 0.5, "width_full_prob": 0.5, "topk_default_prob": 0.5},
-    "hybrid_attention": {
-        "enabled": True,
-        "method": "consa",
-        "granularity": "kv_head",
-        "window": 8,
-        "target": 0.5,
-        "constraint": "per_layer",
-    },
-    "looping": {"enabled": True, "method": "sgt", "top_k_layers": 3, "max_loop_depth": 1, "num_keep_heads": 2},
-}
-
-
-def _merge(base: dict, *updates: dict) -> dict:
-    out = copy.deepcopy(base)
-    for update in updates:
-        for section, values in update.items():
-            if isinstance(values, dict):
-                out.setdefault(section, {}).update(values)
-            else:
-                out[section] = values
-    return out
+_TINY = merge(EVERY_CAPABILITY, {"name": "golden"})
 
 
 def case_configs() -> Dict[str, dict]:
@@ -94,7 +45,7 @@ def case_configs() -> Dict[str, dict]:
     smoke = yaml.safe_load(SMOKE_CONFIG.read_text())
     return {
         # train.min_lr: the smoke config's value when these were recorded (its own schedule is longer now)
-        "smoke": _merge(
+        "smoke": merge(
             smoke,
             _SCHEDULE,
             {
@@ -102,9 +53,9 @@ def case_configs() -> Dict[str, dict]:
                 "hybrid_attention": {"mask_learning_start_step": 0, "mask_learning_steps": 10},
             },
         ),
-        "tp2": _merge(_TINY, _SCHEDULE, {"parallel": {"tensor": 2, "sequence_parallel": True}}),
-        "pp2": _merge(_TINY, _SCHEDULE, {"parallel": {"pipeline": 2}}),
-        "ep2": _merge(_TINY, _SCHEDULE, {"parallel": {"expert": 2}}),
+        "tp2": merge(_TINY, _SCHEDULE, {"parallel": {"tensor": 2, "sequence_parallel": True}}),
+        "pp2": merge(_TINY, _SCHEDULE, {"parallel": {"pipeline": 2}}),
+        "ep2": merge(_TINY, _SCHEDULE, {"parallel": {"expert": 2}}),
     }
 
 
