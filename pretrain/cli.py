@@ -24,7 +24,7 @@ SUBCOMMANDS = {
     "hf": ("pretrain.hf", "main", "import from / export to a Hugging Face model directory"),
     "params": ("pretrain.params", "main", "parameter counts of a config"),
     "plan": ("pretrain.plan", "main", "check a config against a GPU allocation and print the layout"),
-    "preprocess": ("megatron_ext.data.cli", "preprocess_main", "JSONL / text to indexed datasets"),
+    "preprocess": ("megatron_ext.data.cli", "preprocess_main", "documents (JSONL, parquet, datasets) to indexed data"),
     "train-tokenizer": ("megatron_ext.data.cli", "train_tokenizer_main", "train a byte-level BPE tokenizer"),
     "build-default-corpus": ("megatron_ext.data.cli", "build_default_main", "build the built-in corpus once"),
 }

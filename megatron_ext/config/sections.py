@@ -13,6 +13,7 @@ This package is a leaf: it imports no other project package and no torch.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Mapping, Optional
 
@@ -20,6 +21,9 @@ from megatron_ext.config.checks import Checks
 
 MODALITIES = ("text", "image", "video", "audio")
 """Modality ids are indices into this tuple (stored as uint8 beside every token)."""
+
+DEFAULT_SPLIT = "98,2,0"
+"""``data.split`` when none is given and validation comes from ``data.paths``."""
 
 
 @dataclass(kw_only=True)
@@ -159,8 +163,17 @@ class DataConfig:
     ``data.tokenizer`` when set); a blend may mix both."""
     weights: Optional[List[float]] = None
     """Blend weights of ``paths`` (normalized); None: proportional to their sizes."""
-    split: str = "98,2,0"
-    """Train / validation / test proportions of each prefix's documents."""
+    valid_paths: List[str] = field(default_factory=list)
+    """indexed: a validation set of its own (Megatron-LM's ``--valid-data-path``), prefixes of the same
+    forms as ``paths`` and the same vocabulary. Set: validation reads these alone and all of ``paths``
+    trains, so the validation documents stay the same whatever the training blend; empty: validation
+    is the share of ``paths`` that ``split`` sets aside."""
+    valid_weights: Optional[List[float]] = None
+    """Blend weights of ``valid_paths`` (normalized); None: proportional to their sizes."""
+    split: Optional[str] = None
+    """Train / validation / test proportions of the documents of each prefix of ``paths``, e.g.
+    '98,2,0'. None: '98,2,0', or with ``valid_paths`` all of ``paths`` trains (a split that gives
+    validation or test a share is refused there: the validation set is ``valid_paths``)."""
     seq_length: int = 64
     """Tokens per sample."""
     seed: int = 1234
@@ -183,19 +196,44 @@ class DataConfig:
         c.positive("seq_length")
         if self.kind == "indexed":
             c.require(bool(self.paths), "paths is empty: kind 'indexed' needs at least one dataset prefix")
-        if self.weights is not None:
+        for paths_name, weights_name in (("paths", "weights"), ("valid_paths", "valid_weights")):
+            paths, weights = getattr(self, paths_name), getattr(self, weights_name)
+            if weights is None:
+                continue
+            if not paths:
+                c.require(False, f"{weights_name}={weights} weighs no prefixes: list them in {paths_name}")
+                continue
             c.require(
-                len(self.weights) == len(self.paths),
-                f"weights has {len(self.weights)} entries for {len(self.paths)} paths",
+                len(weights) == len(paths),
+                f"{weights_name} has {len(weights)} entries for {len(paths)} {paths_name}",
             )
-            c.require(all(w >= 0 for w in self.weights), f"weights={self.weights} must not be negative")
-            c.require(sum(self.weights) > 0, f"weights={self.weights} must not sum to zero")
-        parts = self.split.split(",")
-        ok = len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts)
-        c.require(
-            ok and sum(float(p) for p in parts) > 0,
-            f"split={self.split!r} must be three non-negative numbers such as '98,2,0'",
-        )
+            c.require(all(w >= 0 for w in weights), f"{weights_name}={weights} must not be negative")
+            c.require(sum(weights) > 0, f"{weights_name}={weights} must not sum to zero")
+        if self.valid_paths:
+            c.require(
+                self.kind == "indexed",
+                f"valid_paths={self.valid_paths} needs kind 'indexed' (kind={self.kind!r}): the synthetic "
+                "and copy streams draw validation samples of their own, and the built-in corpus sets a share "
+                "aside; preprocess the training data too and list it in paths",
+            )
+            shared = sorted({os.path.normpath(p) for p in self.paths} & {os.path.normpath(p) for p in self.valid_paths})
+            c.require(
+                not shared,
+                f"valid_paths lists {shared}, which paths also lists: validation would measure documents "
+                "the run trains on; give separate prefixes, or drop valid_paths and set split",
+            )
+        if self.split is not None:
+            parts = self.split.split(",")
+            ok = len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts)
+            c.require(
+                ok and sum(float(p) for p in parts) > 0,
+                f"split={self.split!r} must be three non-negative numbers such as '98,2,0'",
+            )
+            c.require(
+                not (ok and self.valid_paths and any(float(p) for p in parts[1:])),
+                f"split={self.split!r} gives validation or test a share of paths, but valid_paths is the "
+                "validation set and all of paths trains: leave split unset (or give '100,0,0')",
+            )
         if self.eod_token is not None:
             c.require(
                 self.tokenizer not in (None, "bytes"),
@@ -207,6 +245,14 @@ class DataConfig:
             c.require(name in MODALITIES, f"loss_weights has unknown modality {name!r} (use {MODALITIES})")
             c.require(weight >= 0, f"loss_weights.{name}={weight} must be >= 0")
         c.done()
+
+    @property
+    def paths_split(self) -> Optional[str]:
+        """How the documents of ``paths`` are shared out between train / validation / test: ``split``
+        or its default; None with ``valid_paths`` (all of ``paths`` trains, Megatron's per-split blends)."""
+        if self.valid_paths:
+            return None
+        return self.split if self.split is not None else DEFAULT_SPLIT
 
 
 @dataclass(kw_only=True)

@@ -10,25 +10,49 @@ from pathlib import Path
 
 from megatron_ext.data.default_corpus import ensure_default_corpus
 from megatron_ext.data.indexed import DataError
+from megatron_ext.data.merge import merge
 from megatron_ext.data.preprocess import iter_documents, preprocess
+from megatron_ext.data.sources import Shard
 from megatron_ext.data.tokenizers import train_bpe
 
-PREPROCESS_USAGE = """Preprocess JSONL / text documents into Megatron indexed datasets with a modality stream.
+PREPROCESS_USAGE = """Preprocess documents into Megatron indexed datasets with a modality stream.
 
     python -m data.preprocess --input docs.jsonl [more.jsonl ...] --output-prefix out/corpus \\
         --tokenizer bytes|path/to/tokenizer.json|path/to/hf_tokenizer_dir [--eod-token TOKEN] \\
-        [--codebook image=8192 --codebook audio=4096] [--workers 4] [--json-key text]
+        [--codebook image=8192 --codebook audio=4096] [--workers 4] [--text-key text] \\
+        [--num-shards N --shard-index I]
+    python -m data.preprocess merge --inputs out/part-0 out/part-1 ... --output-prefix out/corpus
 
-Writes out/corpus.{bin,idx}, out/corpus.modality.{bin,idx} and out/corpus.manifest.json. A HF
-tokenizer directory (save_pretrained output: BPE, SentencePiece or tiktoken-based) is loaded with
-transformers.AutoTokenizer; every document ends with the tokenizer's eos token (<|endoftext|> in a
-tokenizer .json file) unless --eod-token names another.
+--input takes .jsonl or .txt files, parquet files, a directory written by HF datasets'
+Dataset.save_to_disk, or quoted globs ('shards/*.parquet'); --text-key names the text field or
+column. Writes out/corpus.{bin,idx}, out/corpus.modality.{bin,idx} and out/corpus.manifest.json. A
+HF tokenizer directory (save_pretrained output: BPE, SentencePiece or tiktoken-based) is loaded
+with transformers.AutoTokenizer; every document ends with the tokenizer's eos token
+(<|endoftext|> in a tokenizer .json file) unless --eod-token names another.
+
+--num-shards N --shard-index I preprocess the I-th of N contiguous ranges of the input's records
+(e.g. one SLURM array task each, I = $SLURM_ARRAY_TASK_ID), each into its own prefix; merge joins
+the N prefixes into the output one process would have written, byte for byte.
+"""
+
+MERGE_USAGE = """Merge prefixes written by data.preprocess (the shards of a sharded job, in any order, or any
+prefixes written with the same tokenizer and codebooks, in the order given) into one.
+
+    python -m data.preprocess merge --inputs out/part-0 out/part-1 out/part-2 --output-prefix out/corpus
 """
 
 
 def preprocess_main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["merge"]:
+        return merge_main(argv[1:])
     parser = argparse.ArgumentParser(description=PREPROCESS_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help=".jsonl or .txt files")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help=".jsonl, .txt or .parquet files, saved datasets directories, or quoted globs of them",
+    )
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--tokenizer", required=True, help="'bytes', a tokenizer JSON file or a HF tokenizer directory")
     parser.add_argument(
@@ -45,8 +69,22 @@ def preprocess_main(argv=None) -> int:
         help="a non-text modality and its codebook size; repeatable",
     )
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--json-key", default="text")
+    parser.add_argument(
+        "--text-key",
+        "--json-key",
+        dest="text_key",
+        default="text",
+        help="the JSON field or table column that holds a document's text (default: text)",
+    )
+    parser.add_argument("--num-shards", type=int, default=1, metavar="N", help="split the job into N parts")
+    parser.add_argument(
+        "--shard-index", type=int, default=0, metavar="I", help="the part this process writes, 0 <= I < N"
+    )
     args = parser.parse_args(argv)
+    try:
+        shard = Shard(args.shard_index, args.num_shards)
+    except ValueError as err:
+        parser.error(str(err))
     codebooks = {}
     for item in args.codebook:
         name, _, size = item.partition("=")
@@ -60,8 +98,9 @@ def preprocess_main(argv=None) -> int:
             args.tokenizer,
             codebooks,
             args.workers,
-            args.json_key,
+            args.text_key,
             eod_token=args.eod_token,
+            shard=shard,
         )
     except (DataError, FileNotFoundError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -69,7 +108,29 @@ def preprocess_main(argv=None) -> int:
     per_modality = ", ".join(f"{k} {v:,}" for k, v in summary.tokens_per_modality.items() if v)
     print(
         f"{summary.documents:,} documents ({summary.skipped_empty} empty skipped), {summary.tokens:,} tokens "
-        f"({per_modality}) in {summary.seconds:.1f} s = {summary.tokens_per_second:,.0f} tokens/s"
+        f"({per_modality}) in {summary.seconds:.1f} s = {summary.documents_per_second:,.0f} documents/s, "
+        f"{summary.tokens_per_second:,.0f} tokens/s"
+    )
+    return 0
+
+
+def merge_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data.preprocess merge",
+        description=MERGE_USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--inputs", nargs="+", required=True, metavar="PREFIX", help="prefixes to merge")
+    parser.add_argument("--output-prefix", required=True)
+    args = parser.parse_args(argv)
+    try:
+        manifest = merge(args.inputs, args.output_prefix)
+    except (DataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.output_prefix}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens "
+        f"from {len(args.inputs)} prefixes"
     )
     return 0
 

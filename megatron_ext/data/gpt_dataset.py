@@ -86,27 +86,43 @@ def _multimodal_dataset_class():
 def build_gpt_datasets(
     prefixes: Sequence[str],
     weights: Optional[Sequence[float]],
-    split: str,
+    split: Optional[str],
     seq_length: int,
     seed: int,
     sizes: List[int],
     cache_dir: str,
     model_vocab_size: int,
     tokenizer: Optional[TextTokenizer] = None,
+    *,
+    valid_prefixes: Sequence[str] = (),
+    valid_weights: Optional[Sequence[float]] = None,
 ):
     """([train, valid, test] blended datasets, their shared vocabulary layout) (Megatron's builder;
-    call on every rank). ``tokenizer``: the run's ``data.tokenizer``, checked against the data."""
+    call on every rank). ``tokenizer``: the run's ``data.tokenizer``, checked against the data.
+
+    Without ``valid_prefixes`` the three sets are the ``split`` shares of every prefix's documents.
+    With them (Megatron-LM's ``--valid-data-path``) the blend of ``prefixes`` is the training set
+    whole, validation is the blend of ``valid_prefixes``, and there is no test set: Megatron's
+    ``blend_per_split``, which takes no ``split`` (pass None). All prefixes share one id space, so a
+    validation loss is measured in the vocabulary the model trains on."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
+    assert (split is None) == bool(valid_prefixes), "give either split or valid_prefixes"
     identity = tokenizer.identity if tokenizer is not None else None
-    manifests = [check_prefix(p, model_vocab_size, identity) for p in prefixes]
-    layout = shared_layout(prefixes, manifests, tokenizer, model_vocab_size)
+    every = list(prefixes) + list(valid_prefixes)
+    manifests = [check_prefix(p, model_vocab_size, identity) for p in every]
+    layout = shared_layout(every, manifests, tokenizer, model_vocab_size)
+    train_blend = (list(prefixes), list(weights) if weights is not None else None)
+    if valid_prefixes:
+        valid_blend = (list(valid_prefixes), list(valid_weights) if valid_weights is not None else None)
+        blends = {"blend_per_split": [train_blend, valid_blend, None]}
+    else:
+        blends = {"blend": train_blend, "split": split}
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend=(list(prefixes), list(weights) if weights is not None else None),
-        split=split,
+        **blends,
         path_to_cache=cache_dir,
         tokenizer=TokenizerInfo(layout),
         reset_position_ids=False,
@@ -131,7 +147,7 @@ def shared_layout(
         if layout != recorded[0][1]:
             raise ValueError(
                 f"{prefix}: its vocabulary layout differs from {recorded[0][0]}'s; blended "
-                "datasets must share one id space"
+                "datasets (and the validation set) must share one id space"
             )
     if recorded:
         layout, source = recorded[0][1], f"the text vocabulary of {recorded[0][0]} ({recorded[0][1].tokenizer})"

@@ -1,6 +1,8 @@
-"""Documents (JSONL or plain text) -> token and modality streams in Megatron's indexed format.
+"""Documents (JSONL, plain text, parquet, HF datasets) -> token and modality streams in Megatron's
+indexed format.
 
-Input records, one per line of a ``.jsonl`` file::
+Input records, one per line of a ``.jsonl`` file (or one per row of a parquet file or saved
+dataset, read through :mod:`megatron_ext.data.sources`)::
 
     {"text": "a plain text document"}
     {"segments": [{"modality": "text", "text": "a caption"},
@@ -9,11 +11,13 @@ Input records, one per line of a ``.jsonl`` file::
 or, for a ``.txt`` file, one document per non-empty line. Text is tokenized; a segment of modality
 m becomes ``m.begin, m.offset + codes..., m.end``; every document ends with EOD. Documents are
 encoded by worker processes and written in input order, so the output does not depend on the
-number of workers.
+number of workers; a job split into shards (``--num-shards``) writes one prefix per shard, which
+``data.preprocess merge`` (:mod:`megatron_ext.data.merge`) joins into the output of one process.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing as mp
 import sys
@@ -25,6 +29,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_ext.data.indexed import MANIFEST_VERSION, DataError, paths, token_dtype
+from megatron_ext.data.sources import RowSource, Shard, Source, expand_inputs, is_table, shard_records
 from megatron_ext.data.tokenizers import load_tokenizer, require_eod
 from megatron_ext.data.vocab import MODALITIES, VocabLayout
 
@@ -44,11 +49,16 @@ def _kind(value) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _the_record(line_no) -> str:
+    return f"the record on line {line_no}" if line_no is not None else "that record"
+
+
 def _record_error(file, line_no, problem: str, fix: str = "") -> str:
     """The message for one bad input record: where it is (``file:line:``, as editors read it, and
-    the line spelled out), what is wrong with it and what to do about it."""
-    fix = fix or f"fix or remove the record on line {line_no} and run again"
-    return f"{file}:{line_no}: {problem}; {fix}"
+    the line spelled out; a table's row has no line, ``file`` then names the row), what is wrong
+    with it and what to do about it."""
+    fix = fix or f"fix or remove {_the_record(line_no)} and run again"
+    return f"{file}:{line_no}: {problem}; {fix}" if line_no is not None else f"{file}: {problem}; {fix}"
 
 
 _RECORD_SHAPE = 'a JSON object such as {"text": "..."} or {"segments": [...]}'
@@ -121,24 +131,63 @@ def iter_documents(files: Sequence[str | Path], json_key: str = "text") -> Itera
     a ``.jsonl`` file) or not a record of the documented shape (:func:`check_record`).
     """
     for file in files:
-        file = Path(file)
-        if not file.is_file():
-            raise DataError(f"{file}: input file not found")
-        # surrogateescape: a bad byte fails on its own line (see _decoded), not in a read-ahead block.
-        with open(file, encoding="utf-8", errors="surrogateescape") as f:
-            for line_no, line in enumerate(f, 1):
-                line = _decoded(file, line_no, line)
-                if not line.strip():
-                    continue
-                if file.suffix == ".jsonl":
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataError(_record_error(file, line_no, f"not valid JSON ({err.msg})")) from None
-                    check_record(file, line_no, record, json_key)
-                    yield str(file), line_no, record
-                else:
-                    yield str(file), line_no, {json_key: line.rstrip("\n")}
+        yield from _read_text_file(Path(file), json_key)
+
+
+def _open_text(file: Path):
+    if not file.is_file():
+        raise DataError(f"{file}: input file not found")
+    # surrogateescape: a bad byte fails on its own line (see _decoded), not in a read-ahead block.
+    return open(file, encoding="utf-8", errors="surrogateescape")
+
+
+def _read_text_file(
+    file: Path, json_key: str, start: int = 0, stop: Optional[int] = None
+) -> Iterator[Tuple[str, int, dict]]:
+    """The documents on lines ``start + 1 .. stop`` of a ``.jsonl`` or text file (all lines by
+    default), checked as :func:`iter_documents` says. Lines outside the range are not decoded."""
+    with _open_text(file) as f:
+        for line_no, line in enumerate(itertools.islice(f, start, stop), start + 1):
+            line = _decoded(file, line_no, line)
+            if not line.strip():
+                continue
+            if file.suffix == ".jsonl":
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(_record_error(file, line_no, f"not valid JSON ({err.msg})")) from None
+                check_record(file, line_no, record, json_key)
+                yield str(file), line_no, record
+            else:
+                yield str(file), line_no, {json_key: line.rstrip("\n")}
+
+
+class _TextFile:
+    """A ``.jsonl`` or text file as a :class:`~megatron_ext.data.sources.Source`: its records are its
+    lines, empty ones included, split as Python's text files split them (so that counting and
+    reading agree on every line ending)."""
+
+    def __init__(self, path: Path, json_key: str):
+        self.name = str(path)
+        self.path = path
+        self.json_key = json_key
+        _open_text(path).close()  # a missing or unreadable file is reported before any work
+
+    def num_records(self) -> int:
+        with _open_text(self.path) as f:
+            return sum(1 for _ in f)
+
+    def records(self, start: int = 0, stop: Optional[int] = None) -> Iterator[Tuple[str, int, dict]]:
+        return _read_text_file(self.path, self.json_key, start, stop)
+
+
+def open_sources(inputs: Sequence[str | Path], json_key: str = "text") -> List[Source]:
+    """The inputs (paths or quoted globs) as sources, each checked as far as it can be without
+    reading its documents: that it exists and can be read, and for a table that it has the column
+    ``json_key``. Raises DataError, naming the input, on the first that fails."""
+    return [
+        RowSource(path, json_key) if is_table(path) else _TextFile(path, json_key) for path in expand_inputs(inputs)
+    ]
 
 
 def _checked(documents: Iterable[Tuple[str, int, dict]], json_key: str) -> Iterator[Tuple[str, int, dict]]:
@@ -228,7 +277,7 @@ def _encode_record(file, line_no, record):
                 line_no,
                 f"segment {n}: modality {name!r} has no codebook in this run "
                 f"(has: {', '.join(m.name for m in layout.modalities) or 'none'})",
-                f"pass --codebook {name}=SIZE, or fix or remove the record on line {line_no}, and run again",
+                f"pass --codebook {name}=SIZE, or fix or remove {_the_record(line_no)}, and run again",
             )
         codes = _codes(file, line_no, n, name, seg.get("tokens", []), rng)
         if isinstance(codes, str):
@@ -255,6 +304,48 @@ class PreprocessSummary:
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def documents_per_second(self) -> float:
+        return self.documents / self.seconds if self.seconds > 0 else 0.0
+
+
+def build_manifest(
+    layout: dict,
+    documents: int,
+    tokens: int,
+    tokens_per_modality: Dict[str, int],
+    max_token_id: int,
+    dtype: str,
+    sources: List[str],
+    shard: Shard = Shard(),
+) -> dict:
+    """The manifest of a prefix, the one place its fields and their order are defined (a merged
+    output's manifest must equal that of one process byte for byte). ``shard`` is recorded only
+    for a part of a sharded job, so that the merge can check it has every part."""
+    manifest = {
+        "format_version": MANIFEST_VERSION,
+        "vocab": layout,
+        "documents": documents,
+        "tokens": tokens,
+        "tokens_per_modality": tokens_per_modality,
+        "max_token_id": max_token_id,
+        "dtype": dtype,
+        "sources": sources,
+    }
+    if shard.count > 1:
+        manifest["shard"] = {"index": shard.index, "count": shard.count}
+    return manifest
+
+
+def move_into_place(tmp: dict, out: dict) -> None:
+    """Move a finished output's temporaries (:func:`~megatron_ext.data.indexed.paths` + ``.tmp``)
+    into place. The manifest marks a complete output: the old one is dropped first, so that a run
+    stopped between the moves leaves an output refused as incomplete, not a manifest describing
+    other data; the new manifest is moved in last."""
+    out["manifest"].unlink(missing_ok=True)
+    for key in ("bin", "idx", "modality_bin", "modality_idx", "manifest"):
+        tmp[key].replace(out[key])
+
 
 def preprocess(
     inputs: Sequence[str | Path],
@@ -266,36 +357,56 @@ def preprocess(
     progress: bool = True,
     documents: Optional[Iterable[Tuple[str, int, dict]]] = None,
     eod_token: Optional[str] = None,
+    shard: Shard = Shard(),
 ) -> PreprocessSummary:
     """Tokenize ``inputs`` (or the given ``documents``) into ``output_prefix`` + manifest.
 
+    ``inputs``: ``.jsonl`` / text files, parquet files, saved ``datasets`` directories or quoted
+    globs of them (:mod:`megatron_ext.data.sources`); ``json_key`` names the text field or column.
     ``tokenizer_spec``: ``bytes``, a tokenizer JSON file or a HF tokenizer directory
     (:func:`~megatron_ext.data.tokenizers.load_tokenizer`); every document ends with the tokenizer's
     end-of-document id, or that of ``eod_token``. A tokenizer that cannot be loaded or has no such
-    token is refused before any input is read.
+    token, an input that is missing or unreadable, and a table without the text column are refused
+    before any document is read.
+
+    ``shard``: this process's part of a job split over several (:class:`~megatron_ext.data.sources.Shard`);
+    its output is one part for :func:`megatron_ext.data.merge.merge`. A part may hold no document
+    (more shards than records); it is written all the same, so that the merge finds every part.
 
     Every record is checked (shape, UTF-8, integer codebook ids inside their codebook); the first
-    bad one stops the run with a DataError naming its file and line, the same with any number of
-    workers. Output is written to ``*.tmp`` files and moved into place only once complete; on any
-    error the temporaries are removed, so a failed run leaves neither partial files nor a damaged
-    previous output behind.
+    bad one stops the run with a DataError naming its file and line (or row), the same with any
+    number of workers. Output is written to ``*.tmp`` files and moved into place only once complete;
+    on any error the temporaries are removed, so a failed run leaves neither partial files nor a
+    damaged previous output behind.
     """
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from tqdm import tqdm
 
     start = time.perf_counter()
     tokenizer = load_tokenizer(tokenizer_spec, eod_token)
     layout = VocabLayout.build(
         tokenizer.identity, tokenizer.vocab_size, require_eod(tokenizer, tokenizer_spec), codebooks or {}
     )
+    if documents is not None:
+        if shard.count > 1:
+            raise ValueError("preprocess: given documents cannot be sharded; pass inputs instead")
+        docs, total = _checked(documents, json_key), None
+    else:
+        records, total = shard_records(open_sources(inputs, json_key), shard)
+        docs = _checked(records, json_key)
     out = paths(output_prefix)
     out["bin"].parent.mkdir(parents=True, exist_ok=True)
     tmp = {k: v.with_name(v.name + ".tmp") for k, v in out.items()}
     summary = PreprocessSummary(tokens_per_modality={m: 0 for m in MODALITIES})
     max_id = -1
-    docs = _checked(documents, json_key) if documents is not None else iter_documents(inputs, json_key)
     docs = _errors_in_order(docs)
     builders = []
     pool = None
+    # Counts records (empty ones included) against the shard's total where it is known. delay: no bar
+    # for a run that ends within a second, nor before the error of an early bad record.
+    bar = tqdm(
+        total=total, unit=" docs", disable=not progress, file=sys.stderr, mininterval=1.0, delay=1.0, dynamic_ncols=True
+    )
     try:
         tokens_builder = IndexedDatasetBuilder(str(tmp["bin"]), dtype=token_dtype(layout.size))
         builders.append(tokens_builder)
@@ -309,6 +420,7 @@ def preprocess(
         for result in encoded:
             if isinstance(result, str):
                 raise DataError(result)
+            bar.update()
             if result is None:
                 summary.skipped_empty += 1
                 continue
@@ -320,51 +432,41 @@ def preprocess(
             max_id = max(max_id, int(ids.max()))
             for m, count in zip(*np.unique(mods, return_counts=True)):
                 summary.tokens_per_modality[MODALITIES[m]] += int(count)
-            if progress and summary.documents % 1000 == 0:
-                rate = summary.tokens / (time.perf_counter() - start)
-                print(
-                    f"\r{summary.documents:,} documents, {summary.tokens:,} tokens ({rate:,.0f} tokens/s)",
-                    end="",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            if summary.documents % 1000 == 0:
+                bar.set_postfix_str(f"{summary.tokens / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
+        bar.close()
         _close_pool(pool, ok=True)
         pool = None
-        if summary.documents == 0:
+        if summary.documents == 0 and shard.count == 1:
             raise DataError(f"no documents found in {', '.join(map(str, inputs)) or 'the input'}: the input is empty")
         tokens_builder.finalize(str(tmp["idx"]))
         modality_builder.finalize(str(tmp["modality_idx"]))
         summary.seconds = time.perf_counter() - start
-        manifest = {
-            "format_version": MANIFEST_VERSION,
-            "vocab": layout.to_dict(),
-            "documents": summary.documents,
-            "tokens": summary.tokens,
-            "tokens_per_modality": summary.tokens_per_modality,
-            "max_token_id": max_id,
-            "dtype": np.dtype(token_dtype(layout.size)).name,
-            "sources": [str(p) for p in inputs],
-        }
+        manifest = build_manifest(
+            layout.to_dict(),
+            summary.documents,
+            summary.tokens,
+            summary.tokens_per_modality,
+            max_id,
+            np.dtype(token_dtype(layout.size)).name,
+            [str(p) for p in inputs],
+            shard,
+        )
         tmp["manifest"].write_text(json.dumps(manifest, indent=1))
     except BaseException:
+        bar.close()  # ends the progress line, so that the error starts a line of its own
         _close_pool(pool, ok=False)
-        if progress and summary.documents >= 1000:
-            print(file=sys.stderr)  # end the progress line, so that the error starts a line of its own
         for builder in builders:
             builder.data_file.close()
         for p in tmp.values():
             p.unlink(missing_ok=True)
         raise
-    # The manifest marks a complete output: drop the old one first, so that a run stopped between
-    # the moves below leaves an output that is refused as incomplete, not a manifest describing
-    # other data; the new manifest is moved in last.
-    out["manifest"].unlink(missing_ok=True)
-    for key in ("bin", "idx", "modality_bin", "modality_idx", "manifest"):
-        tmp[key].replace(out[key])
+    move_into_place(tmp, out)
     if progress:
+        part = f" (shard {shard.index} of {shard.count})" if shard.count > 1 else ""
         print(
-            f"\r{summary.documents:,} documents, {summary.tokens:,} tokens in {summary.seconds:.1f} s "
-            f"({summary.tokens_per_second:,.0f} tokens/s)",
+            f"{summary.documents:,} documents{part}, {summary.tokens:,} tokens in {summary.seconds:.1f} s "
+            f"({summary.documents_per_second:,.0f} documents/s, {summary.tokens_per_second:,.0f} tokens/s)",
             file=sys.stderr,
         )
     return summary

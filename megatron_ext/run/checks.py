@@ -133,11 +133,12 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool, te_installed: Opti
             "(its latest checkpoint), its checkpoints/ directory, a step_* checkpoint directory or a HF "
             "model directory (config.json + safetensors)"
         )
-    if d.kind in ("indexed", "default") and t.eval_interval and float(d.split.split(",")[1]) == 0:
+    split = d.paths_split  # None with data.valid_paths: validation is those prefixes
+    if d.kind in ("indexed", "default") and t.eval_interval and split is not None and float(split.split(",")[1]) == 0:
         problems.append(
             f"train.eval_interval={t.eval_interval} needs validation documents, but data.split="
-            f"{d.split!r} gives the validation part none: give it a share (e.g. '98,2,0') or set "
-            "train.eval_interval: 0"
+            f"{split!r} gives the validation part none: give it a share (e.g. '98,2,0'), give "
+            "data.valid_paths, or set train.eval_interval: 0"
         )
     if d.kind == "default":
         from megatron_ext.data.default_corpus import default_vocab_size
@@ -151,11 +152,13 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool, te_installed: Opti
     if d.kind == "indexed":
         from megatron_ext.data.indexed import DataError, check_prefix
 
-        for prefix in d.paths:
-            try:
-                check_prefix(prefix, m.vocab_size, None if d.tokenizer is None else _identity(d.tokenizer))
-            except (DataError, FileNotFoundError, ValueError) as err:
-                problems.append(f"data.paths: {err}")
+        identity = None if d.tokenizer is None else _identity(d.tokenizer)
+        for name, prefixes in (("data.paths", d.paths), ("data.valid_paths", d.valid_paths)):
+            for prefix in prefixes:
+                try:
+                    check_prefix(prefix, m.vocab_size, identity)
+                except (DataError, FileNotFoundError, ValueError) as err:
+                    problems.append(f"{name}: {err}")
     problems.extend(_validation_size_problems(cfg))
     for capability in CAPABILITIES:
         problems.extend(capability.check(cfg, world_size=world_size, data_parallel=dp, cuda=cuda))
@@ -194,8 +197,9 @@ def launch_hint(cfg: RunConfig, world_size: int, command: str = "-m <tool> ...")
 
 
 def _validation_size_problems(cfg: RunConfig) -> List[str]:
-    """An evaluation must fit in one pass over the validation split (Megatron would otherwise build
-    and run epoch after epoch of it): checked from the datasets' manifests, where they exist."""
+    """An evaluation must fit in one pass over the validation set (Megatron would otherwise build
+    and run epoch after epoch of it): the ``data.split`` share of the training prefixes, or all of
+    ``data.valid_paths``; checked from the datasets' manifests, where they exist."""
     import json
 
     d, t = cfg.data, cfg.train
@@ -206,12 +210,12 @@ def _validation_size_problems(cfg: RunConfig) -> List[str]:
 
         manifests = [Path(d.cache_dir) / VERSION / "corpus.manifest.json"]
     else:
-        manifests = [Path(f"{prefix}.manifest.json") for prefix in d.paths]
+        manifests = [Path(f"{prefix}.manifest.json") for prefix in d.valid_paths or d.paths]
     if not all(path.is_file() for path in manifests):
         return []  # built on first use / reported by the data checks
     try:
         total = sum(json.loads(path.read_text())["tokens"] for path in manifests)
-        shares = [float(x) for x in d.split.split(",")]
+        shares = [float(x) for x in d.paths_split.split(",")] if d.paths_split else [0.0, 1.0, 0.0]
     except (ValueError, KeyError, TypeError):
         return []
     valid_tokens = int(total * shares[1] / sum(shares))
@@ -219,10 +223,15 @@ def _validation_size_problems(cfg: RunConfig) -> List[str]:
     if t.eval_steps * per_batch <= valid_tokens:
         return []
     fits = valid_tokens // per_batch
+    if d.valid_paths:
+        where, larger = f"data.valid_paths holds about {valid_tokens:,}", "give data.valid_paths more documents"
+    else:
+        where = f"the validation split holds about {valid_tokens:,} (data.split={d.paths_split!r})"
+        larger = "give validation a larger share of data.split"
     return [
-        f"train.eval_steps={t.eval_steps} evaluates {t.eval_steps * per_batch:,} tokens per evaluation, but the "
-        f"validation split holds about {valid_tokens:,} (data.split={d.split!r}): "
-        + (f"set train.eval_steps <= {fits}" if fits else "give validation a larger share of data.split")
+        f"train.eval_steps={t.eval_steps} evaluates {t.eval_steps * per_batch:,} tokens per evaluation, but "
+        f"{where}: "
+        + (f"set train.eval_steps <= {fits}" if fits else larger)
         + " (an evaluation must not repeat validation data)"
     ]
 

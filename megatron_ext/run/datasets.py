@@ -40,12 +40,24 @@ def build_datasets(cfg: RunConfig) -> Tuple[object, object]:
     evaluations = (t.steps // t.eval_interval + 1) if t.eval_interval else 1
     sizes = [t.steps * t.global_batch_size, evaluations * t.eval_steps * t.global_batch_size, 0]
     tokenizer = load_tokenizer(d.tokenizer, d.eod_token) if d.tokenizer else None
+    # With data.valid_paths all of the training blend trains and validation is drawn from those
+    # prefixes alone (paths_split is None); otherwise data.split carves validation out of the blend.
     (train, valid, _), _ = build_gpt_datasets(
-        prefixes, d.weights, d.split, d.seq_length, d.seed, sizes, d.cache_dir, cfg.model.vocab_size, tokenizer
+        prefixes,
+        d.weights,
+        d.paths_split,
+        d.seq_length,
+        d.seed,
+        sizes,
+        d.cache_dir,
+        cfg.model.vocab_size,
+        tokenizer,
+        valid_prefixes=d.valid_paths,
+        valid_weights=d.valid_weights,
     )
     if train is None or (t.eval_interval and valid is None):
         raise ValueError(
-            f"data.split={d.split!r} leaves no {'training' if train is None else 'validation'} "
+            f"data.split={d.paths_split!r} leaves no {'training' if train is None else 'validation'} "
             "documents: give that split a non-zero share"
         )
     return train, valid
