@@ -24,9 +24,9 @@ VOCAB = 128
 SEQ = 16
 
 
-def build_gpt(seed=1234, num_layers=2, num_experts=None, shared_expert=False, sequence_parallel=None, **overrides):
-    """A tiny GPT (RoPE, RMSNorm, SwiGLU, GQA) for the current parallel state; weights from seed."""
-    torch.manual_seed(seed)
+def tiny_config_kwargs(num_layers=2, sequence_parallel=None, **overrides) -> dict:
+    """``TransformerConfig`` keywords of the tiny GPT the distributed tests build (RoPE, RMSNorm,
+    SwiGLU, GQA, fp32, no dropout) at the current parallel state's sizes, with ``overrides``."""
     kwargs = dict(
         num_layers=num_layers,
         hidden_size=64,
@@ -53,6 +53,14 @@ def build_gpt(seed=1234, num_layers=2, num_experts=None, shared_expert=False, se
             else sequence_parallel
         ),
     )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def build_gpt(seed=1234, num_layers=2, num_experts=None, shared_expert=False, sequence_parallel=None, **overrides):
+    """A tiny GPT (RoPE, RMSNorm, SwiGLU, GQA) for the current parallel state; weights from seed."""
+    torch.manual_seed(seed)
+    kwargs = tiny_config_kwargs(num_layers, sequence_parallel)
     if num_experts:
         kwargs.update(
             num_moe_experts=num_experts,

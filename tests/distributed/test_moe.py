@@ -8,7 +8,6 @@ test_parity; a wrong mask, k or reduction moves results by O(1) relative.
 
 import pytest
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import OptimizerConfig
@@ -29,7 +28,7 @@ from megatron_ext.parallel.state import process_groups
 from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.training.ddp import wrap_with_ddp
 from megatron_ext.training.step import gpt_forward_step, train_step
-from tests.distributed.bodies import SEQ, VOCAB, local_micro_batches, make_batch
+from tests.distributed.bodies import SEQ, VOCAB, local_micro_batches, make_batch, tiny_config_kwargs
 
 RTOL = 1e-5
 EXPERTS = 8
@@ -42,27 +41,10 @@ def build_moe_gpt(
 ):
     """A tiny MoE GPT with ElasticRouters for the current parallel state; weights from ``seed``."""
     torch.manual_seed(seed)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    kwargs = dict(
-        num_layers=num_layers,
+    kwargs = tiny_config_kwargs(
+        num_layers,
         hidden_size=HIDDEN,
-        num_attention_heads=4,
-        num_query_groups=2,
         ffn_hidden_size=64,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        normalization="RMSNorm",
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
-        expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
-        sequence_parallel=tp > 1,
         num_moe_experts=EXPERTS,
         moe_router_topk=TOP_K,
         moe_ffn_hidden_size=16,

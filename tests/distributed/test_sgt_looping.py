@@ -30,7 +30,7 @@ from megatron_ext.sgt.looped_layer import LoopedTransformerLayer, looped_layer_s
 from megatron_ext.testing.distributed import run_distributed
 from megatron_ext.training.ddp import wrap_with_ddp
 from megatron_ext.training.step import gpt_forward_step, train_step
-from tests.distributed.bodies import SEQ, VOCAB, local_micro_batches, make_batch
+from tests.distributed.bodies import SEQ, VOCAB, local_micro_batches, make_batch, tiny_config_kwargs
 
 RTOL = 1e-5
 HEADS = 4
@@ -78,26 +78,7 @@ class HeadwiseCausalAttention(MegatronModule):
 def build_looped_gpt(num_layers=2, sequence_parallel=None, forward_heads=False, seed=1234):
     """Tiny GPT whose layers are LoopedTransformerLayers, for the current parallel state."""
     torch.manual_seed(seed)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    config = TransformerConfig(
-        num_layers=num_layers,
-        hidden_size=64,
-        num_attention_heads=HEADS,
-        num_query_groups=2,
-        ffn_hidden_size=128,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        normalization="RMSNorm",
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        sequence_parallel=tp > 1 if sequence_parallel is None else sequence_parallel,
-    )
+    config = TransformerConfig(**tiny_config_kwargs(num_layers, sequence_parallel, num_attention_heads=HEADS))
     layer = gpt_layer_spec(core_attention=HeadwiseCausalAttention) if forward_heads else gpt_layer_spec()
     return GPTModel(
         config=config,
