@@ -21,7 +21,7 @@ from typing import List, Sequence
 import numpy as np
 
 from megatron_ext.data.indexed import DataError, check_prefix, is_megatron_prefix, paths
-from megatron_ext.data.preprocess import build_manifest, move_into_place
+from megatron_ext.data.preprocess import build_manifest, discard_partial, move_into_place
 from megatron_ext.data.vocab import MODALITIES, VocabLayout
 
 
@@ -129,10 +129,7 @@ def merge(prefixes: Sequence[str | Path], output_prefix: str | Path) -> dict:
         )
         tmp["manifest"].write_text(json.dumps(manifest, indent=1))
     except BaseException:
-        for builder in builders:
-            builder.data_file.close()
-        for p in tmp.values():
-            p.unlink(missing_ok=True)
+        discard_partial(builders, tmp)
         raise
     move_into_place(tmp, out)
     return manifest

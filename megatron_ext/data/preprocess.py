@@ -347,6 +347,15 @@ def move_into_place(tmp: dict, out: dict) -> None:
         tmp[key].replace(out[key])
 
 
+def discard_partial(builders: Sequence, tmp: dict) -> None:
+    """After a failure: close the builders' files and remove the temporaries, so that nothing
+    partial is left beside the output (the previous output, if any, stays as it was)."""
+    for builder in builders:
+        builder.data_file.close()
+    for p in tmp.values():
+        p.unlink(missing_ok=True)
+
+
 def preprocess(
     inputs: Sequence[str | Path],
     output_prefix: str | Path,
@@ -456,10 +465,7 @@ def preprocess(
     except BaseException:
         bar.close()  # ends the progress line, so that the error starts a line of its own
         _close_pool(pool, ok=False)
-        for builder in builders:
-            builder.data_file.close()
-        for p in tmp.values():
-            p.unlink(missing_ok=True)
+        discard_partial(builders, tmp)
         raise
     move_into_place(tmp, out)
     if progress:
