@@ -186,6 +186,18 @@ class DataConfig:
     """End-of-document token of ``tokenizer`` (a file or directory) where it declares none or another
     is meant: the end of a Megatron-LM prefix's documents and generation's stop token. None: the
     tokenizer's eos token. Data with a manifest keeps the id recorded when it was preprocessed."""
+    reset_attention_mask: bool = False
+    """Document masking (Megatron-LM's ``--reset-attention-mask``): a token attends only to the earlier
+    tokens of its own document (documents end with the EOD token; kinds 'indexed' and 'default').
+    Every attention of the model honours it: full and sliding-window units, gated units in mask
+    learning, LoZA's sinks (each document's own first tokens), SGT loops and entropy, context
+    parallelism. Not with model.attention_backend 'local' or model.backend 'te'."""
+    reset_position_ids: bool = False
+    """Position ids restart at each document (Megatron-LM's ``--reset-position-ids``); the rotary
+    embedding then rotates each token by its position in its document."""
+    eod_mask_loss: bool = False
+    """No loss on predicting the token after an EOD (Megatron-LM's ``--eod-mask-loss``): the first token
+    of the next document, which nothing before it predicts."""
     cache_dir: str = "data/cache"
     """Where sample-index caches and the built-in corpus are kept."""
     loss_weights: Optional[Dict[str, float]] = None
@@ -241,6 +253,14 @@ class DataConfig:
                 "set tokenizer to a tokenizer file or directory, or drop eod_token",
             )
             c.require(self.eod_token != "", "eod_token='' is empty: give the token that ends a document")
+        documents = [
+            name for name in ("reset_attention_mask", "reset_position_ids", "eod_mask_loss") if getattr(self, name)
+        ]
+        c.require(
+            not documents or self.kind in ("indexed", "default"),
+            f"{', '.join(documents)} need documents that end with an EOD token: kind {self.kind!r} has none; "
+            "use kind 'indexed' or 'default'",
+        )
         for name, weight in (self.loss_weights or {}).items():
             c.require(name in MODALITIES, f"loss_weights has unknown modality {name!r} (use {MODALITIES})")
             c.require(weight >= 0, f"loss_weights.{name}={weight} must be >= 0")

@@ -21,6 +21,10 @@ Under context parallelism (CP) a rank holds two chunks of the sequence
 sliding-window heads fetch only a halo of ``W - 1`` positions per chunk
 (:func:`~megatron_ext.models.context_attention.context_parallel_attention`); a static mixed layer
 exchanges each group's heads by its own scheme, so its SWA heads keep their smaller traffic.
+
+Document masking (``data.reset_attention_mask``) arrives as ``attention_mask``, the document starts
+of :mod:`~megatron_ext.models.documents`; every unit honours it, whichever kernel it runs (the sinks of
+a sink + recent unit are its document's first keys). The ``te`` backend does not take it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron_ext.models.context_attention import context_parallel_attention
+from megatron_ext.models.documents import document_starts_of
 from megatron_ext.models.kernels import causal_attention, sink_window_attention, sliding_window_attention
 from megatron_ext.models.protocols import (
     AttentionPairCounter,
@@ -159,70 +164,78 @@ class HybridCoreAttention(
     ):
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("hybrid attention supports neither packed sequences nor attention bias")
-        return self.forward_heads(query, key, value, list(range(self.local_kv_heads)))
+        return self.forward_heads(query, key, value, list(range(self.local_kv_heads)), attention_mask)
 
-    def forward_heads(self, query, key, value, local_kv_heads: Sequence[int]):
+    def forward_heads(self, query, key, value, local_kv_heads: Sequence[int], attention_mask=None):
         """:meth:`HeadSubsetAttention.forward_heads`, each KV head with its allocation."""
         s, b, nq, hn = query.shape
         heads = torch.as_tensor(list(local_kv_heads), dtype=torch.long)
-        out = self._attend(
-            query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3), heads, self.queries_per_group
-        )
+        q, k, v = query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)
+        out = self._attend(q, k, v, heads, self.queries_per_group, document_starts_of(attention_mask))
         return out.permute(2, 0, 1, 3).reshape(s, b, nq * hn)
 
-    def forward_query_heads(self, query, key, value, kv_of_query: Sequence[int], local_kv_heads: Sequence[int]):
+    def forward_query_heads(
+        self, query, key, value, kv_of_query: Sequence[int], local_kv_heads: Sequence[int], attention_mask=None
+    ):
         """:meth:`QueryHeadSubsetAttention.forward_query_heads`, each KV head with its allocation."""
         s, b, nq, hn = query.shape
         index = torch.as_tensor(list(kv_of_query), dtype=torch.long, device=key.device)
         k = key.index_select(2, index).permute(1, 2, 0, 3)  # [b, nq, s, hn]: each query head's KV head
         v = value.index_select(2, index).permute(1, 2, 0, 3)
         heads = torch.as_tensor([local_kv_heads[i] for i in kv_of_query], dtype=torch.long)
-        out = self._attend(query.permute(1, 2, 0, 3), k, v, heads, 1)
+        out = self._attend(query.permute(1, 2, 0, 3), k, v, heads, 1, document_starts_of(attention_mask))
         return out.permute(2, 0, 1, 3).reshape(s, b, nq * hn)
 
-    def _attend(self, q, k, v, heads, qpg: int):
+    def _attend(self, q, k, v, heads, qpg: int, docs=None):
         """``q [b, nq, s, hn]`` over ``k`` / ``v [b, len(heads), s, hn]`` (``qpg`` query heads per
-        KV head), ``heads`` the local KV head of each position in ``k``."""
+        KV head), ``heads`` the local KV head of each position in ``k``; ``docs``: document starts."""
+        if docs is not None and self.te is not None:
+            raise ValueError(
+                "hybrid attention with model.backend='te' takes no document mask "
+                "(data.reset_attention_mask): set model.backend: local"
+            )
         if self.mode == "full":
-            return self._full(q, k, v)
+            return self._full(q, k, v, docs)
         if self.mode == "gated":
-            return self._gated(q, k, v, heads, qpg)
-        return self._static(q, k, v, self._full_heads[heads], qpg)
+            return self._gated(q, k, v, heads, qpg, docs)
+        return self._static(q, k, v, self._full_heads[heads], qpg, docs)
 
-    def _gated(self, q, k, v, heads, qpg: int):
+    def _gated(self, q, k, v, heads, qpg: int, docs=None):
         # The gates live on the CPU (replicated, see ConSACallback); their gradient flows back through .to().
         z = self._gate(self.training)  # [1] or [num_kv_heads]
         if z.numel() > 1:
             z = z[self.kv_offset + heads].repeat_interleave(qpg)  # [nq]
         z = z.to(device=q.device, dtype=q.dtype)
         z = z.view(1, -1, 1, 1)
-        full = self._full(q, k, v)
-        swa = self._sparse(q, k, v)
+        full = self._full(q, k, v, docs)
+        swa = self._sparse(q, k, v, docs)
         return torch.lerp(swa, full, z)  # z * full + (1 - z) * swa in one pass (and one in backward)
 
-    def _full(self, q, k, v):
+    def _full(self, q, k, v, docs=None):
         """The full units' causal attention (over every CP rank's keys under CP)."""
         if self.cp is not None:
-            return context_parallel_attention(q, k, v, self.cp, self.softmax_scale)
+            return context_parallel_attention(q, k, v, self.cp, self.softmax_scale, doc_start=docs)
         if self.te is not None:
             return self.te(q, k, v)
-        return causal_attention(q, k, v, self.softmax_scale)
+        return causal_attention(q, k, v, self.softmax_scale, docs)
 
-    def _sparse(self, q, k, v):
+    def _sparse(self, q, k, v, docs=None):
         """The sparse units' attention: sliding window (with the halo under CP), or sink + recent (``sink > 0``)."""
         if self.cp is not None:
-            return context_parallel_attention(q, k, v, self.cp, self.softmax_scale, window=self.window, sink=self.sink)
+            return context_parallel_attention(
+                q, k, v, self.cp, self.softmax_scale, window=self.window, sink=self.sink, doc_start=docs
+            )
         if self.sink:
-            return sink_window_attention(q, k, v, self.window, self.sink, self.softmax_scale)
+            return sink_window_attention(q, k, v, self.window, self.sink, self.softmax_scale, docs)
         if self.te is not None:
             return self.te(q, k, v, self.window)
-        return sliding_window_attention(q, k, v, self.window, self.softmax_scale)
+        return sliding_window_attention(q, k, v, self.window, self.softmax_scale, docs)
 
-    def _static(self, q, k, v, full_flags, qpg: int):
+    def _static(self, q, k, v, full_flags, qpg: int, docs=None):
         if bool(full_flags.all()):
-            return self._full(q, k, v)
+            return self._full(q, k, v, docs)
         if not bool(full_flags.any()):
-            return self._sparse(q, k, v)
+            return self._sparse(q, k, v, docs)
         # Mixed layer: two groups, each through its own kernel.
         fa_kv = full_flags.nonzero().flatten()
         swa_kv = (~full_flags).nonzero().flatten()
@@ -235,7 +248,8 @@ class HybridCoreAttention(
         q_fa, q_swa = _SplitHeads.apply(q, fa_q, swa_q)
         k_fa, k_swa = _SplitHeads.apply(k, fa_kv, swa_kv)
         v_fa, v_swa = _SplitHeads.apply(v, fa_kv, swa_kv)
-        return _MergeHeads.apply(self._full(q_fa, k_fa, v_fa), self._sparse(q_swa, k_swa, v_swa), fa_q, swa_q)
+        full, sparse = self._full(q_fa, k_fa, v_fa, docs), self._sparse(q_swa, k_swa, v_swa, docs)
+        return _MergeHeads.apply(full, sparse, fa_q, swa_q)
 
     def extra_repr(self) -> str:
         backend = "te" if self.te is not None else "local"

@@ -5,6 +5,11 @@ indices (cached as .npy files). The modality stream has the same document length
 indices select the same spans from it: :class:`MultimodalGPTDataset` reads both through
 GPTDataset's own span logic, and ``modality_ids`` stays aligned with ``tokens`` by construction.
 A Megatron-LM prefix (no manifest, no modality stream) is text: its ``modality_ids`` are all text.
+
+Documents inside a sample (``data.reset_attention_mask`` / ``reset_position_ids`` / ``eod_mask_loss``)
+follow Megatron's dataset flags; under ``reset_attention_mask`` a sample also carries
+``document_starts`` (:func:`~megatron_ext.models.documents.document_starts`), the compact mask the
+forward step hands the model.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from megatron_ext.compat.datasets import sample_span_from
 from megatron_ext.data.indexed import DataError, check_prefix
 from megatron_ext.data.tokenizers import TextTokenizer
 from megatron_ext.data.vocab import MODALITIES, VocabLayout
+from megatron_ext.models.documents import document_starts
+
+DOCUMENT_FLAGS = ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")
+"""Megatron's per-document dataset switches, as ``data`` section fields of the same names."""
 
 UNRECORDED_TOKENIZER = "unrecorded"
 """The tokenizer identity of a blend of Megatron-LM prefixes alone, read without ``data.tokenizer``."""
@@ -78,6 +87,8 @@ def _multimodal_dataset_class():
                     )
             sample["modality_ids"] = span[:-1].contiguous()
             sample["label_modality_ids"] = span[1:].contiguous()
+            if self.config.reset_attention_mask:
+                sample["document_starts"] = document_starts(sample["tokens"][None], self.config.tokenizer.eod)[0]
             return sample
 
     return MultimodalGPTDataset
@@ -96,6 +107,7 @@ def build_gpt_datasets(
     *,
     valid_prefixes: Sequence[str] = (),
     valid_weights: Optional[Sequence[float]] = None,
+    documents: Optional[Dict[str, bool]] = None,
 ):
     """([train, valid, test] blended datasets, their shared vocabulary layout) (Megatron's builder;
     call on every rank). ``tokenizer``: the run's ``data.tokenizer``, checked against the data.
@@ -104,7 +116,10 @@ def build_gpt_datasets(
     With them (Megatron-LM's ``--valid-data-path``) the blend of ``prefixes`` is the training set
     whole, validation is the blend of ``valid_prefixes``, and there is no test set: Megatron's
     ``blend_per_split``, which takes no ``split`` (pass None). All prefixes share one id space, so a
-    validation loss is measured in the vocabulary the model trains on."""
+    validation loss is measured in the vocabulary the model trains on.
+
+    ``documents``: Megatron's ``reset_position_ids`` / ``reset_attention_mask`` / ``eod_mask_loss``
+    (all False when None); any of them needs the blend's EOD id."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
@@ -113,6 +128,14 @@ def build_gpt_datasets(
     every = list(prefixes) + list(valid_prefixes)
     manifests = [check_prefix(p, model_vocab_size, identity) for p in every]
     layout = shared_layout(every, manifests, tokenizer, model_vocab_size)
+    flags = {name: bool((documents or {}).get(name)) for name in DOCUMENT_FLAGS}
+    if any(flags.values()) and layout.eod is None:
+        on = ", ".join(f"data.{name}" for name, value in flags.items() if value)
+        raise DataError(
+            f"{on} needs the token that ends a document, and this data has none recorded ({every[0]} is a "
+            "Megatron-LM prefix read without a tokenizer): set data.tokenizer (and data.eod_token if its "
+            "end-of-document token is not its eos token)"
+        )
     train_blend = (list(prefixes), list(weights) if weights is not None else None)
     if valid_prefixes:
         valid_blend = (list(valid_prefixes), list(valid_weights) if valid_weights is not None else None)
@@ -125,9 +148,7 @@ def build_gpt_datasets(
         **blends,
         path_to_cache=cache_dir,
         tokenizer=TokenizerInfo(layout),
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
+        **flags,
         create_attention_mask=False,
         mmap_bin_files=True,
     )

@@ -13,6 +13,9 @@ Attention dropout is drawn inside Megatron's model-parallel RNG tracker fork, as
 Under context parallelism the rank's two sequence chunks attend over the all-gathered keys and
 values (:func:`~megatron_ext.models.context_attention.context_parallel_attention`); attention dropout
 is not supported there.
+
+Document masking (``data.reset_attention_mask``) arrives as ``attention_mask``: the document starts
+of :mod:`~megatron_ext.models.documents` (int64 ``[b, s]``), turned into a boolean mask for SDPA.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_ext.models.context_attention import context_parallel_attention
+from megatron_ext.models.documents import document_starts_of, visible_keys
 from megatron_ext.parallel.context import context_parallel_of
 
 __all__ = ["SDPACoreAttention"]
 
 
 class SDPACoreAttention(MegatronModule):
-    """Causal self-attention core for GPT layers (no padding masks, packed sequences or biases)."""
+    """Causal self-attention core for GPT layers (document masks; no padding masks, packed sequences or biases)."""
 
     def __init__(
         self,
@@ -70,30 +74,29 @@ class SDPACoreAttention(MegatronModule):
     def forward(
         self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None, packed_seq_params=None
     ):
-        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
+        if attention_bias is not None or packed_seq_params is not None:
             raise ValueError(
                 "SDPACoreAttention computes causal attention over whole sequences: it takes no "
-                "attention_mask, attention_bias or packed_seq_params (set "
-                "model.attention_backend: local for those)"
+                "attention_bias or packed_seq_params (set model.attention_backend: local for those)"
             )
         if attn_mask_type is not None and attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"SDPACoreAttention is causal; got attn_mask_type={attn_mask_type}")
+        doc_start = document_starts_of(attention_mask)
         s, b, nq, hn = query.shape
         q = query.permute(1, 2, 0, 3)  # [b, nq, s, hn]
         k = key.permute(1, 2, 0, 3)  # [b, nkv, s, hn]
         v = value.permute(1, 2, 0, 3)
         if self.cp is not None:
-            out = context_parallel_attention(q, k, v, self.cp, self.softmax_scale)
+            out = context_parallel_attention(q, k, v, self.cp, self.softmax_scale, doc_start=doc_start)
             return out.permute(2, 0, 1, 3).reshape(s, b, nq * hn)
         dropout = self.dropout if self.training else 0.0
+        # Causal, or causal within each document (a boolean mask: torch picks a kernel that takes one).
+        mask = None if doc_start is None else visible_keys(s, s, doc_start, None, 0, q.device)
+        sdpa = dict(attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=self.softmax_scale)
         gqa = q.shape[1] != k.shape[1]
         if dropout > 0.0 and not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                out = F.scaled_dot_product_attention(
-                    q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale, enable_gqa=gqa
-                )
+                out = F.scaled_dot_product_attention(q, k, v, **sdpa, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale, enable_gqa=gqa
-            )
+            out = F.scaled_dot_product_attention(q, k, v, **sdpa, enable_gqa=gqa)
         return out.permute(2, 0, 1, 3).reshape(s, b, nq * hn)

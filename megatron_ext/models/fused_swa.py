@@ -157,16 +157,27 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 # the FLOP formulas below) sees them as it sees torch's own attention kernels.
 
 
+_NO_DOCUMENTS = torch.empty(0, dtype=torch.long)
+"""The kernel's ``key_start`` without document masking: an empty tensor (every row's band starts at 0)."""
+
+
 @torch.library.custom_op("megatron_ext::sliding_window_forward", mutates_args=())
 def _forward_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float, block: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    scale: float,
+    block: int,
+    key_start: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _load()[0].forward(q, k, v, window, scale, block)
+    starts = _NO_DOCUMENTS if key_start is None else key_start
+    out, lse = _load()[0].forward(q, k, v, window, scale, block, starts)
     return out, lse
 
 
 @_forward_op.register_fake
-def _(q, k, v, window, scale, block):
+def _(q, k, v, window, scale, block, key_start=None):
     return torch.empty_like(q), q.new_empty(q.shape[:3])
 
 
@@ -181,13 +192,15 @@ def _backward_op(
     window: int,
     scale: float,
     block: int,
+    key_start: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _load()[0].backward(grad_out, q, k, v, out, lse, window, scale, block)
+    starts = _NO_DOCUMENTS if key_start is None else key_start
+    dq, dk, dv = _load()[0].backward(grad_out, q, k, v, out, lse, window, scale, block, starts)
     return dq, dk, dv
 
 
 @_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, window, scale, block):
+def _(grad_out, q, k, v, out, lse, window, scale, block, key_start=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -213,29 +226,43 @@ def _backward_flops(
 
 class _FusedSlidingWindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, window: int, scale: float, block: int):
+    def forward(ctx, q, k, v, window: int, scale: float, block: int, key_start: Optional[torch.Tensor]):
         q, k, v = _rows(q), _rows(k), _rows(v)
-        out, lse = _forward_op(q, k, v, window, scale, block)
+        if key_start is None:  # the call without documents stays what it was (no extra operand)
+            out, lse = _forward_op(q, k, v, window, scale, block)
+        else:
+            out, lse = _forward_op(q, k, v, window, scale, block, key_start)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.params = (window, scale, block)
+        ctx.key_start = key_start
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward_op(_rows(grad_out), q, k, v, out, lse, *ctx.params)
-        return dq, dk, dv, None, None, None
+        documents = () if ctx.key_start is None else (ctx.key_start,)
+        dq, dk, dv = _backward_op(_rows(grad_out), q, k, v, out, lse, *ctx.params, *documents)
+        return dq, dk, dv, None, None, None, None
 
 
 def fused_sliding_window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float, block_size: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    scale: float,
+    block_size: int,
+    key_start: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal sliding-window attention through the fused kernel; float32 CPU tensors, shapes and window
     convention of :mod:`megatron_ext.models.kernels` (``q [b, hq, Tq, d]``, ``k, v [b, hkv, Tk, d]``,
-    ``Tk >= Tq``), ``block_size`` query rows per block. Call :func:`available` first."""
+    ``Tk >= Tq``), ``block_size`` query rows per block; ``key_start [b, Tq]`` (int64): each query's
+    first visible key (document masking). Call :func:`available` first."""
     if q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32 or q.is_cuda:
         raise ValueError(f"the fused kernel takes float32 CPU tensors; got {q.dtype} on {q.device}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1; got {block_size}")
-    return _FusedSlidingWindowAttention.apply(q, k, v, min(window, k.shape[2]), float(scale), block_size)
+    if key_start is not None:
+        key_start = key_start.contiguous()
+    return _FusedSlidingWindowAttention.apply(q, k, v, min(window, k.shape[2]), float(scale), block_size, key_start)

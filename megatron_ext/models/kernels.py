@@ -67,9 +67,11 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from megatron_ext.models import fused_swa
+from megatron_ext.models.documents import visible_keys
 
 __all__ = [
     "causal_attention",
+    "causal_attention_reference",
     "ideal_flop_ratio",
     "sink_window_attention",
     "sink_window_attention_reference",
@@ -87,7 +89,9 @@ for ``W`` from 32 to 2048 (T = 4096, 2 threads); the fused kernel measured withi
 at T = 4096 and 8192, W = 512."""
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[int]) -> None:
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[int], key_start: Optional[torch.Tensor] = None
+) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         shapes = ", ".join(str(tuple(x.shape)) for x in (q, k, v))
         raise ValueError(f"q, k, v must be [b, h, s, d]; got {shapes}")
@@ -102,6 +106,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Opt
         raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({k.shape[1]})")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be an integer >= 1; got {window!r}")
+    if key_start is not None and (key_start.dtype != torch.int64 or tuple(key_start.shape) != (b, t)):
+        raise ValueError(f"key_start must be int64 [b, Tq] = {[b, t]}; got {key_start.dtype} {tuple(key_start.shape)}")
 
 
 def _scale_or_default(q: torch.Tensor, scale: Optional[float]) -> float:
@@ -121,17 +127,28 @@ def ideal_flop_ratio(seq_len: int, window: int) -> float:
     return band / (seq_len * (seq_len + 1) // 2)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: Optional[float] = None,
+    key_start: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Full causal attention ``[b, hq, Tq, d]`` through ``scaled_dot_product_attention``: ``is_causal``
     when ``Tk == Tq``; for the last ``Tq`` queries of ``Tk`` keys, the causal mask aligned to the
     bottom right (query ``i`` sees keys ``j <= i + Tk - Tq``), which ``is_causal`` (top left) is not:
     torch's ``causal_lower_right`` bias, which runs the flash / memory-efficient kernels on GPU
-    without a materialized mask (on CPU it becomes the boolean mask)."""
+    without a materialized mask (on CPU it becomes the boolean mask). ``key_start [b, Tq]``
+    (document masking, :mod:`~megatron_ext.models.documents`): each query's first visible key, as a
+    boolean ``[b, 1, Tq, Tk]`` mask."""
     from torch.nn.attention.bias import causal_lower_right
 
-    _check_inputs(q, k, v, None)
+    _check_inputs(q, k, v, None, key_start)
     tq, tk = q.shape[2], k.shape[2]
-    mask = None if tq == tk else causal_lower_right(tq, tk)
+    if key_start is not None:
+        mask = visible_keys(tq, tk, key_start, None, 0, q.device)
+    else:
+        mask = None if tq == tk else causal_lower_right(tq, tk)
     return F.scaled_dot_product_attention(
         q,
         k,
@@ -143,60 +160,81 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: O
     )
 
 
-def _band_mask(tq: int, tk: int, window: Optional[int], device, sink: int = 0) -> torch.Tensor:
-    """``[Tq, Tk]`` True where query ``i`` (at key position ``i + Tk - Tq``) sees key ``j``: causal, and
-    within the last ``window`` keys or among the first ``sink`` unless ``window`` is None."""
-    i = torch.arange(tk - tq, tk, device=device)[:, None]
-    j = torch.arange(tk, device=device)[None, :]
-    visible = j <= i
-    return visible if window is None else visible & ((j >= i - window + 1) | (j < sink))
-
-
 def sliding_window_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: Optional[float] = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    scale: Optional[float] = None,
+    key_start: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Dense O(T^2) reference: full score matrix, explicit band mask, softmax, weighted sum of ``v``.
 
     q: [b, hq, Tq, d]; k, v: [b, hkv, Tk, d] (``Tk >= Tq``, see the module doc); returns [b, hq, Tq, d].
-    Differentiable through autograd.
+    ``key_start [b, Tq]``: each query's first visible key (document masking). Differentiable through
+    autograd.
     """
-    _check_inputs(q, k, v, window)
+    _check_inputs(q, k, v, window, key_start)
+    return _dense_reference(q, k, v, visible_keys(q.shape[2], k.shape[2], key_start, window, 0, q.device), scale)
+
+
+def _dense_reference(q, k, v, visible: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+    """Softmax attention under the boolean ``visible`` mask, with explicit scores (GQA by repetition)."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)  # [b, hq, Tk, d]: query head h reads kv head h // group
     v = v.repeat_interleave(group, dim=1)
-    in_band = _band_mask(q.shape[2], k.shape[2], window, q.device)  # [Tq, Tk]
     scores = torch.matmul(q, k.transpose(-1, -2)) * _scale_or_default(q, scale)  # [b, hq, Tq, Tk]
-    scores = scores.masked_fill(~in_band, float("-inf"))
+    scores = scores.masked_fill(~visible, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
+def causal_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: Optional[float] = None,
+    key_start: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Dense reference of full causal attention (optionally document-masked by ``key_start``)."""
+    _check_inputs(q, k, v, None, key_start)
+    return _dense_reference(q, k, v, visible_keys(q.shape[2], k.shape[2], key_start, None, 0, q.device), scale)
+
+
 def sink_window_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sink: int, scale: Optional[float] = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    sink: int,
+    scale: Optional[float] = None,
+    key_start: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Dense reference of sink + recent attention (LoZA's sparse pattern): query ``i`` sees the keys
-    ``j <= i`` with ``j < sink`` (the attention sinks) or ``j >= i - window + 1`` (the recent ones).
+    ``j <= i`` with ``j < sink`` (the attention sinks) or ``j >= i - window + 1`` (the recent ones);
+    under document masking (``key_start``) the sinks are the first ``sink`` keys of its document.
 
     q: [b, hq, Tq, d]; k, v: [b, hkv, Tk, d] (``Tk >= Tq``: the queries are the last ``Tq`` positions);
     returns [b, hq, Tq, d]. Explicit score matrix and softmax.
     """
-    _check_inputs(q, k, v, window)
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * _scale_or_default(q, scale)  # [b, hq, Tq, Tk]
-    scores = scores.masked_fill(~_band_mask(q.shape[2], k.shape[2], window, q.device, sink), float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1), v)
+    _check_inputs(q, k, v, window, key_start)
+    return _dense_reference(q, k, v, visible_keys(q.shape[2], k.shape[2], key_start, window, sink, q.device), scale)
 
 
 def sink_window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sink: int, scale: Optional[float] = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    sink: int,
+    scale: Optional[float] = None,
+    key_start: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sink + recent attention (see :func:`sink_window_attention_reference`) through torch's
     ``scaled_dot_product_attention`` with the boolean mask. [choice] Dense cost: the LoZA baseline is
     compared on quality here, and this path does not claim sparse attention's savings. ``Tk >= Tq`` as
     for the other kernels."""
-    _check_inputs(q, k, v, window)
-    mask = _band_mask(q.shape[2], k.shape[2], window, q.device, sink)
+    _check_inputs(q, k, v, window, key_start)
+    mask = visible_keys(q.shape[2], k.shape[2], key_start, window, sink, q.device)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=_scale_or_default(q, scale), enable_gqa=q.shape[1] != k.shape[1]
     )
@@ -272,6 +310,28 @@ def _add_band_mask_(scores: torch.Tensor, block: _Block) -> None:
         scores[..., columns].add_(bias)
 
 
+def _document_mask(key_start: Optional[torch.Tensor], block: _Block, kv_heads: int, group: int):
+    """``[B, rows, keys]`` True where a row of ``block`` reaches back past its document's start (None when
+    no row does, or without documents): the document mask on top of the band (rows as in ``_to_rows``)."""
+    if key_start is None:
+        return None
+    first = key_start[:, block.start : block.stop]  # [b, n] in key positions
+    if int(first.max()) <= block.key_start:
+        return None
+    keys = torch.arange(block.key_start, block.key_stop, device=key_start.device)
+    hidden = keys.view(1, 1, -1) < first.unsqueeze(-1)  # [b, n, L]
+    b, n, length = hidden.shape
+    return hidden[:, None, :, None, :].expand(b, kv_heads, n, group, length).reshape(b * kv_heads, n * group, length)
+
+
+def _mask_block_(scores: torch.Tensor, block: _Block, key_start, kv_heads: int, group: int) -> None:
+    """The band mask, and the document mask where a document starts inside the block's keys, in place."""
+    _add_band_mask_(scores, block)
+    hidden = _document_mask(key_start, block, kv_heads, group)
+    if hidden is not None:
+        scores.masked_fill_(hidden, float("-inf"))
+
+
 def _to_rows(x: torch.Tensor, kv_heads: int, scale: Optional[float] = None) -> torch.Tensor:
     """[b, hq, T, d] -> [b * hkv, T * g, d], row ``t * g + j`` holding head ``kv * g + j`` at position ``t``,
     optionally times ``scale`` (fused into the one copy)."""
@@ -312,7 +372,7 @@ class _BlockedSlidingWindowAttention(torch.autograd.Function):
     """Blocked SWA with a recomputing backward; see the module docstring for the math."""
 
     @staticmethod
-    def forward(ctx, q, k, v, window: int, scale: float, block: int):
+    def forward(ctx, q, k, v, window: int, scale: float, block: int, key_start: Optional[torch.Tensor]):
         b, hq, t, d = q.shape
         kv_heads, tk = k.shape[1], k.shape[2]
         group = hq // kv_heads
@@ -332,7 +392,7 @@ class _BlockedSlidingWindowAttention(torch.autograd.Function):
             shape = (n_batch, rows.stop - rows.start, blk.key_stop - blk.key_start)  # [B, r, L]
             k_win = k_rows[:, blk.key_start : blk.key_stop]  # [B, L, d], a view
             scores = torch.bmm(q_rows[:, rows], k_win.transpose(1, 2), out=_workspace(scores_buf, *shape))
-            _add_band_mask_(scores, blk)
+            _mask_block_(scores, blk, key_start, kv_heads, group)
             # In place: along the last dim each output element only replaces the score it is computed
             # from (after the row max is known), and one buffer instead of two keeps the block in cache.
             probs = torch.softmax(scores, dim=-1, out=scores)
@@ -341,6 +401,7 @@ class _BlockedSlidingWindowAttention(torch.autograd.Function):
         out = _from_rows(out_rows, b, hq)
         ctx.save_for_backward(q_rows, k_rows, v_rows, out)
         ctx.plan, ctx.scale, ctx.max_rows, ctx.max_keys = plan, scale, max_rows, max_keys
+        ctx.key_start = key_start
         return out
 
     @staticmethod
@@ -369,7 +430,7 @@ class _BlockedSlidingWindowAttention(torch.autograd.Function):
             k_win, v_win = k_rows[:, keys], v_rows[:, keys]  # [B, L, d]
             scores_out = _workspace(scores_buf, n_batch, n_rows, n_keys)
             scores = torch.bmm(q_blk, k_win.transpose(1, 2), out=scores_out)
-            _add_band_mask_(scores, blk)
+            _mask_block_(scores, blk, ctx.key_start, kv_heads, group)
             probs = torch.softmax(scores, dim=-1, out=_workspace(probs_buf, n_batch, n_rows, n_keys))
             dv_win = torch.bmm(probs.transpose(1, 2), dout_blk, out=_workspace(kv_buf, n_batch, n_keys, d))
             dv_rows[:, keys].add_(dv_win)
@@ -379,7 +440,7 @@ class _BlockedSlidingWindowAttention(torch.autograd.Function):
             dk_win = torch.bmm(dscores.transpose(1, 2), q_blk, out=_workspace(kv_buf, n_batch, n_keys, d))
             dk_rows[:, keys].add_(dk_win)
         grad_q = _from_rows(dq_rows, b, hq, scale=ctx.scale)  # dS was taken w.r.t. the pre-scaled q
-        return grad_q, dk_rows.view(b, kv_heads, tk, d), dv_rows.view(b, kv_heads, tk, d), None, None, None
+        return grad_q, dk_rows.view(b, kv_heads, tk, d), dv_rows.view(b, kv_heads, tk, d), None, None, None, None
 
 
 def sliding_window_attention_blocked(
@@ -390,19 +451,22 @@ def sliding_window_attention_blocked(
     scale: Optional[float] = None,
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    key_start: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal sliding-window attention in O(T * W) time and memory, forward and backward (CPU training path).
 
     q: [b, hq, Tq, d]; k, v: [b, hkv, Tk, d] (``Tk >= Tq``: the queries are the last ``Tq`` positions);
     returns [b, hq, Tq, d]. ``block_size`` is the query block ``bq``; each block costs
-    ``bq * (bq + W - 1)`` scores. Matches ``sliding_window_attention_reference``.
+    ``bq * (bq + W - 1)`` scores. ``key_start [b, Tq]``: each query's first visible key (document
+    masking; a block whose keys all lie in its rows' documents adds nothing). Matches
+    ``sliding_window_attention_reference``.
     """
-    _check_inputs(q, k, v, window)
+    _check_inputs(q, k, v, window, key_start)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1; got {block_size}")
     # A window past the keys changes nothing and would only widen the mask template.
     scale = _scale_or_default(q, scale)
-    return _BlockedSlidingWindowAttention.apply(q, k, v, min(window, k.shape[2]), scale, block_size)
+    return _BlockedSlidingWindowAttention.apply(q, k, v, min(window, k.shape[2]), scale, block_size, key_start)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -431,6 +495,27 @@ def _sliding_window_block_mask(q_len: int, kv_len: int, window: int, device: tor
     return create_block_mask(sliding_window_causal, B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)
 
 
+def document_window_mask_mod(q_len: int, kv_len: int, window: int, key_start: torch.Tensor):
+    """FlexAttention ``mask_mod`` of a sliding window under document masking: the band of
+    ``_sliding_window_block_mask`` and ``kv_idx >= key_start[batch, q_idx]``."""
+    offset = kv_len - q_len
+
+    def document_sliding_window(batch, head, q_idx, kv_idx):
+        band = (kv_idx <= q_idx + offset) & (q_idx + offset - kv_idx < window)
+        return band & (kv_idx >= key_start[batch, q_idx])
+
+    return document_sliding_window
+
+
+def _document_window_block_mask(q_len: int, kv_len: int, window: int, key_start: torch.Tensor):
+    """A block mask per batch (documents differ per sample): built for each call, not cached."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mask_mod = document_window_mask_mod(q_len, kv_len, window, key_start)
+    b = key_start.shape[0]
+    return create_block_mask(mask_mod, B=b, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=key_start.device)
+
+
 def window_kernel_pairs(
     seq_len: int, window: int, block_size: int = DEFAULT_BLOCK_SIZE, kv_len: Optional[int] = None
 ) -> int:
@@ -448,7 +533,12 @@ def window_kernel_pairs(
 
 
 def sliding_window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: Optional[float] = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    scale: Optional[float] = None,
+    key_start: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal sliding-window attention on whichever device the tensors live.
 
@@ -462,15 +552,31 @@ def sliding_window_attention(
       other dtypes, or where it cannot be built: ``sliding_window_attention_blocked``. FlexAttention
       has no CPU backward in torch 2.13 (its CPU path is inference only), so training on CPU needs a
       kernel with its own backward.
+
+    ``key_start [b, Tq]`` (int64; document masking, :mod:`~megatron_ext.models.documents`): each query's
+    first visible key, honoured by all three (a per-sample block mask on CUDA).
     """
-    _check_inputs(q, k, v, window)
+    _check_inputs(q, k, v, window, key_start)
     if q.is_cuda:
-        mask = _sliding_window_block_mask(q.shape[2], k.shape[2], window, q.device)
+        if key_start is None:
+            mask = _sliding_window_block_mask(q.shape[2], k.shape[2], window, q.device)
+        else:
+            mask = _document_window_block_mask(q.shape[2], k.shape[2], window, key_start)
         flex = _compiled_flex_attention()
         gqa = q.shape[1] != k.shape[1]
         return flex(q, k, v, block_mask=mask, scale=_scale_or_default(q, scale), enable_gqa=gqa)
+    if key_start is not None:
+        _check_key_start_causal(key_start, q.shape[2], k.shape[2])
     if q.dtype == k.dtype == v.dtype == torch.float32 and fused_swa.available():
         return fused_swa.fused_sliding_window_attention(
-            q, k, v, window, _scale_or_default(q, scale), DEFAULT_BLOCK_SIZE
+            q, k, v, window, _scale_or_default(q, scale), DEFAULT_BLOCK_SIZE, key_start
         )
-    return sliding_window_attention_blocked(q, k, v, window, scale)
+    return sliding_window_attention_blocked(q, k, v, window, scale, key_start=key_start)
+
+
+def _check_key_start_causal(key_start: torch.Tensor, q_len: int, k_len: int) -> None:
+    """Every query must see itself: ``0 <= key_start[:, i] <= i + Tk - Tq`` (else a row of the CPU
+    kernels would have no key to normalize over)."""
+    positions = torch.arange(k_len - q_len, k_len, device=key_start.device)
+    if bool((key_start < 0).any()) or bool((key_start > positions).any()):
+        raise ValueError("key_start must lie in [0, the query's own key position] for every query")

@@ -48,7 +48,14 @@ pass), or ``("mlp", None)``, the MLP sublayer with its residual."""
 class HeadSubsetAttention(Protocol):
     """A core attention that attends for a subset of its KV heads, each with its own kernel."""
 
-    def forward_heads(self, query: Tensor, key: Tensor, value: Tensor, local_kv_heads: Sequence[int]) -> Tensor:
+    def forward_heads(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        local_kv_heads: Sequence[int],
+        attention_mask: Optional[Tensor] = None,
+    ) -> Tensor:
         """Causal attention of the query heads of the listed KV heads.
 
         Args:
@@ -57,6 +64,8 @@ class HeadSubsetAttention(Protocol):
             key, value: ``[s, b, len(local_kv_heads), hn]``.
             local_kv_heads: the local KV-head index of each position in ``key``, whose attention
                 (full or sliding window) applies to it and its query heads.
+            attention_mask: what the layer was handed: None, or the document starts of
+                :mod:`~megatron_ext.models.documents` (document masking).
 
         Returns:
             ``[s, b, nq * hn]``, the attention output of the ``nq`` query heads in ``query``'s order;
@@ -70,7 +79,13 @@ class QueryHeadSubsetAttention(Protocol):
     """A core attention that attends for any subset of its query heads (and computes no others)."""
 
     def forward_query_heads(
-        self, query: Tensor, key: Tensor, value: Tensor, kv_of_query: Sequence[int], local_kv_heads: Sequence[int]
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        kv_of_query: Sequence[int],
+        local_kv_heads: Sequence[int],
+        attention_mask: Optional[Tensor] = None,
     ) -> Tensor:
         """Causal attention of ``nq`` query heads, each over its own KV head.
 
@@ -80,6 +95,7 @@ class QueryHeadSubsetAttention(Protocol):
             kv_of_query: ``[nq]``, the position in ``key`` of query head ``i``'s KV head.
             local_kv_heads: ``[nkv]``, the local KV-head index of each position in ``key``, whose
                 attention (full or sliding window) applies to the query heads it serves.
+            attention_mask: as for :meth:`HeadSubsetAttention.forward_heads`.
 
         Returns:
             ``[s, b, nq * hn]``, the attention output of the query heads in ``query``'s order.
@@ -154,12 +170,18 @@ class KeptHeadsLayer(Protocol):
         ...
 
     def attend_heads(
-        self, query: Tensor, key: Tensor, value: Tensor, kv_of_query: Sequence[int], local_kv_heads: Sequence[int]
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        kv_of_query: Sequence[int],
+        local_kv_heads: Sequence[int],
+        attention_mask: Optional[Tensor] = None,
     ) -> Tensor:
         """The layer's causal attention of ``nq`` query heads, each over its own KV head.
 
         Args: as :meth:`QueryHeadSubsetAttention.forward_query_heads` (query ``[s, b, nq, hn]``, key
-            and value ``[s, b, nkv, hn]``, post-RoPE).
+            and value ``[s, b, nkv, hn]``, post-RoPE; ``attention_mask`` None or document starts).
 
         Returns:
             ``[s, b, nq, hn]``, with the kernels the layer's core attention uses for those heads.

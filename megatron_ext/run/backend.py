@@ -32,6 +32,11 @@ def te_unsupported(cfg: RunConfig) -> List[str]:
             f"parallel.context={cfg.parallel.context} (context-parallel attention is this "
             "project's exchange around the local kernels)"
         )
+    if cfg.data.reset_attention_mask:
+        reasons.append(
+            "data.reset_attention_mask (document masking is this project's mask over the local kernels; "
+            "Transformer Engine would take packed sequences instead)"
+        )
     for capability in cfg.capabilities:
         reasons.extend(capability.te_unsupported(cfg))
     return reasons

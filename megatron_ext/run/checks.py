@@ -104,6 +104,11 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool, te_installed: Opti
                 "prediction's shifted inputs and targets cross the CP chunks, which is not supported here; "
                 "use parallel.context: 1"
             )
+    if d.reset_attention_mask and m.attention_backend == "local":
+        problems.append(
+            "data.reset_attention_mask with model.attention_backend='local': Megatron's DotProductAttention "
+            "would need a dense [b, 1, s, s] mask; use model.attention_backend: sdpa, which masks documents"
+        )
     max_pos = m.max_position_embeddings or d.seq_length
     if max_pos < d.seq_length:
         problems.append(f"model.max_position_embeddings={max_pos} is shorter than data.seq_length={d.seq_length}")

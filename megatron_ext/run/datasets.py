@@ -24,7 +24,7 @@ def build_datasets(cfg: RunConfig) -> Tuple[object, object]:
             cls(cfg.model.vocab_size, d.seq_length, d.seed, "train"),
             cls(cfg.model.vocab_size, d.seq_length, d.seed, "valid"),
         )
-    from megatron_ext.data.gpt_dataset import build_gpt_datasets
+    from megatron_ext.data.gpt_dataset import DOCUMENT_FLAGS, build_gpt_datasets
     from megatron_ext.data.tokenizers import load_tokenizer
 
     prefixes = list(d.paths)
@@ -54,6 +54,7 @@ def build_datasets(cfg: RunConfig) -> Tuple[object, object]:
         tokenizer,
         valid_prefixes=d.valid_paths,
         valid_weights=d.valid_weights,
+        documents={name: getattr(d, name) for name in DOCUMENT_FLAGS},
     )
     if train is None or (t.eval_interval and valid is None):
         raise ValueError(

@@ -37,6 +37,9 @@ the authors' repository (YaoChen0203/Sparse-Growing-Transformer). Relation to it
   full + sliding attention) the full row is used.
 * [choice] The entropy uses ``log_softmax`` rather than ``log(clamp(p, 1e-12))``: same value, without the
   clamp's bias for near-zero probabilities.
+* Under document masking (``data.reset_attention_mask``) the last query attends within its own
+  document only: ``first_key [b]`` (its document's start) limits the keys, the sinks are the document's
+  first keys, and the normalisation is ln of the keys it sees in that sample.
 """
 
 from __future__ import annotations
@@ -115,12 +118,16 @@ def seen_keys_entropy(
     scale: float,
     kv_of_query: Sequence[int],
     plans: Optional[Sequence[KeyPlan]] = None,
+    first_key: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Like :func:`last_query_entropy`, for any query heads and over the keys each head really
     attends to: query head ``i`` (``q_last[:, i]``) uses KV head ``kv_of_query[i]`` of ``k``
     ``[b, h_kv, T, d]``, whose plan (``plans[kv]``, default full) gives its keys: all ``T``, or its
     ``sink`` first and ``window`` last ones. Normalised by ln of the number of keys seen (ln min(W, T)
-    for a plain sliding window). Returns ``[b, len(kv_of_query)]``."""
+    for a plain sliding window). ``first_key [b]``: the last query's document start per sample
+    (document masking; see the module doc). Returns ``[b, len(kv_of_query)]``."""
+    if first_key is not None:
+        return _document_entropy(q_last, k, scale, kv_of_query, plans, first_key)
     b, nq, d = q_last.shape
     t = k.shape[2]
     plans = list(plans) if plans is not None else [(None, 0)] * k.shape[1]
@@ -137,6 +144,39 @@ def seen_keys_entropy(
     return out
 
 
+def _visible_to_last(
+    positions: torch.Tensor, seq_length: int, plan: KeyPlan, first_key: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """``[b or 1, len(positions)]``: which key positions the last query (at ``seq_length - 1``) sees
+    under ``plan``, within its document from ``first_key [b]`` on (None: the sequence's start)."""
+    window, sink = plan
+    first = torch.zeros(1, 1, dtype=torch.long, device=positions.device) if first_key is None else first_key[:, None]
+    keys = positions[None, :]
+    visible = keys >= first
+    if window is not None:
+        visible = visible & ((keys >= seq_length - window) | (keys < first + sink))
+    return visible
+
+
+def _document_entropy(q_last, k, scale: float, kv_of_query, plans, first_key: torch.Tensor) -> torch.Tensor:
+    """:func:`seen_keys_entropy` under document masking: masked logits, per-sample normalisation."""
+    t = k.shape[2]
+    plans = list(plans) if plans is not None else [(None, 0)] * k.shape[1]
+    dtype = torch.promote_types(q_last.dtype, torch.float32)
+    index = torch.tensor(list(kv_of_query), dtype=torch.long, device=k.device)
+    keys = k.index_select(1, index).to(dtype)  # [b, nq, T, d]: each query head's KV head
+    logits = torch.einsum("bhd,bhtd->bht", q_last.to(dtype), keys).mul_(scale)
+    positions = torch.arange(t, device=k.device)
+    visible = torch.stack(
+        [_visible_to_last(positions, t, tuple(plans[kv]), first_key).expand(k.shape[0], t) for kv in kv_of_query], 1
+    )  # [b, nq, T]
+    log_p = torch.log_softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    entropy = -torch.where(visible, log_p.exp() * log_p, torch.zeros_like(log_p)).sum(-1)
+    seen = visible.sum(-1).to(entropy.dtype)
+    norm = torch.log(seen)
+    return torch.where(seen > 1, entropy / norm.clamp(min=1e-30), torch.zeros_like(entropy))
+
+
 @torch.no_grad()
 def seen_keys_entropy_context_parallel(
     q_last: torch.Tensor,
@@ -147,6 +187,7 @@ def seen_keys_entropy_context_parallel(
     kv_of_query: Sequence[int],
     plans: Optional[Sequence[KeyPlan]],
     cp,
+    first_key: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """:func:`seen_keys_entropy` when the keys are spread over a context-parallel group ``cp``
     (:class:`~megatron_ext.parallel.context.ContextParallel`): ``q_last [b, nq, d]`` is the last
@@ -155,24 +196,33 @@ def seen_keys_entropy_context_parallel(
     (batch, head), the log-sum-exp ``l_r`` of its visible logits and their softmax mean ``e_r``; with
     ``l = logsumexp_r l_r`` the entropy is ``H = l - sum_r exp(l_r - l) e_r`` (from
     ``H = -sum_j p_j (s_j - l)``), so only ``2 b nq`` numbers per rank are exchanged, not the keys.
-    Returns ``[b, nq]``, equal on every rank."""
+    ``first_key [b]``: as for :func:`seen_keys_entropy`. Returns ``[b, nq]``, equal on every rank."""
     b, nq, _ = q_last.shape
     dtype = torch.promote_types(q_last.dtype, torch.float32)
     plans = list(plans) if plans is not None else [(None, 0)] * k_local.shape[1]
     index = torch.tensor(list(kv_of_query), dtype=torch.long, device=k_local.device)
     keys = k_local.index_select(1, index).to(dtype)  # [b, nq, S, d]: each query head's KV head
     logits = torch.einsum("bhd,bhsd->bhs", q_last.to(dtype), keys).mul_(scale)  # [b, nq, S]
-    seen = torch.empty(nq, dtype=torch.float64)
-    visible = torch.ones(nq, positions.numel(), dtype=torch.bool, device=logits.device)
-    for head, kv in enumerate(kv_of_query):
-        window, sink = plans[kv]
-        if window is not None and window < seq_length:
-            first = min(sink, seq_length)
-            start = max(first, seq_length - window)
-            visible[head] = (positions < first) | (positions >= start)
-            seen[head] = first + seq_length - start
-        else:
-            seen[head] = seq_length
+    if first_key is not None:
+        everywhere = torch.arange(seq_length, device=logits.device)
+        visible = torch.stack(
+            [_visible_to_last(positions, seq_length, tuple(plans[kv]), first_key) for kv in kv_of_query], 1
+        )
+        seen = torch.stack(
+            [_visible_to_last(everywhere, seq_length, tuple(plans[kv]), first_key).sum(-1) for kv in kv_of_query], 1
+        ).double()  # [b, nq]
+    else:
+        seen = torch.empty(nq, dtype=torch.float64)
+        visible = torch.ones(nq, positions.numel(), dtype=torch.bool, device=logits.device)
+        for head, kv in enumerate(kv_of_query):
+            window, sink = plans[kv]
+            if window is not None and window < seq_length:
+                first = min(sink, seq_length)
+                start = max(first, seq_length - window)
+                visible[head] = (positions < first) | (positions >= start)
+                seen[head] = first + seq_length - start
+            else:
+                seen[head] = seq_length
     logits.masked_fill_(~visible, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # [b, nq], -inf where this rank sees none of a head's keys
     has_keys = torch.isfinite(lse)

@@ -72,6 +72,7 @@ from torch import Tensor
 
 from megatron_ext.compat.layers import forward_attention, forward_mlp
 from megatron_ext.models.context_attention import context_parallel_attention
+from megatron_ext.models.documents import document_starts_of, visible_keys
 from megatron_ext.models.protocols import (
     AttentionPairCounter,
     DecodePass,
@@ -258,11 +259,13 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
         elif self.loop_method == "block":
             out = self._forward_block_loop(hidden_states, common)
         else:
-            self._check_loop_inputs(attention_mask, kwargs)
+            self._check_loop_inputs(kwargs)
             hidden_states, context = forward_attention(self, hidden_states, **common)
             for index in range(self.loop_depth):
                 last = index == self.loop_depth - 1
-                hidden_states = self.loop_attention(hidden_states, rotary_pos_emb, observe=last and self._observing())
+                hidden_states = self.loop_attention(
+                    hidden_states, rotary_pos_emb, observe=last and self._observing(), attention_mask=attention_mask
+                )
             output = forward_mlp(
                 self, hidden_states, kwargs.get("inference_context"), padding_mask=kwargs.get("padding_mask")
             )
@@ -280,7 +283,7 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
             self._entropy_paused = False
         return output, context
 
-    def _check_loop_inputs(self, attention_mask: Optional[Tensor], kwargs: dict) -> None:
+    def _check_loop_inputs(self, kwargs: dict) -> None:
         unsupported = [
             name
             for name in (
@@ -293,24 +296,27 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
             )
             if kwargs.get(name) is not None
         ]
-        if attention_mask is not None:
-            unsupported.insert(0, "attention_mask")
         if unsupported:
             raise ValueError(
                 f"layer {self.layer_index}: the SGT attention loop is causal self-attention "
                 f"over whole sequences for training; it does not take {unsupported}"
             )
 
-    def loop_attention(self, hidden_states: Tensor, rotary_pos_emb=None, observe: bool = False) -> Tensor:
+    def loop_attention(
+        self, hidden_states: Tensor, rotary_pos_emb=None, observe: bool = False, attention_mask=None
+    ) -> Tensor:
         """One loop pass ``h + W_O · merge_heads(f ⊙ heads(norm(h)))``; ``[s, b, h]`` in and out.
         ``observe``: measure the pass's last-query entropy of the heads it computes (the last pass
-        of a training forward while entropy is tracked)."""
+        of a training forward while entropy is tracked). ``attention_mask``: the layer's (None, or
+        document starts: the loop attends within documents as the ordinary pass does)."""
         active = [head for head, factor in enumerate(self.head_factors) if factor > 0.0]
         if self.use_kept_heads_path and all(self.head_factors[head] == 1.0 for head in active):
-            return self._loop_kept_heads(hidden_states, rotary_pos_emb, active, observe)
-        return self._loop_all_heads(hidden_states, rotary_pos_emb, observe)
+            return self._loop_kept_heads(hidden_states, rotary_pos_emb, active, observe, attention_mask)
+        return self._loop_all_heads(hidden_states, rotary_pos_emb, observe, attention_mask)
 
-    def _loop_all_heads(self, hidden_states: Tensor, rotary_pos_emb, observe: bool = False) -> Tensor:
+    def _loop_all_heads(
+        self, hidden_states: Tensor, rotary_pos_emb, observe: bool = False, attention_mask=None
+    ) -> Tensor:
         """Reference: every local head through the layer's own modules, scaled by its factor."""
         attn = self.self_attention
         residual = hidden_states
@@ -321,12 +327,13 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
         kv_of_query = [head // self._heads_per_group for head in range(self._local_heads)]
         groups = list(range(self._local_groups))
         if observe:
-            self._loop_entropy = self._entropy(query, key, kv_of_query, groups)
+            self._loop_entropy = self._entropy(query, key, kv_of_query, groups, attention_mask)
         core = attn.core_attention
         if isinstance(core, HeadSubsetAttention):  # every head of every group: the module's own layout
-            context = core.forward_heads(query, key, value, groups).unflatten(-1, (-1, self._head_dim))
+            context = core.forward_heads(query, key, value, groups, attention_mask)
+            context = context.unflatten(-1, (-1, self._head_dim))
         else:
-            context = self.attend_heads(query, key, value, kv_of_query, groups)
+            context = self.attend_heads(query, key, value, kv_of_query, groups, attention_mask)
         factors = torch.tensor(
             [self.head_factors[head] for head in self.local_head_range], dtype=context.dtype, device=context.device
         )
@@ -335,7 +342,12 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
         return self._add_residual(output, bias, residual)
 
     def _loop_kept_heads(
-        self, hidden_states: Tensor, rotary_pos_emb, kept_heads: Sequence[int], observe: bool = False
+        self,
+        hidden_states: Tensor,
+        rotary_pos_emb,
+        kept_heads: Sequence[int],
+        observe: bool = False,
+        attention_mask=None,
     ) -> Tensor:
         """Only the kept heads: sliced QKV rows and output columns, Megatron's TP communication."""
         attn = self.self_attention
@@ -369,12 +381,12 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
             query, key = self._rotate(query, key, rotary_pos_emb)
             kv_of_query = [groups.index(head // per_group) for head in computed]
             if observe:
-                entropy = self._entropy(query, key, kv_of_query, groups)
+                entropy = self._entropy(query, key, kv_of_query, groups, attention_mask)
                 self._loop_entropy = torch.full(
                     (self._local_heads,), float("nan"), dtype=entropy.dtype, device=entropy.device
                 )
                 self._loop_entropy[computed] = entropy
-            context = self.attend_heads(query, key, value, kv_of_query, groups)
+            context = self.attend_heads(query, key, value, kv_of_query, groups, attention_mask)
             if computed != local:
                 context = context[:, :, [computed.index(head) for head in local]]
         partial = self.kept_heads_proj(context.flatten(2), local)
@@ -448,32 +460,42 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
         return rotate_query_key(self.self_attention, self.layer_number, query, key, rotary_pos_emb)
 
     def attend_heads(
-        self, query: Tensor, key: Tensor, value: Tensor, kv_of_query: Sequence[int], local_kv_heads: Sequence[int]
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        kv_of_query: Sequence[int],
+        local_kv_heads: Sequence[int],
+        attention_mask: Optional[Tensor] = None,
     ) -> Tensor:
         """:meth:`KeptHeadsLayer.attend_heads`: a core attention with :class:`QueryHeadSubsetAttention`
         (hybrid attention) computes exactly these query heads with its own per-head kernels; one with
         :class:`HeadSubsetAttention` only is handed whole KV groups; otherwise causal SDPA."""
         core = self.self_attention.core_attention
         if isinstance(core, QueryHeadSubsetAttention):
-            out = core.forward_query_heads(query, key, value, list(kv_of_query), list(local_kv_heads))
+            out = core.forward_query_heads(query, key, value, list(kv_of_query), list(local_kv_heads), attention_mask)
             return out.unflatten(-1, (-1, self._head_dim))
         if isinstance(core, HeadSubsetAttention):  # query holds whole KV groups, in order
-            return core.forward_heads(query, key, value, list(local_kv_heads)).unflatten(-1, (-1, self._head_dim))
+            out = core.forward_heads(query, key, value, list(local_kv_heads), attention_mask)
+            return out.unflatten(-1, (-1, self._head_dim))
+        doc_start = document_starts_of(attention_mask)
         index = torch.tensor(list(kv_of_query), dtype=torch.long, device=key.device)
         q = query.permute(1, 2, 0, 3)  # [b, nq, s, hn]
         k = key.index_select(2, index).permute(1, 2, 0, 3)  # [b, nq, s, hn]: each query head's KV head
         v = value.index_select(2, index).permute(1, 2, 0, 3)
         if self._cp is not None:  # no attention dropout under CP (refused by the config checks)
-            return context_parallel_attention(q, k, v, self._cp, self._softmax_scale).permute(2, 0, 1, 3)
+            out = context_parallel_attention(q, k, v, self._cp, self._softmax_scale, doc_start=doc_start)
+            return out.permute(2, 0, 1, 3)
         dropout = self.config.attention_dropout if self.training else 0.0
+        s = q.shape[2]
+        mask = None if doc_start is None else visible_keys(s, s, doc_start, None, 0, q.device)
+        sdpa = dict(attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=self._softmax_scale)
         if dropout > 0.0 and not self.config.sequence_parallel:
             # Heads differ across TP ranks: draw their dropout from the per-rank stream, as Megatron.
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                out = F.scaled_dot_product_attention(
-                    q, k, v, dropout_p=dropout, is_causal=True, scale=self._softmax_scale
-                )
+                out = F.scaled_dot_product_attention(q, k, v, **sdpa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self._softmax_scale)
+            out = F.scaled_dot_product_attention(q, k, v, **sdpa)
         return out.permute(2, 0, 1, 3)  # [s, b, nq, hn]
 
     def _add_residual(self, output: Tensor, bias: Optional[Tensor], residual: Tensor) -> Tensor:
@@ -495,14 +517,25 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
         plans = core.attended_keys() if isinstance(core, KeyPlanAttention) else [(None, 0)] * self._local_groups
         return [plans[g] for g in local_kv_heads]
 
-    def _entropy(self, query: Tensor, key: Tensor, kv_of_query: Sequence[int], local_kv_heads: Sequence[int]):
+    def _entropy(
+        self,
+        query: Tensor,
+        key: Tensor,
+        kv_of_query: Sequence[int],
+        local_kv_heads: Sequence[int],
+        attention_mask: Optional[Tensor] = None,
+    ):
         """``[len(kv_of_query)]`` last-query entropy (mean over the batch) of ``query [s, b, nq, hn]``
-        over ``key [s, b, nkv, hn]``, each head over the keys it attends to. Under CP the last query
-        lives on CP rank 0 and the keys on every rank: each rank takes the broadcast query, reduces its
-        own keys to log-sum-exp statistics and combines every rank's, so all compute the same entropy."""
+        over ``key [s, b, nkv, hn]``, each head over the keys it attends to (within the last query's
+        document under document masking). Under CP the last query lives on CP rank 0 and the keys on
+        every rank: each rank takes the broadcast query, reduces its own keys to log-sum-exp statistics
+        and combines every rank's, so all compute the same entropy."""
         plans = self._key_plans(local_kv_heads)
+        doc_start = document_starts_of(attention_mask)
+        first_key = None if doc_start is None else doc_start[:, -1]  # the last query's document start
         if self._cp is None:
-            entropy = seen_keys_entropy(query[-1], key.permute(1, 2, 0, 3), self._softmax_scale, kv_of_query, plans)
+            k = key.permute(1, 2, 0, 3)
+            entropy = seen_keys_entropy(query[-1], k, self._softmax_scale, kv_of_query, plans, first_key)
         else:
             q_last = self._cp.last_position(query, 0)  # [b, nq, hn]
             local = key.shape[0]
@@ -515,6 +548,7 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
                 kv_of_query,
                 plans,
                 self._cp,
+                first_key,
             )  # [b, nq]
         return entropy.mean(dim=0)
 
@@ -529,9 +563,10 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
                 f"layer {self.layer_index}: entropy tracking needs [s, b, heads, dim] query and "
                 f"key; got {tuple(query.shape)} and {tuple(key.shape)} (packed sequences?)"
             )
+        attention_mask = args[3] if len(args) > 3 else kwargs.get("attention_mask")
         per_group = query.size(2) // key.size(2)
         self._first_entropy = self._entropy(
-            query, key, [h // per_group for h in range(query.size(2))], list(range(key.size(2)))
+            query, key, [h // per_group for h in range(query.size(2))], list(range(key.size(2))), attention_mask
         )
         self._loop_entropy = None
         return None

@@ -78,6 +78,11 @@ def gpt_forward_step(
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     batch = next(data_iterator)
+    # Document masking: the whole sequence's document starts, the same on every CP rank (each core
+    # attention finds its chunks' queries in it), handed over as the layers' attention mask.
+    document_starts = batch.get("document_starts")
+    if document_starts is not None:
+        batch = {name: tensor for name, tensor in batch.items() if name != "document_starts"}
     cp_group = parallel_state.get_context_parallel_group(check_initialized=False)
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         batch = get_batch_on_this_cp_rank(dict(batch), cp_group=cp_group)  # this rank's two chunks
@@ -86,7 +91,7 @@ def gpt_forward_step(
     output = model(  # loss_mask: what multi-token prediction's losses average over (unused without it)
         batch["tokens"],
         batch["position_ids"],
-        attention_mask=None,
+        attention_mask=document_starts,
         labels=batch["labels"],
         loss_mask=batch["loss_mask"],
     )

@@ -9,6 +9,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_ext.config import from_dict
 from megatron_ext.consa.attention import HybridCoreAttention
 from megatron_ext.models.context_attention import context_parallel_attention
+from megatron_ext.models.documents import document_starts
 from megatron_ext.parallel import full_named_tensors, load_full_named_tensors, main_grad_or_grad
 from megatron_ext.parallel.context import ContextParallel
 from megatron_ext.run import RunConfig
@@ -57,13 +58,19 @@ def initial_weights(sections):
     return full_named_tensors(build_model(run_config(sections), cuda=False)[0])
 
 
-def make_batch(index, micro_batch=2, seq=32):
+def make_batch(index, micro_batch=2, seq=32, eod=None, mask_documents=True):
+    """A micro-batch of random tokens; with ``eod`` each row packs documents of random lengths ending
+    with that token, and (``mask_documents``) the batch carries their ``document_starts``."""
     g = torch.Generator().manual_seed(2000 + index)
     tokens = torch.randint(0, VOCAB, (micro_batch, seq + 1), generator=g)
+    if eod is not None:
+        tokens[tokens == eod] = eod + 1
+        for row in range(micro_batch):  # 3 to 4 documents per row, boundaries anywhere
+            tokens[row, torch.randperm(seq - 1, generator=g)[:3] + 1] = eod
     loss_mask = torch.ones(micro_batch, seq)
     loss_mask[0, : seq // 3] = 0.0  # unequal token counts on the CP ranks: the loss must weigh them right
     zeros = torch.zeros(micro_batch, seq, dtype=torch.long)
-    return {
+    batch = {
         "tokens": tokens[:, :-1].contiguous(),
         "labels": tokens[:, 1:].contiguous(),
         "loss_mask": loss_mask,
@@ -71,6 +78,9 @@ def make_batch(index, micro_batch=2, seq=32):
         "modality_ids": zeros,
         "label_modality_ids": zeros.clone(),
     }
+    if eod is not None and mask_documents:
+        batch["document_starts"] = document_starts(batch["tokens"], eod)
+    return batch
 
 
 def set_structure(model, structure: dict) -> None:
@@ -92,10 +102,11 @@ def set_structure(model, structure: dict) -> None:
                 module.set_head_factors([1.0 if h in kept else 0.0 for h in range(module.num_heads)])
 
 
-def model_gradients(sections, weights, structure, num_microbatches=2, entropy=False):
+def model_gradients(sections, weights, structure, num_microbatches=2, entropy=False, eod=None, mask_documents=True):
     """Loss and full (unsharded, DDP-reduced) gradients of one forward / backward of the model of
     ``sections`` from ``weights`` in the given structure, on this data-parallel rank's micro-batches;
-    with ``entropy``, also every looped layer's last-query entropy of the ordinary pass."""
+    with ``entropy``, also every looped layer's last-query entropy of the ordinary pass; with ``eod``,
+    on packed documents, under document masking unless ``mask_documents`` is False."""
     cfg = run_config(sections)
     chunks = build_model(cfg, cuda=False)
     load_full_named_tensors(chunks[0], weights)
@@ -113,7 +124,7 @@ def model_gradients(sections, weights, structure, num_microbatches=2, entropy=Fa
     indices = range(dp_rank * num_microbatches, (dp_rank + 1) * num_microbatches)
     losses = get_forward_backward_func()(
         forward_step_func=gpt_forward_step,
-        data_iterator=iter([make_batch(i) for i in indices]),
+        data_iterator=iter([make_batch(i, eod=eod, mask_documents=mask_documents) for i in indices]),
         model=model,
         num_microbatches=num_microbatches,
         seq_length=cfg.data.seq_length,

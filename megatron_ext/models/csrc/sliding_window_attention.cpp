@@ -3,8 +3,10 @@
 // The Python side (megatron_ext/models/fused_swa.py) documents the contract; in short: q [B, Hq, Tq, D],
 // k / v [B, Hkv, Tk, D] (Tk >= Tq, the queries being the last Tq key positions), fp32, any strides with
 // the head dimension contiguous (a [T, B, H, D] tensor seen as [B, H, T, D] needs no copy); query i (key
-// position p = i + Tk - Tq) attends to the keys max(0, p - W + 1) .. p. Outputs and gradients are
-// written in the layout of their inputs (empty_like), so the caller's permutes stay views.
+// position p = i + Tk - Tq) attends to the keys max(0, p - W + 1, key_start[b, i]) .. p, key_start being
+// an optional int64 [B, Tq] tensor (document masking: each query's first visible key; empty: 0).
+// Outputs and gradients are written in the layout of their inputs (empty_like), so the caller's
+// permutes stay views.
 //
 // Per query block [s, e) the keys it can reach are one contiguous slice [ks, ke) of K and V, so a
 // block is two GEMMs over that slice (S = scale Q K^T, O = P V) with the row softmax between them,
@@ -69,11 +71,28 @@ struct Heads {
   T* head(int64_t b, int64_t h) const { return data + b * batch_stride + h * head_stride; }
 };
 
-// Band of row r of the block starting at query s, as columns of the block's key slice [ks, ke).
-inline void row_band(const Geometry& g, int64_t s, int64_t ks, int64_t r, int64_t& lo, int64_t& hi) {
+// Band of row r of the block starting at query s, as columns of the block's key slice [ks, ke); first:
+// the row's document start (its first visible key), null without document masking.
+inline void row_band(const Geometry& g, int64_t s, int64_t ks, int64_t r, const int64_t* first, int64_t& lo,
+                     int64_t& hi) {
   const int64_t p = s + r + g.offset();
-  lo = std::max<int64_t>(p - g.window + 1, 0) - ks;
+  lo = std::max<int64_t>(p - g.window + 1, 0);
+  if (first != nullptr) lo = std::max<int64_t>(lo, first[s + r]);
+  lo -= ks;
   hi = p - ks + 1;
+}
+
+// Row pointer of key_start for batch b (null when there is no document masking).
+const int64_t* document_starts(const at::Tensor& key_start, const Geometry& g, int64_t b) {
+  if (key_start.numel() == 0) return nullptr;
+  return key_start.data_ptr<int64_t>() + b * g.q_len;
+}
+
+void check_key_start(const at::Tensor& key_start, const Geometry& g) {
+  if (key_start.numel() == 0) return;
+  TORCH_CHECK(key_start.scalar_type() == at::kLong && key_start.is_contiguous() && key_start.dim() == 2 &&
+                  key_start.size(0) == g.batch && key_start.size(1) == g.q_len,
+              "key_start must be a contiguous int64 [B, Tq] tensor");
 }
 
 inline float row_max(const float* x, int64_t n) {
@@ -149,8 +168,10 @@ Geometry geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> swa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               int64_t window, double scale, int64_t block) {
+                                               int64_t window, double scale, int64_t block,
+                                               const at::Tensor& key_start) {
   const Geometry g = geometry(q, k, v, window, block);
+  check_key_start(key_start, g);
   auto out = at::empty_like(q);
   check_rows(out, "out");
   auto lse = at::empty({g.batch, g.q_heads, g.q_len}, q.options());
@@ -162,6 +183,7 @@ std::tuple<at::Tensor, at::Tensor> swa_forward(const at::Tensor& q, const at::Te
     std::vector<float> scores(g.block * ld), inv_sum(g.block), kbuf, vbuf, qbuf, obuf;
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / g.kv_heads, kvh = unit % g.kv_heads;
+      const int64_t* first = document_starts(key_start, g, b);
       const float* kh = stage(K.head(b, kvh), K.ld, g.kv_len, D, kbuf);
       const float* vh = stage(V.head(b, kvh), V.ld, g.kv_len, D, vbuf);
       for (int64_t j = 0; j < g.group(); ++j) {
@@ -178,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> swa_forward(const at::Tensor& q, const at::Te
           for (int64_t r = 0; r < rows; ++r) {
             float* row = scores.data() + r * ld;
             int64_t lo, hi;
-            row_band(g, s, ks, r, lo, hi);
+            row_band(g, s, ks, r, first, lo, hi);
             const float m = row_max(row + lo, hi - lo);
             const float sum = exp_shift_sum(row + lo, hi - lo, m);
             zero_outside(row, lo, hi, L);
@@ -203,8 +225,10 @@ std::tuple<at::Tensor, at::Tensor> swa_forward(const at::Tensor& q, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_backward(const at::Tensor& grad_out, const at::Tensor& q,
                                                             const at::Tensor& k, const at::Tensor& v,
                                                             const at::Tensor& out, const at::Tensor& lse,
-                                                            int64_t window, double scale, int64_t block) {
+                                                            int64_t window, double scale, int64_t block,
+                                                            const at::Tensor& key_start) {
   const Geometry g = geometry(q, k, v, window, block);
+  check_key_start(key_start, g);
   check_rows(grad_out, "grad_out");
   check_rows(out, "out");
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out and out must be shaped like q");
@@ -223,6 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_backward(const at::Tensor& gr
     std::vector<float> kbuf, vbuf, dkbuf, dvbuf, qbuf, gbuf, obuf, dqbuf;
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / g.kv_heads, kvh = unit % g.kv_heads;
+      const int64_t* first = document_starts(key_start, g, b);
       const float* kh = stage(K.head(b, kvh), K.ld, g.kv_len, D, kbuf);
       const float* vh = stage(V.head(b, kvh), V.ld, g.kv_len, D, vbuf);
       float* dkh = staging(DK.head(b, kvh), DK.ld, g.kv_len, D, dkbuf);
@@ -252,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_backward(const at::Tensor& gr
           for (int64_t r = 0; r < rows; ++r) {
             float* row = probs.data() + r * ld;
             int64_t lo, hi;
-            row_band(g, s, ks, r, lo, hi);
+            row_band(g, s, ks, r, first, lo, hi);
             exp_shift_sum(row + lo, hi - lo, lh[s + r]);
             zero_outside(row, lo, hi, L);
           }
