@@ -171,6 +171,11 @@ def build_model(cfg: RunConfig, *, cuda: bool, perform_initialization: bool = Tr
                 **extra,
             )
         )
+    if cfg.data.reset_position_ids and cfg.model.position_embedding == "rope":
+        from megatron_ext.models.rope import rotate_by_position_ids
+
+        for chunk in chunks:  # learned absolute embeddings take position_ids as they are
+            rotate_by_position_ids(chunk)
     if cuda:  # as Megatron-LM's get_model: torch norms and buffers are built on the CPU
         chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
     return chunks

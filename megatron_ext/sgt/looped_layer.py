@@ -330,7 +330,7 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
             self._loop_entropy = self._entropy(query, key, kv_of_query, groups, attention_mask)
         core = attn.core_attention
         if isinstance(core, HeadSubsetAttention):  # every head of every group: the module's own layout
-            context = core.forward_heads(query, key, value, groups, attention_mask)
+            context = core.forward_heads(query, key, value, groups, **_mask_kwargs(attention_mask))
             context = context.unflatten(-1, (-1, self._head_dim))
         else:
             context = self.attend_heads(query, key, value, kv_of_query, groups, attention_mask)
@@ -473,10 +473,11 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
         :class:`HeadSubsetAttention` only is handed whole KV groups; otherwise causal SDPA."""
         core = self.self_attention.core_attention
         if isinstance(core, QueryHeadSubsetAttention):
-            out = core.forward_query_heads(query, key, value, list(kv_of_query), list(local_kv_heads), attention_mask)
+            mask = _mask_kwargs(attention_mask)
+            out = core.forward_query_heads(query, key, value, list(kv_of_query), list(local_kv_heads), **mask)
             return out.unflatten(-1, (-1, self._head_dim))
         if isinstance(core, HeadSubsetAttention):  # query holds whole KV groups, in order
-            out = core.forward_heads(query, key, value, list(local_kv_heads), attention_mask)
+            out = core.forward_heads(query, key, value, list(local_kv_heads), **_mask_kwargs(attention_mask))
             return out.unflatten(-1, (-1, self._head_dim))
         doc_start = document_starts_of(attention_mask)
         index = torch.tensor(list(kv_of_query), dtype=torch.long, device=key.device)
@@ -577,6 +578,12 @@ class LoopedTransformerLayer(TransformerLayer, DecodePassesLayer, KeptHeadsLayer
         self._first_entropy = self._loop_entropy = None
         if first is not None and self._entropy_sink is not None:
             self._entropy_sink(first, last)
+
+
+def _mask_kwargs(attention_mask: Optional[Tensor]) -> dict:
+    """The ``attention_mask`` keyword of a head-subset call: only when there is one, so that a core
+    attention written before document masking (no such parameter) still serves unmasked layers."""
+    return {} if attention_mask is None else {"attention_mask": attention_mask}
 
 
 def _take(tensor: Tensor, dim: int, index) -> Tensor:

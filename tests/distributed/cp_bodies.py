@@ -80,6 +80,7 @@ def make_batch(index, micro_batch=2, seq=32, eod=None, mask_documents=True):
     }
     if eod is not None and mask_documents:
         batch["document_starts"] = document_starts(batch["tokens"], eod)
+        batch["position_ids"] = torch.arange(seq) - batch["document_starts"]  # as data.reset_position_ids
     return batch
 
 

@@ -152,23 +152,26 @@ DOCUMENT_MODELS = ["full", "kv-head-mixed", "gated", "looped", "loza-sink"]
 
 @pytest.mark.parametrize("model", DOCUMENT_MODELS)
 def test_document_masking_matches_one_rank(model):
-    """Packed documents under document masking (EOD = 0, 3 boundaries per row): every chunk's queries
-    stay within their documents over the gathered keys or the halo, as on one rank (loss, gradients,
-    the SGT entropy of the last query's document); and the masking is really on (the loss differs
-    from the unmasked one)."""
+    """Packed documents under document masking and per-document positions (EOD = 0, 3 boundaries per
+    row): every chunk's queries stay within their documents over the gathered keys or the halo and
+    rotate by their positions in them, as on one rank (loss, gradients, the SGT entropy of the last
+    query's document); and the masking is really on (the loss differs from the unmasked one)."""
     sections, structure = MODELS[model]
     weights = run_distributed(cp_bodies.initial_weights, 1, sections=sections)[0]
-    common = dict(sections=sections, weights=weights, structure=structure, entropy=True)
+    documents = {**sections, "data": {"kind": "default", "reset_attention_mask": True, "reset_position_ids": True}}
+    common = dict(sections=documents, weights=weights, structure=structure, entropy=True)
     ref = run_distributed(cp_bodies.model_gradients, 1, ParallelSizes(), eod=0, **common)[0]
     cp = run_distributed(
         cp_bodies.model_gradients,
         2,
         ParallelSizes(cp=2),
-        **{**common, "sections": {**sections, "parallel": {"context": 2}}},
+        **{**common, "sections": {**documents, "parallel": {"context": 2}}},
         eod=0,
     )
     worst = assert_matches(cp, ref, f"CP=2 {model} with documents")
-    unmasked = run_distributed(cp_bodies.model_gradients, 1, ParallelSizes(), eod=0, mask_documents=False, **common)[0]
+    unmasked = run_distributed(
+        cp_bodies.model_gradients, 1, ParallelSizes(), eod=0, mask_documents=False, **{**common, "sections": sections}
+    )[0]
     assert abs(float(unmasked["loss"]) - float(ref["loss"])) > 1e-4, "the document mask changed nothing"
     print(f"[cp] CP=2 {model} with documents: loss {float(cp[0]['loss']):.6f}, grads max rel {worst:.2e}")
 

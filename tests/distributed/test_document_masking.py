@@ -100,3 +100,49 @@ def test_a_documents_logits_do_not_depend_on_what_is_packed_around_it(model):
     assert torch.allclose(unmasked[0], masked[0], atol=1e-5)
     shift = float((unmasked[1] - unmasked[0]).abs().max())
     assert shift > 1e-3, f"{model}: without document masking B's logits did not change ({shift:.2e}): the test is void"
+
+
+def reset_position_logits():
+    """B's logits with data.reset_position_ids, B after A and B alone; and the rotary table's rows."""
+    from megatron_ext.parallel import load_full_named_tensors
+    from megatron_ext.run.builder import build_model
+
+    sections = {"data": {"kind": "default", "reset_position_ids": True, "reset_attention_mask": True}}
+    (model,) = build_model(cp_bodies.run_config(sections), cuda=False)
+    load_full_named_tensors(model, cp_bodies.initial_weights({}))
+    model.eval()
+    tokens, spans = packed_rows()
+    starts = document_starts(tokens, EOD)
+    reset = torch.arange(tokens.shape[1]) - starts
+    plain = torch.arange(tokens.shape[1]).expand_as(tokens)
+    captured = []
+    model.rotary_pos_emb.register_forward_hook(lambda module, args, output: captured.append(output))
+    with torch.no_grad():
+        out = {
+            "reset": model(tokens, reset, starts),
+            "plain": model(tokens, plain, starts),
+            "reset-unmasked": model(tokens, reset, None),
+            "plain-unmasked": model(tokens, plain, None),
+        }
+        table = model.rotary_pos_emb.get_emb(tokens.shape[1])[:, 0, 0]
+    return {name: [logits[row, span] for row, span in enumerate(spans)] for name, logits in out.items()}, (
+        captured[0],
+        table,
+        reset,
+    )
+
+
+def test_reset_position_ids_rotate_each_token_by_its_position_in_its_document():
+    logits, (freqs, table, reset) = run_distributed(reset_position_logits, 1)[0]
+    # The rotary frequencies of each token are the table's row at its reset position.
+    assert freqs.shape == (reset.shape[1], reset.shape[0], 1, table.shape[1])
+    assert torch.equal(freqs[:, :, 0], table[reset.t()])
+    # B rotates by 0 .. 11 wherever it is packed: its logits agree at least as closely as under
+    # plain positions, where only the relative offsets agree.
+    for row in (1, 2):
+        diff = float((logits["reset"][row] - logits["reset"][0]).abs().max())
+        assert diff <= 2e-5 * float(logits["reset"][0].abs().max()), f"row {row}: {diff:.2e}"
+    # Positions really act: without the document mask B after A sees A at other distances.
+    shift = float((logits["reset-unmasked"][1] - logits["plain-unmasked"][1]).abs().max())
+    assert shift > 1e-3, f"reset positions changed nothing ({shift:.2e})"
+    assert torch.equal(logits["reset"][0], logits["plain"][0])  # B first: the same positions
