@@ -16,16 +16,7 @@ from megatron_ext.config import ConfigError
 from megatron_ext.moe.elastic import SubNetwork
 from megatron_ext.parallel import ParallelSizes
 from megatron_ext.parallel.state import parallel_job
-from megatron_ext.training.extract import extract_submodel
-
-
-def parse_indices(text: str):
-    """'0,2,5-7' -> (0, 2, 5, 6, 7)."""
-    out = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-    return tuple(out)
+from megatron_ext.training.extract import extract_submodel, parse_indices
 
 
 def main(argv=None) -> int:

@@ -216,3 +216,64 @@ def train_bpe(texts: Iterable[str], vocab_size: int, output: Union[str, Path]) -
     output.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(output))
     return BPETokenizer(output)
+
+
+def save_hf_tokenizer(tokenizer: TextTokenizer, directory: Union[str, Path]) -> None:
+    """Write ``tokenizer`` as HF tokenizer files (``tokenizer.json``, ``tokenizer_config.json``,
+    ``special_tokens_map.json``) into ``directory``, loadable by ``transformers.AutoTokenizer`` with
+    the same ids for every text (no special tokens added) and the EOD as its eos token: a model
+    export carries the tokenizer of the run, whatever its kind.
+
+    * a tokenizers JSON file (:class:`BPETokenizer`): that tokenizer, wrapped;
+    * a HF directory (:class:`HFTokenizer`): the loaded tokenizer, re-saved (eos set to the EOD);
+    * ``bytes``: a byte-level model with no merges, id ``b`` for byte ``b`` and ``<|endoftext|>`` = 256.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    if isinstance(tokenizer, HFTokenizer):
+        hf = tokenizer._tok
+        if tokenizer.eod is not None:
+            hf.eos_token = hf.convert_ids_to_tokens(tokenizer.eod)
+        hf.save_pretrained(str(directory))
+        return
+    # The bytes tokenizer reads "<|endoftext|>" in a text as its bytes: so must the export.
+    literal = not isinstance(tokenizer, BPETokenizer)
+    backend = tokenizer._tok if not literal else _byte_level_tokenizer()
+    eos = backend.id_to_token(tokenizer.eod) if tokenizer.eod is not None else None
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=eos, clean_up_tokenization_spaces=False, split_special_tokens=literal
+    )
+    hf.save_pretrained(str(directory))
+
+
+def _byte_level_tokenizer():
+    """:class:`ByteTokenizer` as a ``tokenizers.Tokenizer``: byte-level pre-tokenization (each byte one
+    symbol, no regex split), a BPE model without merges whose ids are the byte values, EOD 256."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = _bytes_to_unicode()
+    vocab = {alphabet[b]: b for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(EOD_TOKEN, special=True)])
+    if tok.token_to_id(EOD_TOKEN) != ByteTokenizer.eod:
+        raise AssertionError(f"the byte tokenizer's EOD must be id {ByteTokenizer.eod}")
+    return tok
+
+
+def _bytes_to_unicode() -> dict:
+    """The byte -> printable character map of byte-level BPE (GPT-2's), which ``ByteLevel``
+    pre-tokenization applies: printable Latin-1 bytes map to themselves, the rest to 256 + n."""
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars

@@ -79,8 +79,9 @@ def run_tokenizer(cfg, run_dir: Path):
 
     In order: the HF tokenizer of an imported model (``RUN_DIR/tokenizer/``), ``data.tokenizer``
     (with ``data.eod_token``), the built-in corpus's tokenizer (``data.kind: default``); each loaded
-    by :func:`~megatron_ext.data.tokenizers.load_tokenizer`, as preprocessing loaded it."""
-    from megatron_ext.data.tokenizers import is_tokenizer_dir, load_tokenizer
+    by :func:`~megatron_ext.data.tokenizers.load_tokenizer`, as preprocessing loaded it. Data
+    preprocessed with ``bytes`` needs no ``data.tokenizer``: its manifest says so."""
+    from megatron_ext.data.tokenizers import ByteTokenizer, is_tokenizer_dir, load_tokenizer
 
     imported = Path(run_dir) / "tokenizer"
     if is_tokenizer_dir(imported):
@@ -91,4 +92,17 @@ def run_tokenizer(cfg, run_dir: Path):
         from megatron_ext.data.default_corpus import ensure_default_corpus
 
         return load_tokenizer(str(Path(ensure_default_corpus(cfg.data.cache_dir)).parent / "tokenizer.json"))
+    if cfg.data.kind == "indexed" and _recorded_tokenizer(cfg.data.paths) == ByteTokenizer.identity:
+        return ByteTokenizer()  # the one tokenizer a manifest names without a file
     return None
+
+
+def _recorded_tokenizer(prefixes) -> Optional[str]:
+    """The tokenizer identity the first prefix's manifest records (None: no manifest, or unreadable)."""
+    import json
+
+    try:
+        manifest = json.loads(Path(f"{prefixes[0]}.manifest.json").read_text())
+        return manifest["vocab"]["tokenizer"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None

@@ -26,6 +26,33 @@ from megatron_ext.run import CAPABILITIES, RunConfig
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
 
+def parse_indices(text: str) -> tuple:
+    """``'0,2,5-7'`` -> ``(0, 2, 5, 6, 7)``: the layers or experts of a sub-network on the command line."""
+    out = []
+    for part in str(text).split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+        except ValueError:
+            raise ValueError(f"{text!r}: give indices and ranges such as '0-3,6'") from None
+    return tuple(out)
+
+
+def subnetwork_of(cfg: RunConfig, layers, experts, top_k):
+    """The :class:`~megatron_ext.moe.elastic.SubNetwork` that ``layers`` / ``experts`` (ranges such as
+    ``0-3,6``) and ``top_k`` name, checked against ``cfg``; None when none is given."""
+    if layers is None and experts is None and top_k is None:
+        return None
+    from megatron_ext.moe.elastic import SubNetwork
+
+    kept = parse_indices(layers) if layers is not None else tuple(range(cfg.model.num_layers))
+    sub = SubNetwork(
+        kept, parse_indices(experts) if experts is not None else None, None if top_k is None else int(top_k)
+    )
+    check_subnetwork(cfg, sub)
+    return sub
+
+
 def check_subnetwork(cfg: RunConfig, sub) -> None:
     """Raise ValueError unless ``sub`` is a sub-network of ``cfg``'s model that can be extracted."""
     n = cfg.model.num_layers
