@@ -307,7 +307,7 @@ class ConSACallback(Callback):
         one way, however far from 0, are ties broken by rank and not decisions.
         """
         if allocation is None:
-            allocation = self.gates.binarize(self.cfg.target, self._binarize_mode())
+            allocation = self.gates.binarize(self.cfg.target, self._binarize_mode(), self.cfg.binarize)
         log_alpha = self.gates.log_alpha.detach()
         rows = 1 if self._binarize_mode() == "global" else log_alpha.shape[0]
         groups, full = log_alpha.reshape(rows, -1), allocation.reshape(rows, -1)
@@ -383,8 +383,8 @@ class ConSACallback(Callback):
         }
 
     def _binarize(self, ctx: TrainContext) -> None:
-        self.allocation = self.gates.binarize(self.cfg.target, self._binarize_mode())
-        self.diagnosed = self.diagnostics(self.allocation)
+        self.allocation = self.gates.binarize(self.cfg.target, self._binarize_mode(), self.cfg.binarize)
+        self.diagnosed = {**self.diagnostics(self.allocation), "binarize": self.cfg.binarize}
         self._apply(ctx.step + 1)
         if dist.get_rank() == 0:
             self._write_outputs(Path(ctx.run_dir))
@@ -396,9 +396,15 @@ class ConSACallback(Callback):
                     f"{self.diagnosed['window_cost']:+.4f} validation loss, within hybrid_attention."
                     f"window_cost_tolerance={self.cfg.window_cost_tolerance})"
                 )
+            reached = (
+                f" by the sign of log_alpha (SWA fraction {swa_fraction(self.allocation):.3f} against the target "
+                f"{self.cfg.target})"
+                if self.cfg.binarize == "sign"
+                else ""
+            )
             self.log(
                 f"consa: binarized at step {ctx.step}: {swa} of {self.allocation.numel()} units use "
-                f"sliding-window attention (W={self.cfg.window}); {self.diagnosed['polarized_fraction']:.0%} "
+                f"sliding-window attention (W={self.cfg.window}){reached}; {self.diagnosed['polarized_fraction']:.0%} "
                 f"of the gates decided{ties}, constraint gap {self.diagnosed['constraint_gap']:.3f}; training "
                 "the static hybrid"
             )

@@ -106,6 +106,12 @@ class HybridAttentionConfig:
     tests; without it the constraint settles within ~150 steps (beta2 is 0.99)."""
     lambda_lr: float = 5.0
     """Step size of the gradient ascent on the Lagrange multipliers. [choice]"""
+    binarize: Literal["exact_target", "sign"] = "exact_target"
+    """How learned gates (consa, scalar_rank, loza) become the static allocation: ``exact_target``
+    [choice] the round(target * N) units of lowest log_alpha become SWA (per layer with ``per_layer``
+    constraints), as LLM-Shearing's evaluation mask; ``sign`` (ConSA's stated rule, z = 1[log_alpha >
+    0], the ablation) a unit stays full attention iff its log_alpha > 0, whatever fraction that gives:
+    the fraction reached is logged and written to allocation.json beside the target."""
     polarization_threshold: float = 2.0
     """A gate counts as decided (polarized) when its log_alpha lies at least this far beyond every unit
     that the binarization puts on the other side of its constraint group (FA units above the group's
@@ -163,6 +169,7 @@ class HybridAttentionConfig:
         c.within("gate_adam_beta1", 0.0, 1.0, high_open=True)
         c.non_negative("target_warmup_steps")
         c.one_of("constraint", CONSTRAINT_MODES)
+        c.one_of("binarize", ("exact_target", "sign"))
         if self.enabled and self.method in LEARNED_METHODS:
             given = [n for n in ("mask_learning_steps", "mask_learning_tokens") if getattr(self, n) is not None]
             c.require(

@@ -168,20 +168,24 @@ class HardConcreteGates(torch.nn.Module):
         self.log_alpha.clamp_(self.config.log_alpha_min, self.config.log_alpha_max)
 
     @torch.no_grad()
-    def binarize(self, rho: float, mode: ConstraintMode = "global") -> torch.Tensor:
+    def binarize(self, rho: float, mode: ConstraintMode = "global", rule: str = "exact_target") -> torch.Tensor:
         """Final mask, torch.bool [num_layers, units_per_layer]: True = full attention, False = SWA.
 
-        ConSA's rule is z = 1[log_alpha > 0] [digest]. [choice] Following LLM-Shearing's evaluation
-        mask, the number of SWA units is instead made exact: the round(rho * N) units with the
-        lowest log_alpha become SWA, N being all units (``"global"``) or each layer's units
-        (``"per_layer"``, so every layer gets round(rho * units_per_layer)). ``round`` is Python's,
-        which rounds halves to even. [choice] Ties go by unit index (row-major over [layer, unit]):
-        the lower index becomes SWA first.
+        ConSA's rule is z = 1[log_alpha > 0] [digest] (``rule="sign"``, whatever fraction it gives).
+        [choice] By default (``"exact_target"``), following LLM-Shearing's evaluation mask, the number
+        of SWA units is instead made exact: the round(rho * N) units with the lowest log_alpha become
+        SWA, N being all units (``"global"``) or each layer's units (``"per_layer"``, so every layer
+        gets round(rho * units_per_layer)). ``round`` is Python's, which rounds halves to even.
+        [choice] Ties go by unit index (row-major over [layer, unit]): the lower index becomes SWA first.
         """
         _check_mode(mode)
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"rho={rho!r} is not allowed: use a fraction in [0, 1]")
+        if rule not in ("exact_target", "sign"):
+            raise ValueError(f"rule={rule!r} is not allowed: use 'exact_target' or 'sign'")
         log_alpha = self.log_alpha.detach()
+        if rule == "sign":
+            return log_alpha > 0
         full = torch.ones_like(log_alpha, dtype=torch.bool)  # [L, U]
         if mode == "global":
             k = round(rho * log_alpha.numel())

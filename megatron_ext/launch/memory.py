@@ -33,8 +33,12 @@ t = TP size):
 
 The 34 assumes a GPT layer with a 4h MLP (GELU) and attention dropout; it is a standard
 order-of-magnitude estimate, not an account of GQA, SwiGLU or MoE layers. The 5as/h term is the
-attention score matrix; fused (flash) attention does not store it, so with Transformer Engine
-"none" costs about what "selective" does. With the 1F1B schedule pipeline stage p keeps
+attention score matrix (scores, softmax output, dropout mask), counted only where the chosen
+attention stores it (:func:`stores_attention_scores`): Megatron's unfused ``DotProductAttention``
+(``model.attention_backend: local``) does; SDPA (flash / memory-efficient kernels, the CPU's fused
+kernel), Transformer Engine's fused attention and the hybrid layers' kernels (FlexAttention, the
+window kernels) keep one log-sum-exp per row instead, so there "none" costs what "selective" does.
+With the 1F1B schedule pipeline stage p keeps
 min(PP - p, M) micro-batches in flight (M micro-batches per step), so the first stage holds a whole
 model's layers worth; interleaving (v chunks) multiplies the first stage by 1 + (PP-1)/(PP*v).
 The last stage adds the fp32 logits of the vocabulary-parallel cross entropy, 4*s*b*V/t bytes.
@@ -141,6 +145,14 @@ def bytes_per_parameter(cfg: RunConfig, cuda: bool) -> tuple:
     return 4, 4, 8
 
 
+def stores_attention_scores(cfg: RunConfig) -> bool:
+    """Whether the model's core attention keeps the ``s x s`` score matrix for backward: only
+    Megatron's unfused attention (``model.attention_backend: local``) in layers of plain attention;
+    hybrid layers (``hybrid_attention``) and the TE backend build their own fused core attention."""
+    hybrid = any(capability.name == "hybrid_attention" for capability in cfg.capabilities)
+    return cfg.model.attention_backend == "local" and cfg.model.backend != "te" and not hybrid
+
+
 def layer_activation_bytes(cfg: RunConfig, recompute: Optional[str] = None) -> float:
     """Activation bytes of one transformer layer for one micro-batch on one rank (formulas above)."""
     m, p = cfg.model, cfg.parallel
@@ -158,7 +170,7 @@ def layer_activation_bytes(cfg: RunConfig, recompute: Optional[str] = None) -> f
         return sbh * (10 + 24 / t + extra / t)
 
     if recompute == "none":
-        return stored(with_scores=True)
+        return stored(with_scores=stores_attention_scores(cfg))
     if recompute == "selective":
         return stored(with_scores=False)
     return 2 * sbh / (t if sp else 1)

@@ -37,9 +37,17 @@ class GrowthConfig:
     selected layer, in selection order, that is in the top-k and below ``max_loop_depth`` (so a
     deeper layer selected earlier can deepen after a shallower one was selected); ``latest``
     [choice] only the most recently selected layer. The two agree at ``max_loop_depth: 1``."""
-    decay_type: Literal["linear", "cosine"] = "linear"
-    """Shape of the fade of a selected layer's other heads over one window: ``linear`` 1 - p or
-    ``cosine`` (1 + cos(pi p)) / 2, p the fraction of the window elapsed [code]."""
+    decay_type: Literal["linear", "cosine", "exponential"] = "linear"
+    """Shape of the fade of a selected layer's other heads over one window: ``linear`` 1 - p,
+    ``cosine`` (1 + cos(pi p)) / 2 or ``exponential`` exp(-p ln 1e8) (from 1 to 1e-8, then 0), p the
+    fraction of the window elapsed [code]."""
+    growth: Literal["deep_to_shallow", "shallow_to_deep"] = "deep_to_shallow"
+    """Order in which layers are selected: ``deep_to_shallow`` (SGT) starts from the deepest top-k
+    layer and each later selection lies shallower than every selected one; ``shallow_to_deep`` (the
+    paper's Table 2 ablation, [choice] its mirror image) starts from the shallowest and grows deeper."""
+    head_selection: Literal["high_entropy", "low_entropy"] = "high_entropy"
+    """Which heads of a selected layer keep looping: the ``num_keep_heads`` of highest EMA entropy
+    (SGT) or of lowest (the paper's Table 2 ablation)."""
 
     def __post_init__(self) -> None:
         c = Checks(self)
@@ -54,7 +62,9 @@ class GrowthConfig:
             value = getattr(self, name)
             c.require(_is_int(value) and value >= 1, f"{name}={value!r} is not allowed: it must be an int >= 1")
         c.one_of("deepen", ("any_selected", "latest"))
-        c.one_of("decay_type", ("linear", "cosine"))
+        c.one_of("decay_type", ("linear", "cosine", "exponential"))
+        c.one_of("growth", ("deep_to_shallow", "shallow_to_deep"))
+        c.one_of("head_selection", ("high_entropy", "low_entropy"))
         excluded = self.exclude_layers
         c.require(
             isinstance(excluded, (list, tuple)) and all(_is_int(v) and v >= 0 for v in excluded),

@@ -22,10 +22,15 @@ Schedule [code] (``window`` steps per phase; step numbers are 1-based and counte
 
 3. A selected layer keeps the ``num_keep_heads`` heads of highest EMA entropy at its selection.
    Its other heads' loop outputs are multiplied by a fade from 1 to 0 over one window (linear
-   ``1 - p`` or cosine, ``decay_type``), ``p = (step - 1 - s) / window``, ``s`` the layer's
+   ``1 - p``, cosine or exponential, ``decay_type``), ``p = (step - 1 - s) / window``, ``s`` the layer's
    selection step [code]: the reference updates the factors when a step ends, for the next
    step's forward, so the first looped step runs at 1 and the factors reach 0 at step
    ``s + window + 1``. After that ([choice]) the other heads are not computed.
+
+The paper's ablations (Table 2) are switches of the same schedule: ``growth: shallow_to_deep``
+selects the shallowest top-k layer first and then only layers deeper than every selected one (the
+mirror image of steps 1 and 2, ties to the shallower layer), ``head_selection: low_entropy`` keeps
+the heads of lowest EMA entropy.
 
 Reference code: ``olmo/dynamic_layer_scheduler.py`` and ``olmo/loop_attention.py``
 (``select_heads``, ``update_head_decay``) of the authors' repository
@@ -67,6 +72,9 @@ import torch
 from megatron_ext.sgt.config import GrowthConfig
 
 __all__ = ["Event", "GrowthConfig", "GrowthScheduler"]
+
+EXPONENTIAL_DECAY_RATE = -math.log(1e-8)
+"""``decay_type: exponential`` fades as ``exp(-k p)`` with ``k = ln 1e8``: 1e-8 at the window's end [code]."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +140,7 @@ class GrowthScheduler:
             top_k = self._top_k(layer_scores)
             if not top_k:
                 return [self._freeze(step)]
-            return [self._select(max(top_k), step, head_entropy)]
+            return [self._select(self._first_in_growth_order(top_k), step, head_entropy)]
         if step < self._window_end:
             return []
         top_k = self._top_k(layer_scores)
@@ -142,26 +150,39 @@ class GrowthScheduler:
                 self._window_end = step + self.config.window
                 return [Event("deepen", step, layer, self._depth[layer], self._kept[layer])]
         if len(self._selected) < self.config.max_selected_layers:
-            shallowest = min(self._selected)
-            candidates = [layer for layer in top_k if layer < shallowest]
+            candidates = [layer for layer in top_k if self._beyond_selected(layer)]
             if candidates:
-                return [self._select(max(candidates), step, head_entropy)]
+                return [self._select(self._first_in_growth_order(candidates), step, head_entropy)]
         return [self._freeze(step)]
+
+    @property
+    def _deep_first(self) -> bool:
+        return self.config.growth == "deep_to_shallow"
+
+    def _first_in_growth_order(self, layers: List[int]) -> int:
+        """The deepest of ``layers`` (deep to shallow growth), or the shallowest (shallow to deep)."""
+        return max(layers) if self._deep_first else min(layers)
+
+    def _beyond_selected(self, layer: int) -> bool:
+        """Whether ``layer`` lies further along the growth direction than every selected layer."""
+        return layer < min(self._selected) if self._deep_first else layer > max(self._selected)
 
     def _deepening_candidates(self) -> List[int]:
         return list(self._selected) if self.config.deepen == "any_selected" else self._selected[-1:]
 
     def _top_k(self, layer_scores: Mapping[int, float]) -> List[int]:
-        """The ``top_k_layers`` best non-excluded layers, by score then by depth (deeper first, [choice])."""
+        """The ``top_k_layers`` best non-excluded layers, by score; ties go to the layer met first in the
+        growth direction (the deeper one for deep to shallow, [choice])."""
         for layer, score in layer_scores.items():
             if not 0 <= layer < self.num_layers:
                 raise ValueError(f"layer_scores has layer {layer}, outside [0, {self.num_layers})")
             if not math.isfinite(score):
                 raise ValueError(f"layer {layer} has a non-finite score {score}: its entropy EMA is broken")
         excluded = set(self.config.exclude_layers)
+        direction = 1 if self._deep_first else -1
         ranked = sorted(
             (layer for layer in layer_scores if layer not in excluded),
-            key=lambda layer: (layer_scores[layer], layer),
+            key=lambda layer: (layer_scores[layer], direction * layer),
             reverse=True,
         )
         return ranked[: self.config.top_k_layers]
@@ -172,8 +193,9 @@ class GrowthScheduler:
         entropy = torch.as_tensor(head_entropy[layer]).detach().to("cpu", torch.float64)
         if tuple(entropy.shape) != (self.num_heads,):
             raise ValueError(f"head_entropy[{layer}] has shape {tuple(entropy.shape)}, expected ({self.num_heads},)")
-        # Stable sort of the negated values: ties go to the lower head index.
-        order = torch.sort(-entropy, stable=True).indices
+        # Stable sort (of the negated values for the highest): ties go to the lower head index.
+        sign = -1.0 if self.config.head_selection == "high_entropy" else 1.0
+        order = torch.sort(sign * entropy, stable=True).indices
         kept = tuple(int(head) for head in order[: self.config.num_keep_heads])
         self._selected.append(layer)
         self._depth[layer] = 1
@@ -223,12 +245,17 @@ class GrowthScheduler:
         """Per-head multiplier of ``layer``'s loop output at ``step``.
 
         1.0 for kept heads; for the others the fade at ``p = (step - 1 - s) / window`` clamped to
-        [0, 1] [code], ``s`` the layer's selection step: ``1 - p`` (linear) or ``(1 + cos(pi p)) / 2``.
+        [0, 1] [code], ``s`` the layer's selection step: ``1 - p`` (linear), ``(1 + cos(pi p)) / 2``
+        (cosine) or ``exp(-p ln 1e8)`` (exponential); 0 from ``p = 1`` on.
         """
         self._check_selected(layer)
         progress = min(1.0, max(0.0, (step - 1 - self._selected_at[layer]) / self.config.window))
-        if self.config.decay_type == "cosine":
-            fade = 0.0 if progress >= 1.0 else 0.5 * (1.0 + math.cos(math.pi * progress))
+        if progress >= 1.0:
+            fade = 0.0
+        elif self.config.decay_type == "cosine":
+            fade = 0.5 * (1.0 + math.cos(math.pi * progress))
+        elif self.config.decay_type == "exponential":
+            fade = math.exp(-EXPONENTIAL_DECAY_RATE * progress)
         else:
             fade = 1.0 - progress
         kept = set(self._kept[layer])

@@ -117,22 +117,37 @@ def test_memory_estimate_follows_the_sharding():
     assert first.optimizer == pytest.approx(12 * first.params / 16, rel=1e-6)  # DP = 64 / 4
 
 
-def test_activation_estimate_is_korthikanti_et_al():
+def local_attention(cfg):
+    """``cfg`` with Megatron's unfused attention, the one that stores the score matrix."""
+    return replace(cfg, model=replace(cfg.model, attention_backend="local"))
+
+
+def test_the_score_matrix_counts_only_where_the_attention_stores_it():
     cfg = dense_config()
+    s, b, h, a = 8192, 1, 2048, 16
+    assert cfg.model.attention_backend == "sdpa"  # fused: one log-sum-exp per row, no s x s matrix
+    assert layer_activation_bytes(cfg) == layer_activation_bytes(cfg, "selective") == s * b * h * 34
+    assert layer_activation_bytes(local_attention(cfg)) == s * b * h * (34 + 5 * a * s / h)
+    consa = load_config(REPO / "configs" / "consa_qwen3_0p6b.yaml")  # hybrid layers: their own kernels
+    assert layer_activation_bytes(local_attention(consa)) == layer_activation_bytes(consa, "selective")
+
+
+def test_activation_estimate_is_korthikanti_et_al():
+    cfg = local_attention(dense_config())
     s, b, h, a, layers = 8192, 1, 2048, 16, 28
     assert layer_activation_bytes(cfg) == s * b * h * (34 + 5 * a * s / h)
     assert layer_activation_bytes(cfg, "selective") == s * b * h * 34
     assert layer_activation_bytes(cfg, "full") == 2 * s * b * h
-    tp2 = dense_config(tensor=2)
+    tp2 = local_attention(dense_config(tensor=2))
     assert layer_activation_bytes(tp2) == pytest.approx(s * b * h * (10 + 24 / 2 + 5 * a * s / (h * 2)))
-    tp2_sp = dense_config(tensor=2, sequence_parallel=True)
+    tp2_sp = local_attention(dense_config(tensor=2, sequence_parallel=True))
     assert layer_activation_bytes(tp2_sp) == pytest.approx(s * b * h * (34 + 5 * a * s / h) / 2)
 
     inv = dense_inventory()
     (pp1,) = estimate_memory(cfg, inv, 64)
     logits = 4 * s * b * 151936 / 1
     assert pp1.activations == pytest.approx(layers * layer_activation_bytes(cfg) + logits)
-    first, last = estimate_memory(dense_config(pipeline=2), inv, 64)  # 1F1B: stage 0 holds 2 micro-batches
+    first, last = estimate_memory(local_attention(dense_config(pipeline=2)), inv, 64)  # 1F1B: 2 micro-batches
     assert first.activations == pytest.approx(2 * (layers // 2) * layer_activation_bytes(cfg))
     assert last.activations == pytest.approx((layers // 2) * layer_activation_bytes(cfg) + logits)
     peaks = [
@@ -308,7 +323,18 @@ def test_summary_cli_at_1024_gpus():
     assert len(lines) < 60, proc.stdout
     assert "  dense layers:  TP 1 x CP 1 x DP 1024 x PP 1" in lines
     assert "  DP: 1 group(s) of 1024, 1 cross nodes" in lines
-    assert any(line.startswith("  - pipeline stage 0 needs about") for line in lines)
+    # SDPA keeps no score matrix: 28 layers of 34 sbh bytes, not the 5as/h term that made this 10x larger
+    assert (
+        "  peak: stage 0, 29.14 GiB of 80 GiB; with train.recompute = none: 29.14, selective: 29.14, full: 15.68"
+        in lines
+    )
+    assert "Warnings: none" in lines
+
+
+def test_the_consa_recipe_fits_where_its_kernels_store_no_scores():
+    proc = plan_cli("--config", "configs/consa_qwen3_0p6b.yaml", "--nodes", "4", "--gpus-per-node", "8", "--summary")
+    assert proc.returncode == 0, proc.stderr
+    assert "  peak: stage 0, 15.61 GiB of 80 GiB" in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize("size,params", [("0p6b", "0.60B"), ("1p7b", "1.72B")])

@@ -272,6 +272,20 @@ def test_binarize_per_layer_takes_the_exact_count_in_every_layer():
     assert int((~gates.binarize(0.375, "per_layer")).sum()) == 2
 
 
+def test_binarize_by_sign_ignores_the_target():
+    """ConSA's stated rule (hybrid_attention.binarize: sign): full attention iff log_alpha > 0, at any
+    target and either constraint mode; the exact-target rule meets the target instead."""
+    values = [[3.0, -1.0, 0.0, 2.0], [-0.5, -2.0, 4.0, -3.0]]
+    gates = gates_with(values)
+    expected = [[True, False, False, True], [False, False, True, False]]
+    for rho in (0.0, 0.25, 0.5, 1.0):
+        for mode in ("global", "per_layer"):
+            assert gates.binarize(rho, mode, "sign").tolist() == expected
+    assert int((~gates.binarize(0.25, "global")).sum()) == 2  # exact target: 2 of 8, not the sign's 5
+    with pytest.raises(ValueError, match="rule='nearest'"):
+        gates.binarize(0.5, "global", "nearest")
+
+
 # ---- (5) state_dict round trip ----------------------------------------------------------------
 
 

@@ -111,6 +111,41 @@ def test_growth_goes_from_deep_to_shallow_only():
     assert scheduler.selected_layers == [4, 2, 1]
 
 
+def test_shallow_to_deep_growth_is_the_mirror_image():
+    """The paper's ablation: the shallowest top-k layer first, then only deeper ones."""
+    scheduler = schedule(max_selected_layers=4, growth="shallow_to_deep")
+    script = {5: ranking(6, 4, 2), 9: ranking(1, 3, 5), 13: ranking(7, 2, 4)}
+    events = drive(scheduler, lambda step: script.get(step, ranking(1, 2, 3)), steps=17)
+    assert events == [
+        Event("select", 5, 2, 1, (2, 0)),
+        Event("select", 9, 3, 1, (2, 0)),  # 1 ranks higher but is shallower than 2
+        Event("select", 13, 4, 1, (2, 0)),  # 7 is deeper too, but 4 is the shallowest candidate
+        Event("freeze", 17, None, 0, ()),  # top-k {1, 2, 3}: nothing deeper than 4
+    ]
+    assert scheduler.selected_layers == [2, 3, 4]
+    tied = schedule(growth="shallow_to_deep", top_k_layers=1)
+    assert drive(tied, lambda step: {layer: 0.5 for layer in range(NUM_LAYERS)}, steps=5)[0].layer == 1
+
+
+def test_low_entropy_head_selection_keeps_the_lowest():
+    entropy = {3: torch.tensor([0.2, 0.9, 0.1, 0.8])}
+    high = schedule()
+    high.step(5, ranking(3, 2, 1), entropy)
+    low = schedule(head_selection="low_entropy")
+    low.step(5, ranking(3, 2, 1), entropy)
+    assert high.kept_heads(3) == (1, 3) and low.kept_heads(3) == (2, 0)
+
+
+def test_exponential_fade_follows_the_reference_form():
+    scheduler = GrowthScheduler(
+        GrowthConfig(first_selection_step=10, window=250, decay_type="exponential"), NUM_LAYERS, NUM_HEADS
+    )
+    scheduler.step(10, ranking(3, 2, 1), {3: torch.tensor([0.2, 0.9, 0.1, 0.8])})
+    for step, fade in [(11, 1.0), (136, 1e-4), (73.5, 1e-2), (260, 1e-8 ** (249 / 250)), (261, 0.0)]:
+        assert scheduler.head_factors(3, step)[0] == pytest.approx(fade, rel=1e-9, abs=0.0 if fade else 1e-300)
+    assert scheduler.head_factors(3, 136)[1] == 1.0
+
+
 def test_freeze_after_max_selected_layers():
     scheduler = schedule()
     script = {5: ranking(5, 3, 2), 9: ranking(3, 2, 1), 13: ranking(2, 1, 4)}
