@@ -97,7 +97,13 @@ def _subnetwork(cfg, args):
 
 def run_tasks(args) -> int:
     from megatron_ext.evaluation.model import EvalModel
-    from megatron_ext.evaluation.tasks_runner import check_task_names, evaluate_tasks, format_table, write_results
+    from megatron_ext.evaluation.tasks_runner import (
+        check_options,
+        check_task_names,
+        evaluate_tasks,
+        format_table,
+        write_results,
+    )
     from megatron_ext.run.builder import unsharded
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -108,10 +114,11 @@ def run_tasks(args) -> int:
         cfg = unsharded(load_config(args.run_dir / "config.yaml", args.overrides))
         sub = _subnetwork(cfg, args)
         check_task_names(names, args.include_path)  # before the model loads
+        options = dict(option.split("=", 1) for option in args.option)
+        check_options(names, options)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    options = dict(option.split("=", 1) for option in args.option)
     with parallel_job(ParallelSizes(), seed=cfg.train.seed):
         try:
             model = EvalModel.load(args.run_dir, args.step, sub, args.overrides)

@@ -31,7 +31,12 @@ def native_tasks() -> Dict[str, object]:
 
 
 def task_manager(include_paths: Sequence[str] = ()):
+    import logging
+
     from lm_eval.tasks import TaskManager
+
+    # lm-eval's notes (custom dataset kwargs, caching) are not for the user of a finished task definition.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
     return TaskManager(include_path=[str(LOCAL_TASKS_DIR), *map(str, include_paths)])
 
@@ -76,9 +81,57 @@ def evaluate_tasks(
         results.update(_lm_eval(model, lm_tasks, num_fewshot, limit, include_paths, batch_size))
     native = native_tasks()
     for name in ours:
-        out = native[name](model, limit, dict(options or {}))
-        results[name] = {"task": name, "kind": "native", **out}
+        task_options = options_for(name, options or {})
+        if name in ("passkey", "needle") and "plot" not in task_options:
+            task_options["plot"] = str(Path(model.run_dir) / "eval" / str(model.step) / f"{name}.png")
+            Path(task_options["plot"]).parent.mkdir(parents=True, exist_ok=True)
+        out = native[name](model, limit, task_options)
+        results[name] = {"task": name, "kind": "native", "metrics": _native_metrics(out), **out}
     return results
+
+
+def options_for(task: str, options: dict) -> dict:
+    """The ``--option`` settings of one of the project's own tasks: ``key=value`` where the task takes
+    ``key``, and ``task.key=value`` for that task alone."""
+    from megatron_ext.evaluation.longcontext import OPTION_KEYS
+
+    own = {}
+    for key, value in options.items():
+        prefix, dot, rest = key.partition(".")
+        if dot and prefix == task:
+            own[rest] = value
+        elif not dot and key in OPTION_KEYS[task]:
+            own[key] = value
+    return own
+
+
+def check_options(names: Sequence[str], options: dict) -> None:
+    """ValueError for an ``--option`` that none of the requested own tasks takes (before any work)."""
+    from megatron_ext.evaluation.longcontext import OPTION_KEYS
+
+    ours = [name for name in names if name in OPTION_KEYS]
+    for key in options:
+        prefix, dot, rest = key.partition(".")
+        taken = prefix in ours and rest in OPTION_KEYS[prefix] if dot else any(key in OPTION_KEYS[t] for t in ours)
+        if not taken:
+            known = {t: sorted(OPTION_KEYS[t]) for t in ours}
+            raise ValueError(
+                f"--option {key}: none of the tasks {ours or names} takes it (options of the project's own "
+                f"tasks: {known}; TASK.key=value sets one task's)"
+            )
+
+
+def _native_metrics(out: dict) -> dict:
+    """The headline numbers of one of the project's own tasks, for the table."""
+    if "accuracy_mean" in out:
+        metrics = {"accuracy": out["accuracy_mean"]}
+        metrics.update({f"accuracy@{length}": acc for length, acc in out["accuracy_by_length"].items()})
+        return metrics
+    metrics = {}
+    for factor, row in out.get("results", {}).items():
+        metrics[f"loss@{factor}x"] = row["loss"]
+        metrics[f"perplexity@{factor}x"] = row["perplexity"]
+    return metrics
 
 
 def _lm_eval(model, tasks, num_fewshot, limit, include_paths, batch_size) -> Dict[str, dict]:
