@@ -202,7 +202,8 @@ class HybridCoreAttention(
 
     def _gated(self, q, k, v, heads, qpg: int, docs=None):
         # The gates live on the CPU (replicated, see ConSACallback); their gradient flows back through .to().
-        z = self._gate(self.training)  # [1] or [num_kv_heads]
+        with torch.profiler.record_function("consa/gates"):  # a named region of profiler traces
+            z = self._gate(self.training)  # [1] or [num_kv_heads]
         if z.numel() > 1:
             z = z[self.kv_offset + heads].repeat_interleave(qpg)  # [nq]
         z = z.to(device=q.device, dtype=q.dtype)

@@ -434,6 +434,7 @@ class ConSACallback(Callback):
             self.allocation,
             log_alpha,
             f"{self.cfg.method}: full attention (dark) / SWA, W={self.cfg.window}",
+            tie_margin=self.cfg.polarization_threshold if self.learned else 0.0,
         )
         plot_log_alpha_history(plots / "consa_log_alpha.png", self.history)
 

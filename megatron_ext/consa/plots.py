@@ -10,16 +10,33 @@ import torch
 from megatron_ext.plotting import pyplot
 
 
-def plot_allocation(path: Path, allocation: torch.Tensor, log_alpha: torch.Tensor | None, title: str) -> None:
-    """Heatmap layers x units: full attention (dark) / SWA (light), log-alpha written in cells."""
+def plot_allocation(
+    path: Path, allocation: torch.Tensor, log_alpha: torch.Tensor | None, title: str, tie_margin: float = 0.0
+) -> None:
+    """Heatmap layers x units: full attention (dark) / SWA (light), with a legend saying so;
+    log-alpha written in cells, and a unit whose log-alpha lies within ``tie_margin`` of a unit put on
+    the other side (an undecided gate, a tie broken by rank) marked with ``~``."""
+    from matplotlib.patches import Patch
+
     plt = pyplot()
     layers, units = allocation.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 0.45 * units), max(2.5, 1.0 + 0.3 * layers)))
+    fig, ax = plt.subplots(figsize=(max(5.5, 2.8 + 0.45 * units), max(2.5, 1.0 + 0.3 * layers)))
     ax.imshow(allocation.float().numpy(), cmap="Blues", vmin=-0.3, vmax=1.0, aspect="auto")
     if log_alpha is not None:
+        full = log_alpha[allocation]
+        swa = log_alpha[~allocation]
         for i in range(layers):
             for j in range(units):
-                ax.text(j, i, f"{float(log_alpha[i, j]):.1f}", ha="center", va="center", fontsize=6)
+                value = float(log_alpha[i, j])
+                other = swa if allocation[i, j] else full
+                tied = tie_margin > 0 and other.numel() > 0 and float((other - value).abs().min()) < tie_margin
+                color = "white" if allocation[i, j] else "black"
+                ax.text(j, i, f"{value:.1f}{'~' if tied else ''}", ha="center", va="center", fontsize=6, color=color)
+    cmap = plt.get_cmap("Blues")
+    handles = [Patch(color=cmap(1.0), label="full attention"), Patch(color=cmap(0.2), label="sliding window")]
+    if log_alpha is not None:
+        handles.append(Patch(color="white", label="cells: log alpha" + (" (~ undecided)" if tie_margin > 0 else "")))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=6, frameon=False)
     ax.set_xlabel("KV head" if units > 1 else "")
     ax.set_ylabel("layer")
     ax.set_xticks(range(units))

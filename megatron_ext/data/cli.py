@@ -46,7 +46,11 @@ def preprocess_main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["merge"]:
         return merge_main(argv[1:])
-    parser = argparse.ArgumentParser(description=PREPROCESS_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m data.preprocess",
+        description=PREPROCESS_USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--input",
         nargs="+",
@@ -150,7 +154,9 @@ def _texts(files, json_key):
 
 def train_tokenizer_main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        description=TRAIN_TOKENIZER_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m data.train_tokenizer",
+        description=TRAIN_TOKENIZER_USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--input", nargs="+", required=True)
     parser.add_argument("--vocab-size", type=int, required=True)
@@ -174,7 +180,9 @@ BUILD_DEFAULT_USAGE = """Build (once) the built-in corpus: Python standard-libra
 
 def build_default_main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        description=BUILD_DEFAULT_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m data.build_default",
+        description=BUILD_DEFAULT_USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--cache-dir", default="data/cache")
     args = parser.parse_args(argv)

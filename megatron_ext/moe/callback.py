@@ -296,7 +296,7 @@ def plot_expert_usage(path: Path, usage: torch.Tensor, layers: Sequence[int]) ->
     plt = pyplot()
     used = [m for m in range(usage.size(1)) if usage[layers, m].sum() > 0]
     fig, axes = plt.subplots(
-        1, len(layers), figsize=(1.0 + 1.6 * len(layers) + 0.4 * len(used), 1.5 + 0.18 * usage.size(2)), squeeze=False
+        1, len(layers), figsize=(1.0 + 2.8 * len(layers) + 0.4 * len(used), 1.8 + 0.18 * usage.size(2)), squeeze=False
     )
     for ax, layer in zip(axes[0], layers):
         counts = usage[layer, used].double()  # [m, N]
@@ -304,22 +304,24 @@ def plot_expert_usage(path: Path, usage: torch.Tensor, layers: Sequence[int]) ->
         image = ax.imshow(share.T.numpy(), cmap="viridis", aspect="auto", vmin=0.0)
         ax.set_xticks(range(len(used)))
         ax.set_xticklabels([MODALITIES[m] for m in used], rotation=45, fontsize=7)
+        ax.set_xlabel("modality of the routed tokens", fontsize=7)
         ax.set_ylabel("expert")
         lines = [f"layer {layer}"]
         if counts.size(-1) > 1:
             ne = normalized_entropy(counts)
-            lines.append("NE " + " ".join(f"{MODALITIES[m][:3]}={float(v):.2f}" for m, v in zip(used, ne)))
+            lines.append("NE " + " ".join(f"{MODALITIES[m]}={float(v):.2f}" for m, v in zip(used, ne)))
         pairs = [(a, b) for i, a in enumerate(used) for b in used[i + 1 :]]
         if pairs:
             lines.append(
-                "IoU "
+                "top-25% IoU\n"
                 + " ".join(
-                    f"{MODALITIES[a][:3]}/{MODALITIES[b][:3]}={top_experts_iou(usage[layer, a], usage[layer, b]):.2f}"
+                    f"{MODALITIES[a]}/{MODALITIES[b]}={top_experts_iou(usage[layer, a], usage[layer, b]):.2f}"
                     for a, b in pairs[:3]
                 )
             )
         ax.set_title("\n".join(lines), fontsize=7)
-        fig.colorbar(image, ax=ax, fraction=0.08)
+        bar = fig.colorbar(image, ax=ax, fraction=0.08)
+        bar.set_label("share of the modality's routed tokens", fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -165,17 +165,32 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool, te_installed: Opti
                 except (DataError, FileNotFoundError, ValueError) as err:
                     problems.append(f"{name}: {err}")
     problems.extend(_validation_size_problems(cfg))
+    problems.extend(logging_problems(cfg, world_size=world_size, data_parallel=dp, cuda=cuda))
     for capability in CAPABILITIES:
         problems.extend(capability.check(cfg, world_size=world_size, data_parallel=dp, cuda=cuda))
     if problems:
         raise ConfigError(problems)
 
 
-def launch_hint(cfg: RunConfig, world_size: int, command: str = "-m <tool> ...") -> Optional[str]:
+def invoked_command() -> str:
+    """The command line of this process as ``-m pretrain.TOOL ARGS`` when a project tool runs (the
+    module and its own arguments, for a launch hint), else ``-m pretrain.train --config CONFIG``."""
+    import shlex
+    import sys
+
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if script is not None and script.parent.name == "pretrain" and script.suffix == ".py":
+        return f"-m pretrain.{script.stem} {shlex.join(sys.argv[1:])}".rstrip()
+    return "-m pretrain.train --config CONFIG.yaml"
+
+
+def launch_hint(cfg: RunConfig, world_size: int, command: Optional[str] = None) -> Optional[str]:
     """What to do when the parallel layout of ``cfg`` does not fit ``world_size`` ranks, in one
     sentence: the fewest ranks it runs on with the ``torchrun`` line that starts them (``command``:
     the module and its arguments), or the ``--set`` overrides that fit it to the ranks there are
-    (checkpoints reshard on load, so any layout loads them); None when the layout fits."""
+    (checkpoints reshard on load, so any layout loads them); None when the layout fits. ``command``
+    defaults to this process's own (:func:`invoked_command`)."""
+    command = command or invoked_command()
     p = cfg.parallel
     sizes = {
         "tensor": p.tensor,
