@@ -13,6 +13,13 @@ relies on (:mod:`megatron_ext.compat.internals`).
 * :func:`rope_mscale`: Megatron's attention applies RoPE with the YaRN concentration factor of
   the config (1.0 without YaRN), computed by a private helper; a loop pass that re-applies RoPE
   must use the same factor.
+* :func:`set_yarn_config`: Megatron-Core's ``GPTModel`` builds its ``YarnRotaryEmbedding`` from
+  ``yarn_*`` attributes of its config, and its attention reads the YaRN attention factor from them;
+  only ``MLATransformerConfig`` declares them, so a dense model's ``TransformerConfig`` gets them as
+  plain attributes.
+* :func:`llama3_scale_rotary`: Llama 3.1's frequency scaling is ``RotaryEmbedding._apply_scaling``,
+  whose ``GPTModel`` switch passes only ``factor`` (its other parameters fixed at Llama 3.1's
+  values); the project applies it with all four.
 * :func:`skip_layer` / :func:`unskip_layer` / :func:`is_skipped`: elastic depth turns a layer into
   a pass-through for one step by an instance-level ``forward``, which shadows the class's
   ``forward`` for that layer only, whatever subclass of ``TransformerLayer`` it is, without
@@ -62,12 +69,37 @@ _ATTENTION_MSCALE = Internal(
     "Attention.forward",
     source_contains=("mscale=_yarn_get_concentration_factor_from_config(self.config)",),
 )
+_YARN_CONFIG_ATTRIBUTES = (
+    "yarn_rotary_scaling_factor",
+    "yarn_original_max_position_embeddings",
+    "yarn_beta_fast",
+    "yarn_beta_slow",
+    "yarn_mscale",
+    "yarn_mscale_all_dim",
+    "yarn_correction_range_round_to_int",
+)
+_GPT_YARN = Internal(
+    "megatron.core.models.gpt.gpt_model",
+    "GPTModel.__init__",
+    source_contains=("YarnRotaryEmbedding(",) + tuple(f'"{name}"' for name in _YARN_CONFIG_ATTRIBUTES),
+)
+_YARN_CONFIG_MSCALE = Internal(
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",
+    "_yarn_get_concentration_factor_from_config",
+    source_contains=('hasattr(config, "yarn_rotary_scaling_factor")', 'getattr(config, "yarn_mscale", None)'),
+)
+_LLAMA3_SCALING = Internal(
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "RotaryEmbedding._apply_scaling",
+    parameters=("freqs", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+)
 
 _SUBLAYERS = (_FORWARD_ATTENTION, _FORWARD_MLP, _LAYER_FORWARD)
 _ROPE = (_YARN_MSCALE, _ATTENTION_MSCALE)
+_ROPE_SCALING = (_GPT_YARN, _YARN_CONFIG_MSCALE, _YARN_MSCALE, _ATTENTION_MSCALE, _LLAMA3_SCALING)
 _SKIP = (_FORWARD_ATTENTION, _LAYER_FORWARD, _BLOCK_CALLS_LAYER)
 
-INTERNALS = tuple(dict.fromkeys(_SUBLAYERS + _ROPE + _SKIP))
+INTERNALS = tuple(dict.fromkeys(_SUBLAYERS + _ROPE + _ROPE_SCALING + _SKIP))
 """Every Megatron-Core internal this module relies on."""
 
 
@@ -99,6 +131,47 @@ def rope_mscale(config) -> float:
     )
 
     return _yarn_get_concentration_factor_from_config(config)
+
+
+def set_yarn_config(
+    config,
+    *,
+    factor: float,
+    original_max_position_embeddings: int,
+    beta_fast: float,
+    beta_slow: float,
+    mscale: float,
+    mscale_all_dim: float,
+    truncate: bool,
+) -> None:
+    """Give ``config`` (a ``TransformerConfig``) the ``yarn_*`` attributes that ``GPTModel``'s
+    ``position_embedding_type="yarn"`` and the attention's RoPE factor (:func:`rope_mscale`) read.
+    The attention factor is Megatron's ``get_mscale(factor, mscale) / get_mscale(factor,
+    mscale_all_dim)`` with ``get_mscale(s, m) = 0.1 m ln(s) + 1``."""
+    require("megatron_ext.compat.layers.set_yarn_config", _ROPE_SCALING)
+    values = (factor, original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim, truncate)
+    for name, value in zip(_YARN_CONFIG_ATTRIBUTES, values):
+        setattr(config, name, value)
+
+
+def llama3_scale_rotary(
+    rotary: torch.nn.Module,
+    *,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> None:
+    """Scale the frequencies of ``rotary`` (a freshly built, unscaled ``RotaryEmbedding``) the Llama
+    3.1 way, with Megatron-Core's own ``RotaryEmbedding._apply_scaling``."""
+    require("megatron_ext.compat.layers.llama3_scale_rotary", _ROPE_SCALING)
+    rotary.inv_freq = rotary._apply_scaling(
+        rotary.inv_freq,
+        factor=factor,
+        low_freq_factor=low_freq_factor,
+        high_freq_factor=high_freq_factor,
+        original_max_position_embeddings=original_max_position_embeddings,
+    )
 
 
 def _pass_through(*args, **kwargs):

@@ -26,6 +26,126 @@ DEFAULT_SPLIT = "98,2,0"
 """``data.split`` when none is given and validation comes from ``data.paths``."""
 
 
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": (
+        "factor",
+        "original_max_position_embeddings",
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+    ),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+}
+"""The keys each RoPE scaling type takes, as HF's ``rope_parameters`` validation defines them."""
+ROPE_SCALING_REQUIRED = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor", "original_max_position_embeddings"),
+    "llama3": ROPE_SCALING_KEYS["llama3"],
+}
+"""The keys each type requires (HF's validation; it fills ``original_max_position_embeddings`` from
+``max_position_embeddings`` when a config leaves it out, which import does too)."""
+
+
+@dataclass(kw_only=True)
+class RopeScalingConfig:
+    """RoPE frequency scaling for context extension: HF's ``rope_scaling`` (``rope_parameters`` in
+    transformers 5), the same keys with the same meaning. ``linear``: positions divided by ``factor``
+    (position interpolation, Chen et al. 2023); ``yarn``: NTK-by-parts interpolation with the attention
+    temperature ``attention_factor`` (Peng et al. 2023, eqs. 17-21); ``llama3``: Llama 3.1's
+    wavelength-dependent interpolation. ``dynamic`` (HF's dynamic NTK) is refused: see ``type``.
+    ``type`` null (the default) is plain RoPE."""
+
+    type: Optional[Literal["linear", "dynamic", "yarn", "llama3"]] = None
+    """Scaling type; null: none (plain RoPE, no other key set). ``dynamic`` is refused: HF recomputes
+    its RoPE base at inference from the longest sequence a model instance has seen so far, which is
+    state of the inference run, not of the model."""
+    factor: Optional[float] = None
+    """Context extension factor (>= 1); required by every type."""
+    original_max_position_embeddings: Optional[int] = None
+    """Context length of the unscaled pretraining (yarn, llama3; required)."""
+    attention_factor: Optional[float] = None
+    """yarn: the scale of RoPE's cos and sin (the attention temperature); None: HF's rule from
+    ``factor``, ``mscale`` and ``mscale_all_dim`` (``0.1 ln(factor) + 1`` without them)."""
+    beta_fast: Optional[float] = None
+    """yarn: rotations above which a dimension is extrapolated (None: 32)."""
+    beta_slow: Optional[float] = None
+    """yarn: rotations below which a dimension is interpolated (None: 1)."""
+    mscale: Optional[float] = None
+    """yarn: numerator coefficient of the attention factor (with ``mscale_all_dim``; DeepSeek's form)."""
+    mscale_all_dim: Optional[float] = None
+    """yarn: denominator coefficient of the attention factor (with ``mscale``)."""
+    truncate: Optional[bool] = None
+    """yarn: round the interpolation ramp's bounds to integer dimensions (None: true)."""
+    low_freq_factor: Optional[float] = None
+    """llama3: wavelengths above ``original_max_position_embeddings / low_freq_factor`` are divided by
+    ``factor`` (required)."""
+    high_freq_factor: Optional[float] = None
+    """llama3: wavelengths below ``original_max_position_embeddings / high_freq_factor`` are kept;
+    between the two the frequency is interpolated (required)."""
+
+    def __post_init__(self):
+        c = Checks(self)
+        if self.type is None:
+            for f in dataclasses.fields(self):
+                value = getattr(self, f.name)
+                c.require(value is None, f"{f.name}={value!r} needs a type: linear, yarn or llama3")
+            c.done()
+            return
+        c.one_of("type", tuple(ROPE_SCALING_KEYS))
+        c.done()
+        taken = ", ".join(ROPE_SCALING_KEYS[self.type])
+        c.require(
+            self.type != "dynamic",
+            "type='dynamic' is refused: HF's dynamic NTK scaling recomputes the RoPE base at inference from "
+            "the longest sequence the model instance has seen so far (it changes with each call's length and "
+            "persists between calls), so no fixed frequencies reproduce it in training or cached decoding; "
+            "use 'yarn' or 'linear' for context extension",
+        )
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "type" and f.name not in ROPE_SCALING_KEYS[self.type]:
+                c.require(value is None, f"{f.name}={value!r}: type={self.type!r} does not take it (only {taken})")
+        for name in ROPE_SCALING_REQUIRED[self.type]:
+            c.require(getattr(self, name) is not None, f"{name} is required for type={self.type!r}")
+        c.positive(
+            "original_max_position_embeddings",
+            "attention_factor",
+            "beta_fast",
+            "beta_slow",
+            "low_freq_factor",
+            "high_freq_factor",
+        )
+        c.finite("mscale", "mscale_all_dim")
+        if self.factor is not None:
+            c.require(
+                isinstance(self.factor, (int, float)) and 1.0 <= self.factor < float("inf"),
+                f"factor={self.factor!r} must be a finite number >= 1",
+            )
+        if self.low_freq_factor is not None and self.high_freq_factor is not None:
+            c.require(
+                self.high_freq_factor > self.low_freq_factor,
+                f"high_freq_factor={self.high_freq_factor!r} must be larger than low_freq_factor="
+                f"{self.low_freq_factor!r}",
+            )
+        if self.type == "yarn":
+            c.require(
+                (self.beta_fast or 32) > (self.beta_slow or 1),
+                f"beta_fast={self.beta_fast!r} must be larger than beta_slow={self.beta_slow!r} (defaults 32 and 1)",
+            )
+            c.require(
+                self.factor != 1 or self.attention_factor in (None, 1),
+                f"attention_factor={self.attention_factor!r} with factor=1: YaRN scales nothing at factor 1 "
+                "(Megatron-Core's YaRN then applies no attention factor); use factor > 1",
+            )
+        c.done()
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """Decoder-only transformer shape (Megatron GPTModel)."""
@@ -56,6 +176,9 @@ class ModelConfig:
     """Position encoding."""
     rotary_base: int = 10000
     """RoPE base (theta)."""
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    """RoPE scaling for context extension (HF's ``rope_scaling`` types, see :class:`RopeScalingConfig`);
+    ``type`` null (the default): plain RoPE."""
     tie_embeddings: bool = False
     """Share the input embedding with the output layer."""
     qk_layernorm: bool = False
@@ -116,6 +239,11 @@ class ModelConfig:
                 self.hidden_size % self.num_attention_heads == 0,
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                 f"{self.num_attention_heads}: set kv_channels explicitly or change the sizes",
+            )
+        if self.rope_scaling.type is not None:
+            c.require(
+                self.position_embedding == "rope",
+                f"rope_scaling needs position_embedding: rope (got {self.position_embedding!r})",
             )
         c.done()
 

@@ -7,13 +7,16 @@ softmax routing, dots1 for sigmoid + expert bias + shared experts: DeepSeek-V3's
 Qwen3's attention), the sliding-window layers of a hybrid. :func:`resolve_architecture` then
 picks the HF class; what no stock class represents (a KV-head-wise hybrid, a layer-wise hybrid of
 a Qwen3-MoE) is exported as this project's ``hybrid_<base>`` model (``trust_remote_code``, see
-:mod:`megatron_ext.hf.modeling_hybrid`). Anything that cannot be represented is refused, naming
-the field.
+:mod:`megatron_ext.hf.modeling_hybrid`). RoPE scaling (``model.rope_scaling``: linear, yarn, llama3)
+is read from ``rope_parameters`` (transformers 5) or the legacy ``rope_scaling``, as transformers
+reads them, and written to both. Anything that cannot be represented is refused, naming the field.
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping
+
+from megatron_ext.config.sections import ROPE_SCALING_KEYS
 
 STOCK_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -45,16 +48,75 @@ def base_model_type(hf: Mapping[str, Any]) -> str:
     )
 
 
-def rope_theta(hf: Mapping[str, Any], problems: List[str]) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
+SCALED_ROPE_KEYS = {name: keys for name, keys in ROPE_SCALING_KEYS.items() if name != "dynamic"}
+"""HF RoPE types that map to ``model.rope_scaling``, with the keys of theirs that transformers reads
+(others it ignores, and so does import)."""
+
+
+ORIGINAL = "original_max_position_embeddings"
+
+
+def rope_parameters(hf: Mapping[str, Any]) -> Dict[str, Any]:
+    """The RoPE parameters as transformers 5 reads them: a legacy ``rope_scaling`` (transformers 4's
+    key) replaces ``rope_parameters``, then ``rope_theta`` defaults to the top-level one."""
+    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def rope_scaling_section(hf: Mapping[str, Any], problems: List[str]) -> Dict[str, Any] | None:
+    """``model.rope_scaling`` from a HF config (None for plain RoPE), with transformers' defaults made
+    explicit: ``original_max_position_embeddings`` from ``max_position_embeddings`` where absent, a
+    yarn ``factor`` of None from their ratio; beta 0 means the default, as ``or 32`` / ``or 1`` does."""
+    params = rope_parameters(hf)
+    rope_type = params["rope_type"]
+    if rope_type == "default":
+        return None
+    if rope_type == "dynamic":
         problems.append(
-            f"rope_parameters / rope_scaling = {params or scaling}: only plain RoPE ('default') maps "
-            "to this project's model (no YaRN / linear / dynamic scaling)"
+            "rope_parameters.rope_type='dynamic' is refused: HF's dynamic NTK scaling recomputes the RoPE base "
+            "at inference from the longest sequence the model instance has seen so far, which no fixed model "
+            "reproduces (see model.rope_scaling)"
         )
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        return None
+    if rope_type not in SCALED_ROPE_KEYS:
+        problems.append(
+            f"rope_parameters.rope_type={rope_type!r} has no equivalent here: model.rope_scaling maps "
+            f"{', '.join(SCALED_ROPE_KEYS)} (and plain RoPE, 'default')"
+        )
+        return None
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append(f"rope_parameters.partial_rotary_factor={params['partial_rotary_factor']}: only 1 maps")
+    section = {"type": rope_type}
+    section.update({k: params[k] for k in SCALED_ROPE_KEYS[rope_type] if params.get(k) is not None})
+    if ORIGINAL in SCALED_ROPE_KEYS[rope_type]:
+        if hf.get(ORIGINAL) is not None:  # a top-level one wins, as in transformers
+            section[ORIGINAL] = hf[ORIGINAL]
+        section.setdefault(ORIGINAL, hf.get("max_position_embeddings"))
+    if rope_type == "yarn":
+        if section.get("factor") is None and hf.get("max_position_embeddings") and section.get(ORIGINAL):
+            section["factor"] = hf["max_position_embeddings"] / section[ORIGINAL]
+        for beta in ("beta_fast", "beta_slow"):
+            if not section.get(beta):
+                section.pop(beta, None)
+    return section
+
+
+def rope_theta(hf: Mapping[str, Any]) -> float:
+    return float(rope_parameters(hf)["rope_theta"])
+
+
+def rope_parameters_of(m) -> Dict[str, Any]:
+    """HF's ``rope_parameters`` of model section ``m`` (plain or scaled RoPE)."""
+    params: Dict[str, Any] = {"rope_type": "default", "rope_theta": float(m.rotary_base)}
+    scaling = m.rope_scaling
+    if scaling.type is not None:
+        params["rope_type"] = scaling.type
+        params.update(
+            {k: getattr(scaling, k) for k in SCALED_ROPE_KEYS[scaling.type] if getattr(scaling, k) is not None}
+        )
+    return params
 
 
 def model_section(hf: Mapping[str, Any], problems: List[str]) -> Dict[str, Any]:
@@ -73,7 +135,7 @@ def model_section(hf: Mapping[str, Any], problems: List[str]) -> Dict[str, Any]:
             problems.append(f"{name}=true: the model has no biases in its linear layers (model.add_bias_linear)")
     if hf.get("pretraining_tp", 1) != 1:
         problems.append(f"pretraining_tp={hf['pretraining_tp']}: only 1 maps")
-    theta = rope_theta(hf, problems)
+    theta = rope_theta(hf)
     if theta != int(theta):
         problems.append(f"rope_theta={theta}: model.rotary_base is an integer")
     heads = hf["num_attention_heads"]
@@ -97,6 +159,9 @@ def model_section(hf: Mapping[str, Any], problems: List[str]) -> Dict[str, Any]:
         "init_method_std": float(hf.get("initializer_range", 0.02)),
         "attention_dropout": float(hf.get("attention_dropout", 0.0) or 0.0),
     }
+    scaling = rope_scaling_section(hf, problems)
+    if scaling is not None:
+        section["rope_scaling"] = scaling
     return section
 
 
@@ -132,7 +197,7 @@ def dense_hf_config(cfg, dtype: str) -> tuple[Dict[str, Any], List[str]]:
         "rms_norm_eps": m.norm_epsilon,
         "hidden_act": "silu",
         "rope_theta": float(m.rotary_base),
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(m.rotary_base)},
+        "rope_parameters": rope_parameters_of(m),
         "tie_word_embeddings": m.tie_embeddings,
         "attention_bias": False,
         "attention_dropout": m.attention_dropout,
@@ -141,6 +206,8 @@ def dense_hf_config(cfg, dtype: str) -> tuple[Dict[str, Any], List[str]]:
         "dtype": dtype,
         "torch_dtype": dtype,
     }
+    if m.rope_scaling.type is not None:  # transformers 4 reads rope_scaling (and rope_theta); 5 either
+        hf["rope_scaling"] = {k: v for k, v in hf["rope_parameters"].items() if k != "rope_theta"}
     if base == "llama":
         hf.update(mlp_bias=False, pretraining_tp=1)
     else:

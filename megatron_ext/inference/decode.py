@@ -38,7 +38,7 @@ from megatron_ext.models.protocols import (
     KeyPlanAttention,
     QueryHeadSubsetAttention,
 )
-from megatron_ext.models.rope import rotate_query_key
+from megatron_ext.models.rope import rotary_table, rotate_query_key
 
 VANILLA_PASSES = [("attention", None), ("mlp", None)]
 
@@ -128,11 +128,11 @@ class Decoder:
             hook(model, batch)
         hidden = model.embedding(input_ids=tokens, position_ids=batch["position_ids"])  # [s, b, h]
         rope = None
-        if getattr(model, "rotary_pos_emb", None) is not None and model.position_embedding_type == "rope":
+        if getattr(model, "rotary_pos_emb", None) is not None and model.position_embedding_type in ("rope", "yarn"):
             needed = int(positions[-1]) + 1
             if self._rope is None or self._rope.shape[0] < needed:  # the table grows, then is reused
-                self._rope = model.rotary_pos_emb(max(needed, 2 * (0 if self._rope is None else self._rope.shape[0])))
-            rope = self._rope[positions]  # [s, 1, 1, hn]
+                self._rope = rotary_table(model, max(needed, 2 * (0 if self._rope is None else self._rope.shape[0])))
+            rope = self._rope[positions]  # [s, 1, 1, hn]; a scaled RoPE's rows (YaRN's factor in rotate_query_key)
         for i, layer in enumerate(self.layers):
             attention_pass = 0
             for kind, factors in self.passes[i]:

@@ -48,6 +48,8 @@ def transformer_config(cfg: RunConfig, *, cuda: bool, perform_initialization: bo
     the enabled capabilities add)."""
     from megatron.core.transformer import TransformerConfig
 
+    from megatron_ext.models.rope import configure_rope_scaling
+
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dtype = params_dtype(cfg, cuda)
     kwargs = dict(
@@ -98,7 +100,9 @@ def transformer_config(cfg: RunConfig, *, cuda: bool, perform_initialization: bo
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     for capability in cfg.capabilities:
         kwargs.update(capability.transformer_config(cfg))
-    return TransformerConfig(**kwargs)
+    config = TransformerConfig(**kwargs)
+    configure_rope_scaling(config, m.rope_scaling)  # YaRN's parameters are read from the config
+    return config
 
 
 def model_backend(cfg: RunConfig) -> str:
@@ -141,6 +145,7 @@ def build_model(cfg: RunConfig, *, cuda: bool, perform_initialization: bool = Tr
     from megatron.core.models.gpt import GPTModel
 
     from megatron_ext.compat import fix_recompute_without_te
+    from megatron_ext.models.rope import rotary_model_kwargs, scale_rotary
 
     fix_recompute_without_te()  # selective recompute of norms without Transformer Engine (GPU images too)
     cfg = resolve(cfg, cuda)  # model.backend: local or te from here on
@@ -162,7 +167,7 @@ def build_model(cfg: RunConfig, *, cuda: bool, perform_initialization: bool = Tr
                 transformer_layer_spec=decoder_block_spec(config, specs, vp_stage, backend=backend),
                 vocab_size=padded_vocab_size(cfg.model.vocab_size),
                 max_sequence_length=cfg.model.max_position_embeddings or cfg.data.seq_length,
-                position_embedding_type=cfg.model.position_embedding,
+                **rotary_model_kwargs(cfg.model.position_embedding, cfg.model.rope_scaling),
                 rotary_base=cfg.model.rotary_base,
                 share_embeddings_and_output_weights=cfg.model.tie_embeddings,
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -171,6 +176,8 @@ def build_model(cfg: RunConfig, *, cuda: bool, perform_initialization: bool = Tr
                 **extra,
             )
         )
+    for chunk in chunks:
+        scale_rotary(chunk, cfg.model.rope_scaling)
     if cfg.data.reset_position_ids and cfg.model.position_embedding == "rope":
         from megatron_ext.models.rope import rotate_by_position_ids
 

@@ -4,6 +4,7 @@ capability's (:meth:`~megatron_ext.capability.Capability.hf_sections`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Tuple
@@ -69,6 +70,8 @@ def effective_model_value(cfg, name: str):
         return m.num_query_groups or m.num_attention_heads
     if name == "kv_channels":
         return m.kv_channels or m.hidden_size // m.num_attention_heads
+    if name == "rope_scaling":  # the section as the import writes it: the keys that are set
+        return {k: v for k, v in dataclasses.asdict(m.rope_scaling).items() if v is not None}
     return getattr(m, name)
 
 

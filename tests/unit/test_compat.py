@@ -95,6 +95,8 @@ DECLARED = [internal for module in COMPAT_MODULES for internal in module.INTERNA
 
 # What each compat module reaches into; a symbol dropped from its declarations would go unchecked.
 EXPECTED_SYMBOLS = {
+    "megatron.core.models.gpt.gpt_model.GPTModel.__init__",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding.RotaryEmbedding._apply_scaling",
     "torch.distributed.checkpoint.filesystem.FileSystemReader.read_metadata",
     "torch.distributed.checkpoint.default_planner.DefaultLoadPlanner.load_bytes",
     "megatron.core.datasets.gpt_dataset.GPTDataset._build_document_sample_shuffle_indices",

@@ -67,7 +67,7 @@ def test_a_dots1_config_maps_to_sigmoid_routing_with_bias_and_shared_experts(tmp
         ({"model_type": "gpt2"}, "model_type='gpt2' is not supported"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"attention_bias": True}, "attention_bias=true"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "only plain RoPE"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic' is refused"),
         ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4 + 0.5}}, "rope_theta=10000.5"),
     ],
 )
