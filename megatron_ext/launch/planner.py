@@ -17,6 +17,7 @@ import os
 import shlex
 import textwrap
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from megatron_ext.config import ConfigError
@@ -49,11 +50,25 @@ def check_allocation(cfg: RunConfig, nodes: int, gpus_per_node: int, environ: Ma
     if problems:
         raise ConfigError(problems)
     try:
-        check_run(cfg, nodes * gpus_per_node, cuda=True, te_installed=True)  # the GPU nodes, not this one
+        # The GPU nodes, not this one; their data checks too where the files are here.
+        check_run(cfg, nodes * gpus_per_node, cuda=True, te_installed=True, check_data=not data_elsewhere(cfg))
     except ConfigError as err:
         raise ConfigError(
             [f"on {nodes} node(s) x {gpus_per_node} GPU(s) = {nodes * gpus_per_node} ranks: {p}" for p in err.problems]
         ) from None
+
+
+def data_elsewhere(cfg: RunConfig) -> bool:
+    """Whether the run's indexed data (or its tokenizer) is not on this machine: a plan made away from
+    the cluster's file system checks the layout and leaves the data to the job's own start."""
+    from megatron_ext.data.indexed import paths
+
+    d = cfg.data
+    if d.kind != "indexed":
+        return False
+    missing = [p for p in (*d.paths, *d.valid_paths) if not paths(p)["idx"].is_file()]
+    tokenizer_missing = d.tokenizer not in (None, "bytes") and not Path(d.tokenizer).exists()
+    return bool(missing) or tokenizer_missing
 
 
 @dataclass
@@ -84,6 +99,11 @@ def make_plan(
     layout = Layout.from_config(cfg, nodes, gpus_per_node)
     memory = estimate_memory(cfg, inventory, layout.world, cuda=True)
     warnings = []
+    if data_elsewhere(cfg):
+        warnings.append(
+            f"the data ({', '.join(cfg.data.paths)}; tokenizer {cfg.data.tokenizer}) is not on this machine: "
+            "its checks run when the job starts"
+        )
     for kind in INTRA_NODE_KINDS if routed_experts(cfg) else ("tp",):
         warnings += [
             warning + (_expert_fix(cfg, layout, kind) if kind in ("ep", "etp") else "")

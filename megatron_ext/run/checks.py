@@ -36,10 +36,13 @@ def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
     return layout_problems(world_size, tensor=p.tensor, pipeline=p.pipeline, context=p.context)[0]
 
 
-def check_run(cfg: RunConfig, world_size: int, *, cuda: bool, te_installed: Optional[bool] = None) -> None:
+def check_run(
+    cfg: RunConfig, world_size: int, *, cuda: bool, te_installed: Optional[bool] = None, check_data: bool = True
+) -> None:
     """Raise ConfigError listing every problem of ``cfg`` for a job of ``world_size`` ranks: the core
     sections' cross checks, then every registered capability's :meth:`~Capability.check`.
-    ``te_installed``: whether Transformer Engine imports where the job runs (None: check here)."""
+    ``te_installed``: whether Transformer Engine imports where the job runs (None: check here).
+    ``check_data`` False leaves out what needs the data files (a plan made away from them)."""
     m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
     dp, problems = layout_problems(
         world_size,
@@ -154,17 +157,10 @@ def check_run(cfg: RunConfig, world_size: int, *, cuda: bool, te_installed: Opti
                 f"{default_vocab_size()} ids (data.kind='default'): set model.vocab_size >= "
                 f"{default_vocab_size()}"
             )
-    if d.kind == "indexed":
-        from megatron_ext.data.indexed import DataError, check_prefix
-
-        identity = None if d.tokenizer is None else _identity(d.tokenizer)
-        for name, prefixes in (("data.paths", d.paths), ("data.valid_paths", d.valid_paths)):
-            for prefix in prefixes:
-                try:
-                    check_prefix(prefix, m.vocab_size, identity)
-                except (DataError, FileNotFoundError, ValueError) as err:
-                    problems.append(f"{name}: {err}")
-    problems.extend(_validation_size_problems(cfg))
+    if d.kind == "indexed" and check_data:
+        problems.extend(_indexed_data_problems(cfg))
+    if check_data:
+        problems.extend(_validation_size_problems(cfg))
     problems.extend(logging_problems(cfg, world_size=world_size, data_parallel=dp, cuda=cuda))
     for capability in CAPABILITIES:
         problems.extend(capability.check(cfg, world_size=world_size, data_parallel=dp, cuda=cuda))
@@ -254,6 +250,27 @@ def _validation_size_problems(cfg: RunConfig) -> List[str]:
         + (f"set train.eval_steps <= {fits}" if fits else larger)
         + " (an evaluation must not repeat validation data)"
     ]
+
+
+def _indexed_data_problems(cfg: RunConfig) -> List[str]:
+    """The prefixes of ``data.paths`` / ``data.valid_paths`` (and ``data.tokenizer``) as this machine
+    sees them: missing or damaged files, a vocabulary or tokenizer that does not match."""
+    from megatron_ext.data.indexed import DataError, check_prefix
+
+    d, problems = cfg.data, []
+    identity = None
+    if d.tokenizer is not None:
+        try:
+            identity = _identity(d.tokenizer)
+        except (FileNotFoundError, ValueError, ImportError) as err:
+            return [f"data.tokenizer: {err}"]
+    for name, prefixes in (("data.paths", d.paths), ("data.valid_paths", d.valid_paths)):
+        for prefix in prefixes:
+            try:
+                check_prefix(prefix, cfg.model.vocab_size, identity)
+            except (DataError, FileNotFoundError, ValueError) as err:
+                problems.append(f"{name}: {err}")
+    return problems
 
 
 def _identity(tokenizer_spec: str) -> str:

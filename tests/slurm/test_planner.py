@@ -353,6 +353,31 @@ def test_consa_recipes_plan_at_paper_scale(size, params):
     assert f"consa_qwen3_{size}: 2 node(s) x 8 GPU(s) = 16 ranks, {params} parameters" in proc.stdout
 
 
+def test_the_sgt_recipe_plans_and_checks_its_data_where_it_is(tmp_path):
+    """configs/sgt_olmo_300m.yaml (the released 300M shape): away from its data the plan says the data
+    checks wait for the job; with data here they run (and a prefix that does not exist is refused)."""
+    away = plan_cli("--config", "configs/sgt_olmo_300m.yaml", "--nodes", "4", "--gpus-per-node", "8", "--summary")
+    assert away.returncode == 0, away.stderr
+    assert "sgt_olmo_300m: 4 node(s) x 8 GPU(s) = 32 ranks, 0.37B parameters" in away.stdout
+    assert "is not on this machine: its checks run when the job starts" in away.stdout
+    from megatron_ext.data.preprocess import preprocess
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "a document"}\n' * 20)
+    preprocess([docs], tmp_path / "docs", "bytes", progress=False)
+    here = ["--set", f"data.paths=[{tmp_path / 'docs'}]", "--set", "data.tokenizer=bytes"]
+    local = plan_cli(
+        "--config", "configs/sgt_olmo_300m.yaml", "--nodes", "4", "--gpus-per-node", "8", "--summary", *here
+    )
+    assert local.returncode == 0, local.stderr
+    assert "not on this machine" not in local.stdout
+    wrong = plan_cli(
+        "--config", "configs/sgt_olmo_300m.yaml", "--nodes", "4", "--gpus-per-node", "8",
+        "--set", f"data.paths=[{tmp_path / 'nothing'}]", "--set", "data.tokenizer=bytes",
+    )  # fmt: skip
+    assert "not on this machine" in wrong.stdout  # a prefix that exists nowhere is the job's to report
+
+
 def test_planner_cli_rejects_sizes_that_do_not_fit():
     proc = plan_cli(
         "--config", "configs/qwen3_1p7b.yaml", "--nodes", "1", "--gpus-per-node", "6", "--set", "parallel.tensor=4"
