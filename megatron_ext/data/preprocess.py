@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -209,13 +210,26 @@ def _errors_in_order(documents: Iterable) -> Iterator:
 
 _worker_state: dict = {}
 
+BATCH_DOCUMENTS = 64
+"""Documents encoded together: one tokenizer call (``encode_batch``) and, with worker processes,
+one task for a worker and one message back."""
 
-def _init_worker(tokenizer_spec: str, eod_token: Optional[str], layout: VocabLayout, json_key: str) -> None:
+
+def _init_worker(
+    encoder, tokenizer_spec: str, eod_token: Optional[str], layout: VocabLayout, json_key: str, pool: bool = False
+) -> None:
+    """Set up this process to encode documents with ``encoder`` (``encode`` and ``encode_batch``: the
+    tokenizer, or its :meth:`encoder` sent to a worker), or else with the tokenizer loaded here."""
+    if pool:
+        # The other workers take the other cores: the tokenizer's own thread pool would only
+        # oversubscribe them (unless the user asked for it).
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _worker_state.update(
-        tokenizer=load_tokenizer(tokenizer_spec, eod_token),
+        tokenizer=encoder if encoder is not None else load_tokenizer(tokenizer_spec, eod_token),
         layout=layout,
         json_key=json_key,
         text_id=MODALITIES.index("text"),
+        dtype=token_dtype(layout.size),
     )
 
 
@@ -243,31 +257,66 @@ def _codes(file, line_no, n: int, name: str, tokens: list, rng) -> np.ndarray | 
     return np.asarray(tokens, dtype=np.int64)
 
 
-def _encode(item):
+def _segments(record: dict) -> list:
+    """A checked record's segments: its ``segments``, or its text as one text segment."""
+    json_key = _worker_state["json_key"]
+    text = [{"modality": "text", "text": record[json_key]}] if json_key in record else []
+    return record.get("segments") or text
+
+
+def _texts(record: dict) -> List[str]:
+    """The texts a record's document tokenizes, in order."""
+    return [seg.get("text", "") for seg in _segments(record) if seg.get("modality", "text") == "text"]
+
+
+def _encode(item, text_ids: Optional[List[List[int]]] = None):
     """(tokens, modality ids) of one document, None for an empty one, or an error string naming
-    file and line (a string, not an exception, so that it reaches the writer in input order)."""
+    file and line (a string, not an exception, so that it reaches the writer in input order).
+
+    ``text_ids``: the ids of the document's texts (:func:`_texts`), already tokenized by
+    :func:`_encode_batch`; without them each text is tokenized here, one call each (the reference
+    that the batched path must equal)."""
     if isinstance(item, str):  # an error met while reading the input (see _errors_in_order)
         return item
     file, line_no, record = item
     try:
-        return _encode_record(file, line_no, record)
+        return _encode_record(file, line_no, record, text_ids)
     except Exception as err:  # e.g. text the tokenizer cannot take: report where, not a bare traceback
         return _record_error(file, line_no, f"could not encode the document ({type(err).__name__}: {err})")
 
 
-def _encode_record(file, line_no, record):
+def _encode_batch(items: list) -> list:
+    """:func:`_encode` of each item, the texts of all of them tokenized in one ``encode_batch`` call.
+    Should that call fail (a text the tokenizer cannot take), the items are encoded one by one,
+    which names the document at fault."""
+    documents = [item for item in items if not isinstance(item, str)]
+    texts = [_texts(record) for _, _, record in documents]
+    try:
+        flat = _worker_state["tokenizer"].encode_batch([text for doc in texts for text in doc])
+    except Exception:
+        return [_encode(item) for item in items]
+    results, start = [], 0
+    for item in items:
+        if isinstance(item, str):
+            results.append(item)
+            continue
+        count = len(_texts(item[2]))
+        results.append(_encode(item, flat[start : start + count]))
+        start += count
+    return results
+
+
+def _encode_record(file, line_no, record, text_ids: Optional[List[List[int]]] = None):
     tok, layout, text_id = _worker_state["tokenizer"], _worker_state["layout"], _worker_state["text_id"]
-    json_key = _worker_state["json_key"]
-    text = [{"modality": "text", "text": record[json_key]}] if json_key in record else []
-    segments = record.get("segments") or text
-    ids: List[int] = []
-    mods: List[int] = []
-    for n, seg in enumerate(segments):
+    pieces: List[List[int]] = []
+    runs: List[Tuple[int, int]] = []  # (modality id, length) of each piece, in order
+    texts = iter(text_ids) if text_ids is not None else None
+    for n, seg in enumerate(_segments(record)):
         name = seg.get("modality", "text")
         if name == "text":
-            piece = tok.encode(seg.get("text", ""))
-            ids += piece
-            mods += [text_id] * len(piece)
+            piece = next(texts) if texts is not None else tok.encode(seg.get("text", ""))
+            pieces.append(piece)
+            runs.append((text_id, len(piece)))
             continue
         try:
             rng = layout.modality(name)
@@ -283,13 +332,22 @@ def _encode_record(file, line_no, record):
         if isinstance(codes, str):
             return codes
         piece = [rng.begin] + (codes + rng.offset).tolist() + [rng.end]
-        ids += piece
-        mods += [MODALITIES.index(name)] * len(piece)
-    if not ids:
+        pieces.append(piece)
+        runs.append((MODALITIES.index(name), len(piece)))
+    length = sum(count for _, count in runs)
+    if length == 0:
         return None
-    ids.append(layout.eod)
-    mods.append(text_id)
-    return np.asarray(ids, dtype=np.int64), np.asarray(mods, dtype=np.uint8)
+    # [length + 1]: the pieces, then EOD (a text token), in the output's token dtype
+    ids = np.fromiter(itertools.chain(*pieces, (layout.eod,)), dtype=_worker_state["dtype"], count=length + 1)
+    mods = np.repeat(np.array([m for m, _ in runs] + [text_id], dtype=np.uint8), [count for _, count in runs] + [1])
+    return ids, mods
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    """``items`` in lists of ``size`` (the last one shorter)."""
+    items = iter(items)
+    while batch := list(itertools.islice(items, size)):
+        yield batch
 
 
 @dataclass
@@ -388,7 +446,6 @@ def preprocess(
     on any error the temporaries are removed, so a failed run leaves neither partial files nor a
     damaged previous output behind.
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -407,43 +464,60 @@ def preprocess(
     out["bin"].parent.mkdir(parents=True, exist_ok=True)
     tmp = {k: v.with_name(v.name + ".tmp") for k, v in out.items()}
     summary = PreprocessSummary(tokens_per_modality={m: 0 for m in MODALITIES})
+    modality_counts = np.zeros(len(MODALITIES), dtype=np.int64)
     max_id = -1
     docs = _errors_in_order(docs)
     builders = []
-    pool = None
-    # Counts records (empty ones included) against the shard's total where it is known. delay: no bar
-    # for a run that ends within a second, nor before the error of an early bad record.
-    bar = tqdm(
-        total=total, unit=" docs", disable=not progress, file=sys.stderr, mininterval=1.0, delay=1.0, dynamic_ncols=True
-    )
+    pool = bar = None
     try:
+        if workers > 1:
+            init = (tokenizer.encoder(), tokenizer_spec, eod_token, layout, json_key, True)
+            pool = mp.get_context("spawn").Pool(workers, _init_worker, init)
+        else:
+            _init_worker(tokenizer, tokenizer_spec, eod_token, layout, json_key)
+        # Imported once the workers are starting, which they do meanwhile (Megatron-Core takes seconds).
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
         tokens_builder = IndexedDatasetBuilder(str(tmp["bin"]), dtype=token_dtype(layout.size))
         builders.append(tokens_builder)
         modality_builder = IndexedDatasetBuilder(str(tmp["modality_bin"]), dtype=np.uint8)
         builders.append(modality_builder)
-        if workers > 1:
-            pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_spec, eod_token, layout, json_key))
-        else:
-            _init_worker(tokenizer_spec, eod_token, layout, json_key)
-        encoded = pool.imap(_encode, docs, chunksize=64) if pool else map(_encode, docs)
-        for result in encoded:
-            if isinstance(result, str):
-                raise DataError(result)
-            bar.update()
-            if result is None:
-                summary.skipped_empty += 1
-                continue
-            ids, mods = result
-            tokens_builder.add_document(ids, [len(ids)])
-            modality_builder.add_document(mods, [len(mods)])
-            summary.documents += 1
-            summary.tokens += len(ids)
-            max_id = max(max_id, int(ids.max()))
-            for m, count in zip(*np.unique(mods, return_counts=True)):
-                summary.tokens_per_modality[MODALITIES[m]] += int(count)
-            if summary.documents % 1000 == 0:
-                bar.set_postfix_str(f"{summary.tokens / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
-        bar.close()
+        batches = _batches(docs, BATCH_DOCUMENTS)
+        encoded = pool.imap(_encode_batch, batches) if pool else map(_encode_batch, batches)
+        for batch in encoded:
+            if bar is None:
+                # Counts records (empty ones included) against the shard's total where it is known,
+                # from the first results on (not while workers start). delay: no bar for a run that
+                # ends within a second, nor before the error of an early bad record.
+                bar = tqdm(
+                    total=total,
+                    unit=" docs",
+                    disable=not progress,
+                    file=sys.stderr,
+                    mininterval=1.0,
+                    delay=1.0,
+                    dynamic_ncols=True,
+                )
+            for result in batch:
+                if isinstance(result, str):
+                    raise DataError(result)
+                bar.update()
+                if result is None:
+                    summary.skipped_empty += 1
+                    continue
+                ids, mods = result
+                tokens_builder.add_document(ids, [len(ids)])
+                modality_builder.add_document(mods, [len(mods)])
+                summary.documents += 1
+                summary.tokens += len(ids)
+                max_id = max(max_id, int(ids.max()))
+                modality_counts += np.bincount(mods, minlength=len(MODALITIES))
+                if summary.documents % 1000 == 0:
+                    tokens_per_second = summary.tokens / (time.perf_counter() - start)
+                    bar.set_postfix_str(f"{tokens_per_second:,.0f} tokens/s", refresh=False)
+        summary.tokens_per_modality = {m: int(c) for m, c in zip(MODALITIES, modality_counts)}
+        if bar is not None:
+            bar.close()
         _close_pool(pool, ok=True)
         pool = None
         if summary.documents == 0 and shard.count == 1:
@@ -463,7 +537,8 @@ def preprocess(
         )
         tmp["manifest"].write_text(json.dumps(manifest, indent=1))
     except BaseException:
-        bar.close()  # ends the progress line, so that the error starts a line of its own
+        if bar is not None:
+            bar.close()  # ends the progress line, so that the error starts a line of its own
         _close_pool(pool, ok=False)
         discard_partial(builders, tmp)
         raise

@@ -7,13 +7,16 @@
                           (``tokenizer.json``), SentencePiece (``tokenizer.model``) and tiktoken-based
                           tokenizers alike
 
-Every kind exposes ``encode(text) -> list[int]``, ``decode(ids)``, ``vocab_size`` (ids are in
-``[0, vocab_size)``), ``eod`` and ``identity``. ``eod`` is the id appended to every document: the
-tokenizer's own end-of-text token (``<|endoftext|>`` in a JSON file; the eos token of a directory,
-e.g. ``<|end_of_text|>`` or ``</s>``) unless ``eod_token`` names another; None when it has none,
-which only preprocessing refuses (:func:`require_eod`): reading data or generating needs no EOD.
-``identity`` (kind, vocabulary size and a hash of the tokenizer's content) is stored in the data's
-manifest and checked against the run's ``data.tokenizer`` at training time.
+Every kind exposes ``encode(text) -> list[int]``, ``encode_batch(texts) -> list[list[int]]`` (the
+same ids as ``encode`` of each text, in one call: what preprocessing uses), ``encoder()`` (the
+encoding half alone, cheap to send to worker processes; None where a worker must load the
+tokenizer itself), ``decode(ids)``, ``vocab_size`` (ids are in ``[0, vocab_size)``), ``eod`` and
+``identity``. ``eod`` is the id appended to every document: the tokenizer's own end-of-text token
+(``<|endoftext|>`` in a JSON file; the eos token of a directory, e.g. ``<|end_of_text|>`` or
+``</s>``) unless ``eod_token`` names another; None when it has none, which only preprocessing
+refuses (:func:`require_eod`): reading data or generating needs no EOD. ``identity`` (kind,
+vocabulary size and a hash of the tokenizer's content) is stored in the data's manifest and checked
+against the run's ``data.tokenizer`` at training time.
 """
 
 from __future__ import annotations
@@ -50,6 +53,12 @@ class ByteTokenizer:
     def encode(self, text: str) -> List[int]:
         return list(text.encode("utf-8"))
 
+    def encode_batch(self, texts: List[str]) -> List[List[int]]:
+        return [list(text.encode("utf-8")) for text in texts]
+
+    def encoder(self) -> "ByteTokenizer":
+        return self
+
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
@@ -81,9 +90,16 @@ class BPETokenizer:
             raise ValueError(_not_in_vocabulary(eod_token, path, special))
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         self.identity = f"bpe-{self.vocab_size}-{digest}"
+        self._encoder = BackendEncoder(self._tok, add_special_tokens=True)  # as encode() adds them
 
     def encode(self, text: str) -> List[int]:
         return self._tok.encode(text).ids
+
+    def encode_batch(self, texts: List[str]) -> List[List[int]]:
+        return self._encoder.encode_batch(texts)
+
+    def encoder(self) -> "BackendEncoder":
+        return self._encoder
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids))
@@ -140,16 +156,92 @@ class HFTokenizer:
             content = json.dumps([type(self._tok).__name__, sorted(vocab.items()), special])
         digest = hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
         self.identity = f"hf-{self.vocab_size}-{digest}"
+        backend = _plain_backend(self._tok)
+        if backend is not None:
+            backend.encode_special_tokens = self._tok.split_special_tokens  # as transformers sets it per call
+        self._encoder = BackendEncoder(backend, add_special_tokens=False) if backend is not None else None
 
     def encode(self, text: str) -> List[int]:
         # verbose=False: documents longer than the tokenizer's model_max_length are expected here.
         return self._tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def encode_batch(self, texts: List[str]) -> List[List[int]]:
+        """``encode`` of each text, in one call. A fast tokenizer whose class adds nothing to
+        transformers' encoding path is encoded by its ``tokenizers`` backend directly, as that path
+        would (``encode_batch``, no special tokens), without the offsets it computes; any other goes
+        through transformers."""
+        if self._encoder is not None:
+            return self._encoder.encode_batch(texts)
+        return self._tok(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+
+    def encoder(self) -> Optional["BackendEncoder"]:
+        """The backend alone where it encodes as transformers does (see :meth:`encode_batch`);
+        None otherwise, and a worker then loads the directory with transformers."""
+        return self._encoder
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids))
 
 
 TextTokenizer = Union[ByteTokenizer, BPETokenizer, HFTokenizer]
+
+
+class BackendEncoder:
+    """The encoding half of a ``tokenizers.Tokenizer``: ``encode`` and ``encode_batch`` with fixed
+    ``add_special_tokens``. It pickles as the tokenizer's JSON, so that a preprocessing worker
+    rebuilds exactly the tokenizer the main process loaded without importing transformers (seconds
+    per worker) or reading its files again."""
+
+    def __init__(self, backend, add_special_tokens: bool):
+        self._backend = backend
+        self.add_special_tokens = add_special_tokens
+
+    def __getstate__(self) -> dict:
+        return {
+            "json": self._backend.to_str(),
+            "encode_special_tokens": self._backend.encode_special_tokens,
+            "add_special_tokens": self.add_special_tokens,
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        from tokenizers import Tokenizer
+
+        self._backend = Tokenizer.from_str(state["json"])
+        self._backend.encode_special_tokens = state["encode_special_tokens"]
+        self.add_special_tokens = state["add_special_tokens"]
+
+    def encode(self, text: str) -> List[int]:
+        return self._backend.encode(text, add_special_tokens=self.add_special_tokens).ids
+
+    def encode_batch(self, texts: List[str]) -> List[List[int]]:
+        # encode_batch_fast (tokenizers >= 0.21): the ids of encode_batch without the character
+        # offsets that it computes and nobody here reads.
+        batch = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+        return [e.ids for e in batch(texts, add_special_tokens=self.add_special_tokens)]
+
+
+def _plain_backend(tok):
+    """The ``tokenizers`` backend of a transformers fast tokenizer that encodes text exactly as its
+    backend does (transformers' own ``__call__`` and ``_encode_plus``, no truncation or padding
+    configured), else None. A class that overrides either step (e.g. to rewrite the text first) is
+    left to transformers."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: always go through transformers
+        return None
+    cls = type(tok)
+    backend = getattr(tok, "backend_tokenizer", None)
+    plain = (
+        isinstance(tok, TokenizersBackend)
+        and cls.__call__ is PreTrainedTokenizerBase.__call__
+        and cls._encode_plus is TokenizersBackend._encode_plus
+        and not hasattr(tok, "_switch_to_input_mode")
+        and backend is not None
+        and backend.truncation is None
+        and backend.padding is None
+    )
+    return backend if plain else None
 
 
 def _not_in_vocabulary(token: str, path: Path, special_tokens: Iterable[str]) -> str:
