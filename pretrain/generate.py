@@ -12,6 +12,7 @@ loop passes have caches of their own. One process: the CPU, or one GPU when ther
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +24,9 @@ from megatron_ext.parallel.state import parallel_job
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     prompt = parser.add_mutually_exclusive_group(required=True)
@@ -62,6 +65,8 @@ def main(argv=None) -> int:
         try:
             tokenizer = run_tokenizer(cfg, args.run_dir)
             if args.prompt_ids is not None:
+                if not all(x.isdigit() for x in args.prompt_ids.split()):
+                    raise ValueError(f"--prompt-ids {args.prompt_ids!r}: give space-separated token ids (integers)")
                 ids = [int(x) for x in args.prompt_ids.split()]
             elif tokenizer is None:
                 raise ValueError(f"the run's data ({cfg.data.kind}) has no text tokenizer: give --prompt-ids")
@@ -75,6 +80,7 @@ def main(argv=None) -> int:
                     f"prompt + new tokens = {len(ids) + args.max_new_tokens} exceed the {limit} learned positions"
                 )
             cuda = torch.cuda.is_available()
+            check_kv_cache_fits(cfg, len(ids), args.max_new_tokens, cuda)
             (model,), _, _ = load_trained(cfg, args.run_dir, args.step, cuda=cuda)
             prompt_tensor = torch.tensor([ids], device=torch.device("cuda") if cuda else torch.device("cpu"))
             out = generate(
@@ -91,6 +97,25 @@ def main(argv=None) -> int:
             return 2
     print(tokenizer.decode(out) if tokenizer is not None and args.prompt_ids is None else " ".join(map(str, out)))
     return 0
+
+
+def check_kv_cache_fits(cfg, prompt_tokens: int, new_tokens: int, cuda: bool) -> None:
+    """Refuse, before the model is loaded, a generation whose KV cache (keys and values of every layer
+    for every position) would not fit in this machine's memory (GPU memory on GPU)."""
+    from megatron_ext.run.builder import params_dtype
+
+    m = cfg.model
+    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+    groups = m.num_query_groups or m.num_attention_heads
+    positions = prompt_tokens + new_tokens
+    element = torch.finfo(params_dtype(cfg, cuda)).bits // 8
+    cache = 2 * m.num_layers * groups * head_dim * positions * element
+    memory = torch.cuda.mem_get_info()[1] if cuda else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if cache > memory:
+        raise ValueError(
+            f"--max-new-tokens={new_tokens}: {positions:,} positions need a KV cache of {cache / 2**30:,.1f} GiB, more "
+            f"than the {memory / 2**30:,.1f} GiB of {'GPU ' if cuda else ''}memory here: ask for fewer new tokens"
+        )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ export: writes DIR loadable by ``transformers.AutoModelForCausalLM.from_pretrain
 Qwen3 (Llama without QK-norm), MoE as Qwen3-MoE (softmax routing) or dots1 (sigmoid + expert bias
 + shared experts), a layer-wise hybrid via ``layer_types`` + ``sliding_window``; a KV-head-wise
 hybrid with this project's ``modeling_hybrid.py`` (``trust_remote_code=True``). Export elastic
-sub-models after ``python -m pretrain.extract``. Runs in one process on CPU.
+sub-models after ``python -m pretrain.extract``. Runs in one process on CPU. DIR must be new, empty,
+or an earlier export, whose own files alone are replaced (anything else in it stays); a directory
+holding anything else is refused before any work.
 """
 
 import argparse
@@ -26,7 +28,9 @@ from megatron_ext.parallel.state import parallel_job
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain.hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     imp = commands.add_parser("import", help="HF directory -> run directory")
     imp.add_argument("--hf-dir", required=True, type=Path)

@@ -19,14 +19,31 @@ from pathlib import Path
 from megatron_ext.compat.safe_load import UntrustedFileError
 from megatron_ext.config import ConfigError
 from megatron_ext.data.indexed import DataError
+from megatron_ext.evaluation.during_training import training_callbacks
 from megatron_ext.launch.bootstrap import LAUNCHERS, LaunchError, prepare_launch
+from megatron_ext.launch.orphans import rank_dies_with_agent
 from megatron_ext.run import load_config
 from megatron_ext.training.checkpoint import CheckpointError
-from megatron_ext.training.loop import Trainer
+from megatron_ext.training.loop import NonFiniteLossError, Trainer
+from megatron_ext.training.preflight import check_inputs
+from megatron_ext.training.runlock import RunDirectoryError
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
+    return value
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
     parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
     parser.add_argument(
@@ -45,7 +62,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--rendezvous-timeout",
-        type=float,
+        type=_positive_seconds,
         default=600.0,
         metavar="SECONDS",
         help="slurm / mpi launchers: how long ranks wait for rank 0's rendezvous (default 600)",
@@ -64,25 +81,32 @@ def _report(message: str) -> None:
 
 
 def main(argv=None) -> int:
+    rank_dies_with_agent()  # a rank of a launcher that died must not train on unsupervised
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_inputs(cfg)
+        callbacks = training_callbacks(cfg)  # train.eval_tasks: its tasks and options checked here
     except ConfigError as err:
         _report(f"error: {args.config}: {err}")
         return 2
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
     try:
-        prepare_launch(cfg, args.launcher, args.rendezvous_timeout)  # runs check_run: the trainer need not
-        Trainer(cfg, run_dir).run(checked=True)
+        launch = prepare_launch(cfg, args.launcher, args.rendezvous_timeout)  # runs check_run: the trainer need not
+        Trainer(cfg, run_dir, callbacks).run(checked=True)
+        del launch  # held until here: rank 0 serves the job's store from it
     except ConfigError as err:
         _report(f"error: {args.config}: {err}")
         return 2
     except LaunchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except (CheckpointError, UntrustedFileError, DataError) as err:
+    except (CheckpointError, UntrustedFileError, DataError, RunDirectoryError) as err:
         _report(f"error: {err}")
         return 2
+    except NonFiniteLossError as err:  # every rank has the same losses: one of them says it
+        _report(f"error: {err}")
+        return 1
     return 0
 
 

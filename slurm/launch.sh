@@ -16,7 +16,8 @@
 #   PYTHON        interpreter (default: .venv/bin/python if present, else python3)
 #   STOP_TIMEOUT  seconds the launcher gives its ranks to checkpoint and exit after a stop signal
 #                 (default 110: less than the 120 s of --signal=B:USR1@120)
-#   REQUEUE       1 (default): after a time-limit stop (SIGUSR1), requeue the job so it resumes
+#   REQUEUE       1 (default): after a time-limit stop (SIGUSR1), or a hang the step watchdog ended
+#                 (status 75), requeue the job so it resumes
 #
 # Stop and resume. SIGUSR1 from `--signal=B:USR1@T` reaches this batch shell only; the trap passes
 # it to srun, srun to each launcher, the launcher to its ranks (--signals-to-handle), and every rank
@@ -96,6 +97,12 @@ if [[ "${stop_signal}" == USR1 ]]; then
         echo "[launch] stopped before the time limit; requeueing job ${SLURM_JOB_ID} to resume"
         scontrol requeue "${SLURM_JOB_ID}"
     fi
+    exit 0
+fi
+if [[ "${status}" == 75 && "${REQUEUE}" == 1 ]]; then
+    # A rank's step watchdog found a hang (megatron_ext/training/watchdog.py): requeue, resume.
+    echo "[launch] a rank hung (status 75, its report is above); requeueing job ${SLURM_JOB_ID} to resume"
+    scontrol requeue "${SLURM_JOB_ID}"
     exit 0
 fi
 echo "[launch] srun exited with status ${status}"

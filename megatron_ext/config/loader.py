@@ -179,7 +179,18 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
     if not path.is_file():
         raise ConfigError([f"config file {str(path)!r} does not exist"])
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            [
+                f"config file {str(path)!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                f"{err.start}): save it as UTF-8"
+            ]
+        ) from None
+    except OSError as err:
+        raise ConfigError([f"config file {str(path)!r} cannot be read ({err.strerror})"]) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise ConfigError([f"config file {str(path)!r} is not valid YAML: {err}"]) from None
     if data is None:

@@ -404,6 +404,29 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class EvalTasksConfig:
+    """Evaluation tasks during training (``pretrain.evaluate --tasks`` on the live model): lm-eval
+    tasks and the project's own (passkey, needle, extrapolation), logged as
+    ``eval/<task>/<metric>`` to metrics.jsonl and TensorBoard and written to ``eval/<step>/``."""
+
+    tasks: List[str] = field(default_factory=list)
+    """Task names (empty: none)."""
+    interval: int = 0
+    """Run them every this many steps and after the last (0: after the last step only)."""
+    limit: Optional[int] = None
+    """Examples per task (None: all)."""
+    options: Dict[str, str] = field(default_factory=dict)
+    """Settings of the project's own tasks, as ``--option key=value`` (e.g. ``{lengths: "256,512"}``)."""
+
+    def __post_init__(self):
+        c = Checks(self)
+        c.non_negative("interval")
+        c.positive("limit")
+        c.require(all(isinstance(t, str) and t.strip() for t in self.tasks), f"tasks={self.tasks!r} has an empty name")
+        c.done()
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """Optimization: batch sizes, steps, optimizer, LR schedule, precision, recompute."""
 
@@ -465,8 +488,19 @@ class TrainConfig:
     """Evaluate on the validation split every this many steps (0: never)."""
     eval_steps: int = 2
     """Global batches per evaluation."""
+    eval_tasks: EvalTasksConfig = field(default_factory=EvalTasksConfig)
+    """Downstream and long-context tasks during training (see :class:`EvalTasksConfig`)."""
     max_consecutive_nonfinite: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
+    distributed_timeout_minutes: float = 10.0
+    """How long a collective waits for a peer before it fails, in every process group (the world's,
+    Megatron's): a rank that never arrives ends the job after this long."""
+    hang_factor: float = 20.0
+    """Step watchdog (:mod:`megatron_ext.training.watchdog`): a phase of a step running longer than
+    this many times its median (and at least ``hang_min_seconds``) ends the job with status 75, naming
+    the rank behind and its phase and dumping the Python stacks, so that SLURM requeues it (0: off)."""
+    hang_min_seconds: float = 300.0
+    """The least time a phase of a step may take before the watchdog judges it (see ``hang_factor``)."""
 
     def __post_init__(self):
         c = Checks(self)
@@ -477,11 +511,20 @@ class TrainConfig:
             "lr",
             "eval_steps",
             "max_consecutive_nonfinite",
+            "distributed_timeout_minutes",
+            "hang_min_seconds",
             "wsd_decay_steps",
             "adam_eps",
         )
         c.non_negative(
-            "min_lr", "warmup_steps", "weight_decay", "clip_grad", "eval_interval", "mtp_weight", "mtp_weight_final"
+            "min_lr",
+            "warmup_steps",
+            "weight_decay",
+            "clip_grad",
+            "eval_interval",
+            "mtp_weight",
+            "mtp_weight_final",
+            "hang_factor",
         )
         if self.lr > 0:
             c.require(self.min_lr <= self.lr, f"min_lr={self.min_lr} must not exceed lr={self.lr}")
@@ -531,6 +574,59 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class WandbConfig:
+    """Weights & Biases logging (the ``wandb`` extra: ``pip install .[wandb]``): every scalar of
+    metrics.jsonl (list metrics one scalar per element, as in TensorBoard), the resolved config as
+    the run config, the run directory's plots as images. Files under ``<run-dir>/wandb/``; a resumed
+    run continues the same W&B run."""
+
+    project: str = "megatron-ext"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B team or user; None: the account's default."""
+    name: Optional[str] = None
+    """Run name shown in W&B; None: the config's ``name``."""
+    mode: Literal["online", "offline", "disabled"] = "disabled"
+    """online: stream to the server (needs ``wandb login``); offline: files only (``wandb sync`` them
+    later); disabled: no W&B at all (the default)."""
+    tags: List[str] = field(default_factory=list)
+    """Tags of the W&B run."""
+
+    def __post_init__(self):
+        c = Checks(self)
+        c.require(bool(self.project.strip()), f"project={self.project!r} is empty: name the W&B project")
+        c.require(all(t.strip() for t in self.tags), f"tags={self.tags!r} has an empty tag")
+        c.done()
+
+
+@dataclass(kw_only=True)
+class ProfileConfig:
+    """A torch.profiler window: steps ``start_step`` .. ``start_step + steps - 1`` of ``ranks``, one
+    trace per rank under ``<run-dir>/profile/`` (TensorBoard's profiler plugin or Perfetto read it);
+    on GPU also NVTX ranges for nsys. The project's own modules appear as named regions."""
+
+    start_step: int = 2
+    """First profiled step (1-based; step 1 pays for warm-up)."""
+    steps: int = 0
+    """Steps in the window; 0: no profiling (the default)."""
+    ranks: List[int] = field(default_factory=lambda: [0])
+    """Global ranks that profile."""
+    record_shapes: bool = False
+    """Record the input shapes of every operator."""
+    memory: bool = False
+    """Record tensor allocations and frees (the trace's memory view)."""
+
+    def __post_init__(self):
+        c = Checks(self)
+        c.positive("start_step")
+        c.non_negative("steps")
+        c.require(bool(self.ranks), "ranks=[] profiles no rank: list at least one global rank")
+        c.require(all(r >= 0 for r in self.ranks), f"ranks={self.ranks} must be >= 0")
+        c.require(len(set(self.ranks)) == len(self.ranks), f"ranks={self.ranks} lists a rank twice")
+        c.done()
+
+
+@dataclass(kw_only=True)
 class LoggingConfig:
     """What rank 0 reports."""
 
@@ -541,10 +637,35 @@ class LoggingConfig:
     peak_tflops_per_rank: Optional[float] = None
     """The peak ``mfu`` divides by, TFLOP/s per rank; None: a known GPU's data-sheet dense bf16 peak,
     else measured (a large matmul) at the start of the run (:mod:`megatron_ext.training.throughput`)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases logging (off unless ``mode`` is online or offline)."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """A torch.profiler window (off unless ``steps`` > 0)."""
+    timers: int = 0
+    """Step time breakdown through Megatron-Core's timers (``time/...`` metrics, milliseconds per step,
+    the slowest rank's): 0 off; 1 data, forward-backward, gradient reduction, optimizer, callback
+    hooks; 2 also forward and backward compute (a device synchronization per micro-batch)."""
+    norm_interval: int = 0
+    """Every this many steps log the global parameter norm and per-layer gradient and parameter norms
+    (``norm/...``); 0: never."""
+    slow_rank_threshold: Optional[float] = None
+    """Gather every rank's busy time per step every ``log_interval`` steps and warn when the slowest
+    rank's exceeds the median by this factor (``slow_rank/...`` metrics); None: off."""
+    memory_snapshot_step: Optional[int] = None
+    """GPU: record CUDA allocator history from the start and dump a memory snapshot (for
+    pytorch.org/memory_viz) after this step, and on an out-of-memory error; None: off."""
 
     def __post_init__(self):
         c = Checks(self)
-        c.positive("log_interval", "peak_tflops_per_rank")
+        c.positive("log_interval", "peak_tflops_per_rank", "memory_snapshot_step")
+        c.non_negative("norm_interval")
+        c.within("timers", 0, 2)
+        if self.slow_rank_threshold is not None:
+            c.require(
+                self.slow_rank_threshold > 1.0,
+                f"slow_rank_threshold={self.slow_rank_threshold!r} must be > 1 (a ratio of the slowest rank's "
+                "busy time to the median)",
+            )
         c.done()
 
 

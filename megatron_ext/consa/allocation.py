@@ -81,8 +81,15 @@ def read_allocation(path: str | Path, num_layers: int, num_kv_heads: int) -> tor
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"hybrid_attention.allocation: {path} does not exist")
-    record = json.loads(path.read_text())
-    rows = [layer["full_attention"] for layer in sorted(record["layers"], key=lambda x: x["layer"])]
+    try:  # JSON and decoding errors are ValueErrors
+        record = json.loads(path.read_text(encoding="utf-8"))
+        rows = [list(layer["full_attention"]) for layer in sorted(record["layers"], key=lambda x: x["layer"])]
+    except (ValueError, KeyError, TypeError) as err:
+        what = f"no key {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
+        raise ValueError(
+            f"{path} is not an allocation file ({what}): expected JSON with "
+            '"layers": [{"layer": 0, "full_attention": [1, 0, ...]}, ...], as a ConSA run writes it'
+        ) from None
     if len(rows) != num_layers:
         raise ValueError(f"{path}: allocation for {len(rows)} layers, the model has {num_layers}")
     widths = {len(r) for r in rows}

@@ -119,6 +119,13 @@ class ConSACallback(Callback):
         self.modules = [m for chunk in ctx.model for m in chunk.modules() if isinstance(m, HybridCoreAttention)]
         if not self.modules:
             raise RuntimeError("hybrid_attention is enabled but the model has no HybridCoreAttention layers")
+        steps = ctx.config.train.steps if ctx.config is not None else None
+        if self.learned and steps is not None and steps <= self.start_step and dist.get_rank() == 0:
+            self.log(
+                f"WARNING: consa: train.steps={steps} ends before mask learning starts "
+                f"(hybrid_attention.mask_learning_start_step={self.start_step}): the run trains full attention only; "
+                "raise train.steps or lower mask_learning_start_step"
+            )
         seq_length = ctx.config.data.seq_length if ctx.config is not None else None
         if seq_length is not None and self.cfg.window >= seq_length and dist.get_rank() == 0:
             self.log(

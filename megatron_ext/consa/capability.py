@@ -122,6 +122,9 @@ class HybridAttention(Capability):
         h = cfg.hybrid_attention
         if not h.enabled:
             return []
+        if callback is not None and callback.allocation is None and getattr(callback, "learned", False):
+            if callback.stage(callback.current_step - 1) == 0:  # a checkpoint of the dense warm-up
+                return []  # full attention in every layer: the dense model it is
         problems = []
         if h.sink_tokens:
             problems.append(

@@ -406,6 +406,8 @@ def extrapolation(model, factors: Sequence[float] = DEFAULT_FACTORS, batches: in
     for k in factors:
         seq_length = int(round(k * model.max_length))
         longer = dataclasses.replace(copy.deepcopy(cfg), data=dataclasses.replace(d, seq_length=seq_length))
+        if batches > t.eval_steps:  # the validation set is built for train.eval_steps batches per evaluation
+            longer = dataclasses.replace(longer, train=dataclasses.replace(longer.train, eval_steps=batches))
         _, valid = build_datasets(longer)
         if valid is None:
             raise ValueError(

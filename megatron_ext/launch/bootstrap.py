@@ -17,16 +17,23 @@ in the environment are kept (an explicit choice wins).
 
 Then :func:`wait_for_rendezvous` makes every rank but 0 wait, with a deadline, until rank 0's
 rendezvous port accepts connections, so an unreachable master fails with a message naming
-MASTER_ADDR:MASTER_PORT instead of hanging in ``init_process_group``.
+MASTER_ADDR:MASTER_PORT instead of hanging in ``init_process_group``; and :func:`open_rendezvous`
+makes rank 0 host the job's store itself and every rank check in there within the same deadline: rank
+0 fails when the other ranks do not all arrive, and a rank whose MASTER_ADDR:MASTER_PORT accepts TCP
+but is not this job's store (another job's, or no store at all) fails naming it. The process group is
+then built on that store (torch's ``TORCHELASTIC_USE_AGENT_STORE``: every rank a client of it).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
+import threading
 import time
-from dataclasses import dataclass
-from typing import MutableMapping, Optional
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from typing import Any, MutableMapping, Optional
 
 LAUNCHERS = ("auto", "torchrun", "slurm", "mpi")
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
@@ -47,6 +54,11 @@ class LaunchInfo:
     local_rank: int
     master_addr: Optional[str]
     master_port: Optional[int]
+    token: Optional[str] = field(default=None, compare=False)
+    """What identifies this job in its rendezvous store (slurm: job and step ids; mpi: a random
+    token rank 0 broadcasts)."""
+    store: Any = field(default=None, compare=False, repr=False)
+    """The job's rendezvous store (:func:`open_rendezvous`): rank 0 serves it while this object lives."""
 
 
 def detect_launcher(environ: MutableMapping[str, str]) -> str:
@@ -117,7 +129,8 @@ def _slurm(environ: MutableMapping[str, str]) -> LaunchInfo:
         # Derived from the job id, so that every task agrees on it without talking first, and two
         # jobs sharing a node are unlikely to collide.
         port = 20000 + _int_var(environ, "SLURM_JOB_ID", why) % 20000
-    return LaunchInfo("slurm", rank, world, local_rank, addr, port)
+    token = f"slurm job {environ.get('SLURM_JOB_ID', '?')} step {environ.get('SLURM_STEP_ID', '?')}"
+    return LaunchInfo("slurm", rank, world, local_rank, addr, port, token)
 
 
 def _free_port() -> int:
@@ -147,7 +160,7 @@ def _mpi(environ: MutableMapping[str, str]) -> LaunchInfo:
                 if environ.get("MASTER_PORT")
                 else _free_port()
             )
-            endpoint = (environ.get("MASTER_ADDR") or socket.gethostname(), port)
+            endpoint = (environ.get("MASTER_ADDR") or socket.gethostname(), port, f"mpi job {secrets.token_hex(8)}")
         except LaunchError as err:
             problem = str(err)
     # Every rank learns rank 0's endpoint, or its error (so that no rank waits for a bcast forever).
@@ -157,6 +170,35 @@ def _mpi(environ: MutableMapping[str, str]) -> LaunchInfo:
     return LaunchInfo("mpi", rank, world, local_rank, *endpoint)
 
 
+TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+"""Variables that only torchrun's agent sets in its workers."""
+
+
+def _check_launcher_matches(launcher: str, environ: MutableMapping[str, str]) -> None:
+    """Refuse a launcher that is not the one that started this process: ``--launcher mpi`` (or
+    ``slurm``) in a torchrun worker would make every worker a one-rank job of its own (mpi4py sees a
+    world of one), all training into one run directory; ``--launcher torchrun`` under mpirun has no
+    torchrun environment."""
+    by_torchrun = any(name in environ for name in TORCHRUN_VARS)
+    if launcher in ("mpi", "slurm") and by_torchrun:
+        raise LaunchError(
+            f"--launcher {launcher}, but this process was started by torchrun (TORCHELASTIC_RUN_ID is set): "
+            "use --launcher torchrun (or auto), or start the ranks with "
+            + ("mpirun / srun --mpi=pmix" if launcher == "mpi" else "srun")
+            + " without torchrun"
+        )
+    if launcher == "torchrun" and not by_torchrun and "RANK" not in environ:
+        if any(name in environ for name in MPI_RANK_VARS):
+            raise LaunchError(
+                "--launcher torchrun, but this process was started by MPI (OMPI_COMM_WORLD_RANK / PMI_RANK / "
+                "PMIX_RANK is set): use --launcher mpi (or auto)"
+            )
+        if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ:
+            raise LaunchError(
+                "--launcher torchrun, but this process is an srun task without torchrun: use --launcher slurm (or auto)"
+            )
+
+
 def bootstrap_environment(launcher: str = "auto", environ: Optional[MutableMapping[str, str]] = None) -> LaunchInfo:
     """Resolve ``launcher`` and write RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT
     into ``environ`` (default ``os.environ``) for the slurm and mpi launchers."""
@@ -164,6 +206,7 @@ def bootstrap_environment(launcher: str = "auto", environ: Optional[MutableMappi
     if launcher not in LAUNCHERS:
         raise LaunchError(f"unknown launcher {launcher!r}: use one of {', '.join(LAUNCHERS)}")
     resolved = detect_launcher(environ) if launcher == "auto" else launcher
+    _check_launcher_matches(resolved, environ)
     if resolved == "single":
         return LaunchInfo("single", 0, 1, 0, None, None)
     if resolved == "torchrun":
@@ -228,12 +271,90 @@ def wait_for_rendezvous(info: LaunchInfo, timeout: float, poll: float = 0.5) -> 
         time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
 
 
+TOKEN_KEY = "megatron_ext/rendezvous/job"
+ARRIVED_KEY = "megatron_ext/rendezvous/arrived"
+USE_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
+"""torch's switch: ``init_process_group`` connects to an existing store instead of starting one on rank 0."""
+
+
+def open_rendezvous(
+    info: LaunchInfo, timeout: float, environ: Optional[MutableMapping[str, str]] = None, poll: float = 0.2
+) -> Optional[Any]:
+    """For a slurm / mpi launch of several ranks: rank 0 starts the job's TCP store and waits until
+    every other rank has checked in; the others connect and check that the store is this job's. All
+    within ``timeout`` seconds, else LaunchError. Returns the store (keep it for the job's life: rank 0
+    serves it), None where there is nothing to do."""
+    from torch.distributed import TCPStore
+
+    if info.launcher not in ("slurm", "mpi") or info.world_size == 1:
+        return None
+    environ = os.environ if environ is None else environ
+    endpoint = f"MASTER_ADDR:MASTER_PORT = {info.master_addr}:{info.master_port}"
+    deadline = time.monotonic() + timeout
+
+    def left() -> timedelta:
+        return timedelta(seconds=max(0.1, deadline - time.monotonic()))
+
+    if info.rank == 0:
+        try:
+            store = TCPStore(
+                info.master_addr,
+                info.master_port,
+                info.world_size,
+                is_master=True,
+                timeout=left(),
+                wait_for_workers=False,
+            )
+        except Exception as err:  # torch raises RuntimeError / DistNetworkError subclasses
+            raise LaunchError(
+                f"rank 0 cannot host the rendezvous at {endpoint} ({str(err).splitlines()[0]}): set MASTER_PORT to "
+                "a free port on this node"
+            ) from None
+        store.set(TOKEN_KEY, info.token or "")
+        while (arrived := store.add(ARRIVED_KEY, 0)) < info.world_size - 1:
+            if time.monotonic() >= deadline:
+                raise LaunchError(
+                    f"rank 0: only {arrived} of the other {info.world_size - 1} ranks reached the rendezvous at "
+                    f"{endpoint} within {timeout:g} s (--rendezvous-timeout): the others did not start, failed, or "
+                    "cannot reach this node (check the job's tasks and MASTER_ADDR / MASTER_PORT)"
+                )
+            time.sleep(poll)
+    else:
+        not_ours = (
+            f"rank {info.rank}: {endpoint} accepts connections but is not this job's rendezvous ({{}}): another "
+            "service or job uses that port; set MASTER_PORT to a free port"
+        )
+        connected: dict = {}
+
+        def connect() -> None:  # a peer that accepts TCP but never answers blocks the client's handshake
+            try:
+                client = TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False, timeout=left())
+                client.wait([TOKEN_KEY], left())
+                connected.update(store=client, token=client.get(TOKEN_KEY).decode(errors="replace"))
+            except Exception as err:  # torch raises RuntimeError / DistStoreError subclasses
+                connected["error"] = str(err).splitlines()[0] if str(err) else type(err).__name__
+
+        thread = threading.Thread(target=connect, name="rendezvous-check", daemon=True)
+        thread.start()
+        thread.join(left().total_seconds() + poll)
+        if "store" not in connected:
+            raise LaunchError(not_ours.format(f"no answer within {timeout:g} s: {connected.get('error', 'silence')}"))
+        store, token = connected["store"], connected["token"]
+        if token != (info.token or ""):
+            raise LaunchError(not_ours.format(f"it serves {token!r}, this rank is of {info.token!r}"))
+        store.add(ARRIVED_KEY, 1)
+    environ[USE_STORE_ENV] = "True"
+    return store
+
+
 def prepare_launch(
     cfg, launcher: str = "auto", rendezvous_timeout: float = 600.0, environ: Optional[MutableMapping[str, str]] = None
 ) -> LaunchInfo:
     """Everything before the process group: fill the environment for ``launcher``, check ``cfg``
     against the world size found (every rank reports a config problem at once, instead of ranks
-    waiting for a rank 0 that already gave up), then wait for the rendezvous.
+    waiting for a rank 0 that already gave up), then the rendezvous (:func:`wait_for_rendezvous`,
+    :func:`open_rendezvous`), all within ``rendezvous_timeout`` seconds on every rank. Keep the returned
+    info for the job's life (it holds the store).
 
     Raises ConfigError or LaunchError.
     """
@@ -243,5 +364,7 @@ def prepare_launch(
 
     info = bootstrap_environment(launcher, environ)
     check_run(cfg, info.world_size, cuda=torch.cuda.is_available())
+    start = time.monotonic()
     wait_for_rendezvous(info, rendezvous_timeout)
-    return info
+    store = open_rendezvous(info, max(0.1, rendezvous_timeout - (time.monotonic() - start)), environ)
+    return replace(info, store=store)

@@ -57,8 +57,9 @@ class ParallelSizes:
         return dp
 
 
-def initialize_parallel_state(sizes: ParallelSizes, seed: int = 1234) -> None:
-    """Create Megatron's model-parallel groups and seed its RNG tracker for this rank."""
+def initialize_parallel_state(sizes: ParallelSizes, seed: int = 1234, timeout_minutes: float = 10.0) -> None:
+    """Create Megatron's model-parallel groups (their collectives time out after ``timeout_minutes``,
+    as the world's do) and seed its RNG tracker for this rank."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -72,6 +73,7 @@ def initialize_parallel_state(sizes: ParallelSizes, seed: int = 1234) -> None:
         context_parallel_size=sizes.cp,
         expert_model_parallel_size=sizes.ep,
         expert_tensor_parallel_size=sizes.etp,
+        distributed_timeout_minutes=timeout_minutes,
         # Megatron adds gloo twins of its NCCL groups; when the backend is gloo they are duplicates.
         create_gloo_process_groups=dist.get_backend() != "gloo",
     )
@@ -104,7 +106,7 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(cuda: bool, timeout_minutes: int = 10) -> None:
+def init_distributed(cuda: bool, timeout_minutes: float = 10) -> None:
     """Create the default process group from torchrun's environment (NCCL on GPU, gloo on CPU).
 
     Without torchrun's variables (a plain ``python -m ...``) this is a one-rank job.

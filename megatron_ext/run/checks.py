@@ -12,6 +12,7 @@ from megatron_ext.parallel.sizes import layout_problems
 from megatron_ext.run.backend import backend_problems
 from megatron_ext.run.config import RunConfig
 from megatron_ext.run.hf import init_from_problems, is_hf_dir
+from megatron_ext.run.logging_checks import logging_problems
 from megatron_ext.run.registry import CAPABILITIES
 
 

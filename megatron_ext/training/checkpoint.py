@@ -10,8 +10,14 @@ Layout under ``<run-dir>/checkpoints/``::
 Every checkpoint holds ``manifest.json``: the size and SHA-256 of each of its files, computed
 before it is published (the ranks hash disjoint subsets). A resume verifies it (the ranks again
 share the work) and falls back, with a warning, to the newest checkpoint that verifies when a file
-is missing, truncated or altered; it refuses, naming the damage, only when none does. Reading a
-checkpoint never unpickles code (:mod:`megatron_ext.compat.safe_load`).
+is missing, truncated or altered, or when the manifest itself is missing from a checkpoint that was
+written with one (its common state says so); it refuses, naming the damage, only when none does.
+Reading a checkpoint never unpickles code (:mod:`megatron_ext.compat.safe_load`); a file that cannot
+be read is refused in one :class:`CheckpointError` naming it.
+
+``latest`` is followed only when it names a complete checkpoint of this directory by its name.
+Missing (deleted), naming nothing, or naming a path elsewhere (another run's checkpoint), it is
+ignored with a warning, and the newest complete checkpoint of this directory is used instead.
 
 A save writes everything into the temporary directory, then rank 0 renames it into place and
 atomically replaces ``latest`` (write + fsync + ``os.replace``). A crash at any point leaves
@@ -30,9 +36,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -47,6 +56,13 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
+_STEP_NAME = re.compile(r"step_[0-9]{8}")
+WITH_MANIFEST = "with_manifest"
+"""Key of the common state of checkpoints written with a manifest: without its manifest such a
+checkpoint is unverified, not one of the older format."""
+WITH_OPTIMIZER = "with_optimizer"
+"""Key of the common state: whether the checkpoint holds optimizer state (one that starts a run, from an
+import or an extraction, does not; older checkpoints lack the key: those with an LR schedule do)."""
 
 
 def _step_dir_name(step: int) -> str:
@@ -103,13 +119,35 @@ def write_manifest(directory: Path) -> None:
         _fsync_write(directory / MANIFEST, json.dumps({"files": dict(sorted(files.items()))}, indent=1))
 
 
+def _read_common(directory: Path) -> Dict[str, Any]:
+    """The ``common`` dict of checkpoint ``directory`` (weights-only: never unpickles code); raises
+    :class:`CheckpointError` naming ``common.pt`` and why it cannot be read."""
+    try:
+        common = torch.load(Path(directory) / "common.pt", map_location="cpu", weights_only=True)
+        return dict(common["common"])
+    except pickle.UnpicklingError as err:
+        reason = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "")
+        raise CheckpointError(
+            f"{Path(directory) / 'common.pt'} is not plain data ({reason or 'it needs a full unpickler'}): "
+            "refusing to load it (the checkpoint may have been crafted; use one from a source you trust)"
+        ) from None
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as err:
+        raise CheckpointError(
+            f"{Path(directory) / 'common.pt'} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from None
+
+
 def verify_checkpoint(directory: Path) -> Optional[str]:
     """None when every file of ``directory`` matches its manifest, else what does not (the same
-    answer on every rank; collective). A checkpoint without a manifest (written before manifests
-    existed) is accepted."""
+    answer on every rank; collective). A checkpoint without a manifest is accepted only when it was
+    written before manifests existed (its common state lacks :data:`WITH_MANIFEST`)."""
     manifest = directory / MANIFEST
     if not manifest.is_file():
-        return None
+        try:
+            common = _read_common(directory)
+        except CheckpointError as err:
+            return f"{MANIFEST} is missing and {err}"
+        return f"{MANIFEST} is missing" if common.get(WITH_MANIFEST) else None
     try:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError, TypeError):
@@ -246,7 +284,7 @@ def load_model_weights(path: Path, model: List[torch.nn.Module]) -> None:
         raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
     state = _model_state(model)
     wanted = {t.key: tuple(t.global_shape) for t in nested_values(state) if isinstance(t, ShardedTensor)}
-    with refusals_reported():
+    with refusals_reported(), unreadable_reported(path):
         saved = {key: tuple(t.global_shape) for key, t in dist_checkpointing.load_tensors_metadata(str(path)).items()}
     # This rank's chunks hold some of the model's tensors; every rank checks its own.
     missing = sorted(k for k in wanted if k not in saved)
@@ -265,9 +303,51 @@ def load_model_weights(path: Path, model: List[torch.nn.Module]) -> None:
                 + ". Use a checkpoint of the same model shape (model and moe sections)."
             ]
         )
-    with refusals_reported():
+    with refusals_reported(), unreadable_reported(path):
         loaded = dist_checkpointing.load(_drop_absent_extra_state(state, Path(path)), str(path))
     _load_model_state(model, loaded)
+
+
+@contextmanager
+def unreadable_reported(path: Path):
+    """Turn a failure to read checkpoint ``path`` (a file damaged or crafted past its manifest, or a
+    checkpoint without one) into one :class:`CheckpointError` naming the checkpoint and the reason,
+    instead of torch's exception holding every rank's traceback."""
+    from megatron_ext.compat.safe_load import UntrustedFileError
+
+    try:
+        yield
+    except (UntrustedFileError, CheckpointError, ConfigError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # torch's CheckpointException is a BaseException
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({_first_cause(err)}): a file of it is damaged or not a checkpoint "
+            "file; restore it, or remove this checkpoint to resume from an older one"
+        ) from None
+
+
+def _first_cause(err: BaseException) -> str:
+    """``err`` in one line: the first rank's exception when torch gathered every rank's (its
+    CheckpointException), the innermost one when Megatron wrapped it (``Worker failure: ...``)."""
+    failures = getattr(err, "failures", None)
+    cause = next(iter(failures.values()))[0] if isinstance(failures, dict) and failures else err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
+
+
+def check_steps_reach(path: Path, steps: int) -> None:
+    """Refuse to resume checkpoint ``path`` in a run that ends before its step (``train.steps`` lowered
+    below it): the run would train nothing and re-save the checkpoint as if it had."""
+    step = int(Path(path).name.removeprefix(_OLD_PREFIX).split("_")[1])
+    if steps < step:
+        raise ConfigError(
+            [
+                f"train.steps={steps}, but this run resumes from {Path(path).name} at step {step}: set train.steps "
+                f"to {step} or more to go on, or start a new run directory (or checkpoint.resume=false)"
+            ]
+        )
 
 
 class CheckpointError(ValueError):
@@ -304,6 +384,10 @@ class CommonState:
     restored_rng: bool = False
     """Not stored: set by :meth:`CheckpointManager.load`, whether this rank's RNG states were
     restored (the same layout, and the optimizer loaded); otherwise the RNG streams restart."""
+    restored_optimizer: bool = False
+    """Not stored: set by :meth:`CheckpointManager.load`, whether the optimizer state (and with it
+    the LR schedule in :attr:`scheduler`) was loaded: asked for, and the checkpoint has one (one that
+    starts a run, written by an import or an extraction, has none)."""
 
     def callback_state(self, callback) -> Dict[str, Any]:
         """``callback``'s saved state: under its name, or one of its older names
@@ -349,49 +433,59 @@ class CheckpointManager:
 
     def __init__(self, root: Path, keep_last: int):
         from megatron_ext.compat.checkpoint_writer import use_in_process_write_results_queue
+        from megatron_ext.launch.orphans import die_with_parent
 
-        use_in_process_write_results_queue()  # saves must survive SIGTERM to the process group
+        # Saves must survive SIGTERM to the process group; their writer processes die with the rank.
+        use_in_process_write_results_queue(writer_start=die_with_parent)
         self.root = Path(root)
         self.keep_last = keep_last
 
-    def latest(self) -> Optional[Path]:
-        """The newest complete checkpoint, or None.
+    def complete(self) -> List[Path]:
+        """This directory's complete checkpoints (``step_*``, and one set aside by an interrupted
+        re-save), newest first."""
+        candidates = [p for p in self.root.glob("step_*") if _STEP_NAME.fullmatch(p.name)]
+        candidates += [
+            p for p in self.root.glob(f"{_OLD_PREFIX}step_*") if _STEP_NAME.fullmatch(p.name.removeprefix(_OLD_PREFIX))
+        ]
+        complete = [p for p in candidates if (p / "common.pt").is_file()]
+        return sorted(complete, key=lambda p: (p.name.removeprefix(_OLD_PREFIX), p.name.startswith(_OLD_PREFIX)))[::-1]
 
-        Normally the one ``latest`` names. If that one is not complete (the pointer was edited, or a
-        crash interrupted a re-save of the same step between its two renames), the newest complete
-        ``step_*`` directory is used instead, with a warning."""
+    def latest(self, log=warnings.warn) -> Optional[Path]:
+        """The newest complete checkpoint, or None when the directory has none.
+
+        Normally the one ``latest`` names. When the pointer is missing, names something that is not
+        a complete checkpoint (edited, or a crash interrupted a re-save of the same step between its
+        two renames) or names a path outside this directory, the newest complete ``step_*``
+        directory here is used instead, and ``log`` says so."""
         pointer = self.root / LATEST
-        if not pointer.is_file():
-            return None
-        path = self.root / pointer.read_text().strip()
-        if (path / "common.pt").is_file():
-            return path
-        candidates = list(self.root.glob("step_*")) + list(self.root.glob(f"{_OLD_PREFIX}step_*"))
-        complete = sorted(
-            (p for p in candidates if (p / "common.pt").is_file()),
-            key=lambda p: p.name[len(_OLD_PREFIX) :] if p.name.startswith(_OLD_PREFIX) else p.name,
-        )
+        named = pointer.read_text(errors="replace").strip() if pointer.is_file() else None
+        if named is not None and _STEP_NAME.fullmatch(named) and (self.root / named / "common.pt").is_file():
+            return self.root / named
+        complete = self.complete()
         if not complete:
-            raise RuntimeError(
-                f"{pointer} names {path.name}, which is not a complete checkpoint, and no other "
-                f"complete step_* checkpoint is in {self.root}: remove 'latest' to start afresh"
+            if named is None:
+                return None
+            raise CheckpointError(
+                f"{pointer} names {named!r}, which is not a complete checkpoint of {self.root}, and no complete "
+                f"step_* checkpoint is there: remove {pointer} to start afresh"
             )
-        warnings.warn(
-            f"{pointer} names {path.name}, which is not a complete checkpoint; using the newest "
-            f"complete one, {complete[-1].name}"
-        )
-        return complete[-1]
+        if named is None:
+            why = "is missing"
+        elif not _STEP_NAME.fullmatch(named):
+            why = f"names {named!r}, which is not a checkpoint of this run directory (ignored)"
+        else:
+            why = f"names {named}, which is not a complete checkpoint"
+        log(f"warning: {pointer} {why}; using the newest complete checkpoint of this run, {complete[0].name}")
+        return complete[0]
 
     def latest_verified(self, log=warnings.warn) -> Optional[Path]:
         """The newest complete checkpoint whose files match their manifest (collective), or None when
         the run has none. Skipping a damaged one is reported through ``log``; raises
         :class:`CheckpointError` when checkpoints exist but none verifies."""
-        first = self.latest()
+        first = self.latest(log=log)
         if first is None:
             return None
-        older = sorted(
-            (p for p in self.root.glob("step_*") if (p / "common.pt").is_file() and p.name < first.name), reverse=True
-        )
+        older = [p for p in self.complete() if p.name.removeprefix(_OLD_PREFIX) < first.name.removeprefix(_OLD_PREFIX)]
         damaged = []
         for path in [first, *older]:
             problem = verify_checkpoint(path)
@@ -443,10 +537,25 @@ class CheckpointManager:
             tmp.mkdir()
         dist.barrier()
         state = self._sharded_state(model, optimizer, is_loading=False)
-        state["common"] = replace(common, layout=parallel_layout(), step=step).to_dict()
-        dist_checkpointing.save(state, str(tmp))
-        dist.barrier()
-        write_manifest(tmp)
+        state["common"] = {
+            **replace(common, layout=parallel_layout(), step=step).to_dict(),
+            WITH_MANIFEST: True,
+            WITH_OPTIMIZER: optimizer is not None,
+        }
+        try:
+            dist_checkpointing.save(state, str(tmp))
+            dist.barrier()
+            write_manifest(tmp)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # torch's CheckpointException is a BaseException
+            if rank0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"saving checkpoint {final.name} failed ({_first_cause(err)}); {self.root / LATEST} still names the "
+                "previous complete checkpoint: free space or fix the filesystem, then re-run the same command to "
+                "resume from it"
+            ) from None
         dist.barrier()
         if rank0:
             old = None
@@ -481,13 +590,18 @@ class CheckpointManager:
         from megatron_ext.compat.safe_load import enable_safe_loading, refusals_reported
 
         enable_safe_loading()
-        with refusals_reported():
-            common = CommonState.from_dict(dist_checkpointing.load_common_state_dict(str(path))["common"])
+        raw = _read_common(Path(path))
+        try:
+            common = CommonState.from_dict(raw)
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(f"{Path(path) / 'common.pt'} is not a checkpoint's common state ({err!r})") from None
         same_layout = common.layout == parallel_layout()
+        has_optimizer = raw.get(WITH_OPTIMIZER, common.scheduler is not None)
+        load_optimizer = load_optimizer and optimizer is not None and bool(has_optimizer)
         state = self._sharded_state(model, optimizer if load_optimizer else None, is_loading=True)
         if not same_layout:
             state.pop("rng")
-        with refusals_reported():
+        with refusals_reported(), unreadable_reported(path):
             loaded = dist_checkpointing.load(_drop_absent_extra_state(state, Path(path)), str(path))
         _load_model_state(model, loaded)
         if load_optimizer:
@@ -495,4 +609,5 @@ class CheckpointManager:
         if same_layout and load_optimizer:
             set_rng_state(loaded["rng"])
         common.restored_rng = same_layout and load_optimizer
+        common.restored_optimizer = load_optimizer
         return common

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -156,14 +157,8 @@ def load_hf_tensors(hf_dir: Path) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     hf_dir = Path(hf_dir)
-    index = hf_dir / WEIGHTS_INDEX
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        if index.is_file()
-        else sorted(p.name for p in hf_dir.glob("*.safetensors"))
-    )
     tensors: Dict[str, torch.Tensor] = {}
-    for name in files:
+    for name in _weight_files(hf_dir):
         tensors.update(load_file(str(hf_dir / name)))
     return _unpack_experts(tensors)
 
@@ -232,20 +227,108 @@ def import_hf(hf_dir: Path, output: Path, config_path: Optional[Path] = None) ->
     from megatron_ext.training.checkpoint import CheckpointManager, CommonState
 
     hf_dir, output = Path(hf_dir), Path(output)
-    if not is_hf_dir(hf_dir):
-        raise FileNotFoundError(f"{hf_dir} is not a HF model directory (config.json and *.safetensors)")
+    check_hf_dir(hf_dir)
+    hf_weights = count_hf_weights(hf_dir)  # every header read and checked before anything is written
     if (output / "checkpoints").exists():
         raise FileExistsError(f"{output} already holds checkpoints: import into a new directory")
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
-    cfg = unsharded(import_config(hf_dir, output, config_path))
-    cfg.checkpoint.load_optimizer = False
-    with torch.device("cpu"):
-        (model,) = build_model(cfg, cuda=False, perform_initialization=False)
-    model.load_state_dict(from_hf_tensors(cfg, load_hf_tensors(hf_dir), model.state_dict()), strict=True)
-    _copy_files(hf_dir, output / TOKENIZER_DIR, TOKENIZER_FILES)
-    dump_yaml(cfg, output / "config.yaml")
-    common = CommonState(imported_from={"hf_dir": str(hf_dir), "model_type": read_hf_config(hf_dir).get("model_type")})
-    return CheckpointManager(output / "checkpoints", keep_last=1).save(0, [model], None, common)
+    try:
+        cfg = unsharded(import_config(hf_dir, output, config_path))
+        check_sizes_fit(cfg, hf_weights, hf_dir)
+        with torch.device("cpu"):
+            (model,) = build_model(cfg, cuda=False, perform_initialization=False)
+        model.load_state_dict(from_hf_tensors(cfg, load_hf_tensors(hf_dir), model.state_dict()), strict=True)
+        _copy_files(hf_dir, output / TOKENIZER_DIR, TOKENIZER_FILES)
+        dump_yaml(cfg, output / "config.yaml")
+        hf = read_hf_config(hf_dir)
+        common = CommonState(imported_from={"hf_dir": str(hf_dir), "model_type": hf.get("model_type")})
+        return CheckpointManager(output / "checkpoints", keep_last=1).save(0, [model], None, common)
+    except BaseException:
+        if created:  # nothing half-written stays behind
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+
+
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
+
+
+def check_hf_dir(hf_dir: Path) -> None:
+    """Refuse, naming what is wrong, a directory that is not a HF model directory with safetensors
+    weights and a readable config.json (pickled weights are never loaded: unpickling runs code)."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(f"{hf_dir} is not a directory: pass a HF model directory (--hf-dir)")
+    if not is_hf_dir(hf_dir):
+        pickled = [name for name in PICKLED_WEIGHTS if (hf_dir / name).exists()] + sorted(
+            p.name for p in hf_dir.glob("pytorch_model-*.bin")
+        )
+        if pickled:
+            raise ValueError(
+                f"{hf_dir} holds pickled PyTorch weights ({', '.join(pickled[:3])}) and no safetensors; they are "
+                "never loaded here (unpickling a file runs its code): convert them with transformers from a source "
+                "you trust (model.save_pretrained(DIR, safe_serialization=True)) and import DIR"
+            )
+        raise FileNotFoundError(f"{hf_dir} is not a HF model directory (config.json and *.safetensors)")
+    try:
+        config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{hf_dir / 'config.json'} is not readable JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{hf_dir / 'config.json'} holds a {type(config).__name__}, not a JSON object")
+
+
+def _weight_files(hf_dir: Path) -> List[str]:
+    """The safetensors files of ``hf_dir``: those its index names (plain names in the directory), else all."""
+    index = hf_dir / WEIGHTS_INDEX
+    if not index.is_file():
+        return sorted(p.name for p in hf_dir.glob("*.safetensors"))
+    try:
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{index} is not a safetensors index (weight_map of tensor names to files): {err!r}") from None
+    strays = [f for f in files if not isinstance(f, str) or Path(f).name != f or not f.endswith(".safetensors")]
+    if strays:
+        raise ValueError(f"{index} names files that are not safetensors files of {hf_dir}: {strays[:3]}")
+    return files
+
+
+def count_hf_weights(hf_dir: Path) -> int:
+    """Elements of every tensor of ``hf_dir``'s safetensors, from their headers alone (no data read);
+    a file that is missing or not a well-formed safetensors file is refused naming it."""
+    from math import prod
+
+    from safetensors import safe_open
+
+    total = 0
+    for name in _weight_files(Path(hf_dir)):
+        path = Path(hf_dir) / name
+        try:
+            with safe_open(str(path), framework="pt") as weights:
+                total += sum(prod(weights.get_slice(key).get_shape()) for key in weights.keys())
+        except Exception as err:  # safetensors raises its own SafetensorError, or OSError
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({reason}): download or re-save the weights"
+            ) from None
+    return total
+
+
+def check_sizes_fit(cfg: RunConfig, hf_weights: int, hf_dir: Path) -> None:
+    """Refuse a config.json whose sizes describe a model larger than its weights: the embedding and the
+    attention projections alone (a lower bound of every supported architecture) must fit in the
+    elements the safetensors hold, before any memory is allocated for the model."""
+    m = cfg.model
+    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+    groups = m.num_query_groups or m.num_attention_heads
+    attention = m.hidden_size * head_dim * (2 * m.num_attention_heads + 2 * groups)
+    least = m.vocab_size * m.hidden_size + m.num_layers * attention
+    if least > hf_weights:
+        raise ValueError(
+            f"{Path(hf_dir) / 'config.json'} describes a model of at least {least:,} weights (hidden_size "
+            f"{m.hidden_size}, {m.num_layers} layers, vocabulary {m.vocab_size}), but its safetensors hold "
+            f"{hf_weights:,}: the config does not belong to these weights"
+        )
 
 
 def convert_for_init(hf_dir: Path, run_dir: Path, cfg: RunConfig) -> Path:
@@ -327,21 +410,83 @@ def export_hf(run_dir: Path, output: Path, step: Optional[int] = None) -> Path:
     from megatron_ext.training.evaluate import load_trained
 
     run_dir, output = Path(run_dir), Path(output)
+    earlier = check_export_output(output)  # before any work: never replace what an export did not write
     cfg = unsharded(load_config(run_dir / "config.yaml"))
     (model,), callbacks, _ = load_trained(cfg, run_dir, step)
     dtype = "bfloat16" if params_dtype(cfg, cuda=False) == torch.bfloat16 else "float32"
     hf, remote = hf_config_of(cfg, callbacks, dtype)
     tensors = to_hf_tensors(cfg, model.state_dict())
-    # Written beside the output, then renamed: a failure leaves no half-written HF directory.
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_hf_tensors(tensors, tmp)
-    (tmp / "config.json").write_text(json.dumps(hf, indent=1))
-    if remote:
-        shutil.copy2(Path(__file__).parent.parent / "hf" / REMOTE_CODE_FILE, tmp / REMOTE_CODE_FILE)
-    _copy_files(run_dir / TOKENIZER_DIR, tmp, TOKENIZER_FILES)
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(tmp, output)
+    # Written beside the output (a directory of its own), then moved into place: a failure leaves no
+    # half-written HF directory.
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        save_hf_tensors(tensors, tmp)
+        (tmp / "config.json").write_text(json.dumps(hf, indent=1))
+        if remote:
+            shutil.copy2(Path(__file__).parent.parent / "hf" / REMOTE_CODE_FILE, tmp / REMOTE_CODE_FILE)
+        _copy_files(run_dir / TOKENIZER_DIR, tmp, TOKENIZER_FILES)
+        _export_run_tokenizer(cfg, run_dir, tmp)
+        written = sorted(p.name for p in tmp.iterdir())
+        (tmp / EXPORT_RECORD).write_text(json.dumps({"run_dir": str(run_dir), "files": written}, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if earlier is None:
+        os.replace(tmp, output)
+        return output
+    for name in earlier:  # an earlier export: its own files go, anything else stays
+        (output / name).unlink(missing_ok=True)
+    for entry in tmp.iterdir():
+        os.replace(entry, output / entry.name)
+    tmp.rmdir()
     return output
+
+
+def _export_run_tokenizer(cfg: RunConfig, run_dir: Path, output: Path) -> None:
+    """The run's tokenizer as HF tokenizer files in ``output``, where the run holds none of its own
+    (it was not imported from HF): ``data.tokenizer`` or the built-in corpus's, of whatever kind
+    (:func:`~megatron_ext.data.tokenizers.save_hf_tokenizer`). Runs on token ids alone export none."""
+    from megatron_ext.data.tokenizers import is_tokenizer_dir, save_hf_tokenizer
+    from megatron_ext.inference.generate import run_tokenizer
+
+    if is_tokenizer_dir(run_dir / TOKENIZER_DIR):
+        return
+    tokenizer = run_tokenizer(cfg, run_dir)
+    if tokenizer is not None:
+        save_hf_tokenizer(tokenizer, output)
+
+
+EXPORT_RECORD = "megatron_ext_export.json"
+"""Written last into every export directory: the files the export wrote (the only ones a later export
+into the same directory replaces)."""
+
+
+def check_export_output(output: Path) -> Optional[List[str]]:
+    """Where an export may write: a new directory (None), an empty one ([]) or an earlier export's,
+    whose own files are returned (the new export replaces those alone). Anything else raises
+    FileExistsError."""
+    output = Path(output)
+    if not output.exists():
+        return None
+    if not output.is_dir():
+        raise FileExistsError(f"--output {output} is a file: pass a new directory")
+    entries = sorted(p.name for p in output.iterdir())
+    if not entries:
+        return []
+    record = output / EXPORT_RECORD
+    files = None
+    if record.is_file():
+        try:
+            files = json.loads(record.read_text())["files"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            files = None
+        if not isinstance(files, list) or not all(isinstance(f, str) and f == Path(f).name for f in files):
+            files = None
+    if files is None:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise FileExistsError(
+            f"--output {output} exists and is not an earlier export ({len(entries)} entries: {shown}); nothing "
+            "was written: pass a new or empty directory"
+        )
+    return [*files, EXPORT_RECORD]

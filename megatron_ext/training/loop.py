@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megatron_ext.capability import Callback, TrainContext
 from megatron_ext.compat import enable_cpu_support
+from megatron_ext.config import ConfigError
 from megatron_ext.models.flops import ModelCost
 from megatron_ext.models.vocab import padded_vocab_size
 from megatron_ext.optim import build_optimizer
@@ -30,13 +31,16 @@ from megatron_ext.run.checks import checkpoint_dir
 from megatron_ext.run.datasets import build_datasets
 from megatron_ext.run.hf import is_hf_dir
 from megatron_ext.training.capabilities import capability_callbacks, checked_metrics
-from megatron_ext.training.checkpoint import CheckpointManager, CommonState, load_model_weights
+from megatron_ext.training.checkpoint import CheckpointManager, CommonState, check_steps_reach, load_model_weights
 from megatron_ext.training.ddp import release_ddp, wrap_with_ddp
 from megatron_ext.training.hf import convert_for_init
+from megatron_ext.training.observability import Observability
 from megatron_ext.training.rundir import RunDirectory
+from megatron_ext.training.runlock import lock_run_directory
 from megatron_ext.training.signals import StopRequest
 from megatron_ext.training.step import StepResult, eval_step, global_batch_iterator, run_forward_step, train_step
-from megatron_ext.training.throughput import peak_flops_per_rank
+from megatron_ext.training.throughput import PeakFlops, peak_flops_per_rank
+from megatron_ext.training.watchdog import StepWatchdog
 
 
 class NonFiniteLossError(RuntimeError):
@@ -121,6 +125,13 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, callbacks: Sequence[Callback] = (), log: Callable = print):
         self.cfg = cfg
         self.run_dir_path = Path(run_dir)
+        if cfg.train.eval_tasks.tasks and not any(cb.name == "eval_tasks" for cb in callbacks):
+            raise ConfigError(
+                [
+                    "train.eval_tasks runs through the evaluation callback: train with python -m pretrain.train, "
+                    "or pass megatron_ext.evaluation.during_training.EvalTasksCallback(cfg) in callbacks"
+                ]
+            )
         self.callbacks = list(capability_callbacks(cfg, log).values()) + list(callbacks)
         self.log = log
 
@@ -136,13 +147,15 @@ class Trainer:
         if not checked:
             world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
             check_run(cfg, world_size, cuda=cuda)  # before any process group exists
-        init_distributed(cuda)
+        init_distributed(cuda, cfg.train.distributed_timeout_minutes)
+        lock = lock_run_directory(self.run_dir_path, self.log)  # one job per run directory, before any write
         p = cfg.parallel
         initialize_parallel_state(
             ParallelSizes(
                 tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert, etp=p.expert_tensor, vpp=p.virtual_pipeline
             ),
             seed=cfg.train.seed,
+            timeout_minutes=cfg.train.distributed_timeout_minutes,
         )
         try:
             # Nothing but the summary outlives the run object: the teardown's garbage collection frees
@@ -150,6 +163,7 @@ class Trainer:
             return _TrainingRun(cfg, self.run_dir_path, self.callbacks, self.log, cuda).train()
         finally:
             destroy_parallel_state()
+            lock.release()
 
 
 class _TrainingRun:
@@ -199,10 +213,11 @@ class _TrainingRun:
         cfg = self.cfg
         latest = self.checkpoints.latest_verified(log=self.log_rank0) if cfg.checkpoint.resume else None
         if latest is not None:
+            check_steps_reach(latest, cfg.train.steps)
             self.load_checkpoint(latest)
         elif cfg.train.init_from is not None:
             self.load_initial_weights(cfg.train.init_from)
-        self.run_dir.start_metrics(self.ctx.step, cfg.logging.tensorboard)
+        self.run_dir.start_metrics(self.ctx.step, cfg.logging.tensorboard, log=self.log_rank0)
 
     def load_checkpoint(self, path: Path) -> None:
         """The model of checkpoint ``path`` and the run's position in it (step, consumed samples,
@@ -212,7 +227,7 @@ class _TrainingRun:
         common = self.checkpoints.load(path, self.model, self.optimizer, load_optimizer)
         self.ctx.step, self.ctx.consumed_samples = common.step, common.consumed_samples
         self.summary.skipped_steps = common.skipped_steps
-        if load_optimizer:
+        if common.restored_optimizer:  # not from a checkpoint that starts a run (an import's): it has none
             self.scheduler.load_state_dict(common.scheduler)
         for cb in self.callbacks:
             cb.load_state_dict(common.callback_state(cb))
@@ -245,10 +260,16 @@ class _TrainingRun:
         self.device = comm_device()  # the model's: this rank's GPU under NCCL
         self.forward_step = run_forward_step(cfg, self.device)
         self.ctx.evaluate = self.validation_loss if self.valid_data is not None else None
-        self.peak_flops, peak_source = peak_flops_per_rank(
-            self.cuda, params_dtype(cfg, self.cuda), cfg.logging.peak_tflops_per_rank, comm_device=self.device
+        self.peak = PeakFlops(
+            *peak_flops_per_rank(
+                self.cuda, params_dtype(cfg, self.cuda), cfg.logging.peak_tflops_per_rank, comm_device=self.device
+            ),
+            log=self.log_rank0,
         )
-        self.log_rank0(f"mfu against {self.peak_flops / 1e12:.3g} TFLOP/s per rank ({peak_source})")
+        self.log_rank0(f"mfu against {self.peak}")
+        self.observer = Observability(
+            cfg, self.run_dir.path, self.model, self.optimizer, self.device, self.cuda, self.log
+        )
         self.vocab_rows = padded_vocab_size(cfg.model.vocab_size)
 
     def micro_batches(self, dataset, consumed_samples: int):
@@ -257,6 +278,7 @@ class _TrainingRun:
 
     def validation_loss(self) -> float:
         """Mean loss over the first ``train.eval_steps`` validation global batches (collective)."""
+        self.watchdog.enter("evaluate", self.ctx.step)
         t = self.cfg.train
         return (
             sum(
@@ -281,6 +303,7 @@ class _TrainingRun:
         cfg = self.cfg
         stop = StopRequest()
         stop.install()
+        self.watchdog = StepWatchdog.for_run(cfg.train.hang_factor, cfg.train.hang_min_seconds)
         for cb in self.callbacks:
             cb.on_train_start(self.ctx)
         self.nonfinite_streak = 0
@@ -297,6 +320,8 @@ class _TrainingRun:
                 cb.on_train_end(self.ctx)
         finally:
             stop.uninstall()
+            self.watchdog.stop()
+            self.observer.close(self.ctx.step)
             self.run_dir.close()
             release_ddp(self.model)
         self.summary.final_step = self.ctx.step
@@ -305,30 +330,41 @@ class _TrainingRun:
     def step(self, stop: StopRequest) -> bool:
         """One step: the update, its metrics, the periodic evaluation, logging and checkpoint. True
         when a stop signal ends the run after it (every rank asked: a collective)."""
+        self.watchdog.enter("update", self.ctx.step + 1)  # the phases of the step (watchdog.PHASES)
+        self.observer.begin_step(self.ctx.step + 1)
         result, step_time = self.update()
         self.track_losses(result)
+        self.watchdog.enter("metrics", self.ctx.step)
         record = self.metrics(result, step_time)
+        record.update(self.observer.end_step(self.ctx.step))
+        self.watchdog.enter("log", self.ctx.step)
         self.evaluate_and_log(record)
+        self.watchdog.enter("checkpoint", self.ctx.step)
         return self.checkpoint(stop.agreed())
 
     def update(self) -> Tuple[StepResult, float]:
         """Forward, backward and optimizer update on the next global batch; returns the step's result
         and its wall time."""
         t = self.cfg.train
-        for cb in self.callbacks:
-            cb.on_step_begin(self.ctx)
+        with self.observer.timed("callbacks"):
+            for cb in self.callbacks:
+                cb.on_step_begin(self.ctx)
         step_start = time.perf_counter()
+        with self.observer.timed("data"):
+            batches = self.micro_batches(self.train_data, self.ctx.consumed_samples)
         result = train_step(
             self.model,
             self.optimizer,
-            self.micro_batches(self.train_data, self.ctx.consumed_samples),
+            batches,
             num_microbatches=self.num_microbatches,
             seq_length=self.cfg.data.seq_length,
             micro_batch_size=t.micro_batch_size,
             forward_step_func=self.forward_step,
             opt_param_scheduler=self.scheduler,
             increment=1,
+            timers=self.observer.timers,
         )
+        self.observer.after_train_step()
         self.ctx.step += 1
         self.ctx.consumed_samples += t.global_batch_size
         return result, time.perf_counter() - step_start
@@ -370,11 +406,12 @@ class _TrainingRun:
             "skipped_steps": self.summary.skipped_steps,
             "model_flops_per_token": flops_per_token,
             "tflops_per_rank": rank_flops / 1e12,
-            "mfu": rank_flops / self.peak_flops,
+            "mfu": self.peak.mfu(rank_flops),
             **result.modality_losses,
         }
-        for cb in self.callbacks:
-            record.update(checked_metrics(cb, cb.on_step_end(ctx, result), record))
+        with self.observer.timed("callbacks"):
+            for cb in self.callbacks:
+                record.update(checked_metrics(cb, cb.on_step_end(ctx, result), record))
         return record
 
     def evaluate_and_log(self, record: Dict[str, float]) -> None:
@@ -390,9 +427,11 @@ class _TrainingRun:
                 sum(self.interval_losses) / len(self.interval_losses) if self.interval_losses else float("nan")
             )
             self.interval_losses.clear()
+            record.update(self.observer.interval_metrics())  # collectives
             self.run_dir.log(record)
+            self.observer.write(record)
             if self.rank0:
-                self.log(self.progress_line(record))
+                self.log(self.progress_line(record) + self.observer.progress(record))
 
     def progress_line(self, record: Dict[str, float]) -> str:
         """One line per logged step. ``loss``: the mean over the steps since the previous line (as
@@ -422,6 +461,7 @@ class _TrainingRun:
         return stopping
 
     def save(self) -> None:
+        self.watchdog.enter("save", self.ctx.step)
         path = self.checkpoints.save(self.ctx.step, self.model, self.optimizer, self.common_state())
         self.log_rank0(f"saved checkpoint {path}")
 

@@ -1,8 +1,9 @@
 """The run directory: resolved config, metrics.jsonl, TensorBoard events, plots (rank 0 writes).
 
 metrics.jsonl holds one JSON object per logged step. On resume, records of steps after the
-checkpoint being resumed are dropped first (they will be produced again), so the file always
-reads as one uninterrupted run.
+checkpoint being resumed (they will be produced again) are moved aside first, into
+``metrics.after_step_<N>.jsonl`` (appended, never overwritten), so that metrics.jsonl always reads
+as one uninterrupted run and no record is ever lost.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional
 
 from megatron_ext.config import dump_yaml
 
@@ -39,19 +40,29 @@ class RunDirectory:
         if self.is_writer:
             dump_yaml(config, self.path / "config.yaml")
 
-    def start_metrics(self, resumed_step: int, tensorboard: bool) -> None:
-        """Keep the records up to ``resumed_step``; open TensorBoard."""
+    def start_metrics(self, resumed_step: int, tensorboard: bool, log: Optional[Callable[[str], None]] = None) -> None:
+        """Keep the records up to ``resumed_step`` and move the later ones aside (``log`` says so);
+        open TensorBoard."""
         if not self.is_writer:
             return
         if self.metrics_path.exists():
-            kept = []
-            for line in self.metrics_path.read_text().splitlines():
+            kept, later = [], []
+            for line in self.metrics_path.read_text(errors="replace").splitlines():
                 try:
                     record = json.loads(line)
+                    step = record.get("step", 0) if isinstance(record, dict) else None
                 except json.JSONDecodeError:  # a line cut short by a crash
-                    continue
-                if record.get("step", 0) <= resumed_step:
-                    kept.append(line)
+                    step = None
+                (kept if isinstance(step, int) and step <= resumed_step else later).append(line)
+            if later:
+                aside = self.path / f"metrics.after_step_{resumed_step:08d}.jsonl"
+                with open(aside, "a") as f:
+                    f.write("".join(line + "\n" for line in later))
+                if log is not None:
+                    log(
+                        f"moved {len(later)} metrics record(s) past step {resumed_step} from {self.metrics_path.name} "
+                        f"to {aside.name} (this run continues from step {resumed_step})"
+                    )
             tmp = self.metrics_path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(k + "\n" for k in kept))
             tmp.replace(self.metrics_path)

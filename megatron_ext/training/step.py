@@ -15,6 +15,7 @@ over DP x CP, which gives the same gradient as the mean over whole sequences on 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
@@ -184,6 +185,19 @@ def _run_schedule(
     )
 
 
+@contextlib.contextmanager
+def _timed(timers, name: str):
+    """Time the block as Megatron timer ``name`` (level 1) when ``timers`` is given."""
+    if timers is None:
+        yield
+        return
+    timers(name, log_level=1).start()
+    try:
+        yield
+    finally:
+        timers(name).stop()
+
+
 def train_step(
     model: List[torch.nn.Module],
     optimizer,
@@ -195,18 +209,25 @@ def train_step(
     forward_step_func: Callable = gpt_forward_step,
     opt_param_scheduler=None,
     increment: Optional[int] = None,
+    timers=None,
 ) -> StepResult:
-    """Run one step over ``num_microbatches`` micro-batches on DDP-wrapped ``model`` chunks."""
+    """Run one step over ``num_microbatches`` micro-batches on DDP-wrapped ``model`` chunks.
+
+    ``timers``: Megatron-Core ``Timers`` (``logging.timers``): times the update with the LR schedule
+    as ``optimizer`` (as Megatron-LM's training step does) and the reduction of the step's losses over
+    ranks as ``loss-reduce``; the schedule times itself through the model config."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     losses_reduced = _run_schedule(
         model, data_iterator, forward_step_func, num_microbatches, seq_length, micro_batch_size, forward_only=False
     )
-    update_successful, grad_norm, _ = optimizer.step()
-    if update_successful and opt_param_scheduler is not None:
-        opt_param_scheduler.step(increment=increment)
-    losses = _reduce_step_losses(losses_reduced)
+    with _timed(timers, "optimizer"):
+        update_successful, grad_norm, _ = optimizer.step()
+        if update_successful and opt_param_scheduler is not None:
+            opt_param_scheduler.step(increment=increment)
+    with _timed(timers, "loss-reduce"):
+        losses = _reduce_step_losses(losses_reduced)
     loss = losses.pop("loss")
     return StepResult(
         loss=loss, modality_losses=losses, grad_norm=float(grad_norm), update_successful=update_successful

@@ -1,16 +1,20 @@
 """The peak a rank's model FLOPs are compared against (MFU's denominator).
 
 GPU: the vendor's dense (no structured sparsity) tensor-core peak for the training dtype, looked up
-by device name; a GPU not in the table, or one training in fp32, is measured. CPU: measured, once
-per run, as the best rate of a large fp32 matmul that every rank runs at the same time (so ranks
-that share cores share the peak, as they share it in training). ``logging.peak_tflops_per_rank``
-overrides both.
+by device name; a GPU not in the table, or one training in fp32, is measured. CPU: measured at the
+start of the run as the best of several rounds of a large fp32 matmul that every rank runs at the
+same time (so ranks that share cores share the peak, as they share it in training), each round's
+rate the mean over ranks. ``logging.peak_tflops_per_rank`` overrides both.
+
+A measured peak is a lower bound of what the machine can do: on a machine busy with other work the
+matmul runs slow, and a step that later runs faster would read as MFU above 100%. :class:`PeakFlops`
+then raises the peak to the rate the step reached (and says so in the log): MFU never exceeds 1.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -81,10 +85,37 @@ def peak_flops_per_rank(
         device, size, source = torch.device("cuda", torch.cuda.current_device()), 8192, f"measured on {name}"
     else:
         device, size, source = torch.device("cpu"), 1024, "measured fp32 matmul on CPU"
-    if dist.is_initialized():
-        dist.barrier()
-    value = torch.tensor([measure_matmul_peak(device, dtype, size)], dtype=torch.float64, device=comm_device or device)
-    if dist.is_initialized():
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return float(value.item()), source
+    best = 0.0
+    for _ in range(PEAK_ROUNDS):
+        if dist.is_initialized():
+            dist.barrier()
+        value = torch.tensor(
+            [measure_matmul_peak(device, dtype, size, seconds=0.15)], dtype=torch.float64, device=comm_device or device
+        )
+        if dist.is_initialized():
+            dist.all_reduce(value)
+            value /= dist.get_world_size()
+        best = max(best, float(value.item()))
+    return best, f"{source}, best of {PEAK_ROUNDS} rounds"
+
+
+PEAK_ROUNDS = 5
+"""Rounds of the peak measurement; the best round counts (a busy moment spoils only its own round)."""
+
+
+class PeakFlops:
+    """The peak MFU divides by: ``flops`` per rank from ``source``; raised when a step beats it."""
+
+    def __init__(self, flops: float, source: str, log: Callable[[str], None] = print):
+        self.flops, self.source, self.log = flops, source, log
+
+    def __str__(self) -> str:
+        return f"{self.flops / 1e12:.3g} TFLOP/s per rank ({self.source})"
+
+    def mfu(self, rank_flops: float) -> float:
+        """``rank_flops / peak``, at most 1: a rate above the peak becomes the peak (logged)."""
+        if rank_flops > self.flops:
+            self.flops = rank_flops
+            self.source = "raised to a step's rate, which beat the previous peak"
+            self.log(f"mfu against {self}: the peak was measured low (a busy machine?)")
+        return rank_flops / self.flops

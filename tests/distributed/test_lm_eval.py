@@ -188,3 +188,54 @@ def test_the_local_tasks_are_deterministic_and_well_formed():
         assert len(row["choices"]) == 3 and 0 <= row["answer"] < 3
         assert row["context"][-1].isalnum()  # no BPE merges the context's end into a choice
     assert torch.tensor([row["answer"] for row in first]).bincount().min() > 20  # shuffled answers
+
+
+def train_with_tasks(run_dir, cfg):
+    from megatron_ext.evaluation.during_training import training_callbacks
+    from megatron_ext.training.loop import Trainer
+    from megatron_ext.training.rundir import read_metrics
+
+    config = from_dict(RunConfig, cfg)
+    Trainer(config, Path(run_dir), training_callbacks(config), log=lambda line: None).run()
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
+
+
+def test_tasks_run_during_training_and_are_logged(tmp_path):
+    """train.eval_tasks: an lm-eval task and length extrapolation every 2 steps and after the last,
+    logged as eval/<task>/<metric> and written to eval/<step>/; layouts that shard the model and a
+    Trainer without the callback are refused before any work."""
+    from megatron_ext.config import ConfigError
+    from megatron_ext.evaluation.during_training import training_callbacks
+    from megatron_ext.training.loop import Trainer
+
+    tasks = {"tasks": ["mx_python_syntax", "extrapolation"], "interval": 2, "limit": 3, "options": {"factors": "1,2"}}
+    cfg = merge(
+        SMALL,
+        {
+            "model": {"vocab_size": VOCAB},
+            "data": {
+                "kind": "indexed",
+                "paths": [corpus(tmp_path)],
+                "seq_length": 32,
+                "cache_dir": str(tmp_path / "c"),
+            },
+            "train": {"micro_batch_size": 2, "global_batch_size": 4, "steps": 3, "eval_steps": 1, "eval_tasks": tasks},
+            "logging": {"tensorboard": False},
+        },
+    )
+    records = run_distributed(train_with_tasks, 1, None, run_dir=str(tmp_path / "run"), cfg=cfg)[0]
+    evaluated = {r["step"]: r for r in records if "eval/mx_python_syntax/acc" in r}
+    assert sorted(evaluated) == [2, 3]
+    for record in evaluated.values():
+        assert 0.0 <= record["eval/mx_python_syntax/acc"] <= 1.0
+        assert record["eval/extrapolation/loss@2x"] > 0
+    assert (tmp_path / "run" / "eval" / "2" / "mx_python_syntax.json").is_file()
+    assert (tmp_path / "run" / "eval" / "3" / "extrapolation.json").is_file()
+
+    sharded = from_dict(RunConfig, merge(cfg, {"parallel": {"tensor": 2}}))
+    with pytest.raises(ConfigError, match="parallel.tensor > 1 shards it"):
+        training_callbacks(sharded)
+    with pytest.raises(ConfigError, match="unknown task"):
+        training_callbacks(from_dict(RunConfig, merge(cfg, {"train": {"eval_tasks": {"tasks": ["nope"]}}})))
+    with pytest.raises(ConfigError, match="evaluation callback"):
+        Trainer(from_dict(RunConfig, cfg), tmp_path / "other")
