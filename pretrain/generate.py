@@ -14,6 +14,7 @@ loop passes have caches of their own. One process: the CPU, or one GPU when ther
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
             check_kv_cache_fits(cfg, len(ids), args.max_new_tokens, cuda)
             (model,), _, _ = load_trained(cfg, args.run_dir, args.step, cuda=cuda)
             prompt_tensor = torch.tensor([ids], device=torch.device("cuda") if cuda else torch.device("cpu"))
+            start = time.perf_counter()
             out = generate(
                 Decoder(model, batch_hooks(cfg)),
                 prompt_tensor,
@@ -95,7 +97,13 @@ def main(argv=None) -> int:
         except (ConfigError, ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+    seconds = time.perf_counter() - start
     print(tokenizer.decode(out) if tokenizer is not None and args.prompt_ids is None else " ".join(map(str, out)))
+    print(
+        f"[{len(ids)} prompt tokens, {len(out)} new tokens in {seconds:.2f} s: {len(out) / max(seconds, 1e-9):.1f} "
+        "tokens/s including the prefill]",
+        file=sys.stderr,
+    )
     return 0
 
 

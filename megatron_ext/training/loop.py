@@ -35,6 +35,7 @@ from megatron_ext.training.checkpoint import CheckpointManager, CommonState, che
 from megatron_ext.training.ddp import release_ddp, wrap_with_ddp
 from megatron_ext.training.hf import convert_for_init
 from megatron_ext.training.observability import Observability
+from megatron_ext.training.run_report import plot_loss_curve, run_summary
 from megatron_ext.training.rundir import RunDirectory
 from megatron_ext.training.runlock import lock_run_directory
 from megatron_ext.training.signals import StopRequest
@@ -325,6 +326,9 @@ class _TrainingRun:
             self.run_dir.close()
             release_ddp(self.model)
         self.summary.final_step = self.ctx.step
+        if self.rank0:  # the run's closing lines: where things are, and the loss curve among the plots
+            plot_loss_curve(self.run_dir.path)
+            self.log(run_summary(self.run_dir.path, self.ctx.step, self.summary.stopped_by_signal))
         return self.summary
 
     def step(self, stop: StopRequest) -> bool:
