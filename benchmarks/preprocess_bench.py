@@ -53,7 +53,6 @@ from benchmarks.common import row
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARK = "preprocess"
-EOD_TOKEN = "<|endoftext|>"
 TOKENIZER_TRAIN_BYTES = 4_000_000
 DOCUMENT_CHARS = 4000
 MEGATRON_SCRIPT = Path("tools") / "preprocess_data.py"
@@ -133,9 +132,9 @@ def write_corpus(path: Path, size_mb: float) -> int:
 
 
 def train_tokenizer(path: Path, vocab_size: int) -> None:
-    """A byte-level BPE trained on the first few MB of the standard library, saved as a HF directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE trained on the first few MB of the standard library (the project's own
+    :func:`~megatron_ext.data.tokenizers.train_bpe`), saved as a HF directory."""
+    from megatron_ext.data.tokenizers import save_hf_tokenizer, train_bpe
 
     texts, total = [], 0
     for text in stdlib_documents():
@@ -143,17 +142,9 @@ def train_tokenizer(path: Path, vocab_size: int) -> None:
         total += len(text)
         if total >= TOKENIZER_TRAIN_BYTES:
             break
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOD_TOKEN).save_pretrained(str(path))
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        save_hf_tokenizer(train_bpe(texts, vocab_size, Path(scratch) / "tokenizer.json"), path)
 
 
 def prepare(work_dir: Path, size_mb: float, vocab_size: int) -> Dict[str, Path]:
