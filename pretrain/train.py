@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     rank_dies_with_agent()  # a rank of a launcher that died must not train on unsupervised
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        # Field and layout problems in one message (the world size as the launcher set it).
+        cfg = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         check_inputs(cfg)
         callbacks = training_callbacks(cfg)  # train.eval_tasks: its tasks and options checked here
     except ConfigError as err:

@@ -234,3 +234,20 @@ def test_a_layout_that_does_not_fit_the_ranks_says_how_to_run_it():
     message = str(err.value)
     assert "runs on a multiple of 2 ranks and this job has 1" in message, message
     assert "--nproc-per-node 2" in message and "--set parallel.tensor=1" in message, message
+
+
+def test_field_and_layout_problems_come_in_one_round(tmp_path):
+    """With the world size known, a config refused for its fields also names its layout problems."""
+    from megatron_ext.run import load_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: {num_layers: 2, hidden_size: 64, num_attention_heads: 4, ffn_hidden_size: -5}\n"
+                    "parallel: {tensor: 2}\n")  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        load_config(path, world_size=1)
+    problems = err.value.problems
+    assert any("ffn_hidden_size=-5" in p for p in problems)
+    assert any("world size 1 is not divisible by parallel.tensor" in p for p in problems)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)  # without a world size: the fields alone
+    assert not any("world size" in p for p in err.value.problems)
