@@ -97,8 +97,9 @@ def extract_submodel(run_dir: Path, output: Path, sub, step: Optional[int] = Non
 
     cfg = load_config(run_dir / "config.yaml")
     check_subnetwork(cfg, sub)
+    # The sub-model keeps the run's checkpoint settings, load_optimizer included: its step-0 checkpoint
+    # records that it holds no optimizer state, so only its own later checkpoints restore one.
     single = unsharded(cfg)
-    single.checkpoint.load_optimizer = False
     (full,), callbacks, common = load_trained(single, run_dir, step)
 
     output.mkdir(parents=True, exist_ok=True)

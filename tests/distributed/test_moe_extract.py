@@ -107,7 +107,10 @@ def test_hybrid_attention_submodels_keep_their_layers_allocation(tmp_path):
     for n, sub in enumerate(SUBNETWORKS):
         kept = json.loads((tmp_path / f"sub{n}" / "allocation.json").read_text())["layers"]
         assert [r["full_attention"] for r in kept] == [full[i]["full_attention"] for i in sub.layers]
-        assert load_config(tmp_path / f"sub{n}" / "config.yaml").hybrid_attention.method == "static"
+        sub_config = load_config(tmp_path / f"sub{n}" / "config.yaml")
+        assert sub_config.hybrid_attention.method == "static"
+        # Its own later checkpoints resume their optimizer: the step-0 checkpoint records it has none.
+        assert sub_config.checkpoint.load_optimizer
     # The allocation matters: the same weights with every head full attention compute another loss.
     trained, all_full = results[0][1], results[0][2]
     assert abs(trained - all_full) > 1e-4 * abs(trained), (trained, all_full)
