@@ -20,7 +20,7 @@ from tests.configs import EVERY_CAPABILITY, TINY, merge
 
 
 class SleepOnRank(Callback):
-    """Holds one rank back: sleeps before every step there."""
+    """Holds one rank back: sleeps before every step there (every rank's, for rank -1)."""
 
     name = "sleep"
 
@@ -30,7 +30,7 @@ class SleepOnRank(Callback):
     def on_step_begin(self, ctx):
         import torch.distributed as dist
 
-        if dist.get_rank() == self.rank:
+        if self.rank in (-1, dist.get_rank()):
             time.sleep(self.seconds)
 
 
@@ -190,15 +190,26 @@ def test_the_profiler_window_writes_a_trace_per_rank_with_the_named_regions(tmp_
 
 
 def test_the_timer_breakdown_adds_up_to_the_step_time(tmp_path):
+    """Every rank sleeps 400 ms in a callback before each step: the breakdown must put that time under
+    ``callbacks`` and, with the tiny model's own phases, account for the step within 10% (the sleep
+    keeps the step long against the scheduling noise of a shared machine, which the few milliseconds
+    of untimed glue of a tiny model's step could otherwise exceed)."""
     data = merge(TINY, {"train": {"steps": 6}, "logging": {"timers": 2, "log_interval": 2}})
-    lines = run_distributed(train, 2, None, run_dir=str(tmp_path), data=data)
+    lines = run_distributed(train, 2, None, run_dir=str(tmp_path), data=data, sleep_rank=-1, sleep_s=0.4)
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [2, 4, 6]
     for r in records:
+        assert r["time/callbacks"] >= 400.0, r  # milliseconds: the sleep is attributed to the callbacks
         parts = sum(r[f"time/{k}"] for k in ("data", "forward_backward", "optimizer", "loss_reduce", "callbacks"))
-        assert 0.9 * r["time/step"] <= parts <= 1.1 * r["time/step"], r
+        assert parts >= 0.9 * r["time/step"], r  # the phases account for the step
+        # Each phase is its slowest rank's: in the first interval (step 1's one-time work) one rank's
+        # wait lands in another phase than the other rank's work, and the sum counts both; once the
+        # ranks run in step, it stays within 10% of the step.
+        if r["step"] > 2:
+            assert parts <= 1.1 * r["time/step"], r
         assert r["time/grad_sync"] < r["time/forward_backward"]
-        assert r["time/forward"] + r["time/backward"] <= r["time/forward_backward"]
+        # Forward and backward lie inside forward-backward on every rank; their slowest ranks may differ.
+        assert r["time/forward"] + r["time/backward"] <= 1.1 * r["time/forward_backward"], r
         assert all(r[f"time/{k}"] > 0 for k in ("data", "forward_backward", "grad_sync", "optimizer", "forward"))
     assert sum(" | time ms step " in line for line in lines[0]) == 3
 
