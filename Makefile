@@ -23,7 +23,7 @@ smoke: setup
 	$(PY) -m pretrain.launch --standalone --nproc-per-node 2 -m pretrain.train --config configs/smoke.yaml
 
 test: setup
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=40
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -44,6 +44,8 @@ from megatron_ext.consa.allocation import (
 from megatron_ext.consa.attention import HybridCoreAttention
 from megatron_ext.consa.config import LEARNED_METHODS, HybridAttentionConfig
 from megatron_ext.consa.constraint import LagrangianController
+from megatron_ext.consa.diagnostics import GradientStats
+from megatron_ext.consa.gate_optimizer import SharedScaleAdam
 from megatron_ext.consa.gates import HardConcreteGates, ScalarGates
 from megatron_ext.parallel.state import comm_device
 
@@ -88,21 +90,24 @@ class ConSACallback(Callback):
         self.gate_optimizer: Optional[torch.optim.Optimizer] = None
         self.allocation: Optional[torch.Tensor] = None  # [L, units] bool once static
         self.history: List = []  # (step, log_alpha) for the plot
-        self.window_losses: Optional[Dict[str, float]] = None
+        self.window_losses: Optional[Dict[str, object]] = None
         """Validation losses of the weights mask learning starts from, when they are trained: every
-        unit on full attention (``full``) and every unit on SWA (``swa``)."""
+        unit on full attention (``full``), every unit on SWA (``swa``) and, with
+        ``unit_window_cost``, each unit alone on SWA (``units``, [L][units])."""
+        self.grad_stats: Optional[GradientStats] = None
+        """Per-unit moments of the LM and constraint parts of the gate gradient (learned methods)."""
         if self.learned:
             gate_cls = HardConcreteGates if cfg.method == "consa" else ScalarGates
             self.gates = gate_cls(
                 num_layers,
                 self.units,
-                cfg.hard_concrete,
+                cfg.initial_hard_concrete() if cfg.method == "consa" else cfg.hard_concrete,
                 generator=torch.Generator().manual_seed(seed),
                 noise_seed=seed,
             )
-            self.gate_optimizer = torch.optim.Adam(
-                [self.gates.log_alpha], lr=cfg.gate_lr, betas=(cfg.gate_adam_beta1, 0.99)
-            )
+            optimizer = SharedScaleAdam if cfg.gate_optimizer == "shared_scale_adam" else torch.optim.Adam
+            self.gate_optimizer = optimizer([self.gates.log_alpha], lr=cfg.gate_lr, betas=(cfg.gate_adam_beta1, 0.99))
+            self.grad_stats = GradientStats((num_layers, self.units))
             if cfg.method == "consa":
                 self.controller = LagrangianController(cfg, num_layers)
         elif cfg.method == "rule_layer":
@@ -210,6 +215,36 @@ class ConSACallback(Callback):
                 f"attention, {swa:.4f} with every unit on SWA (W={self.cfg.window}): window cost "
                 f"{swa - full:+.4f}"
             )
+        if self.cfg.unit_window_cost:
+            self.window_losses["units"] = self._unit_losses(ctx)
+            if dist.get_rank() == 0:
+                costs = torch.tensor(self.window_losses["units"]) - full
+                rows = "; ".join(f"L{i} " + " ".join(f"{c:+.4f}" for c in row) for i, row in enumerate(costs.tolist()))
+                self.log(f"consa: window cost of each unit alone on SWA (per layer, by unit): {rows}")
+
+    def _unit_losses(self, ctx: TrainContext) -> List[List[float]]:
+        """Validation loss with unit (l, u) alone on SWA, every other unit full, [L][units]; every rank
+        walks all units in the same order (the evaluation is collective), setting its own layers."""
+        losses = []
+        for layer in range(self.num_layers):
+            row = []
+            for unit in range(self.units):
+                for module in self.modules:
+                    if module.layer_index == layer:
+                        module.set_static([u != unit for u in range(self.units)])
+                    else:
+                        module.set_full()
+                row.append(ctx.evaluate())
+            losses.append(row)
+        return losses
+
+    @property
+    def unit_window_cost(self) -> Optional[torch.Tensor]:
+        """[L, units] validation loss with each unit alone on SWA minus with full attention (None: not
+        measured; ``hybrid_attention.unit_window_cost``)."""
+        if self.window_losses is None or "units" not in self.window_losses:
+            return None
+        return torch.tensor(self.window_losses["units"]) - self.window_losses["full"]
 
     @property
     def window_cost(self) -> Optional[float]:
@@ -259,8 +294,9 @@ class ConSACallback(Callback):
         return grad.to(log_alpha.device)
 
     def _update_gates(self, step: int, update_successful: bool) -> Dict[str, object]:
-        grad = self._reduced_lm_grad()
-        self.last_lm_grad = grad.clone()  # kept for inspection: the LM part of this step's gradient
+        lm_grad = self._reduced_lm_grad()
+        self.last_lm_grad = lm_grad  # kept for inspection: the LM part of this step's gradient
+        constraint_grad = torch.zeros_like(lm_grad)
         self.gate_optimizer.zero_grad(set_to_none=True)
         mode = self.cfg.constraint if self.controller is not None else "global"
         rho_hat = self.gates.expected_swa_fraction(mode)
@@ -277,11 +313,13 @@ class ConSACallback(Callback):
                     "consa/lambda2": _value(c.lambda2),
                 }
             )
+            constraint_grad = g_alpha
             if update_successful:
-                grad = grad + g_alpha
                 c.lambda1.grad, c.lambda2.grad = g1, g2
                 c.ascent_step()
+        grad = lm_grad + constraint_grad
         if update_successful and torch.isfinite(grad).all():
+            self.grad_stats.update(lm_grad, constraint_grad)
             self.gates.log_alpha.grad = grad
             self.gate_optimizer.step()
             self.gate_optimizer.zero_grad(set_to_none=True)
@@ -379,13 +417,16 @@ class ConSACallback(Callback):
                 f"hybrid_attention.constraint_tolerance={cfg.constraint_tolerance}; learn the "
                 "mask longer or raise lambda_lr"
             )
+        unit_cost = self.unit_window_cost
         return {
             "polarized_fraction": polarized,
             "polarized_full": sides["full attention"],
             "polarized_swa": sides["SWA"],
             "constraint_gap": gap,
             "window_cost": cost,
+            "unit_window_cost": None if unit_cost is None else [[round(x, 6) for x in r] for r in unit_cost.tolist()],
             "harmless_ties": harmless,
+            "gradients": self.grad_stats.summary(),
             "warnings": warnings,
         }
 
@@ -419,7 +460,7 @@ class ConSACallback(Callback):
                 self.log(f"WARNING: consa: {warning}")
 
     def _write_outputs(self, run_dir: Path) -> None:
-        from megatron_ext.consa.plots import plot_allocation, plot_log_alpha_history
+        from megatron_ext.consa.plots import plot_allocation, plot_gate_diagnostics, plot_log_alpha_history
 
         log_alpha = self.gates.log_alpha.detach() if self.gates is not None else None
         # A static allocation's target is its own fraction (the config's target does not apply to it).
@@ -444,6 +485,8 @@ class ConSACallback(Callback):
             tie_margin=self.cfg.polarization_threshold if self.learned else 0.0,
         )
         plot_log_alpha_history(plots / "consa_log_alpha.png", self.history)
+        if self.diagnosed is not None:
+            plot_gate_diagnostics(plots / "consa_gradients.png", self.diagnosed, log_alpha)
 
     def on_train_end(self, ctx: TrainContext) -> None:
         if self.allocation is not None and not self.learned and dist.get_rank() == 0:
@@ -457,7 +500,11 @@ class ConSACallback(Callback):
             "window_losses": self.window_losses,
         }
         if self.gates is not None:
-            state.update(gates=self.gates.state_dict(), gate_optimizer=self.gate_optimizer.state_dict())
+            state.update(
+                gates=self.gates.state_dict(),
+                gate_optimizer=self.gate_optimizer.state_dict(),
+                grad_stats=self.grad_stats.state_dict(),
+            )
         if self.controller is not None:
             state["controller"] = self.controller.state_dict()
         return state
@@ -471,6 +518,8 @@ class ConSACallback(Callback):
         if self.gates is not None:
             self.gates.load_state_dict(state["gates"])
             self.gate_optimizer.load_state_dict(state["gate_optimizer"])
+            if "grad_stats" in state:  # absent in checkpoints written before it was kept
+                self.grad_stats.load_state_dict(state["grad_stats"])
         if self.controller is not None:
             self.controller.load_state_dict(state["controller"])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, get_args
@@ -98,12 +99,25 @@ class HybridAttentionConfig:
     """Length of stage 1 in tokens (the paper: 1B [digest]), converted with the global batch and sequence."""
     target_warmup_steps: int = 0
     """The target rises linearly from 0 to ``target`` over this many steps (as LLM-Shearing [code])."""
+    gate_init: Literal["open", "target"] = "open"
+    """Where the gate logits start (consa). ``open``: log_alpha ~ N(hard_concrete.init_mean, init_std),
+    every unit full attention, as LLM-Shearing [code]; the target then warms up
+    (``target_warmup_steps``) and the constraint pulls every gate down together. ``target``
+    [choice]: log_alpha ~ N(m, init_std) with m such that P(z != 0) = 1 - target, i.e. the expected
+    SWA fraction already equals the target (per layer alike): no common pull, so from the first step
+    the gates move apart by their own LM gradients. On natural text this separated units that
+    ``open`` left tied at the same stage-1 length (README, "ConSA on natural text"). Use it with
+    ``target_warmup_steps: 0``."""
     gate_lr: float = 0.1
     """Adam learning rate of the gate logits (their own optimizer, as LLM-Shearing [code]). [choice]"""
     gate_adam_beta1: float = 0.0
     """Adam beta1 of the gate logits. [choice] 0 (no momentum): momentum on top of the integral
     action of lambda1 made rho_hat swing between ~0 and ~0.95 for hundreds of steps in our
     tests; without it the constraint settles within ~150 steps (beta2 is 0.99)."""
+    gate_optimizer: Literal["adam", "shared_scale_adam"] = "adam"
+    """Optimizer of the gate logits: ``adam`` (per unit, as LLM-Shearing [code]) or
+    ``shared_scale_adam`` [choice], Adam with one second moment shared by all units, which keeps the
+    units' relative gradient sizes (:mod:`megatron_ext.consa.gate_optimizer`)."""
     lambda_lr: float = 5.0
     """Step size of the gradient ascent on the Lagrange multipliers. [choice]"""
     binarize: Literal["exact_target", "sign"] = "exact_target"
@@ -129,6 +143,11 @@ class HybridAttentionConfig:
     does not use keys beyond the window: undecided gates are then reported as harmless ties (every
     allocation at the target costs about the same), not as a WARNING. Above it, or when nothing was
     measured (mask learning from untrained weights), undecided gates warn. [choice]"""
+    unit_window_cost: bool = False
+    """With the window-cost measurement (mask learning from trained weights), also evaluate each unit
+    alone on SWA, every other unit full (``L x units`` more evaluations of ``train.eval_steps``
+    batches): which units carry the window cost, logged and written to allocation.json beside the
+    learned log_alpha. [choice] Off by default: at the paper's 28 x 8 units it costs 224 evaluations."""
     constraint_tolerance: float = 0.05
     """At binarization, an expected SWA fraction this far (any layer with ``per_layer``) from the one
     the binarized allocation has with its gates at their clamp bounds is reported as a WARNING: the
@@ -170,6 +189,17 @@ class HybridAttentionConfig:
         c.non_negative("target_warmup_steps")
         c.one_of("constraint", CONSTRAINT_MODES)
         c.one_of("binarize", ("exact_target", "sign"))
+        c.one_of("gate_init", ("open", "target"))
+        c.one_of("gate_optimizer", ("adam", "shared_scale_adam"))
+        c.require(
+            not (self.gate_init == "target" and self.target_warmup_steps > 0),
+            f"gate_init='target' starts the gates at the target, but target_warmup_steps={self.target_warmup_steps} "
+            "would first lower the target to 0 and pull every gate open again: set target_warmup_steps: 0",
+        )
+        c.require(
+            not (self.gate_init == "target" and self.method == "consa" and not 0.0 < self.target < 1.0),
+            f"gate_init='target' needs 0 < target < 1 (got {self.target}): at 0 or 1 no finite log_alpha meets it",
+        )
         if self.enabled and self.method in LEARNED_METHODS:
             given = [n for n in ("mask_learning_steps", "mask_learning_tokens") if getattr(self, n) is not None]
             c.require(
@@ -192,6 +222,17 @@ class HybridAttentionConfig:
             "method='static' needs allocation: path/to/allocation.json",
         )
         c.done()
+
+    def initial_hard_concrete(self) -> HardConcreteConfig:
+        """The hard-concrete constants with ``init_mean`` where ``gate_init`` starts the gates: for
+        ``target``, m = logit(1 - rho) + beta * ln(-gamma / zeta), the inverse of P(z != 0) =
+        sigmoid(m - beta * ln(-gamma / zeta)) = 1 - rho."""
+        hc = self.hard_concrete
+        if self.gate_init == "open":
+            return hc
+        keep = 1.0 - self.target
+        mean = math.log(keep / (1.0 - keep)) + hc.beta * math.log(-hc.gamma / hc.zeta)
+        return dataclasses.replace(hc, init_mean=mean)
 
     def mask_learning_length(self, tokens_per_step: int) -> int:
         """Stage-1 length in steps."""

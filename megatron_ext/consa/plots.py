@@ -77,3 +77,42 @@ def plot_log_alpha_history(path: Path, history: List[Tuple[int, torch.Tensor]]) 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_gate_diagnostics(path: Path, diagnostics: dict, log_alpha: torch.Tensor) -> None:
+    """Two panels per unit (``L<layer>H<KV head>``): the LM and the constraint part of the gate-logit
+    gradient over mask learning (mean, with the standard error of the LM mean as bars), and, when it
+    was measured, each unit's own window cost against its final log alpha."""
+    gradients = diagnostics.get("gradients") or {}
+    if not gradients:
+        return
+    plt = pyplot()
+    layers, units = log_alpha.shape
+    labels = [f"L{i}" if units == 1 else f"L{i}H{j}" for i in range(layers) for j in range(units)]
+    lm_mean = torch.tensor(gradients["lm_mean"]).flatten()
+    stderr = torch.tensor(gradients["lm_std"]).flatten() / gradients["steps"] ** 0.5
+    constraint = torch.tensor(gradients["constraint_mean"]).flatten()
+    unit_cost = diagnostics.get("unit_window_cost")
+    fig, axes = plt.subplots(1, 2 if unit_cost else 1, figsize=(10 if unit_cost else 6, 3.2), squeeze=False)
+    ax = axes[0, 0]
+    x = torch.arange(len(labels)).float()
+    ax.bar(x - 0.2, lm_mean, 0.4, yerr=stderr, label="LM part (mean, +- s.e.)", color="tab:blue")
+    ax.bar(x + 0.2, constraint, 0.4, label="constraint part (mean)", color="tab:orange")
+    ax.axhline(0.0, color="black", linewidth=0.5)
+    ax.set_xticks(x.tolist())
+    ax.set_xticklabels(labels, fontsize=6, rotation=90)
+    ax.set_ylabel("d loss / d log alpha")
+    ax.set_title(f"gate gradient over {gradients['steps']} mask-learning steps (< 0 pushes towards FA)", fontsize=8)
+    ax.legend(fontsize=6, frameon=False)
+    if unit_cost:
+        ax = axes[0, 1]
+        cost = torch.tensor(unit_cost).flatten()
+        ax.scatter(cost, log_alpha.flatten(), s=12)
+        for label, c, a in zip(labels, cost.tolist(), log_alpha.flatten().tolist()):
+            ax.annotate(label, (c, a), fontsize=5)
+        ax.set_xlabel("window cost of the unit alone on SWA (nats)")
+        ax.set_ylabel("final log alpha")
+        ax.set_title("does ConSA keep the units that carry the window cost?", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
