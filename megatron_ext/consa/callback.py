@@ -45,7 +45,6 @@ from megatron_ext.consa.attention import HybridCoreAttention
 from megatron_ext.consa.config import LEARNED_METHODS, HybridAttentionConfig
 from megatron_ext.consa.constraint import LagrangianController
 from megatron_ext.consa.diagnostics import GradientStats
-from megatron_ext.consa.gate_optimizer import SharedScaleAdam
 from megatron_ext.consa.gates import HardConcreteGates, ScalarGates
 from megatron_ext.parallel.state import comm_device
 
@@ -105,8 +104,9 @@ class ConSACallback(Callback):
                 generator=torch.Generator().manual_seed(seed),
                 noise_seed=seed,
             )
-            optimizer = SharedScaleAdam if cfg.gate_optimizer == "shared_scale_adam" else torch.optim.Adam
-            self.gate_optimizer = optimizer([self.gates.log_alpha], lr=cfg.gate_lr, betas=(cfg.gate_adam_beta1, 0.99))
+            self.gate_optimizer = torch.optim.Adam(
+                [self.gates.log_alpha], lr=cfg.gate_lr, betas=(cfg.gate_adam_beta1, 0.99)
+            )
             self.grad_stats = GradientStats((num_layers, self.units))
             if cfg.method == "consa":
                 self.controller = LagrangianController(cfg, num_layers)

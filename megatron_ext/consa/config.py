@@ -114,10 +114,6 @@ class HybridAttentionConfig:
     """Adam beta1 of the gate logits. [choice] 0 (no momentum): momentum on top of the integral
     action of lambda1 made rho_hat swing between ~0 and ~0.95 for hundreds of steps in our
     tests; without it the constraint settles within ~150 steps (beta2 is 0.99)."""
-    gate_optimizer: Literal["adam", "shared_scale_adam"] = "adam"
-    """Optimizer of the gate logits: ``adam`` (per unit, as LLM-Shearing [code]) or
-    ``shared_scale_adam`` [choice], Adam with one second moment shared by all units, which keeps the
-    units' relative gradient sizes (:mod:`megatron_ext.consa.gate_optimizer`)."""
     lambda_lr: float = 5.0
     """Step size of the gradient ascent on the Lagrange multipliers. [choice]"""
     binarize: Literal["exact_target", "sign"] = "exact_target"
@@ -190,7 +186,6 @@ class HybridAttentionConfig:
         c.one_of("constraint", CONSTRAINT_MODES)
         c.one_of("binarize", ("exact_target", "sign"))
         c.one_of("gate_init", ("open", "target"))
-        c.one_of("gate_optimizer", ("adam", "shared_scale_adam"))
         c.require(
             not (self.gate_init == "target" and self.target_warmup_steps > 0),
             f"gate_init='target' starts the gates at the target, but target_warmup_steps={self.target_warmup_steps} "
