@@ -2,7 +2,7 @@
 
     megatron-ext launch --nproc-per-node 2 -m pretrain.train --config configs/smoke.yaml
     megatron-ext train --config ...        (a rank started by torchrun / srun / mpirun)
-    megatron-ext evaluate | generate | extract | hf | params | plan ...
+    megatron-ext evaluate | generate | extract | hf | params | plan | experiment | analyze ...
     megatron-ext preprocess | train-tokenizer | build-default-corpus ...
 
 Each subcommand is the ``python -m`` tool of the same name with the same options (``megatron-ext
@@ -24,6 +24,8 @@ SUBCOMMANDS = {
     "hf": ("pretrain.hf", "main", "import from / export to a Hugging Face model directory"),
     "params": ("pretrain.params", "main", "parameter counts of a config"),
     "plan": ("pretrain.plan", "main", "check a config against a GPU allocation and print the layout"),
+    "experiment": ("pretrain.experiment", "main", "run an experiment spec (a table's grid of runs) and report it"),
+    "analyze": ("pretrain.analyze", "main", "attention behaviour per layer and KV head of a trained run"),
     "preprocess": ("megatron_ext.data.cli", "preprocess_main", "documents (JSONL, parquet, datasets) to indexed data"),
     "train-tokenizer": ("megatron_ext.data.cli", "train_tokenizer_main", "train a byte-level BPE tokenizer"),
     "build-default-corpus": ("megatron_ext.data.cli", "build_default_main", "build the built-in corpus once"),
