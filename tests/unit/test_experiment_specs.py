@@ -55,7 +55,7 @@ def test_consa_tiny_grid_and_shared_start():
     variants = {r.label for r in runs[1:]}
     assert len(variants) == 11 and "dense_fa" in variants and "rule_layer-target=0.75" in variants
     for run in runs[1:]:  # equal tokens after the shared start, started from it
-        assert "train.steps=120" in run.overrides
+        assert "train.steps=600" in run.overrides
         assert f"train.init_from={spec.output_dir / 'dense_start'}" in run.overrides
     assert spec.evaluations.window_cost == 16
 
