@@ -16,7 +16,8 @@ from megatron_ext.config import ConfigError
 from megatron_ext.moe.elastic import SubNetwork
 from megatron_ext.parallel import ParallelSizes
 from megatron_ext.parallel.state import parallel_job
-from megatron_ext.training.extract import extract_submodel, parse_indices
+from megatron_ext.run import load_config
+from megatron_ext.training.extract import check_subnetwork, extract_submodel, parse_indices
 
 
 def main(argv=None) -> int:
@@ -30,7 +31,13 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, default=None, help="experts per token (default: the model's)")
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args(argv)
-    sub = SubNetwork(parse_indices(args.layers), parse_indices(args.experts) if args.experts else None, args.top_k)
+    try:  # the sub-network is checked against the run's config before anything is loaded or written
+        experts = parse_indices(args.experts, "--experts") if args.experts is not None else None
+        sub = SubNetwork(parse_indices(args.layers, "--layers"), experts, args.top_k)
+        check_subnetwork(load_config(args.run_dir / "config.yaml"), sub)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     with parallel_job(ParallelSizes()):
         try:
             print(f"wrote {extract_submodel(args.run_dir, args.output, sub, args.step)}")

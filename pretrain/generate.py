@@ -9,6 +9,11 @@ the prompt (``--prompt-file`` reads it from a file; ``--prompt-ids "1 2 3"`` giv
 runs on synthetic data), and the continuation is printed. Temperature 0 is greedy decoding. Full-
 attention KV heads cache every position, sliding-window heads a ring buffer of their window; SGT
 loop passes have caches of their own. One process: the CPU, or one GPU when there is one.
+
+The prompt and the new tokens must fit the positions the model supports (``model.max_position_embeddings``,
+else the trained ``data.seq_length``, or the context a RoPE scaling extends to: see
+:func:`megatron_ext.inference.generate.supported_positions`); a longer request, like a KV cache larger
+than the machine's memory or a tokenizer that cannot be loaded, is refused before the model loads.
 """
 
 import argparse
@@ -16,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -61,27 +67,31 @@ def main(argv=None) -> int:
     from megatron_ext.training.capabilities import batch_hooks
     from megatron_ext.training.evaluate import load_trained
 
-    cfg = unsharded(load_config(args.run_dir / "config.yaml"))
+    cuda = torch.cuda.is_available()
+    try:  # everything that can be refused without the model: before the process group and the load
+        cfg = unsharded(load_config(args.run_dir / "config.yaml"))
+        tokenizer = run_tokenizer(cfg, args.run_dir)
+        if args.prompt_ids is not None:
+            if not all(x.isdigit() for x in args.prompt_ids.split()):
+                raise ValueError(f"--prompt-ids {args.prompt_ids!r}: give space-separated token ids (integers)")
+            ids = [int(x) for x in args.prompt_ids.split()]
+        elif tokenizer is None:
+            raise ValueError(f"the run's data ({cfg.data.kind}) has no text tokenizer: give --prompt-ids")
+        else:
+            ids = tokenizer.encode(args.prompt if args.prompt is not None else args.prompt_file.read_text())
+        if not ids or any(not 0 <= i < cfg.model.vocab_size for i in ids):
+            raise ValueError(f"the prompt must be 1 or more token ids in [0, {cfg.model.vocab_size})")
+        problems = [
+            positions_problem(cfg, len(ids), args.max_new_tokens),
+            kv_cache_problem(cfg, len(ids), args.max_new_tokens, cuda),
+        ]
+        if any(problems):
+            raise ValueError("; ".join(p for p in problems if p))
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     with parallel_job(ParallelSizes()):
         try:
-            tokenizer = run_tokenizer(cfg, args.run_dir)
-            if args.prompt_ids is not None:
-                if not all(x.isdigit() for x in args.prompt_ids.split()):
-                    raise ValueError(f"--prompt-ids {args.prompt_ids!r}: give space-separated token ids (integers)")
-                ids = [int(x) for x in args.prompt_ids.split()]
-            elif tokenizer is None:
-                raise ValueError(f"the run's data ({cfg.data.kind}) has no text tokenizer: give --prompt-ids")
-            else:
-                ids = tokenizer.encode(args.prompt if args.prompt is not None else args.prompt_file.read_text())
-            if not ids or any(not 0 <= i < cfg.model.vocab_size for i in ids):
-                raise ValueError(f"the prompt must be 1 or more token ids in [0, {cfg.model.vocab_size})")
-            limit = cfg.model.max_position_embeddings or cfg.data.seq_length
-            if cfg.model.position_embedding != "rope" and len(ids) + args.max_new_tokens > limit:
-                raise ValueError(
-                    f"prompt + new tokens = {len(ids) + args.max_new_tokens} exceed the {limit} learned positions"
-                )
-            cuda = torch.cuda.is_available()
-            check_kv_cache_fits(cfg, len(ids), args.max_new_tokens, cuda)
             (model,), _, _ = load_trained(cfg, args.run_dir, args.step, cuda=cuda)
             prompt_tensor = torch.tensor([ids], device=torch.device("cuda") if cuda else torch.device("cpu"))
             start = time.perf_counter()
@@ -107,9 +117,33 @@ def main(argv=None) -> int:
     return 0
 
 
-def check_kv_cache_fits(cfg, prompt_tokens: int, new_tokens: int, cuda: bool) -> None:
-    """Refuse, before the model is loaded, a generation whose KV cache (keys and values of every layer
-    for every position) would not fit in this machine's memory (GPU memory on GPU)."""
+def positions_problem(cfg, prompt_tokens: int, new_tokens: int) -> Optional[str]:
+    """Why a prompt and continuation are longer than the positions the model supports, or None
+    (:func:`~megatron_ext.inference.generate.supported_positions`: learned positions end there; RoPE
+    would decode at distances training never showed). Checked before the model is loaded."""
+    from megatron_ext.inference.generate import supported_positions
+
+    limit, source = supported_positions(cfg)
+    if prompt_tokens + new_tokens <= limit:
+        return None
+    if prompt_tokens >= limit:
+        what = f"the prompt's {prompt_tokens} tokens leave no room in the {limit} positions"
+        fix = f"give a prompt of fewer than {limit} tokens"
+    else:
+        what = f"prompt + new tokens = {prompt_tokens} + {new_tokens} exceed the {limit} positions"
+        fix = f"ask for --max-new-tokens <= {limit - prompt_tokens} or shorten the prompt"
+    extend = (
+        "; to generate longer, extend the context with model.rope_scaling (e.g. yarn) and "
+        "model.max_position_embeddings in the run's config.yaml"
+        if cfg.model.position_embedding == "rope"
+        else " (learned positions have no embedding past them)"
+    )
+    return f"{what} of this model ({source}): {fix}{extend}"
+
+
+def kv_cache_problem(cfg, prompt_tokens: int, new_tokens: int, cuda: bool) -> Optional[str]:
+    """Why a generation's KV cache (keys and values of every layer for every position) would not fit
+    in this machine's memory (GPU memory on GPU), or None. Checked before the model is loaded."""
     from megatron_ext.run.builder import params_dtype
 
     m = cfg.model
@@ -119,11 +153,12 @@ def check_kv_cache_fits(cfg, prompt_tokens: int, new_tokens: int, cuda: bool) ->
     element = torch.finfo(params_dtype(cfg, cuda)).bits // 8
     cache = 2 * m.num_layers * groups * head_dim * positions * element
     memory = torch.cuda.mem_get_info()[1] if cuda else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if cache > memory:
-        raise ValueError(
-            f"--max-new-tokens={new_tokens}: {positions:,} positions need a KV cache of {cache / 2**30:,.1f} GiB, more "
-            f"than the {memory / 2**30:,.1f} GiB of {'GPU ' if cuda else ''}memory here: ask for fewer new tokens"
-        )
+    if cache <= memory:
+        return None
+    return (
+        f"--max-new-tokens={new_tokens}: {positions:,} positions need a KV cache of {cache / 2**30:,.1f} GiB, more "
+        f"than the {memory / 2**30:,.1f} GiB of {'GPU ' if cuda else ''}memory here: ask for fewer new tokens"
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ This package is a leaf: it imports no other project package and no torch.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Mapping, Optional
@@ -329,7 +330,13 @@ class DataConfig:
     cache_dir: str = "data/cache"
     """Where sample-index caches and the built-in corpus are kept."""
     loss_weights: Optional[Dict[str, float]] = None
-    """Per-modality weight of the loss of tokens of that modality (default 1 for all)."""
+    """Per-modality weight of the loss of tokens of that modality (default 1 for all); with
+    ``modality_loss_rescaling`` the weight of each modality's mean loss instead."""
+    modality_loss_rescaling: bool = False
+    """ERNIE 5.0's per-modality loss rescaling (our reading, see ``masked_mean_loss``): each modality's
+    tokens are averaged on their own and the modalities' means are combined with ``loss_weights``
+    (equal without them), so that a modality with few tokens weighs as much as a frequent one. Needs
+    token-level modality ids: kind 'default' or 'indexed' prefixes with a modality stream."""
 
     def __post_init__(self):
         c = Checks(self)
@@ -389,6 +396,12 @@ class DataConfig:
             f"{', '.join(documents)} need documents that end with an EOD token: kind {self.kind!r} has none; "
             "use kind 'indexed' or 'default'",
         )
+        c.require(
+            not self.modality_loss_rescaling or self.kind in ("indexed", "default"),
+            f"modality_loss_rescaling needs token-level modality ids: kind {self.kind!r} is text only; use "
+            "kind 'default' (the built-in multimodal corpus) or 'indexed' prefixes written with their modality "
+            "stream, or drop modality_loss_rescaling",
+        )
         for name, weight in (self.loss_weights or {}).items():
             c.require(name in MODALITIES, f"loss_weights has unknown modality {name!r} (use {MODALITIES})")
             c.require(weight >= 0, f"loss_weights.{name}={weight} must be >= 0")
@@ -435,7 +448,13 @@ class TrainConfig:
     global_batch_size: int = 8
     """Samples per optimizer step over all data-parallel ranks (micro-batches x DP x mbs)."""
     steps: int = 20
-    """Optimizer steps of the run."""
+    """Optimizer steps of the run (with ``stages``, of all stages together)."""
+    rampup_batch_size: Optional[List[int]] = None
+    """Batch-size ramp-up, Megatron-LM's ``--rampup-batch-size``: ``[start, increment, samples]``. The
+    global batch starts at ``start`` samples and grows by ``increment`` every ``samples / ((global_batch_size
+    - start) / increment)`` consumed samples until it reaches ``global_batch_size`` after ``samples``
+    samples (Megatron-Core's ``RampupBatchsizeNumMicroBatchesCalculator``); ``steps`` still counts optimizer
+    steps, and the LR schedule then counts samples. None: a constant global batch."""
     lr: float = 3e-3
     """Peak learning rate."""
     min_lr: float = 3e-4
@@ -548,6 +567,24 @@ class TrainConfig:
         )
         if self.lr_schedule == "wsd":
             c.require(self.wsd_decay_steps is not None, "wsd_decay_steps must be set when lr_schedule='wsd'")
+        if self.rampup_batch_size is not None:
+            ramp = self.rampup_batch_size
+            c.require(
+                len(ramp) == 3 and all(isinstance(v, int) and v > 0 for v in ramp),
+                f"rampup_batch_size={ramp} must be three positive integers [start, increment, samples]",
+            )
+            if len(ramp) == 3 and all(isinstance(v, int) and v > 0 for v in ramp):
+                start, increment, _ = ramp
+                c.require(
+                    start < self.global_batch_size,
+                    f"rampup_batch_size={ramp}: start={start} must be below global_batch_size="
+                    f"{self.global_batch_size} (the batch it ramps up to); drop rampup_batch_size for a constant batch",
+                )
+                c.require(
+                    (self.global_batch_size - start) % increment == 0,
+                    f"rampup_batch_size={ramp}: global_batch_size - start = {self.global_batch_size - start} is not "
+                    f"divisible by increment={increment}",
+                )
         c.done()
 
 
@@ -565,6 +602,10 @@ class CheckpointConfig:
     """Resume from the latest checkpoint of the run directory if there is one."""
     load_optimizer: bool = True
     """Restore optimizer, scheduler and RNG state (False: weights only, e.g. after changing layout)."""
+    async_save: bool = False
+    """Write checkpoints in a background process while training goes on (Megatron's asynchronous
+    dist_checkpointing save); each is published (manifest, ``latest``) once every rank's writer is
+    done, and the run's end waits for it. Costs host memory for a copy of what changes meanwhile."""
 
     def __post_init__(self):
         c = Checks(self)
@@ -669,6 +710,78 @@ class LoggingConfig:
         c.done()
 
 
+STAGE_FIELDS: Dict[str, Optional[tuple]] = {
+    "train": (
+        "lr",
+        "min_lr",
+        "lr_schedule",
+        "warmup_steps",
+        "wsd_decay_steps",
+        "wsd_decay_style",
+        "weight_decay",
+        "clip_grad",
+        "eval_interval",
+        "eval_steps",
+    ),
+    "data": None,
+    "model": ("rotary_base", "rope_scaling", "max_position_embeddings"),
+}
+"""What a stage may override, per section (None: every field but ``cache_dir``). The rest (model
+shapes, parallel layout, batch sizes, seeds, capability sections) is fixed for the whole run: the
+weights and optimizer state carry over from stage to stage unchanged."""
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    """One stage of a multi-stage run (``stages:``): its length and what it changes. The stages run in
+    order in one run directory, keeping the weights, the optimizer state and the data position; each
+    stage's overrides apply on top of the previous stage's settings (the first's on the run's
+    sections). Each stage has its own LR schedule (``train.lr_schedule``, ``warmup_steps``, ...) over
+    its own length; a stage that changes the sequence length or the data keeps the data position in
+    tokens (:mod:`megatron_ext.run.schedule`)."""
+
+    name: Optional[str] = None
+    """Shown in the log; None: ``stage<index>``."""
+    steps: Optional[int] = None
+    """Length in optimizer steps."""
+    tokens: Optional[int] = None
+    """Length in training tokens: the stage ends with the first step that reaches this many tokens
+    (its global batches x its sequence length). The last stage may give neither: it runs to
+    ``train.steps``."""
+    train: Dict[str, Any] = field(default_factory=dict)
+    """Overrides of the train section: the LR schedule's fields (see :data:`STAGE_FIELDS`)."""
+    data: Dict[str, Any] = field(default_factory=dict)
+    """Overrides of the data section: blend, sequence length, document flags, loss weights."""
+    model: Dict[str, Any] = field(default_factory=dict)
+    """Overrides of the model section: ``rotary_base``, ``rope_scaling``, ``max_position_embeddings``."""
+
+    def __post_init__(self):
+        c = Checks(self)
+        c.positive("steps", "tokens")
+        c.require(
+            self.steps is None or self.tokens is None,
+            f"steps={self.steps} and tokens={self.tokens}: give the stage's length one way",
+        )
+        c.require(self.name is None or bool(self.name.strip()), f"name={self.name!r} is empty")
+        section_fields = {"train": TrainConfig, "data": DataConfig, "model": ModelConfig}
+        for section, allowed in STAGE_FIELDS.items():
+            known = [f.name for f in dataclasses.fields(section_fields[section])]
+            for key in getattr(self, section):
+                if key not in known:
+                    close = difflib.get_close_matches(key, known, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    c.require(False, f"{section}.{key} is not a field of the {section} section{hint}")
+                elif allowed is None and key == "cache_dir":
+                    c.require(False, f"{section}.cache_dir cannot change between stages")
+                elif allowed is not None and key not in allowed:
+                    c.require(
+                        False,
+                        f"{section}.{key} cannot change between stages (the weights and optimizer carry over); "
+                        f"a stage may override {section}.{{{', '.join(allowed)}}}",
+                    )
+        c.done()
+
+
 CORE_SECTIONS: Dict[str, type] = {
     "model": ModelConfig,
     "parallel": ParallelConfig,
@@ -692,9 +805,12 @@ def compose_run_config(
     fields: List[Any] = [("name", str, field(default="run"))]
     for section, cls in {**CORE_SECTIONS, **sections}.items():
         fields.append((section, cls, field(default_factory=cls)))
+    fields.append(("stages", List[StageConfig], field(default_factory=list)))
     cls = dataclasses.make_dataclass("RunConfig", fields, kw_only=True, namespace=dict(methods or {}))
     cls.__module__ = module
     cls.__doc__ = (
-        "A whole run: every section of configs/*.yaml (" + ", ".join(["name", *CORE_SECTIONS, *sections]) + ")."
+        "A whole run: every section of configs/*.yaml ("
+        + ", ".join(["name", *CORE_SECTIONS, *sections, "stages"])
+        + ")."
     )
     return cls

@@ -71,7 +71,13 @@ class ConSACallback(Callback):
     metric_prefixes = ("consa/",)
 
     def __init__(
-        self, cfg: HybridAttentionConfig, num_layers: int, num_kv_heads: int, tokens_per_step: int, seed: int, log=print
+        self,
+        cfg: HybridAttentionConfig,
+        num_layers: int,
+        num_kv_heads: int,
+        consumed_tokens: Callable[[int], int],
+        seed: int,
+        log=print,
     ):
         self.cfg = cfg
         self.num_layers = num_layers
@@ -79,7 +85,7 @@ class ConSACallback(Callback):
         self.num_kv_heads = num_kv_heads
         self.log = log
         self.learned = cfg.method in LEARNED_METHODS
-        self.stage_steps = cfg.mask_learning_length(tokens_per_step) if self.learned else 0
+        self.stage_steps = cfg.mask_learning_length(consumed_tokens) if self.learned else 0
         self.start_step = cfg.mask_learning_start_step if self.learned else 0
         """Mask learning runs in steps ``start_step + 1 .. start_step + stage_steps``."""
         self.current_step = 0  # the step in progress (its gate noise)

@@ -74,12 +74,22 @@ class HybridAttention(Capability):
 
     def callback(self, cfg, log):
         from megatron_ext.consa.callback import ConSACallback
+        from megatron_ext.run.schedule import RunSchedule
+
+        # Tokens after each step as the run trains them (a batch ramp-up, the stages' sequence lengths);
+        # the global batch of a step does not depend on the layout, so one data-parallel rank counts them.
+        schedule = RunSchedule(cfg, data_parallel=1)
+        last = cfg.train.steps
+
+        def consumed_tokens(step: int) -> int:  # past the run's end: as many tokens per step as its last
+            extra = max(0, step - last) * (schedule.consumed_tokens(last) - schedule.consumed_tokens(last - 1))
+            return schedule.consumed_tokens(min(step, last)) + extra
 
         return ConSACallback(
             cfg.hybrid_attention,
             cfg.model.num_layers,
             cfg.model.num_query_groups or cfg.model.num_attention_heads,
-            tokens_per_step=cfg.train.global_batch_size * cfg.data.seq_length,
+            consumed_tokens=consumed_tokens,
             seed=cfg.train.seed,
             log=log,
         )

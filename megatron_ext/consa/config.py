@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional, get_args
+from typing import Callable, Literal, Optional, get_args
 
 from megatron_ext.config import Checks
 
@@ -229,8 +229,14 @@ class HybridAttentionConfig:
         mean = math.log(keep / (1.0 - keep)) + hc.beta * math.log(-hc.gamma / hc.zeta)
         return dataclasses.replace(hc, init_mean=mean)
 
-    def mask_learning_length(self, tokens_per_step: int) -> int:
-        """Stage-1 length in steps."""
+    def mask_learning_length(self, consumed_tokens: Callable[[int], int]) -> int:
+        """Stage-1 length in steps: ``mask_learning_steps``, or the fewest steps from
+        ``mask_learning_start_step`` whose tokens reach ``mask_learning_tokens``, counted with
+        ``consumed_tokens(step)`` (tokens trained after ``step`` steps: the real ones, whatever a batch
+        ramp-up or the stages' sequence lengths make of a step)."""
         if self.mask_learning_steps is not None:
             return self.mask_learning_steps
-        return max(1, round(self.mask_learning_tokens / tokens_per_step))
+        start, steps = consumed_tokens(self.mask_learning_start_step), 1
+        while consumed_tokens(self.mask_learning_start_step + steps) - start < self.mask_learning_tokens:
+            steps += 1
+        return steps

@@ -77,10 +77,13 @@ class BPETokenizer:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as err:  # the tokenizers library raises bare Exceptions on bad files
             raise ValueError(
-                f"tokenizer file {str(path)!r} is not a tokenizers JSON file ({err}): for a "
+                f"tokenizer file {str(path)!r} is not a tokenizers JSON file ({err}): give a tokenizer.json "
+                "written by the tokenizers library (python -m data.train_tokenizer writes one); for a "
                 "SentencePiece or tiktoken model give the directory that holds it with its "
                 "tokenizer_config.json"
             ) from None
+        if not self._tok.get_vocab(with_added_tokens=False):
+            raise ValueError(_no_vocabulary(path, self._tok.get_vocab()))
         self.path = path
         self.vocab_size = self._tok.get_vocab_size()
         token = eod_token or EOD_TOKEN
@@ -141,6 +144,8 @@ class HFTokenizer:
             ) from None
         self.path = path
         vocab = self._tok.get_vocab()
+        if not set(vocab) - set(self._tok.all_special_tokens):
+            raise ValueError(_no_vocabulary(path, vocab))
         self.vocab_size = max(len(self._tok), max(vocab.values()) + 1)
         if eod_token is not None:
             if eod_token not in vocab:
@@ -242,6 +247,18 @@ def _plain_backend(tok):
         and backend.padding is None
     )
     return backend if plain else None
+
+
+def _no_vocabulary(path: Path, special_tokens: Iterable[str]) -> str:
+    """Why a tokenizer that loads but holds nothing besides its special tokens is refused: it would
+    encode every text to no ids at all (a tokenizer_config.json without the model file it names, an
+    untrained tokenizer saved empty)."""
+    known = ", ".join(repr(t) for t in special_tokens) or "none"
+    return (
+        f"tokenizer {str(path)!r} holds no vocabulary besides its special tokens ({known}): it would encode "
+        "every text to nothing; give the tokenizer the data was (or will be) preprocessed with (a directory "
+        "needs its model file, e.g. tokenizer.json or tokenizer.model, beside tokenizer_config.json)"
+    )
 
 
 def _not_in_vocabulary(token: str, path: Path, special_tokens: Iterable[str]) -> str:

@@ -4,7 +4,7 @@ full re-computation of the prefix at every step; and the run's tokenizer."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -74,20 +74,45 @@ def generate_by_recomputation(model, prompt: Tensor, max_new_tokens: int, batch_
     return tokens[:, prompt.shape[1] :]
 
 
+def supported_positions(cfg) -> Tuple[int, str]:
+    """The longest sequence (prompt and generated tokens) the model of run config ``cfg`` is meant for,
+    and where that length comes from.
+
+    Learned absolute positions: the rows of the position table (``model.max_position_embeddings``,
+    default ``data.seq_length``); a position past them has no embedding. RoPE has no table, but it
+    extrapolates only a little past the trained length (Press et al. 2022, "Train Short, Test Long"):
+    attention at distances training never showed is out of distribution. So the same length is the
+    limit: ``model.max_position_embeddings`` when set (HF's meaning: with ``model.rope_scaling`` it is
+    the extended context), else, with a ``yarn`` or ``llama3`` scaling, ``factor`` x
+    ``original_max_position_embeddings`` (the context the scaling extends to) when that exceeds
+    ``data.seq_length``, else ``data.seq_length``, the length training ran at (a ``linear`` scaling
+    was trained at it)."""
+    m = cfg.model
+    if m.max_position_embeddings is not None:
+        return m.max_position_embeddings, "model.max_position_embeddings"
+    scaling, original = m.rope_scaling, m.rope_scaling.original_max_position_embeddings
+    extended = int(scaling.factor * original) if m.position_embedding == "rope" and original is not None else 0
+    if extended > cfg.data.seq_length:
+        return extended, f"model.rope_scaling: {scaling.type}, factor {scaling.factor:g} x {original}"
+    return cfg.data.seq_length, "data.seq_length, the length the model was trained at"
+
+
 def run_tokenizer(cfg, run_dir: Path):
     """The tokenizer a run's tokens came from, or None (synthetic data: prompts are token ids).
 
     In order: the HF tokenizer of an imported model (``RUN_DIR/tokenizer/``), ``data.tokenizer``
     (with ``data.eod_token``), the built-in corpus's tokenizer (``data.kind: default``); each loaded
     by :func:`~megatron_ext.data.tokenizers.load_tokenizer`, as preprocessing loaded it. Data
-    preprocessed with ``bytes`` needs no ``data.tokenizer``: its manifest says so."""
+    preprocessed with ``bytes`` needs no ``data.tokenizer``: its manifest says so. A tokenizer that
+    cannot be loaded raises ValueError naming where the run points to it."""
     from megatron_ext.data.tokenizers import ByteTokenizer, is_tokenizer_dir, load_tokenizer
 
     imported = Path(run_dir) / "tokenizer"
     if is_tokenizer_dir(imported):
-        return load_tokenizer(str(imported))
+        return _load(f"the imported model's tokenizer {imported}", str(imported))
     if cfg.data.tokenizer:
-        return load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
+        where = f"data.tokenizer={cfg.data.tokenizer} (in {Path(run_dir) / 'config.yaml'})"
+        return _load(where, cfg.data.tokenizer, cfg.data.eod_token)
     if cfg.data.kind == "default":
         from megatron_ext.data.default_corpus import ensure_default_corpus
 
@@ -95,6 +120,17 @@ def run_tokenizer(cfg, run_dir: Path):
     if cfg.data.kind == "indexed" and _recorded_tokenizer(cfg.data.paths) == ByteTokenizer.identity:
         return ByteTokenizer()  # the one tokenizer a manifest names without a file
     return None
+
+
+def _load(where: str, spec: str, eod_token: Optional[str] = None):
+    """:func:`~megatron_ext.data.tokenizers.load_tokenizer` of ``spec``; its failure (a corrupt or missing
+    tokenizer) a ValueError that says ``where`` the run names it."""
+    from megatron_ext.data.tokenizers import load_tokenizer
+
+    try:
+        return load_tokenizer(spec, eod_token)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def _recorded_tokenizer(prefixes) -> Optional[str]:

@@ -14,6 +14,7 @@ from megatron_ext.run.config import RunConfig
 from megatron_ext.run.hf import init_from_problems, is_hf_dir
 from megatron_ext.run.logging_checks import logging_problems
 from megatron_ext.run.registry import CAPABILITIES
+from megatron_ext.run.schedule import schedule_problems
 
 
 def checkpoint_dir(path) -> Optional[Path]:
@@ -165,6 +166,7 @@ def check_run(
     problems.extend(logging_problems(cfg, world_size=world_size, data_parallel=dp, cuda=cuda))
     for capability in CAPABILITIES:
         problems.extend(capability.check(cfg, world_size=world_size, data_parallel=dp, cuda=cuda))
+    problems.extend(schedule_problems(cfg, world_size, dp, cuda=cuda, te_installed=te_installed, check_data=check_data))
     if problems:
         raise ConfigError(problems)
 

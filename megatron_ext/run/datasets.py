@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch.distributed as dist
 
@@ -12,8 +12,10 @@ if TYPE_CHECKING:
     from megatron_ext.run.config import RunConfig
 
 
-def build_datasets(cfg: RunConfig) -> Tuple[object, object]:
-    """(train, valid): indexable datasets whose samples follow the batch contract."""
+def build_datasets(cfg: RunConfig, train_samples: Optional[int] = None) -> Tuple[object, object]:
+    """(train, valid): indexable datasets whose samples follow the batch contract. ``train_samples``: how
+    many training samples the run reads (None: ``train.steps`` global batches; a run with a ramp-up or
+    stages gives its schedule's count, :meth:`~megatron_ext.run.schedule.RunSchedule.stage_samples`)."""
     from megatron_ext.compat.safe_load import enable_safe_loading
 
     enable_safe_loading()  # Megatron's cached sample indices are read without unpickling
@@ -38,7 +40,8 @@ def build_datasets(cfg: RunConfig) -> Tuple[object, object]:
     # At least one evaluation's samples: a capability may evaluate outside the periodic evaluations
     # (TrainContext.evaluate, e.g. to measure what the trained weights use before a method changes them).
     evaluations = (t.steps // t.eval_interval + 1) if t.eval_interval else 1
-    sizes = [t.steps * t.global_batch_size, evaluations * t.eval_steps * t.global_batch_size, 0]
+    train_samples = t.steps * t.global_batch_size if train_samples is None else train_samples
+    sizes = [train_samples, evaluations * t.eval_steps * t.global_batch_size, 0]
     tokenizer = load_tokenizer(d.tokenizer, d.eod_token) if d.tokenizer else None
     # With data.valid_paths all of the training blend trains and validation is drawn from those
     # prefixes alone (paths_split is None); otherwise data.split carves validation out of the blend.

@@ -7,11 +7,15 @@ Layout under ``<run-dir>/checkpoints/``::
     .tmp-step_00000200/   a save in progress (ignored; removed by the next save)
     .old-step_00000100/   a checkpoint being re-saved, set aside until its replacement is published
 
-Every checkpoint holds ``manifest.json``: the size and SHA-256 of each of its files, computed
-before it is published (the ranks hash disjoint subsets). A resume verifies it (the ranks again
-share the work) and falls back, with a warning, to the newest checkpoint that verifies when a file
-is missing, truncated or altered, or when the manifest itself is missing from a checkpoint that was
-written with one (its common state says so); it refuses, naming the damage, only when none does.
+Every checkpoint holds ``manifest.json``: the size and XXH3-128 checksum of each of its files, taken
+before it is published. The writer processes checksum the sharded files while they write them
+(:mod:`megatron_ext.compat.checkpoint_writer`); the few small files the ranks write themselves are
+read back (the ranks share them). A save is published only once every file on disk has the size its
+writer wrote. A resume verifies the manifest (the ranks again share the work; manifests of earlier
+versions, with SHA-256 checksums, still verify) and falls back, with a warning, to the newest
+checkpoint that verifies when a file is missing, truncated or altered, or when the manifest itself
+is missing from a checkpoint that was written with one (its common state says so); it refuses,
+naming the damage, only when none does.
 Reading a checkpoint never unpickles code (:mod:`megatron_ext.compat.safe_load`); a file that cannot
 be read is refused in one :class:`CheckpointError` naming it.
 
@@ -24,6 +28,13 @@ atomically replaces ``latest`` (write + fsync + ``os.replace``). A crash at any 
 ``latest`` naming the previous complete checkpoint. Only after publishing are checkpoints beyond
 the newest ``keep_last`` deleted.
 
+An asynchronous save (``checkpoint.async_save``, Megatron's ``dist_checkpointing`` async strategy)
+does the same in two halves: :meth:`CheckpointManager.save` writes the common state, plans the
+shards and forks a process that writes them from a copy-on-write image of this moment (GPU tensors
+are first copied to host memory) while training goes on; :meth:`CheckpointManager.finalize`, called
+by every rank at step boundaries, publishes it (manifest, rename, ``latest``) once every rank's
+writer has finished. One save is in flight at most; the end of a run waits for it.
+
 Contents: every model chunk's sharded state (reshardable across TP / PP / EP), the optimizer's
 sharded state (Adam moments follow their parameters' sharding), and common state from rank 0
 (:class:`CommonState`: step, consumed samples, LR scheduler, capability states, the parallel
@@ -33,6 +44,7 @@ layout is unchanged.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -84,6 +96,7 @@ def _fsync_write(path: Path, text: str) -> None:
 
 
 def _sha256(path: Path) -> str:
+    """The checksum of manifests written before XXH3-128 (still verified)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -106,17 +119,57 @@ def _gather(part: Any) -> List[Any]:
     return parts
 
 
+def _manifest_entry(path: Path) -> Dict[str, Any]:
+    """``{"bytes", "xxh3_128"}`` of the file at ``path``: from the checksum its writer process left
+    beside it (removed here), else read back. Raises CheckpointError when the file on disk is not the
+    size its writer wrote."""
+    from megatron_ext.compat.checkpoint_writer import CHECKSUM, CHECKSUM_SUFFIX, file_checksum
+
+    size = path.stat().st_size
+    written = path.with_name(path.name + CHECKSUM_SUFFIX)
+    if not written.is_file():
+        return {"bytes": size, CHECKSUM: file_checksum(path)}
+    entry = json.loads(written.read_text())
+    written.unlink()
+    if entry["bytes"] != size:
+        raise CheckpointError(f"{path.name} has {size} bytes on disk, but its writer wrote {entry['bytes']}")
+    return entry
+
+
 def write_manifest(directory: Path) -> None:
-    """Hash every file of a written checkpoint (collective: each rank hashes a share) and let rank 0
-    write ``manifest.json``."""
-    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
-    mine = {
-        name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
-        for name in _share(names)
-    }
-    files = {k: v for part in _gather(mine) for k, v in part.items()}
+    """Record the size and checksum of every file of a written checkpoint (collective: each rank
+    takes a share) and let rank 0 write ``manifest.json``. Raises CheckpointError on every rank when
+    a file is not as it was written."""
+    from megatron_ext.compat.checkpoint_writer import CHECKSUM_SUFFIX
+
+    names = sorted(
+        p.name
+        for p in directory.iterdir()
+        if p.is_file() and p.name != MANIFEST and not p.name.endswith(CHECKSUM_SUFFIX)
+    )
+    mine, problems = {}, []
+    for name in _share(names):
+        try:
+            mine[name] = _manifest_entry(directory / name)
+        except (CheckpointError, OSError, ValueError, KeyError) as err:
+            problems.append(str(err))
+    parts = _gather((mine, problems))
+    problems = sorted(p for _, part in parts for p in part)
+    if problems:
+        raise CheckpointError("; ".join(problems))
+    files = {k: v for part, _ in parts for k, v in part.items()}
     if not dist.is_initialized() or dist.get_rank() == 0:
         _fsync_write(directory / MANIFEST, json.dumps({"files": dict(sorted(files.items()))}, indent=1))
+
+
+def _matches(path: Path, want: Dict[str, Any]) -> bool:
+    """Whether the file at ``path`` has the checksum its manifest entry ``want`` records (XXH3-128, or
+    SHA-256 in a manifest of an earlier version)."""
+    from megatron_ext.compat.checkpoint_writer import CHECKSUM, file_checksum
+
+    if CHECKSUM in want:
+        return file_checksum(path) == want[CHECKSUM]
+    return "sha256" in want and _sha256(path) == want["sha256"]
 
 
 def _read_common(directory: Path) -> Dict[str, Any]:
@@ -159,7 +212,7 @@ def verify_checkpoint(directory: Path) -> Optional[str]:
             problems.append(f"{name} is missing")
         elif path.stat().st_size != want["bytes"]:
             problems.append(f"{name} has {path.stat().st_size} bytes, not {want['bytes']}")
-        elif _sha256(path) != want["sha256"]:
+        elif not _matches(path, want):
             problems.append(f"{name} does not match its checksum")
     problems = sorted(p for part in _gather(problems) for p in part)
     return "; ".join(problems) if problems else None
@@ -428,17 +481,37 @@ class CommonState:
         )
 
 
+def check_async_save_supported() -> None:
+    """Refuse ``checkpoint.async_save`` where Megatron's async caller cannot run: it synchronizes and
+    all-reduces on ``torch.cuda.current_device()``, which a process without a GPU has only under the
+    CPU mode (:func:`megatron_ext.compat.cpu.enable_cpu_support`)."""
+    from megatron_ext.compat.cpu import cpu_support_active
+
+    if not torch.cuda.is_available() and not cpu_support_active():
+        raise ConfigError(
+            [
+                "checkpoint.async_save=true needs a GPU or the CPU mode (megatron_ext.compat.cpu.enable_cpu_support, "
+                "which training enables): set checkpoint.async_save=false"
+            ]
+        )
+
+
 class CheckpointManager:
     """Save / find / load checkpoints of one run directory (all methods called on every rank)."""
 
-    def __init__(self, root: Path, keep_last: int):
-        from megatron_ext.compat.checkpoint_writer import use_in_process_write_results_queue
+    def __init__(self, root: Path, keep_last: int, async_save: bool = False):
+        from megatron_ext.compat.checkpoint_writer import use_write_results_queue
         from megatron_ext.launch.orphans import die_with_parent
 
+        if async_save:
+            check_async_save_supported()
         # Saves must survive SIGTERM to the process group; their writer processes die with the rank.
-        use_in_process_write_results_queue(writer_start=die_with_parent)
+        use_write_results_queue(writer_start=die_with_parent, async_save=async_save)
         self.root = Path(root)
         self.keep_last = keep_last
+        self.async_save = async_save
+        self._calls = None  # Megatron's AsyncCallsQueue, created with the first asynchronous save
+        self._in_flight: Optional[Path] = None  # the checkpoint an asynchronous save is writing
 
     def complete(self) -> List[Path]:
         """This directory's complete checkpoints (``step_*``, and one set aside by an interrupted
@@ -517,47 +590,104 @@ class CheckpointManager:
 
     def save(self, step: int, model: List[torch.nn.Module], optimizer, common: CommonState) -> Path:
         """Write checkpoint ``step`` and publish it atomically; returns its directory. ``common`` is
-        stored with ``step`` and this job's layout."""
+        stored with ``step`` and this job's layout. An asynchronous save returns once the shards'
+        writer is started; :meth:`finalize` publishes it (a save waits for the one in flight first)."""
         from megatron.core import dist_checkpointing
 
+        self.finalize(blocking=True)
         final = self.root / _step_dir_name(step)
         tmp = self.root / f"{_TMP_PREFIX}{final.name}"
-        rank0 = dist.get_rank() == 0
-        if rank0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(f"{_TMP_PREFIX}*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            for stale in self.root.glob(f"{_OLD_PREFIX}*"):  # a re-save interrupted by a crash
-                original = self.root / stale.name[len(_OLD_PREFIX) :]
-                if (original / "common.pt").is_file():  # its replacement is in place: drop the old one
-                    shutil.rmtree(stale, ignore_errors=True)
-                else:  # it never was: put the old one back
-                    shutil.rmtree(original, ignore_errors=True)
-                    os.replace(stale, original)
-            tmp.mkdir()
-        dist.barrier()
+        problem = None
+        if dist.get_rank() == 0:
+            try:
+                self._prepare(tmp)
+            except OSError as err:  # a filesystem turned read-only or full since the run began
+                problem = f"{type(err).__name__}: {err}"
+        problem = _gather(problem)[0]  # every rank fails alike
+        if problem is not None:
+            raise self._failed(final, problem)
         state = self._sharded_state(model, optimizer, is_loading=False)
         state["common"] = {
             **replace(common, layout=parallel_layout(), step=step).to_dict(),
             WITH_MANIFEST: True,
             WITH_OPTIMIZER: optimizer is not None,
         }
+        with self._failure_reported(final, tmp):
+            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=self.async_save)
+        if not self.async_save:
+            with self._failure_reported(final, tmp):
+                dist.barrier()
+                self._publish(final, tmp)
+            return final
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        from megatron_ext.compat.checkpoint_writer import in_save_process
+        from megatron_ext.launch.orphans import die_with_parent
+
+        if request.async_fn is not None:  # a rank with shards to write forks their writer, which dies with it
+            request = request._replace(async_fn=in_save_process(die_with_parent, request.async_fn))
+        request.add_finalize_fn(functools.partial(self._publish, final, tmp))
+        self._calls = self._calls or AsyncCallsQueue()
+        with self._failure_reported(final, tmp):
+            self._calls.schedule_async_request(request)
+        self._in_flight = final
+        return final
+
+    def finalize(self, blocking: bool) -> Optional[Path]:
+        """Publish the asynchronous save in flight if every rank's writer has finished (with
+        ``blocking``: once they have); returns its directory when published now, else None. Collective:
+        every rank calls it at the same points (a no-op without a save in flight)."""
+        if self._in_flight is None:
+            return None
+        final = self._in_flight
+        with self._failure_reported(final, self.root / f"{_TMP_PREFIX}{final.name}"):
+            try:
+                done = self._calls.maybe_finalize_async_calls(blocking=blocking)
+            finally:  # a failed save is over too: its request has left Megatron's queue
+                if not self._calls.get_num_unfinalized_calls():
+                    self._in_flight = None
+        return final if done else None
+
+    def _prepare(self, tmp: Path) -> None:
+        """Rank 0: an empty temporary directory for the next save, and the leftovers of interrupted
+        saves cleared away."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(f"{_TMP_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in self.root.glob(f"{_OLD_PREFIX}*"):  # a re-save interrupted by a crash
+            original = self.root / stale.name[len(_OLD_PREFIX) :]
+            if (original / "common.pt").is_file():  # its replacement is in place: drop the old one
+                shutil.rmtree(stale, ignore_errors=True)
+            else:  # it never was: put the old one back
+                shutil.rmtree(original, ignore_errors=True)
+                os.replace(stale, original)
+        tmp.mkdir()
+
+    @contextmanager
+    def _failure_reported(self, final: Path, tmp: Path):
+        """A save that fails (a full disk, a writer that died) is one CheckpointError saying that the
+        previous checkpoint stays the latest; its temporary directory is removed."""
         try:
-            dist_checkpointing.save(state, str(tmp))
-            dist.barrier()
-            write_manifest(tmp)
+            yield
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as err:  # torch's CheckpointException is a BaseException
-            if rank0:
+            if dist.get_rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(
-                f"saving checkpoint {final.name} failed ({_first_cause(err)}); {self.root / LATEST} still names the "
-                "previous complete checkpoint: free space or fix the filesystem, then re-run the same command to "
-                "resume from it"
-            ) from None
+            raise self._failed(final, _first_cause(err)) from None
+
+    def _failed(self, final: Path, cause: str) -> CheckpointError:
+        return CheckpointError(
+            f"saving checkpoint {final.name} failed ({cause}); {self.root / LATEST} still names the previous "
+            "complete checkpoint: free space or fix the filesystem, then re-run the same command to resume from it"
+        )
+
+    def _publish(self, final: Path, tmp: Path) -> None:
+        """Every file of the save in ``tmp`` written (on every rank): record them in its manifest,
+        then rank 0 renames it to ``final`` and points ``latest`` at it (collective)."""
+        write_manifest(tmp)
         dist.barrier()
-        if rank0:
+        if dist.get_rank() == 0:
             old = None
             if final.exists():  # re-saving the same step (e.g. end of a resumed, finished run)
                 # Set aside by a rename, removed only after the new one is in place and published:
@@ -571,7 +701,6 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
             self._prune(keep=final)
         dist.barrier()
-        return final
 
     def _prune(self, keep: Path) -> None:
         complete = sorted(p for p in self.root.glob("step_*") if p.is_dir())

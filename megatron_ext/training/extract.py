@@ -26,15 +26,25 @@ from megatron_ext.run import CAPABILITIES, RunConfig
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
 
-def parse_indices(text: str) -> tuple:
-    """``'0,2,5-7'`` -> ``(0, 2, 5, 6, 7)``: the layers or experts of a sub-network on the command line."""
+def parse_indices(text: str, what: str) -> tuple:
+    """``'0,2,5-7'`` -> ``(0, 2, 5, 6, 7)``: the layers or experts of a sub-network on the command line.
+    ``what`` (e.g. ``'--layers'``) names the option in the ValueError that anything else raises: an
+    empty list, a part that is not a non-negative integer or a range ``lo-hi`` with ``lo <= hi``."""
+    if not str(text).strip():
+        raise ValueError(f"{what} is empty: give at least one index or range, e.g. '0-3,6'")
     out = []
     for part in str(text).split(","):
-        lo, _, hi = part.strip().partition("-")
-        try:
-            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-        except ValueError:
-            raise ValueError(f"{text!r}: give indices and ranges such as '0-3,6'") from None
+        lo, dash, hi = part.strip().partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise ValueError(
+                f"{what} {text!r}: {part.strip()!r} is not an index or a range; give non-negative indices and "
+                "ranges such as '0-3,6'"
+            )
+        if dash and int(hi) < int(lo):
+            raise ValueError(
+                f"{what} {text!r}: the range {part.strip()!r} is empty; write it low-high, e.g. '{hi}-{lo}'"
+            )
+        out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
     return tuple(out)
 
 
@@ -45,9 +55,9 @@ def subnetwork_of(cfg: RunConfig, layers, experts, top_k):
         return None
     from megatron_ext.moe.elastic import SubNetwork
 
-    kept = parse_indices(layers) if layers is not None else tuple(range(cfg.model.num_layers))
+    kept = parse_indices(layers, "layers") if layers is not None else tuple(range(cfg.model.num_layers))
     sub = SubNetwork(
-        kept, parse_indices(experts) if experts is not None else None, None if top_k is None else int(top_k)
+        kept, parse_indices(experts, "experts") if experts is not None else None, None if top_k is None else int(top_k)
     )
     check_subnetwork(cfg, sub)
     return sub
@@ -57,8 +67,19 @@ def check_subnetwork(cfg: RunConfig, sub) -> None:
     """Raise ValueError unless ``sub`` is a sub-network of ``cfg``'s model that can be extracted."""
     n = cfg.model.num_layers
     problems = []
-    if not sub.layers or any(not 0 <= i < n for i in sub.layers) or list(sub.layers) != sorted(set(sub.layers)):
-        problems.append(f"layers {list(sub.layers)} must be distinct, ascending indices in [0, {n})")
+    layers = list(sub.layers)
+    if not layers:
+        problems.append("no layers are kept: keep at least one")
+    outside = sorted({i for i in layers if not 0 <= i < n})
+    if outside:
+        problems.append(f"layers {layers}: {outside} are not layers of this {n}-layer model (its layers are 0-{n - 1})")
+    if layers != sorted(set(layers)):
+        repeated = sorted({i for i in layers if layers.count(i) > 1})
+        problems.append(
+            f"layers {layers} "
+            + (f"repeat {repeated}" if repeated else "are not ascending")
+            + ": give each kept layer once, in ascending order"
+        )
     for capability in CAPABILITIES:
         problems.extend(capability.check_submodel(cfg, sub))
     if problems:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,15 +30,18 @@ from megatron_ext.run.builder import build_model, params_dtype
 from megatron_ext.run.checks import checkpoint_dir
 from megatron_ext.run.datasets import build_datasets
 from megatron_ext.run.hf import is_hf_dir
+from megatron_ext.run.schedule import RunSchedule, Stage
 from megatron_ext.training.capabilities import capability_callbacks, checked_metrics
 from megatron_ext.training.checkpoint import CheckpointManager, CommonState, check_steps_reach, load_model_weights
 from megatron_ext.training.ddp import release_ddp, wrap_with_ddp
 from megatron_ext.training.hf import convert_for_init
 from megatron_ext.training.observability import Observability
+from megatron_ext.training.preflight import check_init_from
 from megatron_ext.training.run_report import plot_loss_curve, run_summary
 from megatron_ext.training.rundir import RunDirectory
 from megatron_ext.training.runlock import lock_run_directory
 from megatron_ext.training.signals import StopRequest
+from megatron_ext.training.stages import set_rotary
 from megatron_ext.training.step import StepResult, eval_step, global_batch_iterator, run_forward_step, train_step
 from megatron_ext.training.throughput import PeakFlops, peak_flops_per_rank
 from megatron_ext.training.watchdog import StepWatchdog
@@ -58,24 +61,27 @@ class TrainSummary:
     skipped_steps: int = 0
 
 
-def _scheduler(cfg: RunConfig, optimizer):
+def _scheduler(cfg: RunConfig, optimizer, lengths: Tuple[int, int, Optional[int]]):
+    """Megatron's LR scheduler of a stage of the run (``cfg`` its config), ``lengths`` its decay, warmup
+    and WSD decay lengths in the schedule's units (:meth:`RunSchedule.lr_lengths`)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     t = cfg.train
+    decay, warmup, wsd = lengths
     style = {"cosine": "cosine", "linear": "linear", "constant": "constant", "wsd": "WSD"}[t.lr_schedule]
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=t.lr,
         min_lr=t.min_lr,
-        lr_warmup_steps=t.warmup_steps,
-        lr_decay_steps=t.steps,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=decay,
         lr_decay_style=style,
         start_wd=t.weight_decay,
         end_wd=t.weight_decay,
-        wd_incr_steps=t.steps,
+        wd_incr_steps=decay,
         wd_incr_style="constant",
-        wsd_decay_steps=t.wsd_decay_steps,
+        wsd_decay_steps=wsd,
         lr_wsd_decay_style=t.wsd_decay_style,
         # The config is the source of truth on resume (e.g. train.steps extended): only the
         # step count comes from the checkpoint.
@@ -149,6 +155,7 @@ class Trainer:
             world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
             check_run(cfg, world_size, cuda=cuda)  # before any process group exists
         init_distributed(cuda, cfg.train.distributed_timeout_minutes)
+        check_init_from(cfg, self.run_dir_path)  # a damaged or crafted train.init_from: refused before any write
         lock = lock_run_directory(self.run_dir_path, self.log)  # one job per run directory, before any write
         p = cfg.parallel
         initialize_parallel_state(
@@ -186,8 +193,12 @@ class _TrainingRun:
             use_distributed_optimizer=opt_config.use_distributed_optimizer,
         )
         self.optimizer = build_optimizer(opt_config, self.model)
-        self.scheduler = _scheduler(cfg, self.optimizer)
-        self.checkpoints = CheckpointManager(self.run_dir.checkpoints, cfg.checkpoint.keep_last)
+        from megatron.core import parallel_state
+
+        self.schedule = RunSchedule(cfg, parallel_state.get_data_parallel_world_size())
+        self.checkpoints = CheckpointManager(
+            self.run_dir.checkpoints, cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save
+        )
         self.ctx = TrainContext(
             config=cfg,
             model=self.model,
@@ -195,6 +206,8 @@ class _TrainingRun:
             run_dir=self.run_dir.path,
             pg_collection=process_groups(),
         )
+        self.train_data = None  # the current stage's, from prepare_steps on
+        self.enter_stage(self.schedule.stage_of(0))
         self.summary = TrainSummary(final_step=0, stopped_by_signal=False)
 
     def train(self) -> TrainSummary:
@@ -227,6 +240,17 @@ class _TrainingRun:
         load_optimizer = self.cfg.checkpoint.load_optimizer
         common = self.checkpoints.load(path, self.model, self.optimizer, load_optimizer)
         self.ctx.step, self.ctx.consumed_samples = common.step, common.consumed_samples
+        expected = self.schedule.consumed_samples(min(common.step, self.schedule.total_steps))
+        if common.consumed_samples != expected:
+            raise ConfigError(
+                [
+                    f"{path.name} consumed {common.consumed_samples} samples in {common.step} steps, but this "
+                    f"config's batch schedule gives {expected}: train.global_batch_size, "
+                    "train.rampup_batch_size or the stages changed since it was written; restore them, or start "
+                    "a new run directory from its weights (train.init_from)"
+                ]
+            )
+        self.enter_stage(self.schedule.stage_of(common.step))  # the stage of its last step, whose LR schedule it saved
         self.summary.skipped_steps = common.skipped_steps
         if common.restored_optimizer:  # not from a checkpoint that starts a run (an import's): it has none
             self.scheduler.load_state_dict(common.scheduler)
@@ -254,13 +278,9 @@ class _TrainingRun:
         from megatron.core import parallel_state
 
         cfg, t = self.cfg, self.cfg.train
-        self.num_microbatches = t.global_batch_size // (
-            t.micro_batch_size * parallel_state.get_data_parallel_world_size()
-        )
-        self.train_data, self.valid_data = build_datasets(cfg)
+        self.per_micro_step = t.micro_batch_size * parallel_state.get_data_parallel_world_size()
         self.device = comm_device()  # the model's: this rank's GPU under NCCL
-        self.forward_step = run_forward_step(cfg, self.device)
-        self.ctx.evaluate = self.validation_loss if self.valid_data is not None else None
+        self.stage_data()
         self.peak = PeakFlops(
             *peak_flops_per_rank(
                 self.cuda, params_dtype(cfg, self.cuda), cfg.logging.peak_tflops_per_rank, comm_device=self.device
@@ -273,21 +293,61 @@ class _TrainingRun:
         )
         self.vocab_rows = padded_vocab_size(cfg.model.vocab_size)
 
-    def micro_batches(self, dataset, consumed_samples: int):
-        """This rank's micro-batches of the global batch of ``dataset`` that starts at ``consumed_samples``."""
-        return global_batch_iterator(dataset, consumed_samples, self.cfg, len(self.model), self.device)
+    def enter_stage(self, stage: Stage) -> None:
+        """Make ``stage`` the current one: its LR schedule from its start (a resume then loads the
+        saved position), its RoPE settings, and once the steps are prepared its data and forward step.
+        The weights and the optimizer state carry on."""
+        self.stage = stage
+        if self.cfg.stages:  # Megatron's param groups carry the peak and final LR the scheduler reads
+            for group in self.optimizer.param_groups:
+                group.update(max_lr=stage.config.train.lr, min_lr=stage.config.train.min_lr)
+        self.scheduler = _scheduler(stage.config, self.optimizer, self.schedule.lr_lengths(stage))
+        self.ctx.config = stage.config
+        if self.cfg.stages:
+            set_rotary(self.model, stage.config.model)
+        if self.train_data is not None:
+            self.stage_data()
+
+    def stage_data(self) -> None:
+        """The current stage's datasets (sized for every sample it trains from its start position), forward
+        step (its loss weights) and validation."""
+        cfg = self.stage.config
+        self.train_data, self.valid_data = build_datasets(cfg, self.schedule.stage_samples(self.stage))
+        self.forward_step = run_forward_step(cfg, self.device)
+        self.ctx.evaluate = self.validation_loss if self.valid_data is not None else None
+
+    def change_stage(self, step: int) -> None:
+        """Before step ``step``: move to its stage when it starts one."""
+        stage = self.schedule.stage_of(step)
+        if stage.index == self.stage.index:
+            return
+        self.enter_stage(stage)
+        d, t = stage.config.data, stage.config.train
+        self.log_rank0(
+            f"stage {stage.index} ({stage.name}) begins at step {step}: steps {stage.first_step}-{stage.last_step}, "
+            f"seq_length {d.seq_length}, lr {t.lr:g} -> {t.min_lr:g} ({t.lr_schedule}), rotary_base "
+            f"{stage.config.model.rotary_base}, data from sample {self.schedule.data_position(step)} "
+            f"({self.schedule.consumed_tokens(step - 1):,} tokens trained); weights and optimizer state kept"
+        )
+
+    def micro_batches(self, dataset, consumed_samples: int, global_batch_size: int):
+        """This rank's micro-batches of the global batch of ``global_batch_size`` samples of ``dataset`` that
+        starts at sample ``consumed_samples``."""
+        return global_batch_iterator(
+            dataset, consumed_samples, self.cfg, len(self.model), self.device, global_batch_size
+        )
 
     def validation_loss(self) -> float:
         """Mean loss over the first ``train.eval_steps`` validation global batches (collective)."""
         self.watchdog.enter("evaluate", self.ctx.step)
-        t = self.cfg.train
+        t = self.stage.config.train
         return (
             sum(
                 eval_step(
                     self.model,
-                    self.micro_batches(self.valid_data, i * t.global_batch_size),
-                    num_microbatches=self.num_microbatches,
-                    seq_length=self.cfg.data.seq_length,
+                    self.micro_batches(self.valid_data, i * t.global_batch_size, t.global_batch_size),
+                    num_microbatches=t.global_batch_size // self.per_micro_step,
+                    seq_length=self.stage.config.data.seq_length,
                     micro_batch_size=t.micro_batch_size,
                     forward_step_func=self.forward_step,
                 )
@@ -312,11 +372,13 @@ class _TrainingRun:
         self.start_step, self.start_time = self.ctx.step, time.perf_counter()
         try:
             while self.ctx.step < cfg.train.steps:
+                self.change_stage(self.ctx.step + 1)
                 if self.step(stop):
                     break
             else:
                 if cfg.checkpoint.save_at_end:
                     self.save()
+            self.finish_save(blocking=True)
             for cb in self.callbacks:
                 cb.on_train_end(self.ctx)
         finally:
@@ -349,28 +411,30 @@ class _TrainingRun:
     def update(self) -> Tuple[StepResult, float]:
         """Forward, backward and optimizer update on the next global batch; returns the step's result
         and its wall time."""
-        t = self.cfg.train
+        t, step = self.cfg.train, self.ctx.step + 1
+        batch = self.schedule.global_batch(step)  # the ramp-up's at this step
         with self.observer.timed("callbacks"):
             for cb in self.callbacks:
                 cb.on_step_begin(self.ctx)
         step_start = time.perf_counter()
         with self.observer.timed("data"):
-            batches = self.micro_batches(self.train_data, self.ctx.consumed_samples)
+            batches = self.micro_batches(self.train_data, self.schedule.data_position(step), batch)
         result = train_step(
             self.model,
             self.optimizer,
             batches,
-            num_microbatches=self.num_microbatches,
-            seq_length=self.cfg.data.seq_length,
+            num_microbatches=batch // self.per_micro_step,
+            seq_length=self.stage.config.data.seq_length,
             micro_batch_size=t.micro_batch_size,
             forward_step_func=self.forward_step,
             opt_param_scheduler=self.scheduler,
-            increment=1,
+            increment=self.schedule.lr_increment(step),
             timers=self.observer.timers,
         )
         self.observer.after_train_step()
-        self.ctx.step += 1
-        self.ctx.consumed_samples += t.global_batch_size
+        self.ctx.step = step
+        self.ctx.consumed_samples += batch
+        assert self.ctx.consumed_samples == self.schedule.consumed_samples(step)
         return result, time.perf_counter() - step_start
 
     def track_losses(self, result: StepResult) -> None:
@@ -393,11 +457,12 @@ class _TrainingRun:
     def metrics(self, result: StepResult, step_time: float) -> Dict[str, float]:
         """The step's record: loss, LR, throughput and model FLOPs (the cost as the callbacks adjust
         it), then the callbacks' own metrics."""
-        cfg, t, ctx = self.cfg, self.cfg.train, self.ctx
+        cfg, ctx = self.stage.config, self.ctx
+        batch = self.schedule.global_batch(ctx.step)
         cost = ModelCost.from_config(cfg.model, cfg.data.seq_length, self.vocab_rows)
         for cb in self.callbacks:
             cb.adjust_cost(ctx, cost)
-        tokens_per_sec = t.global_batch_size * cfg.data.seq_length / step_time
+        tokens_per_sec = batch * cfg.data.seq_length / step_time
         flops_per_token = cost.training_flops_per_token()
         rank_flops = flops_per_token * tokens_per_sec / dist.get_world_size()
         record = {
@@ -413,6 +478,10 @@ class _TrainingRun:
             "mfu": self.peak.mfu(rank_flops),
             **result.modality_losses,
         }
+        if self.cfg.stages or self.cfg.train.rampup_batch_size:  # a schedule whose batch or stage moves
+            record.update(
+                global_batch_size=batch, consumed_tokens=self.schedule.consumed_tokens(ctx.step), stage=self.stage.index
+            )
         with self.observer.timed("callbacks"):
             for cb in self.callbacks:
                 record.update(checked_metrics(cb, cb.on_step_end(ctx, result), record))
@@ -446,8 +515,10 @@ class _TrainingRun:
         elapsed = time.perf_counter() - self.start_time
         eta = elapsed / max(done, 1) * (steps - record["step"])
         extra = f" | val {record['val/loss']:.4f}" if "val/loss" in record else ""
+        where = f" | {self.stage.name}" if self.cfg.stages else ""
+        ramp = f" | batch {record['global_batch_size']}" if self.cfg.train.rampup_batch_size else ""
         return (
-            f"step {record['step']:>6}/{steps} | loss {record['loss/interval_mean']:.4f}{extra} | "
+            f"step {record['step']:>6}/{steps}{where}{ramp} | loss {record['loss/interval_mean']:.4f}{extra} | "
             f"lr {record['lr']:.3e} | grad {record['grad_norm']:.3f} | {record['tokens_per_sec']:,.0f} tok/s | "
             f"{record['tflops_per_rank']:.3g} TFLOP/s/rank | MFU {100 * record['mfu']:.1f}% | "
             f"mem {record['mem/peak_gib']:.2f} GiB | ETA {timedelta(seconds=int(eta))}"
@@ -457,6 +528,7 @@ class _TrainingRun:
         """Save every ``checkpoint.save_interval`` steps before the last (the end has its own save),
         and when stopping; returns ``stopping``."""
         interval, step = self.cfg.checkpoint.save_interval, self.ctx.step
+        self.finish_save(blocking=False)
         if stopping or (interval and step % interval == 0 and step < self.cfg.train.steps):
             self.save()
         if stopping:
@@ -465,9 +537,20 @@ class _TrainingRun:
         return stopping
 
     def save(self) -> None:
+        self.finish_save(blocking=True)  # one save in flight at most
         self.watchdog.enter("save", self.ctx.step)
         path = self.checkpoints.save(self.ctx.step, self.model, self.optimizer, self.common_state())
-        self.log_rank0(f"saved checkpoint {path}")
+        self.log_rank0(
+            f"saving checkpoint {path} in the background" if self.checkpoints.async_save else f"saved checkpoint {path}"
+        )
+
+    def finish_save(self, blocking: bool) -> None:
+        """Publish the asynchronous save in flight once written (every rank; ``blocking``: wait for it)."""
+        if blocking:
+            self.watchdog.enter("save", self.ctx.step)
+        path = self.checkpoints.finalize(blocking)
+        if path is not None:
+            self.log_rank0(f"saved checkpoint {path}")
 
     def common_state(self) -> CommonState:
         """The checkpoint's state beside model and optimizer (the save adds the parallel layout)."""

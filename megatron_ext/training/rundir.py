@@ -4,16 +4,30 @@ metrics.jsonl holds one JSON object per logged step. On resume, records of steps
 checkpoint being resumed (they will be produced again) are moved aside first, into
 ``metrics.after_step_<N>.jsonl`` (appended, never overwritten), so that metrics.jsonl always reads
 as one uninterrupted run and no record is ever lost.
+
+Before anything is written, the run directory and its ``checkpoints/`` (which may be a link to
+another filesystem) must take a file: a read-only or full filesystem is refused up front, naming the
+directory and the fix, instead of failing at the first save after hours of training. The check
+writes and removes a small file: permission bits alone do not tell (root writes through them).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
+import torch.distributed as dist
+
 from megatron_ext.config import dump_yaml
+from megatron_ext.training.runlock import RunDirectoryError
+
+_PROBE_BYTES = 1 << 16
+"""Written (and fsynced) to check that a directory takes data: a full filesystem refuses it."""
 
 
 def _jsonable(value: Any) -> Any:
@@ -32,8 +46,19 @@ class RunDirectory:
         self.metrics_path = self.path / "metrics.jsonl"
         self.plots = self.path / "plots"
         self._tensorboard = None
+        problem = None
         if is_writer:
-            for sub in (self.checkpoints, self.path / "tensorboard", self.plots):
+            problem = writable_problem(self.path, "the run directory") or writable_problem(
+                self.checkpoints, "the checkpoint directory"
+            )
+        if dist.is_initialized() and dist.get_world_size() > 1:  # every rank refuses alike (rank 0 writes)
+            box = [problem]
+            dist.broadcast_object_list(box, src=0)
+            problem = box[0]
+        if problem is not None:
+            raise RunDirectoryError(problem)
+        if is_writer:
+            for sub in (self.path / "tensorboard", self.plots):
                 sub.mkdir(parents=True, exist_ok=True)
 
     def write_config(self, config) -> None:
@@ -93,6 +118,33 @@ class RunDirectory:
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
+
+
+def writable_problem(directory: Path, what: str) -> Optional[str]:
+    """Why ``directory`` (created if missing) cannot take this run's files, or None: found by writing,
+    fsyncing and removing a small file in it. ``what`` names the directory in the message."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-check-")
+        try:
+            if os.write(fd, bytes(_PROBE_BYTES)) != _PROBE_BYTES:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        if err.errno == errno.EROFS:
+            fix = "remount it read-write, or pass another --run-dir"
+        elif err.errno in (errno.EACCES, errno.EPERM):
+            fix = "fix its permissions, or pass another --run-dir"
+        elif err.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free space on its filesystem (or raise the quota), or pass another --run-dir"
+        else:
+            fix = "pass another --run-dir"
+        return f"{what} {directory} cannot be written ({reason}): stopping before training; {fix}"
+    return None
 
 
 def read_metrics(path: Path) -> list:

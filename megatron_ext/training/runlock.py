@@ -136,9 +136,16 @@ class RunLock:
             "pid": os.getpid(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+            os.fsync(fd)
+        except OSError as err:  # a full filesystem: the file is created, its record cannot be written
+            os.close(fd)
+            raise RunDirectoryError(
+                f"the run directory {run_dir} cannot be written ({err.strerror}): stopping before training; free "
+                "space on its filesystem, or pass another --run-dir"
+            ) from None
         return cls(fd)
 
     def release(self) -> None:

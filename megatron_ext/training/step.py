@@ -29,11 +29,54 @@ from megatron_ext.parallel.state import comm_device
 from megatron_ext.training.capabilities import batch_hooks
 
 
+def modality_rescaled_loss(
+    losses: torch.Tensor,
+    mask: torch.Tensor,
+    target_modality: torch.Tensor,
+    modality_weights: Optional[torch.Tensor],
+    cp_group: Optional[dist.ProcessGroup] = None,
+):
+    """ERNIE 5.0's per-modality loss rescaling (``data.modality_loss_rescaling``), as we read it.
+
+    What the report says [paper, METHODS.md section 3]: one unified objective over the tokens of every
+    modality, with the modalities' losses rescaled so that none dominates by its token count; the
+    report's text with the exact rule is not available to us. Our reading [choice]: each modality m
+    present in the micro-batch contributes its own mean token loss, and the means are combined with
+    weights ``w_m`` (``data.loss_weights``, 1 for every modality without them) normalised over the
+    modalities present::
+
+        loss = sum_m w_m * (sum_{t in m} l_t / n_m) / sum_{m: n_m > 0} w_m
+
+    over the masked tokens t whose target is of modality m, ``n_m`` their count. [choice] The counts are
+    the micro-batch's (over the whole sequences under context parallelism, ``cp_group``), not the
+    global batch's: Megatron's schedule then averages the micro-batches as for the plain mean.
+
+    ``losses``, ``mask``, ``target_modality``: ``[b, s]``. Returns ``(loss, reported)``: the loss of
+    this rank's tokens, and the detached loss of the whole sequences.
+    """
+    flat_modality = target_modality.reshape(-1)
+    sums = torch.zeros(len(MODALITIES), dtype=losses.dtype, device=losses.device)
+    sums = sums.index_add(0, flat_modality, (losses * mask).reshape(-1))  # [M], differentiable
+    counts = torch.zeros(len(MODALITIES), dtype=losses.dtype, device=losses.device)
+    counts = counts.index_add(0, flat_modality, mask.reshape(-1))
+    totals = sums.detach()
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        both = torch.stack([totals, counts]).double()
+        dist.all_reduce(both, group=cp_group)
+        totals, counts = both[0].to(losses.dtype), both[1].to(losses.dtype)
+    weights = torch.ones_like(counts) if modality_weights is None else modality_weights.to(counts.dtype)
+    weights = weights * (counts > 0)
+    norm = weights.sum().clamp(min=torch.finfo(counts.dtype).tiny)
+    per_token = weights / counts.clamp(min=1.0) / norm  # [M]: the weight of one token of modality m
+    return (sums * per_token).sum(), (totals * per_token).sum()
+
+
 def masked_mean_loss(
     batch: Dict[str, torch.Tensor],
     output_tensor: torch.Tensor,
     loss_weights: Optional[torch.Tensor] = None,
     cp_group: Optional[dist.ProcessGroup] = None,
+    rescale_modalities: bool = False,
 ):
     """Loss function for Megatron's schedule: masked mean of per-token losses ``[b, s]``.
 
@@ -42,13 +85,17 @@ def masked_mean_loss(
     (``[num_modalities, 2]``) for ``loss/<modality>`` metrics. With a ``cp_group`` of more than one
     rank, the tokens are this rank's part of the sequences: the sum is divided by the group's token
     count (the schedule multiplies by the CP size), and the reported loss is the whole sequences'.
+    ``rescale_modalities``: the loss is :func:`modality_rescaled_loss` instead (``loss_weights`` then
+    weigh the modalities' means).
     """
     losses = output_tensor.float()  # [b, s]
     mask = batch["loss_mask"].float()
     target_modality = batch["label_modality_ids"]
-    weight = mask if loss_weights is None else mask * loss_weights[target_modality]
+    weight = mask if loss_weights is None or rescale_modalities else mask * loss_weights[target_modality]
     weighted_sum, count = (losses * weight).sum(), mask.sum()
-    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+    if rescale_modalities:  # the modalities' means instead of the token mean
+        loss, reported = modality_rescaled_loss(losses, mask, target_modality, loss_weights, cp_group)
+    elif cp_group is not None and dist.get_world_size(cp_group) > 1:
         totals = torch.stack([weighted_sum.detach(), count]).double()
         dist.all_reduce(totals, group=cp_group)
         total_sum, total_count = totals[0].float(), totals[1].float().clamp(min=1.0)
@@ -69,6 +116,7 @@ def gpt_forward_step(
     model,
     loss_weights: Optional[torch.Tensor] = None,
     batch_hooks: Sequence[Callable] = (),
+    rescale_modalities: bool = False,
 ):
     """Forward step for ``GPTModel``: returns per-token losses and the loss function to apply.
 
@@ -96,22 +144,32 @@ def gpt_forward_step(
         labels=batch["labels"],
         loss_mask=batch["loss_mask"],
     )
-    return output, partial(masked_mean_loss, batch, loss_weights=loss_weights, cp_group=cp_group)
+    return output, partial(
+        masked_mean_loss, batch, loss_weights=loss_weights, cp_group=cp_group, rescale_modalities=rescale_modalities
+    )
 
 
 def run_forward_step(cfg, device: torch.device) -> Callable:
     """The forward step of a run: :func:`gpt_forward_step` with the data section's per-modality loss
-    weights and the enabled capabilities' batch hooks."""
+    weights (and rescaling) and the enabled capabilities' batch hooks."""
     weights = cfg.data.loss_weights
     loss_weights = (
         None if weights is None else torch.tensor([weights.get(name, 1.0) for name in MODALITIES], device=device)
     )
-    return partial(gpt_forward_step, loss_weights=loss_weights, batch_hooks=batch_hooks(cfg))
+    return partial(
+        gpt_forward_step,
+        loss_weights=loss_weights,
+        batch_hooks=batch_hooks(cfg),
+        rescale_modalities=cfg.data.modality_loss_rescaling,
+    )
 
 
-def global_batch_iterator(dataset, consumed_samples: int, cfg, num_chunks: int, device: torch.device):
+def global_batch_iterator(
+    dataset, consumed_samples: int, cfg, num_chunks: int, device: torch.device, global_batch_size: Optional[int] = None
+):
     """The data iterator(s) of one global batch for Megatron's schedule: this data-parallel rank's
-    micro-batches from ``consumed_samples`` on, one iterator per model chunk when there are several."""
+    micro-batches from ``consumed_samples`` on, one iterator per model chunk when there are several.
+    ``global_batch_size``: the samples of this global batch (a ramp-up's); None: ``train.global_batch_size``."""
     from megatron.core import parallel_state
 
     t = cfg.train
@@ -119,7 +177,7 @@ def global_batch_iterator(dataset, consumed_samples: int, cfg, num_chunks: int, 
         step_micro_batches(
             dataset,
             consumed_samples,
-            t.global_batch_size,
+            t.global_batch_size if global_batch_size is None else global_batch_size,
             t.micro_batch_size,
             parallel_state.get_data_parallel_rank(),
             parallel_state.get_data_parallel_world_size(),

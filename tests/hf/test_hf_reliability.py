@@ -60,10 +60,10 @@ def imported(tmp_path_factory):
 def test_an_imported_run_resumes_exactly(imported, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     shutil.copytree(imported, straight)
-    shutil.copytree(imported, interrupted)
     reference, _ = run_distributed(_train, 1, None, run_dir=str(straight))[0]
-    run_distributed(_train, 1, None, run_dir=str(interrupted))
-    # Interrupted after step 2: step 4's checkpoint never written.
+    # Interrupted after step 2: the same run (the same command on a copy of the same import) up to
+    # there, its step 4 checkpoint never written.
+    shutil.copytree(straight, interrupted)
     checkpoints = interrupted / "checkpoints"
     shutil.rmtree(checkpoints / "step_00000004")
     (checkpoints / "latest").write_text("step_00000002")

@@ -35,7 +35,7 @@ CONFIG = merge(
         "model": {"hidden_dropout": 0.1, "attention_dropout": 0.1},
         "parallel": {"tensor": 2, "expert": 2, "expert_tensor": 1, "sequence_parallel": True},
         "data": {"seq_length": 32},
-        "train": {"steps": 24, "lr": 3.0e-3, "warmup_steps": 2, "eval_interval": 12, "eval_steps": 1},
+        "train": {"steps": 12, "lr": 3.0e-3, "warmup_steps": 2, "eval_interval": 12, "eval_steps": 1},
         "checkpoint": {"save_interval": 10, "keep_last": 2},
         "logging": {"log_interval": 1, "tensorboard": True},
         "moe": {
@@ -84,37 +84,44 @@ def write_config(tmp_path: Path) -> Path:
     return path
 
 
-def test_two_rank_run_fills_the_run_directory(tmp_path):
-    config, run_dir = write_config(tmp_path), tmp_path / "run"
-    proc = launch(config, run_dir, "train.steps=12")
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """One uninterrupted two-rank run of ``CONFIG`` for 24 steps, set on the command line (the file says
+    12): the run directory whose contents the contract test checks, and the losses every interrupted
+    and resumed run must reproduce. Returns the run directory and the launcher's output."""
+    tmp = tmp_path_factory.mktemp("straight")
+    config, run_dir = write_config(tmp), tmp / "run"
+    proc = launch(config, run_dir, "train.steps=24")
     out = finish(proc)
     assert proc.returncode == 0, out
+    return run_dir, out
+
+
+def test_two_rank_run_fills_the_run_directory(straight):
+    run_dir, out = straight
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert resolved["train"]["steps"] == 12 and resolved["moe"]["num_experts"] == 4
+    assert resolved["train"]["steps"] == 24 and resolved["moe"]["num_experts"] == 4  # --set recorded
     records = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in records] == list(range(1, 13))
+    assert [r["step"] for r in records] == list(range(1, 25))
     assert all(REQUIRED_KEYS <= r.keys() for r in records)
-    assert records[-1]["consumed_samples"] == 12 * 4
+    assert records[-1]["consumed_samples"] == 24 * 4
     peaks = [r["mem/peak_gib"] for r in records]  # peak RSS of the largest rank: a running maximum
     assert 0.05 < peaks[0] and peaks == sorted(peaks), peaks
-    assert "val/loss" in records[11]
+    assert "val/loss" in records[11] and "val/loss" in records[23]
     assert records[-1]["loss"] < records[0]["loss"]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000012"
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000010", "step_00000012"]
-    assert "step     12/12" in out
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000024"
+    # Saved at steps 10, 20 and the end; the newest two kept.
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000020", "step_00000024"]
+    assert "step     24/24" in out
 
 
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGUSR1"])
-def test_resume_after_a_stop_signal_reproduces_the_uninterrupted_losses(stop, tmp_path):
-    config = write_config(tmp_path)
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    proc = launch(config, straight)
-    out = finish(proc)
-    assert proc.returncode == 0, out
-    reference = read_metrics(straight / "metrics.jsonl")
+def test_resume_after_a_stop_signal_reproduces_the_uninterrupted_losses(stop, straight, tmp_path):
+    config, interrupted = write_config(tmp_path), tmp_path / "interrupted"
+    reference = read_metrics(straight[0] / "metrics.jsonl")
 
-    proc = launch(config, interrupted)
+    proc = launch(config, interrupted, "train.steps=24")
     metrics = interrupted / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # stop it between the periodic checkpoints (10, 20)
@@ -129,7 +136,7 @@ def test_resume_after_a_stop_signal_reproduces_the_uninterrupted_losses(stop, tm
     stopped_at = int((interrupted / "checkpoints" / "latest").read_text().split("_")[1])
     assert 13 <= stopped_at < 24, stopped_at
 
-    proc = launch(config, interrupted)
+    proc = launch(config, interrupted, "train.steps=24")  # the same command again
     out = finish(proc)
     assert proc.returncode == 0, out
     assert f"resumed from {interrupted / 'checkpoints' / f'step_{stopped_at:08d}'} at step {stopped_at}" in out

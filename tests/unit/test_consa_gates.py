@@ -350,7 +350,7 @@ def test_binarizing_undecided_gates_is_reported_as_a_warning():
     from megatron_ext.consa.callback import ConSACallback
 
     cfg = HybridAttentionConfig(enabled=True, mask_learning_steps=10, target=0.5, constraint="per_layer")
-    callback = ConSACallback(cfg, num_layers=2, num_kv_heads=4, tokens_per_step=64, seed=0)
+    callback = ConSACallback(cfg, num_layers=2, num_kv_heads=4, consumed_tokens=lambda step: 64 * step, seed=0)
     with torch.no_grad():  # ties: every gate near log_alpha 0
         callback.gates.log_alpha.copy_(torch.tensor([[0.01, -0.01, 0.02, 0.0], [0.0, 0.01, -0.02, 0.01]]))
     report = callback.diagnostics(callback.gates.binarize(0.5, "per_layer"))
@@ -375,7 +375,7 @@ def test_undecided_gates_warn_unless_the_measured_window_cost_says_the_choice_ca
     cfg = HybridAttentionConfig(
         enabled=True, mask_learning_steps=10, target=0.5, constraint="per_layer", window_cost_tolerance=0.01
     )
-    callback = ConSACallback(cfg, num_layers=2, num_kv_heads=4, tokens_per_step=64, seed=0)
+    callback = ConSACallback(cfg, num_layers=2, num_kv_heads=4, consumed_tokens=lambda step: 64 * step, seed=0)
     low, fa = cfg.hard_concrete.log_alpha_min, 1.41  # the constraint met at rho = 0.5: no gap warning
     with torch.no_grad():  # layer 0 a tie at the constraint's level, layer 1 decided
         callback.gates.log_alpha.copy_(torch.tensor([[-1.6, -1.59, -1.61, -1.6], [low, fa, low, fa]]))
@@ -405,7 +405,7 @@ def test_undecided_gates_warn_unless_the_measured_window_cost_says_the_choice_ca
         callback.gates.log_alpha.copy_(torch.tensor([[0.01, -0.01, 0.02, 0.0], [0.0, 0.01, -0.02, 0.01]]))
     report = callback.diagnostics(callback.gates.binarize(0.5, "per_layer"))
     assert report["harmless_ties"] and [w for w in report["warnings"] if "constraint had not settled" in w]
-    restored = ConSACallback(cfg, num_layers=2, num_kv_heads=4, tokens_per_step=64, seed=0)
+    restored = ConSACallback(cfg, num_layers=2, num_kv_heads=4, consumed_tokens=lambda step: 64 * step, seed=0)
     restored.load_state_dict(callback.state_dict())  # checkpointed with the callback's state
     assert restored.window_cost == callback.window_cost == 0.0
     state = callback.state_dict()
@@ -420,7 +420,7 @@ def test_gates_at_the_constraints_equilibrium_count_as_decided():
     from megatron_ext.consa.callback import ConSACallback
 
     cfg = HybridAttentionConfig(enabled=True, mask_learning_steps=10, target=0.5, constraint="per_layer")
-    callback = ConSACallback(cfg, num_layers=2, num_kv_heads=4, tokens_per_step=64, seed=0)
+    callback = ConSACallback(cfg, num_layers=2, num_kv_heads=4, consumed_tokens=lambda step: 64 * step, seed=0)
     low = cfg.hard_concrete.log_alpha_min
     hc = cfg.hard_concrete
     p_low = float(callback.gates.prob_nonzero(torch.tensor(low)))  # P(z != 0) of an SWA gate at the clamp
@@ -436,7 +436,7 @@ def test_gates_at_the_constraints_equilibrium_count_as_decided():
     report = callback.diagnostics(callback.gates.binarize(0.5, "per_layer"))
     assert report["polarized_fraction"] == 0.5 and report["polarized_full"] == 0.5 and report["polarized_swa"] == 0.5
     global_cfg = HybridAttentionConfig(enabled=True, mask_learning_steps=10, target=0.75, constraint="global")
-    callback = ConSACallback(global_cfg, num_layers=2, num_kv_heads=4, tokens_per_step=64, seed=0)
+    callback = ConSACallback(global_cfg, num_layers=2, num_kv_heads=4, consumed_tokens=lambda step: 64 * step, seed=0)
     with torch.no_grad():  # global groups: the margin runs across layers
         callback.gates.log_alpha.copy_(torch.tensor([[0.5, -2.0, -4.6, -4.6], [-4.6, 0.4, -4.6, -1.0]]))
     # FA: 0.5 and 0.4; the highest SWA unit is -1.0: FA margins 1.5 and 1.4 (undecided), SWA margins
