@@ -93,8 +93,13 @@ class Capability(abc.ABC):
         return None
 
     # -- training -------------------------------------------------------------------------------
-    def callback(self, cfg, log: Callable[[str], None]) -> Optional[Callback]:
-        """The training-loop callback of this capability (None: it has no per-step logic)."""
+    def callback(self, cfg, log: Callable[[str], None], consumed_tokens: Callable[[int], int]) -> Optional[Callback]:
+        """The training-loop callback of this capability (None: it has no per-step logic).
+
+        ``consumed_tokens(step)`` is the number of training tokens after optimizer step ``step`` as the
+        run's schedule draws them (a batch-size ramp-up, stages with their own sequence lengths; past
+        the last step, as many per step as the last), for a callback whose phases are counted in tokens.
+        """
         return None
 
     def batch_hook(self, cfg) -> Optional[BatchHook]:

@@ -72,18 +72,8 @@ class HybridAttention(Capability):
         core = partial(HybridCoreAttention, window=h.window, sink=h.sink_tokens, backend=backend)
         return map_specs(specs, lambda spec: replace_submodule(spec, "self_attention.core_attention", core))
 
-    def callback(self, cfg, log):
+    def callback(self, cfg, log, consumed_tokens):
         from megatron_ext.consa.callback import ConSACallback
-        from megatron_ext.run.schedule import RunSchedule
-
-        # Tokens after each step as the run trains them (a batch ramp-up, the stages' sequence lengths);
-        # the global batch of a step does not depend on the layout, so one data-parallel rank counts them.
-        schedule = RunSchedule(cfg, data_parallel=1)
-        last = cfg.train.steps
-
-        def consumed_tokens(step: int) -> int:  # past the run's end: as many tokens per step as its last
-            extra = max(0, step - last) * (schedule.consumed_tokens(last) - schedule.consumed_tokens(last - 1))
-            return schedule.consumed_tokens(min(step, last)) + extra
 
         return ConSACallback(
             cfg.hybrid_attention,

@@ -123,7 +123,7 @@ class MixtureOfExperts(Capability):
         pattern = cfg.moe.layer_pattern_for(cfg.model.num_layers)
         return [moe_spec if is_moe else spec for spec, moe_spec, is_moe in zip(specs, as_moe, pattern)]
 
-    def callback(self, cfg, log):
+    def callback(self, cfg, log, consumed_tokens):
         from megatron_ext.moe.callback import MoECallback
 
         moe = cfg.moe

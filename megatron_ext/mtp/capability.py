@@ -49,7 +49,7 @@ class MultiTokenPrediction(Capability):
         provider = spec_provider(backend)
         return {"mtp_block_spec": get_gpt_mtp_block_spec_for_backend(config, core_spec, provider, vp_stage=vp_stage)}
 
-    def callback(self, cfg, log):
+    def callback(self, cfg, log, consumed_tokens):
         from megatron_ext.mtp.callback import MTPCallback
 
         return MTPCallback(cfg.model.mtp_num_layers, cfg.train.mtp_weight, cfg.train.mtp_weight_final, cfg.train.steps)

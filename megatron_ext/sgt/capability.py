@@ -46,7 +46,7 @@ class Looping(Capability):
 
         return map_specs(specs, looped_layer_spec)
 
-    def callback(self, cfg, log):
+    def callback(self, cfg, log, consumed_tokens):
         from megatron_ext.sgt.callback import SGTCallback
 
         return SGTCallback(

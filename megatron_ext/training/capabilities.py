@@ -8,14 +8,30 @@ from typing import Any, Callable, Dict, List
 from megatron_ext.capability import BatchHook, Callback, TrainContext
 from megatron_ext.parallel.state import process_groups
 from megatron_ext.run import RunConfig
+from megatron_ext.run.schedule import RunSchedule
 from megatron_ext.training.checkpoint import CommonState
 
 
 def capability_callbacks(cfg: RunConfig, log: Callable = print) -> Dict[str, Callback]:
     """``{capability name: callback}`` of the enabled capabilities that have per-step logic, in
     registry order."""
-    callbacks = {capability.name: capability.callback(cfg, log) for capability in cfg.capabilities}
+    tokens = consumed_tokens(cfg)
+    callbacks = {capability.name: capability.callback(cfg, log, tokens) for capability in cfg.capabilities}
     return {name: cb for name, cb in callbacks.items() if cb is not None}
+
+
+def consumed_tokens(cfg: RunConfig) -> Callable[[int], int]:
+    """Training tokens after each optimizer step as the run draws them (a batch-size ramp-up, the
+    stages' sequence lengths); past the run's last step, as many per step as its last. The global batch
+    of a step does not depend on the layout, so one data-parallel rank counts them."""
+    schedule = RunSchedule(cfg, data_parallel=1)
+    last = cfg.train.steps
+    per_step_after = schedule.consumed_tokens(last) - schedule.consumed_tokens(last - 1)
+
+    def after(step: int) -> int:
+        return schedule.consumed_tokens(min(step, last)) + max(0, step - last) * per_step_after
+
+    return after
 
 
 def batch_hooks(cfg: RunConfig) -> List[BatchHook]:

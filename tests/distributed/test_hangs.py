@@ -114,7 +114,14 @@ def test_a_rank_stuck_mid_step_is_named_and_the_job_ends(tmp_path):
     assert done.returncode != 0 and "worker process died" in err, err[-3000:]
     reports = [line for line in err.splitlines() if line.startswith("watchdog: ")]
     print("[watchdog]\n" + "\n".join(reports))
-    waiting = [line for line in reports if line.startswith("watchdog: rank 0:")]
-    assert waiting and "rank 1 is behind, in phase 'metrics' of step 6" in waiting[0], reports
-    assert "phase 'log' of step 6" in waiting[0] and "exiting with status 75" in waiting[0], reports
+    # Each rank's watchdog reports what the store says; the first to exit ends the job, so which
+    # ranks get to print depends on the machine's load: any report must name the rank behind.
+    named = [
+        line
+        for line in reports
+        if "rank 1 is behind, in phase 'metrics' of step 6" in line
+        and "rank 0: 'log' of step 6" in line
+        and "exiting with status 75" in line
+    ]
+    assert named, reports
     assert "in hang_here" in err and ("Current thread" in err or "Thread 0x" in err), err[-3000:]  # the stacks

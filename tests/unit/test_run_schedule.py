@@ -9,6 +9,7 @@ import pytest
 from megatron_ext.config import ConfigError, from_dict
 from megatron_ext.run import RunConfig, check_run
 from megatron_ext.run.schedule import RunSchedule
+from megatron_ext.training.capabilities import capability_callbacks
 from tests.configs import TINY, merge
 
 
@@ -158,8 +159,7 @@ def test_consa_stage_one_in_tokens_counts_the_tokens_really_trained():
         }
     )
     assert not check_run(cfg, 1, cuda=False)
-    consa = next(c for c in cfg.capabilities if "hybrid_attention" in c.sections)
-    callback = consa.callback(cfg, log=lambda line: None)
+    callback = capability_callbacks(cfg, log=lambda line: None)["hybrid_attention"]
     schedule = RunSchedule(cfg, 1)
     tokens = [schedule.consumed_tokens(3 + n) - schedule.consumed_tokens(3) for n in range(38)]
     expected = next(n for n, t in enumerate(tokens) if t >= 1000)
