@@ -44,6 +44,7 @@ class HybridAttention(Capability):
                 "sliding window that long sees every key, so no unit would attend less; use a window "
                 "shorter than the sequence"
             )
+        problems += _whole_number_of_units(h, m.num_layers, m.num_query_groups or m.num_attention_heads)
         if h.method == "rule_layer" and h.layer_pattern:
             from megatron_ext.consa.allocation import rule_layer_allocation
 
@@ -192,3 +193,27 @@ class HybridAttention(Capability):
                 "layer_pattern": "".join("S" if s else "F" for s in sliding),
             }
         }
+
+
+def _whole_number_of_units(h, num_layers: int, kv_heads: int) -> List[str]:
+    """A target that is not a whole number of the units it counts: binarization would round it (half to
+    even) to another fraction than the one asked for (rho 0.75 of 2 KV heads a layer is 2 SWA heads,
+    every unit), and the comparison with the method would be at another rho."""
+    if h.method == "static":
+        return []
+    hint = ""
+    if h.granularity == "layer" or h.method == "rule_layer":
+        units, what = num_layers, f"{num_layers} layers"
+    elif h.method == "rule_head" or h.constraint == "per_layer":
+        units, what = kv_heads, f"{kv_heads} KV heads of each layer"
+        hint = "" if h.method == "rule_head" else " or constraint: global"
+    else:
+        units, what = num_layers * kv_heads, f"{num_layers} x {kv_heads} KV heads"
+    exact = h.target * units
+    if abs(exact - round(exact)) <= 0.05:  # a rounded decimal (0.67 of 3 layers) is meant as the whole number
+        return []
+    return [
+        f"hybrid_attention.target={h.target} of the {what} is {exact:g} SWA units, not a whole number: the "
+        f"allocation would make {round(exact)} of {units} SWA (rho {round(exact) / units:g}); choose a "
+        f"target that is a multiple of 1/{units} (to two decimals)" + hint
+    ]

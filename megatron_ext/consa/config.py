@@ -85,7 +85,9 @@ class HybridAttentionConfig:
     well as the last ``window`` (LoZA's sink + recent pattern; computed at dense cost [choice]);
     0: plain sliding-window attention."""
     target: float = 0.5
-    """Target fraction rho of units that use SWA."""
+    """Target fraction rho of units that use SWA: a whole number of the units it counts (layers; KV
+    heads of a layer with ``per_layer``; all KV heads with ``global``), to two decimals, else refused
+    (binarization would round it to another fraction)."""
     constraint: Literal["global", "per_layer"] = "per_layer"
     """Whether rho is met over all units at once or by every layer's KV heads on their own."""
     mask_learning_start_step: int = 0
