@@ -32,8 +32,9 @@ import torch.distributed as dist
 from megatron_ext.config import ConfigError
 from megatron_ext.parallel import ParallelSizes
 from megatron_ext.parallel.state import parallel_job
-from megatron_ext.run import check_run, load_config
+from megatron_ext.run import check_run
 from megatron_ext.run.checks import launch_hint
+from megatron_ext.run.schedule import trained_config
 from megatron_ext.training.evaluate import evaluate_checkpoint
 
 
@@ -111,7 +112,7 @@ def run_tasks(args) -> int:
         print("error: --tasks evaluates in one process: run it with python, not torchrun", file=sys.stderr)
         return 2
     try:
-        cfg = unsharded(load_config(args.run_dir / "config.yaml", args.overrides))
+        cfg = unsharded(trained_config(args.run_dir, args.step, args.overrides))
         sub = _subnetwork(cfg, args)
         check_task_names(names, args.include_path)  # before the model loads
         options = dict(option.split("=", 1) for option in args.option)
@@ -148,7 +149,7 @@ def run_validation(args, argv) -> int:
     cuda = torch.cuda.is_available()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg = load_config(args.run_dir / "config.yaml", args.overrides)
+        cfg = trained_config(args.run_dir, args.step, args.overrides)
         # A layout that does not fit the ranks gets one line naming the launch command (with this
         # command's own arguments) or the overrides, instead of the full list of problems.
         command = "-m pretrain.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)

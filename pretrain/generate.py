@@ -62,14 +62,14 @@ def main(argv=None) -> int:
 
     from megatron_ext.inference.decode import Decoder
     from megatron_ext.inference.generate import generate, run_tokenizer
-    from megatron_ext.run import load_config
     from megatron_ext.run.builder import unsharded
+    from megatron_ext.run.schedule import trained_config
     from megatron_ext.training.capabilities import batch_hooks
     from megatron_ext.training.evaluate import load_trained
 
     cuda = torch.cuda.is_available()
     try:  # everything that can be refused without the model: before the process group and the load
-        cfg = unsharded(load_config(args.run_dir / "config.yaml"))
+        cfg = unsharded(trained_config(args.run_dir, args.step))
         tokenizer = run_tokenizer(cfg, args.run_dir)
         if args.prompt_ids is not None:
             if not all(x.isdigit() for x in args.prompt_ids.split()):

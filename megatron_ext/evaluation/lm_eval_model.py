@@ -159,8 +159,8 @@ def _load(run_dir, step, layers, experts, top_k) -> EvalModel:
     stays initialised for the model's life (lm-eval's command line builds the model itself)."""
     from megatron.core import parallel_state
 
-    from megatron_ext.run import load_config
     from megatron_ext.run.builder import unsharded
+    from megatron_ext.run.schedule import trained_config
 
     if not parallel_state.model_parallel_is_initialized():
         from megatron_ext.parallel import ParallelSizes
@@ -168,6 +168,6 @@ def _load(run_dir, step, layers, experts, top_k) -> EvalModel:
 
         job = parallel_job(ParallelSizes())
         job.__enter__()  # released at exit: the process ends with the evaluation
-    cfg = unsharded(load_config(f"{run_dir}/config.yaml"))
+    cfg = unsharded(trained_config(run_dir, None if step is None else int(step)))
     sub = subnetwork_of(cfg, layers, experts, top_k)
     return EvalModel.load(run_dir, None if step is None else int(step), sub)

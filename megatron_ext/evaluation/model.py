@@ -40,13 +40,13 @@ class EvalModel:
         """The latest (or ``step``'s) checkpoint of ``run_dir``, on one GPU when there is one; ``sub``
         (a :class:`~megatron_ext.moe.elastic.SubNetwork`) evaluates that sub-network of the full model."""
         from megatron_ext.inference.generate import run_tokenizer
-        from megatron_ext.run import load_config
         from megatron_ext.run.builder import unsharded
+        from megatron_ext.run.schedule import trained_config
         from megatron_ext.training.capabilities import batch_hooks
         from megatron_ext.training.evaluate import apply_subnetwork, load_trained
 
         run_dir = Path(run_dir)
-        cfg = unsharded(load_config(run_dir / "config.yaml", list(overrides)))
+        cfg = unsharded(trained_config(run_dir, step, overrides))
         cuda = torch.cuda.is_available()
         (model,), _, common = load_trained(cfg, run_dir, step, cuda=cuda)
         if sub is not None:

@@ -32,7 +32,7 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from megatron_ext.config import ConfigError, from_dict, to_dict
+from megatron_ext.config import ConfigError, apply_overrides, from_dict, to_dict
 
 if TYPE_CHECKING:
     from megatron_ext.run.config import RunConfig
@@ -329,3 +329,26 @@ def schedule_problems(cfg: RunConfig, world_size: int, data_parallel: int, **che
                 if p not in known
             )
     return problems
+
+
+def trained_config(run_dir, step: Optional[int] = None, overrides=()) -> RunConfig:
+    """The run config a checkpoint of ``run_dir`` was trained with, for the tools that load one
+    (evaluation, generation, export, extraction): ``config.yaml``, and for a run with ``stages:`` the
+    config of the stage that trained checkpoint ``step`` (default: the latest; no checkpoint: the last
+    stage), so that its model is built with the RoPE base and scaling and the sequence length that
+    stage trained at. ``overrides`` (``section.key=value``) apply on top of the stage's settings."""
+    from pathlib import Path
+
+    from megatron_ext.run.checks import checkpoint_dir
+    from megatron_ext.run.config import load_config
+
+    path = Path(run_dir) / "config.yaml"
+    cfg = load_config(path, list(overrides))
+    if not cfg.stages:
+        return cfg
+    raw_cfg = load_config(path)
+    if step is None:
+        latest = checkpoint_dir(run_dir)
+        step = int(latest.name.split("_")[-1]) if latest is not None else raw_cfg.train.steps
+    stage_cfg = RunSchedule(raw_cfg, data_parallel=1).stage_of(step).config
+    return from_dict(type(cfg), apply_overrides(to_dict(stage_cfg), list(overrides)))

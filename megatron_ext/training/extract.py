@@ -111,12 +111,12 @@ def extract_submodel(run_dir: Path, output: Path, sub, step: Optional[int] = Non
     """Load ``run_dir``'s checkpoint (latest or ``step``), write the sub-model to ``output`` (its
     config.yaml, the files its capabilities need, and a step-0 checkpoint); returns the checkpoint."""
     from megatron_ext.config import dump_yaml
-    from megatron_ext.run import load_config
     from megatron_ext.run.builder import build_model, unsharded
+    from megatron_ext.run.schedule import trained_config
     from megatron_ext.training.checkpoint import CheckpointManager, CommonState
     from megatron_ext.training.evaluate import load_trained
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = trained_config(run_dir, step)
     check_subnetwork(cfg, sub)
     # The sub-model keeps the run's checkpoint settings, load_optimizer included: its step-0 checkpoint
     # records that it holds no optimizer state, so only its own later checkpoints restore one.

@@ -405,13 +405,13 @@ def export_hf(run_dir: Path, output: Path, step: Optional[int] = None) -> Path:
     """Write ``output``: config.json, safetensors, the run's tokenizer files and, where no stock class
     represents the model, ``modeling_hybrid.py`` (load with ``trust_remote_code=True``). Needs a
     one-process parallel state."""
-    from megatron_ext.run import load_config
     from megatron_ext.run.builder import params_dtype, unsharded
+    from megatron_ext.run.schedule import trained_config
     from megatron_ext.training.evaluate import load_trained
 
     run_dir, output = Path(run_dir), Path(output)
     earlier = check_export_output(output)  # before any work: never replace what an export did not write
-    cfg = unsharded(load_config(run_dir / "config.yaml"))
+    cfg = unsharded(trained_config(run_dir, step))
     (model,), callbacks, _ = load_trained(cfg, run_dir, step)
     dtype = "bfloat16" if params_dtype(cfg, cuda=False) == torch.bfloat16 else "float32"
     hf, remote = hf_config_of(cfg, callbacks, dtype)

@@ -112,17 +112,35 @@ def test_rampup_follows_the_schedule_and_resumes_mid_ramp_bitwise(tmp_path):
 
 
 def staged_run(run_dir):
-    return _train(Path(run_dir), STAGED, step=4)
+    return _train(Path(run_dir), merge(STAGED, {"checkpoint": {"save_interval": 4, "save_at_end": True}}), step=4)
+
+
+def load_as_the_tools_do(run_dir):
+    """What evaluate, generate, export and extract build from the checkpoints of steps 4 and 7."""
+    from megatron_ext.evaluation.model import EvalModel
+    from megatron_ext.run.schedule import trained_config
+
+    loaded = {step: EvalModel.load(run_dir, step) for step in (4, 7)}
+    rope = {step: m.model.rotary_pos_emb.inv_freq.clone() for step, m in loaded.items()}
+    lengths = {step: m.max_length for step, m in loaded.items()}
+    return rope, lengths, trained_config(run_dir, overrides=["data.seq_length=64"]).data.seq_length
 
 
 def test_a_stage_change_keeps_the_optimizer_state_and_weights_and_sets_the_new_rope(tmp_path):
+    from megatron_ext.parallel import ParallelSizes
+
     losses, lines, seen = run_distributed(staged_run, 1, None, run_dir=str(tmp_path))[0]
+    rope, lengths, override = run_distributed(load_as_the_tools_do, 1, ParallelSizes(), run_dir=str(tmp_path))[0]
     (adam_end, weights_end), (adam_begin, weights_begin) = seen["end"], seen["begin"]
     assert adam_end.abs().sum() > 0
     assert torch.equal(adam_end, adam_begin) and torch.equal(weights_end, weights_begin)
     dim = 2 * seen["inv_freq"].numel()
     expected = 1.0 / (1000000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     assert torch.equal(seen["inv_freq"], expected)
+    # The step-7 checkpoint (stage 2) loads with its stage's RoPE base and length, step 4's with the run's.
+    assert torch.equal(rope[7], expected) and not torch.equal(rope[4], expected)
+    assert torch.equal(rope[4], 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)))
+    assert lengths == {4: 16, 7: 32} and override == 64
     change = [line for line in lines if "begins at step" in line]
     assert len(change) == 1 and "stage 1 (midtrain) begins at step 5" in change[0] and "seq_length 32" in change[0]
     records = read_metrics(Path(tmp_path) / "metrics.jsonl")

@@ -135,6 +135,8 @@ def test_resume_after_a_stop_signal_reproduces_the_uninterrupted_losses(stop, st
     assert "Traceback" not in out, out
     stopped_at = int((interrupted / "checkpoints" / "latest").read_text().split("_")[1])
     assert 13 <= stopped_at < 24, stopped_at
+    if stop == "SIGTERM":  # the checkpoint a stop signal writes is the same for both: resumed once, below
+        return
 
     proc = launch(config, interrupted, "train.steps=24")  # the same command again
     out = finish(proc)
