@@ -156,7 +156,47 @@ def collect_rows(spec: ExperimentSpec) -> Dict[str, object]:
             elif values and len({str(v) for v in values}) == 1:
                 entry[column] = values[0]
         summary.append(entry)
-    return {"experiment": spec.name, "rows": rows, "summary": summary, "missing": missing, "start": start}
+    return {
+        "experiment": spec.name,
+        "rows": rows,
+        "summary": summary,
+        "paired": paired_differences(rows),
+        "missing": missing,
+        "start": start,
+    }
+
+
+def paired_differences(rows: List[dict], column: str = "val_loss") -> List[dict]:
+    """Each variant's ``column`` minus the first variant's (the baseline) at the same seed, and their
+    mean and sample standard deviation. A seed fixes the data order and the validation split, so the
+    spread between seeds of one variant is mostly the split's; the paired difference is what compares
+    two variants (the papers' seeds are equal across variants, too)."""
+    labels = list(dict.fromkeys(r["variant"] for r in rows))
+    if not labels:
+        return []
+    baseline = {r["seed"]: r.get(column) for r in rows if r["variant"] == labels[0]}
+    out = []
+    for label in labels[1:]:
+        diffs = {
+            r["seed"]: r[column] - baseline[r["seed"]]
+            for r in rows
+            if r["variant"] == label and isinstance(r.get(column), (int, float)) and baseline.get(r["seed"]) is not None
+        }
+        if not diffs:
+            continue
+        values = list(diffs.values())
+        out.append(
+            {
+                "variant": label,
+                "baseline": labels[0],
+                "column": column,
+                "per_seed": diffs,
+                "mean": statistics.fmean(values),
+                "spread": statistics.stdev(values) if len(values) > 1 else None,
+                "better_in": sum(v < 0 for v in values),
+            }
+        )
+    return out
 
 
 def _cell(value) -> str:
@@ -199,8 +239,24 @@ def _markdown(spec: ExperimentSpec, results: dict) -> str:
         cells = []
         for c in columns:
             spread = entry.get(f"{c}_spread")
-            cells.append(_cell(entry.get(c)) + (f" ± {_cell(spread)}" if spread is not None else ""))
+            cells.append(_cell(entry.get(c)) + (f" ± {_cell(spread)}" if spread else ""))
         lines.append(f"| {entry['variant']} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
+    if results["paired"]:
+        first = results["paired"][0]
+        lines += [
+            "",
+            f"## {first['column']} minus {first['baseline']}'s at the same seed (negative: lower than the baseline)",
+            "",
+            "| variant | per seed | mean ± sample std | lower in |",
+            "|---|---|---|---|",
+        ]
+        for entry in results["paired"]:
+            per_seed = ", ".join(f"{seed}: {value:+.4f}" for seed, value in entry["per_seed"].items())
+            spread = "" if entry["spread"] is None else f" ± {entry['spread']:.4f}"
+            lines.append(
+                f"| {entry['variant']} | {per_seed} | {entry['mean']:+.4f}{spread} | "
+                f"{entry['better_in']} of {len(entry['per_seed'])} seeds |"
+            )
     if results["missing"]:
         lines += ["", f"Not finished (run `megatron-ext experiment run` again): {', '.join(results['missing'])}"]
     return "\n".join(lines) + "\n"

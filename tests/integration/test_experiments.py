@@ -111,6 +111,9 @@ def test_run_interrupt_resume_report_and_analyze(tmp_path):
     assert rows["rule_head"]["consa/allocation"] == "SF SF"
     assert (tmp_path / "out" / "plots" / "loss.png").is_file()
     assert "| rule_head | 7 |" in (tmp_path / "out" / "results.md").read_text()
+    (paired,) = results["paired"]  # against the first variant at the same seed
+    assert paired["variant"] == "rule_head" and paired["baseline"] == "dense"
+    assert paired["per_seed"] == {"7": rows["rule_head"]["val_loss"] - rows["dense"]["val_loss"]}
 
     env = dict(os.environ, PYTHONPATH=str(REPO))
     analyze = [sys.executable, "-m", "pretrain.cli", "analyze", "--run-dir", str(dense), "--sequences", "4"]

@@ -97,3 +97,20 @@ def test_bad_specs_are_refused_naming_the_field(tmp_path):
     )
     with pytest.raises(ConfigError, match="a/seed1234: unknown key 'train.stepz'"):
         load_spec(spec)
+
+
+def test_the_report_pairs_each_variant_with_the_baseline_at_the_same_seed():
+    from megatron_ext.experiments.report import paired_differences
+
+    rows = [
+        {"variant": "dense", "seed": 1, "val_loss": 3.0},
+        {"variant": "dense", "seed": 2, "val_loss": 4.0},
+        {"variant": "consa", "seed": 1, "val_loss": 2.9},
+        {"variant": "consa", "seed": 2, "val_loss": 4.2},
+        {"variant": "rule", "seed": 2, "val_loss": 3.5},
+        {"variant": "rule", "seed": 3, "val_loss": 1.0},  # no baseline at seed 3: not paired
+    ]
+    consa, rule = paired_differences(rows)
+    assert consa["per_seed"] == pytest.approx({1: -0.1, 2: 0.2}) and consa["better_in"] == 1
+    assert consa["mean"] == pytest.approx(0.05) and consa["spread"] == pytest.approx(0.3 / 2**0.5)
+    assert rule["per_seed"] == pytest.approx({2: -0.5}) and rule["spread"] is None and rule["better_in"] == 1
