@@ -12,10 +12,14 @@ if TYPE_CHECKING:
     from megatron_ext.run.config import RunConfig
 
 
-def build_datasets(cfg: RunConfig, train_samples: Optional[int] = None) -> Tuple[object, object]:
+def build_datasets(
+    cfg: RunConfig, train_samples: Optional[int] = None, valid_samples: Optional[int] = None
+) -> Tuple[object, object]:
     """(train, valid): indexable datasets whose samples follow the batch contract. ``train_samples``: how
     many training samples the run reads (None: ``train.steps`` global batches; a run with a ramp-up or
-    stages gives its schedule's count, :meth:`~megatron_ext.run.schedule.RunSchedule.stage_samples`)."""
+    stages gives its schedule's count, :meth:`~megatron_ext.run.schedule.RunSchedule.stage_samples`).
+    ``valid_samples``: validation samples an evaluation outside the run reads; the validation set is
+    sized for the larger of it and the run's evaluations (below the run's, the same samples as the run)."""
     from megatron_ext.compat.safe_load import enable_safe_loading
 
     enable_safe_loading()  # Megatron's cached sample indices are read without unpickling
@@ -41,7 +45,7 @@ def build_datasets(cfg: RunConfig, train_samples: Optional[int] = None) -> Tuple
     # (TrainContext.evaluate, e.g. to measure what the trained weights use before a method changes them).
     evaluations = (t.steps // t.eval_interval + 1) if t.eval_interval else 1
     train_samples = t.steps * t.global_batch_size if train_samples is None else train_samples
-    sizes = [train_samples, evaluations * t.eval_steps * t.global_batch_size, 0]
+    sizes = [train_samples, max(evaluations * t.eval_steps * t.global_batch_size, valid_samples or 0), 0]
     tokenizer = load_tokenizer(d.tokenizer, d.eod_token) if d.tokenizer else None
     # With data.valid_paths all of the training blend trains and validation is drawn from those
     # prefixes alone (paths_split is None); otherwise data.split carves validation out of the blend.

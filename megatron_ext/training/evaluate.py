@@ -63,7 +63,7 @@ def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, num_batches: int, sub=Non
     if sub is not None:
         apply_subnetwork(cfg, model, sub)
     t = cfg.train
-    _, valid = build_datasets(cfg)
+    _, valid = build_datasets(cfg, valid_samples=num_batches * t.global_batch_size)
     num_micro = t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
     forward_step = run_forward_step(cfg, comm_device())
     losses = [

@@ -196,11 +196,15 @@ def train(run_dir, config):
 
 def retrieve(run_dir):
     from megatron_ext.evaluation.model import EvalModel
+    from megatron_ext.training.evaluate import evaluate_checkpoint
 
     model = EvalModel.load(run_dir)
     assert model.tokenizer is None
     retrieval = passkey(model, [16, 32, 64, 128], [0.0, 0.25, 0.5, 0.75, 1.0], samples=8, seed=1, key_length=1)
-    return retrieval, extrapolation(model, [1, 2, 4], batches=2)  # indexed data at 2 and 4 x the length
+    extrapolated = extrapolation(model, [1, 2, 4], batches=2)  # indexed data at 2 and 4 x the length
+    # More validation batches than the run's evaluations read (2): the validation set grows to them.
+    extrapolated["validation"] = {n: evaluate_checkpoint(model.cfg, Path(run_dir), n) for n in (2, 6)}
+    return retrieval, extrapolated
 
 
 def key_distance(record) -> int:
@@ -241,6 +245,9 @@ def test_extrapolation_reads_indexed_data_at_longer_lengths(retrieval_results):
         assert [results[k]["seq_length"] for k in ("1", "2", "4")] == [32, 64, 128]
         assert [results[k]["tokens"] for k in ("1", "2", "4")] == [2 * 32 * 32, 2 * 32 * 64, 2 * 32 * 128]
         assert all(math.isfinite(r["loss"]) and r["perplexity"] == math.exp(r["loss"]) for r in results.values())
+        validation = retrieval_results[f"{name} extrapolation"]["validation"]
+        # Six batches are more than the run's evaluations read (IndexError before the set grew to them).
+        assert math.isfinite(validation[2]) and math.isfinite(validation[6]) and validation[6] != validation[2]
 
 
 def test_sliding_window_only_fails_beyond_its_window(retrieval_results):
