@@ -60,11 +60,12 @@ def _decoder(cfg, structure=None):
     from megatron_ext.inference.decode import Decoder
     from megatron_ext.run.builder import build_model
     from megatron_ext.training.capabilities import batch_hooks, restore_capabilities
+    from megatron_ext.training.checkpoint import CommonState
 
     torch.manual_seed(0)
     (model,) = build_model(cfg, cuda=False)
     with TemporaryDirectory() as run_dir:
-        restore_capabilities(cfg, [model], {"step": 0}, Path(run_dir))
+        restore_capabilities(cfg, [model], CommonState(), Path(run_dir))
     if structure is not None:
         structure(model)
     return Decoder(model.eval(), batch_hooks(cfg))
@@ -219,9 +220,48 @@ def bench_elastic(reps: int) -> List[dict]:
     return rows
 
 
+def bench_cpu_mode(reps: int) -> List[dict]:
+    """Cached decode steps (batch 1, context 1024, the dense model) with the CPU mode's per-op
+    dispatch and without it (``cuda_redirect_suspended``, what the decoder does), the same tokens
+    asserted; CPU only."""
+    import contextlib
+
+    import megatron_ext.compat.cpu as cpu
+
+    if not cpu.cpu_support_active():
+        return []
+    decoder, suspended, context = _decoder(_config(DENSE, 1024)), cpu.cuda_redirect_suspended, 1024
+
+    def steps(suspend: bool):
+        def decode():
+            cpu.cuda_redirect_suspended = suspended if suspend else contextlib.nullcontext
+            try:
+                caches = decoder.new_cache(1, context + 64)
+                token, out = torch.zeros(1, dtype=torch.long), []
+                for i in range(64):
+                    token = decoder.step(token, i, caches).argmax(-1)
+                    out.append(int(token))
+                return out
+            finally:
+                cpu.cuda_redirect_suspended = suspended
+
+        return decode
+
+    assert steps(True)() == steps(False)(), "the CPU mode changed the greedy tokens"
+    times = interleaved({"without": steps(True), "with": steps(False)}, reps)
+    return [
+        row(
+            "cpu mode",
+            "decode time with the mode / without (batch 1, 64 steps)",
+            ratio(times, "with", "without"),
+            "report",
+        )
+    ]
+
+
 def run(reps: int = 5) -> List[dict]:
     single_process_megatron()
-    return bench_hybrid(reps) + bench_loops(reps) + bench_elastic(reps)
+    return bench_hybrid(reps) + bench_loops(reps) + bench_elastic(reps) + bench_cpu_mode(reps)
 
 
 if __name__ == "__main__":

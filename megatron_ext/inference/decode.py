@@ -114,8 +114,13 @@ class Decoder:
     @torch.no_grad()
     def step(self, tokens: Tensor, position: int, caches) -> Tensor:
         """Logits ``[b, vocab]`` of one new token per sequence (``[b]``) at ``position``."""
+        from megatron_ext.compat.cpu import cuda_redirect_suspended
+
         positions = torch.tensor([position], device=tokens.device)
-        return self._forward(tokens.view(-1, 1), positions, caches, prefill=False)[:, -1]
+        # A cached step names no CUDA device (the prefill may: Megatron's local attention builds its
+        # causal mask on "cuda"), so on CPU it runs without the per-op Python dispatch of the CPU mode.
+        with cuda_redirect_suspended():
+            return self._forward(tokens.view(-1, 1), positions, caches, prefill=False)[:, -1]
 
     def _forward(self, tokens: Tensor, positions: Tensor, caches, prefill: bool) -> Tensor:
         model = self.model
