@@ -45,6 +45,30 @@ def test_inactive_when_cuda_is_available():
     assert "inactive" in result.stdout
 
 
+def test_the_mode_is_suspended_only_inside_the_block():
+    result = run_python(
+        """
+        import torch
+        from torch.overrides import _get_current_function_mode_stack
+        from megatron_ext.compat import enable_cpu_support
+        from megatron_ext.compat.cpu import cuda_redirect_suspended
+        assert enable_cpu_support() is True
+        assert torch.zeros(1, device="cuda").device.type == "cpu"  # mapped by the mode
+        with cuda_redirect_suspended():
+            assert not _get_current_function_mode_stack()
+            try:
+                torch.zeros(1, device="cuda")
+            except (AssertionError, RuntimeError):
+                print("unmapped inside")
+        assert len(_get_current_function_mode_stack()) == 1
+        assert torch.zeros(1, device="cuda").device.type == "cpu"
+        print("restored")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "unmapped inside" in result.stdout and "restored" in result.stdout
+
+
 def test_refuses_other_megatron_core_versions():
     result = run_python(
         """
