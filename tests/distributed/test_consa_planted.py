@@ -236,7 +236,7 @@ def test_from_a_trained_start_consa_keeps_exactly_the_planted_units(tmp_path, ru
             assert (log_alpha[layer][head] > 2.0) == ((layer, head) in PLANTED), log_alpha
 
 
-@pytest.mark.parametrize("run_seed", [1, 2])
+@pytest.mark.parametrize("run_seed", [2])  # two seeds from a trained start above; one from scratch
 def test_from_scratch_with_a_dense_warm_up_consa_finds_the_best_allocation(tmp_path, run_seed):
     records = run_distributed(
         learn_mask,

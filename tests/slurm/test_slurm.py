@@ -91,43 +91,43 @@ def test_job_refuses_an_allocation_of_another_size(slurm_cluster, tmp_path):
     assert "planned for NODES=2 nodes but SLURM allocated 1" in log, log
 
 
-def _check_resumed(cluster, job: int, run_dir: Path, steps: int, tmp_path: Path) -> int:
+def _check_resumed(cluster, job: int, run_dir: Path, steps: int, tmp_path: Path, stops: int) -> list:
+    """The job completed after ``stops`` requeues, each resumed from the checkpoint its stop signal
+    wrote; returns the steps it stopped at."""
     info = cluster.wait_for(job, job_log=tmp_path / f"job-{job}.out")
     log = job_log(tmp_path, job)
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", str(stops)), log
     checkpoint = run_dir / "checkpoints"
     stopped = [line for line in log.splitlines() if line.startswith("stop signal received: checkpointed at step")]
-    assert len(stopped) == 1, log
-    k = int(stopped[0].split("at step ")[1].split(",")[0])
-    assert f"resumed from {checkpoint / f'step_{k:08d}'} at step {k}" in log, log
-    assert 10 <= k < steps, k
+    assert len(stopped) == stops, log
+    at = [int(line.split("at step ")[1].split(",")[0]) for line in stopped]
+    for k in at:
+        assert f"resumed from {checkpoint / f'step_{k:08d}'} at step {k}" in log, log
+    assert 10 <= at[0] and at == sorted(set(at)) and at[-1] < steps, at
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, steps + 1)), (
         "every step exactly once: none lost, none repeated"
     )
-    # One record per run: the requeued one (SLURM's jobcomp writes it as PENDING), the finished one.
-    assert cluster.sacct(job, parsable=True).split() == ["PENDING|0:0", "COMPLETED|0:0"]
+    # One record per run: each requeued one (SLURM's jobcomp writes it as PENDING), the finished one.
+    assert cluster.sacct(job, parsable=True).split() == ["PENDING|0:0"] * stops + ["COMPLETED|0:0"]
     record = cluster.run("scontrol", "show", "job", str(job)).stdout
-    print(f"[slurm] job {job} stopped at step {k}, resumed, finished {steps} steps\n{record}\n{cluster.sacct(job)}")
-    return k
+    print(f"[slurm] job {job} stopped at steps {at}, resumed, finished {steps} steps\n{record}\n{cluster.sacct(job)}")
+    return at
 
 
-def test_scontrol_requeue_resumes_from_checkpoint(slurm_cluster, tmp_path):
+def test_scontrol_requeue_and_the_time_limit_signal_each_resume_from_checkpoint(slurm_cluster, tmp_path):
+    """One job stopped twice: ``scontrol requeue`` (SIGTERM to every process of the job), then, in
+    the resumed run, what ``--signal=B:USR1@120`` does 120 s before the time limit (SIGUSR1 to the batch
+    shell only: the job checkpoints and requeues itself)."""
     steps, run_dir = 150, tmp_path / "run"
+    metrics = run_dir / "metrics.jsonl"
     job = submit(slurm_cluster, tmp_path, "--config", str(write_tiny_config(tmp_path, steps)), RUN_DIR=str(run_dir))
-    wait_for_steps(slurm_cluster, job, run_dir / "metrics.jsonl", 10, tmp_path)
+    wait_for_steps(slurm_cluster, job, metrics, 10, tmp_path)
     slurm_cluster.run("scontrol", "requeue", str(job))
     resume_now(slurm_cluster, job)
-    _check_resumed(slurm_cluster, job, run_dir, steps, tmp_path)
-    assert "[launch] SIGTERM" in job_log(tmp_path, job)
-
-
-def test_time_limit_signal_checkpoints_and_requeues_itself(slurm_cluster, tmp_path):
-    steps, run_dir = 150, tmp_path / "run"
-    job = submit(slurm_cluster, tmp_path, "--config", str(write_tiny_config(tmp_path, steps)), RUN_DIR=str(run_dir))
-    wait_for_steps(slurm_cluster, job, run_dir / "metrics.jsonl", 10, tmp_path)
-    # What --signal=B:USR1@120 does 120 s before the time limit: SIGUSR1 to the batch shell only.
+    logged = len(metrics.read_text().splitlines())  # the steps of the first run, up to its checkpoint
+    wait_for_steps(slurm_cluster, job, metrics, logged + 10, tmp_path)
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job))
     resume_now(slurm_cluster, job)
-    _check_resumed(slurm_cluster, job, run_dir, steps, tmp_path)
+    _check_resumed(slurm_cluster, job, run_dir, steps, tmp_path, stops=2)
     log = job_log(tmp_path, job)
-    assert "[launch] SIGUSR1" in log and f"requeueing job {job}" in log, log
+    assert "[launch] SIGTERM" in log and "[launch] SIGUSR1" in log and f"requeueing job {job}" in log, log
