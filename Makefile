@@ -22,8 +22,13 @@ smoke: setup
 	rm -rf runs/smoke
 	$(PY) -m pretrain.launch --standalone --nproc-per-node 2 -m pretrain.train --config configs/smoke.yaml
 
+# Unit and HF tests (single-process, mostly interpreter start-up) run on two workers; the
+# multi-rank, launcher and SLURM tests, which use both cores themselves, run one at a time after them.
+# Both parts always run; the target fails if either failed.
 test: setup
-	$(PY) -m pytest tests -q --durations=40
+	$(PY) -m pytest tests/unit tests/hf -q -n 2 --durations=15; a=$$?; \
+	$(PY) -m pytest tests -q --ignore=tests/unit --ignore=tests/hf --durations=40; b=$$?; \
+	test $$a -eq 0 && test $$b -eq 0
 
 lint: setup
 	$(VENV)/bin/ruff check .

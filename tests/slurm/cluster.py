@@ -121,6 +121,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=1
 ReturnToService=2
 MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
