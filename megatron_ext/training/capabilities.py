@@ -23,12 +23,15 @@ def capability_callbacks(cfg: RunConfig, log: Callable = print) -> Dict[str, Cal
 def consumed_tokens(cfg: RunConfig) -> Callable[[int], int]:
     """Training tokens after each optimizer step as the run draws them (a batch-size ramp-up, the
     stages' sequence lengths); past the run's last step, as many per step as its last. The global batch
-    of a step does not depend on the layout, so one data-parallel rank counts them."""
-    schedule = RunSchedule(cfg, data_parallel=1)
-    last = cfg.train.steps
-    per_step_after = schedule.consumed_tokens(last) - schedule.consumed_tokens(last - 1)
+    of a step does not depend on the layout, so one data-parallel rank counts them. The schedule is
+    computed on the first call (most runs' callbacks never ask)."""
+    last, computed = cfg.train.steps, []
 
     def after(step: int) -> int:
+        if not computed:
+            computed.append(RunSchedule(cfg, data_parallel=1))
+        schedule = computed[0]
+        per_step_after = schedule.consumed_tokens(last) - schedule.consumed_tokens(last - 1)
         return schedule.consumed_tokens(min(step, last)) + max(0, step - last) * per_step_after
 
     return after
