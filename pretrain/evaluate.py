@@ -167,7 +167,7 @@ def run_validation(args, argv) -> int:
         tp=p.tensor, pp=p.pipeline, cp=p.context, ep=p.expert, etp=p.expert_tensor, vpp=p.virtual_pipeline
     )
     with parallel_job(sizes, seed=cfg.train.seed):
-        loss = evaluate_checkpoint(cfg, args.run_dir, args.batches, sub)
+        loss = evaluate_checkpoint(cfg, args.run_dir, args.batches, sub, args.step)
         if dist.get_rank() == 0:
             under = (
                 ""

@@ -199,8 +199,8 @@ def _whole_number_of_units(h, num_layers: int, kv_heads: int) -> List[str]:
     """A target that is not a whole number of the units it counts: binarization would round it (half to
     even) to another fraction than the one asked for (rho 0.75 of 2 KV heads a layer is 2 SWA heads,
     every unit), and the comparison with the method would be at another rho."""
-    if h.method == "static":
-        return []
+    if h.method == "static" or (h.method == "rule_layer" and h.layer_pattern):
+        return []  # a static allocation has no target; a layer pattern is checked against it below
     hint = ""
     if h.granularity == "layer" or h.method == "rule_layer":
         units, what = num_layers, f"{num_layers} layers"

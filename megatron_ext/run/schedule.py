@@ -342,13 +342,10 @@ def trained_config(run_dir, step: Optional[int] = None, overrides=()) -> RunConf
     from megatron_ext.run.checks import checkpoint_dir
     from megatron_ext.run.config import load_config
 
-    path = Path(run_dir) / "config.yaml"
-    cfg = load_config(path, list(overrides))
-    if not cfg.stages:
-        return cfg
-    raw_cfg = load_config(path)
-    if step is None:
-        latest = checkpoint_dir(run_dir)
-        step = int(latest.name.split("_")[-1]) if latest is not None else raw_cfg.train.steps
-    stage_cfg = RunSchedule(raw_cfg, data_parallel=1).stage_of(step).config
-    return from_dict(type(cfg), apply_overrides(to_dict(stage_cfg), list(overrides)))
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    if cfg.stages:
+        if step is None:
+            latest = checkpoint_dir(run_dir)
+            step = int(latest.name.split("_")[-1]) if latest is not None else cfg.train.steps
+        cfg = RunSchedule(cfg, data_parallel=1).stage_of(step).config
+    return from_dict(type(cfg), apply_overrides(to_dict(cfg), list(overrides))) if overrides else cfg

@@ -49,17 +49,18 @@ def apply_subnetwork(cfg: RunConfig, model_chunks: list, sub) -> None:
                 skip_layer(layer)
 
 
-def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, num_batches: int, sub=None) -> float:
-    """Mean loss over ``num_batches`` global validation batches (needs the parallel state of
-    ``cfg.parallel`` to be initialized); with ``sub``, of the full model under that sub-network,
-    which equals the loss of the sub-model ``pretrain.extract`` writes for it."""
+def evaluate_checkpoint(cfg: RunConfig, run_dir: Path, num_batches: int, sub=None, step: Optional[int] = None) -> float:
+    """Mean loss of ``run_dir``'s latest (or ``step``'s) checkpoint over ``num_batches`` global
+    validation batches (needs the parallel state of ``cfg.parallel`` to be initialized); with ``sub``,
+    of the full model under that sub-network, which equals the loss of the sub-model
+    ``pretrain.extract`` writes for it."""
     from megatron.core import parallel_state
 
     from megatron_ext.parallel.state import comm_device
     from megatron_ext.run.datasets import build_datasets
     from megatron_ext.training.step import eval_step, global_batch_iterator, run_forward_step
 
-    model, _, _ = load_trained(cfg, run_dir, cuda=torch.cuda.is_available())
+    model, _, _ = load_trained(cfg, run_dir, step, cuda=torch.cuda.is_available())
     if sub is not None:
         apply_subnetwork(cfg, model, sub)
     t = cfg.train

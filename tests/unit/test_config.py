@@ -253,31 +253,34 @@ def test_field_and_layout_problems_come_in_one_round(tmp_path):
     assert not any("world size" in p for p in err.value.problems)
 
 
+MODEL_4x2 = {"num_layers": 4, "num_attention_heads": 4, "num_query_groups": 2}
+
+
 @pytest.mark.parametrize(
-    "hybrid, units",
+    "hybrid, message",
     [
         (
             {"method": "rule_head", "target": 0.75},
             r"0.75 of the 2 KV heads of each layer is 1.5 SWA units.*make 2 of 2",
         ),
-        ({"method": "consa", "target": 0.75, "constraint": "per_layer"}, r"of the 2 KV heads of each layer .*global"),
+        ({"method": "consa", "constraint": "per_layer", "target": 0.75}, r"of the 2 KV heads of each layer .*global"),
         ({"method": "consa", "granularity": "layer", "constraint": "global", "target": 0.3}, r"of the 4 layers is 1.2"),
-        ({"method": "rule_layer", "granularity": "layer", "target": 0.6}, r"of the 4 layers is 2.4"),
+        ({"method": "rule_layer", "granularity": "layer", "target": 0.33}, r"of the 4 layers is 1.32"),
     ],
 )
-def test_a_target_that_is_not_a_whole_number_of_units_is_refused(hybrid, units):
+def test_a_target_that_is_not_a_whole_number_of_units_is_refused(hybrid, message):
     """Binarization rounds rho x units half to even: 0.75 of 2 KV heads would make both SWA (rho 1)."""
-    model = {"num_layers": 4, "num_attention_heads": 4, "num_query_groups": 2}
-    section = {"enabled": True, "window": 8, "mask_learning_steps": 5, **hybrid}
-    if hybrid["method"] not in ("consa",):
-        section.pop("mask_learning_steps")
-    with pytest.raises(ConfigError, match=units):
-        check_run(from_dict(RunConfig, {"model": model, "hybrid_attention": section}), 1, cuda=False)
-    whole = {**section, "target": 0.5, "constraint": "global"}  # 4 of 8 heads, 2 of 4 layers
-    check_run(from_dict(RunConfig, {"model": model, "hybrid_attention": whole}), 1, cuda=False)
-    rounded = {**section, "target": 0.33} if hybrid.get("granularity") == "layer" else None
-    if rounded:  # 0.33 of 4 layers is not meant as 1; 0.67 of 3 layers is 2
-        with pytest.raises(ConfigError, match="not a whole number"):
-            check_run(from_dict(RunConfig, {"model": model, "hybrid_attention": rounded}), 1, cuda=False)
-        three = {"model": {**model, "num_layers": 3}, "hybrid_attention": {**section, "target": 0.67}}
-        check_run(from_dict(RunConfig, three), 1, cuda=False)
+    section = {"enabled": True, "window": 8, **hybrid}
+    if hybrid["method"] == "consa":
+        section["mask_learning_steps"] = 5
+    with pytest.raises(ConfigError, match=message):
+        check_run(from_dict(RunConfig, {"model": MODEL_4x2, "hybrid_attention": section}), 1, cuda=False)
+    whole = {**section, "target": 0.5, "constraint": "global"}  # 4 of 8 KV heads, 2 of 4 layers
+    check_run(from_dict(RunConfig, {"model": MODEL_4x2, "hybrid_attention": whole}), 1, cuda=False)
+
+
+def test_a_target_written_to_two_decimals_counts_as_the_whole_number():
+    layers = {"enabled": True, "window": 8, "method": "rule_layer", "granularity": "layer", "target": 0.67}
+    check_run(
+        from_dict(RunConfig, {"model": {**MODEL_4x2, "num_layers": 3}, "hybrid_attention": layers}), 1, cuda=False
+    )
