@@ -1,6 +1,6 @@
 """Run the benchmarks and write benchmarks/results/<date>.json and a Markdown table.
 
-    python -m benchmarks.run [--reps 5] [--only attention sgt moe overhead inference e2e cp_comm preprocess checkpoint]
+    python -m benchmarks.run [--reps 5] [--only NAME ...]   (names: the keys of BENCHMARKS below)
 
 Every target is on a ratio of two measurements taken side by side in the same process or run
 (cases interleaved, medians over repetitions, public timers only), so machine speed cancels out;
@@ -26,6 +26,7 @@ BENCHMARKS = {  # name -> module with run(reps) -> rows; run in this order
     "moe": "benchmarks.moe_bench",
     "overhead": "benchmarks.overhead_bench",
     "inference": "benchmarks.inference_bench",
+    "decode_hf": "benchmarks.decode_hf_bench",
     "e2e": "benchmarks.e2e_bench",
     "cp_comm": "benchmarks.cp_comm_bench",
     "preprocess": "benchmarks.preprocess_bench",  # needs MEGATRON_LM=DIR (a Megatron-LM checkout); else skipped

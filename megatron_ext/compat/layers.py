@@ -26,10 +26,17 @@ relies on (:mod:`megatron_ext.compat.internals`).
   touching the class or rebuilding the block. The block and activation recomputation call
   ``layer(...)``, which dispatches to it. The pass-through reads its arguments in the layout of
   ``_forward_attention``, so that it accepts any call the real forward accepts.
+* :func:`direct_linears`: in one process, a local ``ColumnParallelLinear`` / ``RowParallelLinear``
+  computes ``matmul(input, weight.t())`` plus its bias unless skipped, through autograd functions
+  and process-group lookups that exist for tensor parallelism and its backward. Cached decoding
+  (one token a step) calls them by the hundred per token, and that machinery costs more than the
+  products themselves; for its duration each such layer gets an instance-level ``forward`` (as
+  :func:`skip_layer` does) that computes the same expression directly.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -94,12 +101,39 @@ _LLAMA3_SCALING = Internal(
     parameters=("freqs", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 )
 
+_COLUMN_FORWARD = Internal(
+    "megatron.core.tensor_parallel.layers",
+    "ColumnParallelLinear.forward",
+    parameters=("input_", "weight", "runtime_gather_output"),
+    source_contains=(
+        "bias = self.bias if not self.skip_bias_add else None",
+        "output_bias = self.bias if self.skip_bias_add else None",
+    ),
+)
+_ROW_FORWARD = Internal(
+    "megatron.core.tensor_parallel.layers",
+    "RowParallelLinear.forward",
+    parameters=("input_",),
+    source_contains=("output = (output_ + self.bias) if self.bias is not None else output_", "output_bias = self.bias"),
+)
+_LINEAR_PRODUCT = Internal(
+    "megatron.core.tensor_parallel.layers",
+    "LinearWithGradAccumulationAndAsyncCommunication.forward",
+    source_contains=("output = torch.matmul(total_input, weight.t())", "output = output + bias"),
+)
+_FROZEN_LINEAR_PRODUCT = Internal(
+    "megatron.core.tensor_parallel.layers",
+    "LinearWithFrozenWeight.forward",
+    source_contains=("output = torch.matmul(input, weight.t())", "output = output + bias"),
+)
+
 _SUBLAYERS = (_FORWARD_ATTENTION, _FORWARD_MLP, _LAYER_FORWARD)
 _ROPE = (_YARN_MSCALE, _ATTENTION_MSCALE)
 _ROPE_SCALING = (_GPT_YARN, _YARN_CONFIG_MSCALE, _YARN_MSCALE, _ATTENTION_MSCALE, _LLAMA3_SCALING)
 _SKIP = (_FORWARD_ATTENTION, _LAYER_FORWARD, _BLOCK_CALLS_LAYER)
+_DIRECT_LINEARS = (_COLUMN_FORWARD, _ROW_FORWARD, _LINEAR_PRODUCT, _FROZEN_LINEAR_PRODUCT)
 
-INTERNALS = tuple(dict.fromkeys(_SUBLAYERS + _ROPE + _ROPE_SCALING + _SKIP))
+INTERNALS = tuple(dict.fromkeys(_SUBLAYERS + _ROPE + _ROPE_SCALING + _SKIP + _DIRECT_LINEARS))
 """Every Megatron-Core internal this module relies on."""
 
 
@@ -236,3 +270,56 @@ def unskip_layer(layer: torch.nn.Module) -> None:
     """Undo :func:`skip_layer` (nothing to do for a layer that is not skipped)."""
     if is_skipped(layer):
         del layer.forward
+
+
+class _DirectLinear:
+    """The forward of one local ``ColumnParallelLinear`` / ``RowParallelLinear`` of a one-process
+    group: ``(matmul(input, weight.t()) + bias, None)``, or ``(product, bias)`` where the layer
+    returns its bias to be added later (``skip_bias_add``), as Megatron computes them."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __call__(self, input_, weight=None, runtime_gather_output=None):
+        m = self.module
+        output = torch.matmul(input_, (m.weight if weight is None else weight).t())
+        if m.skip_bias_add:
+            return output, m.bias
+        return (output if m.bias is None else output + m.bias), None
+
+
+def direct_linear_layers(model: torch.nn.Module) -> list:
+    """The layers of ``model`` that :func:`direct_linears` can compute: local Column/Row parallel
+    linears (not Transformer Engine's, not subclasses) of a tensor-parallel group of one, outside
+    expert communication, with no deferred weight-gradient buffer."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    def one_rank(group) -> bool:
+        return group is None or not dist.is_initialized() or dist.get_world_size(group) == 1
+
+    return [
+        m
+        for m in model.modules()
+        if type(m) in (ColumnParallelLinear, RowParallelLinear)
+        and one_rank(m.tp_group)
+        and not m.explicit_expert_comm
+        and not m.config.defer_embedding_wgrad_compute
+        and m.config._cpu_offloading_context is None
+        and "forward" not in vars(m)
+    ]
+
+
+@contextlib.contextmanager
+def direct_linears(layers: list):
+    """Within the block, each of ``layers`` (from :func:`direct_linear_layers`) computes its forward
+    directly (see the module doc); outside it, Megatron's own forward again. Same values; no autograd
+    graph for the weights (use under ``torch.no_grad``)."""
+    require("megatron_ext.compat.layers.direct_linears", _DIRECT_LINEARS)
+    for m in layers:
+        m.forward = _DirectLinear(m)
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.forward

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from megatron_ext.compat.layers import direct_linear_layers, direct_linears
 from megatron_ext.inference.cache import AttentionCache
 from megatron_ext.models.protocols import (
     DecodePass,
@@ -41,6 +42,12 @@ from megatron_ext.models.protocols import (
 from megatron_ext.models.rope import rotary_table, rotate_query_key
 
 VANILLA_PASSES = [("attention", None), ("mlp", None)]
+
+
+def _whole_groups(core) -> bool:
+    """Whether ``core`` selects heads by whole KV groups (a :class:`HeadSubsetAttention` that is not
+    a :class:`QueryHeadSubsetAttention`)."""
+    return isinstance(core, HeadSubsetAttention) and not isinstance(core, QueryHeadSubsetAttention)
 
 
 def decode_passes(layer) -> List[DecodePass]:
@@ -63,6 +70,14 @@ class Decoder:
         self.batch_hooks = list(batch_hooks)
         self.layers = list(model.decoder.layers)
         self.passes = [decode_passes(layer) for layer in self.layers]
+        # Decided once (the protocols' isinstance checks cost more than a decode step's arithmetic):
+        # which layers compute a loop pass's kept query heads alone (not where whole KV groups are
+        # the unit), and the linear layers computed without Megatron's tensor-parallel machinery.
+        self.kept_heads = [
+            isinstance(layer, KeptHeadsLayer) and not _whole_groups(layer.self_attention.core_attention)
+            for layer in self.layers
+        ]
+        self.direct_linears = direct_linear_layers(model)
         config = model.config
         self.head_dim = config.kv_channels
         self.num_kv_heads = config.num_query_groups
@@ -109,7 +124,8 @@ class Decoder:
     @torch.no_grad()
     def prefill(self, tokens: Tensor, caches) -> Tensor:
         """Logits ``[b, s, vocab]`` of a ``[b, s]`` prompt (positions 0..s-1); fills ``caches``."""
-        return self._forward(tokens, torch.arange(tokens.shape[1], device=tokens.device), caches, prefill=True)
+        with direct_linears(self.direct_linears):
+            return self._forward(tokens, torch.arange(tokens.shape[1], device=tokens.device), caches, prefill=True)
 
     @torch.no_grad()
     def step(self, tokens: Tensor, position: int, caches) -> Tensor:
@@ -119,7 +135,7 @@ class Decoder:
         positions = torch.tensor([position], device=tokens.device)
         # A cached step names no CUDA device (the prefill may: Megatron's local attention builds its
         # causal mask on "cuda"), so on CPU it runs without the per-op Python dispatch of the CPU mode.
-        with cuda_redirect_suspended():
+        with cuda_redirect_suspended(), direct_linears(self.direct_linears):
             return self._forward(tokens.view(-1, 1), positions, caches, prefill=False)[:, -1]
 
     def _forward(self, tokens: Tensor, positions: Tensor, caches, prefill: bool) -> Tensor:
@@ -143,7 +159,7 @@ class Decoder:
             for kind, factors in self.passes[i]:
                 if kind == "attention":
                     hidden = self._attention(
-                        layer,
+                        i,
                         hidden,
                         rope,
                         positions,
@@ -162,7 +178,7 @@ class Decoder:
 
     def _attention(
         self,
-        layer,
+        i: int,
         hidden: Tensor,
         rope,
         positions: Tensor,
@@ -172,16 +188,9 @@ class Decoder:
         prefill: bool,
         loop: bool,
     ) -> Tensor:
+        layer = self.layers[i]
         attn = layer.self_attention
-        core = attn.core_attention
-        whole_groups = isinstance(core, HeadSubsetAttention) and not isinstance(core, QueryHeadSubsetAttention)
-        if (
-            loop
-            and 1.0 in factors
-            and set(factors) <= {0.0, 1.0}
-            and isinstance(layer, KeptHeadsLayer)
-            and not whole_groups
-        ):
+        if loop and self.kept_heads[i] and 1.0 in factors and set(factors) <= {0.0, 1.0}:
             return self._kept_heads_attention(layer, hidden, rope, positions, cache, factors, prefill=prefill)
         query, key, value = attn.get_query_key_value_tensors(layer.input_layernorm(hidden), None)
         query, key = rotate_query_key(attn, layer.layer_number, query, key, rope)

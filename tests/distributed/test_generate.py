@@ -191,3 +191,78 @@ def test_generate_command_samples_from_a_trained_hybrid(tmp_path):
     assert ids.returncode == 0 and len(ids.stdout.split()) == 5, ids.stderr[-2000:]
     bad = generate("--prompt", "x", "--top-p", "1.5")
     assert bad.returncode == 2 and "--top-p=1.5 must be in (0, 1]" in bad.stderr
+
+
+def _direct_linears_match_megatron():
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_ext.compat.layers import direct_linear_layers, direct_linears
+
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, use_cpu_initialization=True)
+    init = torch.nn.init.normal_
+    model = torch.nn.ModuleDict(
+        {
+            "column": ColumnParallelLinear(8, 12, config=config, init_method=init, bias=True),
+            "column_skip": ColumnParallelLinear(8, 12, config=config, init_method=init, bias=True, skip_bias_add=True),
+            "row": RowParallelLinear(
+                12, 8, config=config, init_method=init, bias=True, input_is_parallel=True, skip_bias_add=False
+            ),
+        }
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    x, h, w = torch.randn(3, 2, 8), torch.randn(3, 2, 12), torch.randn(12, 8)
+    calls = {
+        "column": lambda: model["column"](x),
+        "column_weight": lambda: model["column"](x, weight=w),
+        "column_skip": lambda: model["column_skip"](x),
+        "row": lambda: model["row"](h),
+    }
+    with torch.no_grad():
+        megatron = {name: call() for name, call in calls.items()}
+        layers = direct_linear_layers(model)
+        with direct_linears(layers):
+            inside = [type(m.forward).__name__ for m in layers]
+            direct = {name: call() for name, call in calls.items()}
+    restored = all("forward" not in vars(m) for m in model.values())
+    same = {
+        name: torch.equal(megatron[name][0], direct[name][0])
+        and (megatron[name][1] is None) == (direct[name][1] is None)
+        and (megatron[name][1] is None or torch.equal(megatron[name][1], direct[name][1]))
+        for name in calls
+    }
+    return {"count": len(layers), "inside": inside, "restored": restored, "same": same}
+
+
+def test_direct_linears_compute_megatron_s_values_and_are_removed_after_the_block():
+    out = run_distributed(_direct_linears_match_megatron, 1, ParallelSizes())[0]
+    assert out["count"] == 3 and set(out["inside"]) == {"_DirectLinear"} and out["restored"]
+    assert all(out["same"].values()), out["same"]
+
+
+def test_an_in_order_cache_attends_unmasked_as_the_masked_path_does():
+    from megatron_ext.inference.cache import AttentionCache
+
+    gen = torch.Generator().manual_seed(0)
+    plans = [(None, 0), (None, 0), (5, 2), (5, 2)]  # full heads, and a ring of 5 with 2 sink keys
+    cache = AttentionCache(plans, batch=2, capacity=32, head_dim=4, queries_per_group=2)
+    prompt = torch.randn(9, 2, 4, 4, generator=gen)
+    cache.write(prompt, prompt * 2, torch.arange(9))  # a prefill, then one position a step
+    for position in range(9, 20):
+        kv = torch.randn(1, 2, 4, 4, generator=gen)
+        cache.write(kv, kv * 2, torch.tensor([position]))
+        query = torch.randn(1, 2, 8, 4, generator=gen)
+        assert all(group.next_position == position + 1 for group in cache.groups)
+        unmasked = cache.attend(query, position, 0.5)
+        for group in cache.groups:
+            group.next_position = None  # the general path: every slot masked by its position
+        masked = cache.attend(query, position, 0.5)
+        for group in cache.groups:
+            group.next_position = position + 1
+        torch.testing.assert_close(unmasked, masked, rtol=1e-6, atol=1e-6)
+    gap = AttentionCache([(None, 0)], batch=1, capacity=8, head_dim=4, queries_per_group=1)
+    gap.write(torch.randn(3, 1, 1, 4), torch.randn(3, 1, 1, 4), torch.tensor([0, 1, 2]))
+    gap.write(torch.randn(1, 1, 1, 4), torch.randn(1, 1, 1, 4), torch.tensor([5]))  # not in order
+    assert gap.groups[0].next_position is None

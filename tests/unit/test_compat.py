@@ -151,6 +151,10 @@ EXPECTED_SYMBOLS = {
     "megatron.core.tensor_parallel.random.CheckpointWithoutOutput.__init__",
     "megatron.core.tensor_parallel.random.CheckpointWithoutOutputFunction.forward",
     "megatron.core.tensor_parallel.random.CheckpointWithoutOutput._recompute",
+    "megatron.core.tensor_parallel.layers.ColumnParallelLinear.forward",
+    "megatron.core.tensor_parallel.layers.RowParallelLinear.forward",
+    "megatron.core.tensor_parallel.layers.LinearWithGradAccumulationAndAsyncCommunication.forward",
+    "megatron.core.tensor_parallel.layers.LinearWithFrozenWeight.forward",
 }
 
 
@@ -209,6 +213,7 @@ def test_every_compat_entry_point_refuses_other_megatron_core_versions():
             "layers.forward_mlp": lambda: layers.forward_mlp(None, None),
             "layers.rope_mscale": lambda: layers.rope_mscale(None),
             "layers.skip_layer": lambda: layers.skip_layer(None),
+            "layers.direct_linears": lambda: layers.direct_linears([]).__enter__(),
             "moe.set_topk": lambda: moe.set_topk(None, 1),
             "moe.topk_selection_bias": lambda: moe.topk_selection_bias(None, None).__enter__(),
             "moe.reset_token_counts": lambda: moe.reset_token_counts(None),
@@ -234,7 +239,7 @@ def test_every_compat_entry_point_refuses_other_megatron_core_versions():
         """
     )
     assert result.returncode == 0, result.stderr
-    assert "refused 15" in result.stdout
+    assert "refused 16" in result.stdout
 
 
 # -- the wrapped internals' behaviour -----------------------------------------------------------
