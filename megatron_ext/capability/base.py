@@ -49,6 +49,10 @@ class Capability(abc.ABC):
     """Registry key; also the prefix of its metrics and the key of its callback's checkpoint state."""
     sections: Mapping[str, type] = {}
     """``{yaml section: dataclass}`` this capability owns; the run config gets one field each."""
+    stage_fields: Mapping[str, Tuple[str, ...]] = {}
+    """``{section: fields}`` of its sections that a stage of a multi-stage run may override (``stages[i].
+    <section>``): only fields its callback reads from the stage's config (``TrainContext.config``)
+    at every step; the rest are fixed for the run."""
 
     # -- config ---------------------------------------------------------------------------------
     @abc.abstractmethod

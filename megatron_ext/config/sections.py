@@ -16,7 +16,7 @@ import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Literal, Mapping, Optional
+from typing import Any, Callable, ClassVar, Dict, List, Literal, Mapping, Optional
 
 from megatron_ext.config.checks import Checks
 
@@ -726,9 +726,10 @@ STAGE_FIELDS: Dict[str, Optional[tuple]] = {
     "data": None,
     "model": ("rotary_base", "rope_scaling", "max_position_embeddings"),
 }
-"""What a stage may override, per section (None: every field but ``cache_dir``). The rest (model
-shapes, parallel layout, batch sizes, seeds, capability sections) is fixed for the whole run: the
-weights and optimizer state carry over from stage to stage unchanged."""
+"""What a stage may override of the core sections (None: every field but ``cache_dir``). The rest
+(model shapes, parallel layout, batch sizes, seeds) is fixed for the whole run: the weights and
+optimizer state carry over from stage to stage unchanged. A capability adds the fields of its own
+sections that its training logic reads at every step (``Capability.stage_fields``)."""
 
 
 @dataclass(kw_only=True)
@@ -755,6 +756,16 @@ class StageConfig:
     model: Dict[str, Any] = field(default_factory=dict)
     """Overrides of the model section: ``rotary_base``, ``rope_scaling``, ``max_position_embeddings``."""
 
+    section_types: ClassVar[Dict[str, type]] = {"train": TrainConfig, "data": DataConfig, "model": ModelConfig}
+    """The dataclass of each section a stage may override (the run config's composition adds the
+    capabilities' sections, each a field of its own like ``train``)."""
+    overridable: ClassVar[Dict[str, Optional[tuple]]] = STAGE_FIELDS
+    """Which fields of each of those sections (None: every field but ``cache_dir``)."""
+
+    def overrides(self) -> Dict[str, Dict[str, Any]]:
+        """``{section: {field: value}}``: what this stage changes, per section (empty ones included)."""
+        return {section: getattr(self, section) for section in self.overridable}
+
     def __post_init__(self):
         c = Checks(self)
         c.positive("steps", "tokens")
@@ -763,9 +774,8 @@ class StageConfig:
             f"steps={self.steps} and tokens={self.tokens}: give the stage's length one way",
         )
         c.require(self.name is None or bool(self.name.strip()), f"name={self.name!r} is empty")
-        section_fields = {"train": TrainConfig, "data": DataConfig, "model": ModelConfig}
-        for section, allowed in STAGE_FIELDS.items():
-            known = [f.name for f in dataclasses.fields(section_fields[section])]
+        for section, allowed in self.overridable.items():
+            known = [f.name for f in dataclasses.fields(self.section_types[section])]
             for key in getattr(self, section):
                 if key not in known:
                     close = difflib.get_close_matches(key, known, n=1)
@@ -793,20 +803,57 @@ CORE_SECTIONS: Dict[str, type] = {
 """The sections every run has, in YAML order."""
 
 
+def _stage_config_class(sections: Mapping[str, type], stage_fields: Mapping[str, tuple], module: str) -> type:
+    """:class:`StageConfig` with a field per capability section of ``stage_fields`` (``{section:
+    fields a stage may override}``), bound as ``RunConfig.StageConfig`` in ``module``."""
+    for section, names in stage_fields.items():
+        if section not in sections:
+            raise ValueError(f"stage fields of {section!r}: no capability owns a config section of that name")
+        known = {f.name for f in dataclasses.fields(sections[section])}
+        missing = sorted(set(names) - known)
+        if missing or not names:
+            raise ValueError(f"stage fields of {section!r}: {missing or 'none'} are not fields of that section")
+    if not stage_fields:
+        return StageConfig
+    cls = dataclasses.make_dataclass(
+        "StageConfig",
+        [(section, Dict[str, Any], field(default_factory=dict)) for section in stage_fields],
+        bases=(StageConfig,),
+        kw_only=True,
+        namespace={
+            "section_types": {**StageConfig.section_types, **{s: sections[s] for s in stage_fields}},
+            "overridable": {**StageConfig.overridable, **{s: tuple(names) for s, names in stage_fields.items()}},
+        },
+    )
+    cls.__module__, cls.__qualname__ = module, "RunConfig.StageConfig"
+    cls.__doc__ = (StageConfig.__doc__ or "") + (
+        " Capability sections a stage may change: "
+        + ", ".join(f"{s} ({', '.join(n)})" for s, n in stage_fields.items())
+    )
+    return cls
+
+
 def compose_run_config(
-    sections: Mapping[str, type], *, module: str, methods: Optional[Mapping[str, Callable]] = None
+    sections: Mapping[str, type],
+    *,
+    module: str,
+    methods: Optional[Mapping[str, Callable]] = None,
+    stage_fields: Optional[Mapping[str, tuple]] = None,
 ) -> type:
     """The run-config dataclass: ``name``, the :data:`CORE_SECTIONS`, then ``sections`` (each a
-    dataclass whose defaults are valid), all keyword-only. ``module`` is where the class is bound
-    (so that pickling finds it); ``methods`` are added to the class as they are."""
+    dataclass whose defaults are valid), all keyword-only, then ``stages``. ``module`` is where the
+    class is bound (so that pickling finds it); ``methods`` are added to the class as they are;
+    ``stage_fields`` (``{section: fields}``) are the capability fields a stage may override."""
     clash = sorted(set(sections) & (set(CORE_SECTIONS) | {"name"}))
     if clash:
         raise ValueError(f"config sections {clash} are core sections: give the capability's sections other names")
+    stage_cls = _stage_config_class(sections, stage_fields or {}, module)
     fields: List[Any] = [("name", str, field(default="run"))]
     for section, cls in {**CORE_SECTIONS, **sections}.items():
         fields.append((section, cls, field(default_factory=cls)))
-    fields.append(("stages", List[StageConfig], field(default_factory=list)))
-    cls = dataclasses.make_dataclass("RunConfig", fields, kw_only=True, namespace=dict(methods or {}))
+    fields.append(("stages", List[stage_cls], field(default_factory=list)))
+    namespace = dict(methods or {}, StageConfig=stage_cls)
+    cls = dataclasses.make_dataclass("RunConfig", fields, kw_only=True, namespace=namespace)
     cls.__module__ = module
     cls.__doc__ = (
         "A whole run: every section of configs/*.yaml ("

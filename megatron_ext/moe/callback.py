@@ -145,12 +145,16 @@ class MoECallback(Callback):
             # finalize_model_grads zeroes the counts after its bias update; a grad-enabled forward
             # outside a training step (a probe, a test) would leak into the next update.
             reset_token_counts(router)
-        if self.routing.expert_bias and self.routing.bias_update_rate_schedule is not None:
+        # The stage's routing and elastic settings (a multi-stage run may change them; without
+        # stages they are the run's).
+        routing = getattr(ctx.config, "routing", self.routing)
+        if self.routing.expert_bias:
+            rate = routing.bias_rate_at(ctx.step + 1)
             for router in self.routers:  # read by the bias update after this step's backward
-                router.config.moe_router_bias_update_rate = self.routing.bias_rate_at(ctx.step + 1)
+                router.config.moe_router_bias_update_rate = rate
         if self.sampler is None:
             return
-        self.sub = self.sampler.sample(ctx.step + 1)
+        self.sub = self.sampler.sample(ctx.step + 1, getattr(ctx.config, "elastic", None))
         elastic.apply(ctx.model, self.sub)
         if self.sub.experts is not None and self.routing.expert_bias:
             self._bias_before = {id(r): r.expert_bias.detach().clone() for r in self.routers}

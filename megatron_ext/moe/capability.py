@@ -29,13 +29,17 @@ _PER_EXPERT_ROWS = ("mlp.router.weight", "mlp.router.bias", "mlp.router.expert_b
 class MixtureOfExperts(Capability):
     name = "moe"
     sections = {"moe": MoEConfig, "routing": RoutingConfig, "elastic": ElasticConfig}
+    stage_fields = {  # read by MoECallback.on_step_begin from the stage's config at every step
+        "routing": ("bias_update_rate", "bias_update_rate_schedule"),
+        "elastic": ("depth_full_prob", "width_full_prob", "topk_default_prob"),
+    }
 
     def enabled(self, cfg) -> bool:
         return cfg.moe.enabled
 
     def check(self, cfg, *, world_size: int, data_parallel: int, cuda: bool) -> List[str]:
         m, p, t, moe, e = cfg.model, cfg.parallel, cfg.train, cfg.moe, cfg.elastic
-        problems = []
+        problems = self._stage_problems(cfg)
         if not moe.enabled:
             if p.expert > 1:
                 problems.append(f"parallel.expert={p.expert} needs moe.enabled: true")
@@ -84,6 +88,30 @@ class MixtureOfExperts(Capability):
             problems.append(
                 "routing.mode='modality_isolated' cannot be combined with elastic width or train.recompute='full'"
             )
+        return problems
+
+    @staticmethod
+    def _stage_problems(cfg) -> List[str]:
+        """Stage overrides of the routing and elastic sections that the run would not act on."""
+        problems = []
+        for i, stage in enumerate(cfg.stages):
+            routing, elastic = stage.overrides()["routing"], stage.overrides()["elastic"]
+            if routing and not (cfg.moe.enabled and cfg.routing.expert_bias):
+                problems.append(
+                    f"stages[{i}].routing sets {', '.join(sorted(routing))}, but the run has no expert bias to "
+                    "update: set moe.enabled and routing.expert_bias true, or remove the override"
+                )
+            if elastic and not cfg.elastic.enabled:
+                problems.append(
+                    f"stages[{i}].elastic sets {', '.join(sorted(elastic))}, but elastic.enabled is false: the "
+                    "run samples no sub-networks (enable it for the run; a stage sets the probabilities to 1 "
+                    "to train the full network only)"
+                )
+            if cfg.routing.mode == "modality_isolated" and elastic.get("width_full_prob", 1.0) < 1:
+                problems.append(
+                    f"stages[{i}].elastic.width_full_prob={elastic['width_full_prob']}: routing.mode="
+                    "'modality_isolated' cannot be combined with elastic width"
+                )
         return problems
 
     def transformer_config(self, cfg) -> Dict[str, Any]:

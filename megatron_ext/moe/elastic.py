@@ -89,11 +89,12 @@ class ElasticSampler:
         """The whole network."""
         return SubNetwork(layers=tuple(range(self.num_layers)), experts=None, top_k=self.top_k)
 
-    def sample(self, step: int) -> SubNetwork:
-        """The sub-network of optimizer step ``step`` (1-based: the step about to be trained)."""
+    def sample(self, step: int, config: Optional[ElasticConfig] = None) -> SubNetwork:
+        """The sub-network of optimizer step ``step`` (1-based: the step about to be trained), drawn with
+        the probabilities of ``config`` (a stage's elastic section; None: the sampler's own)."""
         if step < 0:
             raise ValueError(f"step={step} is not allowed: use a step >= 0")
-        c = self.config
+        c = self.config if config is None else config
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, step])))
         layers = tuple(range(self.num_layers))
         if rng.random() >= c.depth_full_prob:

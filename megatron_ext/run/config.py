@@ -24,7 +24,16 @@ def _sections():
     return sections
 
 
-RunConfig = compose_run_config(_sections(), module=__name__, methods={"capabilities": property(_enabled_capabilities)})
+def _stage_fields():
+    return {section: fields for capability in CAPABILITIES for section, fields in capability.stage_fields.items()}
+
+
+RunConfig = compose_run_config(
+    _sections(),
+    module=__name__,
+    methods={"capabilities": property(_enabled_capabilities)},
+    stage_fields=_stage_fields(),
+)
 
 
 def routed_experts(cfg) -> Optional[int]:

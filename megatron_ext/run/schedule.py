@@ -69,8 +69,8 @@ def _data_identity(data) -> Tuple:
 def _merged(raw: Dict[str, Any], overrides) -> Dict[str, Any]:
     """``raw`` (a run config as nested dicts) with a stage's section overrides on top."""
     merged = {name: dict(value) if isinstance(value, dict) else value for name, value in raw.items()}
-    for section in ("train", "data", "model"):
-        merged[section].update(getattr(overrides, section))
+    for section, values in overrides.overrides().items():
+        merged[section].update(values)
     return merged
 
 

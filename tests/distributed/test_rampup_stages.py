@@ -158,3 +158,77 @@ def test_resume_at_and_after_a_stage_boundary_is_bitwise(tmp_path):
     )[0]
     assert resumed[4] == reference[4:], "a stop at the last step of stage 0 must resume into stage 1 bit for bit"
     assert resumed[5] == reference[5:], "a stop inside stage 1 must resume bit for bit"
+
+
+MOE_STAGED = merge(
+    TINY,
+    {
+        "model": {"num_layers": 3},
+        "data": {"kind": "synthetic"},
+        "train": {"steps": 6, "warmup_steps": 1},
+        "checkpoint": {"save_at_end": False},
+        "moe": {"enabled": True, "num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 16},
+        "routing": {"expert_bias": True, "bias_update_rate": 0.01},
+        "elastic": {"enabled": True, "depth_full_prob": 0.0, "width_full_prob": 0.0, "topk_default_prob": 0.0},
+        "stages": [
+            {"name": "elastic", "steps": 3},
+            {
+                "name": "full",
+                "routing": {"bias_update_rate": 0.1},
+                "elastic": {"depth_full_prob": 1.0, "width_full_prob": 1.0, "topk_default_prob": 1.0},
+            },
+        ],
+    },
+)
+"""Every step of the first stage a reduced sub-network, the full network in the second; the expert
+bias moves by 0.01 per step in the first stage and by 0.1 in the second."""
+
+
+class _BiasProbe(Callback):
+    """The largest change of any expert bias over each step."""
+
+    name = "bias_probe"
+
+    def __init__(self):
+        self.before, self.moved = None, {}
+
+    def _biases(self, ctx):
+        from megatron_ext.moe.router import elastic_routers
+
+        return torch.cat([r.expert_bias.detach().clone() for r in elastic_routers(ctx.model)])
+
+    def on_step_begin(self, ctx):
+        self.before = self._biases(ctx)
+
+    def on_step_end(self, ctx, result):
+        self.moved[ctx.step] = float((self._biases(ctx) - self.before).abs().max())
+        return {}
+
+
+def _moe_staged(run_dir):
+    from megatron_ext.training.loop import Trainer
+
+    probe = _BiasProbe()
+    Trainer(from_dict(RunConfig, MOE_STAGED), Path(run_dir), callbacks=[probe], log=lambda line: None).run()
+    return probe.moved, read_metrics(Path(run_dir) / "metrics.jsonl")
+
+
+def test_a_stage_changes_the_bias_update_rate_and_the_elastic_sampling(tmp_path):
+    moved, records = run_distributed(_moe_staged, 1, None, run_dir=str(tmp_path))[0]
+    assert [moved[step] for step in range(1, 7)] == pytest.approx([0.01] * 3 + [0.1] * 3)
+    full = [(r["elastic/depth"], r["elastic/num_experts"], r["elastic/topk"]) == (3, 4, 2) for r in records]
+    assert full == [False] * 3 + [True] * 3, records
+
+
+def test_stage_overrides_of_capability_sections_are_checked_before_any_work():
+    from megatron_ext.config import ConfigError
+    from megatron_ext.run.checks import check_run
+
+    with pytest.raises(ConfigError, match=r"stages\[1\].routing.mode cannot change between stages"):
+        from_dict(RunConfig, merge(MOE_STAGED, {"stages": [{"steps": 3}, {"routing": {"mode": "isolated"}}]}))
+    no_bias = from_dict(RunConfig, merge(MOE_STAGED, {"routing": {"expert_bias": False}}))
+    no_elastic = from_dict(RunConfig, merge(MOE_STAGED, {"elastic": {"enabled": False}}))
+    with pytest.raises(ConfigError, match=r"stages\[1\].routing sets bias_update_rate, but the run has no expert bias"):
+        check_run(no_bias, 1, cuda=False)
+    with pytest.raises(ConfigError, match=r"stages\[1\].elastic sets depth_full_prob, topk_default_prob, width_full"):
+        check_run(no_elastic, 1, cuda=False)
