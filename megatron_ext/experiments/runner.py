@@ -3,7 +3,8 @@ evaluations; or submit one SLURM job per run.
 
 Resumable. A run is *finished* when its directory holds ``experiment.json``, written only after the
 training reached ``train.steps`` and every evaluation of the spec was measured; a finished run is
-skipped. A run whose training stopped part-way (a stop signal, a crash, a killed job) is started
+skipped, unless the spec's ``evaluations`` changed since (it is then evaluated again, not trained).
+A run whose training stopped part-way (a stop signal, a crash, a killed job) is started
 again with the same command and run directory, which resumes it from its latest checkpoint (the
 training entry's contract); a run whose training is complete but whose evaluations are missing is
 only evaluated. A finished run made with other overrides than the spec now gives is an error (the
@@ -26,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from megatron_ext.config import to_dict
 from megatron_ext.experiments.spec import ExperimentSpec, PlannedRun, plan_runs
 
 __all__ = [
@@ -221,6 +223,9 @@ def run_experiment(spec: ExperimentSpec, *, evaluate_only: bool = False, log: Ca
 
 def _run_all(spec: ExperimentSpec, child: _Child, evaluate_only: bool, log: Callable[[str], None]) -> int:
     runs = plan_runs(spec)
+    # A finished run whose record names other evaluations (or none: written before they were
+    # recorded) is evaluated again, without training.
+    evaluations = to_dict(spec.evaluations)
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     untrained = []
     for index, run in enumerate(runs, 1):
@@ -228,8 +233,10 @@ def _run_all(spec: ExperimentSpec, child: _Child, evaluate_only: bool, log: Call
         done = read_done(run.run_dir)
         if done is not None:
             _check_same_overrides(run, done)
-            log(f"{where}: finished, skipped")
-            continue
+            if done.get("evaluations") == evaluations:
+                log(f"{where}: finished, skipped")
+                continue
+            log(f"{where}: trained; the spec's evaluations changed since it was evaluated")
         if not training_complete(run.run_dir):
             if evaluate_only:
                 untrained.append(run.key)
@@ -273,7 +280,13 @@ def _run_all(spec: ExperimentSpec, child: _Child, evaluate_only: bool, log: Call
             if result.returncode != 0:
                 raise ExperimentError(f"{run.key}: tasks failed (status {result.returncode}):\n{result.stdout}")
             figures.update(_task_scores(run.run_dir, spec.evaluations.tasks))
-        record = {"label": run.label, "seed": run.seed, "overrides": list(run.overrides), "figures": figures}
+        record = {
+            "label": run.label,
+            "seed": run.seed,
+            "overrides": list(run.overrides),
+            "evaluations": evaluations,
+            "figures": figures,
+        }
         _write_done(run.run_dir, record)
         log(f"{where}: finished ({', '.join(f'{k} {v:.4f}' for k, v in figures.items())})")
     if untrained:

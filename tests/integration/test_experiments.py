@@ -1,8 +1,9 @@
 """``megatron-ext experiment run / report`` and ``analyze`` end to end on a tiny spec: two variants run
 through the project launcher; the second is stopped part-way by a signal to the runner (its ranks
 checkpoint), and running the spec again skips the finished variant and resumes the other from its
-checkpoint; the report has both rows with finite losses; the analysis classifies every head of a
-trained run and writes its figure."""
+checkpoint; with other evaluations in the spec, both are evaluated again without training; the
+report has both rows with finite losses; the analysis classifies every head of a trained run and
+writes its figure."""
 
 import json
 import math
@@ -99,6 +100,15 @@ def test_run_interrupt_resume_report_and_analyze(tmp_path):
     assert "2/2 rule_head/seed7: resuming" in out, out
     assert f"at step {stopped_at}" in out, out
     assert [r["step"] for r in read_metrics(metrics)] == list(range(1, LONG + 1)), "no lost or repeated steps"
+
+    raw = yaml.safe_load(spec.read_text())  # more validation batches: both runs evaluated again, not trained
+    raw["evaluations"]["validation_batches"] = 2
+    spec.write_text(yaml.safe_dump(raw))
+    out = finish(experiment("run", str(spec)))
+    assert out.count("trained; the spec's evaluations changed since it was evaluated") == 2, out
+    assert "training in" not in out and "resuming" not in out, out
+    assert json.loads((dense / "experiment.json").read_text())["evaluations"]["validation_batches"] == 2
+    assert "1/2 dense/seed7: finished, skipped" in finish(experiment("run", str(spec)))
 
     write_report(load_spec(spec))  # what `experiment report` writes (pure Python: in this process)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
