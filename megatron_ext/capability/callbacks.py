@@ -30,6 +30,9 @@ class TrainContext:
     """Optimizer steps completed so far."""
     consumed_samples: int = 0
     """Training samples drawn so far."""
+    num_microbatches: int = 1
+    """Micro-batches of this rank in the step in progress (its global batch, which a ramp-up or a stage
+    changes, over micro-batch size x data-parallel size); set before ``on_step_begin``."""
     evaluate: Optional[Callable[[], float]] = None
     """Validation loss of the model as it is now: the periodic evaluation's batches and forward
     (``train.eval_steps`` global batches, eval mode, no gradients). A collective: every rank calls it

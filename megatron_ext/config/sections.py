@@ -712,6 +712,7 @@ class LoggingConfig:
 
 STAGE_FIELDS: Dict[str, Optional[tuple]] = {
     "train": (
+        "global_batch_size",
         "lr",
         "min_lr",
         "lr_schedule",
@@ -727,7 +728,7 @@ STAGE_FIELDS: Dict[str, Optional[tuple]] = {
     "model": ("rotary_base", "rope_scaling", "max_position_embeddings"),
 }
 """What a stage may override of the core sections (None: every field but ``cache_dir``). The rest
-(model shapes, parallel layout, batch sizes, seeds) is fixed for the whole run: the weights and
+(model shapes, parallel layout, micro-batch size, seeds) is fixed for the whole run: the weights and
 optimizer state carry over from stage to stage unchanged. A capability adds the fields of its own
 sections that its training logic reads at every step (``Capability.stage_fields``)."""
 
@@ -750,7 +751,8 @@ class StageConfig:
     (its global batches x its sequence length). The last stage may give neither: it runs to
     ``train.steps``."""
     train: Dict[str, Any] = field(default_factory=dict)
-    """Overrides of the train section: the LR schedule's fields (see :data:`STAGE_FIELDS`)."""
+    """Overrides of the train section: the LR schedule's fields and the global batch (see
+    :data:`STAGE_FIELDS`)."""
     data: Dict[str, Any] = field(default_factory=dict)
     """Overrides of the data section: blend, sequence length, document flags, loss weights."""
     model: Dict[str, Any] = field(default_factory=dict)

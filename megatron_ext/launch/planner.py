@@ -78,6 +78,9 @@ class LaunchPlan:
     cfg: RunConfig
     layout: Layout
     memory: List[StageMemory]
+    """Per pipeline stage, the estimate of the run stage (``stages:``) that needs the most memory."""
+    peak_run_stage: Optional[str]
+    """That run stage where the run has several (``name (seq_length L)``), else None."""
     warnings: List[str]
     total_params: int
     gpu_memory_gib: float
@@ -97,7 +100,7 @@ def make_plan(
     """Check the allocation, then lay out the ranks and estimate memory (raises ConfigError)."""
     check_allocation(cfg, nodes, gpus_per_node, environ)
     layout = Layout.from_config(cfg, nodes, gpus_per_node)
-    memory = estimate_memory(cfg, inventory, layout.world, cuda=True)
+    memory, peak_run_stage = _memory_over_run_stages(cfg, inventory, layout.world)
     warnings = []
     if data_elsewhere(cfg):
         warnings.append(
@@ -117,23 +120,39 @@ def make_plan(
                 "train.recompute to selective / full"
             )
     peaks = {
-        mode: max(
-            s.total
-            for s in estimate_memory(
-                replace(cfg, train=replace(cfg.train, recompute=mode)), inventory, layout.world, cuda=True
-            )
-        )
+        mode: max(s.total for s in _memory_over_run_stages(cfg, inventory, layout.world, mode)[0])
         for mode in ("none", "selective", "full")
     }
     return LaunchPlan(
         cfg=cfg,
         layout=layout,
         memory=memory,
+        peak_run_stage=peak_run_stage,
         warnings=warnings,
         total_params=inventory.total,
         gpu_memory_gib=gpu_memory_gib,
         peak_by_recompute=peaks,
     )
+
+
+def _memory_over_run_stages(
+    cfg: RunConfig, inventory: ParamInventory, world: int, recompute: Optional[str] = None
+) -> Tuple[List[StageMemory], Optional[str]]:
+    """Per pipeline stage, the largest estimate over the run's stages (their sequence lengths and batches
+    differ; the weights and optimizer do not), and the run stage of the overall peak (None: one stage).
+    ``recompute``: estimate with that ``train.recompute`` instead of each stage's."""
+    from megatron_ext.run.schedule import stage_configs
+
+    configs = stage_configs(cfg)
+    if recompute is not None:
+        configs = [replace(c, train=replace(c.train, recompute=recompute)) for c in configs]
+    estimates = [estimate_memory(c, inventory, world, cuda=True) for c in configs]
+    memory = [max(column, key=lambda s: s.total) for column in zip(*estimates)]
+    if len(configs) == 1:
+        return memory, None
+    peak = max(range(len(configs)), key=lambda i: max(s.total for s in estimates[i]))
+    name = cfg.stages[peak].name or f"stage{peak}"
+    return memory, f"stages[{peak}] {name} (seq_length {configs[peak].data.seq_length})"
 
 
 def _expert_fix(cfg: RunConfig, lay: Layout, kind: str) -> str:
@@ -255,8 +274,9 @@ def _memory_lines(plan: LaunchPlan, stages: Sequence[StageMemory]) -> List[str]:
             f"  {s.stage:>5}  {_count(s.params):>10}  {s.weights / scale:>7.2f}  {s.gradients / scale:>7.2f}  "
             f"{s.optimizer / scale:>9.2f}  {s.activations / scale:>11.2f}  {s.total / scale:>7.2f}"
         )
+    where = f" in the run's {plan.peak_run_stage}" if plan.peak_run_stage else ""
     out.append(
-        f"  peak: stage {peak.stage}, {peak.total / GIB:.2f} GiB of {plan.gpu_memory_gib:g} GiB; "
+        f"  peak: stage {peak.stage}{where}, {peak.total / GIB:.2f} GiB of {plan.gpu_memory_gib:g} GiB; "
         "with train.recompute = "
         + ", ".join(f"{mode}: {total / GIB:.2f}" for mode, total in plan.peak_by_recompute.items())
     )

@@ -108,7 +108,6 @@ class MoECallback(Callback):
         self.aux_losses = list(aux_losses)
         """Megatron's names of the router losses that are on (``load_balancing_loss``, ``z_loss``, ...)."""
         self._tp_dp_cp_group: Optional[dist.ProcessGroup] = None
-        self._num_microbatches = 1
 
     # -- wiring --------------------------------------------------------------------------------------
     def on_train_start(self, ctx: TrainContext) -> None:
@@ -133,11 +132,6 @@ class MoECallback(Callback):
         )
         self._pp_group = pp_group
         self._tp_dp_cp_group = ctx.pg_collection.tp_dp_cp
-        t = getattr(ctx.config, "train", None)
-        if t is not None:
-            self._num_microbatches = max(
-                1, t.global_batch_size // (t.micro_batch_size * dist.get_world_size(ctx.pg_collection.dp))
-            )
 
     # -- per step ------------------------------------------------------------------------------------
     def on_step_begin(self, ctx: TrainContext) -> None:
@@ -200,7 +194,7 @@ class MoECallback(Callback):
         metrics.update(
             {f"moe/{k}": v for k, v in routing_statistics(counts, None if sub is None else sub.experts).items()}
         )
-        metrics.update(self._aux_loss_metrics())
+        metrics.update(self._aux_loss_metrics(ctx.num_microbatches))
         if self.routing.expert_bias:
             metrics["moe/bias_abs_mean"] = self._bias_abs_mean()
         if self.capacity_factor is not None:  # token dropping: the share of assignments capacity dropped
@@ -227,7 +221,7 @@ class MoECallback(Callback):
             router.expert_bias.copy_(before + update)
         self._bias_before = {}
 
-    def _aux_loss_metrics(self) -> Dict[str, float]:
+    def _aux_loss_metrics(self, num_microbatches: int) -> Dict[str, float]:
         """``moe/<name>`` of every router loss that is on: its value without coefficient, mean over the
         MoE layers that ran, over micro-batches and over the ranks that saw different tokens."""
         values = take_aux_losses()  # read (and zeroed) on every rank, also with nothing to report
@@ -243,7 +237,7 @@ class MoECallback(Callback):
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(table, group=group)
             table /= dist.get_world_size(group)
-        table = table.cpu() / self._num_microbatches
+        table = table.cpu() / num_microbatches
         out = {}
         for i, name in enumerate(self.aux_losses):
             ran = table[i] != 0

@@ -20,7 +20,6 @@ class MTPCallback(Callback):
         self.steps = steps
         self._configs = []
         self._groups = None
-        self._num_microbatches = 1
 
     def weight_at(self, step: int) -> float:
         """Linear from ``weight`` at step 1 to ``weight_final`` at the last step."""
@@ -32,11 +31,6 @@ class MTPCallback(Callback):
     def on_train_start(self, ctx: TrainContext) -> None:
         self._configs = list({id(c): c for c in (getattr(m, "module", m).config for m in ctx.model)}.values())
         self._groups = ctx.pg_collection
-        t = getattr(ctx.config, "train", None)
-        if t is not None:
-            self._num_microbatches = max(
-                1, t.global_batch_size // (t.micro_batch_size * dist.get_world_size(ctx.pg_collection.dp))
-            )
 
     def on_step_begin(self, ctx: TrainContext) -> None:
         for config in self._configs:  # read by GPTModel's MTP loss scaling in this step's forwards
@@ -62,7 +56,7 @@ class MTPCallback(Callback):
         if dist.get_world_size(groups.dp_cp) > 1:
             dist.all_reduce(values, group=groups.dp_cp)
             values /= dist.get_world_size(groups.dp_cp)
-        values = values.cpu() / self._num_microbatches
+        values = values.cpu() / ctx.num_microbatches
         metrics = {f"mtp/loss_{k + 1}": float(values[k]) for k in range(self.num_layers)}
         metrics["mtp/weight"] = self.weight_at(ctx.step)
         return metrics

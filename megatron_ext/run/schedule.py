@@ -9,7 +9,9 @@ step: ``start + floor(consumed / (samples / n)) * increment`` with ``n = (global
 increment`` increments, ``global_batch_size`` once ``consumed > samples``.
 
 Stages (``stages:``): stage ``i`` runs steps ``first_step .. last_step`` with the run config of the
-previous stage plus its overrides. Its LR schedule spans its own length; the unit of every LR
+previous stage plus its overrides. A stage that sets ``train.global_batch_size`` trains at that batch
+(no ramp-up from there on; e.g. fewer, longer sequences at a longer context); the others follow the
+run's ramp-up or batch. Its LR schedule spans its own length; the unit of every LR
 schedule is the optimizer step, or the sample with a ramp-up (Megatron-LM's sample-based schedule: the
 scheduler advances by each step's global batch, so that it counts the samples, and with them the
 tokens, that were really trained; a stage's ``warmup_steps`` and ``wsd_decay_steps`` become the
@@ -67,11 +69,20 @@ def _data_identity(data) -> Tuple:
 
 
 def _merged(raw: Dict[str, Any], overrides) -> Dict[str, Any]:
-    """``raw`` (a run config as nested dicts) with a stage's section overrides on top."""
+    """``raw`` (a run config as nested dicts) with a stage's section overrides on top. A stage that sets
+    its own ``train.global_batch_size`` trains at that batch throughout: it has no ramp-up."""
     merged = {name: dict(value) if isinstance(value, dict) else value for name, value in raw.items()}
     for section, values in overrides.overrides().items():
         merged[section].update(values)
+    if "global_batch_size" in overrides.train:
+        merged["train"]["rampup_batch_size"] = None
     return merged
+
+
+def stage_configs(cfg: RunConfig) -> List[Any]:
+    """Each stage's run config, in order (``[cfg]`` without ``stages``); ConfigError for an override the
+    sections refuse."""
+    return _stage_configs(cfg)
 
 
 def _stage_configs(cfg: RunConfig) -> List[Any]:
@@ -171,11 +182,11 @@ class RunSchedule:
                     break
                 if len(self.batches) >= t.steps and not last_stage:
                     break
-                if calculator is not None:
+                if calculator is not None and stage_cfg.train.rampup_batch_size is not None:
                     calculator.update(self.samples[-1], consistency_check=True)
                     batch = calculator.get_current_global_batch_size()
-                else:
-                    batch = t.global_batch_size
+                else:  # the stage's own batch (the run's without stages)
+                    batch = stage_cfg.train.global_batch_size
                 self.batches.append(batch)
                 self.samples.append(self.samples[-1] + batch)
                 self.tokens.append(self.tokens[-1] + batch * seq)
@@ -193,6 +204,8 @@ class RunSchedule:
             )
             trained[identity] = trained.get(identity, 0) + self.tokens[-1] - start_tokens
         self.last_steps = [s.last_step for s in self.stages]  # what stage_of bisects
+        self.batch_varies = len(self.batches) > 0 and min(self.batches) != max(self.batches)
+        """Whether the global batch changes during the run (a ramp-up, a stage's own batch)."""
         problems = self._length_problems() + [p for s in self.stages for p in self._lr_problems(s)]
         if problems:
             raise ConfigError(problems)

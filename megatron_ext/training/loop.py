@@ -412,7 +412,8 @@ class _TrainingRun:
         """Forward, backward and optimizer update on the next global batch; returns the step's result
         and its wall time."""
         t, step = self.cfg.train, self.ctx.step + 1
-        batch = self.schedule.global_batch(step)  # the ramp-up's at this step
+        batch = self.schedule.global_batch(step)  # the ramp-up's or the stage's at this step
+        self.ctx.num_microbatches = batch // self.per_micro_step
         with self.observer.timed("callbacks"):
             for cb in self.callbacks:
                 cb.on_step_begin(self.ctx)
@@ -423,7 +424,7 @@ class _TrainingRun:
             self.model,
             self.optimizer,
             batches,
-            num_microbatches=batch // self.per_micro_step,
+            num_microbatches=self.ctx.num_microbatches,
             seq_length=self.stage.config.data.seq_length,
             micro_batch_size=t.micro_batch_size,
             forward_step_func=self.forward_step,
@@ -516,7 +517,7 @@ class _TrainingRun:
         eta = elapsed / max(done, 1) * (steps - record["step"])
         extra = f" | val {record['val/loss']:.4f}" if "val/loss" in record else ""
         where = f" | {self.stage.name}" if self.cfg.stages else ""
-        ramp = f" | batch {record['global_batch_size']}" if self.cfg.train.rampup_batch_size else ""
+        ramp = f" | batch {record['global_batch_size']}" if self.schedule.batch_varies else ""
         return (
             f"step {record['step']:>6}/{steps}{where}{ramp} | loss {record['loss/interval_mean']:.4f}{extra} | "
             f"lr {record['lr']:.3e} | grad {record['grad_norm']:.3f} | {record['tokens_per_sec']:,.0f} tok/s | "

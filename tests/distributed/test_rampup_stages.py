@@ -232,3 +232,33 @@ def test_stage_overrides_of_capability_sections_are_checked_before_any_work():
         check_run(no_bias, 1, cuda=False)
     with pytest.raises(ConfigError, match=r"stages\[1\].elastic sets depth_full_prob, topk_default_prob, width_full"):
         check_run(no_elastic, 1, cuda=False)
+
+
+def _moe_ramp(run_dir):
+    from megatron_ext.training.loop import Trainer
+
+    config = merge(
+        RAMP,
+        {
+            "moe": {
+                "enabled": True,
+                "num_experts": 4,
+                "top_k": 2,
+                "expert_ffn_hidden_size": 16,
+                "load_balancing": "aux_loss",
+                "aux_loss_coeff": 1.0e-2,
+            },
+            "routing": {"expert_bias": False},
+        },
+    )
+    Trainer(from_dict(RunConfig, config), Path(run_dir), log=lambda line: None).run()
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
+
+
+def test_router_losses_are_averaged_over_the_micro_batches_of_each_step_of_a_ramp(tmp_path):
+    records = run_distributed(_moe_ramp, 1, None, run_dir=str(tmp_path))[0]
+    assert [r["global_batch_size"] for r in records] == [2, 2, 4, 6, 8, 8]  # 1, 1, 2, 3, 4, 4 micro-batches
+    # The switch loss without its coefficient is about 1 near balance at any batch; a sum over the
+    # micro-batches divided by a fixed count would scale with the step's micro-batches.
+    losses = [r["moe/load_balancing_loss"] for r in records]
+    assert all(0.8 < loss < 1.6 for loss in losses), losses

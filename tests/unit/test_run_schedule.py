@@ -67,6 +67,29 @@ def test_stages_in_steps_and_tokens_keep_the_data_position_in_tokens():
     assert s.stage_of(0).index == 0 and s.stage_of(3).index == 0 and s.stage_of(4).index == 1
 
 
+def test_a_stage_with_its_own_global_batch_trains_at_it_after_the_ramp():
+    cfg = _cfg(
+        {
+            "train": {"global_batch_size": 16, "steps": 10, "rampup_batch_size": [4, 4, 24]},
+            "stages": [
+                {"steps": 6},
+                {"steps": 2, "train": {"global_batch_size": 4}, "data": {"seq_length": 64}},
+                {"name": "same batch, next data", "data": {"seed": 3}},  # inherits the batch of 4
+            ],
+        }
+    )
+    s = RunSchedule(cfg, 1)
+    assert list(s.batches) == [4, 4, 8, 12, 16, 16, 4, 4, 4, 4]
+    assert s.stages[1].config.train.rampup_batch_size is None and s.stages[2].config.train.global_batch_size == 4
+    assert s.consumed_tokens(8) == 60 * 16 + 8 * 64
+    assert s.data_position(7) == 60 * 16 // 64  # the same data at 4x the length
+    assert s.batch_varies and not RunSchedule(_cfg({"train": {"steps": 3}}), 1).batch_varies
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(stage1\): train.global_batch_size=5 is not divisible"):
+        check_run(
+            _cfg({"train": {"steps": 4}, "stages": [{"steps": 2}, {"train": {"global_batch_size": 5}}]}), 1, cuda=False
+        )
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
