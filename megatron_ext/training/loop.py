@@ -323,11 +323,18 @@ class _TrainingRun:
             return
         self.enter_stage(stage)
         d, t = stage.config.data, stage.config.train
+        methods = "".join(  # what the stage sets in the capabilities' sections
+            f", {section}.{key} {value}"
+            for section, values in self.cfg.stages[stage.index].overrides().items()
+            if section not in ("train", "data", "model")
+            for key, value in values.items()
+        )
         self.log_rank0(
             f"stage {stage.index} ({stage.name}) begins at step {step}: steps {stage.first_step}-{stage.last_step}, "
-            f"seq_length {d.seq_length}, lr {t.lr:g} -> {t.min_lr:g} ({t.lr_schedule}), rotary_base "
-            f"{stage.config.model.rotary_base}, data from sample {self.schedule.data_position(step)} "
-            f"({self.schedule.consumed_tokens(step - 1):,} tokens trained); weights and optimizer state kept"
+            f"seq_length {d.seq_length}, batch {self.schedule.global_batch(step)}, lr {t.lr:g} -> {t.min_lr:g} "
+            f"({t.lr_schedule}), rotary_base {stage.config.model.rotary_base}{methods}, data from sample "
+            f"{self.schedule.data_position(step)} ({self.schedule.consumed_tokens(step - 1):,} tokens trained); "
+            "weights and optimizer state kept"
         )
 
     def micro_batches(self, dataset, consumed_samples: int, global_batch_size: int):
