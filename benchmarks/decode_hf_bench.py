@@ -27,18 +27,9 @@ from typing import List
 import torch
 
 from benchmarks.common import command_line, interleaved, median, row, single_process_megatron
+from benchmarks.inference_bench import DENSE as MODEL  # d = 256, 4 layers, 8 query / 4 KV heads of dim 32
 
 PROMPT, NEW_TOKENS, WINDOW = 1024, 256, 512
-MODEL = dict(
-    num_layers=4,
-    hidden_size=256,
-    num_attention_heads=8,
-    num_query_groups=4,
-    kv_channels=32,
-    ffn_hidden_size=704,
-    vocab_size=4096,
-    qk_layernorm=True,
-)
 HYBRID = dict(enabled=True, window=WINDOW, target=0.5)
 MODELS = {  # name -> hybrid_attention section (None: full attention)
     "full attention": None,
