@@ -80,12 +80,6 @@ def _merged(raw: Dict[str, Any], overrides) -> Dict[str, Any]:
 
 
 def stage_configs(cfg: RunConfig) -> List[Any]:
-    """Each stage's run config, in order (``[cfg]`` without ``stages``); ConfigError for an override the
-    sections refuse."""
-    return _stage_configs(cfg)
-
-
-def _stage_configs(cfg: RunConfig) -> List[Any]:
     """Each stage's run config (the run's own alone without ``stages``); ConfigError naming the stage
     (``stages[i].section.field``) for an override the sections refuse."""
     if not cfg.stages:
@@ -155,7 +149,7 @@ class RunSchedule:
             calculator = RampupBatchsizeNumMicroBatchesCalculator(
                 t.global_batch_size, t.micro_batch_size, data_parallel, False, 1, start, increment, samples
             )
-        configs = _stage_configs(cfg)
+        configs = stage_configs(cfg)
         problems = _structure_problems(cfg, configs)
         if problems:
             raise ConfigError(problems)
