@@ -10,8 +10,14 @@ modes, set by the ConSA callback (default: full):
               ConSA (arXiv 2606.18056) [digest]
               ``out_u = z_u * FA_u(q, k, v) + (1 - z_u) * SWA_u(q, k, v)``; a unit is the layer
               (one z) or a KV head (its z is shared by the query heads of its group);
-* ``static``  (after binarization) each KV head runs one kernel: the FA heads and the SWA heads
-              are computed as two groups, so SWA heads really cost O(s * W).
+* ``static``  (after binarization) each KV head runs one kernel, so SWA heads really cost O(s * W).
+
+Kernels [choice]: on the CPU (float32, this project's backend, no CP, no sinks) a gated layer computes
+both outputs in one pass of the fused kernel (:mod:`~megatron_ext.models.fused_swa`, dual mode: the
+window's scores are part of the full ones, computed once), and a static mixed layer is one call with a
+window per KV head, its threads balanced by cost. Elsewhere (CUDA, TE, CP, sinks) the FA heads and the
+SWA heads are computed as two groups, each by its own kernel; ``fused = False`` does that on the CPU too,
+the reference the tests compare the one-pass forms with.
 
 Window convention [choice]: a query at position i sees keys i - W + 1 .. i (W keys, itself included).
 Under TP a rank holds KV heads ``[tp_rank * ng_local, (tp_rank + 1) * ng_local)`` and uses the
@@ -37,9 +43,15 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+from megatron_ext.models import fused_swa
 from megatron_ext.models.context_attention import context_parallel_attention
 from megatron_ext.models.documents import document_starts_of
-from megatron_ext.models.kernels import causal_attention, sink_window_attention, sliding_window_attention
+from megatron_ext.models.kernels import (
+    DEFAULT_BLOCK_SIZE,
+    causal_attention,
+    sink_window_attention,
+    sliding_window_attention,
+)
 from megatron_ext.models.protocols import (
     AttentionPairCounter,
     HeadSubsetAttention,
@@ -104,6 +116,10 @@ class HybridCoreAttention(
             self.te = TEKernels(self.head_dim, self.softmax_scale, layer_number)
         elif backend != "local":
             raise ValueError(f"backend {backend!r} is not 'local' or 'te'")
+        self.fused = True
+        """Whether a gated or static mixed layer on the CPU (float32, no CP, no TE, no sinks) runs its
+        heads in one pass of the fused kernel (:mod:`~megatron_ext.models.fused_swa`); False: each kernel
+        on its own heads (full attention through SDPA), the reference the tests compare it with."""
         self.mode = "full"
         self._gate: Optional[Callable[[bool], torch.Tensor]] = None
         self._full_heads: Optional[torch.Tensor] = None  # [local_kv_heads] bool, static mode
@@ -208,9 +224,26 @@ class HybridCoreAttention(
             z = z[self.kv_offset + heads].repeat_interleave(qpg)  # [nq]
         z = z.to(device=q.device, dtype=q.dtype)
         z = z.view(1, -1, 1, 1)
-        full = self._full(q, k, v, docs)
-        swa = self._sparse(q, k, v, docs)
+        if self._one_pass(q):  # both outputs from one computation of the scores
+            full, swa = fused_swa.fused_full_and_window_attention(
+                q, k, v, self.window, self.softmax_scale, DEFAULT_BLOCK_SIZE, docs
+            )
+        else:
+            full = self._full(q, k, v, docs)
+            swa = self._sparse(q, k, v, docs)
         return torch.lerp(swa, full, z)  # z * full + (1 - z) * swa in one pass (and one in backward)
+
+    def _one_pass(self, q: torch.Tensor) -> bool:
+        """Whether a gated or mixed layer runs in one pass of the fused CPU kernel (see ``fused``)."""
+        return (
+            self.fused
+            and self.cp is None
+            and self.te is None
+            and not self.sink
+            and not q.is_cuda
+            and q.dtype == torch.float32
+            and fused_swa.available()
+        )
 
     def _full(self, q, k, v, docs=None):
         """The full units' causal attention (over every CP rank's keys under CP)."""
@@ -237,6 +270,11 @@ class HybridCoreAttention(
             return self._full(q, k, v, docs)
         if not bool(full_flags.any()):
             return self._sparse(q, k, v, docs)
+        if self._one_pass(q):  # each KV head with its own window, threads balanced by cost
+            windows = [fused_swa.FULL if full else self.window for full in full_flags.tolist()]
+            return fused_swa.fused_sliding_window_attention(
+                q, k, v, windows, self.softmax_scale, DEFAULT_BLOCK_SIZE, docs
+            )
         # Mixed layer: two groups, each through its own kernel.
         fa_kv = full_flags.nonzero().flatten()
         swa_kv = (~full_flags).nonzero().flatten()

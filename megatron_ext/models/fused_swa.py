@@ -4,7 +4,11 @@
 contiguous key slice with the row softmax fused between them, in one pass over each row's band while
 the block's scores are in cache, and parallelizes over (batch, KV head) with torch's thread pool. The
 forward saves each row's log-sum-exp, so the backward recomputes the probabilities block by block
-(FlashAttention-2's recurrences); nothing of size ``T x W`` outlives a block. It is the CPU training
+(FlashAttention-2's recurrences); nothing of size ``T x W`` outlives a block. Each KV head has its own
+window (:data:`FULL`: full causal attention), so a layer that mixes full and sliding-window heads is
+one call whose threads are balanced by each head's cost; in dual mode every head also attends with an
+inner window from the same scores (ConSA's mask-learning layer: full and sliding-window attention from
+one computation of ``Q K^T``, :func:`fused_full_and_window_attention`). It is the CPU training
 kernel of :func:`~megatron_ext.models.kernels.sliding_window_attention` for float32; the blocked
 kernel (torch ops per block) is the fallback where the extension cannot be built, and for other
 dtypes. Both match the masked reference (``tests/unit/test_swa_kernels.py``).
@@ -29,13 +33,19 @@ import shutil
 import sys
 import time
 import warnings
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["available", "fused_kernel_error", "fused_sliding_window_attention"]
+__all__ = [
+    "FULL",
+    "available",
+    "fused_full_and_window_attention",
+    "fused_kernel_error",
+    "fused_sliding_window_attention",
+]
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "sliding_window_attention.cpp")
 
@@ -160,97 +170,164 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 _NO_DOCUMENTS = torch.empty(0, dtype=torch.long)
 """The kernel's ``key_start`` without document masking: an empty tensor (every row's band starts at 0)."""
 
+FULL = 0
+"""A KV head's window meaning full causal attention (the kernel reads any window <= 0 or >= Tk so)."""
+
 
 @torch.library.custom_op("megatron_ext::sliding_window_forward", mutates_args=())
 def _forward_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    window: int,
+    windows: List[int],
+    inner: int,
     scale: float,
     block: int,
     key_start: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, out_inner, lse_inner); the inner ones are empty unless ``inner > 0`` (dual mode)."""
     starts = _NO_DOCUMENTS if key_start is None else key_start
-    out, lse = _load()[0].forward(q, k, v, window, scale, block, starts)
-    return out, lse
+    out, lse, out_inner, lse_inner = _load()[0].forward(
+        q, k, v, torch.tensor(windows, dtype=torch.long), inner, scale, block, starts
+    )
+    return out, lse, out_inner, lse_inner
 
 
 @_forward_op.register_fake
-def _(q, k, v, window, scale, block, key_start=None):
-    return torch.empty_like(q), q.new_empty(q.shape[:3])
+def _(q, k, v, windows, inner, scale, block, key_start=None):
+    lse = q.new_empty(q.shape[:3])
+    if inner > 0:
+        return torch.empty_like(q), lse, torch.empty_like(q), q.new_empty(q.shape[:3])
+    return torch.empty_like(q), lse, q.new_empty(0), q.new_empty(0, *q.shape[1:3])
 
 
 @torch.library.custom_op("megatron_ext::sliding_window_backward", mutates_args=())
 def _backward_op(
     grad_out: torch.Tensor,
+    grad_inner: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    window: int,
+    out_inner: torch.Tensor,
+    lse_inner: torch.Tensor,
+    windows: List[int],
+    inner: int,
     scale: float,
     block: int,
     key_start: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     starts = _NO_DOCUMENTS if key_start is None else key_start
-    dq, dk, dv = _load()[0].backward(grad_out, q, k, v, out, lse, window, scale, block, starts)
+    windows_ = torch.tensor(windows, dtype=torch.long)
+    dq, dk, dv = _load()[0].backward(
+        grad_out, grad_inner, q, k, v, out, lse, out_inner, lse_inner, windows_, inner, scale, block, starts
+    )
     return dq, dk, dv
 
 
 @_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, window, scale, block, key_start=None):
+def _(grad_out, grad_inner, q, k, v, out, lse, out_inner, lse_inner, windows, inner, scale, block, key_start=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _block_pairs(q_len: int, kv_len: int, window: int, block: int) -> int:
+def _pairs(q_shape, k_shape, windows, inner: int, block: int) -> int:
+    """Score pairs of a call, by the convention of the model's FLOP count: a full head counts the full
+    ``Tq x Tk`` square (as FlopCounterMode counts SDPA), a windowed band what the kernel multiplies
+    (:func:`~megatron_ext.models.kernels.window_kernel_pairs`); the inner band of dual mode is added."""
     from megatron_ext.models.kernels import window_kernel_pairs  # kernels imports this module
 
-    return window_kernel_pairs(q_len, window, block, kv_len=kv_len)
+    b, hq, t, _ = q_shape
+    kv_len, group = k_shape[2], hq // k_shape[1]
+
+    def band(window: int) -> int:
+        if window <= FULL:
+            return t * kv_len
+        return window_kernel_pairs(t, window, block, kv_len=kv_len)
+
+    per_kv_head = [band(w) + (band(inner) if inner > 0 else 0) for w in windows]
+    return b * group * sum(per_kv_head)
 
 
 @register_flop_formula(torch.ops.megatron_ext.sliding_window_forward)
-def _forward_flops(q_shape, k_shape, v_shape, window, scale, block, *args, out_shape=None, **kwargs) -> int:
-    b, h, t, d = q_shape
-    return 2 * 2 * b * h * d * _block_pairs(t, k_shape[2], window, block)  # S = Q K^T, O = P V
+def _forward_flops(q_shape, k_shape, v_shape, windows, inner, scale, block, *args, out_shape=None, **kwargs) -> int:
+    return 2 * 2 * q_shape[3] * _pairs(q_shape, k_shape, windows, inner, block)  # S = Q K^T, O = P V
 
 
 @register_flop_formula(torch.ops.megatron_ext.sliding_window_backward)
 def _backward_flops(
-    grad_shape, q_shape, k_shape, v_shape, out_shape_, lse_shape, window, scale, block, *args, out_shape=None, **kwargs
+    grad_shape,
+    grad_inner_shape,
+    q_shape,
+    k_shape,
+    v_shape,
+    out_shape_,
+    lse_shape,
+    out_inner_shape,
+    lse_inner_shape,
+    windows,
+    inner,
+    scale,
+    block,
+    *args,
+    out_shape=None,
+    **kwargs,
 ) -> int:
-    b, h, t, d = q_shape
-    return 5 * 2 * b * h * d * _block_pairs(t, k_shape[2], window, block)  # S again, dV, dP, dQ, dK
+    return 5 * 2 * q_shape[3] * _pairs(q_shape, k_shape, windows, inner, block)  # S again, dV, dP, dQ, dK
 
 
 class _FusedSlidingWindowAttention(torch.autograd.Function):
+    """Single mode (``inner == 0``): the attention with each KV head's window. Dual mode: also with the
+    inner window, both outputs returned."""
+
     @staticmethod
-    def forward(ctx, q, k, v, window: int, scale: float, block: int, key_start: Optional[torch.Tensor]):
+    def forward(ctx, q, k, v, windows: List[int], inner: int, scale: float, block: int, key_start):
         q, k, v = _rows(q), _rows(k), _rows(v)
-        if key_start is None:  # the call without documents stays what it was (no extra operand)
-            out, lse = _forward_op(q, k, v, window, scale, block)
-        else:
-            out, lse = _forward_op(q, k, v, window, scale, block, key_start)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.params = (window, scale, block)
-        ctx.key_start = key_start
+        documents = () if key_start is None else (key_start,)  # the call without documents has no extra operand
+        out, lse, out_inner, lse_inner = _forward_op(q, k, v, windows, inner, scale, block, *documents)
+        ctx.save_for_backward(q, k, v, out, lse, out_inner, lse_inner)
+        ctx.params = (windows, inner, scale, block)
+        ctx.documents = documents
+        if inner > 0:
+            return out, out_inner
         return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        documents = () if ctx.key_start is None else (ctx.key_start,)
-        dq, dk, dv = _backward_op(_rows(grad_out), q, k, v, out, lse, *ctx.params, *documents)
-        return dq, dk, dv, None, None, None, None
+    def backward(ctx, grad_out, grad_inner=None):
+        q, k, v, out, lse, out_inner, lse_inner = ctx.saved_tensors
+        inner = ctx.params[1]
+        if inner > 0:  # an output that takes no part in the loss has a zero gradient
+            grad_out = torch.zeros_like(out) if grad_out is None else _rows(grad_out)
+            grad_inner = torch.zeros_like(out_inner) if grad_inner is None else _rows(grad_inner)
+        else:
+            grad_out, grad_inner = _rows(grad_out), out_inner
+        dq, dk, dv = _backward_op(
+            grad_out, grad_inner, q, k, v, out, lse, out_inner, lse_inner, *ctx.params, *ctx.documents
+        )
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
+    if q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32 or q.is_cuda:
+        raise ValueError(f"the fused kernel takes float32 CPU tensors; got {q.dtype} on {q.device}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1; got {block_size}")
+
+
+def _windows(window: Union[int, Sequence[int]], kv_heads: int, kv_len: int) -> List[int]:
+    """One window per KV head, each ``FULL`` or in ``[1, kv_len)`` (a window reaching every key is full)."""
+    windows = [int(window)] * kv_heads if isinstance(window, int) else [int(w) for w in window]
+    if len(windows) != kv_heads:
+        raise ValueError(f"{len(windows)} windows for {kv_heads} KV heads: give one window, or one per KV head")
+    return [w if FULL < w < kv_len else FULL if w <= FULL else kv_len for w in windows]
 
 
 def fused_sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    window: int,
+    window: Union[int, Sequence[int]],
     scale: float,
     block_size: int,
     key_start: Optional[torch.Tensor] = None,
@@ -258,11 +335,34 @@ def fused_sliding_window_attention(
     """Causal sliding-window attention through the fused kernel; float32 CPU tensors, shapes and window
     convention of :mod:`megatron_ext.models.kernels` (``q [b, hq, Tq, d]``, ``k, v [b, hkv, Tk, d]``,
     ``Tk >= Tq``), ``block_size`` query rows per block; ``key_start [b, Tq]`` (int64): each query's
-    first visible key (document masking). Call :func:`available` first."""
-    if q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32 or q.is_cuda:
-        raise ValueError(f"the fused kernel takes float32 CPU tensors; got {q.dtype} on {q.device}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1; got {block_size}")
+    first visible key (document masking). ``window``: one for every head, or one per KV head, where
+    ``FULL`` (0) is full causal attention: a layer of mixed heads in one call, each head costing its
+    own band. Call :func:`available` first."""
+    _check(q, k, v, block_size)
     if key_start is not None:
         key_start = key_start.contiguous()
-    return _FusedSlidingWindowAttention.apply(q, k, v, min(window, k.shape[2]), float(scale), block_size, key_start)
+    windows = _windows(window, k.shape[1], k.shape[2])
+    return _FusedSlidingWindowAttention.apply(q, k, v, windows, 0, float(scale), block_size, key_start)
+
+
+def fused_full_and_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    scale: float,
+    block_size: int,
+    key_start: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(full causal attention, sliding-window attention)`` of the same inputs from one pass of the
+    fused kernel (dual mode: the window's scores are a part of the full ones, computed once); the
+    arguments as :func:`fused_sliding_window_attention`, one window for every head."""
+    _check(q, k, v, block_size)
+    if key_start is not None:
+        key_start = key_start.contiguous()
+    if window < 1:
+        raise ValueError(f"window={window} must be >= 1")
+    full = [FULL] * k.shape[1]
+    return _FusedSlidingWindowAttention.apply(
+        q, k, v, full, min(window, k.shape[2]), float(scale), block_size, key_start
+    )

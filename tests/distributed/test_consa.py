@@ -230,6 +230,45 @@ def test_gated_layer_matches_the_mixture_of_both_references():
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
 
 
+def one_pass_and_apart(mode, documents):
+    """The gated and the static mixed layer computed in one pass of the fused CPU kernel and with each
+    kernel run on its own heads (``fused = False``: SDPA for the full heads): values and gradients."""
+    from megatron_ext.models.documents import document_starts
+
+    cfg = config()
+    (model,) = build_model(cfg, cuda=False)
+    attn = next(m for m in model.modules() if isinstance(m, HybridCoreAttention))
+    z = torch.tensor([0.9, 0.2, 0.5, 0.0], requires_grad=True)
+    if mode == "gated":
+        attn.set_gated(lambda training: z)
+    else:
+        attn.set_static([False, True, True, False])
+    g = torch.Generator().manual_seed(2)
+    s, b, nq, nkv, hn = 45, 2, 8, 4, 8
+    q, k, v = (torch.randn(s, b, n, hn, generator=g, requires_grad=True) for n in (nq, nkv, nkv))
+    mask = None
+    if documents:
+        tokens = torch.randint(1, 50, (b, s), generator=g)
+        tokens[0, [9, 30]] = 0
+        tokens[1, 20] = 0
+        mask = document_starts(tokens, 0)
+    results = {}
+    for fused in (True, False):
+        attn.fused = fused
+        out = attn(q, k, v, mask)
+        wrt = (q, k, v, z) if mode == "gated" else (q, k, v)
+        results[fused] = (out.detach(), *torch.autograd.grad(out.square().sum(), wrt))
+    return results
+
+
+@pytest.mark.parametrize("documents", [False, True])
+@pytest.mark.parametrize("mode", ["gated", "static"])
+def test_one_pass_layers_equal_their_kernels_run_apart(mode, documents):
+    results = run_distributed(one_pass_and_apart, 1, mode=mode, documents=documents)[0]
+    for name, got, want in zip(("out", "dq", "dk", "dv", "dz"), results[True], results[False]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5, msg=lambda m: f"{mode} {name}: {m}")
+
+
 @pytest.mark.parametrize("constraint", ["per_layer", "global"])
 def test_controller_reaches_target_then_static_hybrid_trains(tmp_path, constraint):
     sections = {

@@ -220,6 +220,139 @@ def test_input_validation():
         causal_attention(q, k[:, :, :4], v[:, :, :4])
 
 
+# ---- the fused kernel's mixed layers: a window per KV head, and full + window in one pass ----------
+
+
+def _per_head_reference(q, k, v, windows, key_start=None):
+    """Each query head through the masked reference with its KV head's window (``FULL``: every key)."""
+    group = q.shape[1] // k.shape[1]
+    heads = []
+    for h in range(q.shape[1]):
+        kv = slice(h // group, h // group + 1)
+        window = k.shape[2] if windows[h // group] == fused_swa.FULL else windows[h // group]
+        heads.append(
+            sliding_window_attention_reference(q[:, h : h + 1], k[:, kv], v[:, kv], window, key_start=key_start)
+        )
+    return torch.cat(heads, dim=1)
+
+
+def _documents(b, t, seed):
+    """key_start [b, t] of random documents (each query's first visible key)."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.zeros(b, t, dtype=torch.long)
+    for row in range(b):
+        for boundary in sorted(torch.randint(1, t, (3,), generator=gen).tolist()):
+            starts[row, boundary:] = boundary
+    return starts
+
+
+# (b, hq, hkv, Tq, Tk, windows per KV head, block)
+MIXED = [
+    pytest.param(1, 4, 4, 100, 100, [0, 9, 0, 9], 16, id="alternating"),
+    pytest.param(2, 8, 4, 75, 75, [1, 0, 30, 0], 32, id="GQA-W1-W-beyond-block"),
+    pytest.param(1, 6, 3, 50, 50, [0, 0, 200], 16, id="W-beyond-T"),
+    pytest.param(1, 4, 2, 20, 60, [7, 0], 8, id="chunk-Tk-beyond-Tq"),
+    pytest.param(1, 2, 2, 40, 40, [5, 5], 16, id="uniform-list"),
+]
+
+
+@pytest.mark.parametrize("documents", [False, True])
+@pytest.mark.parametrize("b, hq, hkv, tq, tk, windows, block", MIXED)
+def test_a_window_per_kv_head_matches_each_heads_reference(b, hq, hkv, tq, tk, windows, block, documents):
+    q, k, v, grad = make_qkv(b, hq, hkv, tk, 8, seed=6)
+    q = q.detach()[:, :, tk - tq :].clone().requires_grad_()  # the last Tq positions
+    grad = grad[:, :, tk - tq :]
+    key_start = _documents(b, tk, seed=7)[:, tk - tq :] if documents else None
+    scale = q.shape[-1] ** -0.5
+
+    def mixed(q, k, v, windows=windows):
+        return fused_swa.fused_sliding_window_attention(q, k, v, windows, scale, block, key_start)
+
+    got = forward_backward(mixed, q, k, v, grad)
+    want = forward_backward(partial(_per_head_reference, windows=windows, key_start=key_start), q, k, v, grad)
+    assert_all_close(got, want)
+    if len(set(windows)) == 1:  # a list of one window is that window
+        assert_all_close(got, forward_backward(partial(mixed, windows=windows[0]), q, k, v, grad))
+
+
+def test_the_fused_kernels_results_do_not_depend_on_the_thread_count():
+    """Work is assigned to threads by cost; each (batch, KV head)'s arithmetic is the same on any thread."""
+    q, k, v, grad = make_qkv(2, 6, 3, 90, 16, seed=8)
+    threads = torch.get_num_threads()
+
+    def both_modes():
+        mixed = forward_backward(partial(fused, window=[0, 4, 33], block_size=16), q, k, v, grad)
+        full, window = fused_swa.fused_full_and_window_attention(q, k, v, 11, 0.25, 16)
+        return (*mixed, full, window, *torch.autograd.grad((full, window), (q, k, v), (grad, -grad)))
+
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(both_modes())
+    finally:
+        torch.set_num_threads(threads)
+    for n, result in zip((2, 3), results[1:]):
+        for i, (a, b) in enumerate(zip(results[0], result)):
+            assert torch.equal(a, b), f"result {i} differs between 1 and {n} threads"
+
+
+@pytest.mark.parametrize("documents", [False, True])
+@pytest.mark.parametrize("b, hq, hkv, tq, tk, window, block", [(2, 4, 2, 70, 70, 9, 16), (1, 4, 4, 30, 50, 12, 8)])
+def test_full_and_window_in_one_pass_equal_the_two_kernels(b, hq, hkv, tq, tk, window, block, documents):
+    """Dual mode: both outputs, and the gradients of any mixture of them (a gate's included), as the
+    full causal and the sliding-window references give them."""
+    q, k, v, grad = make_qkv(b, hq, hkv, tk, 8, seed=9)
+    q = q.detach()[:, :, tk - tq :].clone().requires_grad_()
+    grad = grad[:, :, tk - tq :]
+    key_start = _documents(b, tk, seed=10)[:, tk - tq :] if documents else None
+    z = torch.rand(1, hq, 1, 1, generator=torch.Generator().manual_seed(11)).requires_grad_()
+    full, swa = fused_swa.fused_full_and_window_attention(q, k, v, window, 0.3, block, key_start)
+    ref_full = sliding_window_attention_reference(q, k, v, tk, 0.3, key_start=key_start)
+    ref_swa = sliding_window_attention_reference(q, k, v, window, 0.3, key_start=key_start)
+    assert_close(full, ref_full, **FP32_TOL)
+    assert_close(swa, ref_swa, **FP32_TOL)
+    got = torch.autograd.grad(torch.lerp(swa, full, z), (q, k, v, z), grad)
+    want = torch.autograd.grad(torch.lerp(ref_swa, ref_full, z), (q, k, v, z), grad, retain_graph=True)
+    for name, g, w in zip(("dq", "dk", "dv", "dz"), got, want):
+        assert_close(g, w, rtol=1e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
+    # One output alone: the other's gradient is zero.
+    full, swa = fused_swa.fused_full_and_window_attention(q, k, v, window, 0.3, block, key_start)
+    got = torch.autograd.grad(swa, (q, k, v), grad)
+    want = torch.autograd.grad(ref_swa, (q, k, v), grad)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert_close(g, w, **FP32_TOL, msg=lambda m: f"window only, {name}: {m}")
+
+
+def test_mixed_and_dual_calls_count_their_flops_by_the_models_convention():
+    """A full head counts the Tq x Tk square (as FlopCounterMode counts SDPA), a window head the pairs its
+    band's blocks multiply; the dual mode counts both bands."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_ext.models.kernels import window_kernel_pairs
+
+    b, hq, hkv, t, d, block = 2, 4, 2, 64, 8, 16
+    q, k, v, _ = make_qkv(b, hq, hkv, t, d)
+    band = window_kernel_pairs(t, 10, block)
+    per_head = {"mixed": (t * t + band) / 2, "dual": t * t + band}  # averaged over the 2 KV heads
+    calls = {
+        "mixed": lambda: fused(q, k, v, [fused_swa.FULL, 10], block_size=block),
+        "dual": lambda: fused_swa.fused_full_and_window_attention(q, k, v, 10, 0.3, block),
+    }
+    for name, call in calls.items():
+        with FlopCounterMode(display=False) as counter:
+            call()
+        assert counter.get_total_flops() == 4 * d * b * hq * per_head[name], name
+
+
+def test_fused_windows_are_checked():
+    q, k, v, _ = make_qkv(1, 4, 2, 16, 8)
+    with pytest.raises(ValueError, match="3 windows for 2 KV heads"):
+        fused(q, k, v, [4, 4, 4])
+    with pytest.raises(ValueError, match="window=0 must be >= 1"):
+        fused_swa.fused_full_and_window_attention(q, k, v, 0, 0.3, 16)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("hq, hkv, t, window", [(4, 4, 256, 64), (4, 2, 300, 100), (2, 1, 200, 500)])
