@@ -103,7 +103,7 @@ class EvalModel:
         decoder = Decoder(self.model, self.hooks)
         tokens = torch.tensor([prompt], device=self.device)
         caches = decoder.new_cache(1, len(prompt) + max_new_tokens)
-        logits = decoder.prefill(tokens, caches)[:, -1, : self.vocab_size]
+        logits = decoder.prefill(tokens, caches, last_only=True)[:, -1, : self.vocab_size]
         out: List[int] = []
         for i in range(max_new_tokens):
             token = int(logits.argmax(dim=-1))

@@ -122,10 +122,13 @@ class Decoder:
 
     # -- forward -------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, tokens: Tensor, caches) -> Tensor:
-        """Logits ``[b, s, vocab]`` of a ``[b, s]`` prompt (positions 0..s-1); fills ``caches``."""
+    def prefill(self, tokens: Tensor, caches, last_only: bool = False) -> Tensor:
+        """Logits ``[b, s, vocab]`` of a ``[b, s]`` prompt (positions 0..s-1); fills ``caches``.
+        ``last_only``: the last position's alone, ``[b, 1, vocab]`` (what sampling needs: the output
+        layer, the largest product of a small model's prefill, then runs on one row, not ``s``)."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
         with direct_linears(self.direct_linears):
-            return self._forward(tokens, torch.arange(tokens.shape[1], device=tokens.device), caches, prefill=True)
+            return self._forward(tokens, positions, caches, prefill=True, last_only=last_only)
 
     @torch.no_grad()
     def step(self, tokens: Tensor, position: int, caches) -> Tensor:
@@ -138,7 +141,7 @@ class Decoder:
         with cuda_redirect_suspended(), direct_linears(self.direct_linears):
             return self._forward(tokens.view(-1, 1), positions, caches, prefill=False)[:, -1]
 
-    def _forward(self, tokens: Tensor, positions: Tensor, caches, prefill: bool) -> Tensor:
+    def _forward(self, tokens: Tensor, positions: Tensor, caches, prefill: bool, last_only: bool = False) -> Tensor:
         model = self.model
         batch = {
             "tokens": tokens,
@@ -171,6 +174,8 @@ class Decoder:
                     attention_pass += 1
                 else:
                     hidden = self._mlp(layer, hidden)
+        if last_only:
+            hidden = hidden[-1:]  # [1, b, h]: the norm and the output layer act on each position alone
         hidden = model.decoder.final_layernorm(hidden)
         weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
         logits, _ = model.output_layer(hidden, weight=weight)

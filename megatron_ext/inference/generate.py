@@ -39,7 +39,7 @@ def generate(
     generator = torch.Generator(device=prompt.device).manual_seed(seed)
     length = prompt.shape[1]
     caches = decoder.new_cache(prompt.shape[0], capacity or length + max_new_tokens)
-    logits = decoder.prefill(prompt, caches)[:, -1]
+    logits = decoder.prefill(prompt, caches, last_only=True)[:, -1]
     out: List[Tensor] = []
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     for i in range(max_new_tokens):

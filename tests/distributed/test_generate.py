@@ -99,7 +99,12 @@ def decode_against_recomputation(case, run_dir, prompt_length=6, new_tokens=26):
     ours = torch.stack(cached_logits, dim=1)[..., : cfg.model.vocab_size]
     diff = float((ours - full).abs().max() / full.abs().max())
     again = generate(Decoder(model, hooks), prompt, new_tokens)  # the sampling loop, greedy
+    # The prefill of the last position's logits alone (what sampling asks for) gives that row.
+    last = decoder.prefill(prompt, decoder.new_cache(2, prompt_length + 1), last_only=True)
+    last_diff = float((last[:, -1] - cached_logits[0]).abs().max() / cached_logits[0].abs().max())
     return {
+        "last_only_shape": tuple(last.shape),
+        "last_only_diff": last_diff,
         "tokens_equal": bool(torch.equal(cached, reference)),
         "loop_equal": bool(torch.equal(again, cached)),
         "diff": diff,
@@ -122,6 +127,7 @@ def test_cached_greedy_decoding_equals_recomputation(case, tmp_path):
     )
     assert out["tokens_equal"] and out["loop_equal"]
     assert out["diff"] <= 1e-5
+    assert out["last_only_shape"][:2] == (2, 1) and out["last_only_diff"] <= 1e-6, out["last_only_diff"]
     if case == "sgt_loops":  # a loop pass caches the KV heads of its kept query heads only
         heads, per_pass = out["kv_heads_per_pass"], out["bytes_per_pass"]
         assert heads["2.0"] == [0, 1] and heads["2.1"] == heads["2.2"] == [0], heads
