@@ -316,11 +316,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -
 
 
 def _windows(window: Union[int, Sequence[int]], kv_heads: int, kv_len: int) -> List[int]:
-    """One window per KV head, each ``FULL`` or in ``[1, kv_len)`` (a window reaching every key is full)."""
+    """One window per KV head, each ``FULL`` or in ``[1, kv_len]``: a window past the keys is clipped to
+    them (it computes what full attention does, and counts its FLOPs as a window)."""
     windows = [int(window)] * kv_heads if isinstance(window, int) else [int(w) for w in window]
     if len(windows) != kv_heads:
         raise ValueError(f"{len(windows)} windows for {kv_heads} KV heads: give one window, or one per KV head")
-    return [w if FULL < w < kv_len else FULL if w <= FULL else kv_len for w in windows]
+    return [FULL if w <= FULL else min(w, kv_len) for w in windows]
 
 
 def fused_sliding_window_attention(
