@@ -62,7 +62,11 @@ def main() -> None:
             print(f"{name}: done in {time.perf_counter() - start:.0f} s", flush=True)
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
+    minute = stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
+    runs = 1
+    while (out / f"{stamp}.json").exists():  # a later run in the same minute keeps the earlier one's files
+        runs += 1
+        stamp = f"{minute}-{runs}"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     record = {
         "date": stamp,
