@@ -48,6 +48,13 @@ def test_paper_specs_pass_the_planner(path, capsys):
         assert status == 0, f"{run.key}: {capsys.readouterr().err}"
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "experiments").glob("*_tiny*.yaml")), ids=lambda p: p.stem)
+def test_tiny_specs_load_with_every_run_checked(path):
+    spec = load_spec(path.relative_to(REPO))
+    runs = plan_runs(spec)
+    assert len([r for r in runs if not r.is_start]) == sum(len(v.expand()) for v in spec.variants) * len(spec.seeds)
+
+
 def test_consa_tiny_grid_and_shared_start():
     spec = load_spec("configs/experiments/consa_tiny.yaml")
     runs = plan_runs(spec)
