@@ -235,15 +235,7 @@ class HybridCoreAttention(
 
     def _one_pass(self, q: torch.Tensor) -> bool:
         """Whether a gated or mixed layer runs in one pass of the fused CPU kernel (see ``fused``)."""
-        return (
-            self.fused
-            and self.cp is None
-            and self.te is None
-            and not self.sink
-            and not q.is_cuda
-            and q.dtype == torch.float32
-            and fused_swa.available()
-        )
+        return self.fused and self.cp is None and self.te is None and not self.sink and fused_swa.runs(q)
 
     def _full(self, q, k, v, docs=None):
         """The full units' causal attention (over every CP rank's keys under CP)."""

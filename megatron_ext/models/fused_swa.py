@@ -45,6 +45,8 @@ __all__ = [
     "fused_full_and_window_attention",
     "fused_kernel_error",
     "fused_sliding_window_attention",
+    "runs",
+    "takes",
 ]
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "sliding_window_attention.cpp")
@@ -301,15 +303,26 @@ class _FusedSlidingWindowAttention(torch.autograd.Function):
             grad_out = torch.zeros_like(out) if grad_out is None else _rows(grad_out)
             grad_inner = torch.zeros_like(out_inner) if grad_inner is None else _rows(grad_inner)
         else:
-            grad_out, grad_inner = _rows(grad_out), out_inner
+            grad_out, grad_inner = _rows(grad_out), out_inner  # no inner gradient: the empty tensor stands in
         dq, dk, dv = _backward_op(
             grad_out, grad_inner, q, k, v, out, lse, out_inner, lse_inner, *ctx.params, *ctx.documents
         )
         return dq, dk, dv, None, None, None, None, None
 
 
+def takes(*tensors: torch.Tensor) -> bool:
+    """Whether the fused kernel computes on these tensors: float32, on the CPU."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+
+
+def runs(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors go through the fused kernel here: it takes them and it is built (warns once
+    when it cannot be)."""
+    return takes(*tensors) and available()
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
-    if q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32 or q.is_cuda:
+    if not takes(q, k, v):
         raise ValueError(f"the fused kernel takes float32 CPU tensors; got {q.dtype} on {q.device}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1; got {block_size}")

@@ -567,7 +567,7 @@ def sliding_window_attention(
         return flex(q, k, v, block_mask=mask, scale=_scale_or_default(q, scale), enable_gqa=gqa)
     if key_start is not None:
         _check_key_start_causal(key_start, q.shape[2], k.shape[2])
-    if q.dtype == k.dtype == v.dtype == torch.float32 and fused_swa.available():
+    if fused_swa.runs(q, k, v):
         return fused_swa.fused_sliding_window_attention(
             q, k, v, window, _scale_or_default(q, scale), DEFAULT_BLOCK_SIZE, key_start
         )
